@@ -1,0 +1,58 @@
+"""The collective interface that model code calls.
+
+Model code (edgemesh.llm, edgemesh.vit) never touches sockets: it receives a ``Collective`` and
+calls ``allreduce_sum`` / ``broadcast``. A single-device ``LocalCollective`` turns the same
+code into a plain model; in-process and zmq implementations make it distributed.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+
+@runtime_checkable
+class Collective(Protocol):
+    """A fixed group of ``world_size`` participants; this one is ``rank`` (0 = master/hub)."""
+
+    rank: int
+    world_size: int
+
+    def allreduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum ``tensor`` over all ranks, in rank order (deterministic); every rank gets the sum."""
+        ...
+
+    def broadcast(self, tensor: torch.Tensor | None, root: int = 0) -> torch.Tensor:
+        """Root passes a tensor, the others pass None; every rank returns the root's tensor."""
+        ...
+
+    def broadcast_meta(self, meta: dict[str, Any] | None, root: int = 0) -> dict[str, Any]:
+        """Like ``broadcast`` for a small msgpack-able control dict (commands, positions)."""
+        ...
+
+    def close(self) -> None:
+        ...
+
+
+class LocalCollective:
+    """World of one: every collective is the identity. Makes a sharded model a plain model."""
+
+    rank = 0
+    world_size = 1
+
+    def allreduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def broadcast(self, tensor: torch.Tensor | None, root: int = 0) -> torch.Tensor:
+        if tensor is None:
+            raise ValueError("the root of a broadcast must pass a tensor")
+        return tensor
+
+    def broadcast_meta(self, meta: dict[str, Any] | None, root: int = 0) -> dict[str, Any]:
+        if meta is None:
+            raise ValueError("the root of a broadcast must pass a dict")
+        return meta
+
+    def close(self) -> None:
+        pass
