@@ -23,6 +23,8 @@ def _register() -> None:
     from edgemesh.cli import node  # noqa: F401  (init, join, start, stop, leave, token, status, discover)
     from edgemesh.cli import cluster  # noqa: F401  (cluster up/down/status)
     from edgemesh.cli import bench  # noqa: F401  (bench …)
+    from edgemesh.cli import bench_rpc  # noqa: F401  (bench rpc)
+    from edgemesh.cli import bench_allreduce  # noqa: F401  (bench allreduce)
     from edgemesh.cli import testbed  # noqa: F401  (testbed …)
     from edgemesh.cli import model  # noqa: F401  (model …, plan)
 
