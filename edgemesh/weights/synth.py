@@ -8,6 +8,8 @@ import math
 import torch
 
 from edgemesh.weights.config import ModelConfig
+from edgemesh.weights.progress import Progress
+from edgemesh.weights.store import ModelEntry, ModelStore
 
 
 def _block_seed(seed: int, block: str) -> int:
@@ -52,3 +54,30 @@ def random_block(config: ModelConfig, block: str, seed: int, dtype: torch.dtype 
             t.update(b_gate=w(f, fan_in=4), b_up=w(f, fan_in=4), b_down=w(h, fan_in=4))
         return t
     raise ValueError(f"unknown block {block!r}")
+
+
+def synth_model(
+    store: ModelStore,
+    config: ModelConfig,
+    *,
+    seed: int = 0,
+    name: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    progress: Progress | None = None,
+) -> ModelEntry:
+    """Write a random-weight model block by block: peak RAM ≈ one block, any model size."""
+    name = name or default_synth_name(config, seed)
+    writer = store.writer(name, config, source=f"synth:seed={seed}", dtype=str(dtype).removeprefix("torch."))
+    blocks = config.block_names()
+    for i, block in enumerate(blocks):
+        writer.write_block(block, random_block(config, block, seed, dtype))
+        if progress:
+            progress(i + 1, len(blocks), block)
+    writer.entry.extra = {"seed": seed}
+    return writer.finish()
+
+
+def default_synth_name(config: ModelConfig, seed: int) -> str:
+    c = config
+    return (f"synth-l{c.num_hidden_layers}-h{c.hidden_size}-a{c.num_attention_heads}-kv{c.num_key_value_heads}"
+            f"-f{c.intermediate_size}-v{c.vocab_size}-s{seed}")

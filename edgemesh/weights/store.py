@@ -1,0 +1,264 @@
+"""The model store: one directory per model, one safetensors file per block, a manifest.
+
+Layout under the store root::
+
+    <name>/manifest.json            config, blocks in order, sha256 + size of every file
+    <name>/input.safetensors        embedding
+    <name>/attn_0.safetensors …     full (unsliced) decoder blocks
+    <name>/output.safetensors       final norm (+ lm_head unless tied)
+    <name>/tokenizer.json           HF `tokenizers` file, if the source had one
+    <name>/tokenizer_config.json    chat template and special tokens
+    <name>/slices/<block>.<spec>.safetensors   a participant's slice, hashed in slices.json
+
+Every file is addressed by its sha256: loads verify it, and the model id is the hash of the
+manifest's content, so two stores holding the same weights agree on the id. Writes go to a
+temporary name first and are renamed, so a crash never leaves a file that looks complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from edgemesh.errors import ConfigError, EdgemeshError
+from edgemesh.weights.config import ModelConfig
+from edgemesh.weights.shard import ShardSpec, slice_block
+
+MANIFEST = "manifest.json"
+FORMAT = "edgemesh-model/1"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+class IntegrityError(EdgemeshError):
+    """A stored file does not match the hash recorded for it (corrupt or tampered)."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class FileRef:
+    name: str  # relative to the model directory
+    sha256: str
+    nbytes: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "sha256": self.sha256, "nbytes": self.nbytes}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> FileRef:
+        return cls(str(d["name"]), str(d["sha256"]), int(d["nbytes"]))
+
+
+def verify_file(path: Path, ref: FileRef) -> None:
+    """Raise ``IntegrityError`` unless ``path`` has the size and sha256 of ``ref``."""
+    if not path.is_file():
+        raise IntegrityError(f"{path}: missing (expected sha256 {ref.sha256[:16]}…)")
+    size = path.stat().st_size
+    if size != ref.nbytes:
+        raise IntegrityError(f"{path}: {size} bytes, expected {ref.nbytes}: the file is corrupt; re-import the model")
+    got = sha256_file(path)
+    if got != ref.sha256:
+        raise IntegrityError(
+            f"{path}: sha256 {got[:16]}… does not match the manifest's {ref.sha256[:16]}…: "
+            "the file is corrupt or was modified; re-import the model"
+        )
+
+
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor], name: str) -> FileRef:
+    """Write a safetensors file atomically and return its hash (relative name ``name``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+    ref = FileRef(name, sha256_file(tmp), tmp.stat().st_size)
+    os.replace(tmp, path)
+    return ref
+
+
+@dataclass
+class ModelEntry:
+    """A model in the store. ``files`` maps block name (and tokenizer files) to its file."""
+
+    root: Path
+    name: str
+    config: ModelConfig
+    files: dict[str, FileRef]
+    source: str = ""
+    dtype: str = "float32"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def blocks(self) -> list[str]:
+        return self.config.block_names()
+
+    def manifest(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "name": self.name,
+            "config": self.config.to_json(),
+            "blocks": self.blocks,
+            "files": {k: v.to_json() for k, v in sorted(self.files.items())},
+            "source": self.source,
+            "dtype": self.dtype,
+            "extra": self.extra,
+        }
+
+    @property
+    def id(self) -> str:
+        """Content address: sha256 of the manifest without the (local) name and source."""
+        body = {k: v for k, v in self.manifest().items() if k not in ("name", "source")}
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+    def nbytes(self) -> int:
+        return sum(f.nbytes for f in self.files.values())
+
+    def path(self, key: str) -> Path:
+        return self.root / self.files[key].name
+
+    def has(self, key: str) -> bool:
+        return key in self.files
+
+    def load_block(self, block: str, *, verify: bool = True) -> dict[str, torch.Tensor]:
+        if block not in self.files:
+            raise ConfigError(f"model {self.name!r} has no block {block!r}")
+        path = self.path(block)
+        if verify:
+            verify_file(path, self.files[block])
+        return load_file(str(path))
+
+    def verify(self) -> None:
+        for key, ref in self.files.items():
+            verify_file(self.root / ref.name, ref)
+
+    # ---- slices for participants ----------------------------------------------------------
+
+    def _slice_index(self) -> dict[str, dict[str, Any]]:
+        p = self.root / "slices" / "slices.json"
+        return json.loads(p.read_text()) if p.is_file() else {}
+
+    def slice(self, block: str, spec: ShardSpec) -> FileRef:
+        """This block's slice for ``spec`` as a hashed file (cached under ``slices/``).
+
+        The same block and spec always give the same bytes, hence the same hash, so a worker
+        can verify a slice it received against the master's hash.
+        """
+        name = f"slices/{block}.{spec.key()}.safetensors"
+        index = self._slice_index()
+        if name in index and (self.root / name).is_file():
+            ref = FileRef.from_json(index[name])
+            if (self.root / name).stat().st_size == ref.nbytes:
+                return ref
+        full = self.load_block(block)
+        ref = write_tensors(self.root / name, slice_block(self.config, block, full, spec), name)
+        index = self._slice_index()  # re-read: another slice may have been written meanwhile
+        index[name] = ref.to_json()
+        _write_json(self.root / "slices" / "slices.json", index)
+        return ref
+
+    def load_slice(self, ref: FileRef) -> dict[str, torch.Tensor]:
+        path = self.root / ref.name
+        verify_file(path, ref)
+        return load_file(str(path))
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+class ModelWriter:
+    """Writes a model one block at a time; the manifest appears only when all blocks are in."""
+
+    def __init__(self, store: ModelStore, name: str, config: ModelConfig, source: str, dtype: str) -> None:
+        self.entry = ModelEntry(store.root / name, name, config, {}, source, dtype)
+        self.entry.root.mkdir(parents=True, exist_ok=True)
+        (self.entry.root / MANIFEST).unlink(missing_ok=True)
+
+    def write_block(self, block: str, tensors: dict[str, torch.Tensor]) -> FileRef:
+        if block not in self.entry.config.block_names():
+            raise ConfigError(f"unknown block {block!r}")
+        ref = write_tensors(self.entry.root / f"{block}.safetensors", tensors, f"{block}.safetensors")
+        self.entry.files[block] = ref
+        return ref
+
+    def write_file(self, key: str, data: bytes) -> FileRef:
+        """An auxiliary file (tokenizer.json, tokenizer_config.json), hashed like the blocks."""
+        path = self.entry.root / key
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        ref = FileRef(key, hashlib.sha256(data).hexdigest(), len(data))
+        self.entry.files[key] = ref
+        return ref
+
+    def finish(self) -> ModelEntry:
+        missing = [b for b in self.entry.blocks if b not in self.entry.files]
+        if missing:
+            raise ConfigError(f"model {self.entry.name!r} is incomplete: missing {missing[:3]}…")
+        slices_dir = self.entry.root / "slices"
+        if slices_dir.is_dir():  # old slices belong to old weights
+            for p in slices_dir.iterdir():
+                p.unlink()
+        _write_json(self.entry.root / MANIFEST, self.entry.manifest())
+        return self.entry
+
+
+class ModelStore:
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+
+    def writer(self, name: str, config: ModelConfig, *, source: str = "", dtype: str = "float32") -> ModelWriter:
+        if not _NAME_RE.match(name):
+            raise ConfigError(f"model name {name!r}: use letters, digits, '.', '_' or '-' (max 100)")
+        return ModelWriter(self, name, config, source, dtype)
+
+    def _read(self, d: Path) -> ModelEntry:
+        try:
+            m = json.loads((d / MANIFEST).read_text())
+            if m.get("format") != FORMAT:
+                raise ConfigError(f"{d / MANIFEST}: unknown format {m.get('format')!r}")
+            return ModelEntry(
+                d, str(m["name"]), ModelConfig.from_json(m["config"]),
+                {k: FileRef.from_json(v) for k, v in m["files"].items()},
+                str(m.get("source", "")), str(m.get("dtype", "float32")), dict(m.get("extra", {})),
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"{d / MANIFEST}: unreadable manifest ({exc})") from None
+
+    def __iter__(self) -> Iterator[ModelEntry]:
+        if not self.root.is_dir():
+            return
+        for d in sorted(self.root.iterdir()):
+            if (d / MANIFEST).is_file():
+                yield self._read(d)
+
+    def list(self) -> list[ModelEntry]:
+        return list(self)
+
+    def get(self, ref: str) -> ModelEntry:
+        """By name, or by a prefix (≥ 8 hex digits) of the content id."""
+        d = self.root / ref
+        if _NAME_RE.match(ref) and (d / MANIFEST).is_file():
+            return self._read(d)
+        if len(ref) >= 8:
+            hits = [e for e in self if e.id.startswith(ref.lower())]
+            if len(hits) == 1:
+                return hits[0]
+        names = ", ".join(e.name for e in self) or "none"
+        raise ConfigError(f"no model {ref!r} in {self.root} (have: {names}); see `edgemesh model list`")
