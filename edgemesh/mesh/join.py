@@ -1,0 +1,126 @@
+"""Admission of new nodes: both sides prove they know the cluster secret; it never travels.
+
+Server side (`JoinService`) is transport-free so it can be tested with a fake clock. The flow
+and the MAC inputs are specified in protocols/wire.md ("Join handshake").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import secrets
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import msgpack
+
+from edgemesh.clock import Clock
+from edgemesh.errors import AuthError, ProtocolError
+from edgemesh.identity.keys import NodeKey
+from edgemesh.identity.statedir import ClusterInfo
+from edgemesh.mesh.records import MemberRecord, admit, check_self
+from edgemesh.mesh.view import MembershipView
+from edgemesh.wire.schema import body_map, need
+
+log = logging.getLogger(__name__)
+
+NONCE_BYTES = 32
+NONCE_TTL = 30.0
+MAX_OPEN_CHALLENGES = 1024
+SERVER_TAG = b"edgemesh-join-server"
+CLIENT_TAG = b"edgemesh-join-v1"
+
+
+def server_proof(secret: bytes, cnonce: bytes, nonce: bytes) -> bytes:
+    return hmac.new(secret, SERVER_TAG + cnonce + nonce, hashlib.sha256).digest()
+
+
+def client_mac(secret: bytes, cluster_id: str, nonce: bytes, record: bytes) -> bytes:
+    return hmac.new(secret, CLIENT_TAG + cluster_id.encode() + nonce + record, hashlib.sha256).digest()
+
+
+def pack_record(r: MemberRecord) -> bytes:
+    return msgpack.packb(r.to_wire(), use_bin_type=True)
+
+
+@dataclass
+class _Challenge:
+    peer_key: bytes
+    expires: float
+
+
+class JoinService:
+    """Answers join.challenge / join.register for one member."""
+
+    def __init__(
+        self,
+        cluster: ClusterInfo,
+        key: NodeKey,
+        view: MembershipView,
+        clock: Clock,
+        on_admit: Callable[[MemberRecord], None],
+    ) -> None:
+        self.cluster = cluster
+        self.key = key
+        self.view = view
+        self.clock = clock
+        self.on_admit = on_admit
+        self._open: OrderedDict[bytes, _Challenge] = OrderedDict()
+        self.refused = 0
+
+    def challenge(self, peer_key: bytes, body: Any) -> dict[str, Any]:
+        body = body_map(body)
+        cnonce = need(body, "cnonce", bytes)
+        if len(cnonce) != NONCE_BYTES:
+            raise ProtocolError("cnonce must be 32 bytes")
+        self._expire()
+        nonce = secrets.token_bytes(NONCE_BYTES)
+        self._open[nonce] = _Challenge(peer_key, self.clock.now() + NONCE_TTL)
+        while len(self._open) > MAX_OPEN_CHALLENGES:
+            self._open.popitem(last=False)
+        return {"nonce": nonce, "cluster": self.cluster.cluster_id,
+                "proof": server_proof(self.cluster.secret, cnonce, nonce)}
+
+    def register(self, peer_key: bytes, body: Any) -> dict[str, Any]:
+        body = body_map(body)
+        nonce = need(body, "nonce", bytes)
+        packed = need(body, "record", bytes, max_len=64 * 1024)
+        mac = need(body, "mac", bytes)
+        self._expire()
+        # Single use: the challenge is gone after the first attempt, successful or not.
+        challenge = self._open.pop(nonce, None)
+        if challenge is None:
+            self._refuse("join refused: challenge unknown, expired or already used (replayed join?)")
+        if challenge.peer_key != peer_key:
+            self._refuse("join refused: the challenge was issued to a different key")
+        want = client_mac(self.cluster.secret, self.cluster.cluster_id, nonce, packed)
+        if not hmac.compare_digest(want, mac):
+            self._refuse("join refused: wrong cluster secret (is the token from this cluster?)")
+        try:
+            record = MemberRecord.from_wire(msgpack.unpackb(packed, raw=False, strict_map_key=True))
+        except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
+            raise ProtocolError("join record is not valid msgpack") from None
+        if record.curve_key != peer_key:
+            self._refuse("join refused: the record's key is not the key of this connection")
+        if record.status != "member":
+            raise ProtocolError("a joining record must have status 'member'")
+        check_self(self.cluster.cluster_id, record)
+        admitted = admit(self.cluster.cluster_id, self.key, record)
+        self.view.merge([admitted])
+        if self.view.get(record.node_id) != admitted:
+            self._refuse("join refused: a newer record for this node exists; retry")
+        log.info("admitted %s (%s)", record.node_id, record.name)
+        self.on_admit(admitted)
+        return {"cluster": self.cluster.cluster_id, "root": self.cluster.root, "records": self.view.to_wire()}
+
+    def _refuse(self, message: str) -> Any:
+        self.refused += 1
+        log.warning("%s", message)
+        raise AuthError(message)
+
+    def _expire(self) -> None:
+        now = self.clock.now()
+        for nonce in [n for n, c in self._open.items() if c.expires < now]:
+            del self._open[nonce]

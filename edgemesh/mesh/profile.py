@@ -1,0 +1,135 @@
+"""Device profile: what this device has (psutil, cgroup limits) and what it measures (matmul,
+disk read). Run as a child process (`python -m edgemesh.mesh.profile`) so the torch import and
+the measurement never stall the daemon's event loop, and its memory is returned afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+
+def cgroup_limits() -> dict[str, Any]:
+    """Memory limit (bytes) and CPU quota (cores) this process runs under, v1 or v2; None if unlimited."""
+    mem: int | None = None
+    cpu: float | None = None
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return {"mem_bytes": None, "cpu_cores": None}
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        ctrl = set(controllers.split(","))
+        if controllers == "":  # cgroup v2 unified
+            base = Path("/sys/fs/cgroup") / path.lstrip("/")
+            mem = mem or _read_limit(base / "memory.max")
+            try:
+                quota, period = (base / "cpu.max").read_text().split()
+                if quota != "max":
+                    cpu = int(quota) / int(period)
+            except (OSError, ValueError):
+                pass
+        if "memory" in ctrl:
+            mem = _read_limit(Path("/sys/fs/cgroup/memory") / path.lstrip("/") / "memory.limit_in_bytes") or mem
+        if "cpu" in ctrl:
+            for root in ("/sys/fs/cgroup/cpu", "/sys/fs/cgroup/cpu,cpuacct"):
+                base = Path(root) / path.lstrip("/")
+                try:
+                    quota = int((base / "cpu.cfs_quota_us").read_text())
+                    period = int((base / "cpu.cfs_period_us").read_text())
+                    if quota > 0:
+                        cpu = quota / period
+                    break
+                except (OSError, ValueError):
+                    continue
+    return {"mem_bytes": mem, "cpu_cores": cpu}
+
+
+def _read_limit(p: Path) -> int | None:
+    try:
+        text = p.read_text().strip()
+    except OSError:
+        return None
+    if text == "max":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        return None
+    # v1 reports "unlimited" as a huge number near 2^63.
+    return value if value < (1 << 60) else None
+
+
+def static_profile() -> dict[str, Any]:
+    vm = psutil.virtual_memory()
+    freq = psutil.cpu_freq()
+    try:
+        disk_free = psutil.disk_usage(os.getcwd()).free
+    except OSError:
+        disk_free = None
+    return {
+        "machine": platform.machine(),
+        "system": platform.system(),
+        "cpu_logical": psutil.cpu_count(logical=True),
+        "cpu_physical": psutil.cpu_count(logical=False),
+        "cpu_mhz": round(freq.current) if freq else None,
+        "mem_total": vm.total,
+        "mem_available": vm.available,
+        "disk_free": disk_free,
+        "limits": cgroup_limits(),
+    }
+
+
+def measure_gflops(seconds: float = 0.3, n: int = 512) -> float:
+    import torch
+
+    a = torch.randn(n, n)
+    b = torch.randn(n, n)
+    torch.mm(a, b)  # warm-up
+    reps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        torch.mm(a, b)
+        reps += 1
+    elapsed = time.perf_counter() - start
+    return round(2 * n**3 * reps / elapsed / 1e9, 2)
+
+
+def measure_disk_read_mbps(directory: str | None = None, size: int = 32 << 20) -> float | None:
+    """Sequential read of a fresh file after dropping it from the page cache (Linux fadvise)."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=directory, delete=True) as fh:
+            block = os.urandom(1 << 20)
+            for _ in range(size >> 20):
+                fh.write(block)
+            fh.flush()
+            os.fsync(fh.fileno())
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            start = time.perf_counter()
+            with open(fh.name, "rb", buffering=0) as rd:
+                while rd.read(1 << 20):
+                    pass
+            elapsed = time.perf_counter() - start
+        return round(size / elapsed / 1e6, 1)
+    except OSError:
+        return None
+
+
+def measure_profile(directory: str | None = None) -> dict[str, Any]:
+    profile = static_profile()
+    profile["gflops"] = measure_gflops()
+    profile["disk_read_mbps"] = measure_disk_read_mbps(directory)
+    profile["measured_at"] = time.time()
+    return profile
+
+
+if __name__ == "__main__":
+    json.dump(measure_profile(sys.argv[1] if len(sys.argv) > 1 else None), sys.stdout)

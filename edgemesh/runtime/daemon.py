@@ -1,0 +1,398 @@
+"""The node daemon: one asyncio TaskGroup owning the mesh for one state directory.
+
+Sockets: the mesh ROUTER on ``port`` (member keys only) and the join ROUTER on ``port + 1``
+(any key, join methods only). Tasks: the two servers, heartbeats (which also measure RTT),
+gossip of the membership view, link bandwidth probes, the device profile, LAN announcement.
+The CLI talks to its own daemon over the mesh port with the node's own key; methods under
+``admin.`` answer only that key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import replace
+from typing import Any
+
+import psutil
+
+from edgemesh.clock import Clock, MonotonicClock
+from edgemesh.config import MeshConfig
+from edgemesh.errors import EdgemeshError, RpcError, StateDirError
+from edgemesh.identity.statedir import StateDir
+from edgemesh.mesh.failure import ALIVE, FailureDetector
+from edgemesh.mesh.join import JoinService
+from edgemesh.mesh.links import LinkTable
+from edgemesh.mesh.peers import PeerSet
+from edgemesh.mesh.records import MemberRecord, admit, sign_self
+from edgemesh.mesh.rpc import Call, Reply, RpcServer, RpcStats
+from edgemesh.mesh.view import MembershipView
+from edgemesh.transport.zmq_link import ZmqTransport, tcp_endpoint
+from edgemesh.wire.schema import body_map, maybe, need
+from edgemesh.wire.tensor import TensorSpec
+
+log = logging.getLogger(__name__)
+
+
+class _Shutdown(Exception):
+    """Raised inside the task group to stop every task."""
+
+
+def running_daemon(state: StateDir) -> dict[str, Any] | None:
+    """The daemon record of ``state`` if that process is still alive (pid + start time match)."""
+    rec = state.load_daemon()
+    if not rec:
+        return None
+    try:
+        proc = psutil.Process(int(rec["pid"]))
+        if abs(proc.create_time() - float(rec["create_time"])) > 1.0:
+            return None
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+    except (psutil.Error, KeyError, ValueError, TypeError):
+        return None
+    return rec
+
+
+class NodeDaemon:
+    def __init__(
+        self,
+        state: StateDir,
+        host: str,
+        port: int,
+        advertise: str | None = None,
+        config: MeshConfig | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        self.state = state
+        self.host = host
+        self.port = port
+        self.advertise = advertise or _advertise_host(host)
+        self.config = config or MeshConfig()
+        self.clock = clock or MonotonicClock()
+        self.key, self.name = state.load_identity()
+        self.cluster = state.require_cluster()
+        self.view = MembershipView(self.cluster)
+        self.failure = FailureDetector(self.config, self.clock)
+        self.links = LinkTable()
+        self.stats = RpcStats()
+        self.transport = ZmqTransport(self.key)
+        self.peers = PeerSet(self.transport, self.key.node_id, self.stats)
+        self.join_service = JoinService(self.cluster, self.key, self.view, self.clock, self._on_admit)
+        self._stop = asyncio.Event()
+        self._leaving = False
+        self._started = time.time()
+        self._dirty = False
+
+    # ---- lifecycle -----------------------------------------------------------
+    async def run(self) -> None:
+        self._load_view()
+        self.me = self._fresh_self_record(self.view.get(self.key.node_id))
+        self.view.merge([self.me])
+        self.transport.start()
+        try:
+            mesh_sock = self.transport.server(tcp_endpoint(self.host, self.port), "mesh", self.view.is_member_curve_key)
+            join_sock = self.transport.server(tcp_endpoint(self.host, self.port + 1), "join", lambda key: True)
+            sender = bytes.fromhex(self.key.node_id)
+            mesh_server = RpcServer(mesh_sock, sender, self._mesh_handlers(), self.stats, self._authorize)
+            join_server = RpcServer(join_sock, sender, self._join_handlers(), self.stats)
+            self._write_daemon_record()
+            self._install_signals()
+            log.info("node %s (%s) up on %s, cluster %s", self.key.node_id, self.name,
+                     self.me.addresses[0], self.cluster.cluster_id)
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    tg.create_task(mesh_server.run())
+                    tg.create_task(join_server.run())
+                    tg.create_task(self._heartbeat_loop())
+                    tg.create_task(self._gossip_loop())
+                    tg.create_task(self._link_probe_loop())
+                    tg.create_task(self._profile_task())
+                    tg.create_task(self._persist_loop())
+                    if self.config.mdns:
+                        tg.create_task(self._announce())
+                    tg.create_task(self._wait_stop())
+            except* _Shutdown:
+                pass
+        finally:
+            await self.peers.close()
+            self.transport.close()
+            self._persist()
+            self.state.clear_daemon()
+            log.info("node %s stopped", self.key.node_id)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def _wait_stop(self) -> None:
+        await self._stop.wait()
+        raise _Shutdown
+
+    def _install_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(sig, self.stop)
+            except (NotImplementedError, RuntimeError, ValueError):
+                pass  # not the main thread (tests): stop() is called directly
+
+    def _write_daemon_record(self) -> None:
+        proc = psutil.Process()
+        control_host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+        self.state.save_daemon({
+            "pid": proc.pid, "create_time": proc.create_time(), "node_id": self.key.node_id,
+            "host": self.host, "port": self.port, "join_port": self.port + 1,
+            "control": tcp_endpoint(control_host, self.port), "started": self._started,
+        })
+
+    # ---- own record and view -------------------------------------------------
+    def _load_view(self) -> None:
+        self.view.merge_wire(self.state.load_members())
+
+    def _fresh_self_record(self, previous: MemberRecord | None) -> MemberRecord:
+        version = int(time.time() * 1000)
+        if previous is not None:
+            version = max(version, previous.version + 1)
+        record = MemberRecord(
+            node_id=self.key.node_id, name=self.name, key=self.key.sign_public, version=version,
+            status="member", addresses=(tcp_endpoint(self.advertise, self.port),),
+            join=(tcp_endpoint(self.advertise, self.port + 1),),
+            profile=previous.profile if previous else {},
+            admitted_by=previous.admitted_by if previous else "",
+            admission_sig=previous.admission_sig if previous else b"",
+        )
+        if previous is None or not previous.admission_sig:
+            if self.key.node_id != self.cluster.root:
+                raise StateDirError(
+                    f"{self.state.path} has no admission record for this node; join again with `edgemesh join TOKEN`")
+            record = admit(self.cluster.cluster_id, self.key, record)
+        return sign_self(self.cluster.cluster_id, self.key, record)
+
+    def _update_self(self, **changes: Any) -> None:
+        record = replace(self.me, version=max(int(time.time() * 1000), self.me.version + 1), **changes)
+        self.me = sign_self(self.cluster.cluster_id, self.key, record)
+        self.view.merge([self.me])
+        self._dirty = True
+        self._push_to_all()
+
+    def _on_admit(self, record: MemberRecord) -> None:
+        self._dirty = True
+        self._push_to_all()
+
+    def _push_to_all(self) -> None:
+        body = {"records": self.view.to_wire()}
+        for client in self.peers.clients():
+            client.notify("gossip.push", body)
+
+    def _persist(self) -> None:
+        try:
+            self.state.save_members(self.view.to_wire())
+            self._dirty = False
+        except OSError as exc:
+            log.error("could not save the membership view: %s", exc)
+
+    async def _persist_loop(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            if self._dirty:
+                self._persist()
+
+    def _merge(self, items: Any) -> None:
+        if not isinstance(items, list):
+            from edgemesh.errors import ProtocolError
+
+            raise ProtocolError("records must be a list")
+        changed = self.view.merge_wire(items)
+        if changed:
+            self._dirty = True
+            mine = self.view.get(self.key.node_id)
+            if mine is not None and mine.version > self.me.version and not self._leaving:
+                # Someone holds a newer record of us (e.g. we restarted from an old cache):
+                # re-assert ourselves with an even newer version.
+                self.me = mine
+                self._update_self(status="member")
+
+    # ---- handlers --------------------------------------------------------------
+    def _authorize(self, peer_key: bytes, method: str) -> bool:
+        record = self.view.node_for_curve_key(peer_key)
+        if record is not None:
+            self.failure.heard(record.node_id)
+        if method.startswith("admin."):
+            return peer_key == self.key.curve_public
+        return record is not None
+
+    def _mesh_handlers(self) -> dict[str, Any]:
+        return {
+            "ping": self._rpc_ping,
+            "status": self._rpc_status,
+            "gossip.sync": self._rpc_gossip_sync,
+            "gossip.push": self._rpc_gossip_push,
+            "link.probe": self._rpc_link_probe,
+            "admin.stop": self._rpc_admin_stop,
+            "admin.leave": self._rpc_admin_leave,
+        }
+
+    def _join_handlers(self) -> dict[str, Any]:
+        async def challenge(call: Call) -> Any:
+            return self.join_service.challenge(call.peer_key, call.body)
+
+        async def register(call: Call) -> Any:
+            return self.join_service.register(call.peer_key, call.body)
+
+        return {"join.challenge": challenge, "join.register": register}
+
+    async def _rpc_ping(self, call: Call) -> Any:
+        return {"v": self.me.version}
+
+    async def _rpc_gossip_sync(self, call: Call) -> Any:
+        self._merge(need(body_map(call.body), "records", list, max_len=4096))
+        return {"records": self.view.to_wire()}
+
+    async def _rpc_gossip_push(self, call: Call) -> Any:
+        self._merge(need(body_map(call.body), "records", list, max_len=4096))
+
+    async def _rpc_link_probe(self, call: Call) -> Any:
+        return {"bytes": sum(spec.nbytes for spec, _ in call.tensors)}
+
+    async def _rpc_admin_stop(self, call: Call) -> Any:
+        asyncio.get_running_loop().call_later(0.05, self.stop)
+        return {"stopping": True}
+
+    async def _rpc_admin_leave(self, call: Call) -> Any:
+        if self.key.node_id == self.cluster.root and len(self.view.members()) == 1:
+            pass  # the last member leaving dissolves the cluster; nothing to tell anyone
+        self._leaving = True
+        self._update_self(status="left")
+        # Make sure the others have heard before we go: one synchronous round of pushes.
+        acks = await self.peers.call_all("gossip.sync", {"records": self.view.to_wire()}, timeout=2.0)
+        asyncio.get_running_loop().call_later(0.05, self.stop)
+        return {"left": True, "told": sum(1 for ok in acks.values() if ok)}
+
+    async def _rpc_status(self, call: Call) -> Any:
+        return self.status()
+
+    def status(self) -> dict[str, Any]:
+        members = []
+        for r in sorted(self.view.members(), key=lambda r: (r.name, r.node_id)):
+            me = r.node_id == self.key.node_id
+            members.append({
+                "id": r.node_id, "name": r.name,
+                "state": ALIVE if me else self.failure.state(r.node_id),
+                "self": me, "addresses": list(r.addresses), "join": list(r.join), "key": r.key.hex(),
+                "profile": r.profile,
+                "links": {} if me else self.links.to_json(r.node_id),
+            })
+        return {
+            "cluster": self.cluster.cluster_id, "node": self.key.node_id, "name": self.name,
+            "members": members,
+            "stats": {
+                "received": self.stats.received, "protocol_errors": self.stats.protocol_errors,
+                "internal_errors": self.stats.internal_errors, "refused_calls": self.stats.refused,
+                "refused_connections": self.transport.refused_connections,
+                "refused_joins": self.join_service.refused, "rejected_records": self.view.rejected,
+            },
+            "uptime": time.time() - self._started,
+        }
+
+    # ---- periodic work -------------------------------------------------------
+    def _sync_peers(self) -> None:
+        self.peers.sync([r for r in self.view.members() if r.node_id != self.key.node_id])
+        for r in self.view.records.values():
+            if r.status != "member":
+                self.failure.forget(r.node_id)
+                self.links.forget(r.node_id)
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            self._sync_peers()
+            timeout = max(self.config.heartbeat_interval * 2, 0.5)
+
+            async def ping(node_id: str) -> None:
+                client = self.peers.get(node_id)
+                if client is None:
+                    return
+                start = time.perf_counter()
+                try:
+                    await client.call("ping", {"v": self.me.version}, timeout=timeout)
+                except RpcError:
+                    return
+                self.failure.heard(node_id)
+                self.links.rtt(node_id, (time.perf_counter() - start) * 1000)
+
+            await asyncio.gather(*(ping(n) for n in self.peers.ids()))
+            await asyncio.sleep(self.config.heartbeat_interval)
+
+    async def _gossip_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.gossip_interval * (0.75 + random.random() / 2))
+            candidates = [n for n in self.peers.ids() if self.failure.state(n) == ALIVE] or self.peers.ids()
+            if not candidates:
+                continue
+            client = self.peers.get(random.choice(candidates))
+            if client is None:
+                continue
+            try:
+                body, _ = await client.call("gossip.sync", {"records": self.view.to_wire()}, timeout=self.config.rpc_timeout)
+                self._merge(need(body_map(body), "records", list, max_len=4096))
+            except EdgemeshError as exc:
+                log.debug("gossip failed: %s", exc)
+
+    async def _link_probe_loop(self) -> None:
+        payload = bytes(self.config.link_probe_bytes)
+        spec = TensorSpec("uint8", (len(payload),))
+        while True:
+            await asyncio.sleep(1.0)
+            for node_id in self.peers.ids():
+                if self.failure.state(node_id) != ALIVE or not self.links.needs_probe(node_id, self.config.link_probe_interval):
+                    continue
+                client = self.peers.get(node_id)
+                if client is None:
+                    continue
+                start = time.perf_counter()
+                try:
+                    await client.call("link.probe", {}, tensors=[(spec, payload)], timeout=10.0)
+                except EdgemeshError:
+                    continue
+                self.links.bandwidth(node_id, len(payload), time.perf_counter() - start)
+
+    async def _profile_task(self) -> None:
+        await asyncio.sleep(self.config.profile_delay)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "edgemesh.mesh.profile", str(self.state.path),
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+                preexec_fn=lambda: os.nice(5),
+            )
+            try:
+                out, _ = await asyncio.wait_for(proc.communicate(), 120)
+            except asyncio.TimeoutError:
+                proc.kill()
+                await proc.wait()
+                log.warning("device profile timed out")
+                return
+            import json
+
+            profile = json.loads(out)
+        except (OSError, ValueError) as exc:
+            log.warning("could not measure the device profile: %s", exc)
+            return
+        self._update_self(profile=profile)
+
+    async def _announce(self) -> None:
+        from edgemesh.mesh.discovery import announce
+
+        await announce(self.cluster.cluster_id, self.key, self.name, self.advertise, self.port + 1)
+
+
+def _advertise_host(host: str) -> str:
+    if host not in ("0.0.0.0", "::", ""):
+        return host
+    from edgemesh.mesh.discovery import lan_addresses
+
+    addrs = lan_addresses()
+    return addrs[0] if addrs else "127.0.0.1"

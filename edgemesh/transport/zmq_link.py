@@ -1,0 +1,123 @@
+"""Authenticated, encrypted zmq links for the control plane (asyncio).
+
+Every socket is CURVE. Servers sit behind a ZAP handler whose allow-list is a callback, so the
+mesh socket admits exactly the current member keys (checked at every connection handshake) and
+the join socket admits any key but serves only the join methods. CURVE without ZAP would accept
+anyone who knows the server key, so a server socket cannot be made without a domain.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from typing import Callable
+
+import zmq
+import zmq.asyncio
+from zmq.auth.asyncio import AsyncioAuthenticator
+
+from edgemesh.errors import ConfigError, PortInUseError
+from edgemesh.identity.keys import NodeKey
+
+log = logging.getLogger(__name__)
+
+LINGER_MS = 500  # LINGER=0 drops the last replies of a closing socket; keep a short grace period.
+Allow = Callable[[bytes], bool]  # z85 CURVE public key → admitted?
+
+
+class _Domains:
+    """ZAP credentials provider: one allow callback per domain."""
+
+    def __init__(self) -> None:
+        self.rules: dict[str, Allow] = {}
+        self.refused = 0
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        allow = self.rules.get(domain)
+        ok = bool(allow and allow(key))
+        if not ok:
+            self.refused += 1
+            log.warning("refused a connection with an unknown key %s… (domain %s)", key[:8].decode(errors="replace"), domain)
+        return ok
+
+
+class ZmqTransport:
+    """Owns one zmq context, its ZAP authenticator, and every socket made through it."""
+
+    def __init__(self, key: NodeKey) -> None:
+        self.key = key
+        self.ctx = zmq.asyncio.Context()
+        self._domains = _Domains()
+        self._auth: AsyncioAuthenticator | None = None
+        self._sockets: list[zmq.asyncio.Socket] = []
+
+    @property
+    def refused_connections(self) -> int:
+        return self._domains.refused
+
+    def start(self) -> None:
+        """Start the ZAP handler (needs a running event loop)."""
+        self._auth = AsyncioAuthenticator(self.ctx)
+        self._auth.start()
+        for domain in ("mesh", "join", "data"):
+            self._auth.configure_curve_callback(domain, credentials_provider=self._domains)
+
+    def server(self, endpoint: str, domain: str, allow: Allow) -> zmq.asyncio.Socket:
+        """A ROUTER bound to ``endpoint`` that admits only keys ``allow`` accepts."""
+        if self._auth is None:
+            raise RuntimeError("start() the transport before making servers")
+        self._domains.rules[domain] = allow
+        sock = self.ctx.socket(zmq.ROUTER)
+        sock.curve_server = True
+        sock.curve_secretkey = self.key.curve_secret
+        sock.curve_publickey = self.key.curve_public
+        sock.zap_domain = domain.encode()
+        sock.linger = LINGER_MS
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        sock.setsockopt(zmq.SNDHWM, 10000)
+        try:
+            sock.bind(endpoint)
+        except zmq.ZMQError as exc:
+            sock.close(0)
+            if exc.errno == errno.EADDRINUSE:
+                raise PortInUseError(f"{endpoint} is already in use; pick another port with --port") from None
+            if exc.errno == errno.EADDRNOTAVAIL:
+                raise ConfigError(f"cannot listen on {endpoint}: this machine has no such address (check --host)") from None
+            raise ConfigError(f"cannot listen on {endpoint}: {exc}") from None
+        self._sockets.append(sock)
+        return sock
+
+    def client(self, endpoint: str, server_curve_public: bytes) -> zmq.asyncio.Socket:
+        """A DEALER to a server whose CURVE key we know (so we cannot be talking to an impostor)."""
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.curve_serverkey = server_curve_public
+        sock.curve_publickey = self.key.curve_public
+        sock.curve_secretkey = self.key.curve_secret
+        sock.linger = LINGER_MS
+        sock.setsockopt(zmq.IMMEDIATE, 1)  # don't queue for peers we are not connected to
+        sock.setsockopt(zmq.SNDHWM, 1000)
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        sock.connect(endpoint)
+        self._sockets.append(sock)
+        return sock
+
+    def forget(self, sock: zmq.asyncio.Socket) -> None:
+        if sock in self._sockets:
+            self._sockets.remove(sock)
+        sock.close(LINGER_MS)
+
+    def close(self) -> None:
+        for sock in self._sockets:
+            sock.close(LINGER_MS)
+        self._sockets.clear()
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
+        self.ctx.term()
+
+
+def tcp_endpoint(host: str, port: int) -> str:
+    if ":" in host and not host.startswith("["):
+        return f"tcp://[{host}]:{port}"
+    return f"tcp://{host}:{port}"
