@@ -1,0 +1,74 @@
+"""Per-device CPU and memory caps with cgroups: v1 (this machine) or v2 (where unified).
+
+Every device gets a cgroup, capped or not, so that every process started in it can be found
+(and ended by pid) at teardown. Layout: ``<controller root>/edgemesh-<prefix>/<device>``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgemesh.testbed.naming import Names
+from edgemesh.testbed.scenario import Device
+from edgemesh.testbed.steps import Kind, MakeDir, Resource, Step, Write
+
+CFS_PERIOD_US = 100_000
+
+
+@dataclass(frozen=True)
+class CgroupLayout:
+    version: int  # 1 or 2
+    memory_root: Path  # v1: the memory hierarchy; v2: the unified root
+    cpu_root: Path
+
+    @classmethod
+    def detect(cls, base: Path = Path("/sys/fs/cgroup")) -> CgroupLayout | None:
+        if (base / "memory" / "memory.limit_in_bytes").exists() and (base / "cpu" / "cpu.cfs_quota_us").exists():
+            return cls(1, base / "memory", base / "cpu")
+        controllers = base / "cgroup.controllers"
+        if controllers.exists():
+            available = controllers.read_text().split()
+            if "memory" in available and "cpu" in available:
+                return cls(2, base, base)
+        return None
+
+    def group_dirs(self, names: Names) -> list[Path]:
+        """The per-testbed parent group(s); one per hierarchy."""
+        roots = [self.memory_root] if self.version == 2 else [self.memory_root, self.cpu_root]
+        return [root / names.cgroup_group for root in roots]
+
+    def device_dirs(self, names: Names, device: str) -> list[Path]:
+        return [group / device for group in self.group_dirs(names)]
+
+
+def cgroup_steps(layout: CgroupLayout, names: Names, devices: tuple[Device, ...]) -> list[Step]:
+    stage = "cgroups"
+    steps: list[Step] = []
+    for group in layout.group_dirs(names):
+        steps.append(MakeDir(str(group), stage, Resource(Kind.CGROUP, str(group))))
+    if layout.version == 2:
+        # Controllers must be delegated down the tree before children can use them.
+        steps.append(Write(str(layout.memory_root / "cgroup.subtree_control"), "+memory +cpu", stage))
+        steps.append(Write(str(layout.group_dirs(names)[0] / "cgroup.subtree_control"), "+memory +cpu", stage))
+    for dev in devices:
+        dirs = layout.device_dirs(names, dev.name)
+        for d in dirs:
+            steps.append(MakeDir(str(d), stage, Resource(Kind.CGROUP, str(d))))
+        if layout.version == 1:
+            mem_dir, cpu_dir = dirs
+            if dev.memory_mib is not None:
+                steps.append(Write(str(mem_dir / "memory.limit_in_bytes"), str(dev.memory_mib * 1024 * 1024), stage))
+                # Without this a capped device would page to swap instead of hitting its limit.
+                steps.append(Write(str(mem_dir / "memory.swappiness"), "0", stage))
+            if dev.cpus is not None:
+                steps.append(Write(str(cpu_dir / "cpu.cfs_period_us"), str(CFS_PERIOD_US), stage))
+                steps.append(Write(str(cpu_dir / "cpu.cfs_quota_us"), str(int(dev.cpus * CFS_PERIOD_US)), stage))
+        else:
+            (d,) = dirs
+            if dev.memory_mib is not None:
+                steps.append(Write(str(d / "memory.max"), str(dev.memory_mib * 1024 * 1024), stage))
+                steps.append(Write(str(d / "memory.swap.max"), "0", stage))
+            if dev.cpus is not None:
+                steps.append(Write(str(d / "cpu.max"), f"{int(dev.cpus * CFS_PERIOD_US)} {CFS_PERIOD_US}", stage))
+    return steps
