@@ -1,0 +1,140 @@
+"""How values travel: accumulation dtype, wire dtype (optional fp16/bf16 compression), error bound.
+
+All algorithms work on a flat numpy *accumulator* (fp32 for 16/32-bit floats, so 16-bit inputs
+are summed without compounding 16-bit rounding) and put a *wire* array in each message:
+
+- the tensor's own dtype by default (bf16 travels as its raw 16-bit words, zero-copy);
+- for fp32 tensors, optionally fp16 or bf16 (half the bytes). The receiver always reads the
+  dtype from the frame's spec, so a sender may fall back to fp32 for one message — it does so
+  when a value would overflow fp16 (|x| > 65504) rather than send inf.
+
+Whoever sends a rounded result applies the same rounding to its own copy, so every rank still
+ends with bit-identical tensors.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from edgemesh.errors import ProtocolError
+from edgemesh.wire.tensor import TensorSpec
+
+WIRE_DTYPES = ("float16", "bfloat16")
+FP16_MAX = 65504.0
+# Unit roundoff (round to nearest) and the absolute error floor from subnormals.
+_UNIT = {"float16": 2.0**-11, "bfloat16": 2.0**-8, "float32": 2.0**-24}
+_FLOOR = {"float16": 2.0**-25, "bfloat16": 2.0**-134, "float32": 2.0**-150}
+
+_ACC = {
+    torch.float32: np.dtype(np.float32),
+    torch.float16: np.dtype(np.float32),
+    torch.bfloat16: np.dtype(np.float32),
+    torch.float64: np.dtype(np.float64),
+    torch.int64: np.dtype(np.int64),
+    torch.int32: np.dtype(np.int32),
+}
+_NAME = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
+         torch.float64: "float64", torch.int64: "int64", torch.int32: "int32"}
+
+
+def check_wire_dtype(wire_dtype: str | None) -> None:
+    if wire_dtype is not None and wire_dtype not in WIRE_DTYPES:
+        raise ValueError(f"wire compression must be one of {WIRE_DTYPES} or None, got {wire_dtype!r}")
+
+
+def wire_dtype_for(dtype: torch.dtype, compression: str | None) -> str:
+    """What a tensor of ``dtype`` travels as. Compression only ever narrows fp32."""
+    if dtype not in _NAME:
+        raise TypeError(f"collectives support {sorted(_NAME.values())}, not {dtype}")
+    if compression is not None and dtype == torch.float32:
+        return compression
+    return _NAME[dtype]
+
+
+def to_accumulator(tensor: torch.Tensor, *, copy: bool) -> np.ndarray:
+    """Flat accumulator-dtype array of ``tensor``. ``copy=False`` may share its memory (read only!)."""
+    t = tensor.detach()
+    if t.dtype not in _ACC:
+        raise TypeError(f"collectives support {sorted(_NAME.values())}, not {t.dtype}")
+    if t.dtype in (torch.float16, torch.bfloat16):
+        return t.reshape(-1).to(torch.float32).numpy()  # a fresh array either way
+    arr = t.contiguous().reshape(-1).numpy()
+    return arr.copy() if copy else arr
+
+
+def from_accumulator(acc: np.ndarray, dtype: torch.dtype, shape: torch.Size) -> torch.Tensor:
+    """Back to a torch tensor of the caller's dtype and shape (shares memory when it can)."""
+    t = torch.from_numpy(acc).reshape(shape)
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def encode(acc: np.ndarray, wire: str) -> tuple[TensorSpec, Any]:
+    """Accumulator values → (spec, buffer) for one tensor frame; zero-copy when no cast is needed."""
+    shape = (int(acc.size),)
+    if wire == acc.dtype.name:
+        return TensorSpec(wire, shape), acc
+    if wire == "float16":
+        if acc.size and max(float(acc.max()), -float(acc.min())) > FP16_MAX:
+            return TensorSpec(acc.dtype.name, shape), acc  # would overflow: send exact instead
+        return TensorSpec("float16", shape), acc.astype(np.float16)
+    if wire == "bfloat16":
+        words = torch.from_numpy(acc).to(torch.bfloat16).view(torch.int16).numpy()
+        return TensorSpec("bfloat16", shape), words
+    raise ProtocolError(f"cannot put {acc.dtype.name} values on the wire as {wire}")
+
+
+def decode(spec: TensorSpec, buf: Any, acc_dtype: np.dtype) -> np.ndarray:
+    """A received frame as accumulator-dtype values (a zero-copy view when the dtypes match)."""
+    if len(spec.shape) != 1:
+        raise ProtocolError(f"collective frames are flat, got shape {list(spec.shape)}")
+    if spec.dtype == acc_dtype.name:
+        return np.frombuffer(buf, dtype=acc_dtype)
+    if spec.dtype == "float16" and acc_dtype == np.float32:
+        return np.frombuffer(buf, dtype=np.float16).astype(np.float32)
+    if spec.dtype == "bfloat16" and acc_dtype == np.float32:
+        # bf16 is the top half of an fp32: widening is a shift, exact.
+        words = np.frombuffer(buf, dtype=np.uint16).astype(np.uint32)
+        return (words << 16).view(np.float32)
+    raise ProtocolError(f"a {spec.dtype} frame cannot be summed into {acc_dtype.name}")
+
+
+def add_into(acc: np.ndarray, spec: TensorSpec, buf: Any) -> None:
+    """``acc += decoded frame`` with no temporary when the dtypes match (the common case)."""
+    if spec.dtype == "float16" and acc.dtype == np.float32:
+        np.add(acc, np.frombuffer(buf, dtype=np.float16), out=acc)  # ufunc widens per element
+        return
+    np.add(acc, decode(spec, buf, acc.dtype), out=acc)
+
+
+def round_trip(acc: np.ndarray, wire: str) -> tuple[TensorSpec, Any, np.ndarray]:
+    """Encode ``acc`` and also return the values receivers will decode (the sender keeps those)."""
+    spec, buf = encode(acc, wire)
+    if spec.dtype == acc.dtype.name:
+        return spec, buf, acc
+    return spec, buf, decode(spec, buf, acc.dtype)
+
+
+def error_bound(parts: list[torch.Tensor], wire: str, algorithm: str) -> torch.Tensor:
+    """Elementwise bound on |result − exact sum| for fp32 ``parts`` sent compressed as ``wire``.
+
+    Star: every worker's part is rounded once, the fp32 sum adds (W−1) fp32 roundings, the
+    result is rounded once more. Ring: each of the W−1 partial sums of a chunk is rounded before
+    it travels, then the reduced chunk once more. With u the unit roundoff of the wire dtype,
+    A = Σ|x_i| and S the exact sum:
+        star: u·(A + |S|)·(1+2u) + W·2⁻²³·A + (W+1)·floor
+        ring: u·(W·A + |S|)·(1+2u) + W²·2⁻²³·A + (2W)·floor
+    """
+    u, floor, u32 = _UNIT[wire], _FLOOR[wire], _UNIT["float32"]
+    w = len(parts)
+    stack = torch.stack([p.double() for p in parts])
+    a = stack.abs().sum(0)
+    s = stack.sum(0).abs()
+    if algorithm == "star":
+        return u * (a + s) * (1 + 2 * u) + w * 2 * u32 * a + (w + 1) * floor
+    if algorithm in ("ring", "chunked_star"):
+        k = w if algorithm == "ring" else 1
+        return u * (k * a + s) * (1 + 2 * u) + w * w * 2 * u32 * a + 2 * w * floor
+    raise ValueError(f"unknown algorithm {algorithm!r}")

@@ -1,0 +1,100 @@
+"""Which allreduce algorithm to run for a message: ``t = a·hops + bytes/b``.
+
+Pure functions over measured (or given) link constants, so every rank computes the *same*
+choice from the same inputs — a disagreement would deadlock the group, which is why the
+choice never depends on local timing.
+
+- ``a``: seconds per hop (link latency plus per-message software cost).
+- ``b``: bytes per second one link carries in one direction.
+
+Per message of M bytes over W ranks:
+- star: 2 hops; the hub's link carries (W−1)·M in, then (W−1)·M out →
+  ``2a + 2(W−1)M/b``.
+- chunked star with K chunks: the out-going chunk i overlaps the incoming chunk i+1, so the
+  hub link's two directions work in parallel → ``(K+1)a + (W−1)M(1 + 1/K)/b``.
+- ring: 2(W−1) steps of M/W bytes each → ``2(W−1)a + 2(W−1)M/(W·b)``.
+Latency-bound decode messages pick star (2 hops beats 2(W−1)); bandwidth-bound prefill
+messages pick ring or chunked star.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+
+class Algorithm(str, Enum):
+    STAR = "star"
+    CHUNKED_STAR = "chunked_star"
+    RING = "ring"
+
+
+CHUNK_CHOICES = (2, 4, 8)
+MIN_CHUNK_BYTES = 16 * 1024  # below this, per-chunk overhead dominates any overlap
+
+
+@dataclass(frozen=True)
+class LinkCost:
+    a: float  # seconds per hop
+    b: float  # bytes per second per link direction
+
+    def __post_init__(self) -> None:
+        if self.a < 0 or self.b <= 0:
+            raise ValueError(f"link cost needs a >= 0 and b > 0, got a={self.a}, b={self.b}")
+
+
+# Loopback on a small machine with CURVE, fitted to `edgemesh bench allreduce` runs: the
+# per-hop cost is software (zmq + Python + crypto), the bandwidth is libsodium's speed.
+LOOPBACK_CURVE = LinkCost(a=60e-6, b=400e6)
+
+
+@dataclass(frozen=True)
+class Choice:
+    algorithm: Algorithm
+    chunks: int  # 1 unless chunked star
+    predicted_s: float
+
+
+def predict(algorithm: Algorithm, nbytes: int, world_size: int, cost: LinkCost, chunks: int = 1) -> float:
+    """Predicted seconds for one allreduce of ``nbytes`` per rank."""
+    w, m, a, b = world_size, float(nbytes), cost.a, cost.b
+    if w <= 1:
+        return 0.0
+    if algorithm is Algorithm.STAR:
+        return 2 * a + 2 * (w - 1) * m / b
+    if algorithm is Algorithm.CHUNKED_STAR:
+        k = max(1, chunks)
+        return (k + 1) * a + (w - 1) * m * (1 + 1 / k) / b
+    if algorithm is Algorithm.RING:
+        return 2 * (w - 1) * a + 2 * (w - 1) * m / (w * b)
+    raise ValueError(f"unknown algorithm {algorithm!r}")
+
+
+def candidates(nbytes: int, world_size: int, cost: LinkCost) -> list[Choice]:
+    """Every option with its prediction (what `choose` picks from; shown by the benchmark)."""
+    out = [Choice(Algorithm.STAR, 1, predict(Algorithm.STAR, nbytes, world_size, cost))]
+    for k in CHUNK_CHOICES:
+        if nbytes // k >= MIN_CHUNK_BYTES:
+            out.append(Choice(Algorithm.CHUNKED_STAR, k, predict(Algorithm.CHUNKED_STAR, nbytes, world_size, cost, k)))
+    if world_size > 2:  # at W = 2 a ring is a star with more messages
+        out.append(Choice(Algorithm.RING, 1, predict(Algorithm.RING, nbytes, world_size, cost)))
+    return out
+
+
+def choose(nbytes: int, world_size: int, cost: LinkCost) -> Choice:
+    """The fastest predicted option; ties go to the simpler algorithm (listed first)."""
+    return min(candidates(nbytes, world_size, cost), key=lambda c: c.predicted_s)
+
+
+def fit_link_cost(samples: list[tuple[int, float]]) -> LinkCost:
+    """Least-squares fit of one-way ``t = a + bytes/b`` to (bytes, seconds) ping samples."""
+    if len(samples) < 2 or len({n for n, _ in samples}) < 2:
+        raise ValueError("need samples at two or more message sizes to fit a and b")
+    n = len(samples)
+    mx = sum(x for x, _ in samples) / n
+    my = sum(y for _, y in samples) / n
+    sxx = sum((x - mx) ** 2 for x, _ in samples)
+    sxy = sum((x - mx) * (y - my) for x, y in samples)
+    slope = max(sxy / sxx, 1e-12)  # seconds per byte; a flat fit means "very fast"
+    a = max(my - slope * mx, 0.0)
+    return LinkCost(a=a, b=1.0 / slope)

@@ -1,0 +1,30 @@
+"""Errors of the collective data plane.
+
+They subclass ``EdgemeshError`` so the CLI and the runtime show them as one actionable line.
+After any of them the group is broken (peers are at different points of the op sequence): the
+caller closes it and re-plans; every further call raises ``CollectiveError`` at once.
+"""
+
+from __future__ import annotations
+
+from edgemesh.errors import EdgemeshError
+
+
+class CollectiveError(EdgemeshError):
+    """A collective could not complete; the group must be closed and rebuilt."""
+
+
+class CollectiveTimeout(CollectiveError):
+    """A peer did not deliver its part within the deadline (hung, overloaded, or gone silently)."""
+
+    def __init__(self, message: str, waiting_for: tuple[int, ...] = ()) -> None:
+        super().__init__(message)
+        self.waiting_for = waiting_for
+
+
+class PeerLost(CollectiveError):
+    """A peer's connection dropped (process died, host vanished, link cut)."""
+
+    def __init__(self, message: str, rank: int | None = None) -> None:
+        super().__init__(message)
+        self.rank = rank

@@ -1,0 +1,62 @@
+"""One collective operation on the wire: numbered messages with a shared deadline.
+
+Every rank calls the same collectives in the same order, so each operation gets the same
+sequence number everywhere; it travels as the envelope's ``rid``. A message whose method,
+number or step is not the one expected means the ranks disagree about the program (a bug or a
+restarted peer): that raises ``ProtocolError`` at once instead of summing the wrong tensors.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Sequence
+
+import zmq
+
+from edgemesh.collective.zmq_links import PeerLinks
+from edgemesh.errors import ProtocolError
+from edgemesh.wire.envelope import Envelope, Kind, decode_message, encode_envelope
+from edgemesh.wire.tensor import TensorSpec
+
+REDUCE = "coll.reduce"  # a part travelling to whoever sums it
+RESULT = "coll.result"  # a summed part travelling back
+BCAST = "coll.bcast"
+META = "coll.meta"
+
+
+class Op:
+    def __init__(self, links: PeerLinks, seq: int, timeout: float) -> None:
+        self.links = links
+        self.seq = seq
+        self.deadline = time.monotonic() + timeout
+        self._sender = str(links.rank).encode()
+
+    def send(self, peer: int, method: str, tensors: Sequence[tuple[TensorSpec, Any]] = (),
+             body: Any = None) -> None:
+        env = Envelope(Kind.REQUEST, method, self.seq, self._sender, body, tuple(s for s, _ in tensors))
+        self.links.send(peer, [encode_envelope(env), *(b for _, b in tensors)])
+
+    def send_frames(self, peer: int, frames: Sequence[Any]) -> None:
+        """Forward a received message unchanged (ring allgather): no decode, no copy."""
+        self.links.send(peer, frames)
+
+    def recv(self, peer: int, method: str, body: Any = None) -> tuple[Envelope, list[memoryview], list[Any]]:
+        """Next message from ``peer``; must be ``method`` of this op (and ``body`` if given)."""
+        frames = self.links.recv(peer, self.deadline)
+        env, views = decode_message(frames)
+        if env.method != method or env.rid != self.seq or (body is not None and env.body != body):
+            raise ProtocolError(
+                f"rank {self.links.rank}: expected {method} #{self.seq} {body if body is not None else ''} "
+                f"from rank {peer}, got {env.method} #{env.rid} {env.body!r}: the ranks are out of step")
+        return env, views, frames
+
+
+def private(buf: Any) -> Any:
+    """A buffer safe to send when the caller may overwrite the original right after we return.
+
+    zmq sends large frames (≥ COPY_THRESHOLD) straight from our memory, later, from its I/O
+    thread; smaller ones it copies at once. So only large ones need a copy of their own.
+    """
+    if memoryview(buf).nbytes >= zmq.COPY_THRESHOLD:
+        return buf.copy()
+    return buf

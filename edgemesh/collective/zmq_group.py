@@ -1,0 +1,181 @@
+"""``ZmqCollective``: the ``Collective`` that model code uses across processes and machines.
+
+Build one per rank::
+
+    keys = CurveKeys.generate()                       # or the node's own key pair
+    links = PeerLinks.bind("tcp://0.0.0.0:0", keys, member_keys=[...all ranks' public keys])
+    # ... publish links.endpoint and keys.public to the others, learn theirs ...
+    group = ZmqCollective(links, rank=k, world_size=W,
+                          peers=[Peer(r, endpoint_r, public_key_r) for r in others])
+
+or in one step when the endpoints are known in advance::
+
+    group = ZmqCollective.create(rank=k, world_size=W, peers=peers, keys=keys,
+                                 bind="tcp://0.0.0.0:5600")
+
+Every call blocks the calling (compute) thread until the collective is done. All ranks must
+call the same collectives in the same order with tensors of the same size and dtype. A peer
+that dies → ``PeerLost``; one that stays silent past ``timeout`` → ``CollectiveTimeout``; after
+either the group is broken and only ``close()`` is useful.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from edgemesh.collective.compress import check_wire_dtype, from_accumulator, to_accumulator, wire_dtype_for
+from edgemesh.collective.costmodel import LOOPBACK_CURVE, Algorithm, Choice, LinkCost, choose, predict
+from edgemesh.collective.errors import CollectiveError
+from edgemesh.collective.op import Op
+from edgemesh.collective.ring import ring_allreduce
+from edgemesh.collective.star import HUB, star_allreduce, star_broadcast, star_broadcast_meta
+from edgemesh.collective.zmq_links import CurveKeys, Peer, PeerLinks
+
+
+@dataclass(frozen=True)
+class CollectiveOptions:
+    """How the group runs. Every rank must use the same values (the choice of algorithm
+    per message is computed locally from them, and must agree everywhere)."""
+
+    timeout: float = 30.0  # seconds one collective may take before CollectiveTimeout
+    connect_timeout: float = 30.0  # seconds for the group to form
+    algorithm: str = "auto"  # "auto" (cost model) | "star" | "chunked_star" | "ring"
+    chunks: int = 4  # for a forced "chunked_star"
+    compression: str | None = None  # None | "float16" | "bfloat16": fp32 parts travel narrowed
+    cost: LinkCost = field(default_factory=lambda: LOOPBACK_CURVE)
+
+    def __post_init__(self) -> None:
+        if self.algorithm != "auto":
+            Algorithm(self.algorithm)  # raises ValueError on an unknown name
+        check_wire_dtype(self.compression)
+        if self.timeout <= 0 or self.connect_timeout <= 0 or self.chunks < 1:
+            raise ValueError("timeouts must be positive and chunks at least 1")
+
+
+class ZmqCollective:
+    """A fixed group of ``world_size`` ranks over authenticated zmq links; rank 0 is the hub."""
+
+    def __init__(self, links: PeerLinks, rank: int, world_size: int, peers: Sequence[Peer],
+                 options: CollectiveOptions | None = None) -> None:
+        self.rank = rank
+        self.world_size = world_size
+        self.options = options or CollectiveOptions()
+        self._links = links
+        self._seq = 0
+        self._broken: str | None = None
+        self._closed = False
+        try:
+            links.join(rank, world_size, peers, self.options.connect_timeout)
+        except BaseException:
+            links.close(abandon=True)
+            self._closed = True
+            raise
+
+    @classmethod
+    def create(cls, rank: int, world_size: int, peers: Sequence[Peer], keys: CurveKeys | None,
+               bind: str, options: CollectiveOptions | None = None, *, plain: bool = False) -> ZmqCollective:
+        """Bind and join in one call (endpoints known in advance)."""
+        member_keys = [p.public_key for p in peers if p.public_key is not None]
+        links = PeerLinks.bind(bind, keys, member_keys, plain=plain)
+        return cls(links, rank, world_size, peers, options)
+
+    @property
+    def endpoint(self) -> str:
+        return self._links.endpoint
+
+    @property
+    def refused_connections(self) -> int:
+        return self._links.refused_connections
+
+    # ----------------------------------------------------------------- the Collective protocol
+
+    def choice(self, nbytes: int) -> Choice:
+        """The algorithm this group runs for a part of ``nbytes`` (same answer on every rank)."""
+        opt = self.options
+        if opt.algorithm == "auto":
+            return choose(nbytes, self.world_size, opt.cost)
+        algo = Algorithm(opt.algorithm)
+        k = opt.chunks if algo is Algorithm.CHUNKED_STAR else 1
+        return Choice(algo, k, predict(algo, nbytes, self.world_size, opt.cost, k))
+
+    def allreduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        wire = wire_dtype_for(tensor.dtype, self.options.compression)  # TypeError before numbering
+        op = self._begin()
+        if self.world_size == 1:
+            return tensor
+        nbytes = tensor.numel() * tensor.element_size()
+        pick = self.choice(nbytes)
+        try:
+            if pick.algorithm is Algorithm.RING:
+                acc = ring_allreduce(op, to_accumulator(tensor, copy=True), wire)
+            else:
+                mine = to_accumulator(tensor, copy=self.rank == HUB)  # only the hub writes into it
+                acc = star_allreduce(op, mine, wire, pick.chunks)
+        except BaseException as exc:
+            self._fail(exc)
+            raise
+        return from_accumulator(acc, tensor.dtype, tensor.shape)
+
+    def broadcast(self, tensor: torch.Tensor | None, root: int = 0) -> torch.Tensor:
+        # Check the caller's mistakes before the op is numbered, so the group stays in step.
+        self._check_root(root)
+        if self.rank == root and tensor is None:
+            raise ValueError("the root of a broadcast must pass a tensor")
+        op = self._begin()
+        if self.world_size == 1:
+            assert tensor is not None
+            return tensor
+        try:
+            return star_broadcast(op, tensor, root)
+        except BaseException as exc:
+            self._fail(exc)
+            raise
+
+    def broadcast_meta(self, meta: dict[str, Any] | None, root: int = 0) -> dict[str, Any]:
+        self._check_root(root)
+        if self.rank == root and meta is None:
+            raise ValueError("the root of a broadcast must pass a dict")
+        op = self._begin()
+        if self.world_size == 1:
+            assert meta is not None
+            return dict(meta)
+        try:
+            return star_broadcast_meta(op, meta, root)
+        except BaseException as exc:
+            self._fail(exc)
+            raise
+
+    def close(self) -> None:
+        """Close sockets and threads. Pending results still get ``linger`` to leave, unless the
+        group is broken. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._links.close(abandon=self._broken is not None)
+
+    def __enter__(self) -> ZmqCollective:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ----------------------------------------------------------------- internals
+
+    def _begin(self) -> Op:
+        if self._closed:
+            raise CollectiveError("the collective group is closed")
+        if self._broken is not None:
+            raise CollectiveError(f"the collective group is broken ({self._broken}); close it and re-plan")
+        self._seq += 1
+        return Op(self._links, self._seq, self.options.timeout)
+
+    def _check_root(self, root: int) -> None:
+        if not 0 <= root < self.world_size:
+            raise ValueError(f"root {root} is outside a group of {self.world_size}")
+
+    def _fail(self, exc: BaseException) -> None:
+        # Peers are now at different points of the op sequence: nothing later can be trusted.
+        self._broken = f"{type(exc).__name__}: {exc}"
