@@ -92,6 +92,8 @@ class MembershipView:
                     raise AuthError("the root must admit itself")
                 verify(r.key, admission_message(self.cluster.cluster_id, r.node_id, r.key), r.admission_sig)
                 return "newer"
+            if r.admitted_by == r.node_id:
+                raise AuthError("only the cluster's root may admit itself")
             admitter = self.records.get(r.admitted_by)
             if admitter is None:
                 return "held"

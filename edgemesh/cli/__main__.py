@@ -1,0 +1,3 @@
+from edgemesh.cli import main
+
+main()

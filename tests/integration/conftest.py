@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import psutil
+import pytest
+
+from edgemesh.identity.statedir import StateDir
+from edgemesh.runtime import local_cluster
+from edgemesh.runtime.control import control
+
+
+def run_cli(*args: str, home: Path, timeout: float = 60, check: bool = False) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "EDGEMESH_HOME": str(home), "COLUMNS": "200"}
+    proc = subprocess.run([sys.executable, "-m", "edgemesh.cli.__main__", *args], capture_output=True,
+                          text=True, timeout=timeout, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"edgemesh {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    return last
+
+
+def states(state: StateDir) -> dict[str, str]:
+    return {m["name"]: m["state"] for m in control(state, "status")["members"]}
+
+
+@pytest.fixture
+def cluster3(tmp_path):
+    """A fresh 3-node local cluster; torn down (and checked for leftovers) afterwards."""
+    d = tmp_path / "lc"
+    nodes = local_cluster.up(d, 3, base_port=random.randrange(20000, 40000, 2))
+    yield d, [StateDir(Path(n.state_dir)) for n in nodes], nodes
+    local_cluster.down(d)
+    for n in local_cluster.load(d) or nodes:
+        assert not n.alive()
+
+
+def no_daemon_processes_under(path: Path) -> bool:
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            cmd = " ".join(p.info["cmdline"] or [])
+        except psutil.Error:
+            continue
+        if "edgemesh.runtime.daemon_main" in cmd and str(path) in cmd:
+            return False
+    return True

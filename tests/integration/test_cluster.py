@@ -1,0 +1,99 @@
+"""A real local cluster: daemons as processes on 127.0.0.1, real zmq with CURVE."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from edgemesh.identity.statedir import StateDir
+from edgemesh.runtime.control import control
+
+from .conftest import no_daemon_processes_under, run_cli, states, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def test_cluster_up_status_down_via_cli_leaves_nothing_behind(tmp_path):
+    home = tmp_path / "home"
+    up = run_cli("cluster", "up", "--nodes", "3", "--base-port", "31100", home=home)
+    assert up.returncode == 0, up.stderr
+    t0 = time.monotonic()
+    # `edgemesh status` with no --state-dir finds the local cluster.
+    def three_alive():
+        st = run_cli("status", "--json", home=home)
+        assert st.returncode == 0, st.stderr
+        data = json.loads(st.stdout)
+        return [m for m in data["members"] if m["state"] == "alive"]
+    alive = wait_for(lambda: len(three_alive()) == 3, 3.0)
+    assert alive, "3 members alive within 3 s"
+    assert time.monotonic() - t0 < 3.0
+    data = json.loads(run_cli("status", "--json", home=home).stdout)
+    for m in data["members"]:
+        assert set(m) >= {"id", "name", "state", "addresses", "profile", "links"}
+    cdir = home / "local-cluster"
+    assert cdir.exists()
+    down = run_cli("cluster", "down", home=home)
+    assert down.returncode == 0, down.stderr
+    assert not cdir.exists()
+    assert no_daemon_processes_under(cdir)
+
+
+def test_killed_member_is_marked_dead_then_rejoins_with_same_id(cluster3):
+    d, sds, nodes = cluster3
+    assert wait_for(lambda: list(states(sds[0]).values()).count("alive") == 3, 10)
+    victim = nodes[2]
+    victim_id = control(sds[2], "status")["node"]
+    os.kill(victim.pid, signal.SIGKILL)
+    t0 = time.monotonic()
+    dead = wait_for(lambda: states(sds[0])["node2"] == "dead" and states(sds[1])["node2"] == "dead", 8, 0.05)
+    elapsed = time.monotonic() - t0
+    assert dead, "killed member marked dead"
+    assert elapsed < 5.0, f"marked dead after {elapsed:.1f} s"
+    # Restart with the same state dir: same node id, alive again, no ghost entry.
+    from edgemesh.runtime.launcher import start_detached
+
+    pid = start_detached(sds[2], "127.0.0.1", victim.port, "127.0.0.1", False)
+    victim.pid, victim.create_time = pid, __import__("psutil").Process(pid).create_time()
+    assert control(sds[2], "status")["node"] == victim_id
+    assert wait_for(lambda: states(sds[0]).get("node2") == "alive", 5)
+    names = [m["name"] for m in control(sds[0], "status")["members"]]
+    assert names.count("node2") == 1
+    # Make sure the fixture's teardown stops the restarted daemon too.
+    from edgemesh.runtime import local_cluster
+
+    local_cluster._save(d, nodes)
+
+
+def test_bootstrap_down_cluster_keeps_working_and_admits_through_another_member(cluster3, tmp_path):
+    d, sds, nodes = cluster3
+    assert wait_for(lambda: list(states(sds[1]).values()).count("alive") == 3, 10)
+    token = run_cli("token", "--state-dir", str(sds[1].path), home=tmp_path).stdout.strip()
+    os.kill(nodes[0].pid, signal.SIGKILL)
+    assert wait_for(lambda: states(sds[1])["node0"] == "dead", 8)
+    assert states(sds[1])["node2"] == "alive"
+    newdir = tmp_path / "newnode"
+    res = run_cli("join", token, "--state-dir", str(newdir), "--host", "127.0.0.1", "--port", "31500",
+                  "--name", "late", "--no-mdns", "--detach", home=tmp_path)
+    try:
+        assert res.returncode == 0, res.stderr
+        assert wait_for(lambda: states(sds[2]).get("late") == "alive", 6), states(sds[2])
+        assert wait_for(lambda: states(StateDir(newdir)).get("node1") == "alive", 6)
+    finally:
+        run_cli("stop", "--state-dir", str(newdir), home=tmp_path)
+    assert no_daemon_processes_under(newdir)
+
+
+def test_leave_removes_the_member_everywhere(cluster3, tmp_path):
+    d, sds, nodes = cluster3
+    assert wait_for(lambda: list(states(sds[0]).values()).count("alive") == 3, 10)
+    res = run_cli("leave", "--state-dir", str(sds[2].path), home=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert wait_for(lambda: "node2" not in states(sds[0]) and "node2" not in states(sds[1]), 3)
+    assert sds[2].load_cluster() is None
+    assert sds[2].file(StateDir.IDENTITY).exists()
+    assert no_daemon_processes_under(Path(sds[2].path))
