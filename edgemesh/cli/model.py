@@ -1,5 +1,204 @@
-"""CLI: model commands (placeholder until its issue lands)."""
+"""CLI: `edgemesh model synth|import|list` and `edgemesh plan` (parsing and printing only)."""
 
 from __future__ import annotations
 
-from edgemesh.cli import app  # noqa: F401
+import json
+import os
+import tomllib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from edgemesh.cli import app
+from edgemesh.errors import ConfigError
+
+model_app = typer.Typer(help="Models in the local store: import, synthesize, list.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+
+GiB = 1 << 30
+
+
+def default_store_dir() -> Path:
+    home = os.environ.get("EDGEMESH_HOME")
+    if home:
+        return Path(home) / "models"
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("edgemesh")) / "models"
+
+
+def _store(store: Path | None):  # type: ignore[no-untyped-def]
+    from edgemesh.weights.store import ModelStore
+
+    return ModelStore(store or default_store_dir())
+
+
+@contextmanager
+def _progress(label: str) -> Iterator[object]:
+    with Progress(TextColumn(f"[bold]{label}[/] {{task.description}}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=Console(stderr=True), transient=False) as bar:
+        task = bar.add_task("", total=None)
+
+        def update(done: int, total: int, what: str) -> None:
+            bar.update(task, completed=done, total=total, description=what)
+
+        yield update
+
+
+def _size(n: float) -> str:
+    return f"{n / GiB:.2f} GiB" if n >= GiB / 4 else f"{n / (1 << 20):.1f} MiB"
+
+
+StoreOpt = typer.Option(None, "--store", help="store directory (default $EDGEMESH_HOME/models)")
+
+
+@model_app.command("synth")
+def synth(
+    layers: int = typer.Option(..., "--layers", help="decoder layers"),
+    hidden: int = typer.Option(..., "--hidden", help="hidden size"),
+    heads: int = typer.Option(..., "--heads", help="query heads"),
+    kv_heads: int = typer.Option(0, "--kv-heads", help="KV heads (default = heads)"),
+    ffn: int = typer.Option(0, "--ffn", help="MLP intermediate size (default ≈ 8/3·hidden)"),
+    vocab: int = typer.Option(32000, "--vocab", help="vocabulary size"),
+    tied: bool = typer.Option(False, "--tied", help="tie lm_head to the embedding"),
+    seed: int = typer.Option(0, "--seed"),
+    name: str = typer.Option("", "--name", help="store name (default describes the shape)"),
+    store: Path = StoreOpt,
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Write a random-weight Llama-shaped model (streams block by block: any size fits)."""
+    from edgemesh.weights.config import ModelConfig
+    from edgemesh.weights.synth import synth_model
+
+    ffn = ffn or 256 * ((8 * hidden // 3 + 255) // 256)
+    config = ModelConfig(hidden, ffn, heads, kv_heads or heads, layers, vocab, tie_word_embeddings=tied,
+                         max_position_embeddings=4096)
+    with _progress("synth") as bar:
+        entry = synth_model(_store(store), config, seed=seed, name=name or None, progress=bar)  # type: ignore[arg-type]
+    _print_entry(entry, as_json)
+
+
+@model_app.command("import")
+def import_(
+    path: str = typer.Argument(..., help="HF model directory, .gguf file, or a bundled name (smollm2-135m-instruct)"),
+    name: str = typer.Option("", "--name"),
+    store: Path = StoreOpt,
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Import a model into the store (per-block safetensors, sha256 per file)."""
+    from edgemesh.weights.bundled import BUNDLED, bundled_path
+
+    src = Path(path)
+    if not src.exists() and path in BUNDLED:
+        name, src = name or path, bundled_path(path)
+    if not src.exists():
+        raise ConfigError(f"{path}: no such file or directory (nor a bundled model: {', '.join(BUNDLED)})")
+    with _progress("import") as bar:
+        if src.is_dir():
+            from edgemesh.weights.hf_import import import_hf
+
+            entry = import_hf(_store(store), src, name=name or None, progress=bar)  # type: ignore[arg-type]
+        elif src.suffix == ".gguf":
+            from edgemesh.weights.gguf_import import import_gguf
+
+            entry = import_gguf(_store(store), src, name=name or None, progress=bar)  # type: ignore[arg-type]
+        else:
+            raise ConfigError(f"{src}: expected a HF model directory or a .gguf file")
+    _print_entry(entry, as_json)
+
+
+def _entry_json(e) -> dict[str, object]:  # type: ignore[no-untyped-def]
+    c = e.config
+    return {"name": e.name, "id": e.id, "source": e.source, "dtype": e.dtype, "bytes": e.nbytes(),
+            "parameters": c.num_parameters(), "layers": c.num_hidden_layers, "hidden": c.hidden_size,
+            "heads": c.num_attention_heads, "kv_heads": c.num_key_value_heads, "ffn": c.intermediate_size,
+            "vocab": c.vocab_size, "tokenizer": e.has("tokenizer.json"), "path": str(e.root)}
+
+
+def _print_entry(entry, as_json: bool) -> None:  # type: ignore[no-untyped-def]
+    if as_json:
+        print(json.dumps(_entry_json(entry), indent=1))
+    else:
+        d = _entry_json(entry)
+        Console().print(f"[green]stored[/] {d['name']}  id {str(d['id'])[:12]}  {d['parameters']:,} params  "
+                        f"{_size(int(d['bytes']))}  → {d['path']}")  # type: ignore[arg-type]
+
+
+@model_app.command("list")
+def list_(store: Path = StoreOpt, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Models in the store."""
+    entries = [_entry_json(e) for e in _store(store).list()]
+    if as_json:
+        print(json.dumps(entries, indent=1))
+        return
+    t = Table(title=f"models in {_store(store).root}")
+    for col in ("name", "id", "params", "size", "L", "H", "heads/kv", "ffn", "vocab", "source"):
+        t.add_column(col)
+    for d in entries:
+        t.add_row(str(d["name"]), str(d["id"])[:12], f"{int(d['parameters']) / 1e6:.1f} M",  # type: ignore[call-overload]
+                  _size(int(d["bytes"])), str(d["layers"]), str(d["hidden"]),  # type: ignore[call-overload]
+                  f"{d['heads']}/{d['kv_heads']}", str(d["ffn"]), str(d["vocab"]), str(d["source"]))
+    Console().print(t)
+
+
+@app.command("plan")
+def plan_cmd(
+    model: str = typer.Argument(..., help="model name (or id prefix) in the store"),
+    nodes: int = typer.Option(0, "--nodes", help="plan for N identical devices (this machine's memory / N)"),
+    devices: str = typer.Option("", "--devices", help="device profile files, a glob like 'nodes/*.toml' (first = master)"),
+    more: list[Path] = typer.Argument(None, help="more device profile files (an unquoted glob expands here)", show_default=False),
+    gflops: float = typer.Option(50.0, "--gflops", help="GFLOP/s per device (--nodes) or per core (--devices)"),
+    context: int = typer.Option(2048, "--context", help="context length the KV cache is sized for"),
+    store: Path = StoreOpt,
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Show who holds which slice, predicted memory per device and predicted ms/token."""
+    from edgemesh.placement import Device, plan, uniform_devices
+
+    import glob
+
+    entry = _store(store).get(model)
+    files = [Path(f) for f in sorted(glob.glob(devices))] if devices else []
+    if devices and not files:
+        raise ConfigError(f"--devices {devices!r}: no such file")
+    files += list(more or [])
+    if files:
+        devs = []
+        for p in files:
+            try:
+                data = tomllib.loads(p.read_text())
+            except (OSError, tomllib.TOMLDecodeError) as exc:
+                raise ConfigError(f"{p}: cannot read device profile ({exc})") from None
+            dev_id = str(data.get("name", p.stem))
+            if any(d.id == dev_id for d in devs):
+                dev_id = f"{dev_id}-{len(devs)}"
+            devs.append(Device.from_profile(dev_id, data, gflops_per_core=gflops))
+    else:
+        import psutil
+
+        n = nodes or 1
+        devs = uniform_devices(n, gflops=gflops, mem_bytes=psutil.virtual_memory().total // n,
+                               mem_bw_gbps=10.0)
+    p = plan(entry.config, devs, model=entry.name, context_len=context)
+    if as_json:
+        print(json.dumps(p.to_json(), indent=1))
+        return
+    t = Table(title=f"plan for {entry.name} on {p.world_size} device(s), context {context}")
+    for col in ("rank", "device", "share", "KV groups", "MLP rows", "weights", "KV cache", "memory", "limit", "compute ms"):
+        t.add_column(col, justify="right" if col not in ("device",) else "left")
+    for d in p.devices:
+        t.add_row(str(d.rank), d.id, f"{d.share:.1%}", str(d.kv_groups), str(d.mlp_rows), _size(d.weight_bytes),
+                  _size(d.kv_cache_bytes), _size(d.mem_bytes), _size(d.mem_limit), f"{d.compute_ms:.2f}")
+    con = Console()
+    con.print(t)
+    lat = p.latency
+    con.print(f"predicted ms/token: [bold]{lat.total_ms:.2f}[/] = compute {lat.compute_ms:.2f} "
+              f"+ allreduce latency {lat.allreduce_latency_ms:.2f} ({lat.allreduces_per_token} allreduces) "
+              f"+ bandwidth {lat.bandwidth_ms:.2f} ({lat.bytes_per_token / 1024:.0f} KiB/token on the hub link)")
+    for note in p.notes:
+        con.print(f"[yellow]note[/] {note}")
