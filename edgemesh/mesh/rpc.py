@@ -148,9 +148,8 @@ class RpcServer:
 
     def _send(self, route: zmq.Frame, frames: list[Any]) -> None:
         try:
-            self.sock.send_multipart([route, *frames], flags=zmq.NOBLOCK, copy=False)
-        except zmq.Again:
-            log.debug("reply dropped: peer not reading")
+            if not _try_send(self.sock, [route, *frames]):
+                log.debug("reply dropped: peer not reading")
         except zmq.ZMQError as exc:
             if exc.errno != zmq.ETERM:
                 log.debug("reply dropped: %s", exc)
@@ -204,10 +203,12 @@ class RpcClient:
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
         try:
-            try:
+            # Fast path: the socket takes it now (no timer, no extra task). zmq.asyncio reports
+            # "would block" through the returned future, not by raising.
+            sent = _try_send(self.sock, frames)
+            if not sent:
+                # Not connected yet (IMMEDIATE): wait for the link up to the deadline.
                 await asyncio.wait_for(self.sock.send_multipart(frames, copy=False), timeout)
-            except zmq.Again:
-                raise RpcTimeout(f"{method}: peer not connected") from None
             return await asyncio.wait_for(fut, timeout)
         except asyncio.TimeoutError:
             raise RpcTimeout(f"{method}: no answer within {timeout:g} s") from None
@@ -217,8 +218,19 @@ class RpcClient:
     def notify(self, method: str, body: Any = None) -> bool:
         """Fire and forget; False when the peer is not connected."""
         frames = encode_message(Envelope(Kind.NOTIFY, method, 0, self.sender, body))
-        try:
-            self.sock.send_multipart(frames, flags=zmq.NOBLOCK)
-            return True
-        except zmq.Again:
+        return _try_send(self.sock, frames)
+
+
+def _try_send(sock: zmq.asyncio.Socket, frames: list[Any]) -> bool:
+    """Send without blocking; False if the socket would block (peer not connected or full)."""
+    try:
+        result = sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+    except zmq.Again:
+        return False
+    if isinstance(result, asyncio.Future) and result.done():
+        exc = result.exception()
+        if isinstance(exc, zmq.Again):
             return False
+        if exc is not None:
+            raise exc
+    return True
