@@ -294,7 +294,7 @@ def token(
 def _fmt_bytes(n: Any) -> str:
     if not isinstance(n, (int, float)):
         return "-"
-    return f"{n / 2**30:.1f} GiB"
+    return f"{n / 2**30:.1f}G"
 
 
 @app.command()
@@ -311,9 +311,9 @@ def status(
     if as_json:
         print(json.dumps(data, indent=1, default=str))
         return
-    t = Table(title=f"cluster {data['cluster']} (seen from {data['name']})")
+    t = Table(title=f"cluster {data['cluster']} (seen from {data['name']}, marked *)")
     for col in ("name", "id", "state", "address", "cpus", "memory", "GFLOP/s", "RTT ms", "Mbit/s"):
-        t.add_column(col)
+        t.add_column(col, no_wrap=col in ("name", "address", "state"))
     colors = {"alive": "green", "suspect": "yellow", "dead": "red"}
     for m in data["members"]:
         p, link = m.get("profile") or {}, m.get("links") or {}
@@ -321,9 +321,9 @@ def status(
         cpus = lim.get("cpu_cores") or p.get("cpu_logical")
         mem = lim.get("mem_bytes") or p.get("mem_total")
         t.add_row(
-            m["name"] + (" (this node)" if m.get("self") else ""), m["id"][:12],
+            m["name"] + (" *" if m.get("self") else ""), m["id"][:8],
             f"[{colors.get(m['state'], 'white')}]{m['state']}[/]",
-            ", ".join(m["addresses"]), "-" if cpus is None else f"{cpus:g}", _fmt_bytes(mem),
+            ", ".join(a.removeprefix("tcp://") for a in m["addresses"]), "-" if cpus is None else f"{cpus:g}", _fmt_bytes(mem),
             "-" if p.get("gflops") is None else f"{p['gflops']:.0f}",
             "-" if link.get("rtt_ms") is None else f"{link['rtt_ms']:.2f}",
             "-" if link.get("mbps") is None else f"{link['mbps']:.0f}",

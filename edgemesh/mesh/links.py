@@ -32,10 +32,12 @@ class LinkTable:
         link = self._get(node_id)
         link.rtt_ms = ms if link.rtt_ms is None else (1 - RTT_ALPHA) * link.rtt_ms + RTT_ALPHA * ms
 
-    def bandwidth(self, node_id: str, nbytes: int, seconds: float) -> None:
+    def bandwidth(self, node_id: str, nbytes: int, seconds: float, empty_seconds: float) -> None:
+        """``seconds`` for a request carrying ``nbytes``, ``empty_seconds`` for an empty one
+        just before: the difference is the transfer time. Floored at half the total, so a
+        noisy empty call can only under-, never wildly over-state the bandwidth."""
         link = self._get(node_id)
-        # Subtract one RTT: the probe is a request/response, the payload crosses once.
-        transfer = max(seconds - (link.rtt_ms or 0.0) / 1000, 1e-6)
+        transfer = max(seconds - empty_seconds, seconds / 2, 1e-6)
         link.mbps = round(nbytes * 8 / transfer / 1e6, 1)
         link.probed_at = time.monotonic()
 

@@ -29,6 +29,7 @@ from edgemesh.mesh.failure import ALIVE, FailureDetector
 from edgemesh.mesh.join import JoinService
 from edgemesh.mesh.links import LinkTable
 from edgemesh.mesh.peers import PeerSet
+from edgemesh.mesh.profile import static_profile
 from edgemesh.mesh.records import MemberRecord, admit, sign_self
 from edgemesh.mesh.rpc import Call, Reply, RpcServer, RpcStats
 from edgemesh.mesh.view import MembershipView
@@ -162,7 +163,8 @@ class NodeDaemon:
             node_id=self.key.node_id, name=self.name, key=self.key.sign_public, version=version,
             status="member", addresses=(tcp_endpoint(self.advertise, self.port),),
             join=(tcp_endpoint(self.advertise, self.port + 1),),
-            profile=previous.profile if previous else {},
+            # What psutil knows right away; the measured numbers (GFLOP/s, disk) follow.
+            profile={**(previous.profile if previous else {}), **static_profile()},
             admitted_by=previous.admitted_by if previous else "",
             admission_sig=previous.admission_sig if previous else b"",
         )
@@ -353,12 +355,16 @@ class NodeDaemon:
                 client = self.peers.get(node_id)
                 if client is None:
                     continue
-                start = time.perf_counter()
                 try:
+                    start = time.perf_counter()
+                    await client.call("link.probe", {}, timeout=10.0)
+                    empty = time.perf_counter() - start
+                    start = time.perf_counter()
                     await client.call("link.probe", {}, tensors=[(spec, payload)], timeout=10.0)
+                    full = time.perf_counter() - start
                 except EdgemeshError:
                     continue
-                self.links.bandwidth(node_id, len(payload), time.perf_counter() - start)
+                self.links.bandwidth(node_id, len(payload), full, empty)
 
     async def _profile_task(self) -> None:
         await asyncio.sleep(self.config.profile_delay)
