@@ -35,6 +35,7 @@ AdvOpt = typer.Option(None, "--advertise", help="Address other members should us
 NameOpt = typer.Option(None, "--name", help="A human-friendly node name (default: node-<id>).")
 DetachOpt = typer.Option(False, "--detach", "-d", help="Run the daemon in the background and return.")
 MdnsOpt = typer.Option(True, "--mdns/--no-mdns", help="Announce the cluster on the LAN by mDNS (never the secret).")
+ProfileOpt = typer.Option(None, "--profile", help="Declared device profile (nodes/*.toml) published beside the measured one.")
 
 
 def resolve_state(state_dir: Optional[Path]) -> StateDir:
@@ -67,13 +68,20 @@ def _check_port_free(host: str, port: int) -> None:
                 raise ConfigError(f"cannot listen on {host}:{p}: {exc.strerror}") from None
 
 
-def _settings(state: StateDir, host: Optional[str], port: Optional[int], advertise: Optional[str], mdns: bool) -> dict[str, Any]:
+def _settings(state: StateDir, host: Optional[str], port: Optional[int], advertise: Optional[str], mdns: bool,
+              profile: Optional[Path] = None) -> dict[str, Any]:
     saved = state.load_settings()
+    if profile is not None:
+        from edgemesh.config import load_toml
+
+        load_toml(profile)  # fail now, with the file's own error, not later in the daemon
+        profile = profile.absolute()
     settings = {
         "host": host or saved.get("host") or "0.0.0.0",
         "port": port or saved.get("port") or DEFAULT_PORT,
         "advertise": advertise or saved.get("advertise"),
         "mdns": mdns if not saved or mdns is False else saved.get("mdns", True),
+        "profile": str(profile) if profile else saved.get("profile"),
     }
     if settings["advertise"] is None:
         from edgemesh.runtime.daemon import _advertise_host
@@ -119,7 +127,7 @@ def _emit_token(token: str, token_file: Optional[Path]) -> None:
 def init(
     state_dir: Optional[Path] = StateOpt, host: Optional[str] = HostOpt, port: Optional[int] = PortOpt,
     advertise: Optional[str] = AdvOpt, name: Optional[str] = NameOpt, detach: bool = DetachOpt,
-    mdns: bool = MdnsOpt,
+    mdns: bool = MdnsOpt, profile: Optional[Path] = ProfileOpt,
     token_file: Optional[Path] = typer.Option(None, "--token-file", help="Also write the join token to this file (0600)."),
     no_start: bool = typer.Option(False, "--no-start", help="Create the cluster but do not start the daemon."),
 ) -> None:
@@ -131,7 +139,7 @@ def init(
         raise ConfigError(
             f"{state.path} is already a member of cluster {existing.cluster_id}; run `edgemesh start` "
             "to start it, or pass another --state-dir")
-    settings = _settings(state, host, port, advertise, mdns)
+    settings = _settings(state, host, port, advertise, mdns, profile)
     if not no_start:
         from edgemesh.runtime.launcher import ensure_not_running
 
@@ -153,7 +161,7 @@ def join(
     token: Optional[str] = typer.Argument(None, help="The join token printed by `edgemesh init` or `edgemesh token` (or $EDGEMESH_TOKEN)."),
     state_dir: Optional[Path] = StateOpt, host: Optional[str] = HostOpt, port: Optional[int] = PortOpt,
     advertise: Optional[str] = AdvOpt, name: Optional[str] = NameOpt, detach: bool = DetachOpt,
-    mdns: bool = MdnsOpt,
+    mdns: bool = MdnsOpt, profile: Optional[Path] = ProfileOpt,
     no_start: bool = typer.Option(False, "--no-start", help="Join but do not start the daemon."),
 ) -> None:
     """Join an existing cluster with a token, then run the daemon."""
@@ -164,7 +172,7 @@ def join(
     state = StateDir(state_dir or default_state_dir())
     state.ensure()
     existing = state.load_cluster()
-    settings = _settings(state, host, port, advertise, mdns)
+    settings = _settings(state, host, port, advertise, mdns, profile)
     if existing is not None:
         if existing.cluster_id != parsed.cluster_id:
             raise ConfigError(
@@ -196,12 +204,13 @@ def join(
 def start(
     state_dir: Optional[Path] = StateOpt, host: Optional[str] = HostOpt, port: Optional[int] = PortOpt,
     advertise: Optional[str] = AdvOpt, detach: bool = DetachOpt, mdns: bool = MdnsOpt,
+    profile: Optional[Path] = ProfileOpt,
 ) -> None:
     """Start the daemon of a node that already belongs to a cluster (e.g. after a reboot)."""
     state = StateDir(state_dir or default_state_dir())
     state.load_identity()
     state.require_cluster()
-    _run(state, _settings(state, host, port, advertise, mdns), detach)
+    _run(state, _settings(state, host, port, advertise, mdns, profile), detach)
 
 
 def stop_daemon(state: StateDir, timeout: float = 10.0) -> bool:

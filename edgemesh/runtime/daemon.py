@@ -164,7 +164,7 @@ class NodeDaemon:
             status="member", addresses=(tcp_endpoint(self.advertise, self.port),),
             join=(tcp_endpoint(self.advertise, self.port + 1),),
             # What psutil knows right away; the measured numbers (GFLOP/s, disk) follow.
-            profile={**(previous.profile if previous else {}), **static_profile()},
+            profile={**(previous.profile if previous else {}), **static_profile(), **self._declared_profile()},
             admitted_by=previous.admitted_by if previous else "",
             admission_sig=previous.admission_sig if previous else b"",
         )
@@ -174,6 +174,17 @@ class NodeDaemon:
                     f"{self.state.path} has no admission record for this node; join again with `edgemesh join TOKEN`")
             record = admit(self.cluster.cluster_id, self.key, record)
         return sign_self(self.cluster.cluster_id, self.key, record)
+
+    def _declared_profile(self) -> dict[str, Any]:
+        """A nodes/*.toml profile named in settings, published as profile["declared"]."""
+        path = self.state.load_settings().get("profile")
+        if not path:
+            return {}
+        from pathlib import Path
+
+        from edgemesh.config import load_toml
+
+        return {"declared": load_toml(Path(path))}
 
     def _update_self(self, **changes: Any) -> None:
         record = replace(self.me, version=max(int(time.time() * 1000), self.me.version + 1), **changes)
@@ -387,7 +398,7 @@ class NodeDaemon:
         except (OSError, ValueError) as exc:
             log.warning("could not measure the device profile: %s", exc)
             return
-        self._update_self(profile=profile)
+        self._update_self(profile={**self.me.profile, **profile})
 
     async def _announce(self) -> None:
         from edgemesh.mesh.discovery import announce
