@@ -8,7 +8,7 @@ Layout under the store root::
     <name>/output.safetensors       final norm (+ lm_head unless tied)
     <name>/tokenizer.json           HF `tokenizers` file, if the source had one
     <name>/tokenizer_config.json    chat template and special tokens
-    <name>/slices/<block>.<spec>.safetensors   a participant's slice, hashed in slices.json
+    <name>/slices/<block>.<spec>.safetensors   a participant's slice (+ .ref.json with its hash)
 
 Every file is addressed by its sha256: loads verify it, and the model id is the hash of the
 manifest's content, so two stores holding the same weights agree on the id. Writes go to a
@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import re
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,7 +83,7 @@ def verify_file(path: Path, ref: FileRef) -> None:
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor], name: str) -> FileRef:
     """Write a safetensors file atomically and return its hash (relative name ``name``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = _tmp_name(path)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
     ref = FileRef(name, sha256_file(tmp), tmp.stat().st_size)
     os.replace(tmp, path)
@@ -146,27 +147,25 @@ class ModelEntry:
 
     # ---- slices for participants ----------------------------------------------------------
 
-    def _slice_index(self) -> dict[str, dict[str, Any]]:
-        p = self.root / "slices" / "slices.json"
-        return json.loads(p.read_text()) if p.is_file() else {}
-
     def slice(self, block: str, spec: ShardSpec) -> FileRef:
         """This block's slice for ``spec`` as a hashed file (cached under ``slices/``).
 
         The same block and spec always give the same bytes, hence the same hash, so a worker
-        can verify a slice it received against the master's hash.
+        can verify a slice it received against the master's hash. Each slice has its own
+        ``.ref.json`` (no shared index), so concurrent ranks can slice the same model.
         """
         name = f"slices/{block}.{spec.key()}.safetensors"
-        index = self._slice_index()
-        if name in index and (self.root / name).is_file():
-            ref = FileRef.from_json(index[name])
-            if (self.root / name).stat().st_size == ref.nbytes:
-                return ref
+        path, meta = self.root / name, self.root / (name + ".ref.json")
+        if meta.is_file() and path.is_file():
+            try:
+                ref = FileRef.from_json(json.loads(meta.read_text()))
+                if path.stat().st_size == ref.nbytes:
+                    return ref
+            except (ValueError, KeyError):
+                pass  # a damaged cache entry: rebuild it
         full = self.load_block(block)
-        ref = write_tensors(self.root / name, slice_block(self.config, block, full, spec), name)
-        index = self._slice_index()  # re-read: another slice may have been written meanwhile
-        index[name] = ref.to_json()
-        _write_json(self.root / "slices" / "slices.json", index)
+        ref = write_tensors(path, slice_block(self.config, block, full, spec), name)
+        _write_json(meta, ref.to_json())
         return ref
 
     def load_slice(self, ref: FileRef) -> dict[str, torch.Tensor]:
@@ -175,9 +174,14 @@ class ModelEntry:
         return load_file(str(path))
 
 
+def _tmp_name(path: Path) -> Path:
+    # unique per process and thread: concurrent writers of one file must not share a temp file
+    return path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+
+
 def _write_json(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = _tmp_name(path)
     tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
     os.replace(tmp, path)
 
@@ -200,7 +204,7 @@ class ModelWriter:
     def write_file(self, key: str, data: bytes) -> FileRef:
         """An auxiliary file (tokenizer.json, tokenizer_config.json), hashed like the blocks."""
         path = self.entry.root / key
-        tmp = path.with_name(path.name + ".tmp")
+        tmp = _tmp_name(path)
         tmp.write_bytes(data)
         os.replace(tmp, path)
         ref = FileRef(key, hashlib.sha256(data).hexdigest(), len(data))
