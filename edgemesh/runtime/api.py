@@ -1,0 +1,301 @@
+"""OpenAI-compatible HTTP API: /v1/models, /v1/chat/completions, /v1/completions (SSE streaming).
+
+Everything a client sends is validated here and refused with an OpenAI-style error object
+(``{"error": {"message", "type", "param", "code"}}``) and a 4xx status; the server keeps
+serving. Generation runs in the engine's compute thread, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from typing import Any
+
+from aiohttp import web
+
+from edgemesh.errors import ConfigError
+from edgemesh.llm.sampling import SamplingParams
+from edgemesh.runtime.engine import ClusterUnavailable, Engine, GenEvent, GenRequest
+
+log = logging.getLogger(__name__)
+
+ROLES = {"system", "user", "assistant", "developer", "tool"}
+MAX_BODY = 8 * 1024 * 1024
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 code: str | None = None, kind: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status, self.param, self.code, self.kind = status, param, code, kind
+
+    def response(self) -> web.Response:
+        return web.json_response(
+            {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}},
+            status=self.status)
+
+
+def _num(body: dict[str, Any], key: str, kind: type, default: Any, lo: float | None = None, hi: float | None = None) -> Any:
+    value = body.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
+        raise ApiError(400, f"'{key}' must be {'a number' if kind is float else 'an integer'}", key)
+    if lo is not None and value < lo or hi is not None and value > hi:
+        raise ApiError(400, f"'{key}' must be between {lo} and {hi}, got {value}", key)
+    return kind(value)
+
+
+def _stops(body: dict[str, Any]) -> tuple[str, ...]:
+    stop = body.get("stop")
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        return (stop,)
+    if isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) for s in stop):
+        return tuple(stop)
+    raise ApiError(400, "'stop' must be a string or a list of up to 4 strings", "stop")
+
+
+def _content_text(content: Any, i: int) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ApiError(400, f"messages[{i}].content: only text parts are supported", f"messages[{i}].content")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts", f"messages[{i}].content")
+
+
+class ApiServer:
+    def __init__(self, engine: Engine, model_name: str) -> None:
+        self.engine = engine
+        self.model_name = model_name
+        self.created = int(time.time())
+        self.app = web.Application(client_max_size=MAX_BODY, middlewares=[self._errors])
+        self.app.add_routes([
+            web.get("/v1/models", self.models),
+            web.get("/v1/models/{model}", self.model),
+            web.post("/v1/chat/completions", self.chat),
+            web.post("/v1/completions", self.completions),
+            web.get("/health", self.health),
+        ])
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except ApiError as exc:
+            return exc.response()
+        except web.HTTPException as exc:
+            if exc.status >= 400:
+                return ApiError(exc.status, exc.reason or "error", code=str(exc.status)).response()
+            raise
+        except Exception:  # noqa: BLE001 — a bug must not take the server down
+            log.exception("request failed")
+            return ApiError(500, "internal server error", kind="server_error").response()
+
+    # ---- routes -------------------------------------------------------------------
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response({"ok": True, "model": self.model_name, "queued": self.engine.queued})
+
+    def _model_obj(self) -> dict[str, Any]:
+        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "edgemesh"}
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [self._model_obj()]})
+
+    async def model(self, request: web.Request) -> web.Response:
+        if request.match_info["model"] != self.model_name:
+            raise ApiError(404, f"the model '{request.match_info['model']}' does not exist", "model", "model_not_found")
+        return web.json_response(self._model_obj())
+
+    async def _body(self, request: web.Request) -> dict[str, Any]:
+        try:
+            body = await request.json(loads=json.loads)
+        except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
+            raise ApiError(400, "the request body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body must be a JSON object")
+        model = body.get("model")
+        if not isinstance(model, str):
+            raise ApiError(400, "'model' is required", "model")
+        if model != self.model_name:
+            raise ApiError(404, f"the model '{model}' does not exist; this server has '{self.model_name}'",
+                           "model", "model_not_found")
+        if body.get("n", 1) != 1:
+            raise ApiError(400, "only n = 1 is supported", "n")
+        return body
+
+    def _request(self, body: dict[str, Any], prompt_ids: list[int], default_max: int | None) -> GenRequest:
+        ctx = self.engine.context_length
+        room = ctx - len(prompt_ids)
+        if room <= 0:
+            raise ApiError(400, f"the prompt has {len(prompt_ids)} tokens; this model's context is {ctx}",
+                           "messages", "context_length_exceeded")
+        key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+        max_tokens = _num(body, key, int, default_max if default_max is not None else room, lo=0)
+        if max_tokens > room:
+            raise ApiError(400, f"prompt ({len(prompt_ids)} tokens) + {key} ({max_tokens}) exceeds this "
+                                f"model's context of {ctx} tokens", key, "context_length_exceeded")
+        seed = body.get("seed")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ApiError(400, "'seed' must be an integer", "seed")
+        try:
+            params = SamplingParams(
+                temperature=_num(body, "temperature", float, 1.0, 0.0, 2.0),
+                top_p=_num(body, "top_p", float, 1.0, 0.0, 1.0),
+                top_k=_num(body, "top_k", int, 0, 0),
+                seed=seed,
+            )
+        except ConfigError as exc:
+            raise ApiError(400, str(exc)) from None
+        return GenRequest(prompt_ids, max_tokens, params, _stops(body))
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        body = await self._body(request)
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise ApiError(400, "'messages' must be a non-empty list", "messages")
+        clean = []
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or m.get("role") not in ROLES:
+                raise ApiError(400, f"messages[{i}] needs a role among {sorted(ROLES)}", f"messages[{i}]")
+            clean.append({"role": "system" if m["role"] == "developer" else m["role"],
+                          "content": _content_text(m.get("content", ""), i)})
+        prompt_ids = await asyncio.to_thread(self.engine.tokenizer.encode_chat, clean)
+        gen = self._request(body, prompt_ids, None)
+        return await self._respond(request, body, gen, chat=True)
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        body = await self._body(request)
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if not isinstance(prompt, str) or not prompt:
+            raise ApiError(400, "'prompt' must be a non-empty string", "prompt")
+        prompt_ids = await asyncio.to_thread(self.engine.tokenizer.encode, prompt)
+        if not prompt_ids:
+            raise ApiError(400, "the prompt encodes to no tokens", "prompt")
+        gen = self._request(body, prompt_ids, 16)
+        return await self._respond(request, body, gen, chat=False)
+
+    # ---- generation ---------------------------------------------------------------
+    async def _respond(self, request: web.Request, body: dict[str, Any], gen: GenRequest, chat: bool) -> web.StreamResponse:
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[GenEvent] = asyncio.Queue()
+        self.engine.submit(gen, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        created = int(time.time())
+        try:
+            if body.get("stream"):
+                return await self._stream(request, body, gen, events, rid, created, chat)
+            return await self._whole(events, rid, created, chat)
+        finally:
+            gen.cancel.set()  # the client went away or we are done: stop generating
+
+    async def _whole(self, events: asyncio.Queue[GenEvent], rid: str, created: int, chat: bool) -> web.Response:
+        parts: list[str] = []
+        while True:
+            ev = await events.get()
+            if ev.error is not None:
+                raise _as_api_error(ev.error)
+            parts.append(ev.text)
+            if ev.done:
+                break
+        text = "".join(parts)
+        usage = {"prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens,
+                 "total_tokens": ev.prompt_tokens + ev.completion_tokens}
+        finish = "stop" if ev.finish_reason == "stop" else "length"
+        if chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                      "finish_reason": finish}
+            obj = "chat.completion"
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+            obj = "text_completion"
+        return web.json_response({"id": rid, "object": obj, "created": created, "model": self.model_name,
+                                  "choices": [choice], "usage": usage,
+                                  "timings": {"ttft_s": ev.ttft_s, "s_per_token": ev.decode_s}})
+
+    async def _stream(self, request: web.Request, body: dict[str, Any], gen: GenRequest,
+                      events: asyncio.Queue[GenEvent], rid: str, created: int, chat: bool) -> web.StreamResponse:
+        # The first event decides the status: an early failure is still a proper 4xx/5xx.
+        first = await events.get()
+        if first.error is not None:
+            raise _as_api_error(first.error)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage")) if isinstance(body.get("stream_options"), dict) else False
+
+        async def send(payload: dict[str, Any]) -> None:
+            await resp.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
+
+        def chunk(text: str | None, finish: str | None, role: bool = False) -> dict[str, Any]:
+            if chat:
+                delta: dict[str, Any] = {}
+                if role:
+                    delta["role"] = "assistant"
+                if text:
+                    delta["content"] = text
+                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            else:
+                choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            return {"id": rid, "object": obj, "created": created, "model": self.model_name, "choices": [choice]}
+
+        if chat:
+            await send(chunk(None, None, role=True))
+        ev = first
+        while True:
+            if ev.error is not None:
+                await send({"error": {"message": str(ev.error), "type": "server_error", "param": None,
+                                      "code": "cluster_unavailable" if isinstance(ev.error, ClusterUnavailable) else None}})
+                break
+            if ev.text:
+                await send(chunk(ev.text, None))
+            if ev.done:
+                await send(chunk(None, "stop" if ev.finish_reason == "stop" else "length"))
+                if include_usage:
+                    await send({"id": rid, "object": obj, "created": created, "model": self.model_name, "choices": [],
+                                "usage": {"prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens,
+                                          "total_tokens": ev.prompt_tokens + ev.completion_tokens}})
+                break
+            ev = await events.get()
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+
+def _as_api_error(exc: Exception) -> ApiError:
+    if isinstance(exc, ClusterUnavailable):
+        return ApiError(503, str(exc), code="cluster_unavailable", kind="server_error")
+    if isinstance(exc, ConfigError):
+        return ApiError(400, str(exc))
+    return ApiError(500, f"generation failed: {exc}", kind="server_error")
+
+
+async def serve(server: ApiServer, host: str, port: int, ready: asyncio.Event | None = None) -> None:
+    """Serve until cancelled."""
+    runner = web.AppRunner(server.app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        from edgemesh.errors import PortInUseError
+
+        raise PortInUseError(f"cannot serve on {host}:{port}: {exc.strerror}; pick another --port") from None
+    if ready is not None:
+        ready.set()
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()

@@ -1,0 +1,188 @@
+"""The serving engine: one compute thread that runs generation requests one at a time.
+
+The HTTP layer (asyncio) never touches torch; it submits a request and receives events
+through a callback. Requests queue in arrival order, so concurrent requests cannot corrupt each
+other's KV cache. When the model raises a cluster failure (a worker died), the request fails
+with ``ClusterUnavailable`` and the engine calls ``recover`` (re-plan, rebuild) before the next
+request runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+from edgemesh.errors import EdgemeshError
+from edgemesh.llm.generate import generate
+from edgemesh.llm.sampling import SamplingParams
+from edgemesh.llm.tokenizer import ChatTokenizer, StreamDecoder
+
+log = logging.getLogger(__name__)
+
+
+class ClusterUnavailable(EdgemeshError):
+    """A participant of the model failed; the request cannot finish (HTTP 503)."""
+
+
+class Model(Protocol):
+    max_seq_len: int
+
+
+@dataclass
+class GenRequest:
+    prompt_ids: list[int]
+    max_tokens: int
+    params: SamplingParams = field(default_factory=SamplingParams)
+    stop: tuple[str, ...] = ()
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class GenEvent:
+    text: str = ""
+    done: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: Exception | None = None
+    ttft_s: float | None = None
+    decode_s: float | None = None
+
+
+class StopMatcher:
+    """Cuts the text at the first stop string, holding back a tail that might start one."""
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self.stops = tuple(s for s in stops if s)
+        self._pending = ""
+
+    def push(self, piece: str) -> tuple[str, bool]:
+        text = self._pending + piece
+        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self._pending = ""
+            return text[: min(hits)], True
+        hold = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(text)), 0, -1):
+                if text.endswith(s[:k]):
+                    hold = max(hold, k)
+                    break
+        self._pending = text[len(text) - hold:] if hold else ""
+        return text[: len(text) - hold], False
+
+    def flush(self) -> str:
+        rest, self._pending = self._pending, ""
+        return rest
+
+
+class Engine:
+    def __init__(
+        self,
+        name: str,
+        model: Model,
+        tokenizer: ChatTokenizer,
+        recover: Callable[[Exception], Model] | None = None,
+        is_cluster_failure: Callable[[Exception], bool] = lambda exc: False,
+    ) -> None:
+        self.name = name
+        self.model = model
+        self.tokenizer = tokenizer
+        self.recover = recover
+        self.is_cluster_failure = is_cluster_failure
+        self.stop_ids = tokenizer.stop_ids()
+        self._queue: queue.Queue[tuple[GenRequest, Callable[[GenEvent], None]] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name="edgemesh-engine", daemon=True)
+        self._broken: Exception | None = None
+        self.served = 0
+        self._thread.start()
+
+    @property
+    def context_length(self) -> int:
+        return self.model.max_seq_len
+
+    @property
+    def queued(self) -> int:
+        return self._queue.qsize()
+
+    def submit(self, request: GenRequest, sink: Callable[[GenEvent], None]) -> None:
+        self._queue.put((request, sink))
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+
+    # ---- compute thread ----------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            request, sink = item
+            if self._broken is not None:
+                self._recover()
+            if request.cancel.is_set():
+                sink(GenEvent(done=True, finish_reason="cancelled", prompt_tokens=len(request.prompt_ids)))
+                continue
+            try:
+                self._run(request, sink)
+            except Exception as exc:  # noqa: BLE001 — every failure must reach the client
+                if self.is_cluster_failure(exc):
+                    log.error("a participant failed during a request: %s", exc)
+                    self._broken = exc
+                    sink(GenEvent(done=True, error=ClusterUnavailable(
+                        f"a device of the cluster failed during this request ({exc}); "
+                        "the model is being re-planned over the remaining devices, retry shortly")))
+                else:
+                    log.exception("generation failed")
+                    sink(GenEvent(done=True, error=exc))
+
+    def _recover(self) -> None:
+        exc, self._broken = self._broken, None
+        if self.recover is None or exc is None:
+            return
+        try:
+            self.model = self.recover(exc)
+            log.info("recovered: the model runs again")
+        except Exception as rexc:  # noqa: BLE001
+            log.exception("re-planning failed")
+            self._broken = rexc
+
+    def _run(self, request: GenRequest, sink: Callable[[GenEvent], None]) -> None:
+        decoder = StreamDecoder(self.tokenizer)
+        stopper = StopMatcher(request.stop)
+        n = 0
+        t0 = time.perf_counter()
+        first: float | None = None
+        finish = "length"
+        hit = False
+        for tok in generate(self.model, request.prompt_ids, request.max_tokens, request.params, self.stop_ids):  # type: ignore[arg-type]
+            n += 1
+            if first is None:
+                first = time.perf_counter()
+            if tok in self.stop_ids:
+                finish = "stop"
+                break
+            text, hit = stopper.push(decoder.push(tok))
+            if text:
+                sink(GenEvent(text=text, completion_tokens=n))
+            if hit:
+                finish = "stop"
+                break
+            if request.cancel.is_set():
+                finish = "cancelled"
+                break
+        if not hit:
+            # Text held back as a possible stop-string prefix that never completed.
+            rest = stopper.flush()
+            if rest:
+                sink(GenEvent(text=rest, completion_tokens=n))
+        end = time.perf_counter()
+        self.served += 1
+        sink(GenEvent(done=True, finish_reason=finish, prompt_tokens=len(request.prompt_ids), completion_tokens=n,
+                      ttft_s=None if first is None else first - t0,
+                      decode_s=None if first is None or n < 2 else (end - first) / (n - 1)))

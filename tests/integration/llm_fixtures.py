@@ -1,0 +1,95 @@
+"""A tiny model with a real tokenizer, served by the real API server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from edgemesh.collective.base import LocalCollective
+from edgemesh.llm.build import load_from_store
+from edgemesh.llm.tokenizer import ChatTokenizer
+from edgemesh.runtime.api import ApiServer, serve
+from edgemesh.runtime.engine import Engine
+from edgemesh.weights.config import ModelConfig
+from edgemesh.weights.shard import ShardSpec
+from edgemesh.weights.store import ModelStore
+from edgemesh.weights.synth import synth_model
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_tokenizer() -> ChatTokenizer:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(["hello world, the quick brown fox jumps over the lazy dog"] * 20, trainer)
+    return ChatTokenizer(tok, {"chat_template": CHAT_TEMPLATE, "eos_token": "<|im_end|>"})
+
+
+def tiny_entry(root: Path, vocab: int, layers: int = 2, seed: int = 0):
+    cfg = ModelConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                      num_hidden_layers=layers, vocab_size=vocab, max_position_embeddings=256)
+    return synth_model(ModelStore(root), cfg, seed=seed, name="tiny")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerThread:
+    """The API server in a background event loop; stop() tears everything down."""
+
+    def __init__(self, engine: Engine, name: str) -> None:
+        self.port = free_port()
+        self.engine = engine
+        self.loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._task: asyncio.Task | None = None
+        self.thread = threading.Thread(target=self._run, args=(ApiServer(engine, name),), daemon=True)
+        self.thread.start()
+        if not self._ready.wait(10):
+            raise RuntimeError("API server did not start")
+
+    def _run(self, server: ApiServer) -> None:
+        asyncio.set_event_loop(self.loop)
+        ready = asyncio.Event()
+
+        async def main() -> None:
+            self._task = asyncio.ensure_future(serve(server, "127.0.0.1", self.port, ready))
+            await ready.wait()
+            self._ready.set()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+        self.loop.run_until_complete(main())
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self.loop.call_soon_threadsafe(self._task.cancel)
+        self.thread.join(10)
+        self.engine.close()
+
+
+def local_server(root: Path) -> tuple[ServerThread, ChatTokenizer]:
+    tokenizer = tiny_tokenizer()
+    entry = tiny_entry(root, tokenizer.vocab_size)
+    specs = [ShardSpec.full(entry.config)] * entry.config.num_hidden_layers
+    model = load_from_store(entry, specs, LocalCollective(), max_seq_len=128)
+    return ServerThread(Engine("tiny", model, tokenizer), "tiny"), tokenizer
