@@ -67,7 +67,7 @@ def _cgroup_pids(path: Path) -> set[int]:
         return set()
 
 
-def _end_processes(pids: dict[int, int | None], report: TeardownReport) -> None:
+def end_processes(pids: dict[int, int | None], report: TeardownReport) -> None:
     """SIGTERM, a grace period, then SIGKILL; ``pids`` maps pid -> start time (None = unknown)."""
 
     def same(pid: int, start: int | None) -> bool:
@@ -153,7 +153,7 @@ def teardown(names: Names, layout: CgroupLayout | None, edgemesh_argv: list[str]
         for pid in _cgroup_pids(d):
             pids.setdefault(pid, None)
     pids.pop(os.getpid(), None)
-    _end_processes(pids, report)
+    end_processes(pids, report)
 
     for ns in sorted(namespaces):
         result = subprocess.run(["ip", "netns", "del", ns], capture_output=True, text=True)
