@@ -62,7 +62,7 @@ def require_up(names: Names) -> StateFile:
 
 def device_argv(names: Names, caps: HostCaps, device: str, command: Sequence[str]) -> list[str]:
     """argv that runs ``command`` in ``device``'s namespace and cgroups."""
-    argv = ["ip", "netns", "exec", names.device_ns(device), caps.python, "-m", "edgemesh.testbed.enter"]
+    argv = [caps.python, "-m", "edgemesh.testbed.enter", "--netns", names.device_ns(device)]
     if caps.cgroups is not None:
         for d in caps.cgroups.device_dirs(names, device):
             argv += ["--cgroup", str(d)]
@@ -73,9 +73,13 @@ def device_argv(names: Names, caps: HostCaps, device: str, command: Sequence[str
 
 
 def device_env(scenario: Scenario, device: str) -> dict[str, str]:
+    """The caller's environment plus what the device is; the caps themselves are in its cgroup."""
+    dev = scenario.device(device)
     env = dict(os.environ)
     env["EDGEMESH_TESTBED_DEVICE"] = device
     env["EDGEMESH_TESTBED_SCENARIO"] = scenario.name
+    if dev.profile:
+        env["EDGEMESH_TESTBED_PROFILE"] = dev.profile
     return env
 
 
@@ -100,7 +104,7 @@ def start_daemons(scenario: Scenario, state: StateFile, caps: HostCaps, *, timeo
     first, *rest = scenario.devices
     token_file = names.run_dir / "join-token"
     for dev in scenario.devices:
-        if dev.name in state.state.daemons:
+        if dev.name in state.state.started:
             continue
         if on_device is not None:
             on_device(dev.name)
@@ -118,6 +122,7 @@ def start_daemons(scenario: Scenario, state: StateFile, caps: HostCaps, *, timeo
         if result.returncode != 0:
             detail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
             raise StepFailed(f"edgemesh daemon on {dev.name} did not start: {detail[0]}")
+        state.mark_started(dev.name)
     del rest
 
 

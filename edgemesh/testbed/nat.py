@@ -34,10 +34,11 @@ def nat_ruleset(table: str, nat: NatType, wan_if: str, lan_subnet: ipaddress.IPv
     if nat is NatType.NONE:
         return None
     src = str(lan_subnet)
+    masquerade = [f'oifname "{wan_if}" ip saddr {src} masquerade persistent']
     if nat is NatType.SYMMETRIC:
-        masquerade = f"masquerade to :{SYMMETRIC_PORTS} random"
-    else:
-        masquerade = "masquerade persistent"
+        # A port range needs a transport protocol; ICMP falls through to the plain rule.
+        masquerade.insert(0, f'oifname "{wan_if}" ip saddr {src} meta l4proto {{ tcp, udp }} '
+                             f"masquerade to :{SYMMETRIC_PORTS} random")
     learn: list[str] = []
     inbound: list[str] = []
     if nat in (NatType.FULL_CONE, NatType.RESTRICTED):
@@ -69,7 +70,7 @@ def nat_ruleset(table: str, nat: NatType, wan_if: str, lan_subnet: ipaddress.IPv
     lines += ["  chain prerouting {", "    type nat hook prerouting priority dstnat; policy accept;"]
     lines += [f"    {rule}" for rule in inbound]
     lines += ["  }", "  chain postrouting {", "    type nat hook postrouting priority srcnat; policy accept;"]
-    lines += [f'    oifname "{wan_if}" ip saddr {src} {masquerade}']
+    lines += [f"    {rule}" for rule in masquerade]
     lines += ["  }"]
     if learn:
         lines += ["  chain learn {", "    type filter hook postrouting priority srcnat + 10; policy accept;"]

@@ -54,7 +54,8 @@ class TestbedState:
     created_at: float = field(default_factory=time.time)
     phase: str = "building"  # building | up | failed
     records: list[Record] = field(default_factory=list)
-    daemons: dict[str, str] = field(default_factory=dict)  # device -> daemon state dir
+    daemons: dict[str, str] = field(default_factory=dict)  # device -> daemon state dir (recorded before start)
+    started: list[str] = field(default_factory=list)  # devices whose daemon start succeeded
 
     def names(self) -> Names:
         return Names(self.prefix, Path(self.run_root))
@@ -117,3 +118,8 @@ class StateFile:
     def set_daemon(self, device: str, state_dir: str) -> None:
         self.state.daemons[device] = state_dir
         self.save()
+
+    def mark_started(self, device: str) -> None:
+        if device not in self.state.started:
+            self.state.started.append(device)
+            self.save()

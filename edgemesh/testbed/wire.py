@@ -30,13 +30,15 @@ import sys
 import time
 from dataclasses import dataclass
 
+from edgemesh.testbed.netns import NETNS_DIR, setns_fd
+from edgemesh.testbed.netns import libc as load_libc
+
 _TUNSETIFF = 0x400454CA
 _IFF_TAP = 0x0002
 _IFF_NO_PI = 0x1000
 _IFF_VNET_HDR = 0x4000
 _TUNSETOFFLOAD = 0x400454D0
 _TUN_F_CSUM, _TUN_F_TSO4, _TUN_F_TSO6 = 0x01, 0x02, 0x04
-_CLONE_NEWNET = 0x40000000
 _PR_SET_TIMERSLACK = 29
 _MAX_FRAME = 65536 + 1024  # a full GSO super-frame plus the virtio-net header
 _BATCH = 64  # frames read per fd per wake-up: bounded so releases stay on time under load
@@ -57,16 +59,6 @@ class End:
         return cls(netns, ifname)
 
 
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL("libc.so.6", use_errno=True)
-
-
-def _setns(libc: ctypes.CDLL, fd: int) -> None:
-    if libc.setns(fd, _CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"setns: {os.strerror(err)}")
-
-
 def open_tap(end: End, libc: ctypes.CDLL, offload: bool) -> int:
     """Attach to the TAP ``end.ifname`` inside ``end.netns``; returns a non-blocking fd.
 
@@ -80,9 +72,9 @@ def open_tap(end: End, libc: ctypes.CDLL, offload: bool) -> int:
     segments, not the independent losses the scenario asks for.
     """
     home = os.open("/proc/self/ns/net", os.O_RDONLY)
-    target = os.open(f"/run/netns/{end.netns}", os.O_RDONLY)
+    target = os.open(f"{NETNS_DIR}/{end.netns}", os.O_RDONLY)
     try:
-        _setns(libc, target)
+        setns_fd(libc, target)
         try:
             fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK)
             flags = _IFF_TAP | _IFF_NO_PI | (_IFF_VNET_HDR if offload else 0)
@@ -90,7 +82,7 @@ def open_tap(end: End, libc: ctypes.CDLL, offload: bool) -> int:
             if offload:
                 fcntl.ioctl(fd, _TUNSETOFFLOAD, _TUN_F_CSUM | _TUN_F_TSO4 | _TUN_F_TSO6)
         finally:
-            _setns(libc, home)
+            setns_fd(libc, home)
     finally:
         os.close(home)
         os.close(target)
@@ -141,7 +133,7 @@ class Direction:
 
 
 def run(a: End, b: End, delay_ms: float, jitter_ms: float, seed: int | None, offload: bool) -> None:
-    libc = _libc()
+    libc = load_libc()
     # Default timer slack (50 us) would add up to 50 us to every sleep; ask for 1 us.
     libc.prctl(_PR_SET_TIMERSLACK, 1000, 0, 0, 0)
     try:
