@@ -48,14 +48,24 @@ def main() -> None:
     except SystemExit:
         raise
     except Exception as exc:  # click usage errors and friends
-        import click
-
-        if isinstance(exc, click.exceptions.Abort):
-            print("edgemesh: aborted", file=sys.stderr)
-            sys.exit(130)
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Exit):
-            sys.exit(exc.exit_code)
+        for mod in _click_modules():
+            if isinstance(exc, mod.Abort):
+                print("edgemesh: aborted", file=sys.stderr)
+                sys.exit(130)
+            if isinstance(exc, mod.ClickException):
+                exc.show()
+                sys.exit(exc.exit_code)
+            if isinstance(exc, mod.Exit):
+                sys.exit(exc.exit_code)
         raise
+
+
+def _click_modules() -> list:  # type: ignore[type-arg]
+    """Exception modules of click: typer ≥ 0.29 vendors its own copy beside the real one."""
+    mods = []
+    for name in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            mods.append(__import__(name, fromlist=["ClickException"]))
+        except ImportError:
+            pass
+    return mods
