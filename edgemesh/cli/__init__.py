@@ -49,13 +49,13 @@ def main() -> None:
         raise
     except Exception as exc:  # click usage errors and friends
         for mod in _click_modules():
-            if isinstance(exc, mod.Abort):
+            if isinstance(exc, getattr(mod, "Abort", ())):
                 print("edgemesh: aborted", file=sys.stderr)
                 sys.exit(130)
-            if isinstance(exc, mod.ClickException):
+            if isinstance(exc, getattr(mod, "ClickException", ())):
                 exc.show()
                 sys.exit(exc.exit_code)
-            if isinstance(exc, mod.Exit):
+            if isinstance(exc, getattr(mod, "Exit", ())):
                 sys.exit(exc.exit_code)
         raise
 
