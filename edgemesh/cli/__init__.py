@@ -27,6 +27,7 @@ def _register() -> None:
     from edgemesh.cli import bench_allreduce  # noqa: F401  (bench allreduce)
     from edgemesh.cli import testbed  # noqa: F401  (testbed …)
     from edgemesh.cli import model  # noqa: F401  (model …, plan)
+    from edgemesh.cli import serve  # noqa: F401  (launch, generate)
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ import psutil
 
 from edgemesh.clock import Clock, MonotonicClock
 from edgemesh.config import MeshConfig
-from edgemesh.errors import EdgemeshError, RpcError, StateDirError
+from edgemesh.errors import EdgemeshError, ProtocolError, RpcError, StateDirError
 from edgemesh.identity.statedir import StateDir
 from edgemesh.mesh.failure import ALIVE, FailureDetector
 from edgemesh.mesh.join import JoinService
@@ -85,6 +85,9 @@ class NodeDaemon:
         self.transport = ZmqTransport(self.key)
         self.peers = PeerSet(self.transport, self.key.node_id, self.stats)
         self.join_service = JoinService(self.cluster, self.key, self.view, self.clock, self._on_admit)
+        from edgemesh.runtime.workers import WorkerManager
+
+        self.workers = WorkerManager(state, self.advertise)
         self._stop = asyncio.Event()
         self._leaving = False
         self._started = time.time()
@@ -121,6 +124,7 @@ class NodeDaemon:
             except* _Shutdown:
                 pass
         finally:
+            await asyncio.to_thread(self.workers.stop_all)
             await self.peers.close()
             self.transport.close()
             self._persist()
@@ -246,6 +250,9 @@ class NodeDaemon:
             "gossip.sync": self._rpc_gossip_sync,
             "gossip.push": self._rpc_gossip_push,
             "link.probe": self._rpc_link_probe,
+            "llm.start": self._rpc_llm_start,
+            "llm.stop": self._rpc_llm_stop,
+            "llm.jobs": self._rpc_llm_jobs,
             "admin.stop": self._rpc_admin_stop,
             "admin.leave": self._rpc_admin_leave,
         }
@@ -271,6 +278,24 @@ class NodeDaemon:
 
     async def _rpc_link_probe(self, call: Call) -> Any:
         return {"bytes": sum(spec.nbytes for spec, _ in call.tensors)}
+
+    async def _rpc_llm_start(self, call: Call) -> Any:
+        from edgemesh.runtime.jobs import JobSpec
+
+        spec = JobSpec.from_wire(call.body)
+        launcher = self.view.node_for_curve_key(call.peer_key)
+        if launcher is None or launcher.key != spec.server_key:
+            raise ProtocolError("a job must be started by the member that serves its weights")
+        if spec.keys[spec.rank] != self.key.sign_public:
+            raise ProtocolError("this job gives my rank to another key")
+        return {"pid": self.workers.start(spec)}
+
+    async def _rpc_llm_stop(self, call: Call) -> Any:
+        job = need(body_map(call.body), "job", str, max_len=64)
+        return {"stopped": await asyncio.to_thread(self.workers.stop, job)}
+
+    async def _rpc_llm_jobs(self, call: Call) -> Any:
+        return {"jobs": self.workers.jobs()}
 
     async def _rpc_admin_stop(self, call: Call) -> Any:
         asyncio.get_running_loop().call_later(0.05, self.stop)

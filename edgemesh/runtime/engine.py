@@ -88,12 +88,16 @@ class Engine:
         tokenizer: ChatTokenizer,
         recover: Callable[[Exception], Model] | None = None,
         is_cluster_failure: Callable[[Exception], bool] = lambda exc: False,
+        on_idle: Callable[[Model], None] | None = None,
+        idle_interval: float = 1.0,
     ) -> None:
         self.name = name
         self.model = model
         self.tokenizer = tokenizer
         self.recover = recover
         self.is_cluster_failure = is_cluster_failure
+        self.on_idle = on_idle
+        self.idle_interval = idle_interval
         self.stop_ids = tokenizer.stop_ids()
         self._queue: queue.Queue[tuple[GenRequest, Callable[[GenEvent], None]] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="edgemesh-engine", daemon=True)
@@ -119,7 +123,11 @@ class Engine:
     # ---- compute thread ----------------------------------------------------------
     def _loop(self) -> None:
         while True:
-            item = self._queue.get()
+            try:
+                item = self._queue.get(timeout=self.idle_interval)
+            except queue.Empty:
+                self._idle()
+                continue
             if item is None:
                 return
             request, sink = item
@@ -140,6 +148,22 @@ class Engine:
                 else:
                     log.exception("generation failed")
                     sink(GenEvent(done=True, error=exc))
+
+    def _idle(self) -> None:
+        """Keep-alive while idle; a failure found here is recovered before any request sees it."""
+        if self.on_idle is None:
+            return
+        if self._broken is not None:
+            self._recover()
+            return
+        try:
+            self.on_idle(self.model)
+        except Exception as exc:  # noqa: BLE001
+            if not self.is_cluster_failure(exc):
+                raise
+            log.error("a participant failed while idle: %s", exc)
+            self._broken = exc
+            self._recover()
 
     def _recover(self) -> None:
         exc, self._broken = self._broken, None

@@ -75,6 +75,8 @@ class ZmqTransport:
         sock.linger = LINGER_MS
         sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
         sock.setsockopt(zmq.SNDHWM, 10000)
+        if endpoint.endswith(":0"):
+            endpoint = endpoint[:-2] + ":*"  # zmq's spelling of "any free port"
         try:
             sock.bind(endpoint)
         except zmq.ZMQError as exc:
@@ -86,6 +88,11 @@ class ZmqTransport:
             raise ConfigError(f"cannot listen on {endpoint}: {exc}") from None
         self._sockets.append(sock)
         return sock
+
+    @staticmethod
+    def bound_endpoint(sock: zmq.asyncio.Socket) -> str:
+        """The endpoint a socket actually bound (after binding port 0 or *)."""
+        return sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
     def client(self, endpoint: str, server_curve_public: bytes) -> zmq.asyncio.Socket:
         """A DEALER to a server whose CURVE key we know (so we cannot be talking to an impostor)."""

@@ -1,0 +1,262 @@
+"""The launcher: plan a model over the alive members, ship each its slices, form the group.
+
+It runs in the process that serves the API (the master, rank 0). Each worker's daemon gets an
+`llm.start` with its job; the workers fetch their slices from our job server and report ready;
+then every rank joins the collective group. On a failure of the group the engine calls
+``recover``: stop what is left, drop the lost member, plan again over the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from edgemesh.collective.base import LocalCollective
+from edgemesh.config import ConfigError
+from edgemesh.errors import EdgemeshError
+from edgemesh.identity.keys import curve_public_for
+from edgemesh.identity.statedir import StateDir
+from edgemesh.llm.build import rank_files
+from edgemesh.llm.model import Participant
+from edgemesh.mesh.rpc import RpcClient
+from edgemesh.placement.devices import Device, Link
+from edgemesh.placement.plan import Plan, plan
+from edgemesh.runtime.control import control_call
+from edgemesh.runtime.daemon import running_daemon
+from edgemesh.runtime.job_server import JobFailed, JobServer
+from edgemesh.runtime.jobs import JobFile, JobSpec
+from edgemesh.transport.zmq_link import ZmqTransport
+from edgemesh.weights.provider import InMemoryProvider
+from edgemesh.weights.store import ModelEntry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LaunchOptions:
+    nodes: int | None = None  # how many members, this one included; None = every alive member
+    names: tuple[str, ...] = ()  # or these members (names or id prefixes)
+    max_seq_len: int = 2048
+    timeout: float = 5.0  # one collective may take this long before the group counts as failed
+    algorithm: str = "auto"
+    compression: str | None = None
+    ready_timeout: float = 300.0
+
+
+def choose_members(members: list[dict[str, Any]], me: str, opts: LaunchOptions) -> list[dict[str, Any]]:
+    """This node first (it is the master), then the others by name."""
+    alive = [m for m in members if m["state"] == "alive"]
+    mine = [m for m in alive if m["id"] == me]
+    others = sorted((m for m in alive if m["id"] != me), key=lambda m: (m["name"], m["id"]))
+    if opts.names:
+        wanted = []
+        for n in opts.names:
+            hit = [m for m in alive if m["name"] == n or m["id"].startswith(n)]
+            if not hit:
+                raise ConfigError(f"no alive member named {n!r} (alive: {', '.join(m['name'] for m in alive)})")
+            wanted.append(hit[0])
+        others = [m for m in wanted if m["id"] != me]
+    elif opts.nodes is not None:
+        if opts.nodes < 1:
+            raise ConfigError("--nodes must be at least 1")
+        if opts.nodes - 1 > len(others):
+            raise ConfigError(f"--nodes {opts.nodes}: only {len(others) + 1} member(s) are alive")
+        others = others[: opts.nodes - 1]
+    return mine + others
+
+
+def devices_and_links(members: list[dict[str, Any]]) -> tuple[list[Device], list[Link]]:
+    devices = [Device.from_profile(m["id"], m.get("profile") or {}) for m in members]
+    me = members[0]["id"]
+    links = []
+    for m in members[1:]:
+        link = m.get("links") or {}
+        if link.get("rtt_ms") is not None and link.get("mbps"):
+            links.append(Link(me, m["id"], float(link["rtt_ms"]), float(link["mbps"])))
+    return devices, links
+
+
+class Deployment:
+    def __init__(self, state: StateDir, entry: ModelEntry, options: LaunchOptions,
+                 progress: Callable[[str], None] = lambda msg: None) -> None:
+        self.state = state
+        self.entry = entry
+        self.options = options
+        self.progress = progress
+        self.key, self.name = state.load_identity()
+        self.transport = ZmqTransport(self.key)
+        self.plan: Plan | None = None
+        self.members: list[dict[str, Any]] = []
+        self.job: str | None = None
+        self.model: Participant | None = None
+        self._server: JobServer | None = None
+        self._server_task: asyncio.Task[None] | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.excluded: set[str] = set()
+
+    # ---- lifecycle -----------------------------------------------------------------
+    async def open(self) -> None:
+        rec = running_daemon(self.state)
+        if rec is None:
+            raise EdgemeshError(f"no edgemesh daemon runs for {self.state.path}; start it (`edgemesh start -d`) "
+                                "or a local cluster (`edgemesh cluster up`)")
+        self.loop = asyncio.get_running_loop()
+        self.transport.start()
+        host = str(rec["control"]).removeprefix("tcp://").rsplit(":", 1)[0].strip("[]")
+        self.host = host
+        self._server = JobServer(self.transport, host)
+        self._server_task = asyncio.ensure_future(self._server.run())
+
+    async def close(self) -> None:
+        await self._stop_job(tell_workers=True)
+        if self._server_task is not None:
+            self._server_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._server_task
+        self.transport.close()
+
+    # ---- deploy --------------------------------------------------------------------
+    async def deploy(self) -> Participant:
+        assert self._server is not None
+        status = await control_call(self.state, "status")
+        members = [m for m in status["members"] if m["id"] not in self.excluded]
+        self.members = choose_members(members, status["node"], self.options)
+        devices, links = devices_and_links(self.members)
+        self.plan = plan(self.entry.config, devices, links, model=self.entry.name,
+                         context_len=self.options.max_seq_len)
+        world = self.plan.world_size
+        self.progress(f"plan: {world} device(s), predicted {self.plan.latency.total_ms:.1f} ms/token")
+        if world == 1:
+            self.model = await asyncio.to_thread(self._master_model, self.plan, LocalCollective())
+            return self.model
+        job = secrets.token_hex(8)
+        self.progress("slicing weights")
+        refs = await asyncio.to_thread(lambda: [rank_files(self.entry, self.plan.specs_for(r), r) for r in range(world)])
+        keys = [bytes.fromhex(m["key"]) for m in self.members]
+        files = {ref.sha256: self.entry.root / ref.name for r in range(1, world) for ref in refs[r].values()}
+        jstate = self._server.add(job, keys, files)
+        from edgemesh.collective.zmq_links import CurveKeys, PeerLinks
+
+        links0 = PeerLinks.bind(f"tcp://{self.host}:0", CurveKeys(self.key.curve_public, self.key.curve_secret),
+                                [curve_public_for(k) for k in keys])
+        jstate.endpoints[0] = links0.endpoint
+        self.job = job
+        try:
+            for r in range(1, world):
+                spec = JobSpec(
+                    job=job, rank=r, world=world, model=self.entry.name, config=self.entry.config.to_json(),
+                    specs=[s.to_json() for s in self.plan.specs_for(r)],
+                    files=tuple(JobFile(b, ref.sha256, ref.nbytes) for b, ref in refs[r].items()),
+                    server=self._server.endpoint, server_key=self.key.sign_public, keys=tuple(keys),
+                    max_seq_len=self.options.max_seq_len, timeout=self.options.timeout,
+                    algorithm=self.options.algorithm, compression=self.options.compression)
+                await self._call_member(self.members[r], "llm.start", spec.to_wire())
+            total = sum(f.stat().st_size for f in {p for p in files.values()})
+            await self._wait_ready(jstate, total)
+            from edgemesh.collective.zmq_group import CollectiveOptions, ZmqCollective
+            from edgemesh.collective.zmq_links import Peer
+
+            peers = [Peer(r, e, curve_public_for(keys[r])) for r, e in sorted(jstate.endpoints.items()) if r != 0]
+            options = CollectiveOptions(timeout=self.options.timeout, algorithm=self.options.algorithm,
+                                        compression=self.options.compression)
+            group = await asyncio.to_thread(ZmqCollective, links0, 0, world, peers, options)
+        except BaseException:
+            links0.close(abandon=True)
+            await self._stop_job(tell_workers=False)
+            raise
+        self.model = await asyncio.to_thread(self._master_model, self.plan, group, refs[0])
+        self.progress(f"model up on {world} device(s): " + ", ".join(m["name"] for m in self.members))
+        return self.model
+
+    def _master_model(self, the_plan: Plan, collective: Any, refs: dict | None = None) -> Participant:
+        specs = the_plan.specs_for(0)
+        refs = refs or rank_files(self.entry, specs, 0)
+        blocks = {b: self.entry.load_slice(ref) for b, ref in refs.items()}
+        return Participant(self.entry.config, specs, InMemoryProvider(blocks), collective,
+                           max_seq_len=self.options.max_seq_len)
+
+    async def _wait_ready(self, jstate: Any, total: int) -> None:
+        deadline = time.monotonic() + self.options.ready_timeout
+        while not jstate.ready.is_set():
+            jstate.changed.clear()
+            served = sum(jstate.served.values())
+            self.progress(f"workers fetching weights: {served / 1e6:.0f}/{total / 1e6:.0f} MB, "
+                          f"{len(jstate.endpoints)}/{jstate.world} ranks ready")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise JobFailed(f"the workers were not ready within {self.options.ready_timeout:.0f} s")
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(jstate.changed.wait(), min(left, 1.0))
+        if jstate.failure:
+            raise JobFailed(f"a worker could not start: {jstate.failure}")
+
+    async def _call_member(self, member: dict[str, Any], method: str, body: Any, timeout: float = 10.0) -> Any:
+        sock = self.transport.client(member["addresses"][0], curve_public_for(bytes.fromhex(member["key"])))
+        client = RpcClient(sock, bytes.fromhex(self.key.node_id))
+        reader = asyncio.ensure_future(client.run())
+        try:
+            body, _ = await client.call(method, body, timeout=timeout)
+            return body
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, EdgemeshError):
+                await reader
+            self.transport.forget(sock)
+
+    async def _stop_job(self, tell_workers: bool) -> None:
+        model, self.model = self.model, None
+        if model is not None and tell_workers and model.collective.world_size > 1:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(model.stop_workers)
+        if model is not None:
+            with contextlib.suppress(Exception):
+                model.collective.close()
+        if self.job is not None:
+            for m in self.members[1:]:
+                with contextlib.suppress(EdgemeshError):
+                    await self._call_member(m, "llm.stop", {"job": self.job}, timeout=8.0)
+            if self._server is not None:
+                self._server.remove(self.job)
+            self.job = None
+
+    # ---- recovery (called from the engine's compute thread) -----------------------------
+    def recover(self, exc: Exception) -> Participant:
+        assert self.loop is not None
+        return asyncio.run_coroutine_threadsafe(self._recover(exc), self.loop).result()
+
+    async def _recover(self, exc: Exception) -> Participant:
+        lost_ranks: set[int] = set()
+        rank = getattr(exc, "rank", None)
+        if isinstance(rank, int):
+            lost_ranks.add(rank)
+        lost_ranks.update(getattr(exc, "waiting_for", ()) or ())
+        for r in lost_ranks:
+            if 0 < r < len(self.members):
+                self.excluded.add(self.members[r]["id"])
+                log.warning("dropping %s from the plan", self.members[r]["name"])
+        await self._stop_job(tell_workers=False)
+        self.progress("re-planning over the remaining members")
+        return await self.deploy()
+
+
+def is_cluster_failure(exc: Exception) -> bool:
+    from edgemesh.collective.errors import CollectiveError
+
+    return isinstance(exc, CollectiveError)
+
+
+def keepalive(model: Participant) -> None:
+    """While idle, ping the workers through the group (they time out otherwise, and a dead
+    worker is found before the next request rather than during it)."""
+    if model.collective.world_size > 1:
+        model.collective.broadcast_meta({"op": "noop"})
+
+
+__all__ = ["Deployment", "LaunchOptions", "is_cluster_failure", "keepalive", "torch"]

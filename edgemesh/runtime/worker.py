@@ -1,0 +1,166 @@
+"""A tensor-parallel worker: `python -m edgemesh.runtime.worker --state-dir S --job FILE`.
+
+Started by a node's daemon for one job. It fetches its weight slices from the launcher (hash
+checked, cached by hash), binds its collective socket, reports ready, joins the group and then
+follows the master: `forward` (run my slices of every layer), `noop` (keep-alive while idle),
+`stop`. Any failure of the group ends the process; the launcher re-plans.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import sys
+import time
+from pathlib import Path
+
+import msgpack
+
+from edgemesh.errors import EdgemeshError
+from edgemesh.identity.keys import NodeKey, curve_public_for
+from edgemesh.identity.statedir import StateDir
+from edgemesh.mesh.rpc import RpcClient
+from edgemesh.runtime.jobs import JobSpec
+from edgemesh.transport.zmq_link import ZmqTransport
+from edgemesh.weights.blobs import BlobCache
+
+log = logging.getLogger("edgemesh.worker")
+
+CHUNK = 8 << 20
+
+
+async def _with_launcher(key: NodeKey, spec: JobSpec, fn):  # type: ignore[no-untyped-def]
+    transport = ZmqTransport(key)
+    try:
+        client = RpcClient(transport.client(spec.server, curve_public_for(spec.server_key)), bytes.fromhex(key.node_id))
+        reader = asyncio.ensure_future(client.run())
+        try:
+            return await fn(client)
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, EdgemeshError):
+                await reader
+    finally:
+        transport.close()
+
+
+async def fetch(key: NodeKey, spec: JobSpec, cache: BlobCache) -> dict[str, Path]:
+    """Every slice of the job on local disk, verified; only the missing ones travel."""
+    async def run(client: RpcClient) -> dict[str, Path]:
+        paths: dict[str, Path] = {}
+        for f in spec.files:
+            if not cache.has(f.sha256, f.nbytes):
+                t0 = time.perf_counter()
+                w = cache.writer(f.sha256)
+                try:
+                    while w.written < f.nbytes:
+                        n = min(CHUNK, f.nbytes - w.written)
+                        _, tensors = await client.call(
+                            "shard.get", {"job": spec.job, "rank": spec.rank, "sha256": f.sha256,
+                                          "offset": w.written, "length": n}, timeout=60)
+                        if len(tensors) != 1 or tensors[0][0].nbytes != n:
+                            raise EdgemeshError("the launcher sent a chunk of the wrong size")
+                        w.write(tensors[0][1])
+                    w.commit()
+                except BaseException:
+                    w.abort()
+                    raise
+                log.info("fetched %s (%.1f MB) in %.2f s", f.block, f.nbytes / 1e6, time.perf_counter() - t0)
+            paths[f.block] = cache.path(f.sha256)
+        return paths
+
+    return await _with_launcher(key, spec, run)
+
+
+async def report_ready(key: NodeKey, spec: JobSpec, endpoint: str) -> list[tuple[int, str]]:
+    async def run(client: RpcClient) -> list[tuple[int, str]]:
+        body, _ = await client.call("job.ready", {"job": spec.job, "rank": spec.rank, "endpoint": endpoint},
+                                    timeout=600)
+        return [(int(r), str(e)) for r, e in body["peers"]]
+
+    return await _with_launcher(key, spec, run)
+
+
+async def report_failure(key: NodeKey, spec: JobSpec, message: str) -> None:
+    async def run(client: RpcClient) -> None:
+        await client.call("job.failed", {"job": spec.job, "rank": spec.rank, "message": message[:1900]}, timeout=5)
+
+    with contextlib.suppress(EdgemeshError):
+        await _with_launcher(key, spec, run)
+
+
+def run_job(state: StateDir, spec: JobSpec, host: str) -> int:
+    import torch
+
+    from edgemesh.collective.zmq_group import CollectiveOptions, ZmqCollective
+    from edgemesh.collective.zmq_links import CurveKeys, Peer, PeerLinks
+    from edgemesh.llm.model import Participant
+    from edgemesh.weights.config import ModelConfig
+    from edgemesh.weights.provider import InMemoryProvider
+    from edgemesh.weights.shard import ShardSpec
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    key, _ = state.load_identity()
+    try:
+        config = ModelConfig.from_json(spec.config)
+        specs = [ShardSpec.from_json(s) for s in spec.specs]
+        paths = asyncio.run(fetch(key, spec, BlobCache(state.path / "blobs")))
+        provider = InMemoryProvider.from_files(paths)
+        links = PeerLinks.bind(f"tcp://{host}:0", CurveKeys(key.curve_public, key.curve_secret),
+                               [curve_public_for(k) for k in spec.keys])
+    except Exception as exc:  # noqa: BLE001 — tell the launcher why, then give up
+        log.error("could not prepare: %s", exc)
+        asyncio.run(report_failure(key, spec, str(exc)))
+        return 2
+    try:
+        peers = asyncio.run(report_ready(key, spec, links.endpoint))
+        group = ZmqCollective(
+            links, spec.rank, spec.world,
+            [Peer(r, e, curve_public_for(spec.keys[r])) for r, e in peers if r != spec.rank],
+            CollectiveOptions(timeout=spec.timeout, algorithm=spec.algorithm, compression=spec.compression))
+    except EdgemeshError as exc:
+        links.close(abandon=True)
+        log.error("could not join the group: %s", exc)
+        return 2
+    model = Participant(config, specs, provider, group, max_seq_len=spec.max_seq_len)
+    log.info("rank %d/%d of job %s ready (%.1f MB of weights)", spec.rank, spec.world, spec.job,
+             provider.nbytes() / 1e6)
+    try:
+        with torch.inference_mode():
+            while True:
+                meta = group.broadcast_meta(None)
+                op = meta.get("op")
+                if op == "noop":
+                    continue
+                if op == "stop":
+                    log.info("stopped by the master")
+                    return 0
+                if op != "forward":
+                    raise EdgemeshError(f"unknown op from the master: {op!r}")
+                start_pos = meta.get("start_pos")
+                if not isinstance(start_pos, int) or start_pos < 0:
+                    raise EdgemeshError("bad start_pos from the master")
+                model.run_layers(group.broadcast(None), start_pos)
+    except EdgemeshError as exc:
+        log.error("leaving the group: %s", exc)
+        return 1
+    finally:
+        group.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="edgemesh-worker")
+    p.add_argument("--state-dir", required=True, type=Path)
+    p.add_argument("--job", required=True, type=Path)
+    p.add_argument("--host", required=True)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    spec = JobSpec.from_wire(msgpack.unpackb(args.job.read_bytes(), raw=False, strict_map_key=True))
+    sys.exit(run_job(StateDir(args.state_dir), spec, args.host))
+
+
+if __name__ == "__main__":
+    main()
