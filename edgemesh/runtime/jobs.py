@@ -43,6 +43,7 @@ class JobSpec:
     timeout: float
     algorithm: str = "auto"
     compression: str | None = None
+    threads: int = 0  # torch threads for this rank; 0 = torch's default (all cores)
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -51,7 +52,7 @@ class JobSpec:
             "files": [[f.block, f.sha256, f.nbytes] for f in self.files],
             "server": self.server, "server_key": self.server_key, "keys": list(self.keys),
             "max_seq_len": self.max_seq_len, "timeout": self.timeout,
-            "algorithm": self.algorithm, "compression": self.compression,
+            "algorithm": self.algorithm, "compression": self.compression, "threads": self.threads,
         }
 
     @classmethod
@@ -91,5 +92,9 @@ class JobSpec:
         specs = need(b, "specs", list, max_len=4096)
         if not all(isinstance(s, dict) for s in specs):
             raise ProtocolError("specs must be maps")
+        threads = maybe(b, "threads", int, 0)
+        if not 0 <= threads <= 1024:
+            raise ProtocolError("threads out of range")
         return cls(job, rank, world, need(b, "model", str, max_len=128), need(b, "config", dict), specs,
-                   tuple(files), server, server_key, tuple(keys), max_seq_len, timeout, algorithm, compression)
+                   tuple(files), server, server_key, tuple(keys), max_seq_len, timeout, algorithm, compression,
+                   threads)

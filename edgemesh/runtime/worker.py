@@ -101,7 +101,8 @@ def run_job(state: StateDir, spec: JobSpec, host: str) -> int:
     from edgemesh.weights.provider import InMemoryProvider
     from edgemesh.weights.shard import ShardSpec
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
     key, _ = state.load_identity()
     try:
         config = ModelConfig.from_json(spec.config)
