@@ -155,7 +155,7 @@ def run(
     if not argv:
         if scen.workload is None:
             if daemons:
-                argv = ["edgemesh", "status", "--state-dir", str(names.device_dir(scen.devices[0].name) / "state")]
+                argv = ["edgemesh", "status"]
             else:
                 raise ConfigError("nothing to run: give a command after --, e.g. `-- edgemesh status`, or add a [workload]")
         else:

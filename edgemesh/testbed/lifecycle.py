@@ -27,6 +27,11 @@ from edgemesh.testbed.teardown import teardown
 DAEMON_PORT = 7700
 
 
+def daemon_state_dir(names: Names, device: str) -> Path:
+    """Where a device's node lives: $EDGEMESH_HOME/node, with EDGEMESH_HOME set per device."""
+    return names.device_dir(device) / "node"
+
+
 def edgemesh_argv(python: str | None = None) -> list[str]:
     """How to call the edgemesh CLI of *this* installation from inside a namespace."""
     python = python or sys.executable
@@ -72,12 +77,14 @@ def device_argv(names: Names, caps: HostCaps, device: str, command: Sequence[str
     return argv + ["--", *command]
 
 
-def device_env(scenario: Scenario, device: str) -> dict[str, str]:
+def device_env(scenario: Scenario, names: Names, device: str) -> dict[str, str]:
     """The caller's environment plus what the device is; the caps themselves are in its cgroup."""
     dev = scenario.device(device)
     env = dict(os.environ)
     env["EDGEMESH_TESTBED_DEVICE"] = device
     env["EDGEMESH_TESTBED_SCENARIO"] = scenario.name
+    # `edgemesh status` etc. inside a device find that device's node without --state-dir.
+    env["EDGEMESH_HOME"] = str(names.device_dir(device))
     if dev.profile:
         env["EDGEMESH_TESTBED_PROFILE"] = dev.profile
     return env
@@ -86,7 +93,7 @@ def device_env(scenario: Scenario, device: str) -> dict[str, str]:
 def run_in_device(scenario: Scenario, names: Names, caps: HostCaps, device: str, command: Sequence[str],
                   *, capture: bool = False, timeout: float | None = None) -> subprocess.CompletedProcess[str]:
     scenario.device(device)  # a clear error for an unknown device
-    return subprocess.run(device_argv(names, caps, device, command), env=device_env(scenario, device),
+    return subprocess.run(device_argv(names, caps, device, command), env=device_env(scenario, names, device),
                           capture_output=capture, text=True, timeout=timeout)
 
 
@@ -108,7 +115,7 @@ def start_daemons(scenario: Scenario, state: StateFile, caps: HostCaps, *, timeo
             continue
         if on_device is not None:
             on_device(dev.name)
-        state_dir = names.device_dir(dev.name) / "state"
+        state_dir = daemon_state_dir(names, dev.name)
         common = ["--state-dir", str(state_dir), "--host", str(plan.device_address(dev.name)),
                   "--port", str(DAEMON_PORT), "--name", dev.name, "--detach"]
         if dev is first:
@@ -127,7 +134,7 @@ def start_daemons(scenario: Scenario, state: StateFile, caps: HostCaps, *, timeo
 
 
 def cluster_status(scenario: Scenario, names: Names, caps: HostCaps, device: str) -> dict[str, object] | None:
-    state_dir = names.device_dir(device) / "state"
+    state_dir = daemon_state_dir(names, device)
     result = run_in_device(scenario, names, caps, device, ["edgemesh", "status", "--state-dir", str(state_dir), "--json"],
                            capture=True, timeout=20)
     if result.returncode != 0:
