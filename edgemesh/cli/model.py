@@ -70,6 +70,7 @@ def synth(
     name: str = typer.Option("", "--name", help="store name (default describes the shape)"),
     store: Path = StoreOpt,
     as_json: bool = typer.Option(False, "--json"),
+    tokenizer: str = typer.Option("", "--tokenizer", help="borrow the tokenizer of this stored model (so it can be served)"),
 ) -> None:
     """Write a random-weight Llama-shaped model (streams block by block: any size fits)."""
     from edgemesh.weights.config import ModelConfig
@@ -79,8 +80,22 @@ def synth(
     config = ModelConfig(hidden, ffn, heads, kv_heads or heads, layers, vocab, tie_word_embeddings=tied,
                          max_position_embeddings=4096)
     with _progress("synth") as bar:
-        entry = synth_model(_store(store), config, seed=seed, name=name or None, progress=bar)  # type: ignore[arg-type]
+        entry = synth_model(_store(store), config, seed=seed, name=name or None, progress=bar,  # type: ignore[arg-type]
+                            aux_files=_borrowed_tokenizer(store, tokenizer, vocab))
     _print_entry(entry, as_json)
+
+
+def _borrowed_tokenizer(store: Path | None, lender: str, vocab: int) -> dict[str, bytes]:
+    if not lender:
+        return {}
+    from edgemesh.errors import ConfigError
+    from edgemesh.llm.tokenizer import ChatTokenizer
+
+    entry = _store(store).get(lender)
+    size = ChatTokenizer.from_entry(entry).vocab_size
+    if size > vocab:
+        raise ConfigError(f"the tokenizer of {entry.name!r} has {size} tokens; use --vocab {size} or more")
+    return {k: entry.path(k).read_bytes() for k in ("tokenizer.json", "tokenizer_config.json") if entry.has(k)}
 
 
 @model_app.command("import")

@@ -133,6 +133,10 @@ class Engine:
             request, sink = item
             if self._broken is not None:
                 self._recover()
+            if self._broken is not None:
+                sink(GenEvent(done=True, error=ClusterUnavailable(
+                    f"the cluster cannot serve this model right now: {self._broken}")))
+                continue
             if request.cancel.is_set():
                 sink(GenEvent(done=True, finish_reason="cancelled", prompt_tokens=len(request.prompt_ids)))
                 continue

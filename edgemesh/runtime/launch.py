@@ -50,8 +50,10 @@ class LaunchOptions:
     ready_timeout: float = 300.0
 
 
-def choose_members(members: list[dict[str, Any]], me: str, opts: LaunchOptions) -> list[dict[str, Any]]:
-    """This node first (it is the master), then the others by name."""
+def choose_members(members: list[dict[str, Any]], me: str, opts: LaunchOptions,
+                   degraded: bool = False) -> list[dict[str, Any]]:
+    """This node first (it is the master), then the others by name. ``degraded`` (after a
+    failure) takes whatever is left of the requested set rather than refusing."""
     alive = [m for m in members if m["state"] == "alive"]
     mine = [m for m in alive if m["id"] == me]
     others = sorted((m for m in alive if m["id"] != me), key=lambda m: (m["name"], m["id"]))
@@ -59,6 +61,8 @@ def choose_members(members: list[dict[str, Any]], me: str, opts: LaunchOptions) 
         wanted = []
         for n in opts.names:
             hit = [m for m in alive if m["name"] == n or m["id"].startswith(n)]
+            if not hit and degraded:
+                continue
             if not hit:
                 raise ConfigError(f"no alive member named {n!r} (alive: {', '.join(m['name'] for m in alive)})")
             wanted.append(hit[0])
@@ -66,7 +70,7 @@ def choose_members(members: list[dict[str, Any]], me: str, opts: LaunchOptions) 
     elif opts.nodes is not None:
         if opts.nodes < 1:
             raise ConfigError("--nodes must be at least 1")
-        if opts.nodes - 1 > len(others):
+        if opts.nodes - 1 > len(others) and not degraded:
             raise ConfigError(f"--nodes {opts.nodes}: only {len(others) + 1} member(s) are alive")
         others = others[: opts.nodes - 1]
     return mine + others
@@ -143,9 +147,7 @@ class Deployment:
     # ---- deploy --------------------------------------------------------------------
     async def deploy(self) -> Participant:
         assert self._server is not None
-        status = await control_call(self.state, "status")
-        members = [m for m in status["members"] if m["id"] not in self.excluded]
-        self.members = choose_members(members, status["node"], self.options)
+        self.members = await self._members_with_profiles()
         devices, links = devices_and_links(self.members)
         self.plan = plan(self.entry.config, devices, links, model=self.entry.name,
                          context_len=self.options.max_seq_len)
@@ -195,6 +197,21 @@ class Deployment:
         self.model = await asyncio.to_thread(self._master_model, self.plan, group, refs[0])
         self.progress(f"model up on {world} device(s): " + ", ".join(m["name"] for m in self.members))
         return self.model
+
+    async def _members_with_profiles(self, wait: float = 10.0) -> list[dict[str, Any]]:
+        """The chosen members, once each has published its device profile (a member that
+        just started needs a moment for its record to reach us)."""
+        deadline = time.monotonic() + wait
+        while True:
+            status = await control_call(self.state, "status")
+            members = [m for m in status["members"] if m["id"] not in self.excluded]
+            chosen = choose_members(members, status["node"], self.options, degraded=bool(self.excluded))
+            missing = [m["name"] for m in chosen if "mem_total" not in (m.get("profile") or {})]
+            if not missing:
+                return chosen
+            if time.monotonic() > deadline:
+                raise EdgemeshError(f"no device profile from {', '.join(missing)} yet; is it running an older edgemesh?")
+            await asyncio.sleep(0.2)
 
     def _master_model(self, the_plan: Plan, collective: Any, refs: dict | None = None) -> Participant:
         specs = the_plan.specs_for(0)

@@ -64,10 +64,17 @@ def synth_model(
     name: str | None = None,
     dtype: torch.dtype = torch.float32,
     progress: Progress | None = None,
+    aux_files: dict[str, bytes] | None = None,
 ) -> ModelEntry:
-    """Write a random-weight model block by block: peak RAM ≈ one block, any model size."""
+    """Write a random-weight model block by block: peak RAM ≈ one block, any model size.
+
+    ``aux_files`` (tokenizer.json, tokenizer_config.json) let the random model be served and
+    chatted with like a real one, e.g. for load and failure tests.
+    """
     name = name or default_synth_name(config, seed)
     writer = store.writer(name, config, source=f"synth:seed={seed}", dtype=str(dtype).removeprefix("torch."))
+    for key, data in (aux_files or {}).items():
+        writer.write_file(key, data)
     blocks = config.block_names()
     for i, block in enumerate(blocks):
         writer.write_block(block, random_block(config, block, seed, dtype))

@@ -25,14 +25,26 @@ CHAT_TEMPLATE = (
 )
 
 
-def tiny_tokenizer() -> ChatTokenizer:
+def tiny_tokenizer(end_tokens: bool = True) -> ChatTokenizer:
+    """A byte-level BPE of 300 tokens. Without ``end_tokens`` nothing can end a generation
+    early, so a request runs to max_tokens (what a failure test needs)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|im_start|>", "<|im_end|>"],
+    specials = ["<|im_start|>", "<|im_end|>"] if end_tokens else []
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(["hello world, the quick brown fox jumps over the lazy dog"] * 20, trainer)
+    if not end_tokens:
+        return ChatTokenizer(tok, {})
     return ChatTokenizer(tok, {"chat_template": CHAT_TEMPLATE, "eos_token": "<|im_end|>"})
+
+
+def tokenizer_files(tok: ChatTokenizer) -> dict[str, bytes]:
+    import json
+
+    cfg = {"chat_template": tok.chat_template, "eos_token": tok.eos_token} if tok.eos_token else {}
+    return {"tokenizer.json": tok._tok.to_str().encode(), "tokenizer_config.json": json.dumps(cfg).encode()}
 
 
 def tiny_entry(root: Path, vocab: int, layers: int = 2, seed: int = 0):

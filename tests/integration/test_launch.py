@@ -1,0 +1,145 @@
+"""Tensor-parallel inference over real daemons and worker processes on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import openai
+import psutil
+import pytest
+import torch
+
+from edgemesh.llm.generate import generate
+from edgemesh.runtime.launch import Deployment, LaunchOptions
+from edgemesh.weights.config import ModelConfig
+from edgemesh.weights.store import ModelStore
+from edgemesh.weights.synth import synth_model
+
+from .conftest import wait_for
+from .llm_fixtures import free_port, tiny_tokenizer, tokenizer_files
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def store(tmp_path):
+    # No end-of-turn token in the vocabulary: every generation runs to max_tokens.
+    tok = tiny_tokenizer(end_tokens=False)
+    cfg = ModelConfig(hidden_size=128, intermediate_size=384, num_attention_heads=8, num_key_value_heads=4,
+                      num_hidden_layers=4, vocab_size=tok.vocab_size, max_position_embeddings=512)
+    synth_model(ModelStore(tmp_path / "models"), cfg, seed=3, name="mid", aux_files=tokenizer_files(tok))
+    return tmp_path / "models"
+
+
+def _run_deployed(state, entry, opts, prompt, n):
+    async def main():
+        dep = Deployment(state, entry, opts)
+        await dep.open()
+        try:
+            model = await dep.deploy()
+
+            def work():
+                logits = model.forward(torch.tensor([prompt]), 0)
+                toks = list(generate(model, prompt, n))
+                return logits, toks
+
+            return await asyncio.to_thread(work), dep.plan.world_size
+        finally:
+            await dep.close()
+
+    return asyncio.run(main())
+
+
+def _worker_pids(state_dir) -> list[int]:
+    return [p.pid for p in psutil.process_iter(["cmdline"])
+            if "edgemesh.runtime.worker" in " ".join(p.info["cmdline"] or [])
+            and str(state_dir) in " ".join(p.info["cmdline"] or [])]
+
+
+def test_three_process_split_equals_single_device(cluster3, store):
+    d, sds, nodes = cluster3
+    entry = ModelStore(store).get("mid")
+    prompt = [5, 17, 42, 99, 7, 3]
+    (single_logits, single), w1 = _run_deployed(sds[0], entry, LaunchOptions(nodes=1, max_seq_len=128), prompt, 32)
+    (split_logits, split), w3 = _run_deployed(sds[0], entry, LaunchOptions(nodes=3, max_seq_len=128), prompt, 32)
+    assert (w1, w3) == (1, 3)
+    rel = ((split_logits - single_logits).abs().max() / single_logits.abs().max()).item()
+    assert rel <= 1e-5, rel
+    assert split == single
+    # Workers exit when the launcher stops them; their daemons keep running.
+    assert wait_for(lambda: not any(_worker_pids(sd.path) for sd in sds), 10)
+
+
+def test_killed_worker_fails_the_request_with_503_then_the_next_succeeds(cluster3, store, tmp_path):
+    d, sds, nodes = cluster3
+    port = free_port()
+    env = {**os.environ, "EDGEMESH_HOME": str(tmp_path / "home")}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "edgemesh.cli.__main__", "launch", "mid", "--state-dir", str(sds[0].path),
+         "--store", str(store), "--port", str(port), "--nodes", "3", "--max-seq-len", "512"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        def healthy():
+            try:
+                return urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).status == 200
+            except OSError:
+                return False
+        assert wait_for(healthy, 90, 0.2), "server did not come up"
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=60)
+        ok = client.completions.create(model="mid", prompt="hello", max_tokens=8, temperature=0)
+        assert ok.usage.completion_tokens == 8
+        victims = _worker_pids(sds[2].path)
+        assert len(victims) == 1
+        killed_at: list[float] = []
+
+        def kill() -> None:
+            time.sleep(0.5)
+            os.kill(victims[0], signal.SIGKILL)
+            killed_at.append(time.monotonic())
+
+        threading.Thread(target=kill).start()
+        with pytest.raises(openai.APIStatusError) as e:
+            client.completions.create(model="mid", prompt="hello", max_tokens=400, temperature=0)
+        failed_after = time.monotonic() - killed_at[0]
+        assert e.value.status_code == 503
+        assert e.value.body["code"] == "cluster_unavailable"
+        assert failed_after < 10, failed_after
+        again = client.completions.create(model="mid", prompt="hello", max_tokens=8, temperature=0)
+        assert again.usage.completion_tokens == 8
+        # Re-planned over the two members left.
+        assert len(_worker_pids(sds[1].path)) == 1
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            out, _ = server.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            out, _ = server.communicate()
+    assert wait_for(lambda: not any(_worker_pids(sd.path) for sd in sds), 10), out
+
+
+@pytest.mark.slow
+def test_smollm2_on_three_nodes_matches_one_node(cluster3, tmp_path):
+    from edgemesh.weights.bundled import bundled_path
+    from edgemesh.weights.gguf_import import import_gguf
+
+    try:
+        path = bundled_path("smollm2-135m-instruct")
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(f"SmolLM2 is not installed ({exc}); ./scripts/setup installs it")
+    d, sds, nodes = cluster3
+    entry = import_gguf(ModelStore(tmp_path / "models"), path, name="smol")
+    from edgemesh.llm.tokenizer import ChatTokenizer
+
+    prompt = ChatTokenizer.from_entry(entry).encode_chat([{"role": "user", "content": "What is the capital of France?"}])
+    (_, one), _ = _run_deployed(sds[0], entry, LaunchOptions(nodes=1, max_seq_len=256), prompt, 32)
+    (_, three), w = _run_deployed(sds[0], entry, LaunchOptions(nodes=3, max_seq_len=256), prompt, 32)
+    assert w == 3
+    assert three == one
