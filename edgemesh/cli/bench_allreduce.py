@@ -1,5 +1,84 @@
-"""CLI: `edgemesh bench` sub-command (placeholder until its issue lands)."""
+"""CLI: `edgemesh bench allreduce` — star vs ring vs gloo, side by side (logic: edgemesh.collective.benchmark)."""
 
 from __future__ import annotations
 
-from edgemesh.cli.bench import bench_app  # noqa: F401
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from edgemesh.cli.bench import bench_app
+from edgemesh.collective.benchmark import BenchConfig, BenchRow, auto_choice, fitted_cost, run_benchmark
+from edgemesh.errors import ConfigError
+
+
+def _parse_ints(text: str, what: str) -> tuple[int, ...]:
+    try:
+        vals = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ConfigError(f"--{what} takes comma-separated integers, got {text!r}") from None
+    if not vals:
+        raise ConfigError(f"--{what} is empty")
+    return vals
+
+
+@bench_app.command("allreduce")
+def bench_allreduce(
+    quick: bool = typer.Option(False, "--quick", help="W = 2, 4; sizes 2 KiB, 16 KiB, 1 MiB; fewer reps (~30 s)."),
+    worlds: Optional[str] = typer.Option(None, "--worlds", help="Comma-separated participant counts, e.g. 2,3,4."),
+    sizes_kib: Optional[str] = typer.Option(None, "--sizes-kib", help="Comma-separated message sizes in KiB."),
+    reps: Optional[int] = typer.Option(None, "--reps", help="Timed batches per method and size (median reported)."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the rows as JSON to this file."),
+) -> None:
+    """Allreduce latency on 127.0.0.1: W processes, star / chunked star / ring (CURVE), star without CURVE, gloo."""
+    cfg = BenchConfig.quick() if quick else BenchConfig()
+    if worlds:
+        ws = _parse_ints(worlds, "worlds")
+        if any(w < 2 or w > 16 for w in ws):
+            raise ConfigError("--worlds must be between 2 and 16")
+        cfg = BenchConfig(**{**cfg.__dict__, "worlds": ws})
+    if sizes_kib:
+        sz = _parse_ints(sizes_kib, "sizes-kib")
+        if any(s < 1 for s in sz):
+            raise ConfigError("--sizes-kib must be positive")
+        cfg = BenchConfig(**{**cfg.__dict__, "sizes": tuple(s * 1024 for s in sz)})
+    if reps is not None:
+        if reps < 1:
+            raise ConfigError("--reps must be at least 1")
+        cfg = BenchConfig(**{**cfg.__dict__, "reps": reps})
+
+    console = Console()
+    with console.status("starting participants…") as status:
+        rows = run_benchmark(cfg, progress=lambda msg: status.update(f"measured {msg}"))
+    _print(console, rows)
+    if json_path is not None:
+        json_path.write_text(json.dumps([r.to_json() for r in rows], indent=2) + "\n")
+        console.print(f"wrote {json_path}")
+
+
+def _print(console: Console, rows: list[BenchRow]) -> None:
+    cost = fitted_cost(rows)
+    methods = list(rows[0].us) if rows else []
+    table = Table(title="allreduce on 127.0.0.1, median µs per op (W processes on this machine's cores)")
+    table.add_column("W", justify="right")
+    table.add_column("size", justify="right")
+    for m in methods:
+        table.add_column(m.replace("_", " "), justify="right")
+    table.add_column("best zmq / gloo", justify="right")
+    if cost is not None:
+        table.add_column("cost model picks", justify="left")
+    for r in rows:
+        size = f"{r.bytes // 1024} KiB" if r.bytes < 1 << 20 else f"{r.bytes >> 20} MiB"
+        cells = [str(r.w), size, *(f"{r.us[m]:,.0f}" for m in methods)]
+        curve = [r.us[m] for m in ("star", "chunked_star", "ring") if m in r.us]
+        cells.append(f"{min(curve) / r.us['gloo']:.2f}×" if curve and "gloo" in r.us else "—")
+        if cost is not None:
+            cells.append(auto_choice(r, cost))
+        table.add_row(*cells)
+    console.print(table)
+    if cost is not None:
+        console.print(f"cost model fitted to the CURVE star column: a = {cost.a * 1e6:.0f} µs per hop, "
+                      f"b = {cost.b / 1e6:.0f} MB/s per link")

@@ -36,6 +36,8 @@ _ACC = {
     torch.int64: np.dtype(np.int64),
     torch.int32: np.dtype(np.int32),
 }
+# numpy's dtype name lookup is a slow Python property (µs each): map dtypes to names instead.
+_NP_NAME = {np.dtype(t): t for t in ("float32", "float16", "float64", "int64", "int32")}
 _NAME = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
          torch.float64: "float64", torch.int64: "int64", torch.int32: "int32"}
 
@@ -61,36 +63,37 @@ def to_accumulator(tensor: torch.Tensor, *, copy: bool) -> np.ndarray:
         raise TypeError(f"collectives support {sorted(_NAME.values())}, not {t.dtype}")
     if t.dtype in (torch.float16, torch.bfloat16):
         return t.reshape(-1).to(torch.float32).numpy()  # a fresh array either way
-    arr = t.contiguous().reshape(-1).numpy()
+    arr = t.contiguous().numpy().reshape(-1)  # numpy's reshape is cheaper than torch's
     return arr.copy() if copy else arr
 
 
 def from_accumulator(acc: np.ndarray, dtype: torch.dtype, shape: torch.Size) -> torch.Tensor:
     """Back to a torch tensor of the caller's dtype and shape (shares memory when it can)."""
-    t = torch.from_numpy(acc).reshape(shape)
+    t = torch.from_numpy(acc.reshape(tuple(shape)))
     return t if t.dtype == dtype else t.to(dtype)
 
 
 def encode(acc: np.ndarray, wire: str) -> tuple[TensorSpec, Any]:
     """Accumulator values → (spec, buffer) for one tensor frame; zero-copy when no cast is needed."""
     shape = (int(acc.size),)
-    if wire == acc.dtype.name:
+    acc_name = _NP_NAME[acc.dtype]
+    if wire == acc_name:
         return TensorSpec(wire, shape), acc
     if wire == "float16":
         if acc.size and max(float(acc.max()), -float(acc.min())) > FP16_MAX:
-            return TensorSpec(acc.dtype.name, shape), acc  # would overflow: send exact instead
+            return TensorSpec(acc_name, shape), acc  # would overflow: send exact instead
         return TensorSpec("float16", shape), acc.astype(np.float16)
     if wire == "bfloat16":
         words = torch.from_numpy(acc).to(torch.bfloat16).view(torch.int16).numpy()
         return TensorSpec("bfloat16", shape), words
-    raise ProtocolError(f"cannot put {acc.dtype.name} values on the wire as {wire}")
+    raise ProtocolError(f"cannot put {acc_name} values on the wire as {wire}")
 
 
 def decode(spec: TensorSpec, buf: Any, acc_dtype: np.dtype) -> np.ndarray:
     """A received frame as accumulator-dtype values (a zero-copy view when the dtypes match)."""
     if len(spec.shape) != 1:
         raise ProtocolError(f"collective frames are flat, got shape {list(spec.shape)}")
-    if spec.dtype == acc_dtype.name:
+    if spec.dtype == _NP_NAME[acc_dtype]:
         return np.frombuffer(buf, dtype=acc_dtype)
     if spec.dtype == "float16" and acc_dtype == np.float32:
         return np.frombuffer(buf, dtype=np.float16).astype(np.float32)
@@ -98,7 +101,7 @@ def decode(spec: TensorSpec, buf: Any, acc_dtype: np.dtype) -> np.ndarray:
         # bf16 is the top half of an fp32: widening is a shift, exact.
         words = np.frombuffer(buf, dtype=np.uint16).astype(np.uint32)
         return (words << 16).view(np.float32)
-    raise ProtocolError(f"a {spec.dtype} frame cannot be summed into {acc_dtype.name}")
+    raise ProtocolError(f"a {spec.dtype} frame cannot be summed into {_NP_NAME[acc_dtype]}")
 
 
 def add_into(acc: np.ndarray, spec: TensorSpec, buf: Any) -> None:
@@ -112,7 +115,7 @@ def add_into(acc: np.ndarray, spec: TensorSpec, buf: Any) -> None:
 def round_trip(acc: np.ndarray, wire: str) -> tuple[TensorSpec, Any, np.ndarray]:
     """Encode ``acc`` and also return the values receivers will decode (the sender keeps those)."""
     spec, buf = encode(acc, wire)
-    if spec.dtype == acc.dtype.name:
+    if spec.dtype == _NP_NAME[acc.dtype]:
         return spec, buf, acc
     return spec, buf, decode(spec, buf, acc.dtype)
 

@@ -25,6 +25,7 @@ class CollectiveTimeout(CollectiveError):
 class PeerLost(CollectiveError):
     """A peer's connection dropped (process died, host vanished, link cut)."""
 
-    def __init__(self, message: str, rank: int | None = None) -> None:
+    def __init__(self, message: str, rank: int | None = None, aborted: bool = False) -> None:
         super().__init__(message)
         self.rank = rank
+        self.aborted = aborted  # True: that rank is alive but gave up (it lost someone else)

@@ -28,7 +28,7 @@ import torch
 
 from edgemesh.collective.compress import check_wire_dtype, from_accumulator, to_accumulator, wire_dtype_for
 from edgemesh.collective.costmodel import LOOPBACK_CURVE, Algorithm, Choice, LinkCost, choose, predict
-from edgemesh.collective.errors import CollectiveError
+from edgemesh.collective.errors import CollectiveError, PeerLost
 from edgemesh.collective.op import Op
 from edgemesh.collective.ring import ring_allreduce
 from edgemesh.collective.star import HUB, star_allreduce, star_broadcast, star_broadcast_meta
@@ -178,4 +178,7 @@ class ZmqCollective:
 
     def _fail(self, exc: BaseException) -> None:
         # Peers are now at different points of the op sequence: nothing later can be trusted.
+        # Tell the others, so a worker waiting on a hub that lost someone fails now.
         self._broken = f"{type(exc).__name__}: {exc}"
+        if not (isinstance(exc, PeerLost) and exc.aborted):
+            self._links.abort(f"rank {self.rank}: {self._broken}")

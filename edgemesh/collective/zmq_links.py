@@ -43,6 +43,8 @@ _HELLO = "coll.hello"
 _WELCOME = "coll.welcome"
 _PING = "coll.ping"  # probe to find which member dropped; receivers discard it
 _PING_FRAME = encode_envelope(Envelope(Kind.NOTIFY, _PING, 0, b""))
+_ABORT = "coll.abort"  # "I failed, the group is over": lets the others fail now, not at their deadline
+_ABORT_PREFIX = encode_envelope(Envelope(Kind.NOTIFY, _ABORT, 0, b""))[:14]  # through the method name
 
 
 @dataclass(frozen=True)
@@ -307,6 +309,7 @@ class PeerLinks:
                     self._check(peer, deadline)
                     continue
                 if not _is_ping(frames):
+                    self._raise_if_abort(peer, frames)
                     return frames
         inbox = self._inbox[peer]
         while not inbox:
@@ -318,8 +321,31 @@ class PeerLinks:
             sender = self._rank_of_id.get(frames[0].bytes)
             if sender is None or _is_ping(frames[1:]):
                 continue  # not a member's data (the ROUTER only admits members; be strict anyway)
+            self._raise_if_abort(sender, frames[1:])
             self._inbox[sender].append(frames[1:])
         return inbox.popleft()
+
+    def abort(self, reason: str) -> None:
+        """Best effort: tell every member still connected that this rank gave up on the group."""
+        frame = encode_envelope(Envelope(Kind.NOTIFY, _ABORT, 0, str(self.rank).encode(),
+                                         {"reason": reason[:500]}))
+        for p in range(self.world_size):
+            if p == self.rank or p in self._lost:
+                continue
+            try:
+                if p < self.rank:
+                    self._dealers[p].send(frame, flags=zmq.NOBLOCK)
+                elif p in self._ids:
+                    self._router.send_multipart([self._ids[p], frame], flags=zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass  # that one is gone too, or its queue is full: it will hit its own deadline
+
+    def _raise_if_abort(self, peer: int, frames: Sequence[Any]) -> None:
+        if len(frames) != 1 or not frames[0].bytes.startswith(_ABORT_PREFIX):
+            return
+        env, _ = decode_message(frames)
+        reason = env.body.get("reason", "?") if isinstance(env.body, dict) else "?"
+        raise PeerLost(f"rank {peer} gave up on the group: {reason}", peer, aborted=True)
 
     def _check(self, waiting_for: int, deadline: float) -> None:
         """Called when a wait slice ran out: did anyone drop, or is the deadline over?"""

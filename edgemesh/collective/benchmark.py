@@ -1,0 +1,244 @@
+"""Allreduce benchmark: star vs chunked star vs ring (CURVE), star without CURVE, and gloo.
+
+W participants run as separate processes on 127.0.0.1. All methods run in the *same*
+processes, interleaved rep by rep, so they see the same machine load (this box is noisy and
+has fewer cores than participants). One rep of a method = a barrier, then ``ops`` back-to-back
+allreduces; each rank times its batch, the rep's figure is the slowest rank's time per op, and
+the reported number is the median over reps.
+
+The parent process only orchestrates: it hands each worker its keys and config on stdin, learns
+the bound endpoints from stdout, tells everyone the peer list, and collects JSON results.
+Workers are its children and are ended by pid on every exit path.
+
+Run a worker by hand: ``python -m edgemesh.collective.benchmark --worker`` (reads JSON on stdin).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from typing import IO, Any, Callable
+
+from edgemesh.collective.costmodel import LinkCost, choose, fit_link_cost
+from edgemesh.collective.errors import CollectiveError
+
+METHODS = ("star", "chunked_star", "ring", "star_plain", "gloo")
+DEFAULT_SIZES = (2 * 1024, 16 * 1024, 64 * 1024, 256 * 1024, 1024 * 1024)
+QUICK_SIZES = (2 * 1024, 16 * 1024, 1024 * 1024)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    worlds: tuple[int, ...] = (2, 3, 4)
+    sizes: tuple[int, ...] = DEFAULT_SIZES  # bytes of fp32 per rank
+    reps: int = 7  # timed batches per (method, size): the median is reported
+    ops: int = 8  # allreduces per batch
+    warmup: int = 3  # untimed allreduces per method and size
+    methods: tuple[str, ...] = METHODS
+    startup_timeout: float = 60.0  # importing torch in W processes on 2 cores is slow
+
+    @classmethod
+    def quick(cls) -> BenchConfig:
+        return cls(worlds=(2, 4), sizes=QUICK_SIZES, reps=5, ops=5, warmup=2)
+
+
+@dataclass
+class BenchRow:
+    w: int
+    bytes: int
+    us: dict[str, float] = field(default_factory=dict)  # method → median µs per allreduce
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"w": self.w, "bytes": self.bytes}
+        for m, v in self.us.items():
+            out[f"{m}_us"] = round(v, 1)
+        return out
+
+
+# ------------------------------------------------------------------ parent side
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for gloo's rendezvous, which cannot take port 0)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_benchmark(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> list[BenchRow]:
+    rows: list[BenchRow] = []
+    for w in cfg.worlds:
+        rows.extend(_run_world(w, cfg, progress or (lambda _msg: None)))
+    return rows
+
+
+def _run_world(w: int, cfg: BenchConfig, progress: Callable[[str], None]) -> list[BenchRow]:
+    import zmq  # keys only; the parent opens no sockets
+
+    keys = [zmq.curve_keypair() for _ in range(w)]
+    publics = [k[0].decode() for k in keys]
+    gloo_port = free_port()
+    procs: list[subprocess.Popen[str]] = []
+    logs: list[IO[str]] = []
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    try:
+        for rank in range(w):
+            log = tempfile.TemporaryFile(mode="w+")
+            logs.append(log)
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "edgemesh.collective.benchmark", "--worker"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, env=env))
+        for rank, p in enumerate(procs):
+            _write(p, {"rank": rank, "world": w, "public": publics[rank], "secret": keys[rank][1].decode(),
+                       "publics": publics, "gloo_port": gloo_port, "sizes": list(cfg.sizes),
+                       "reps": cfg.reps, "ops": cfg.ops, "warmup": cfg.warmup, "methods": list(cfg.methods)})
+        endpoints = [_read(p, cfg.startup_timeout, logs[i]) for i, p in enumerate(procs)]
+        for p in procs:
+            _write(p, {"endpoints": endpoints})
+        results: list[dict[str, Any]] = [{}] * w
+        for rank, p in enumerate(procs):
+            while True:
+                msg = _read(p, cfg.startup_timeout + 600, logs[rank])
+                if "progress" in msg:
+                    if rank == 0:
+                        progress(f"W={w} {_human(msg['progress'])}")
+                    continue
+                results[rank] = msg
+                break
+        for p in procs:
+            p.wait(timeout=30)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()  # by pid: these are our children
+                p.wait()
+        for log in logs:
+            log.close()
+    return _aggregate(w, cfg, results)
+
+
+def _aggregate(w: int, cfg: BenchConfig, results: list[dict[str, Any]]) -> list[BenchRow]:
+    rows = []
+    for size in cfg.sizes:
+        row = BenchRow(w, size)
+        for m in cfg.methods:
+            per_rep = [max(r["times"][str(size)][m][i] for r in results) for i in range(cfg.reps)]
+            row.us[m] = statistics.median(per_rep) * 1e6
+        rows.append(row)
+    return rows
+
+
+def fitted_cost(rows: list[BenchRow]) -> LinkCost | None:
+    """Fit the cost model's (a, b) to the measured CURVE star: per hop ``t/2`` for ``(W−1)·M`` bytes."""
+    samples = [((r.w - 1) * r.bytes, r.us["star"] * 1e-6 / 2) for r in rows if "star" in r.us]
+    try:
+        return fit_link_cost(samples)
+    except ValueError:
+        return None
+
+
+def auto_choice(row: BenchRow, cost: LinkCost) -> str:
+    c = choose(row.bytes, row.w, cost)
+    return c.algorithm.value + (f"×{c.chunks}" if c.chunks > 1 else "")
+
+
+def _write(p: subprocess.Popen[str], obj: dict[str, Any]) -> None:
+    assert p.stdin is not None
+    p.stdin.write(json.dumps(obj) + "\n")
+    p.stdin.flush()
+
+
+def _read(p: subprocess.Popen[str], timeout: float, log: IO[str]) -> dict[str, Any]:
+    import select
+
+    assert p.stdout is not None
+    ready, _, _ = select.select([p.stdout], [], [], timeout)
+    line = p.stdout.readline() if ready else ""
+    if not line:
+        p.kill()
+        p.wait()
+        log.seek(0)
+        tail = log.read()[-2000:]
+        raise CollectiveError(f"benchmark worker (pid {p.pid}) stopped or stalled; its stderr:\n{tail}")
+    return json.loads(line)
+
+
+def _human(n: int) -> str:
+    return f"{n // 1024} KiB" if n < 1024 * 1024 else f"{n // (1024 * 1024)} MiB"
+
+
+# ------------------------------------------------------------------ worker side
+
+
+def _worker() -> None:
+    import torch
+    import torch.distributed as dist
+
+    from edgemesh.collective.zmq_group import CollectiveOptions, ZmqCollective
+    from edgemesh.collective.zmq_links import CurveKeys, Peer, PeerLinks
+
+    torch.set_num_threads(1)  # W processes share 2 cores; intra-op threads only add contention
+    cfg = json.loads(sys.stdin.readline())
+    rank, w = cfg["rank"], cfg["world"]
+    publics = [k.encode() for k in cfg["publics"]]
+    keys = CurveKeys(cfg["public"].encode(), cfg["secret"].encode())
+    curve_links = PeerLinks.bind("tcp://127.0.0.1:0", keys, publics)
+    plain_links = PeerLinks.bind("tcp://127.0.0.1:0", None, plain=True)
+    print(json.dumps({"curve": curve_links.endpoint, "plain": plain_links.endpoint}), flush=True)
+    eps = json.loads(sys.stdin.readline())["endpoints"]
+    opts = CollectiveOptions(timeout=60, connect_timeout=60)
+    curve = ZmqCollective(curve_links, rank, w, [Peer(r, eps[r]["curve"], publics[r]) for r in range(w)], opts)
+    plain = ZmqCollective(plain_links, rank, w, [Peer(r, eps[r]["plain"]) for r in range(w)], opts)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{cfg['gloo_port']}", rank=rank, world_size=w)
+    one = torch.ones(1)
+
+    def barrier() -> None:
+        plain.allreduce_sum(one)
+
+    def run(method: str, x: torch.Tensor, xg: torch.Tensor) -> None:
+        if method == "gloo":
+            dist.all_reduce(xg)  # in place: `xg` is a scratch copy, reset every batch
+        elif method == "star_plain":
+            plain.allreduce_sum(x)
+        else:
+            curve.allreduce_sum(x)
+
+    times: dict[str, dict[str, list[float]]] = {}
+    try:
+        for size in cfg["sizes"]:
+            x = torch.rand(size // 4, generator=torch.Generator().manual_seed(rank)) + 1.0
+            per: dict[str, list[float]] = {m: [] for m in cfg["methods"]}
+            for rep in range(-1, cfg["reps"]):  # rep −1 is the warm-up
+                for method in cfg["methods"]:
+                    if method in ("star", "chunked_star", "ring"):
+                        curve.options = replace(opts, algorithm=method)
+                    n = cfg["warmup"] if rep < 0 else cfg["ops"]
+                    xg = x.clone()
+                    barrier()
+                    t0 = time.perf_counter()
+                    for _ in range(n):
+                        run(method, x, xg)
+                    if rep >= 0:
+                        per[method].append((time.perf_counter() - t0) / n)
+            times[str(size)] = per
+            print(json.dumps({"progress": size}), flush=True)
+        print(json.dumps({"rank": rank, "times": times}), flush=True)
+    finally:
+        dist.destroy_process_group()
+        curve.close()
+        plain.close()
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--worker"]:
+        _worker()
+    else:
+        print("usage: python -m edgemesh.collective.benchmark --worker  (normally run by `edgemesh bench allreduce`)")
+        sys.exit(2)
