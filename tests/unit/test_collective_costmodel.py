@@ -1,0 +1,56 @@
+"""The cost model that picks star / chunked star / ring: pure functions."""
+
+from __future__ import annotations
+
+import pytest
+
+from edgemesh.collective.costmodel import Algorithm, LinkCost, candidates, choose, fit_link_cost, predict
+
+pytestmark = pytest.mark.unit
+
+LAN_1MS = LinkCost(a=1e-3, b=300e6 / 8)  # 1 ms, 300 Mbit/s: the TPI-LLM paper's links
+
+
+def test_decode_step_messages_take_the_star() -> None:
+    # hidden 4096 × fp32 = 16 KiB: latency-bound, 2 hops beat 2(W−1).
+    for w in (2, 3, 4, 8):
+        assert choose(16 * 1024, w, LAN_1MS).algorithm is Algorithm.STAR
+
+
+def test_star_beats_ring_by_hops_on_1ms_links() -> None:
+    # At 2 KiB the hops dominate: 2 against 2(W−1) = 6.
+    assert predict(Algorithm.STAR, 2048, 4, LAN_1MS) <= 0.5 * predict(Algorithm.RING, 2048, 4, LAN_1MS)
+    # At 16 KiB over 300 Mbit/s the hub link's (W−1)·M already costs 1.3 ms each way: still ahead.
+    assert predict(Algorithm.STAR, 16384, 4, LAN_1MS) < predict(Algorithm.RING, 16384, 4, LAN_1MS)
+
+
+def test_large_prefill_messages_leave_the_star() -> None:
+    pick = choose(64 * 1024 * 1024, 4, LAN_1MS)
+    assert pick.algorithm in (Algorithm.RING, Algorithm.CHUNKED_STAR)
+    assert pick.predicted_s < predict(Algorithm.STAR, 64 * 1024 * 1024, 4, LAN_1MS)
+
+
+def test_two_ranks_never_ring_and_small_parts_never_chunk() -> None:
+    assert all(c.algorithm is not Algorithm.RING for c in candidates(1 << 26, 2, LAN_1MS))
+    assert all(c.algorithm is Algorithm.STAR or c.algorithm is Algorithm.RING for c in candidates(8 * 1024, 4, LAN_1MS))
+
+
+def test_predictions_follow_the_formulas() -> None:
+    c = LinkCost(a=1e-3, b=1e6)
+    m = 1_000_000
+    assert predict(Algorithm.STAR, m, 4, c) == pytest.approx(2e-3 + 6.0)
+    assert predict(Algorithm.RING, m, 4, c) == pytest.approx(6e-3 + 1.5)
+    assert predict(Algorithm.CHUNKED_STAR, m, 4, c, chunks=4) == pytest.approx(5e-3 + 3.75)
+    assert predict(Algorithm.STAR, m, 1, c) == 0.0
+
+
+def test_fit_recovers_a_and_b() -> None:
+    truth = LinkCost(a=250e-6, b=80e6)
+    samples = [(n, truth.a + n / truth.b) for n in (2048, 16384, 1 << 20, 1 << 22)]
+    fit = fit_link_cost(samples)
+    assert fit.a == pytest.approx(truth.a, rel=1e-6)
+    assert fit.b == pytest.approx(truth.b, rel=1e-6)
+    with pytest.raises(ValueError):
+        fit_link_cost([(100, 1.0), (100, 2.0)])
+    with pytest.raises(ValueError):
+        LinkCost(a=-1, b=1)

@@ -1,0 +1,320 @@
+"""ZmqCollective over real zmq on 127.0.0.1: W ranks as W threads of this process.
+
+Every rank has its own zmq context, authenticator and sockets, exactly as in separate
+processes; threads only save process start-up time. Process-level death is in
+tests/integration/test_collective_processes.py.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Any, Callable
+
+import pytest
+import torch
+
+from edgemesh.collective.base import Collective
+from edgemesh.collective.compress import error_bound
+from edgemesh.collective.errors import CollectiveError, CollectiveTimeout, PeerLost
+from edgemesh.collective.op import data_header
+from edgemesh.collective.zmq_group import CollectiveOptions, ZmqCollective
+from edgemesh.collective.zmq_links import CurveKeys, Peer, PeerLinks
+from edgemesh.errors import AuthError, ProtocolError
+from edgemesh.wire.envelope import Envelope, Kind, encode_envelope
+from edgemesh.wire.tensor import TensorSpec
+
+pytestmark = pytest.mark.unit
+
+LOCAL = "tcp://127.0.0.1:0"
+
+
+def in_threads(n: int, fn: Callable[[int], Any], timeout: float = 20.0) -> list[Any]:
+    """Run fn(rank) for every rank in its own thread; return results or the exceptions raised."""
+    out: list[Any] = [None] * n
+
+    def body(r: int) -> None:
+        try:
+            out[r] = fn(r)
+        except BaseException as exc:  # noqa: BLE001 - the test inspects it
+            out[r] = exc
+
+    threads = [threading.Thread(target=body, args=(r,)) for r in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+        assert not t.is_alive(), "a rank hung"
+    return out
+
+
+def make_group(w: int, **opts: Any) -> list[ZmqCollective]:
+    keys = [CurveKeys.generate() for _ in range(w)]
+    publics = [k.public for k in keys]
+    links = [PeerLinks.bind(LOCAL, keys[r], publics) for r in range(w)]
+    peers = [Peer(r, links[r].endpoint, publics[r]) for r in range(w)]
+    options = CollectiveOptions(**{"timeout": 10.0, "connect_timeout": 10.0, **opts})
+    groups = in_threads(w, lambda r: ZmqCollective(links[r], r, w, peers, options))
+    for g in groups:
+        assert isinstance(g, ZmqCollective), g
+    return groups
+
+
+def close_all(groups: list[ZmqCollective]) -> None:
+    in_threads(len(groups), lambda r: groups[r].close())
+
+
+def parts(w: int, n: int, seed: int = 0) -> list[torch.Tensor]:
+    # Magnitudes spread over 1e-3..1e3 so that the summation order changes the fp32 result.
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, generator=g) * 10.0 ** torch.randint(-3, 4, (n,), generator=g) for _ in range(w)]
+
+
+def rank_order_sum(xs: list[torch.Tensor]) -> torch.Tensor:
+    total = xs[0].clone()
+    for x in xs[1:]:
+        total += x
+    return total
+
+
+@pytest.fixture
+def group_of() -> Any:
+    made: list[list[ZmqCollective]] = []
+
+    def factory(w: int, **opts: Any) -> list[ZmqCollective]:
+        made.append(make_group(w, **opts))
+        return made[-1]
+
+    yield factory
+    for groups in made:
+        close_all(groups)
+
+
+@pytest.mark.parametrize("w", [2, 3, 4])
+@pytest.mark.parametrize("algorithm", ["star", "chunked_star"])
+def test_star_allreduce_is_the_rank_order_sum_bit_for_bit(group_of: Any, w: int, algorithm: str) -> None:
+    groups = group_of(w, algorithm=algorithm, chunks=3)
+    assert isinstance(groups[0], Collective)
+    xs = parts(w, 4099)  # not a multiple of the chunk count
+    expected = rank_order_sum(xs)
+    if w >= 3:  # (two terms commute exactly) the data is order-sensitive, so bit-equality means rank order
+        assert not torch.equal(expected, rank_order_sum(xs[::-1]))
+    for _ in range(2):  # twice: results are the same run after run
+        results = in_threads(w, lambda r: groups[r].allreduce_sum(xs[r]))
+        for r, res in enumerate(results):
+            assert torch.equal(res, expected), f"rank {r} differs"
+    for r in range(w):  # inputs untouched
+        assert torch.equal(xs[r], parts(w, 4099)[r])
+
+
+@pytest.mark.parametrize("w", [3, 4])
+def test_ring_matches_star_within_fp32_rounding(group_of: Any, w: int) -> None:
+    groups = group_of(w, algorithm="ring")
+    xs = parts(w, 1000, seed=1)
+    star = rank_order_sum(xs)
+    runs = [in_threads(w, lambda r: groups[r].allreduce_sum(xs[r])) for _ in range(2)]
+    for res in runs[0]:
+        assert torch.equal(res, runs[0][0])  # every rank holds the same bits
+    for a, b in zip(runs[0], runs[1]):
+        assert torch.equal(a, b)  # and the same bits every run
+    bound = w * 2.0**-24 * torch.stack([x.abs() for x in xs]).sum(0)
+    assert ((runs[0][0] - star).abs() <= bound).all()
+
+
+def test_auto_picks_by_size_and_every_rank_agrees(group_of: Any) -> None:
+    groups = group_of(3)  # default: cost model
+    small, large = groups[0].choice(8 * 1024), groups[0].choice(64 * 1024 * 1024)
+    assert small.algorithm.value == "star"
+    assert large.algorithm.value != "star"
+    assert all(g.choice(64 * 1024 * 1024) == large for g in groups)
+    xs = parts(3, 2048, seed=2)
+    res = in_threads(3, lambda r: groups[r].allreduce_sum(xs[r]))
+    assert all(torch.equal(x, rank_order_sum(xs)) for x in res)
+
+
+def test_shapes_and_dtypes_are_kept(group_of: Any) -> None:
+    groups = group_of(2)
+    g = torch.Generator().manual_seed(3)
+    for dtype in (torch.bfloat16, torch.float16, torch.float64, torch.int64):
+        xs = [(torch.randn(3, 5, 7, generator=g) * 8).to(dtype) for _ in range(2)]
+        res = in_threads(2, lambda r: groups[r].allreduce_sum(xs[r]))
+        for out in res:
+            assert out.dtype == dtype and out.shape == (3, 5, 7)
+            # 16-bit parts are summed in fp32 and rounded once.
+            assert torch.equal(out, (xs[0].double() + xs[1].double()).to(dtype))
+
+
+def test_broadcast_any_root_any_dtype(group_of: Any) -> None:
+    groups = group_of(3)
+    cases = [(0, torch.randn(2, 3)), (2, torch.arange(12, dtype=torch.int64).reshape(3, 4)),
+             (1, torch.randn(70_000).to(torch.bfloat16))]  # large: the zero-copy path
+    for root, value in cases:
+        res = in_threads(3, lambda r: groups[r].broadcast(value if r == root else None, root=root))
+        for r, out in enumerate(res):
+            assert out.dtype == value.dtype and torch.equal(out, value)
+            if r != root:
+                out.add_(1)  # a receiver owns its copy: writing must not touch the root's tensor
+        assert not torch.equal(res[(root + 1) % 3], value)
+        assert torch.equal(res[root], value)
+
+
+def test_broadcast_meta(group_of: Any) -> None:
+    groups = group_of(4)
+    meta = {"cmd": "forward", "positions": [5, 6, 7], "nested": {"temp": 0.7, "stop": None}, "raw": b"\x00\x01"}
+    res = in_threads(4, lambda r: groups[r].broadcast_meta(meta if r == 3 else None, root=3))
+    assert all(m == meta for m in res)
+
+
+def test_a_caller_mistake_does_not_break_the_group(group_of: Any) -> None:
+    groups = group_of(2)
+    with pytest.raises(ValueError):
+        groups[0].broadcast(None)  # root without a tensor
+    with pytest.raises(ValueError):
+        groups[1].broadcast_meta({}, root=5)
+    with pytest.raises(TypeError):
+        groups[0].allreduce_sum(torch.ones(2, dtype=torch.bool))
+    res = in_threads(2, lambda r: groups[r].allreduce_sum(torch.full((4,), float(r + 1))))
+    assert all(torch.equal(x, torch.full((4,), 3.0)) for x in res)
+
+
+@pytest.mark.parametrize("wire", ["float16", "bfloat16"])
+@pytest.mark.parametrize("algorithm", ["star", "ring"])
+def test_compressed_wire_error_is_bounded(group_of: Any, wire: str, algorithm: str) -> None:
+    w = 4
+    groups = group_of(w, algorithm=algorithm, compression=wire)
+    xs = parts(w, 5000, seed=4)
+    res = in_threads(w, lambda r: groups[r].allreduce_sum(xs[r]))
+    for out in res:
+        assert out.dtype == torch.float32 and torch.equal(out, res[0])  # all ranks identical
+    exact = torch.stack([x.double() for x in xs]).sum(0)
+    err = (res[0].double() - exact).abs()
+    bound = error_bound(xs, wire, algorithm)
+    assert (err <= bound).all(), f"max excess {(err - bound).max().item()}"
+    rel = (err.max() / exact.abs().max()).item()
+    print(f"\n{wire} {algorithm}: max |err| / max |sum| = {rel:.2e}, "
+          f"max err/bound = {(err / bound).max().item():.2f}")
+    assert rel < {"float16": 2e-3, "bfloat16": 1.6e-2}[wire]
+    assert not torch.equal(res[0], rank_order_sum(xs))  # it really was compressed
+
+
+def test_fp16_wire_falls_back_to_exact_on_overflow(group_of: Any) -> None:
+    groups = group_of(2, algorithm="star", compression="float16")
+    xs = [torch.tensor([1e5, 1.0, -7e4]), torch.tensor([3.0, 2.0, 1.0])]
+    res = in_threads(2, lambda r: groups[r].allreduce_sum(xs[r]))
+    assert all(torch.isfinite(x).all() and torch.equal(x, xs[0] + xs[1]) for x in res)
+
+
+def test_unknown_curve_key_is_refused() -> None:
+    member0, member1, stranger = CurveKeys.generate(), CurveKeys.generate(), CurveKeys.generate()
+    hub_links = PeerLinks.bind(LOCAL, member0, [member0.public, member1.public])
+    rogue_links = PeerLinks.bind(LOCAL, stranger, [member0.public, stranger.public])
+    opts = CollectiveOptions(connect_timeout=0.8)
+    t0 = time.monotonic()
+
+    def rank(r: int) -> Any:
+        if r == 0:
+            return ZmqCollective(hub_links, 0, 2, [Peer(1, rogue_links.endpoint, member1.public)], opts)
+        # The stranger knows the hub's address and public key and claims to be rank 1.
+        return ZmqCollective(rogue_links, 1, 2, [Peer(0, hub_links.endpoint, member0.public)], opts)
+
+    hub_result, rogue_result = in_threads(2, rank)
+    assert isinstance(rogue_result, AuthError), rogue_result
+    assert "refused our key" in str(rogue_result)
+    assert isinstance(hub_result, CollectiveTimeout)  # the hub never heard a hello
+    assert hub_result.waiting_for == (1,)
+    assert hub_links.refused_connections >= 1
+    assert time.monotonic() - t0 < 5
+
+
+def test_member_key_cannot_claim_another_rank() -> None:
+    keys = [CurveKeys.generate() for _ in range(3)]
+    publics = [k.public for k in keys]
+    links = [PeerLinks.bind(LOCAL, keys[r], publics) for r in range(3)]
+    opts = CollectiveOptions(connect_timeout=0.8)
+    # Rank 2's key (a member) dials the hub claiming to be rank 1.
+    hub = links[0]
+    impostor = links[2]
+
+    def rank(r: int) -> Any:
+        if r == 0:
+            return ZmqCollective(hub, 0, 2, [Peer(1, "tcp://127.0.0.1:9", publics[1])], opts)
+        return ZmqCollective(impostor, 1, 2, [Peer(0, hub.endpoint, publics[0])], opts)
+
+    hub_result, impostor_result = in_threads(2, rank)
+    assert isinstance(hub_result, AuthError), hub_result
+    assert isinstance(impostor_result, CollectiveTimeout), impostor_result
+    links[1].close()
+
+
+def test_dead_peer_is_a_typed_error_well_before_the_deadline(group_of: Any) -> None:
+    groups = group_of(3, timeout=8.0)
+    t0 = time.monotonic()
+
+    def rank(r: int) -> Any:
+        if r == 2:
+            groups[2].close()  # its sockets close: the TCP connections drop like a crash
+            return None
+        return groups[r].allreduce_sum(torch.ones(16))
+
+    res = in_threads(3, rank)
+    elapsed = time.monotonic() - t0
+    assert isinstance(res[0], PeerLost) and res[0].rank == 2 and not res[0].aborted
+    # Rank 1 was waiting on the hub, which is alive: the hub's abort tells it at once.
+    assert isinstance(res[1], PeerLost) and res[1].aborted
+    assert elapsed < 3.0, f"took {elapsed:.1f}s with an 8s deadline"
+    for g in groups[:2]:
+        with pytest.raises(CollectiveError, match="broken"):
+            g.allreduce_sum(torch.ones(16))
+
+
+def test_silent_peer_times_out_at_the_deadline(group_of: Any) -> None:
+    groups = group_of(2, timeout=0.6)
+    t0 = time.monotonic()
+    with pytest.raises(CollectiveTimeout) as info:
+        groups[0].allreduce_sum(torch.ones(8))  # rank 1 is alive but never calls
+    elapsed = time.monotonic() - t0
+    assert info.value.waiting_for == (1,)
+    assert 0.55 <= elapsed < 1.5
+
+
+def test_mismatched_sizes_are_a_protocol_error(group_of: Any) -> None:
+    groups = group_of(2, algorithm="star")
+    res = in_threads(2, lambda r: groups[r].allreduce_sum(torch.ones(10 + r)))
+    assert isinstance(res[0], ProtocolError)
+    assert isinstance(res[1], PeerLost) and res[1].aborted
+
+
+def _os_threads() -> list[str]:
+    """Names of this process's OS threads (zmq I/O threads are not Python threads)."""
+    names = []
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                names.append(f.read().strip())
+        except FileNotFoundError:
+            pass  # exited while we listed
+    return sorted(names)
+
+
+def test_close_leaves_no_threads_and_is_idempotent() -> None:
+    before_py, before_os = threading.active_count(), _os_threads()
+    groups = make_group(3)
+    assert len(_os_threads()) > len(before_os)  # zmq I/O threads and the authenticators exist now
+    in_threads(3, lambda r: groups[r].allreduce_sum(torch.ones(4)))
+    close_all(groups)
+    close_all(groups)
+    assert threading.active_count() == before_py
+    # A joined Python thread releases its lock a moment before its OS thread is gone.
+    deadline = time.monotonic() + 2.0
+    while _os_threads() != before_os and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert _os_threads() == before_os
+    with pytest.raises(CollectiveError, match="closed"):
+        groups[0].allreduce_sum(torch.ones(4))
+
+
+def test_data_header_is_the_wire_envelope_byte_for_byte() -> None:
+    specs = [TensorSpec("float32", (4096,))]
+    env = Envelope(Kind.REQUEST, "coll.reduce", 17, b"3", 2, tuple(specs))
+    assert data_header("coll.reduce", 17, b"3", 2, specs) == encode_envelope(env)
