@@ -51,6 +51,8 @@ def bench_allreduce(
         cfg = BenchConfig(**{**cfg.__dict__, "reps": reps})
 
     console = Console()
+    if not console.is_terminal:
+        console = Console(width=160)  # piped to a file: do not squeeze the table to 80 columns
     with console.status("starting participants…") as status:
         rows = run_benchmark(cfg, progress=lambda msg: status.update(f"measured {msg}"))
     _print(console, rows)
@@ -62,14 +64,14 @@ def bench_allreduce(
 def _print(console: Console, rows: list[BenchRow]) -> None:
     cost = fitted_cost(rows)
     methods = list(rows[0].us) if rows else []
-    table = Table(title="allreduce on 127.0.0.1, median µs per op (W processes on this machine's cores)")
-    table.add_column("W", justify="right")
-    table.add_column("size", justify="right")
+    table = Table(title="allreduce on 127.0.0.1: median µs per op, W processes sharing this machine's cores")
+    table.add_column("W", justify="right", no_wrap=True)
+    table.add_column("size", justify="right", no_wrap=True)
     for m in methods:
-        table.add_column(m.replace("_", " "), justify="right")
-    table.add_column("best zmq / gloo", justify="right")
+        table.add_column(m.replace("_", " "), justify="right", no_wrap=True)
+    table.add_column("best exact zmq / gloo", justify="right", no_wrap=True)
     if cost is not None:
-        table.add_column("cost model picks", justify="left")
+        table.add_column("model picks", justify="left", no_wrap=True)
     for r in rows:
         size = f"{r.bytes // 1024} KiB" if r.bytes < 1 << 20 else f"{r.bytes >> 20} MiB"
         cells = [str(r.w), size, *(f"{r.us[m]:,.0f}" for m in methods)]
@@ -80,5 +82,7 @@ def _print(console: Console, rows: list[BenchRow]) -> None:
         table.add_row(*cells)
     console.print(table)
     if cost is not None:
-        console.print(f"cost model fitted to the CURVE star column: a = {cost.a * 1e6:.0f} µs per hop, "
-                      f"b = {cost.b / 1e6:.0f} MB/s per link")
+        console.print(f"cost model t = a·hops + bytes/b fitted to the star, chunked star and ring columns: "
+                      f"a = {cost.a * 1e6:.0f} µs per hop, b = {cost.b / 1e6:.0f} MB/s per link")
+    console.print("star/chunked/ring/bf16 use CURVE (encrypted, authenticated); 'star plain' does not; "
+                  "gloo does not encrypt. bf16 = fp32 parts sent as bfloat16 (not exact).")

@@ -26,10 +26,10 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import IO, Any, Callable
 
-from edgemesh.collective.costmodel import LinkCost, choose, fit_link_cost
+from edgemesh.collective.costmodel import Algorithm, LinkCost, choose, fit_from_allreduces
 from edgemesh.collective.errors import CollectiveError
 
-METHODS = ("star", "chunked_star", "ring", "star_plain", "gloo")
+METHODS = ("star", "chunked_star", "ring", "star_bf16", "star_plain", "gloo")
 DEFAULT_SIZES = (2 * 1024, 16 * 1024, 64 * 1024, 256 * 1024, 1024 * 1024)
 QUICK_SIZES = (2 * 1024, 16 * 1024, 1024 * 1024)
 
@@ -135,11 +135,15 @@ def _aggregate(w: int, cfg: BenchConfig, results: list[dict[str, Any]]) -> list[
     return rows
 
 
+CHUNKS = 4  # the chunk count the chunked-star column runs with
+
+
 def fitted_cost(rows: list[BenchRow]) -> LinkCost | None:
-    """Fit the cost model's (a, b) to the measured CURVE star: per hop ``t/2`` for ``(W−1)·M`` bytes."""
-    samples = [((r.w - 1) * r.bytes, r.us["star"] * 1e-6 / 2) for r in rows if "star" in r.us]
+    """Fit the cost model's (a, b) to every measured CURVE star, chunked-star and ring figure."""
+    samples = [(Algorithm(m), r.bytes, r.w, CHUNKS, r.us[m] * 1e-6)
+               for r in rows for m in ("star", "chunked_star", "ring") if m in r.us]
     try:
-        return fit_link_cost(samples)
+        return fit_from_allreduces(samples)
     except ValueError:
         return None
 
@@ -193,7 +197,7 @@ def _worker() -> None:
     plain_links = PeerLinks.bind("tcp://127.0.0.1:0", None, plain=True)
     print(json.dumps({"curve": curve_links.endpoint, "plain": plain_links.endpoint}), flush=True)
     eps = json.loads(sys.stdin.readline())["endpoints"]
-    opts = CollectiveOptions(timeout=60, connect_timeout=60)
+    opts = CollectiveOptions(timeout=60, connect_timeout=60, chunks=CHUNKS)
     curve = ZmqCollective(curve_links, rank, w, [Peer(r, eps[r]["curve"], publics[r]) for r in range(w)], opts)
     plain = ZmqCollective(plain_links, rank, w, [Peer(r, eps[r]["plain"]) for r in range(w)], opts)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{cfg['gloo_port']}", rank=rank, world_size=w)
@@ -217,7 +221,10 @@ def _worker() -> None:
             per: dict[str, list[float]] = {m: [] for m in cfg["methods"]}
             for rep in range(-1, cfg["reps"]):  # rep −1 is the warm-up
                 for method in cfg["methods"]:
-                    if method in ("star", "chunked_star", "ring"):
+                    # Every rank switches at the same point, so the group stays in agreement.
+                    if method == "star_bf16":
+                        curve.options = replace(opts, algorithm="star", compression="bfloat16")
+                    elif method in ("star", "chunked_star", "ring"):
                         curve.options = replace(opts, algorithm=method)
                     n = cfg["warmup"] if rep < 0 else cfg["ops"]
                     xg = x.clone()

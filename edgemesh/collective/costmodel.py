@@ -86,6 +86,33 @@ def choose(nbytes: int, world_size: int, cost: LinkCost) -> Choice:
     return min(candidates(nbytes, world_size, cost), key=lambda c: c.predicted_s)
 
 
+def cost_terms(algorithm: Algorithm, nbytes: int, world_size: int, chunks: int = 1) -> tuple[float, float]:
+    """(hops, bytes on the busiest link) of one allreduce: ``predict`` is ``a·hops + bytes/b``."""
+    w, m = world_size, float(nbytes)
+    if algorithm is Algorithm.STAR:
+        return 2.0, 2 * (w - 1) * m
+    if algorithm is Algorithm.CHUNKED_STAR:
+        k = max(1, chunks)
+        return float(k + 1), (w - 1) * m * (1 + 1 / k)
+    return 2.0 * (w - 1), 2 * (w - 1) * m / w
+
+
+def fit_from_allreduces(samples: list[tuple[Algorithm, int, int, int, float]]) -> LinkCost:
+    """Least-squares (a, b) from measured allreduces: (algorithm, bytes, W, chunks, seconds)."""
+    rows = [(*cost_terms(alg, n, w, k), t) for alg, n, w, k, t in samples]
+    shh = sum(h * h for h, _, _ in rows)
+    sbb = sum(x * x for _, x, _ in rows)
+    shb = sum(h * x for h, x, _ in rows)
+    sht = sum(h * t for h, _, t in rows)
+    sbt = sum(x * t for _, x, t in rows)
+    det = shh * sbb - shb * shb
+    if len(rows) < 2 or det <= 0:
+        raise ValueError("need allreduces of different shapes to fit a and b")
+    a = (sht * sbb - sbt * shb) / det
+    inv_b = (shh * sbt - shb * sht) / det
+    return LinkCost(a=max(a, 0.0), b=1.0 / max(inv_b, 1e-15))
+
+
 def fit_link_cost(samples: list[tuple[int, float]]) -> LinkCost:
     """Least-squares fit of one-way ``t = a + bytes/b`` to (bytes, seconds) ping samples."""
     if len(samples) < 2 or len({n for n, _ in samples}) < 2:

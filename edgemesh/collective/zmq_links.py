@@ -121,17 +121,19 @@ class PeerLinks:
 
     @classmethod
     def bind(cls, endpoint: str, keys: CurveKeys | None, member_keys: Sequence[bytes] = (), *,
-             plain: bool = False, linger_ms: int = 1000) -> PeerLinks:
+             plain: bool = False, linger_ms: int = 1000, io_threads: int = 1) -> PeerLinks:
         """Bind this rank's ROUTER. ``member_keys``: public keys allowed to connect (all ranks').
 
         The allow-list is installed *before* the bind, so no connection is ever accepted
         without it (CURVE without a ZAP handler accepts anyone who knows our public key).
         ``plain=True`` turns off encryption and authentication: benchmarks only.
         ``endpoint`` may use port 0 (or ``*``) to take a free port; read ``.endpoint``.
+        ``io_threads``: zmq I/O threads, which do the CURVE encryption. Each connection is
+        served by one of them, so a hub with spare cores can decrypt several workers at once.
         """
         if not plain and keys is None:
             raise ValueError("a CURVE group needs this rank's key pair (or plain=True for benchmarks)")
-        ctx = zmq.Context()
+        ctx = zmq.Context(io_threads=io_threads)
         auth: zmq.auth.thread.ThreadAuthenticator | None = None
         allow: _AllowList | None = None
         router: zmq.Socket | None = None

@@ -54,3 +54,15 @@ def test_fit_recovers_a_and_b() -> None:
         fit_link_cost([(100, 1.0), (100, 2.0)])
     with pytest.raises(ValueError):
         LinkCost(a=-1, b=1)
+
+
+def test_fit_from_allreduces_recovers_a_and_b() -> None:
+    from edgemesh.collective.costmodel import fit_from_allreduces
+
+    truth = LinkCost(a=300e-6, b=200e6)
+    samples = [(alg, n, w, 4, predict(alg, n, w, truth, 4))
+               for alg in (Algorithm.STAR, Algorithm.CHUNKED_STAR, Algorithm.RING)
+               for n in (2048, 1 << 20) for w in (2, 4)]
+    fit = fit_from_allreduces(samples)
+    assert fit.a == pytest.approx(truth.a, rel=1e-6)
+    assert fit.b == pytest.approx(truth.b, rel=1e-6)
