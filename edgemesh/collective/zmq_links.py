@@ -368,8 +368,10 @@ class PeerLinks:
                 except zmq.ZMQError as exc:
                     if exc.errno == zmq.EHOSTUNREACH:
                         self._lost.add(q)
-        if waiting_for in self._lost:
-            raise PeerLost(f"rank {self.rank}: rank {waiting_for} is gone (its connection closed)", waiting_for)
+        if self._lost:
+            # Anyone gone breaks the group, even if it is not the rank we are waiting on.
+            gone = waiting_for if waiting_for in self._lost else min(self._lost)
+            raise PeerLost(f"rank {self.rank}: rank {gone} is gone (its connection closed)", gone)
         if time.monotonic() >= deadline:
             raise CollectiveTimeout(f"rank {self.rank}: no data from rank {waiting_for} before the "
                                     f"deadline (peer hung or overloaded)", (waiting_for,))
