@@ -1,4 +1,10 @@
-"""The link table: per peer, how we reach it and what the link measures (RTT, bandwidth)."""
+"""The link table: per peer, how we reach it and what the link measures (RTT, bandwidth).
+
+``path`` is how *this* node's calls reach the peer: ``lan`` / ``direct`` (zmq to the advertised
+address), ``punched`` (ICE through the NATs), ``relayed`` (ICE through TURN), or ``None`` while
+no path works. ``since`` is when the current path came up, ``connected_at`` when the peer was
+first reachable at all (join-to-connected is measured from it).
+"""
 
 from __future__ import annotations
 
@@ -7,15 +13,18 @@ from dataclasses import dataclass
 from typing import Any
 
 RTT_ALPHA = 0.2  # EWMA weight of a new RTT sample
+PATHS = ("lan", "direct", "punched", "relayed")
 
 
 @dataclass
 class Link:
-    path: str = "direct"  # lan | direct | punched | relayed
+    path: str | None = None
     rtt_ms: float | None = None
     mbps: float | None = None
     since: float = 0.0
+    connected_at: float | None = None
     probed_at: float = 0.0
+    changes: int = 0
 
 
 class LinkTable:
@@ -27,6 +36,23 @@ class LinkTable:
         if link is None:
             link = self._links[node_id] = Link(since=time.time())
         return link
+
+    def set_path(self, node_id: str, path: str | None) -> None:
+        """Record the path now in use; a new path resets RTT and bandwidth (they were another path's)."""
+        if path is not None and path not in PATHS:
+            raise ValueError(f"unknown path {path!r}")
+        link = self._get(node_id)
+        if link.path == path:
+            return
+        link.path, link.since, link.changes = path, time.time(), link.changes + 1
+        link.rtt_ms = link.mbps = None
+        link.probed_at = 0.0
+        if path is not None and link.connected_at is None:
+            link.connected_at = link.since
+
+    def path(self, node_id: str) -> str | None:
+        link = self._links.get(node_id)
+        return link.path if link else None
 
     def rtt(self, node_id: str, ms: float) -> None:
         link = self._get(node_id)
@@ -43,6 +69,8 @@ class LinkTable:
 
     def needs_probe(self, node_id: str, interval: float) -> bool:
         link = self._links.get(node_id)
+        if link is not None and link.path is None:
+            return False
         return link is None or link.mbps is None or time.monotonic() - link.probed_at > interval
 
     def forget(self, node_id: str) -> None:
@@ -53,4 +81,5 @@ class LinkTable:
         if link is None:
             return {}
         return {"path": link.path, "rtt_ms": None if link.rtt_ms is None else round(link.rtt_ms, 3),
-                "mbps": link.mbps, "since": link.since}
+                "mbps": link.mbps, "since": link.since, "connected_at": link.connected_at,
+                "changes": link.changes}

@@ -1,30 +1,142 @@
-"""One RPC client per member we talk to, kept in step with the membership view."""
+"""One link per member we talk to, kept in step with the membership view.
+
+A ``PeerLink`` looks like an ``RpcClient`` (``call``, ``notify``) but picks the path per call:
+zmq straight to the member's advertised address when that works (``lan``/``direct``), else the
+member's ICE channel (``punched``/``relayed``, set up by ``nat.traversal``). Whether direct
+works is learned, not guessed: a short probe at first, then the fate of real calls.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any
+import ipaddress
+import logging
+from typing import Any, Callable, Sequence
 
-from edgemesh.errors import EdgemeshError
+from edgemesh.errors import EdgemeshError, RpcTimeout
+from edgemesh.mesh.links import LinkTable
 from edgemesh.mesh.records import MemberRecord
 from edgemesh.mesh.rpc import RpcClient, RpcStats
+from edgemesh.nat.channel_rpc import Authorize, ChannelRpc, Handler
 from edgemesh.transport.zmq_link import ZmqTransport
+from edgemesh.wire.tensor import TensorSpec
+
+log = logging.getLogger(__name__)
+
+FIRST_PROBE = 0.4  # s: long enough for a TCP + CURVE handshake across a continent's worth of RTT
+REPROBE_EVERY = 10.0  # s: how often a peer we reach only by ICE is tried directly again
+DIRECT_FAILURES = 2  # consecutive timeouts before a direct path is given up
 
 
-class _Peer:
-    def __init__(self, endpoint: str, client: RpcClient, task: asyncio.Task[None]) -> None:
-        self.endpoint = endpoint
+def _host_of(endpoint: str) -> str:
+    return endpoint.removeprefix("tcp://").rsplit(":", 1)[0].strip("[]")
+
+
+def same_subnet(a: str, b: str) -> bool:
+    try:
+        return ipaddress.ip_network(f"{a}/24", strict=False) == ipaddress.ip_network(f"{b}/24", strict=False)
+    except ValueError:
+        return False
+
+
+class PeerLink:
+    def __init__(self, record: MemberRecord, client: RpcClient, task: asyncio.Task[None], rpc: ChannelRpc,
+                 links: LinkTable, local_host: str, on_change: Callable[[PeerLink], None]) -> None:
+        self.node_id = record.node_id
+        self.record = record
+        self.endpoint = record.addresses[0]
         self.client = client
         self.task = task
+        self.rpc = rpc
+        self.links = links
+        self.direct: bool | None = None  # None: not tried yet
+        self.direct_path = "lan" if same_subnet(_host_of(self.endpoint), local_host) else "direct"
+        self.ice_path: str | None = None
+        self._failures = 0
+        self._on_change = on_change
+        self._probe: asyncio.Task[None] | None = None
+
+    # ---- path state ----------------------------------------------------------
+    @property
+    def path(self) -> str | None:
+        if self.direct:
+            return self.direct_path
+        return self.ice_path if self.rpc.connected else None
+
+    def _set_direct(self, ok: bool) -> None:
+        changed = ok != self.direct
+        self.direct = ok
+        self._failures = 0
+        if changed:
+            self._refresh()
+
+    def set_ice(self, path: str | None) -> None:
+        self.ice_path = path
+        self._refresh()
+
+    def _refresh(self) -> None:
+        self.links.set_path(self.node_id, self.path)
+        self._on_change(self)
+
+    def start_probe(self) -> None:
+        self._probe = asyncio.ensure_future(self._probe_loop())
+
+    async def _probe_loop(self) -> None:
+        timeout = FIRST_PROBE
+        while True:
+            if not self.direct:
+                try:
+                    await self.client.call("ping", {}, timeout=timeout)
+                    self._set_direct(True)
+                except EdgemeshError:
+                    self._set_direct(False)
+            timeout = 1.0
+            await asyncio.sleep(REPROBE_EVERY if self.direct is False else 1.0)
+
+    # ---- the RpcClient face ----------------------------------------------------
+    async def call(self, method: str, body: Any = None, tensors: Sequence[tuple[TensorSpec, Any]] = (),
+                   timeout: float = 3.0) -> tuple[Any, list[tuple[TensorSpec, memoryview]]]:
+        if self.direct:
+            try:
+                result = await self.client.call(method, body, tensors, timeout=timeout)
+                self._failures = 0
+                return result
+            except RpcTimeout:
+                self._failures += 1
+                if self._failures >= DIRECT_FAILURES and self.direct:
+                    log.info("direct path to %s lost; falling back to ICE", self.node_id)
+                    self._set_direct(False)
+                raise
+        if self.direct is None and not self.rpc.connected:
+            raise RpcTimeout(f"{method}: no path to {self.node_id} yet")
+        return await self.rpc.call(method, body, tensors, timeout=timeout)
+
+    def notify(self, method: str, body: Any = None) -> bool:
+        if self.direct:
+            return self.client.notify(method, body)
+        return self.rpc.notify(method, body)
+
+    def close(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
+        self.task.cancel()
+        self.rpc.close()
 
 
 class PeerSet:
-    def __init__(self, transport: ZmqTransport, node_id: str, stats: RpcStats) -> None:
+    def __init__(self, transport: ZmqTransport, node_id: str, stats: RpcStats, links: LinkTable | None = None,
+                 handlers: dict[str, Handler] | None = None, authorize: Authorize | None = None,
+                 local_host: str = "", on_change: Callable[[PeerLink], None] = lambda link: None) -> None:
         self.transport = transport
         self.sender = bytes.fromhex(node_id)
         self.stats = stats
-        self._peers: dict[str, _Peer] = {}
+        self.links = links or LinkTable()
+        self.handlers = handlers or {}
+        self.authorize = authorize or (lambda key, method: False)
+        self.local_host = local_host
+        self.on_change = on_change
+        self._peers: dict[str, PeerLink] = {}
 
     def sync(self, records: list[MemberRecord]) -> None:
         """Connect to new members, reconnect moved ones, drop those that left."""
@@ -33,36 +145,41 @@ class PeerSet:
             if node_id not in wanted or wanted[node_id].addresses[0] != self._peers[node_id].endpoint:
                 self._drop(node_id)
         for node_id, r in wanted.items():
-            if node_id not in self._peers:
-                sock = self.transport.client(r.addresses[0], r.curve_key)
-                client = RpcClient(sock, self.sender, self.stats)
-                task = asyncio.ensure_future(client.run())
-                self._peers[node_id] = _Peer(r.addresses[0], client, task)
+            if node_id in self._peers:
+                self._peers[node_id].record = r
+                continue
+            sock = self.transport.client(r.addresses[0], r.curve_key)
+            client = RpcClient(sock, self.sender, self.stats)
+            task = asyncio.ensure_future(client.run())
+            rpc = ChannelRpc(self.sender, self.handlers, self.authorize, self.stats)
+            link = PeerLink(r, client, task, rpc, self.links, self.local_host, self.on_change)
+            self._peers[node_id] = link
+            link.start_probe()
 
     def _drop(self, node_id: str) -> None:
-        peer = self._peers.pop(node_id)
-        peer.task.cancel()
-        self.transport.forget(peer.client.sock)
+        link = self._peers.pop(node_id)
+        link.close()
+        self.transport.forget(link.client.sock)
+        self.on_change(link)
 
     def ids(self) -> list[str]:
         return list(self._peers)
 
-    def get(self, node_id: str) -> RpcClient | None:
-        peer = self._peers.get(node_id)
-        return peer.client if peer else None
+    def get(self, node_id: str) -> PeerLink | None:
+        return self._peers.get(node_id)
 
-    def clients(self) -> list[RpcClient]:
-        return [p.client for p in self._peers.values()]
+    def clients(self) -> list[PeerLink]:
+        return list(self._peers.values())
 
     async def call_all(self, method: str, body: Any, timeout: float) -> dict[str, bool]:
-        async def one(node_id: str, client: RpcClient) -> tuple[str, bool]:
+        async def one(node_id: str, link: PeerLink) -> tuple[str, bool]:
             try:
-                await client.call(method, body, timeout=timeout)
+                await link.call(method, body, timeout=timeout)
                 return node_id, True
             except EdgemeshError:
                 return node_id, False
 
-        results = await asyncio.gather(*(one(n, p.client) for n, p in self._peers.items()))
+        results = await asyncio.gather(*(one(n, p) for n, p in self._peers.items()))
         return dict(results)
 
     async def close(self) -> None:

@@ -2,7 +2,9 @@
 
 Sockets: the mesh ROUTER on ``port`` (member keys only) and the join ROUTER on ``port + 1``
 (any key, join methods only). Tasks: the two servers, heartbeats (which also measure RTT),
-gossip of the membership view, link bandwidth probes, the device profile, LAN announcement.
+gossip of the membership view, link bandwidth probes, the device profile, LAN announcement,
+NAT traversal (ICE channels to members we cannot reach directly; see ``edgemesh.nat``) and,
+when configured, a coturn STUN/TURN server beside this node.
 The CLI talks to its own daemon over the mesh port with the node's own key; methods under
 ``admin.`` answer only that key.
 """
@@ -10,9 +12,11 @@ The CLI talks to its own daemon over the mesh port with the node's own key; meth
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -33,6 +37,9 @@ from edgemesh.mesh.profile import static_profile
 from edgemesh.mesh.records import MemberRecord, admit, sign_self
 from edgemesh.mesh.rpc import Call, Reply, RpcServer, RpcStats
 from edgemesh.mesh.view import MembershipView
+from edgemesh.nat.servers import IceServer, is_server_url, servers_from
+from edgemesh.nat.traversal import Traversal
+from edgemesh.nat.turn import TURN_PORT, coturn_argv, coturn_config, turn_secret
 from edgemesh.transport.zmq_link import ZmqTransport, tcp_endpoint
 from edgemesh.wire.schema import body_map, maybe, need
 from edgemesh.wire.tensor import TensorSpec
@@ -83,7 +90,16 @@ class NodeDaemon:
         self.links = LinkTable()
         self.stats = RpcStats()
         self.transport = ZmqTransport(self.key)
-        self.peers = PeerSet(self.transport, self.key.node_id, self.stats)
+        self.settings = state.load_settings()
+        # Channel handlers are the mesh handlers; the dict is filled once traversal exists.
+        self._handlers: dict[str, Any] = {}
+        self.peers = PeerSet(self.transport, self.key.node_id, self.stats, self.links, self._handlers,
+                             self._authorize, self.advertise)
+        self.traversal = Traversal(
+            self.key, self.cluster.cluster_id, self.peers, self._member_key, self._node_for_curve,
+            self._ice_servers, turn_secret(self.cluster.secret), self._refresh_view_via)
+        self._handlers.update(self._mesh_handlers())
+        self.turn_pid: int | None = None
         self.join_service = JoinService(self.cluster, self.key, self.view, self.clock, self._on_admit)
         from edgemesh.runtime.workers import WorkerManager
 
@@ -103,7 +119,7 @@ class NodeDaemon:
             mesh_sock = self.transport.server(tcp_endpoint(self.host, self.port), "mesh", self.view.is_member_curve_key)
             join_sock = self.transport.server(tcp_endpoint(self.host, self.port + 1), "join", lambda key: True)
             sender = bytes.fromhex(self.key.node_id)
-            mesh_server = RpcServer(mesh_sock, sender, self._mesh_handlers(), self.stats, self._authorize)
+            mesh_server = RpcServer(mesh_sock, sender, self._handlers, self.stats, self._authorize)
             join_server = RpcServer(join_sock, sender, self._join_handlers(), self.stats)
             self._write_daemon_record()
             self._install_signals()
@@ -118,6 +134,10 @@ class NodeDaemon:
                     tg.create_task(self._link_probe_loop())
                     tg.create_task(self._profile_task())
                     tg.create_task(self._persist_loop())
+                    tg.create_task(self._preload_ice())
+                    tg.create_task(self.traversal.run())
+                    if self.settings.get("turn") == "local":
+                        tg.create_task(self._turn_server())
                     if self.config.mdns:
                         tg.create_task(self._announce())
                     tg.create_task(self._wait_stop())
@@ -165,7 +185,7 @@ class NodeDaemon:
             version = max(version, previous.version + 1)
         record = MemberRecord(
             node_id=self.key.node_id, name=self.name, key=self.key.sign_public, version=version,
-            status="member", addresses=(tcp_endpoint(self.advertise, self.port),),
+            status="member", addresses=(tcp_endpoint(self.advertise, self.port), *self._published_servers()),
             join=(tcp_endpoint(self.advertise, self.port + 1),),
             # What psutil knows right away; the measured numbers (GFLOP/s, disk) follow.
             profile={**(previous.profile if previous else {}), **static_profile(), **self._declared_profile()},
@@ -250,6 +270,8 @@ class NodeDaemon:
             "gossip.sync": self._rpc_gossip_sync,
             "gossip.push": self._rpc_gossip_push,
             "link.probe": self._rpc_link_probe,
+            "nat.signal": self.traversal.rpc_signal,
+            "nat.poll": self.traversal.rpc_poll,
             "llm.start": self._rpc_llm_start,
             "llm.stop": self._rpc_llm_stop,
             "llm.jobs": self._rpc_llm_jobs,
@@ -333,7 +355,10 @@ class NodeDaemon:
                 "internal_errors": self.stats.internal_errors, "refused_calls": self.stats.refused,
                 "refused_connections": self.transport.refused_connections,
                 "refused_joins": self.join_service.refused, "rejected_records": self.view.rejected,
+                "refused_channels": self.traversal.stats.refused_channels,
             },
+            "nat": {**self.traversal.stats.to_json(), "turn_pid": self.turn_pid,
+                    "servers": [s.public_url for s in self._ice_servers() if s is not None]},
             "uptime": time.time() - self._started,
         }
 
@@ -429,6 +454,74 @@ class NodeDaemon:
         from edgemesh.mesh.discovery import announce
 
         await announce(self.cluster.cluster_id, self.key, self.name, self.advertise, self.port + 1)
+
+    # ---- NAT traversal -------------------------------------------------------
+    def _member_key(self, node_id: str) -> bytes | None:
+        r = self.view.get(node_id)
+        return r.key if r is not None and r.status == "member" else None
+
+    def _node_for_curve(self, curve_key: bytes) -> str | None:
+        r = self.view.node_for_curve_key(curve_key)
+        return r.node_id if r is not None and r.status == "member" else None
+
+    def _published_servers(self) -> list[str]:
+        """STUN/TURN URLs this node serves (coturn beside it), published in its record."""
+        if self.settings.get("turn") != "local":
+            return []
+        return [f"stun:{self.advertise}:{TURN_PORT}", f"turn:{self.advertise}:{TURN_PORT}"]
+
+    def _ice_servers(self) -> tuple[IceServer | None, IceServer | None]:
+        local = [*self.settings.get("stun_servers", []), *self.settings.get("turn_servers", [])]
+        published = [a for r in self.view.members() for a in r.addresses if is_server_url(a)]
+        return servers_from(local, published)
+
+    async def _refresh_view_via(self, node_id: str) -> None:
+        """Pull the view from ``node_id`` (a signal came from someone we do not know yet)."""
+        client = self.peers.get(node_id)
+        if client is None:
+            return
+        try:
+            body, _ = await client.call("gossip.sync", {"records": self.view.to_wire()}, timeout=2.0)
+            self._merge(need(body_map(body), "records", list, max_len=4096))
+        except EdgemeshError as exc:
+            log.debug("view refresh via %s failed: %s", node_id, exc)
+        self._sync_peers()
+
+    async def _preload_ice(self) -> None:
+        # aiortc takes ~0.5 s to import; do it off the loop now, not when the first peer needs ICE.
+        try:
+            await asyncio.to_thread(importlib.import_module, "aiortc")
+        except ImportError as exc:
+            log.error("aiortc is not installed: members behind NAT will be unreachable (%s)", exc)
+
+    async def _turn_server(self) -> None:
+        """Run coturn beside this node (``init --turn``), restarting it if it dies."""
+        binary = shutil.which("turnserver")
+        if binary is None:
+            log.error("`init --turn` asked for coturn but `turnserver` is not installed (apt-get install coturn)")
+            return
+        conf = self.state.file("turnserver.conf")
+        fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # holds the TURN secret
+        with os.fdopen(fd, "w") as fh:
+            fh.write(coturn_config(self.advertise, turn_secret(self.cluster.secret), self.state.file("turnserver.log")))
+        while True:
+            proc = await asyncio.create_subprocess_exec(
+                *coturn_argv(binary, conf), stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+            self.turn_pid = proc.pid
+            try:
+                code = await proc.wait()
+            finally:
+                if proc.returncode is None:
+                    proc.terminate()
+                    try:
+                        await asyncio.wait_for(proc.wait(), 3.0)
+                    except asyncio.TimeoutError:
+                        proc.kill()
+                        await proc.wait()
+                self.turn_pid = None
+            log.warning("coturn exited with code %s; restarting it in 5 s", code)
+            await asyncio.sleep(5.0)
 
 
 def _advertise_host(host: str) -> str:
