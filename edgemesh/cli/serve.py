@@ -101,6 +101,7 @@ def launch(
     opts = _options(nodes, on, max_seq_len, timeout, algo, compression)
 
     async def main() -> None:
+        _stop_on_signals()
         deployment = await _deploy(state_dir, model, store, opts)
         engine = _engine(deployment)
         ready = asyncio.Event()
@@ -118,8 +119,22 @@ def launch(
 
     try:
         asyncio.run(main())
-    except KeyboardInterrupt:
-        err.print("stopped")
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        pass
+    err.print("stopped; the workers were released")
+
+
+def _stop_on_signals() -> None:
+    """SIGTERM and SIGINT cancel the main task, so every `finally` runs (workers are told to
+    stop, sockets closed). Installed explicitly: a shell starts background jobs with SIGINT
+    ignored, and Python's default SIGTERM would skip all cleanup."""
+    import signal
+
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, task.cancel)
 
 
 @app.command()
@@ -142,6 +157,7 @@ def generate(
     params = SamplingParams(temperature=temperature, seed=seed)
 
     async def main() -> None:
+        _stop_on_signals()
         deployment = await _deploy(state_dir, model, store, opts)
         engine = _engine(deployment)
         try:
@@ -169,4 +185,69 @@ def generate(
             await asyncio.to_thread(engine.close)
             await deployment.close()
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        err.print("interrupted")
+        raise typer.Exit(130) from None
+
+
+@app.command()
+def ask(
+    question: str = typer.Argument(..., help="What to ask."),
+    url: str = typer.Option("http://127.0.0.1:8000/v1", "--url", help="Base URL of an OpenAI-compatible API."),
+    model: Optional[str] = typer.Option(None, "--model", help="Model id (default: the server's first model)."),
+    max_tokens: int = typer.Option(128, "--max-tokens"),
+    wait: float = typer.Option(0.0, "--wait", help="Seconds to wait for the server to come up."),
+) -> None:
+    """Ask a running server one chat question; stream the answer and report the latency."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    from edgemesh.errors import EdgemeshError
+
+    base = url.rstrip("/")
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            with urllib.request.urlopen(base + "/models", timeout=5) as r:
+                models = [m["id"] for m in json.load(r)["data"]]
+            break
+        except (OSError, ValueError, KeyError) as exc:
+            if time.monotonic() >= deadline:
+                raise EdgemeshError(f"no OpenAI-compatible server answers at {base} ({exc})") from None
+            time.sleep(0.5)
+    model = model or models[0]
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": question}],
+                       "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                       "stream_options": {"include_usage": True}}).encode()
+    req = urllib.request.Request(base + "/chat/completions", data=body, headers={"Content-Type": "application/json"})
+    t0 = time.perf_counter()
+    stamps: list[float] = []
+    usage = None
+    try:
+        with urllib.request.urlopen(req, timeout=600) as resp:
+            for raw in resp:
+                line = raw.decode().strip()
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    raise EdgemeshError(f"the server failed: {chunk['error'].get('message')}")
+                usage = chunk.get("usage") or usage
+                for choice in chunk.get("choices", []):
+                    piece = (choice.get("delta") or {}).get("content")
+                    if piece:
+                        stamps.append(time.perf_counter())
+                        sys.stdout.write(piece)
+                        sys.stdout.flush()
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode(errors="replace")[:300]
+        raise EdgemeshError(f"the server refused the question ({exc.code}): {detail}") from None
+    print()
+    if stamps:
+        n = (usage or {}).get("completion_tokens") or len(stamps)
+        per = (stamps[-1] - stamps[0]) * 1000 / max(n - 1, 1)
+        err.print(f"{model}: {n} tokens; first token after {(stamps[0] - t0) * 1000:.0f} ms; "
+                  f"{per:.1f} ms/token after that")

@@ -116,7 +116,7 @@ def test_killed_worker_fails_the_request_with_503_then_the_next_succeeds(cluster
         # Re-planned over the two members left.
         assert len(_worker_pids(sds[1].path)) == 1
     finally:
-        server.send_signal(signal.SIGINT)
+        server.send_signal(signal.SIGTERM)
         try:
             out, _ = server.communicate(timeout=20)
         except subprocess.TimeoutExpired:
