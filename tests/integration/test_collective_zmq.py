@@ -25,7 +25,7 @@ from edgemesh.errors import AuthError, ProtocolError
 from edgemesh.wire.envelope import Envelope, Kind, encode_envelope
 from edgemesh.wire.tensor import TensorSpec
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.integration
 
 LOCAL = "tcp://127.0.0.1:0"
 
