@@ -25,6 +25,8 @@ def _register() -> None:
     from edgemesh.cli import bench  # noqa: F401  (bench …)
     from edgemesh.cli import bench_rpc  # noqa: F401  (bench rpc)
     from edgemesh.cli import bench_allreduce  # noqa: F401  (bench allreduce)
+    from edgemesh.cli import bench_generate  # noqa: F401  (bench generate)
+    from edgemesh.cli import bench_join  # noqa: F401  (bench join)
     from edgemesh.cli import testbed  # noqa: F401  (testbed …)
     from edgemesh.cli import model  # noqa: F401  (model …, plan)
     from edgemesh.cli import serve  # noqa: F401  (launch, generate)

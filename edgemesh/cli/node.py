@@ -6,6 +6,7 @@ import asyncio
 import errno
 import json
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -36,6 +37,8 @@ NameOpt = typer.Option(None, "--name", help="A human-friendly node name (default
 DetachOpt = typer.Option(False, "--detach", "-d", help="Run the daemon in the background and return.")
 MdnsOpt = typer.Option(True, "--mdns/--no-mdns", help="Announce the cluster on the LAN by mDNS (never the secret).")
 ProfileOpt = typer.Option(None, "--profile", help="Declared device profile (nodes/*.toml) published beside the measured one.")
+StunOpt = typer.Option(None, "--stun-server", help="STUN server for NAT traversal, stun:HOST[:PORT] (repeatable).")
+TurnUrlOpt = typer.Option(None, "--turn-server", help="Existing TURN server, turn:[USER:PASS@]HOST[:PORT]; without USER:PASS it must use the cluster's TURN REST secret (repeatable).")
 
 
 def resolve_state(state_dir: Optional[Path]) -> StateDir:
@@ -69,8 +72,13 @@ def _check_port_free(host: str, port: int) -> None:
 
 
 def _settings(state: StateDir, host: Optional[str], port: Optional[int], advertise: Optional[str], mdns: bool,
-              profile: Optional[Path] = None) -> dict[str, Any]:
+              profile: Optional[Path] = None, stun: Optional[list[str]] = None, turn_servers: Optional[list[str]] = None,
+              turn: Optional[bool] = None) -> dict[str, Any]:
     saved = state.load_settings()
+    from edgemesh.nat.servers import parse_server
+
+    for url in [*(stun or []), *(turn_servers or [])]:
+        parse_server(url)  # a typo fails here, with the URL in the message
     if profile is not None:
         from edgemesh.config import load_toml
 
@@ -82,6 +90,9 @@ def _settings(state: StateDir, host: Optional[str], port: Optional[int], adverti
         "advertise": advertise or saved.get("advertise"),
         "mdns": mdns if not saved or mdns is False else saved.get("mdns", True),
         "profile": str(profile) if profile else saved.get("profile"),
+        "stun_servers": list(stun) if stun else saved.get("stun_servers", []),
+        "turn_servers": list(turn_servers) if turn_servers else saved.get("turn_servers", []),
+        "turn": "local" if turn else saved.get("turn"),
     }
     if settings["advertise"] is None:
         from edgemesh.runtime.daemon import _advertise_host
@@ -130,6 +141,8 @@ def init(
     mdns: bool = MdnsOpt, profile: Optional[Path] = ProfileOpt,
     token_file: Optional[Path] = typer.Option(None, "--token-file", help="Also write the join token to this file (0600)."),
     no_start: bool = typer.Option(False, "--no-start", help="Create the cluster but do not start the daemon."),
+    turn: bool = typer.Option(False, "--turn", help="Run coturn (STUN + TURN relay) beside this node for members behind NAT; credentials derive from the cluster secret."),
+    stun_server: Optional[list[str]] = StunOpt, turn_server: Optional[list[str]] = TurnUrlOpt,
 ) -> None:
     """Create a new cluster with this device as its first member, print the join token, start the daemon."""
     state = StateDir(state_dir or default_state_dir())
@@ -139,7 +152,11 @@ def init(
         raise ConfigError(
             f"{state.path} is already a member of cluster {existing.cluster_id}; run `edgemesh start` "
             "to start it, or pass another --state-dir")
-    settings = _settings(state, host, port, advertise, mdns, profile)
+    if turn and shutil.which("turnserver") is None:
+        raise ConfigError("--turn needs coturn (`apt-get install coturn`), or point at an existing server with --turn-server")
+    settings = _settings(state, host, port, advertise, mdns, profile, stun_server, turn_server, turn)
+    if turn and settings["advertise"] in ("0.0.0.0", "127.0.0.1", "::"):
+        raise ConfigError("--turn needs an address other members can reach: pass --advertise or --host")
     if not no_start:
         from edgemesh.runtime.launcher import ensure_not_running
 
@@ -163,6 +180,7 @@ def join(
     advertise: Optional[str] = AdvOpt, name: Optional[str] = NameOpt, detach: bool = DetachOpt,
     mdns: bool = MdnsOpt, profile: Optional[Path] = ProfileOpt,
     no_start: bool = typer.Option(False, "--no-start", help="Join but do not start the daemon."),
+    stun_server: Optional[list[str]] = StunOpt, turn_server: Optional[list[str]] = TurnUrlOpt,
 ) -> None:
     """Join an existing cluster with a token, then run the daemon."""
     token = token or os.environ.get("EDGEMESH_TOKEN")
@@ -172,7 +190,7 @@ def join(
     state = StateDir(state_dir or default_state_dir())
     state.ensure()
     existing = state.load_cluster()
-    settings = _settings(state, host, port, advertise, mdns, profile)
+    settings = _settings(state, host, port, advertise, mdns, profile, stun_server, turn_server)
     if existing is not None:
         if existing.cluster_id != parsed.cluster_id:
             raise ConfigError(
@@ -339,15 +357,22 @@ def status(
         )
     out.print(t)
     if links:
-        lt = Table(title="links from this node")
-        for col in ("peer", "path", "RTT ms", "Mbit/s", "since"):
+        lt = Table(title="links from this node (path: lan | direct | punched | relayed)")
+        for col in ("peer", "path", "RTT ms", "Mbit/s", "since", "changes"):
             lt.add_column(col)
         for m in data["members"]:
             link = m.get("links") or {}
             if link:
-                lt.add_row(m["name"], link.get("path", "-"), str(link.get("rtt_ms")), str(link.get("mbps")),
-                           time.strftime("%H:%M:%S", time.localtime(link.get("since", 0))))
+                rtt, mbps = link.get("rtt_ms"), link.get("mbps")
+                lt.add_row(m["name"], link.get("path") or "[red]none[/]", "-" if rtt is None else f"{rtt:.2f}",
+                           "-" if mbps is None else f"{mbps:.1f}",
+                           time.strftime("%H:%M:%S", time.localtime(link.get("since", 0))), str(link.get("changes", 0)))
         out.print(lt)
+        nat = data.get("nat") or {}
+        if nat:
+            err.print(f"NAT traversal: servers {', '.join(nat.get('servers') or []) or 'none'}; "
+                      f"{nat.get('sessions', 0)} ICE sessions, {nat.get('refused_channels', 0)} refused channels"
+                      + (f"; coturn pid {nat['turn_pid']}" if nat.get("turn_pid") else ""))
 
 
 @app.command()

@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 FIRST_PROBE = 0.4  # s: long enough for a TCP + CURVE handshake across a continent's worth of RTT
 REPROBE_EVERY = 10.0  # s: how often a peer we reach only by ICE is tried directly again
 DIRECT_FAILURES = 2  # consecutive timeouts before a direct path is given up
+# Where home routers and carriers put the hosts they translate (RFC 1918, RFC 6598).
+_NATTED = tuple(ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10"))
 
 
 def _host_of(endpoint: str) -> str:
@@ -51,6 +53,7 @@ class PeerLink:
         self.rpc = rpc
         self.links = links
         self.direct: bool | None = None  # None: not tried yet
+        self.local_host = local_host
         self.direct_path = "lan" if same_subnet(_host_of(self.endpoint), local_host) else "direct"
         self.ice_path: str | None = None
         self._failures = 0
@@ -82,8 +85,19 @@ class PeerLink:
     def start_probe(self) -> None:
         self._probe = asyncio.ensure_future(self._probe_loop())
 
+    def _hopeless(self) -> bool:
+        """A private address outside our subnet: behind someone's NAT, almost surely."""
+        host = _host_of(self.endpoint)
+        try:
+            addr = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        return any(addr in net for net in _NATTED) and not same_subnet(host, self.local_host)
+
     async def _probe_loop(self) -> None:
         timeout = FIRST_PROBE
+        if self._hopeless():
+            self._set_direct(False)  # start ICE now; the probe below may still prove us wrong
         while True:
             if not self.direct:
                 try:
@@ -132,7 +146,7 @@ class PeerSet:
         self.sender = bytes.fromhex(node_id)
         self.stats = stats
         self.links = links or LinkTable()
-        self.handlers = handlers or {}
+        self.handlers = handlers if handlers is not None else {}
         self.authorize = authorize or (lambda key, method: False)
         self.local_host = local_host
         self.on_change = on_change

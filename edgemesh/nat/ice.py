@@ -40,7 +40,8 @@ class LocalOffer:
 
 
 def path_of(local_type: str, remote_type: str, local_host: str, remote_host: str) -> str:
-    """The link table's name for a selected candidate pair."""
+    """The link table's name for a selected candidate pair. Host candidates in different subnets
+    still count as punched: one of them may sit behind a NAT that the check went through."""
     if "relay" in (local_type, remote_type):
         return "relayed"
     if local_type == "host" and remote_type == "host":
@@ -49,8 +50,23 @@ def path_of(local_type: str, remote_type: str, local_host: str, remote_host: str
                 f"{remote_host}/24", strict=False)
         except ValueError:
             same = False
-        return "lan" if same else "direct"
+        if same:
+            return "lan"
     return "punched"
+
+
+class _FirstNomination(dict):  # type: ignore[type-arg]
+    """aioice's map of selected pairs, frozen at the first nomination.
+
+    With aggressive nomination every later successful check re-nominates, so a late check on a
+    relay pair can move one side's traffic to a path the other side's NAT filters (seen behind
+    symmetric NAT: the channel went silent seconds after it came up). Both sides keep the first
+    pair they agreed on; anything better comes from a later session (see ``traversal``).
+    """
+
+    def __setitem__(self, key: object, value: object) -> None:
+        if key not in self:
+            super().__setitem__(key, value)
 
 
 class IceChannel:
@@ -100,6 +116,7 @@ class IceChannel:
 
         self._ice = RTCIceTransport(self.gatherer)
         self._ice._connection.ice_controlling = controlling
+        self._ice._connection._nominated = _FirstNomination()
         for c in candidates:
             try:
                 cand = candidate_from_sdp(c)

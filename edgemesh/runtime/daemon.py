@@ -111,6 +111,7 @@ class NodeDaemon:
 
     # ---- lifecycle -----------------------------------------------------------
     async def run(self) -> None:
+        logging.getLogger("aioice").setLevel(logging.WARNING)  # one line per ICE check otherwise
         self._load_view()
         self.me = self._fresh_self_record(self.view.get(self.key.node_id))
         self.view.merge([self.me])
@@ -270,6 +271,8 @@ class NodeDaemon:
             "gossip.sync": self._rpc_gossip_sync,
             "gossip.push": self._rpc_gossip_push,
             "link.probe": self._rpc_link_probe,
+            "link.digest": self._rpc_link_digest,
+            "admin.link_test": self._rpc_admin_link_test,
             "nat.signal": self.traversal.rpc_signal,
             "nat.poll": self.traversal.rpc_poll,
             "llm.start": self._rpc_llm_start,
@@ -300,6 +303,40 @@ class NodeDaemon:
 
     async def _rpc_link_probe(self, call: Call) -> Any:
         return {"bytes": sum(spec.nbytes for spec, _ in call.tensors)}
+
+    async def _rpc_link_digest(self, call: Call) -> Any:
+        import hashlib
+
+        return {"sha256": [hashlib.sha256(view).digest() for _, view in call.tensors]}
+
+    async def _rpc_admin_link_test(self, call: Call) -> Any:
+        """RTT (median of pings) and one transfer of ``bytes`` random bytes to ``node``, checked
+        end to end by digest, over whatever path the link uses now."""
+        import hashlib
+        import statistics
+
+        body = body_map(call.body)
+        node = need(body, "node", str, max_len=64)
+        nbytes = min(max(need(body, "bytes", int), 1), 256 * 2**20)
+        client = self.peers.get(node)
+        if client is None:
+            raise RpcError(f"{node} is not a peer of this node", "unknown_peer")
+        path = self.links.path(node)
+        rtts = []
+        for _ in range(maybe(body, "pings", int, 10)):
+            start = time.perf_counter()
+            await client.call("ping", {}, timeout=5.0)
+            rtts.append((time.perf_counter() - start) * 1000)
+        payload = os.urandom(nbytes)
+        start = time.perf_counter()
+        reply, _ = await client.call("link.digest", {}, tensors=[(TensorSpec("uint8", (nbytes,)), payload)],
+                                     timeout=maybe(body, "timeout", float, 60.0))
+        seconds = time.perf_counter() - start
+        digests = need(body_map(reply), "sha256", list)
+        return {"node": node, "path": path, "path_after": self.links.path(node), "bytes": nbytes,
+                "seconds": seconds, "mbytes_per_s": nbytes / seconds / 1e6,
+                "rtt_ms": statistics.median(rtts) if rtts else None,
+                "intact": digests == [hashlib.sha256(payload).digest()]}
 
     async def _rpc_llm_start(self, call: Call) -> Any:
         from edgemesh.runtime.jobs import JobSpec

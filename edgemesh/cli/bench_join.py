@@ -1,0 +1,222 @@
+"""CLI: `edgemesh bench join` — join-to-connected per pair and path, across the testbed's NATs.
+
+Brings the scenario up (root), starts the bootstrap with `init --turn` (coturn beside it), has
+every other device `edgemesh join` one after the other, and reads each pair's ``connected_at``
+from both daemons: seconds from the start of that device's `edgemesh join` command until both
+ends of the pair have a working path. Then measures RTT and a checked transfer per path type.
+``NatBed`` is also what the testbed tests drive.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import shutil
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from edgemesh.cli.bench import bench_app
+from edgemesh.errors import EdgemeshError
+
+CONE_SITES = ("full-cone", "restricted", "port-restricted", "none")
+
+
+class NatBed:
+    """A testbed with edgemesh daemons on every device; ``close()`` tears everything down."""
+
+    def __init__(self, scenario_path: Path, nodes_dir: Path | None = None, run_root: Path | None = None) -> None:
+        from edgemesh.testbed.host import probe_host
+        from edgemesh.testbed.lifecycle import up
+        from edgemesh.testbed.naming import Names
+        from edgemesh.testbed.scenario import load_scenario
+
+        kwargs = {"nodes_dir": nodes_dir} if nodes_dir is not None else {}
+        self.scenario = load_scenario(scenario_path, **kwargs)
+        self._tmp = None if run_root else Path(tempfile.mkdtemp(prefix="em-natbed-"))
+        self.names = Names("j" + secrets.token_hex(2), run_root or self._tmp)  # type: ignore[arg-type]
+        self.caps = probe_host()
+        self.state = up(self.scenario, self.names, self.caps)
+        from edgemesh.testbed.addressing import AddressPlan
+
+        self.plan = AddressPlan(self.scenario)
+        self.token = ""
+        self.started: list[str] = []
+
+    # ---- running things in devices ---------------------------------------------
+    def em(self, device: str, *args: str, timeout: float = 30.0, check: bool = True) -> str:
+        from edgemesh.testbed.lifecycle import run_in_device
+
+        res = run_in_device(self.scenario, self.names, self.caps, device, ["edgemesh", *args], capture=True,
+                            timeout=timeout)
+        if check and res.returncode != 0:
+            raise EdgemeshError(f"`edgemesh {args[0]}` on {device} failed: {(res.stderr or res.stdout).strip()[-500:]}")
+        return res.stdout
+
+    def state_dir(self, device: str) -> str:
+        from edgemesh.testbed.lifecycle import daemon_state_dir
+
+        return str(daemon_state_dir(self.names, device))
+
+    def common(self, device: str) -> list[str]:
+        return ["--state-dir", self.state_dir(device), "--host", str(self.plan.device_address(device)),
+                "--port", "7700", "--name", device, "--detach", "--no-mdns"]
+
+    def nat_of(self, device: str) -> str:
+        return self.scenario.site(self.scenario.device(device).site).nat.value
+
+    def bootstrap(self) -> None:
+        first = self.scenario.devices[0].name
+        token_file = self.names.run_dir / "join-token"
+        self.state.set_daemon(first, self.state_dir(first))
+        self.em(first, "init", *self.common(first), "--turn", "--token-file", str(token_file))
+        self.token = token_file.read_text().strip()
+        self.started.append(first)
+
+    def join(self, device: str) -> float:
+        """Run `edgemesh join` in ``device``; returns the wall time it started."""
+        self.state.set_daemon(device, self.state_dir(device))
+        t0 = time.time()
+        self.em(device, "join", self.token, *self.common(device))
+        self.started.append(device)
+        return t0
+
+    def status(self, device: str) -> dict[str, Any]:
+        return json.loads(self.em(device, "status", "--state-dir", self.state_dir(device), "--json"))
+
+    def statuses(self, devices: list[str] | None = None) -> dict[str, dict[str, Any]]:
+        devices = devices or list(self.started)
+        with ThreadPoolExecutor(len(devices)) as pool:
+            return dict(zip(devices, pool.map(self.status, devices)))
+
+    @staticmethod
+    def links_by_name(status: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        return {m["name"]: (m.get("links") or {}) for m in status["members"] if not m.get("self")}
+
+    def wait_connected(self, devices: list[str], timeout: float = 20.0, after: float = 0.0,
+                       settle: float = 2.5) -> dict[str, dict[str, Any]]:
+        """Statuses once every pair among ``devices`` has a path both ways, established after ``after``."""
+        time.sleep(settle)  # polling with CLIs costs CPU the daemons need: look rarely
+        deadline = time.monotonic() + timeout
+        while True:
+            st = self.statuses(devices)
+            if all(self._pair_ok(st, a, b, after) for a in devices for b in devices if a != b):
+                return st
+            if time.monotonic() > deadline:
+                raise EdgemeshError("not every pair connected: " + json.dumps(
+                    {a: {b: l.get("path") for b, l in self.links_by_name(s).items()} for a, s in st.items()}))
+            time.sleep(1.0)
+
+    def _pair_ok(self, st: dict[str, dict[str, Any]], a: str, b: str, after: float) -> bool:
+        link = self.links_by_name(st[a]).get(b) or {}
+        return bool(link.get("path")) and (link.get("since") or 0) >= after
+
+    def link_test(self, a: str, b: str, nbytes: int, pings: int = 10) -> dict[str, Any]:
+        st = self.status(a)
+        node = next(m["id"] for m in st["members"] if m["name"] == b)
+        # The control socket is a's address, inside a's namespace: call it from a helper there.
+        code = ("import json,sys;from edgemesh.identity.statedir import StateDir;from edgemesh.runtime.control import control;"
+                f"print(json.dumps(control(StateDir({self.state_dir(a)!r}),'admin.link_test',"
+                f"{{'node':{node!r},'bytes':{nbytes},'pings':{pings}}},timeout=120.0)))")
+        from edgemesh.testbed.lifecycle import run_in_device
+
+        res = run_in_device(self.scenario, self.names, self.caps, a, [self.caps.python, "-c", code],
+                            capture=True, timeout=150)
+        if res.returncode != 0:
+            raise EdgemeshError(f"link test {a}->{b} failed: {res.stderr.strip()[-500:]}")
+        return json.loads(res.stdout)
+
+    def close(self) -> None:
+        from edgemesh.testbed.lifecycle import edgemesh_argv
+        from edgemesh.testbed.teardown import teardown
+
+        teardown(self.names, self.caps.cgroups, edgemesh_argv(self.caps.python))
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+def pair_rows(st: dict[str, dict[str, Any]], new: str, t0: float) -> list[dict[str, Any]]:
+    """One row per pair (new, other): path both ways and seconds from the join until connected."""
+    rows = []
+    for other in st:
+        if other == new:
+            continue
+        ab = NatBed.links_by_name(st[new]).get(other) or {}
+        ba = NatBed.links_by_name(st[other]).get(new) or {}
+        at = [x.get("connected_at") for x in (ab, ba)]
+        seconds = max(at) - t0 if all(isinstance(x, (int, float)) for x in at) else None
+        rank = {"lan": 0, "direct": 1, "punched": 2, "relayed": 3}
+        paths = [ab.get("path"), ba.get("path")]
+        worst = max(paths, key=lambda p: rank.get(p or "", 9))
+        rows.append({"a": new, "b": other, "path": worst, "path_ab": paths[0], "path_ba": paths[1],
+                     "seconds": None if seconds is None else round(seconds, 3)})
+    return rows
+
+
+@bench_app.command("join")
+def bench_join(
+    scenario: Path = typer.Option(Path("emulation/nat-mix.toml"), "--scenario", help="Testbed scenario (needs root)."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results to this JSON file."),
+    mib: int = typer.Option(10, "--mib", help="MiB per checked transfer, per path type."),
+) -> None:
+    """Join every device across the scenario's NATs; time to connected per pair and path; RTT and
+    throughput per path type."""
+    console = Console(stderr=True)
+    bed = NatBed(scenario)
+    try:
+        with console.status("bootstrap (init --turn)…") as st:
+            bed.bootstrap()
+            pairs: list[dict[str, Any]] = []
+            for dev in [d.name for d in bed.scenario.devices[1:]]:
+                st.update(f"{dev} joins…")
+                t0 = bed.join(dev)
+                statuses = bed.wait_connected(list(bed.started))
+                pairs += pair_rows(statuses, dev, t0)
+            st.update("RTT and transfers per path type…")
+            statuses = bed.statuses()
+            per_path: dict[str, dict[str, Any]] = {}
+            for a, s in statuses.items():
+                for b, link in NatBed.links_by_name(s).items():
+                    path = link.get("path")
+                    if path and path not in per_path:
+                        per_path[path] = bed.link_test(a, b, mib * 2**20)
+                        per_path[path]["pair"] = [a, b]
+    finally:
+        bed.close()
+
+    def max_for(sym: bool) -> float | None:
+        vals = [p["seconds"] for p in pairs if p["seconds"] is not None
+                and ((bed.nat_of(p["a"]) == "symmetric" or bed.nat_of(p["b"]) == "symmetric") == sym)]
+        return max(vals) if vals else None
+
+    result = {
+        "scenario": str(scenario), "pairs": pairs,
+        "max_seconds_cone": max_for(False), "max_seconds_symmetric": max_for(True),
+        "paths": {k: {"pair": v["pair"], "rtt_ms": round(v["rtt_ms"], 3), "mbytes_per_s": round(v["mbytes_per_s"], 2),
+                      "bytes": v["bytes"], "intact": v["intact"]} for k, v in per_path.items()},
+        "targets": {"max_seconds_cone": 2.0, "max_seconds_symmetric": 3.0},
+        "measured_from": "start of each device's `edgemesh join` command (CLI start, join handshake, daemon start)",
+    }
+    t = Table(title="join to connected (both directions), per pair")
+    for col in ("a", "b", "NATs", "path a->b", "path b->a", "seconds"):
+        t.add_column(col)
+    for p in pairs:
+        t.add_row(p["a"], p["b"], f"{bed.nat_of(p['a'])}/{bed.nat_of(p['b'])}", str(p["path_ab"]), str(p["path_ba"]),
+                  "-" if p["seconds"] is None else f"{p['seconds']:.2f}")
+    Console().print(t)
+    t2 = Table(title=f"per path type: RTT and a {mib} MiB transfer (sha256 checked)")
+    for col in ("path", "pair", "RTT ms", "MB/s", "intact"):
+        t2.add_column(col)
+    for k, v in result["paths"].items():
+        t2.add_row(k, " -> ".join(v["pair"]), f"{v['rtt_ms']:.2f}", f"{v['mbytes_per_s']:.1f}", str(v["intact"]))
+    Console().print(t2)
+    console.print(f"max seconds: cone/restricted {result['max_seconds_cone']}, symmetric {result['max_seconds_symmetric']}")
+    if json_path:
+        json_path.write_text(json.dumps(result, indent=1))
+        console.print(f"wrote {json_path}")
