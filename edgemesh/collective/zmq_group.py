@@ -90,6 +90,11 @@ class ZmqCollective:
     def refused_connections(self) -> int:
         return self._links.refused_connections
 
+    @property
+    def wire_bytes(self) -> tuple[int, int]:
+        """(sent, received) data-plane bytes of this rank so far."""
+        return self._links.bytes_sent, self._links.bytes_received
+
     # ----------------------------------------------------------------- the Collective protocol
 
     def choice(self, nbytes: int) -> Choice:

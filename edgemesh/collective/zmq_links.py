@@ -116,6 +116,10 @@ class PeerLinks:
         self._inbox: dict[int, deque[list[Any]]] = {}
         self._lost: set[int] = set()
         self._closed = False
+        # Application bytes (all frames of data-plane messages) this rank sent and received:
+        # what `bench generate` reports as bytes on the wire per token.
+        self.bytes_sent = 0
+        self.bytes_received = 0
 
     # ----------------------------------------------------------------- construction
 
@@ -284,6 +288,7 @@ class PeerLinks:
 
     def send(self, peer: int, frames: Sequence[Any]) -> None:
         """Queue a multipart message to ``peer`` (large frames are not copied)."""
+        self.bytes_sent += sum(_frame_len(f) for f in frames)
         try:
             if peer < self.rank:
                 self._dealers[peer].send_multipart(frames, copy=False)
@@ -312,6 +317,7 @@ class PeerLinks:
                     continue
                 if not _is_ping(frames):
                     self._raise_if_abort(peer, frames)
+                    self.bytes_received += sum(len(f) for f in frames)
                     return frames
         inbox = self._inbox[peer]
         while not inbox:
@@ -325,7 +331,9 @@ class PeerLinks:
                 continue  # not a member's data (the ROUTER only admits members; be strict anyway)
             self._raise_if_abort(sender, frames[1:])
             self._inbox[sender].append(frames[1:])
-        return inbox.popleft()
+        frames = inbox.popleft()
+        self.bytes_received += sum(len(f) for f in frames)
+        return frames
 
     def abort(self, reason: str) -> None:
         """Best effort: tell every member still connected that this rank gave up on the group."""
@@ -412,6 +420,12 @@ def _common_options(sock: zmq.Socket, linger_ms: int) -> None:
     sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
     sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
     sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+
+
+def _frame_len(frame: Any) -> int:
+    if isinstance(frame, (bytes, bytearray, zmq.Frame)):
+        return len(frame)
+    return memoryview(frame).nbytes
 
 
 def _is_ping(frames: Sequence[Any]) -> bool:

@@ -142,7 +142,7 @@ class Deployment:
             self._server_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._server_task
-        self.transport.close()
+        await self.transport.aclose()
 
     # ---- deploy --------------------------------------------------------------------
     async def deploy(self) -> Participant:
@@ -288,6 +288,20 @@ def is_cluster_failure(exc: Exception) -> bool:
     from edgemesh.collective.errors import CollectiveError
 
     return isinstance(exc, CollectiveError)
+
+
+def probe_allreduce(model: Participant, n: int) -> list[float]:
+    """Master: time ``n`` allreduces of one decode step's hidden state through the live group
+    (the workers follow a ``probe`` op). Seconds per allreduce."""
+    h = model.config.hidden_size
+    model.collective.broadcast_meta({"op": "probe", "n": n, "numel": h})
+    x = torch.zeros(1, 1, h)
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        model.collective.allreduce_sum(x)
+        out.append(time.perf_counter() - t)
+    return out
 
 
 def keepalive(model: Participant) -> None:

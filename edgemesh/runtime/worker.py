@@ -138,6 +138,14 @@ def run_job(state: StateDir, spec: JobSpec, host: str) -> int:
                 if op == "stop":
                     log.info("stopped by the master")
                     return 0
+                if op == "probe":  # `bench generate`: time allreduces of one decode step's size
+                    n, numel = meta.get("n"), meta.get("numel")
+                    if not isinstance(n, int) or not isinstance(numel, int) or not (0 < n <= 10_000 and 0 < numel <= 1 << 24):
+                        raise EdgemeshError("bad probe from the master")
+                    probe = torch.zeros(1, 1, numel)
+                    for _ in range(n):
+                        group.allreduce_sum(probe)
+                    continue
                 if op != "forward":
                     raise EdgemeshError(f"unknown op from the master: {op!r}")
                 start_pos = meta.get("start_pos")

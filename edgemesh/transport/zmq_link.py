@@ -8,6 +8,7 @@ anyone who knows the server key, so a server socket cannot be made without a dom
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 from typing import Callable
@@ -113,6 +114,19 @@ class ZmqTransport:
         if sock in self._sockets:
             self._sockets.remove(sock)
         sock.close(LINGER_MS)
+
+    async def aclose(self) -> None:
+        """Close from inside the event loop. The ZAP handler's poll task is only *cancelled* by
+        stop(); its cleanup removes the loop's reader for the ZAP socket's fd one iteration
+        later. If the fd was closed and reused by a new transport's ZAP socket by then, the new
+        reader is removed instead and every later CURVE handshake hangs. So: stop, let the
+        cancellation run, then close."""
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
+            for _ in range(3):
+                await asyncio.sleep(0)
+        self.close()
 
     def close(self) -> None:
         for sock in self._sockets:

@@ -1,0 +1,57 @@
+"""CLI: `edgemesh bench generate MODEL --nodes N` — decode speed, N devices vs one vs the bound."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from edgemesh.cli.bench import bench_app
+from edgemesh.errors import ConfigError
+
+
+@bench_app.command("generate")
+def bench_generate(
+    model: str = typer.Argument(..., help="A model in the store."),
+    nodes: int = typer.Option(3, "--nodes", "-n", help="Members to split over (this one included)."),
+    tokens: int = typer.Option(32, "--tokens", help="Decode steps to time (median reported)."),
+    prompt_tokens: int = typer.Option(16, "--prompt-tokens", help="Prompt length (token ids)."),
+    state_dir: Optional[Path] = typer.Option(None, "--state-dir"),
+    store: Optional[Path] = typer.Option(None, "--store"),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results to this JSON file."),
+) -> None:
+    """TTFT, ms/token, tokens/s and bytes/token on N members, against one device and the analytic bound."""
+    from edgemesh.cli.model import default_store_dir
+    from edgemesh.cli.node import resolve_state
+    from edgemesh.runtime.bench_generate import bench
+    from edgemesh.weights.store import ModelStore
+
+    if tokens < 2 or prompt_tokens < 1 or nodes < 2:
+        raise ConfigError("--tokens ≥ 2, --prompt-tokens ≥ 1 and --nodes ≥ 2 please")
+    entry = ModelStore(store or default_store_dir()).get(model)
+    prompt = [(i * 7 + 3) % entry.config.vocab_size for i in range(prompt_tokens)]
+    err = Console(stderr=True)
+    with err.status("…") as st:
+        r = asyncio.run(bench(resolve_state(state_dir), entry, nodes, prompt, tokens, 2048,
+                              progress=lambda m: st.update(m)))
+    t = Table(title=f"{r['model']}: decode, {r['tokens']} tokens after a {r['prompt_tokens']}-token prompt")
+    for col in ("", "TTFT ms", "ms/token", "tokens/s", "bytes/token"):
+        t.add_column(col)
+    t.add_row("1 device", f"{r['single_ttft_ms']:.0f}", f"{r['single_ms_per_token']:.1f}", f"{r['single_tokens_per_s']:.1f}", "-")
+    t.add_row(f"{r['nodes']} devices", f"{r['ttft_ms']:.0f}", f"{r['ms_per_token']:.1f}", f"{r['tokens_per_s']:.1f}",
+              f"{r['bytes_per_token']:,}")
+    bound = r["bound_ms_per_token"]
+    t.add_row("bound", "", f"{bound:.1f}" if bound else "-", "", f"{r['bytes_per_token_theory']:,} (theory)")
+    Console().print(t)
+    err.print(f"bound = slowest slice {r['largest_slice_compute_ms']} ms (rank {r['largest_slice_rank']}) + 2·L × star "
+              f"{r['star_allreduce_us']} µs; ms/token / bound = {r['ms_per_token'] / bound:.2f} (target ≤ 1.25); "
+              f"bytes / theory = {r['bytes_per_token'] / max(r['bytes_per_token_theory'], 1):.3f} (target ≤ 1.05); "
+              f"planner predicted {r['predicted_ms_per_token']} ms/token")
+    if json_path:
+        json_path.write_text(json.dumps(r, indent=1))
+        err.print(f"wrote {json_path}")

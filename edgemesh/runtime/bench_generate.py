@@ -1,0 +1,145 @@
+"""`edgemesh bench generate`: decode speed over N members against one device and against the
+analytic bound, plus bytes on the wire per token against the theory — in one run.
+
+Bound (issue 6): compute of the slowest slice + 2·L·(measured star allreduce latency), where
+the slowest slice is measured by running that rank's own slices alone in this process (the
+master's includes embedding and lm_head), and the star latency is measured through the live
+group with hidden-size messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import torch
+
+from edgemesh.collective.base import LocalCollective
+from edgemesh.identity.statedir import StateDir
+from edgemesh.llm.build import rank_files
+from edgemesh.llm.model import Participant
+from edgemesh.placement.plan import Plan
+from edgemesh.runtime.launch import Deployment, LaunchOptions, probe_allreduce
+from edgemesh.weights.provider import InMemoryProvider
+from edgemesh.weights.store import ModelEntry
+
+
+@dataclass
+class RunResult:
+    nodes: int
+    ttft_ms: float
+    ms_per_token: float  # median decode step
+    mean_ms_per_token: float
+    tokens_per_s: float
+    bytes_per_token: float | None = None  # the hub's data-plane bytes, both directions
+    star_us: float | None = None
+    compute_ms: float | None = None  # slowest slice alone
+    compute_rank: int | None = None
+
+
+def _decode(model: Participant, prompt: list[int], tokens: int) -> tuple[float, list[float], int]:
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        logits = model.forward(torch.tensor([prompt]), 0, last_only=True)
+        ttft = time.perf_counter() - t0
+        tok, pos = int(logits[0, -1].argmax()), len(prompt)
+        wire = getattr(model.collective, "wire_bytes", (0, 0))
+        steps = []
+        for _ in range(tokens):
+            t = time.perf_counter()
+            logits = model.forward(torch.tensor([[tok]]), pos)
+            steps.append(time.perf_counter() - t)
+            tok, pos = int(logits[0, -1].argmax()), pos + 1
+        after = getattr(model.collective, "wire_bytes", (0, 0))
+    return ttft, steps, sum(after) - sum(wire)
+
+
+def _slice_ms(entry: ModelEntry, plan: Plan, rank: int, prompt: list[int], tokens: int, max_seq_len: int) -> float:
+    specs = plan.specs_for(rank)
+    blocks = {b: entry.load_slice(ref) for b, ref in rank_files(entry, specs, rank).items()}
+    p = Participant(entry.config, specs, InMemoryProvider(blocks), LocalCollective(), max_seq_len=max_seq_len)
+    h = entry.config.hidden_size
+    steps = []
+    with torch.inference_mode():
+        if rank == 0:
+            p.forward(torch.tensor([prompt]), 0, last_only=True)
+            for i in range(tokens):
+                t = time.perf_counter()
+                p.forward(torch.tensor([[1]]), len(prompt) + i)
+                steps.append(time.perf_counter() - t)
+        else:
+            p.run_layers(torch.zeros(1, len(prompt), h), 0)
+            for i in range(tokens):
+                t = time.perf_counter()
+                p.run_layers(torch.zeros(1, 1, h), len(prompt) + i)
+                steps.append(time.perf_counter() - t)
+    return statistics.median(steps) * 1000
+
+
+async def run_once(state: StateDir, entry: ModelEntry, nodes: int, prompt: list[int], tokens: int,
+                   max_seq_len: int, progress: Callable[[str], None], with_bound: bool) -> tuple[RunResult, Plan]:
+    dep = Deployment(state, entry, LaunchOptions(nodes=nodes, max_seq_len=max_seq_len), progress)
+    await dep.open()
+    try:
+        model = await dep.deploy()
+        assert dep.plan is not None
+
+        def work() -> RunResult:
+            _decode(model, prompt[:8], 4)  # warm-up: allocations, first-touch of weights
+            ttft, steps, nbytes = _decode(model, prompt, tokens)
+            med = statistics.median(steps)
+            res = RunResult(nodes=dep.plan.world_size, ttft_ms=ttft * 1000, ms_per_token=med * 1000,
+                            mean_ms_per_token=statistics.fmean(steps) * 1000, tokens_per_s=1 / med)
+            if dep.plan.world_size > 1:
+                res.bytes_per_token = nbytes / tokens
+                probe_allreduce(model, 20)
+                res.star_us = statistics.median(probe_allreduce(model, 200)) * 1e6
+            return res
+
+        progress(f"measuring {tokens} decode steps on {dep.plan.world_size} device(s)")
+        result = await asyncio.to_thread(work)
+        plan = dep.plan
+    finally:
+        await dep.close()
+    if with_bound and plan.world_size > 1:
+        # Slowest slice, measured alone while the cluster is idle: the master (head included)
+        # and the worker holding the most weights.
+        progress("measuring the compute of the largest slices")
+        worker = max(plan.devices[1:], key=lambda d: d.weight_bytes).rank
+        times = {r: await asyncio.to_thread(_slice_ms, entry, plan, r, prompt, tokens, max_seq_len) for r in (0, worker)}
+        result.compute_rank = max(times, key=times.__getitem__)
+        result.compute_ms = times[result.compute_rank]
+    return result, plan
+
+
+async def bench(state: StateDir, entry: ModelEntry, nodes: int, prompt: list[int], tokens: int,
+                max_seq_len: int, progress: Callable[[str], None]) -> dict[str, Any]:
+    single, _ = await run_once(state, entry, 1, prompt, tokens, max_seq_len, progress, with_bound=False)
+    multi, plan = await run_once(state, entry, nodes, prompt, tokens, max_seq_len, progress, with_bound=True)
+    c = entry.config
+    w, h, layers = multi.nodes, c.hidden_size, c.num_hidden_layers
+    # Per decode token the hub sends the hidden state to W-1 workers once, and in each of the
+    # 2L star allreduces receives W-1 partial sums and sends W-1 results (fp32).
+    theory = (w - 1) * h * 4 * (1 + 4 * layers) if w > 1 else 0
+    bound = None
+    if multi.compute_ms is not None and multi.star_us is not None:
+        bound = multi.compute_ms + 2 * layers * multi.star_us / 1000
+    return {
+        "model": entry.name, "nodes": w, "tokens": tokens, "prompt_tokens": len(prompt),
+        "ms_per_token": round(multi.ms_per_token, 2),
+        "bound_ms_per_token": None if bound is None else round(bound, 2),
+        "single_ms_per_token": round(single.ms_per_token, 2),
+        "ttft_ms": round(multi.ttft_ms, 1), "single_ttft_ms": round(single.ttft_ms, 1),
+        "tokens_per_s": round(multi.tokens_per_s, 2), "single_tokens_per_s": round(single.tokens_per_s, 2),
+        "bytes_per_token": None if multi.bytes_per_token is None else round(multi.bytes_per_token),
+        "bytes_per_token_theory": theory,
+        "star_allreduce_us": None if multi.star_us is None else round(multi.star_us, 1),
+        "largest_slice_compute_ms": None if multi.compute_ms is None else round(multi.compute_ms, 2),
+        "largest_slice_rank": multi.compute_rank,
+        "predicted_ms_per_token": round(plan.latency.total_ms, 2),
+        "runs": {"single": asdict(single), "multi": asdict(multi)},
+        "targets": {"ms_per_token_over_bound_max": 1.25, "bytes_over_theory_max": 1.05},
+    }

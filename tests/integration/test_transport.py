@@ -1,0 +1,53 @@
+"""zmq transport: CURVE servers behind ZAP, made and closed repeatedly in one event loop."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from edgemesh.errors import RpcTimeout
+from edgemesh.identity.keys import NodeKey
+from edgemesh.mesh.rpc import RpcClient, RpcServer, RpcStats
+from edgemesh.transport.zmq_link import ZmqTransport
+
+pytestmark = pytest.mark.integration
+
+
+async def _one_round(server_key: NodeKey, client_key: NodeKey, allowed: bool) -> object:
+    async def ping(call):  # type: ignore[no-untyped-def]
+        return {"pong": True}
+
+    server = ZmqTransport(server_key)
+    server.start()
+    sock = server.server("tcp://127.0.0.1:0", "data", lambda k: allowed and k == client_key.curve_public)
+    serving = asyncio.ensure_future(RpcServer(sock, b"s", {"ping": ping}, RpcStats()).run())
+    client = ZmqTransport(client_key)
+    rpc = RpcClient(client.client(server.bound_endpoint(sock), server_key.curve_public), b"c")
+    reading = asyncio.ensure_future(rpc.run())
+    try:
+        body, _ = await rpc.call("ping", {}, timeout=2.0)
+        return body
+    finally:
+        reading.cancel()
+        serving.cancel()
+        await asyncio.gather(reading, serving, return_exceptions=True)
+        await client.aclose()
+        await server.aclose()
+
+
+def test_servers_can_be_made_again_and_again_in_one_loop():
+    """Regression: the second ZAP handler in a process went deaf (its fd's reader was removed
+    by the first handler's late cancellation cleanup) and every handshake hung."""
+    a, b = NodeKey.generate(), NodeKey.generate()
+
+    async def main() -> list[object]:
+        return [await _one_round(a, b, True) for _ in range(4)]
+
+    assert asyncio.run(main()) == [{"pong": True}] * 4
+
+
+def test_a_refused_key_gets_no_answer():
+    a, b = NodeKey.generate(), NodeKey.generate()
+    with pytest.raises(RpcTimeout):
+        asyncio.run(_one_round(a, b, False))
