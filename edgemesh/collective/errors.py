@@ -25,7 +25,11 @@ class CollectiveTimeout(CollectiveError):
 class PeerLost(CollectiveError):
     """A peer's connection dropped (process died, host vanished, link cut)."""
 
-    def __init__(self, message: str, rank: int | None = None, aborted: bool = False) -> None:
+    def __init__(self, message: str, rank: int | None = None, aborted: bool = False,
+                 lost: tuple[int, ...] = ()) -> None:
         super().__init__(message)
         self.rank = rank
         self.aborted = aborted  # True: that rank is alive but gave up (it lost someone else)
+        # The ranks known to be gone: ``rank`` itself, or for an abort, those the aborting rank
+        # saw drop — so a re-planner drops the dead member, not the messenger.
+        self.lost = lost if aborted else ((rank,) if rank is not None else ())

@@ -338,7 +338,7 @@ class PeerLinks:
     def abort(self, reason: str) -> None:
         """Best effort: tell every member still connected that this rank gave up on the group."""
         frame = encode_envelope(Envelope(Kind.NOTIFY, _ABORT, 0, str(self.rank).encode(),
-                                         {"reason": reason[:500]}))
+                                         {"reason": reason[:500], "lost": sorted(self._lost)}))
         for p in range(self.world_size):
             if p == self.rank or p in self._lost:
                 continue
@@ -354,8 +354,11 @@ class PeerLinks:
         if len(frames) != 1 or not frames[0].bytes.startswith(_ABORT_PREFIX):
             return
         env, _ = decode_message(frames)
-        reason = env.body.get("reason", "?") if isinstance(env.body, dict) else "?"
-        raise PeerLost(f"rank {peer} gave up on the group: {reason}", peer, aborted=True)
+        body = env.body if isinstance(env.body, dict) else {}
+        reason = body.get("reason", "?")
+        raw = body.get("lost")
+        lost = tuple(r for r in raw if isinstance(r, int) and 0 <= r < self.world_size) if isinstance(raw, list) else ()
+        raise PeerLost(f"rank {peer} gave up on the group: {reason}", peer, aborted=True, lost=lost)
 
     def _check(self, waiting_for: int, deadline: float) -> None:
         """Called when a wait slice ran out: did anyone drop, or is the deadline over?"""

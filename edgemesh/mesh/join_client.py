@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
+import hmac
 import logging
 import secrets
 import time
 from dataclasses import dataclass
 from typing import Any
 
-import hmac
-
-from edgemesh.errors import AuthError, EdgemeshError, ProtocolError, RpcError, TokenError
+from edgemesh.errors import AuthError, ProtocolError, RpcError, TokenError
 from edgemesh.identity.keys import NodeKey, curve_public_for
 from edgemesh.identity.statedir import ClusterInfo
 from edgemesh.identity.token import JoinPoint, JoinToken
 from edgemesh.mesh.join import NONCE_BYTES, client_mac, pack_record, server_proof
 from edgemesh.mesh.records import MemberRecord, sign_self
-from edgemesh.mesh.rpc import RpcClient
+from edgemesh.mesh.rpc import RpcClient, rpc_session
 from edgemesh.transport.zmq_link import ZmqTransport
 from edgemesh.wire.schema import body_map, need
 
@@ -72,27 +69,10 @@ async def _try_point(
     transport: ZmqTransport, key: NodeKey, token: JoinToken, record: MemberRecord,
     point: JoinPoint, timeout: float, failures: list[str],
 ) -> JoinResult | None:
-    sock = transport.client(point.endpoint, curve_public_for(point.sign_public))
-    client = RpcClient(sock, bytes.fromhex(key.node_id))
-    reader = asyncio.ensure_future(client.run())
     try:
-        cnonce = secrets.token_bytes(NONCE_BYTES)
-        body, _ = await client.call("join.challenge", {"cnonce": cnonce}, timeout=timeout)
-        body = body_map(body)
-        nonce = need(body, "nonce", bytes)
-        if need(body, "cluster", str) != token.cluster_id:
-            raise TokenError(f"{point.endpoint} belongs to another cluster; the token does not match it")
-        if not hmac.compare_digest(need(body, "proof", bytes), server_proof(token.secret, cnonce, nonce)):
-            raise AuthError(f"{point.endpoint} cannot prove it knows the cluster secret: the token is wrong "
-                            "for this cluster, or this is not the cluster you think")
-        packed = pack_record(record)
-        mac = client_mac(token.secret, token.cluster_id, nonce, packed)
-        reply, _ = await client.call("join.register", {"nonce": nonce, "record": packed, "mac": mac}, timeout=timeout)
-        reply = body_map(reply)
-        records = need(reply, "records", list)
-        root = need(reply, "root", str)
-        log.info("joined cluster %s via %s", token.cluster_id, point.endpoint)
-        return JoinResult(ClusterInfo(token.cluster_id, root, token.secret), records, point.endpoint)
+        async with rpc_session(transport, point.endpoint, curve_public_for(point.sign_public),
+                               bytes.fromhex(key.node_id)) as client:
+            return await _handshake(client, key, token, record, point, timeout)
     except RpcError as exc:
         if exc.code in ("AuthError", "TokenError"):
             raise AuthError(str(exc)) from None
@@ -101,11 +81,27 @@ async def _try_point(
     except ProtocolError as exc:
         failures.append(f"{point.endpoint}: bad answer ({exc})")
         return None
-    finally:
-        reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError, EdgemeshError):
-            await reader
-        transport.forget(sock)
+
+
+async def _handshake(client: RpcClient, key: NodeKey, token: JoinToken, record: MemberRecord,
+                     point: JoinPoint, timeout: float) -> JoinResult:
+    cnonce = secrets.token_bytes(NONCE_BYTES)
+    body, _ = await client.call("join.challenge", {"cnonce": cnonce}, timeout=timeout)
+    body = body_map(body)
+    nonce = need(body, "nonce", bytes)
+    if need(body, "cluster", str) != token.cluster_id:
+        raise TokenError(f"{point.endpoint} belongs to another cluster; the token does not match it")
+    if not hmac.compare_digest(need(body, "proof", bytes), server_proof(token.secret, cnonce, nonce)):
+        raise AuthError(f"{point.endpoint} cannot prove it knows the cluster secret: the token is wrong "
+                        "for this cluster, or this is not the cluster you think")
+    packed = pack_record(record)
+    mac = client_mac(token.secret, token.cluster_id, nonce, packed)
+    reply, _ = await client.call("join.register", {"nonce": nonce, "record": packed, "mac": mac}, timeout=timeout)
+    reply = body_map(reply)
+    records = need(reply, "records", list)
+    root = need(reply, "root", str)
+    log.info("joined cluster %s via %s", token.cluster_id, point.endpoint)
+    return JoinResult(ClusterInfo(token.cluster_id, root, token.secret), records, point.endpoint)
 
 
 async def _discovered_points(cluster_id: str) -> list[JoinPoint]:

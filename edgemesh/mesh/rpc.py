@@ -9,10 +9,11 @@ the loop carries on. Handlers run as tasks so one slow call cannot stall the soc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Sequence
 
 import zmq
 import zmq.asyncio
@@ -20,6 +21,9 @@ import zmq.asyncio
 from edgemesh.errors import EdgemeshError, ProtocolError, RpcError, RpcTimeout
 from edgemesh.wire.envelope import Envelope, Kind, decode_message, encode_message
 from edgemesh.wire.tensor import TensorSpec
+
+if TYPE_CHECKING:
+    from edgemesh.transport.zmq_link import ZmqTransport
 
 log = logging.getLogger(__name__)
 
@@ -234,3 +238,20 @@ def _try_send(sock: zmq.asyncio.Socket, frames: list[Any]) -> bool:
         if exc is not None:
             raise exc
     return True
+
+
+@contextlib.asynccontextmanager
+async def rpc_session(transport: ZmqTransport, endpoint: str, server_curve_key: bytes,
+                      sender: bytes) -> AsyncIterator[RpcClient]:
+    """A client to one server for the duration of a ``with`` block: its reader runs meanwhile,
+    and the socket is closed afterwards on every path."""
+    sock = transport.client(endpoint, server_curve_key)
+    client = RpcClient(sock, sender)
+    reader = asyncio.ensure_future(client.run())
+    try:
+        yield client
+    finally:
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError, EdgemeshError):
+            await reader
+        transport.forget(sock)

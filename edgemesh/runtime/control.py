@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import Any
 
 from edgemesh.errors import EdgemeshError, NotRunningError, RpcError
 from edgemesh.identity.statedir import StateDir
-from edgemesh.mesh.rpc import RpcClient
+from edgemesh.mesh.rpc import rpc_session
 from edgemesh.runtime.daemon import running_daemon
 from edgemesh.transport.zmq_link import ZmqTransport
 
@@ -22,18 +21,11 @@ async def control_call(state: StateDir, method: str, body: Any = None, timeout: 
     key, _ = state.load_identity()
     transport = ZmqTransport(key)
     try:
-        sock = transport.client(str(rec["control"]), key.curve_public)
-        client = RpcClient(sock, bytes.fromhex(key.node_id))
-        reader = asyncio.ensure_future(client.run())
-        try:
+        async with rpc_session(transport, str(rec["control"]), key.curve_public, bytes.fromhex(key.node_id)) as client:
             body, _ = await client.call(method, body, timeout=timeout)
             return body
-        except RpcError as exc:
-            raise EdgemeshError(f"the daemon for {state.path} did not answer {method}: {exc}") from None
-        finally:
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, EdgemeshError):
-                await reader
+    except RpcError as exc:
+        raise EdgemeshError(f"the daemon for {state.path} did not answer {method}: {exc}") from None
     finally:
         transport.close()
 

@@ -25,7 +25,7 @@ from edgemesh.identity.keys import curve_public_for
 from edgemesh.identity.statedir import StateDir
 from edgemesh.llm.build import rank_files
 from edgemesh.llm.model import Participant
-from edgemesh.mesh.rpc import RpcClient
+from edgemesh.mesh.rpc import rpc_session
 from edgemesh.placement.devices import Device, Link
 from edgemesh.placement.plan import Plan, plan
 from edgemesh.runtime.control import control_call
@@ -236,17 +236,10 @@ class Deployment:
             raise JobFailed(f"a worker could not start: {jstate.failure}")
 
     async def _call_member(self, member: dict[str, Any], method: str, body: Any, timeout: float = 10.0) -> Any:
-        sock = self.transport.client(member["addresses"][0], curve_public_for(bytes.fromhex(member["key"])))
-        client = RpcClient(sock, bytes.fromhex(self.key.node_id))
-        reader = asyncio.ensure_future(client.run())
-        try:
-            body, _ = await client.call(method, body, timeout=timeout)
-            return body
-        finally:
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, EdgemeshError):
-                await reader
-            self.transport.forget(sock)
+        async with rpc_session(self.transport, member["addresses"][0], curve_public_for(bytes.fromhex(member["key"])),
+                               bytes.fromhex(self.key.node_id)) as client:
+            reply, _ = await client.call(method, body, timeout=timeout)
+            return reply
 
     async def _stop_job(self, tell_workers: bool) -> None:
         model, self.model = self.model, None
@@ -270,10 +263,9 @@ class Deployment:
         return asyncio.run_coroutine_threadsafe(self._recover(exc), self.loop).result()
 
     async def _recover(self, exc: Exception) -> Participant:
-        lost_ranks: set[int] = set()
-        rank = getattr(exc, "rank", None)
-        if isinstance(rank, int):
-            lost_ranks.add(rank)
+        # PeerLost names the ranks known to be gone (also when another rank relayed it);
+        # CollectiveTimeout names those we were waiting for.
+        lost_ranks: set[int] = set(getattr(exc, "lost", ()) or ())
         lost_ranks.update(getattr(exc, "waiting_for", ()) or ())
         for r in lost_ranks:
             if 0 < r < len(self.members):

@@ -21,7 +21,7 @@ import msgpack
 from edgemesh.errors import EdgemeshError
 from edgemesh.identity.keys import NodeKey, curve_public_for
 from edgemesh.identity.statedir import StateDir
-from edgemesh.mesh.rpc import RpcClient
+from edgemesh.mesh.rpc import RpcClient, rpc_session
 from edgemesh.runtime.jobs import JobSpec
 from edgemesh.transport.zmq_link import ZmqTransport
 from edgemesh.weights.blobs import BlobCache
@@ -34,14 +34,9 @@ CHUNK = 8 << 20
 async def _with_launcher(key: NodeKey, spec: JobSpec, fn):  # type: ignore[no-untyped-def]
     transport = ZmqTransport(key)
     try:
-        client = RpcClient(transport.client(spec.server, curve_public_for(spec.server_key)), bytes.fromhex(key.node_id))
-        reader = asyncio.ensure_future(client.run())
-        try:
+        async with rpc_session(transport, spec.server, curve_public_for(spec.server_key),
+                               bytes.fromhex(key.node_id)) as client:
             return await fn(client)
-        finally:
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, EdgemeshError):
-                await reader
     finally:
         transport.close()
 
