@@ -37,12 +37,13 @@ class LinkTable:
             link = self._links[node_id] = Link(since=time.time())
         return link
 
-    def set_path(self, node_id: str, path: str | None) -> None:
-        """Record the path now in use; a new path resets RTT and bandwidth (they were another path's)."""
+    def set_path(self, node_id: str, path: str | None, fresh: bool = False) -> None:
+        """Record the path now in use; a new path resets RTT and bandwidth (they were another path's).
+        ``fresh``: a new channel of the same type (e.g. after the peer restarted) counts as new."""
         if path is not None and path not in PATHS:
             raise ValueError(f"unknown path {path!r}")
         link = self._get(node_id)
-        if link.path == path:
+        if link.path == path and not (fresh and path is not None):
             return
         link.path, link.since, link.changes = path, time.time(), link.changes + 1
         link.rtt_ms = link.mbps = None

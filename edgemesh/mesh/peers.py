@@ -76,10 +76,10 @@ class PeerLink:
 
     def set_ice(self, path: str | None) -> None:
         self.ice_path = path
-        self._refresh()
+        self._refresh(fresh=path is not None and not self.direct)
 
-    def _refresh(self) -> None:
-        self.links.set_path(self.node_id, self.path)
+    def _refresh(self, fresh: bool = False) -> None:
+        self.links.set_path(self.node_id, self.path, fresh=fresh)
         self._on_change(self)
 
     def start_probe(self) -> None:
@@ -123,11 +123,12 @@ class PeerLink:
                     self._set_direct(False)
                 raise
         if self.direct is None and not self.rpc.connected:
-            raise RpcTimeout(f"{method}: no path to {self.node_id} yet")
+            # Not probed yet: try the advertised address, as before there was any other path.
+            return await self.client.call(method, body, tensors, timeout=timeout)
         return await self.rpc.call(method, body, tensors, timeout=timeout)
 
     def notify(self, method: str, body: Any = None) -> bool:
-        if self.direct:
+        if self.direct or (self.direct is None and not self.rpc.connected):
             return self.client.notify(method, body)
         return self.rpc.notify(method, body)
 

@@ -178,6 +178,12 @@ class IceChannel:
             self.closed.set()
             self._inbox.put_nowait(None)
 
+    def dead(self) -> bool:
+        """The peer ended the association (or DTLS) without a close event reaching us."""
+        if self._sctp is not None and self._sctp._association_state == self._sctp.State.CLOSED:
+            return True
+        return self._dtls is not None and self._dtls.state in ("closed", "failed")
+
     async def recv(self) -> bytes | None:
         """The next whole message, or None once the channel is closed."""
         if self.closed.is_set() and self._inbox.empty():

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 GATHER_TIMEOUT = 6.0  # aioice waits up to 5 s for an unreachable STUN/TURN server
 ANSWER_TIMEOUT = 4.0
 CONNECT_TIMEOUT = 6.0
+PUNCH_TIMEOUT = 2.0  # a first attempt without TURN: hole punching answers in well under a second
 HELLO_TIMEOUT = 3.0
 POLL_WAIT = 8.0
 KEEPALIVE_EVERY = 1.0  # also what holds the NAT mappings open
@@ -98,6 +99,9 @@ class Traversal:
         self._poller_epochs: dict[str, bytes] = {}
         self._seen_offers: dict[bytes, float] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        # Peers that could not be punched: their next session gathers TURN candidates too. A first
+        # session without them cannot get pinned to a relay pair that merely answered first.
+        self._needs_relay: set[str] = set()
         self._keepalive = encode_frames(encode_message(Envelope(Kind.NOTIFY, KEEPALIVE, 0, bytes.fromhex(self.me))))
 
     # ---- the loop --------------------------------------------------------------
@@ -139,7 +143,7 @@ class Traversal:
         at, _ = self._retry_at.get(peer, (0.0, 0.0))
         if not force and time.monotonic() < at:
             return
-        self._start_offer(peer, relay=True)
+        self._start_offer(peer, relay=peer in self._needs_relay)
 
     def _start_offer(self, peer: str, relay: bool, upgrade: bool = False) -> None:
         out = _Outgoing(new_sid(), asyncio.get_running_loop().create_future(), upgrade=upgrade)
@@ -170,14 +174,16 @@ class Traversal:
         self.stats.sessions += 1
         ch = self._channel(relay)
         attached = False
+        answered = False
         try:
             local = await asyncio.wait_for(ch.gather(), GATHER_TIMEOUT)
             offer = Signal("offer", out.sid, self.me, peer, local.ufrag, local.pwd, local.candidates,
                            local.fingerprints, new_nonce(), relay, now_ms()).signed(self.cluster_id, self.key)
             await self._deliver(peer, offer.encode())
             answer = await asyncio.wait_for(out.answer, ANSWER_TIMEOUT)
+            answered = True
             await asyncio.wait_for(ch.connect(answer.ufrag, answer.pwd, answer.candidates, answer.fingerprints,
-                                              controlling=True), CONNECT_TIMEOUT)
+                                              controlling=True), CONNECT_TIMEOUT if relay else PUNCH_TIMEOUT)
             await self._bind(ch, offer, answer, peer)
             attached = self._attach(peer, ch)
             if attached and out.upgrade:
@@ -186,7 +192,11 @@ class Traversal:
             log.info("ICE session with %s failed%s: %s", peer, " (upgrade)" if out.upgrade else "",
                      type(exc).__name__ if isinstance(exc, asyncio.TimeoutError) else exc)
             if not out.upgrade:
-                self._failed(peer)
+                if answered and not relay:
+                    self._needs_relay.add(peer)  # punching failed: retry at once, with TURN
+                    self._retry_at[peer] = (0.0, 0.0)
+                else:
+                    self._failed(peer)
         finally:
             if self._outgoing.get(peer) is out:
                 del self._outgoing[peer]
@@ -204,7 +214,7 @@ class Traversal:
                             local.fingerprints, new_nonce(), offer.relay, now_ms()).signed(self.cluster_id, self.key)
             await self._deliver(peer, answer.encode())
             await asyncio.wait_for(ch.connect(offer.ufrag, offer.pwd, offer.candidates, offer.fingerprints,
-                                              controlling=False), CONNECT_TIMEOUT)
+                                              controlling=False), CONNECT_TIMEOUT if offer.relay else PUNCH_TIMEOUT)
             await self._bind(ch, offer, answer, peer)
             attached = self._attach(peer, ch)
         except (asyncio.TimeoutError, ConnectionError, EdgemeshError, OSError) as exc:
@@ -212,6 +222,8 @@ class Traversal:
                      type(exc).__name__ if isinstance(exc, asyncio.TimeoutError) else exc)
             if offer.relay:
                 self._failed(peer)
+            else:
+                self._needs_relay.add(peer)
         finally:
             if self._answering.get(peer) is asyncio.current_task():
                 del self._answering[peer]
@@ -244,6 +256,8 @@ class Traversal:
         link.rpc.attach(ch, curve_public_for(key))
         link.set_ice(ch.path)
         self._retry_at.pop(peer, None)
+        if ch.path != "relayed":
+            self._needs_relay.discard(peer)
         self.stats.connected[ch.path] = self.stats.connected.get(ch.path, 0) + 1
         log.info("ICE channel to %s up: %s", peer, ch.path)
         self._spawn(self._pump(peer, ch, link))
@@ -253,15 +267,22 @@ class Traversal:
 
     async def _pump(self, peer: str, ch: Any, link: PeerLink) -> None:
         keeper = self._spawn(self._keep_alive(ch))
+        heard = time.monotonic()
         try:
             while True:
                 try:
-                    message = await asyncio.wait_for(ch.recv(), SILENCE_LIMIT)
+                    message = await asyncio.wait_for(ch.recv(), 1.0)
                 except asyncio.TimeoutError:
-                    log.info("ICE channel to %s silent for %.0f s; closing it", peer, SILENCE_LIMIT)
-                    break
+                    if ch.dead():
+                        log.info("ICE channel to %s closed by the peer", peer)
+                        break
+                    if time.monotonic() - heard > SILENCE_LIMIT:
+                        log.info("ICE channel to %s silent for %.0f s; closing it", peer, SILENCE_LIMIT)
+                        break
+                    continue
                 if message is None:
                     break
+                heard = time.monotonic()
                 link.rpc.on_message(message)
         finally:
             keeper.cancel()

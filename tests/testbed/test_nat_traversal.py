@@ -1,0 +1,126 @@
+"""Reachability across NATs on emulation/nat-mix.toml (root; one bed for the whole module).
+
+Bootstrap on the public site with `init --turn` (coturn beside it), then full-cone, restricted,
+port-restricted and symmetric sites join. Checks: every pair connected with the path types the
+NATs allow, an RPC and a 10 MiB checked transfer per path type, a forged channel refused,
+killing coturn leaves punched pairs alone, a NATed node restarts and is back within 5 s.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from edgemesh.cli.bench_join import NatBed, pair_rows
+
+pytestmark = pytest.mark.testbed
+REPO = Path(__file__).resolve().parents[2]
+DEVICES = ["pub1", "c1", "r1", "p1", "s1"]
+
+
+@pytest.fixture(scope="module")
+def bed(tmp_path_factory):
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    nb = NatBed(REPO / "emulation" / "nat-mix.toml", nodes_dir=REPO / "nodes",
+                run_root=tmp_path_factory.mktemp("natbed"))
+    try:
+        nb.bootstrap()
+        nb.rows = []
+        for dev in DEVICES[1:]:
+            t0 = nb.join(dev)
+            nb.rows += pair_rows(nb.wait_connected(list(nb.started)), dev, t0)
+        yield nb
+    finally:
+        nb.close()
+
+
+def _paths(bed):
+    return {a: {b: link.get("path") for b, link in NatBed.links_by_name(s).items()} for a, s in bed.statuses().items()}
+
+
+def test_every_pair_connected_with_the_paths_the_nats_allow(bed):
+    paths = _paths(bed)
+    for a in DEVICES:
+        assert set(paths[a]) == set(DEVICES) - {a}
+        assert all(paths[a].values()), paths
+    # NATed -> public bootstrap: zmq straight to its address
+    assert all(paths[d]["pub1"] == "direct" for d in DEVICES[1:])
+    # cone <-> cone/restricted punched, never relayed
+    for a, b in (("c1", "r1"), ("c1", "p1"), ("r1", "p1")):
+        assert paths[a][b] == "punched" and paths[b][a] == "punched"
+    # symmetric <-> port-restricted can only be relayed
+    assert paths["s1"]["p1"] == "relayed" and paths["p1"]["s1"] == "relayed"
+    seconds = [r["seconds"] for r in bed.rows]
+    assert all(s is not None and s < 6.0 for s in seconds), bed.rows  # from the join *command*; see bench join
+
+
+@pytest.mark.parametrize("a,b,path", [("c1", "pub1", "direct"), ("c1", "r1", "punched"), ("s1", "p1", "relayed")])
+def test_rpc_and_10_mib_transfer_over_each_path_type(bed, a, b, path):
+    res = bed.link_test(a, b, 10 * 2**20, pings=3)
+    assert res["path"] == path and res["path_after"] == path
+    assert res["intact"] and res["rtt_ms"] > 0
+
+
+def test_a_forged_channel_is_refused(bed):
+    """p1 (a member) offers c1 a channel claiming to be r1, signed with its own key: refused."""
+    before = bed.status("c1")["stats"]["refused_channels"]
+    ids = {m["name"]: m["id"] for m in bed.status("c1")["members"]}
+    code = f"""
+import asyncio
+from dataclasses import replace
+from edgemesh.identity.statedir import StateDir
+from edgemesh.mesh.rpc import RpcClient
+from edgemesh.nat.binding import Signal, new_nonce, new_sid, now_ms
+from edgemesh.transport.zmq_link import ZmqTransport
+from edgemesh.identity.keys import curve_public_for
+sd = StateDir({bed.state_dir('p1')!r}); key, _ = sd.load_identity(); cluster = sd.require_cluster()
+pub = [r for r in sd.load_members() if r["name"] == "pub1"][0]
+forged = Signal("offer", new_sid(), {ids['r1']!r}, {ids['c1']!r}, "u" * 4, "p" * 22, (), (("sha-256", "AA"),),
+                new_nonce(), True, now_ms()).signed(cluster.cluster_id, key)
+async def main():
+    t = ZmqTransport(key); t.start()
+    c = RpcClient(t.client(pub["addr"][0], curve_public_for(pub["key"])), bytes.fromhex(key.node_id))
+    task = asyncio.ensure_future(c.run())
+    await c.call("nat.signal", {{"to": {ids['c1']!r}, "signal": forged.encode()}}, timeout=5)
+    task.cancel(); t.close()
+asyncio.run(main())
+"""
+    from edgemesh.testbed.lifecycle import run_in_device
+
+    res = run_in_device(bed.scenario, bed.names, bed.caps, "p1", [bed.caps.python, "-c", code], capture=True, timeout=30)
+    assert res.returncode == 0, res.stderr
+    deadline = time.monotonic() + 10
+    while bed.status("c1")["stats"]["refused_channels"] <= before:
+        assert time.monotonic() < deadline, "c1 did not refuse the forged signal"
+        time.sleep(0.5)
+    assert _paths(bed)["c1"]["r1"] == "punched"  # the real pair is untouched
+
+
+def test_killing_coturn_keeps_punched_pairs(bed):
+    st = bed.statuses()
+    pid = st["pub1"]["nat"]["turn_pid"]
+    assert pid
+    before = {(a, b): (link["path"], link["changes"]) for a, s in st.items()
+              for b, link in NatBed.links_by_name(s).items() if link.get("path") in ("punched", "direct")}
+    os.kill(pid, signal.SIGKILL)
+    time.sleep(4.0)
+    after = bed.statuses()
+    for (a, b), (path, changes) in before.items():
+        link = NatBed.links_by_name(after[a])[b]
+        assert (link["path"], link["changes"]) == (path, changes), (a, b, link)
+    assert bed.link_test("c1", "r1", 1 << 20, pings=2)["intact"]
+
+
+def test_a_natted_node_restarts_and_is_back_within_5_s(bed):
+    bed.em("p1", "stop", "--state-dir", bed.state_dir("p1"))
+    t0 = time.time()
+    bed.em("p1", "start", "--state-dir", bed.state_dir("p1"), "--detach")
+    st = bed.wait_connected(DEVICES, timeout=20, after=t0, settle=3.0)
+    worst = max(max(NatBed.links_by_name(st["p1"])[o]["since"], NatBed.links_by_name(st[o])["p1"]["since"]) - t0
+                for o in DEVICES if o != "p1")
+    assert worst < 5.0, worst
