@@ -35,7 +35,7 @@ from edgemesh.mesh.links import LinkTable
 from edgemesh.mesh.peers import PeerSet
 from edgemesh.mesh.profile import static_profile
 from edgemesh.mesh.records import MemberRecord, admit, sign_self
-from edgemesh.mesh.rpc import Call, Reply, RpcServer, RpcStats
+from edgemesh.mesh.rpc import Call, RpcServer, RpcStats
 from edgemesh.mesh.view import MembershipView
 from edgemesh.nat.servers import IceServer, is_server_url, servers_from
 from edgemesh.nat.traversal import Traversal
