@@ -58,6 +58,10 @@ async def _deploy(state_dir, model, store, opts):  # type: ignore[no-untyped-def
     from edgemesh.weights.store import ModelStore
 
     entry = ModelStore(store or default_store_dir()).get(model)
+    if not entry.has("tokenizer.json"):
+        # Fail before shipping weights around the cluster, not after.
+        raise ConfigError(f"model {entry.name!r} has no tokenizer, so it cannot be served; synthesize it with "
+                          "`--tokenizer MODEL` or benchmark it with `edgemesh bench generate`")
     state = resolve_state(state_dir)
     status = err.status("starting…")
     status.start()

@@ -1,0 +1,70 @@
+"""Pure parts of serving: stop strings, member choice, thread split."""
+
+from __future__ import annotations
+
+import pytest
+
+from edgemesh.errors import ConfigError
+from edgemesh.runtime.engine import StopMatcher
+from edgemesh.runtime.launch import LaunchOptions, choose_members, threads_per_rank
+
+pytestmark = pytest.mark.unit
+
+
+def feed(stops: tuple[str, ...], pieces: list[str]) -> tuple[str, bool]:
+    m = StopMatcher(stops)
+    out, hit = [], False
+    for p in pieces:
+        text, hit = m.push(p)
+        out.append(text)
+        if hit:
+            break
+    if not hit:
+        out.append(m.flush())
+    return "".join(out), hit
+
+
+def test_stop_string_split_across_pieces_is_cut_and_not_emitted():
+    assert feed(("END",), ["hello E", "N", "D and more"]) == ("hello ", True)
+
+
+def test_text_that_only_looks_like_a_stop_prefix_is_released():
+    assert feed(("END",), ["hello E", "NOUGH"]) == ("hello ENOUGH", False)
+    assert feed(("END",), ["tail E"]) == ("tail E", False)  # flushed at the end
+
+
+def test_earliest_of_several_stops_wins_and_no_stops_passes_everything():
+    assert feed(("b", "zz"), ["aazzb"]) == ("aa", True)
+    assert feed((), ["a", "b"]) == ("ab", False)
+
+
+def _member(i: str, name: str, state: str = "alive", host: str = "127.0.0.1", cores: int = 2) -> dict:
+    return {"id": i, "name": name, "state": state, "addresses": [f"tcp://{host}:7700"],
+            "profile": {"cpu_logical": cores}}
+
+
+MEMBERS = [_member("c3", "node2"), _member("a1", "node0"), _member("b2", "node1"), _member("d4", "node3", "dead")]
+
+
+def test_this_node_is_master_and_others_follow_by_name():
+    chosen = choose_members(MEMBERS, "b2", LaunchOptions())
+    assert [m["name"] for m in chosen] == ["node1", "node0", "node2"]
+    assert [m["name"] for m in choose_members(MEMBERS, "b2", LaunchOptions(nodes=2))] == ["node1", "node0"]
+    assert [m["name"] for m in choose_members(MEMBERS, "b2", LaunchOptions(names=("node2",)))] == ["node1", "node2"]
+
+
+def test_asking_for_more_or_unknown_members_is_refused_unless_degraded():
+    with pytest.raises(ConfigError, match="only 3 member"):
+        choose_members(MEMBERS, "a1", LaunchOptions(nodes=4))
+    with pytest.raises(ConfigError, match="no alive member named 'node3'"):
+        choose_members(MEMBERS, "a1", LaunchOptions(names=("node3",)))
+    # After a failure the launcher takes what is left instead of refusing.
+    assert len(choose_members(MEMBERS, "a1", LaunchOptions(nodes=4), degraded=True)) == 3
+    assert len(choose_members(MEMBERS, "a1", LaunchOptions(names=("node3", "node2")), degraded=True)) == 2
+
+
+def test_ranks_on_one_machine_split_its_cores():
+    local = [_member(str(i), f"n{i}") for i in range(3)]
+    assert threads_per_rank(local) == [1, 1, 1]  # 2 cores, 3 ranks: one thread each
+    spread = [_member("a", "a", host="10.0.0.1", cores=4), _member("b", "b", host="10.0.0.2", cores=4)]
+    assert threads_per_rank(spread) == [0, 0]  # alone on its machine: torch's default
