@@ -9,10 +9,14 @@ first reachable at all (join-to-connected is measured from it).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Any
 
 RTT_ALPHA = 0.2  # EWMA weight of a new RTT sample
+# The minimum over recent samples estimates the path's own latency: every delay on top of it
+# (a busy event loop, a CPU quota) only ever adds. 20 heartbeats ≈ 10 s.
+RTT_WINDOW = 20
 PATHS = ("lan", "direct", "punched", "relayed")
 
 
@@ -20,6 +24,7 @@ PATHS = ("lan", "direct", "punched", "relayed")
 class Link:
     path: str | None = None
     rtt_ms: float | None = None
+    recent_rtt: deque[float] = field(default_factory=lambda: deque(maxlen=RTT_WINDOW))
     mbps: float | None = None
     since: float = 0.0
     connected_at: float | None = None
@@ -47,6 +52,7 @@ class LinkTable:
             return
         link.path, link.since, link.changes = path, time.time(), link.changes + 1
         link.rtt_ms = link.mbps = None
+        link.recent_rtt.clear()
         link.probed_at = 0.0
         if path is not None and link.connected_at is None:
             link.connected_at = link.since
@@ -58,6 +64,7 @@ class LinkTable:
     def rtt(self, node_id: str, ms: float) -> None:
         link = self._get(node_id)
         link.rtt_ms = ms if link.rtt_ms is None else (1 - RTT_ALPHA) * link.rtt_ms + RTT_ALPHA * ms
+        link.recent_rtt.append(ms)
 
     def bandwidth(self, node_id: str, nbytes: int, seconds: float, empty_seconds: float) -> None:
         """``seconds`` for a request carrying ``nbytes``, ``empty_seconds`` for an empty one
@@ -81,6 +88,8 @@ class LinkTable:
         link = self._links.get(node_id)
         if link is None:
             return {}
+        rtt_min = min(link.recent_rtt) if link.recent_rtt else None
         return {"path": link.path, "rtt_ms": None if link.rtt_ms is None else round(link.rtt_ms, 3),
+                "rtt_min_ms": None if rtt_min is None else round(rtt_min, 3),
                 "mbps": link.mbps, "since": link.since, "connected_at": link.connected_at,
                 "changes": link.changes}

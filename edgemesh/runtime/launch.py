@@ -100,8 +100,9 @@ def devices_and_links(members: list[dict[str, Any]]) -> tuple[list[Device], list
     links = []
     for m in members[1:]:
         link = m.get("links") or {}
-        if link.get("rtt_ms") is not None and link.get("mbps"):
-            links.append(Link(me, m["id"], float(link["rtt_ms"]), float(link["mbps"])))
+        rtt = link.get("rtt_min_ms") or link.get("rtt_ms")  # the path's latency, not the noise on top
+        if rtt is not None and link.get("mbps"):
+            links.append(Link(me, m["id"], float(rtt), float(link["mbps"])))
     return devices, links
 
 

@@ -68,3 +68,17 @@ def test_ranks_on_one_machine_split_its_cores():
     assert threads_per_rank(local) == [1, 1, 1]  # 2 cores, 3 ranks: one thread each
     spread = [_member("a", "a", host="10.0.0.1", cores=4), _member("b", "b", host="10.0.0.2", cores=4)]
     assert threads_per_rank(spread) == [0, 0]  # alone on its machine: torch's default
+
+
+def test_link_table_keeps_the_minimum_of_recent_rtts_for_the_planner():
+    from edgemesh.mesh.links import RTT_WINDOW, LinkTable
+
+    t = LinkTable()
+    t.set_path("p", "direct")
+    for ms in [5.0, 0.8, 9.0, 3.0]:
+        t.rtt("p", ms)
+    j = t.to_json("p")
+    assert j["rtt_min_ms"] == 0.8 and j["rtt_ms"] > 0.8
+    for _ in range(RTT_WINDOW):  # the old minimum ages out of the window
+        t.rtt("p", 2.0)
+    assert t.to_json("p")["rtt_min_ms"] == 2.0
