@@ -21,26 +21,29 @@ pytestmark = pytest.mark.integration
 def test_cluster_up_status_down_via_cli_leaves_nothing_behind(tmp_path):
     home = tmp_path / "home"
     up = run_cli("cluster", "up", "--nodes", "3", "--base-port", "31100", home=home)
-    assert up.returncode == 0, up.stderr
-    t0 = time.monotonic()
-    # Ask the daemons directly (a CLI call costs ~0.7 s of interpreter start on its own).
-    from edgemesh.runtime.local_cluster import first_local_node
-
-    node = first_local_node(home / "local-cluster")
-    assert node is not None
-    alive = wait_for(lambda: sum(m["state"] == "alive" for m in control(node, "status")["members"]) == 3, 3.0)
-    assert alive, "3 members alive within 3 s"
-    assert time.monotonic() - t0 < 3.0
-    # `edgemesh status` with no --state-dir finds the local cluster; check the JSON shape.
-    st = run_cli("status", "--json", home=home)
-    assert st.returncode == 0, st.stderr
-    data = json.loads(st.stdout)
-    assert [m["state"] for m in data["members"]] == ["alive"] * 3
-    for m in data["members"]:
-        assert set(m) >= {"id", "name", "state", "addresses", "profile", "links"}
     cdir = home / "local-cluster"
-    assert cdir.exists()
-    down = run_cli("cluster", "down", home=home)
+    try:
+        assert up.returncode == 0, up.stderr
+        t0 = time.monotonic()
+        # Ask the daemons directly (a CLI call costs ~0.7 s of interpreter start on its own).
+        from edgemesh.runtime.local_cluster import first_local_node
+
+        node = first_local_node(home / "local-cluster")
+        assert node is not None
+        alive = wait_for(lambda: sum(m["state"] == "alive" for m in control(node, "status")["members"]) == 3, 3.0)
+        assert alive, "3 members alive within 3 s"
+        assert time.monotonic() - t0 < 3.0
+        # `edgemesh status` with no --state-dir finds the local cluster; check the JSON shape.
+        st = run_cli("status", "--json", home=home)
+        assert st.returncode == 0, st.stderr
+        data = json.loads(st.stdout)
+        assert [m["state"] for m in data["members"]] == ["alive"] * 3
+        for m in data["members"]:
+            assert set(m) >= {"id", "name", "state", "addresses", "profile", "links"}
+        cdir = home / "local-cluster"
+        assert cdir.exists()
+    finally:
+        down = run_cli("cluster", "down", home=home)  # also when an assertion above failed
     assert down.returncode == 0, down.stderr
     assert not cdir.exists()
     assert no_daemon_processes_under(cdir)
