@@ -69,7 +69,7 @@ def test_signal_roundtrip_and_identity_checks():
     with pytest.raises(AuthError):  # for someone else
         check_signal(CLUSTER, s, a.node_id, keys.get)
     with pytest.raises(AuthError):  # altered by a relay
-        check_signal(CLUSTER, replace(s, candidates=("candidate:9 1 udp 1 6.6.6.6 5 typ host",)), b.node_id, keys.get)
+        check_signal(CLUSTER, replace(s, candidates=("candidate:9 1 udp 1 192.0.2.66 5 typ host",)), b.node_id, keys.get)
     forged = replace(_signal(mallory, b.node_id), sender=a.node_id).signed(CLUSTER, mallory)
     with pytest.raises(AuthError):  # claims a member's id, signed with another key
         check_signal(CLUSTER, forged, b.node_id, keys.get)
@@ -112,7 +112,7 @@ def test_turn_rest_credentials_match_coturn_scheme():
 
 
 def test_server_urls_parse_and_local_settings_win():
-    assert parse_server("turn:u:p@1.2.3.4:5").username == "u"
+    assert parse_server("turn:u:p@192.0.2.4:5").username == "u"
     assert parse_server("stun:h").port == 3478
     for bad in ("http://x", "stun:u:p@h", "turn:h:99999", ""):
         with pytest.raises(ConfigError):
@@ -124,7 +124,7 @@ def test_server_urls_parse_and_local_settings_win():
 
 
 def test_path_names():
-    assert path_of("relay", "host", "1.1.1.1", "2.2.2.2") == "relayed"
+    assert path_of("relay", "host", "198.51.100.1", "198.51.100.2") == "relayed"
     assert path_of("host", "host", "10.0.0.2", "10.0.0.3") == "lan"
     assert path_of("host", "prflx", "10.0.0.2", "203.0.113.5") == "punched"
     assert path_of("host", "host", "10.0.0.2", "198.18.0.2") == "punched"
