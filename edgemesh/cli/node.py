@@ -7,21 +7,19 @@ import errno
 import json
 import os
 import shutil
-import signal
 import socket
 import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
 
-import psutil
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from edgemesh.cli import app
 from edgemesh.config import DEFAULT_PORT
-from edgemesh.errors import ConfigError, EdgemeshError, NotRunningError, PortInUseError, TokenError
+from edgemesh.errors import ConfigError, NotRunningError, PortInUseError, TokenError
 from edgemesh.identity.statedir import StateDir, default_state_dir
 from edgemesh.identity.token import JoinPoint, JoinToken
 from edgemesh.transport.zmq_link import tcp_endpoint
@@ -231,49 +229,11 @@ def start(
     _run(state, _settings(state, host, port, advertise, mdns, profile), detach)
 
 
-def stop_daemon(state: StateDir, timeout: float = 10.0) -> bool:
-    """Ask the daemon to stop; fall back to SIGTERM then SIGKILL of its recorded pid."""
-    from edgemesh.runtime.control import control
-    from edgemesh.runtime.daemon import running_daemon
-
-    rec = running_daemon(state)
-    if rec is None:
-        return False
-    pid = int(rec["pid"])
-    try:
-        control(state, "admin.stop", timeout=3.0)
-    except EdgemeshError:
-        _signal(pid, signal.SIGTERM)
-    if not _wait_gone(pid, rec, timeout):
-        _signal(pid, signal.SIGKILL)
-        _wait_gone(pid, rec, 3.0)
-        state.clear_daemon()
-    return True
-
-
-def _signal(pid: int, sig: int) -> None:
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
-
-
-def _wait_gone(pid: int, rec: dict[str, Any], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            proc = psutil.Process(pid)
-            if abs(proc.create_time() - float(rec["create_time"])) > 1.0 or proc.status() == psutil.STATUS_ZOMBIE:
-                return True
-        except psutil.NoSuchProcess:
-            return True
-        time.sleep(0.05)
-    return False
-
-
 @app.command()
 def stop(state_dir: Optional[Path] = StateOpt) -> None:
     """Stop this node's daemon (it stays a member and rejoins on `edgemesh start`)."""
+    from edgemesh.runtime.launcher import stop_daemon
+
     state = resolve_state(state_dir)
     if not stop_daemon(state):
         raise NotRunningError(f"no daemon is running for {state.path}")
@@ -285,6 +245,7 @@ def leave(state_dir: Optional[Path] = StateOpt) -> None:
     """Leave the cluster for good: tell the others, stop the daemon, forget the cluster secret."""
     from edgemesh.runtime.control import control
     from edgemesh.runtime.daemon import running_daemon
+    from edgemesh.runtime.processes import wait_gone
 
     state = StateDir(state_dir or default_state_dir())
     state.load_identity()
@@ -294,7 +255,7 @@ def leave(state_dir: Optional[Path] = StateOpt) -> None:
         raise NotRunningError(
             f"the daemon for {state.path} is not running; start it (`edgemesh start -d`) so it can tell the others")
     result = control(state, "admin.leave", timeout=8.0)
-    _wait_gone(int(rec["pid"]), rec, 10.0)
+    wait_gone(int(rec["pid"]), float(rec["create_time"]), 10.0)
     state.forget_cluster()
     told = result.get("told", 0) if isinstance(result, dict) else 0
     err.print(f"left cluster {cluster.cluster_id} ({told} member(s) acknowledged)")

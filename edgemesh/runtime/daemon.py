@@ -37,6 +37,7 @@ from edgemesh.mesh.profile import static_profile
 from edgemesh.mesh.records import MemberRecord, admit, sign_self
 from edgemesh.mesh.rpc import Call, RpcServer, RpcStats
 from edgemesh.mesh.view import MembershipView
+from edgemesh.runtime.processes import same_process
 from edgemesh.nat.servers import IceServer, is_server_url, servers_from
 from edgemesh.nat.traversal import Traversal
 from edgemesh.nat.turn import TURN_PORT, coturn_argv, coturn_config, turn_secret
@@ -54,15 +55,7 @@ class _Shutdown(Exception):
 def running_daemon(state: StateDir) -> dict[str, Any] | None:
     """The daemon record of ``state`` if that process is still alive (pid + start time match)."""
     rec = state.load_daemon()
-    if not rec:
-        return None
-    try:
-        proc = psutil.Process(int(rec["pid"]))
-        if abs(proc.create_time() - float(rec["create_time"])) > 1.0:
-            return None
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return None
-    except (psutil.Error, KeyError, ValueError, TypeError):
+    if not rec or not same_process(rec.get("pid"), rec.get("create_time")):
         return None
     return rec
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -10,8 +11,37 @@ import time
 from edgemesh.errors import EdgemeshError
 from edgemesh.identity.statedir import StateDir
 from edgemesh.runtime.daemon import running_daemon
+from edgemesh.runtime.processes import same_process, wait_gone
 
 READY_TIMEOUT = 20.0
+
+
+def stop_daemon(state: StateDir, timeout: float = 10.0) -> bool:
+    """Ask the daemon to stop; fall back to SIGTERM, then SIGKILL, of its recorded pid.
+    False if no daemon was running for ``state``."""
+    from edgemesh.runtime.control import control
+
+    rec = running_daemon(state)
+    if rec is None:
+        return False
+    pid, started = int(rec["pid"]), float(rec["create_time"])
+    try:
+        control(state, "admin.stop", timeout=3.0)
+    except EdgemeshError:
+        _signal(pid, started, signal.SIGTERM)
+    if not wait_gone(pid, started, timeout):
+        _signal(pid, started, signal.SIGKILL)
+        wait_gone(pid, started, 3.0)
+        state.clear_daemon()
+    return True
+
+
+def _signal(pid: int, started: float, sig: int) -> None:
+    if same_process(pid, started):  # never a pid that has been reused meanwhile
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
 
 
 def daemon_argv(state: StateDir, host: str, port: int, advertise: str | None, mdns: bool) -> list[str]:

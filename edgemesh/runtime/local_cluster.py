@@ -22,6 +22,7 @@ from edgemesh.config import edgemesh_home
 from edgemesh.errors import EdgemeshError
 from edgemesh.identity.statedir import StateDir
 from edgemesh.identity.token import JoinPoint, JoinToken
+from edgemesh.runtime.processes import same_process
 from edgemesh.transport.zmq_link import tcp_endpoint
 
 HOST = "127.0.0.1"
@@ -41,13 +42,7 @@ class LocalNode:
     create_time: float | None = None
 
     def alive(self) -> bool:
-        if self.pid is None:
-            return False
-        try:
-            proc = psutil.Process(self.pid)
-            return abs(proc.create_time() - (self.create_time or 0)) < 1.0 and proc.status() != psutil.STATUS_ZOMBIE
-        except psutil.Error:
-            return False
+        return same_process(self.pid, self.create_time)
 
 
 def load(directory: Path) -> list[LocalNode]:
@@ -98,7 +93,7 @@ def _free(port: int) -> bool:
 
 def up(directory: Path, count: int, base_port: int = 7700, progress: Callable[[str], None] = lambda m: None) -> list[LocalNode]:
     from edgemesh.mesh.join_client import join_cluster
-    from edgemesh.runtime.launcher import spawn, wait_ready
+    from edgemesh.runtime.launcher import wait_ready
 
     if count < 1 or count > 64:
         raise EdgemeshError(f"--nodes must be between 1 and 64 (got {count})")
@@ -122,7 +117,7 @@ def up(directory: Path, count: int, base_port: int = 7700, progress: Callable[[s
         key, _ = root.load_or_create_identity(nodes[0].name)
         cluster = root.new_cluster(key.node_id)
         progress(f"starting {nodes[0].name} (founder) on port {nodes[0].port}")
-        _start(root, nodes[0], nodes, directory, spawn, wait_ready)
+        wait_ready(root, _spawn_recorded(root, nodes[0], nodes, directory))
         token = JoinToken(cluster.cluster_id, cluster.secret,
                           (JoinPoint(tcp_endpoint(HOST, nodes[0].port + 1), key.sign_public),))
         procs = []
@@ -134,12 +129,7 @@ def up(directory: Path, count: int, base_port: int = 7700, progress: Callable[[s
                 k, name, token, (tcp_endpoint(HOST, n.port),), (tcp_endpoint(HOST, n.port + 1),), discover=False))
             state.save_cluster(result.cluster)
             state.save_members(result.records)
-            state.save_settings({"host": HOST, "port": n.port, "advertise": HOST, "mdns": False})
-            proc = spawn(state, HOST, n.port, HOST, False)
-            n.pid = proc.pid
-            n.create_time = psutil.Process(proc.pid).create_time()
-            _save(directory, nodes)
-            procs.append((state, proc))
+            procs.append((state, _spawn_recorded(state, n, nodes, directory)))
         for state, proc in procs:
             wait_ready(state, proc)
     except BaseException:
@@ -148,13 +138,16 @@ def up(directory: Path, count: int, base_port: int = 7700, progress: Callable[[s
     return nodes
 
 
-def _start(state: StateDir, node: LocalNode, nodes: list[LocalNode], directory: Path, spawn: Any, wait_ready: Any) -> None:
+def _spawn_recorded(state: StateDir, node: LocalNode, nodes: list[LocalNode], directory: Path) -> Any:
+    """Start ``node``'s daemon and record its pid and start time right away (for `down`)."""
+    from edgemesh.runtime.launcher import spawn
+
     state.save_settings({"host": HOST, "port": node.port, "advertise": HOST, "mdns": False})
     proc = spawn(state, HOST, node.port, HOST, False)
     node.pid = proc.pid
     node.create_time = psutil.Process(proc.pid).create_time()
     _save(directory, nodes)
-    wait_ready(state, proc)
+    return proc
 
 
 def wait_alive(state: StateDir, count: int, timeout: float) -> dict[str, Any]:
@@ -173,7 +166,7 @@ def wait_alive(state: StateDir, count: int, timeout: float) -> dict[str, Any]:
 
 def down(directory: Path, keep: bool = False) -> int:
     """Stop every recorded daemon (by pid), then remove the directory. Returns how many ran."""
-    from edgemesh.cli.node import stop_daemon  # noqa: PLC0415 — shared stop logic
+    from edgemesh.runtime.launcher import stop_daemon
 
     stopped = 0
     for n in load(directory):
