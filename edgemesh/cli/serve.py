@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sys
 import time
@@ -105,27 +106,39 @@ def launch(
     opts = _options(nodes, on, max_seq_len, timeout, algo, compression)
 
     async def main() -> None:
-        _stop_on_signals()
-        deployment = await _deploy(state_dir, model, store, opts)
-        engine = _engine(deployment)
-        ready = asyncio.Event()
-        server = asyncio.ensure_future(serve(ApiServer(engine, deployment.entry.name), host, port, ready))
-        try:
-            await asyncio.wait([server, asyncio.ensure_future(ready.wait())], return_when=asyncio.FIRST_COMPLETED)
-            if server.done():
-                server.result()
-            err.print(f"serving [bold]{deployment.entry.name}[/] at http://{host}:{port}/v1 — Ctrl-C to stop")
-            await server
-        finally:
-            server.cancel()
-            await asyncio.to_thread(engine.close)
-            await deployment.close()
+        async with _serving(state_dir, model, store, opts) as (deployment, engine):
+            ready = asyncio.Event()
+            server = asyncio.ensure_future(serve(ApiServer(engine, deployment.entry.name), host, port, ready))
+            try:
+                await asyncio.wait([server, asyncio.ensure_future(ready.wait())], return_when=asyncio.FIRST_COMPLETED)
+                if server.done():
+                    server.result()
+                err.print(f"serving [bold]{deployment.entry.name}[/] at http://{host}:{port}/v1 — Ctrl-C to stop")
+                await server
+            finally:
+                server.cancel()
 
     try:
         asyncio.run(main())
     except (KeyboardInterrupt, asyncio.CancelledError):
         pass
     err.print("stopped; the workers were released")
+
+
+@contextlib.asynccontextmanager
+async def _serving(state_dir, model, store, opts):  # type: ignore[no-untyped-def]
+    """Deploy MODEL and start its engine; on every exit path stop the engine, then release the
+    workers (also when building the engine fails)."""
+    _stop_on_signals()
+    deployment = await _deploy(state_dir, model, store, opts)
+    try:
+        engine = _engine(deployment)
+        try:
+            yield deployment, engine
+        finally:
+            await asyncio.to_thread(engine.close)
+    finally:
+        await deployment.close()
 
 
 def _stop_on_signals() -> None:
@@ -161,10 +174,7 @@ def generate(
     params = SamplingParams(temperature=temperature, seed=seed)
 
     async def main() -> None:
-        _stop_on_signals()
-        deployment = await _deploy(state_dir, model, store, opts)
-        engine = _engine(deployment)
-        try:
+        async with _serving(state_dir, model, store, opts) as (deployment, engine):
             tok = engine.tokenizer
             ids = tok.encode(prompt, add_special_tokens=True) if raw else tok.encode_chat([{"role": "user", "content": prompt}])
             if len(ids) + max_tokens > engine.context_length:
@@ -185,9 +195,6 @@ def generate(
             ttft = f"{ev.ttft_s * 1000:.0f} ms" if ev.ttft_s is not None else "-"
             per = f"{ev.decode_s * 1000:.1f} ms/token" if ev.decode_s is not None else "-"
             err.print(f"{ev.completion_tokens} tokens; first token {ttft}; decode {per}")
-        finally:
-            await asyncio.to_thread(engine.close)
-            await deployment.close()
 
     try:
         asyncio.run(main())
