@@ -80,14 +80,14 @@ async def _deploy(state_dir, model, store, opts):  # type: ignore[no-untyped-def
     return deployment
 
 
-def _engine(deployment):  # type: ignore[no-untyped-def]
+def _engine(deployment, resume: bool = True):  # type: ignore[no-untyped-def]
     from edgemesh.llm.tokenizer import ChatTokenizer
     from edgemesh.runtime.engine import Engine
     from edgemesh.runtime.launch import is_cluster_failure, keepalive
 
     tokenizer = ChatTokenizer.from_entry(deployment.entry)
     return Engine(deployment.entry.name, deployment.model, tokenizer, recover=deployment.recover,
-                  is_cluster_failure=is_cluster_failure, on_idle=keepalive)
+                  is_cluster_failure=is_cluster_failure, on_idle=keepalive, resume=resume)
 
 
 @app.command()
@@ -98,6 +98,9 @@ def launch(
     port: int = typer.Option(8000, "--port", help="Port of the HTTP API."),
     state_dir: Optional[Path] = StateOpt, store: Optional[Path] = StoreOpt, max_seq_len: int = CtxOpt,
     timeout: float = TimeoutOpt, algo: str = AlgoOpt, compression: Optional[str] = CompressOpt,
+    resume: bool = typer.Option(True, "--resume/--no-resume",
+                                help="When a device fails mid-request, re-plan over the others and finish the "
+                                     "request (default), or fail it with HTTP 503 at once."),
 ) -> None:
     """Split MODEL over the cluster and serve it with an OpenAI-compatible API until Ctrl-C."""
     from edgemesh.runtime.api import ApiServer, serve
@@ -106,7 +109,7 @@ def launch(
     opts = _options(nodes, on, max_seq_len, timeout, algo, compression)
 
     async def main() -> None:
-        async with _serving(state_dir, model, store, opts) as (deployment, engine):
+        async with _serving(state_dir, model, store, opts, resume) as (deployment, engine):
             ready = asyncio.Event()
             server = asyncio.ensure_future(serve(ApiServer(engine, deployment.entry.name), host, port, ready))
             try:
@@ -126,13 +129,13 @@ def launch(
 
 
 @contextlib.asynccontextmanager
-async def _serving(state_dir, model, store, opts):  # type: ignore[no-untyped-def]
+async def _serving(state_dir, model, store, opts, resume: bool = True):  # type: ignore[no-untyped-def]
     """Deploy MODEL and start its engine; on every exit path stop the engine, then release the
     workers (also when building the engine fails)."""
     _stop_on_signals()
     deployment = await _deploy(state_dir, model, store, opts)
     try:
-        engine = _engine(deployment)
+        engine = _engine(deployment, resume)
         try:
             yield deployment, engine
         finally:

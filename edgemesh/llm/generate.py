@@ -18,8 +18,13 @@ def generate(
     max_new_tokens: int,
     params: SamplingParams | None = None,
     stop_ids: Iterable[int] = (),
+    *,
+    sampler: Sampler | None = None,
 ) -> Iterator[int]:
-    """Yield new token ids (a stop id is yielded, then generation ends)."""
+    """Yield new token ids (a stop id is yielded, then generation ends).
+
+    ``sampler`` lets a caller continue one request's random stream across calls (the engine
+    resumes a request on a re-planned cluster by prefilling prompt + tokens so far)."""
     if not prompt_ids:
         raise ConfigError("the prompt is empty")
     if max_new_tokens < 0:
@@ -29,7 +34,7 @@ def generate(
             f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
             f"context of {model.max_seq_len} tokens"
         )
-    sample = Sampler(params or SamplingParams())
+    sample = sampler or Sampler(params or SamplingParams())
     stops = set(stop_ids)
     if max_new_tokens == 0:
         return

@@ -2,9 +2,12 @@
 
 The HTTP layer (asyncio) never touches torch; it submits a request and receives events
 through a callback. Requests queue in arrival order, so concurrent requests cannot corrupt each
-other's KV cache. When the model raises a cluster failure (a worker died), the request fails
-with ``ClusterUnavailable`` and the engine calls ``recover`` (re-plan, rebuild) before the next
-request runs.
+other's KV cache. When the model raises a cluster failure (a worker died), the engine calls
+``recover`` (re-plan over the devices left, rebuild) and, with ``resume`` on, continues the
+request where it stopped: it prefills prompt + the tokens generated so far on the new cluster
+and goes on with the same sampler, so a streaming client sees one uninterrupted answer (greedy
+output is the same as without the failure). With ``resume`` off, or when recovery fails, the
+request fails with ``ClusterUnavailable`` (HTTP 503) and the next one triggers recovery.
 """
 
 from __future__ import annotations
@@ -14,11 +17,11 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Callable, Iterator, Protocol
 
 from edgemesh.errors import EdgemeshError
 from edgemesh.llm.generate import generate
-from edgemesh.llm.sampling import SamplingParams
+from edgemesh.llm.sampling import Sampler, SamplingParams
 from edgemesh.llm.tokenizer import ChatTokenizer, StreamDecoder
 
 log = logging.getLogger(__name__)
@@ -26,6 +29,14 @@ log = logging.getLogger(__name__)
 
 class ClusterUnavailable(EdgemeshError):
     """A participant of the model failed; the request cannot finish (HTTP 503)."""
+
+
+class _RecoveryFailed(Exception):
+    """Resuming a request needed a re-plan, and the re-plan failed (``__cause__``)."""
+
+    def __init__(self, failure: Exception) -> None:
+        super().__init__(str(failure))
+        self.failure = failure
 
 
 class Model(Protocol):
@@ -90,6 +101,8 @@ class Engine:
         is_cluster_failure: Callable[[Exception], bool] = lambda exc: False,
         on_idle: Callable[[Model], None] | None = None,
         idle_interval: float = 1.0,
+        resume: bool = True,
+        max_resumes: int = 2,
     ) -> None:
         self.name = name
         self.model = model
@@ -98,6 +111,9 @@ class Engine:
         self.is_cluster_failure = is_cluster_failure
         self.on_idle = on_idle
         self.idle_interval = idle_interval
+        self.resume = resume and recover is not None
+        self.max_resumes = max_resumes
+        self.resumed = 0  # requests continued after a failure (for status and tests)
         self.stop_ids = tokenizer.stop_ids()
         self._queue: queue.Queue[tuple[GenRequest, Callable[[GenEvent], None]] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="edgemesh-engine", daemon=True)
@@ -142,6 +158,10 @@ class Engine:
                 continue
             try:
                 self._run(request, sink)
+            except _RecoveryFailed as exc:
+                sink(GenEvent(done=True, error=ClusterUnavailable(
+                    f"a device of the cluster failed during this request ({exc.failure}) and re-planning "
+                    f"over the remaining devices failed too ({exc.__cause__}); retry later")))
             except Exception as exc:  # noqa: BLE001 — every failure must reach the client
                 if self.is_cluster_failure(exc):
                     log.error("a participant failed during a request: %s", exc)
@@ -180,6 +200,35 @@ class Engine:
             log.exception("re-planning failed")
             self._broken = rexc
 
+    def _tokens(self, request: GenRequest) -> Iterator[int]:
+        """The request's new tokens; across a cluster failure when resuming is on."""
+        sampler = Sampler(request.params)
+        done: list[int] = []
+        resumes = 0
+        while True:
+            try:
+                for tok in generate(self.model, request.prompt_ids + done, request.max_tokens - len(done),  # type: ignore[arg-type]
+                                    stop_ids=self.stop_ids, sampler=sampler):
+                    done.append(tok)
+                    yield tok
+                return
+            except Exception as exc:
+                if not (self.resume and resumes < self.max_resumes and self.is_cluster_failure(exc)):
+                    raise
+                resumes += 1
+                log.error("a participant failed after %d token(s) of a request: %s; re-planning and resuming",
+                          len(done), exc)
+                t = time.monotonic()
+                try:
+                    assert self.recover is not None
+                    self.model = self.recover(exc)
+                except Exception as rexc:
+                    log.exception("re-planning failed")
+                    self._broken = rexc
+                    raise _RecoveryFailed(exc) from rexc
+                self.resumed += 1
+                log.warning("re-planned in %.1f s; resuming the request", time.monotonic() - t)
+
     def _run(self, request: GenRequest, sink: Callable[[GenEvent], None]) -> None:
         decoder = StreamDecoder(self.tokenizer)
         stopper = StopMatcher(request.stop)
@@ -188,7 +237,7 @@ class Engine:
         first: float | None = None
         finish = "length"
         hit = False
-        for tok in generate(self.model, request.prompt_ids, request.max_tokens, request.params, self.stop_ids):  # type: ignore[arg-type]
+        for tok in self._tokens(request):
             n += 1
             if first is None:
                 first = time.perf_counter()

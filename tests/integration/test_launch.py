@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -77,14 +78,16 @@ def test_three_process_split_equals_single_device(cluster3, store):
     assert wait_for(lambda: not any(_worker_pids(sd.path) for sd in sds), 10)
 
 
-def test_killed_worker_fails_the_request_with_503_then_the_next_succeeds(cluster3, store, tmp_path):
-    d, sds, nodes = cluster3
+@contextlib.contextmanager
+def _server(sds, store, tmp_path, *extra: str):
+    """`edgemesh launch mid` over the 3-node cluster; yields (openai client, output lines so far)."""
     port = free_port()
     env = {**os.environ, "EDGEMESH_HOME": str(tmp_path / "home")}
     server = subprocess.Popen(
         [sys.executable, "-m", "edgemesh.cli.__main__", "launch", "mid", "--state-dir", str(sds[0].path),
-         "--store", str(store), "--port", str(port), "--nodes", "3", "--max-seq-len", "512"],
+         "--store", str(store), "--port", str(port), "--nodes", "3", "--max-seq-len", "512", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    out = ""
     try:
         def healthy():
             try:
@@ -92,19 +95,35 @@ def test_killed_worker_fails_the_request_with_503_then_the_next_succeeds(cluster
             except OSError:
                 return False
         assert wait_for(healthy, 90, 0.2), "server did not come up"
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=60)
+        yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=60)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            out, _ = server.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            out, _ = server.communicate()
+    assert wait_for(lambda: not any(_worker_pids(sd.path) for sd in sds), 10), out
+
+
+def _kill_soon(pid: int, killed_at: list[float]) -> None:
+    def kill() -> None:
+        time.sleep(0.5)
+        os.kill(pid, signal.SIGKILL)
+        killed_at.append(time.monotonic())
+
+    threading.Thread(target=kill).start()
+
+
+def test_killed_worker_fails_the_request_with_503_then_the_next_succeeds(cluster3, store, tmp_path):
+    d, sds, nodes = cluster3
+    with _server(sds, store, tmp_path, "--no-resume") as client:
         ok = client.completions.create(model="mid", prompt="hello", max_tokens=8, temperature=0)
         assert ok.usage.completion_tokens == 8
         victims = _worker_pids(sds[2].path)
         assert len(victims) == 1
         killed_at: list[float] = []
-
-        def kill() -> None:
-            time.sleep(0.5)
-            os.kill(victims[0], signal.SIGKILL)
-            killed_at.append(time.monotonic())
-
-        threading.Thread(target=kill).start()
+        _kill_soon(victims[0], killed_at)
         with pytest.raises(openai.APIStatusError) as e:
             client.completions.create(model="mid", prompt="hello", max_tokens=400, temperature=0)
         failed_after = time.monotonic() - killed_at[0]
@@ -115,14 +134,28 @@ def test_killed_worker_fails_the_request_with_503_then_the_next_succeeds(cluster
         assert again.usage.completion_tokens == 8
         # Re-planned over the two members left.
         assert len(_worker_pids(sds[1].path)) == 1
-    finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            out, _ = server.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            out, _ = server.communicate()
-    assert wait_for(lambda: not any(_worker_pids(sd.path) for sd in sds), 10), out
+
+
+def test_killed_worker_mid_stream_the_request_resumes_with_the_same_text(cluster3, store, tmp_path):
+    d, sds, nodes = cluster3
+    with _server(sds, store, tmp_path) as client:
+        want = client.completions.create(model="mid", prompt="hello", max_tokens=300, temperature=0)
+        assert want.usage.completion_tokens == 300
+        victims = _worker_pids(sds[2].path)
+        assert len(victims) == 1
+        pieces: list[str] = []
+        stream = client.completions.create(model="mid", prompt="hello", max_tokens=300, temperature=0, stream=True)
+        for chunk in stream:
+            if not chunk.choices:
+                continue
+            pieces.append(chunk.choices[0].text)
+            if len(pieces) == 20:  # mid-stream, for sure
+                os.kill(victims[0], signal.SIGKILL)
+        assert len(pieces) > 20
+        # The answer is whole and the same as without the failure.
+        assert "".join(pieces) == want.choices[0].text
+        # Re-planned over the two members left.
+        assert len(_worker_pids(sds[1].path)) == 1
 
 
 @pytest.mark.slow
