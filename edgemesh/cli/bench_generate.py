@@ -48,10 +48,15 @@ def bench_generate(
     bound = r["bound_ms_per_token"]
     t.add_row("bound", "", f"{bound:.1f}" if bound else "-", "", f"{r['bytes_per_token_theory']:,} (theory)")
     Console().print(t)
-    err.print(f"bound = slowest slice {r['largest_slice_compute_ms']} ms (rank {r['largest_slice_rank']}) + 2·L × star "
+    err.print(f"bound = slowest slice {r['largest_slice_compute_ms']} ms (rank {r['largest_slice_rank']}, all ranks "
+              f"computing at once; alone: {r['largest_slice_alone_ms']} ms) + 2·L × star "
               f"{r['star_allreduce_us']} µs; ms/token / bound = {r['ms_per_token'] / bound:.2f} (target ≤ 1.25); "
               f"bytes / theory = {r['bytes_per_token'] / max(r['bytes_per_token_theory'], 1):.3f} (target ≤ 1.05); "
               f"planner predicted {r['predicted_ms_per_token']} ms/token")
+    inside = r.get("master_in_collectives_ms_per_token")
+    if inside is not None:
+        err.print(f"the master spent {inside} ms/token inside collectives (transport + waiting for the slowest "
+                  f"worker) and the rest computing")
     if json_path:
         json_path.write_text(json.dumps(r, indent=1))
         err.print(f"wrote {json_path}")

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import torch
@@ -76,26 +76,38 @@ def choose_members(members: list[dict[str, Any]], me: str, opts: LaunchOptions,
     return mine + others
 
 
+def _host(m: dict[str, Any]) -> str:
+    return str(m["addresses"][0]).removeprefix("tcp://").rsplit(":", 1)[0]
+
+
+def _sharing(members: list[dict[str, Any]]) -> list[int]:
+    """For each member, how many of the chosen members run on its machine (same address)."""
+    count: dict[str, int] = {}
+    for m in members:
+        count[_host(m)] = count.get(_host(m), 0) + 1
+    return [count[_host(m)] for m in members]
+
+
 def threads_per_rank(members: list[dict[str, Any]]) -> list[int]:
     """Ranks that share a machine (same address) split its cores instead of each taking all:
     oversubscribed torch threads made a 3-process local cluster 2.3× slower in our runs."""
-    def host(m: dict[str, Any]) -> str:
-        return str(m["addresses"][0]).removeprefix("tcp://").rsplit(":", 1)[0]
-
-    count: dict[str, int] = {}
-    for m in members:
-        count[host(m)] = count.get(host(m), 0) + 1
     out = []
-    for m in members:
+    for m, shared in zip(members, _sharing(members)):
         profile = m.get("profile") or {}
         cores = (profile.get("limits") or {}).get("cpu_cores") or profile.get("cpu_logical") or 1
-        shared = count[host(m)]
         out.append(0 if shared == 1 else max(1, int(cores) // shared))
     return out
 
 
 def devices_and_links(members: list[dict[str, Any]]) -> tuple[list[Device], list[Link]]:
-    devices = [Device.from_profile(m["id"], m.get("profile") or {}) for m in members]
+    """Planner inputs. Members on one machine each get their share of its measured speed and
+    memory bandwidth (each profile measured the whole machine)."""
+    devices = []
+    for m, shared in zip(members, _sharing(members)):
+        d = Device.from_profile(m["id"], m.get("profile") or {})
+        if shared > 1:
+            d = replace(d, gflops=d.gflops / shared, mem_bw_gbps=d.mem_bw_gbps / shared)
+        devices.append(d)
     me = members[0]["id"]
     links = []
     for m in members[1:]:
@@ -104,6 +116,23 @@ def devices_and_links(members: list[dict[str, Any]]) -> tuple[list[Device], list
         if rtt is not None and link.get("mbps"):
             links.append(Link(me, m["id"], float(rtt), float(link["mbps"])))
     return devices, links
+
+
+async def members_with_profiles(state: StateDir, options: LaunchOptions, excluded: set[str] | frozenset[str] = frozenset(),
+                                wait: float = 10.0) -> list[dict[str, Any]]:
+    """The members a launch from ``state`` would use (master first), once each has published
+    its device profile (a member that just started needs a moment for its record to reach us)."""
+    deadline = time.monotonic() + wait
+    while True:
+        status = await control_call(state, "status")
+        members = [m for m in status["members"] if m["id"] not in excluded]
+        chosen = choose_members(members, status["node"], options, degraded=bool(excluded))
+        missing = [m["name"] for m in chosen if "mem_total" not in (m.get("profile") or {})]
+        if not missing:
+            return chosen
+        if time.monotonic() > deadline:
+            raise EdgemeshError(f"no device profile from {', '.join(missing)} yet; is it running an older edgemesh?")
+        await asyncio.sleep(0.2)
 
 
 class Deployment:
@@ -199,20 +228,8 @@ class Deployment:
         self.progress(f"model up on {world} device(s): " + ", ".join(m["name"] for m in self.members))
         return self.model
 
-    async def _members_with_profiles(self, wait: float = 10.0) -> list[dict[str, Any]]:
-        """The chosen members, once each has published its device profile (a member that
-        just started needs a moment for its record to reach us)."""
-        deadline = time.monotonic() + wait
-        while True:
-            status = await control_call(self.state, "status")
-            members = [m for m in status["members"] if m["id"] not in self.excluded]
-            chosen = choose_members(members, status["node"], self.options, degraded=bool(self.excluded))
-            missing = [m["name"] for m in chosen if "mem_total" not in (m.get("profile") or {})]
-            if not missing:
-                return chosen
-            if time.monotonic() > deadline:
-                raise EdgemeshError(f"no device profile from {', '.join(missing)} yet; is it running an older edgemesh?")
-            await asyncio.sleep(0.2)
+    async def _members_with_profiles(self) -> list[dict[str, Any]]:
+        return await members_with_profiles(self.state, self.options, self.excluded)
 
     def _master_model(self, the_plan: Plan, collective: Any, refs: dict | None = None) -> Participant:
         specs = the_plan.specs_for(0)

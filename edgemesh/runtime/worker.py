@@ -3,7 +3,7 @@
 Started by a node's daemon for one job. It fetches its weight slices from the launcher (hash
 checked, cached by hash), binds its collective socket, reports ready, joins the group and then
 follows the master: `forward` (run my slices of every layer), `noop` (keep-alive while idle),
-`stop`. Any failure of the group ends the process; the launcher re-plans.
+`probe` / `solo` (measurements for `bench generate`), `stop`. Any failure of the group ends the process; the launcher re-plans.
 """
 
 from __future__ import annotations
@@ -92,6 +92,7 @@ def run_job(state: StateDir, spec: JobSpec, host: str) -> int:
     from edgemesh.collective.zmq_group import CollectiveOptions, ZmqCollective
     from edgemesh.collective.zmq_links import CurveKeys, Peer, PeerLinks
     from edgemesh.llm.model import Participant
+    from edgemesh.runtime.measure import follow_solo
     from edgemesh.weights.config import ModelConfig
     from edgemesh.weights.provider import InMemoryProvider
     from edgemesh.weights.shard import ShardSpec
@@ -140,6 +141,9 @@ def run_job(state: StateDir, spec: JobSpec, host: str) -> int:
                     probe = torch.zeros(1, 1, numel)
                     for _ in range(n):
                         group.allreduce_sum(probe)
+                    continue
+                if op == "solo":  # `bench generate`: my compute alone, all ranks at once
+                    follow_solo(model, meta)
                     continue
                 if op != "forward":
                     raise EdgemeshError(f"unknown op from the master: {op!r}")

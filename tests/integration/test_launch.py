@@ -176,3 +176,24 @@ def test_smollm2_on_three_nodes_matches_one_node(cluster3, tmp_path):
     (_, three), w = _run_deployed(sds[0], entry, LaunchOptions(nodes=3, max_seq_len=256), prompt, 32)
     assert w == 3
     assert three == one
+
+
+def test_bench_generate_measures_every_term_and_sends_what_the_theory_says(cluster3, store):
+    from edgemesh.runtime.bench_generate import bench
+
+    d, sds, nodes = cluster3
+    entry = ModelStore(store).get("mid")
+    r = asyncio.run(bench(sds[0], entry, 3, list(range(5, 21)), 8, 128, lambda m: None))
+    assert (r["nodes"], r["tokens"], r["prompt_tokens"]) == (3, 8, 16)
+    # Bytes are counted on the wire by the collective: only framing may come on top of the theory
+    # (tensor payloads), at most 64 bytes per message — per token the hub exchanges with each of
+    # the 2 workers a control message, the hidden state and 2 messages per allreduce (2 per layer).
+    messages = 2 * (2 + 4 * 4)
+    assert r["bytes_per_token_theory"] <= r["bytes_per_token"] <= r["bytes_per_token_theory"] + 64 * messages
+    per_rank = r["slice_compute_per_rank_ms"]
+    assert len(per_rank) == 3 and all(v > 0 for v in per_rank)
+    assert r["largest_slice_compute_ms"] == round(max(per_rank), 2)
+    assert r["bound_ms_per_token"] == pytest.approx(
+        r["largest_slice_compute_ms"] + 2 * 4 * r["star_allreduce_us"] / 1000, abs=0.02)
+    assert 0 < r["master_in_collectives_ms_per_token"] < r["ms_per_token"] * 1.5
+    assert r["single_ms_per_token"] > 0 and r["largest_slice_alone_ms"] > 0

@@ -6,7 +6,7 @@ import pytest
 
 from edgemesh.errors import ConfigError
 from edgemesh.runtime.engine import StopMatcher
-from edgemesh.runtime.launch import LaunchOptions, choose_members, threads_per_rank
+from edgemesh.runtime.launch import LaunchOptions, choose_members, devices_and_links, threads_per_rank
 
 pytestmark = pytest.mark.unit
 
@@ -68,6 +68,16 @@ def test_ranks_on_one_machine_split_its_cores():
     assert threads_per_rank(local) == [1, 1, 1]  # 2 cores, 3 ranks: one thread each
     spread = [_member("a", "a", host="10.0.0.1", cores=4), _member("b", "b", host="10.0.0.2", cores=4)]
     assert threads_per_rank(spread) == [0, 0]  # alone on its machine: torch's default
+
+
+def test_ranks_on_one_machine_each_get_their_share_of_its_speed_in_the_plan():
+    def member(i: str, host: str) -> dict:
+        m = _member(i, i, host=host)
+        m["profile"].update(gflops=24.0, mem_bw_gbps=12.0, mem_total=8 << 30)
+        return m
+
+    devs, _ = devices_and_links([member("a", "10.0.0.1"), member("b", "10.0.0.1"), member("c", "10.0.0.2")])
+    assert [(d.gflops, d.mem_bw_gbps) for d in devs] == [(12.0, 6.0), (12.0, 6.0), (24.0, 12.0)]
 
 
 def test_link_table_keeps_the_minimum_of_recent_rtts_for_the_planner():

@@ -1,0 +1,67 @@
+"""Measurements through a live group, for `bench generate`: each rank's compute with no
+communication, all ranks at once (so ranks that share a machine also share its cores and
+memory bandwidth, as they do when serving).
+
+The master sends ``{"op": "solo", "n": N, "start_pos": P}``; every rank then runs N decode
+steps of its own slices with a world-of-one collective (the partial sums are not summed: the
+numbers are wrong, the work is the same), and the ranks' medians travel back in one allreduce.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from edgemesh.collective.base import LocalCollective
+from edgemesh.errors import EdgemeshError
+from edgemesh.llm.model import Participant
+
+MAX_SOLO_STEPS = 1000
+
+
+def solo_steps_ms(model: Participant, n: int, start_pos: int) -> float:
+    """Median ms of one decode step of this rank's slices, without communication. On the
+    master a step includes the embedding, final norm and head."""
+    if not (0 < n <= MAX_SOLO_STEPS and 0 <= start_pos and start_pos + n <= model.max_seq_len):
+        raise EdgemeshError(f"bad solo measurement: {n} steps from position {start_pos}")
+    group = model.collective
+    model.collective = LocalCollective()
+    steps = []
+    try:
+        with torch.inference_mode():
+            h = torch.zeros(1, 1, model.config.hidden_size)
+            tok = torch.tensor([[1]])
+            for i in range(n):
+                t = time.perf_counter()
+                if group.rank == 0:
+                    model.forward(tok, start_pos + i)
+                else:
+                    model.run_layers(h, start_pos + i)
+                steps.append(time.perf_counter() - t)
+    finally:
+        model.collective = group
+    return statistics.median(steps) * 1000
+
+
+def share_per_rank(model: Participant, mine_ms: float) -> list[float]:
+    """Every rank's figure, on every rank (an allreduce of a one-hot vector)."""
+    group = model.collective
+    vec = torch.zeros(1, 1, group.world_size)
+    vec[0, 0, group.rank] = mine_ms
+    return [float(v) for v in group.allreduce_sum(vec).flatten()]
+
+
+def solo_compute_ms(model: Participant, n: int, start_pos: int) -> list[float]:
+    """Master: every rank's median decode-step compute in ms, measured at the same time."""
+    model.collective.broadcast_meta({"op": "solo", "n": n, "start_pos": start_pos})
+    return share_per_rank(model, solo_steps_ms(model, n, start_pos))
+
+
+def follow_solo(model: Participant, meta: dict) -> None:
+    """Worker: the other half of ``solo_compute_ms``."""
+    n, start_pos = meta.get("n"), meta.get("start_pos")
+    if not isinstance(n, int) or not isinstance(start_pos, int):
+        raise EdgemeshError("bad solo measurement from the master")
+    share_per_rank(model, solo_steps_ms(model, n, start_pos))
