@@ -161,6 +161,16 @@ def list_(store: Path = StoreOpt, as_json: bool = typer.Option(False, "--json"))
     Console().print(t)
 
 
+def _live_cluster(state_dir: Path | None, nodes: int):  # type: ignore[no-untyped-def]
+    """(members, devices, links) of the running cluster as a launch would see them, or None."""
+    import asyncio
+
+    from edgemesh.cli.node import resolve_state
+    from edgemesh.runtime.launch import LaunchOptions, live_devices
+
+    return asyncio.run(live_devices(resolve_state(state_dir), LaunchOptions(nodes=nodes or None)))
+
+
 @app.command("plan")
 def plan_cmd(
     model: str = typer.Argument(..., help="model name (or id prefix) in the store"),
@@ -171,8 +181,14 @@ def plan_cmd(
     context: int = typer.Option(2048, "--context", help="context length the KV cache is sized for"),
     store: Path = StoreOpt,
     as_json: bool = typer.Option(False, "--json"),
+    state_dir: Path = typer.Option(None, "--state-dir", help="the node whose cluster to plan for (default: this device's node, else the local cluster)"),
+    uniform: bool = typer.Option(False, "--uniform", help="plan for --nodes identical devices of --gflops even when a cluster runs"),
 ) -> None:
-    """Show who holds which slice, predicted memory per device and predicted ms/token."""
+    """Show who holds which slice, predicted memory per device and predicted ms/token.
+
+    With a running cluster the plan uses its members' measured profiles and links, exactly as
+    `edgemesh launch` would (--nodes = how many members); otherwise --devices profile files, or
+    --nodes identical devices of this machine's memory."""
     from edgemesh.placement import Device, plan, uniform_devices
 
     import glob
@@ -193,21 +209,29 @@ def plan_cmd(
             if any(d.id == dev_id for d in devs):
                 dev_id = f"{dev_id}-{len(devs)}"
             devs.append(Device.from_profile(dev_id, data, gflops_per_core=gflops))
-    else:
+    links = None
+    names: dict[str, str] = {}
+    source = f"{nodes or 1} identical device(s) of {gflops:g} GFLOP/s" if not files else "device profile files"
+    live = None if files or uniform else _live_cluster(state_dir, nodes)
+    if live is not None:
+        members, devs, links = live
+        names = {m["id"]: m["name"] for m in members}
+        source = "the running cluster's measured profiles and links"
+    elif not files:
         import psutil
 
         n = nodes or 1
         devs = uniform_devices(n, gflops=gflops, mem_bytes=psutil.virtual_memory().total // n,
                                mem_bw_gbps=10.0)
-    p = plan(entry.config, devs, model=entry.name, context_len=context)
+    p = plan(entry.config, devs, links, model=entry.name, context_len=context)
     if as_json:
         print(json.dumps(p.to_json(), indent=1))
         return
-    t = Table(title=f"plan for {entry.name} on {p.world_size} device(s), context {context}")
+    t = Table(title=f"plan for {entry.name} on {p.world_size} device(s), context {context}, from {source}")
     for col in ("rank", "device", "share", "KV groups", "MLP rows", "weights", "KV cache", "memory", "limit", "compute ms"):
         t.add_column(col, justify="right" if col not in ("device",) else "left")
     for d in p.devices:
-        t.add_row(str(d.rank), d.id, f"{d.share:.1%}", str(d.kv_groups), str(d.mlp_rows), _size(d.weight_bytes),
+        t.add_row(str(d.rank), names.get(d.id, d.id), f"{d.share:.1%}", str(d.kv_groups), str(d.mlp_rows), _size(d.weight_bytes),
                   _size(d.kv_cache_bytes), _size(d.mem_bytes), _size(d.mem_limit), f"{d.compute_ms:.2f}")
     con = Console()
     con.print(t)

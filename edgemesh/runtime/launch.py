@@ -100,13 +100,19 @@ def threads_per_rank(members: list[dict[str, Any]]) -> list[int]:
 
 
 def devices_and_links(members: list[dict[str, Any]]) -> tuple[list[Device], list[Link]]:
-    """Planner inputs. Members on one machine each get their share of its measured speed and
-    memory bandwidth (each profile measured the whole machine)."""
+    """Planner inputs. Members on one machine measured the same hardware, each while the others
+    may have been busy: they all get the machine's best measured speed and memory bandwidth,
+    divided by how many of them share it."""
+    alone = [Device.from_profile(m["id"], m.get("profile") or {}) for m in members]
+    best: dict[str, tuple[float, float]] = {}
+    for m, d in zip(members, alone):
+        g, b = best.get(_host(m), (0.0, 0.0))
+        best[_host(m)] = (max(g, d.gflops), max(b, d.mem_bw_gbps))
     devices = []
-    for m, shared in zip(members, _sharing(members)):
-        d = Device.from_profile(m["id"], m.get("profile") or {})
+    for m, d, shared in zip(members, alone, _sharing(members)):
         if shared > 1:
-            d = replace(d, gflops=d.gflops / shared, mem_bw_gbps=d.mem_bw_gbps / shared)
+            g, b = best[_host(m)]
+            d = replace(d, gflops=g / shared, mem_bw_gbps=b / shared)
         devices.append(d)
     me = members[0]["id"]
     links = []
@@ -133,6 +139,16 @@ async def members_with_profiles(state: StateDir, options: LaunchOptions, exclude
         if time.monotonic() > deadline:
             raise EdgemeshError(f"no device profile from {', '.join(missing)} yet; is it running an older edgemesh?")
         await asyncio.sleep(0.2)
+
+
+async def live_devices(state: StateDir, options: LaunchOptions) -> tuple[list[dict[str, Any]], list[Device], list[Link]] | None:
+    """The members, devices and links a launch from ``state`` would plan with (measured
+    profiles and links), or None when no daemon runs there."""
+    if running_daemon(state) is None:
+        return None
+    members = await members_with_profiles(state, options)
+    devices, links = devices_and_links(members)
+    return members, devices, links
 
 
 class Deployment:

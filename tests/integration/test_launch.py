@@ -197,3 +197,26 @@ def test_bench_generate_measures_every_term_and_sends_what_the_theory_says(clust
         r["largest_slice_compute_ms"] + 2 * 4 * r["star_allreduce_us"] / 1000, abs=0.02)
     assert 0 < r["master_in_collectives_ms_per_token"] < r["ms_per_token"] * 1.5
     assert r["single_ms_per_token"] > 0 and r["largest_slice_alone_ms"] > 0
+
+
+def test_plan_uses_the_running_clusters_members_and_links(cluster3, store):
+    import json
+
+    from typer.testing import CliRunner
+
+    from edgemesh.cli import _register, app
+
+    d, sds, nodes = cluster3
+    _register()
+    args = ["plan", "mid", "--store", str(store), "--state-dir", str(sds[0].path), "--json"]
+    r = CliRunner().invoke(app, [*args, "--nodes", "2"])
+    assert r.exit_code == 0, r.output
+    p = json.loads(r.stdout)
+    me = sds[0].load_identity()[0].node_id
+    ids = [dev["id"] for dev in p["devices"]]
+    assert len(ids) == 2 and ids[0] == me  # the launching node is the master
+    r = CliRunner().invoke(app, args)  # every alive member
+    assert r.exit_code == 0, r.output
+    assert len(json.loads(r.stdout)["devices"]) == 3
+    r = CliRunner().invoke(app, [*args, "--nodes", "2", "--uniform"])
+    assert [dev["id"] for dev in json.loads(r.stdout)["devices"]] != ids  # synthetic devices

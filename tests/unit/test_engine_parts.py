@@ -76,7 +76,9 @@ def test_ranks_on_one_machine_each_get_their_share_of_its_speed_in_the_plan():
         m["profile"].update(gflops=24.0, mem_bw_gbps=12.0, mem_total=8 << 30)
         return m
 
-    devs, _ = devices_and_links([member("a", "10.0.0.1"), member("b", "10.0.0.1"), member("c", "10.0.0.2")])
+    slow = member("b", "10.0.0.1")
+    slow["profile"]["gflops"] = 16.0  # measured while the other was busy: same machine, same speed
+    devs, _ = devices_and_links([member("a", "10.0.0.1"), slow, member("c", "10.0.0.2")])
     assert [(d.gflops, d.mem_bw_gbps) for d in devs] == [(12.0, 6.0), (12.0, 6.0), (24.0, 12.0)]
 
 
