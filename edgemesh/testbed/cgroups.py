@@ -13,7 +13,13 @@ from edgemesh.testbed.naming import Names
 from edgemesh.testbed.scenario import Device
 from edgemesh.testbed.steps import Kind, MakeDir, Resource, Step, Write
 
-CFS_PERIOD_US = 100_000
+# A short enforcement period makes a capped device behave like a slower CPU rather than a fast
+# one that stalls: at the kernel default of 100 ms a 0.5-core device runs 50 ms, then freezes
+# 50 ms, and a tensor-parallel group in lockstep waits on whoever is frozen. Measured here, 4
+# ranks at 0.5 core doing 1 ms of work per barrier step: 3.20 ms/step at 100 ms, 2.96 at 10 ms
+# (ideal 2.0; the rest is the barrier itself). 10 ms keeps the quota (5 ms) at the kernel's
+# bandwidth slice, so the cap stays accurate.
+CFS_PERIOD_US = 10_000
 
 
 @dataclass(frozen=True)

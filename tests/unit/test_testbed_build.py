@@ -99,9 +99,9 @@ def test_cgroup_steps_v1_and_v2() -> None:
     scenario = load_scenario(REPO / "emulation" / "lan-4.toml")
     v1 = {s.path: s.value for s in cgroup_steps(V1, Names("tb1"), scenario.devices) if isinstance(s, Write)}
     assert v1["/sys/fs/cgroup/memory/edgemesh-tb1/dev1/memory.limit_in_bytes"] == str(2048 << 20)
-    assert v1["/sys/fs/cgroup/cpu/edgemesh-tb1/dev1/cpu.cfs_quota_us"] == "50000"
+    assert v1["/sys/fs/cgroup/cpu/edgemesh-tb1/dev1/cpu.cfs_quota_us"] == "5000"
     v2 = {s.path: s.value for s in cgroup_steps(V2, Names("tb1"), scenario.devices) if isinstance(s, Write)}
-    assert v2["/sys/fs/cgroup/edgemesh-tb1/dev1/cpu.max"] == "50000 100000"
+    assert v2["/sys/fs/cgroup/edgemesh-tb1/dev1/cpu.max"] == "5000 10000"
     assert v2["/sys/fs/cgroup/edgemesh-tb1/dev1/memory.max"] == str(2048 << 20)
 
 
