@@ -88,7 +88,9 @@ class NatBed:
         return t0
 
     def status(self, device: str) -> dict[str, Any]:
-        return json.loads(self.em(device, "status", "--state-dir", self.state_dir(device), "--json"))
+        st = json.loads(self.em(device, "status", "--state-dir", self.state_dir(device), "--json"))
+        st["polled_at"] = time.time()
+        return st
 
     def statuses(self, devices: list[str] | None = None) -> dict[str, dict[str, Any]]:
         devices = devices or list(self.started)
@@ -100,18 +102,38 @@ class NatBed:
         return {m["name"]: (m.get("links") or {}) for m in status["members"] if not m.get("self")}
 
     def wait_connected(self, devices: list[str], timeout: float = 20.0, after: float = 0.0,
-                       settle: float = 2.5) -> dict[str, dict[str, Any]]:
-        """Statuses once every pair among ``devices`` has a path both ways, established after ``after``."""
+                       settle: float = 2.5, renewed: str | None = None) -> dict[str, dict[str, Any]]:
+        """Statuses once every pair among ``devices`` has a path both ways; pairs with ``renewed``
+        (a restarted device; every pair when None) must have been established after ``after``."""
         time.sleep(settle)  # polling with CLIs costs CPU the daemons need: look rarely
         deadline = time.monotonic() + timeout
         while True:
             st = self.statuses(devices)
-            if all(self._pair_ok(st, a, b, after) for a in devices for b in devices if a != b):
+            if all(self._pair_ok(st, a, b, after if renewed in (None, a, b) else 0.0)
+                   for a in devices for b in devices if a != b):
                 return st
             if time.monotonic() > deadline:
                 raise EdgemeshError("not every pair connected: " + json.dumps(
                     {a: {b: l.get("path") for b, l in self.links_by_name(s).items()} for a, s in st.items()}))
             time.sleep(1.0)
+
+    def wait_quiet(self, timeout: float = 20.0) -> None:
+        """Until every running daemon has done its start-up work (device profile, first link
+        probes): joins are timed one at a time on a settled cluster, as devices join in practice,
+        not while the previous one still measures itself on the same two host cores."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            st = self.statuses()
+            if all(self._settled(s) for s in st.values()):
+                return
+            time.sleep(0.5)
+
+    @staticmethod
+    def _settled(status: dict[str, Any]) -> bool:
+        me = next((m for m in status["members"] if m.get("self")), {})
+        probed = all(link.get("mbps") is not None for link in NatBed.links_by_name(status).values()
+                     if link.get("path"))
+        return "measured_at" in (me.get("profile") or {}) and probed
 
     def _pair_ok(self, st: dict[str, dict[str, Any]], a: str, b: str, after: float) -> bool:
         link = self.links_by_name(st[a]).get(b) or {}
@@ -151,11 +173,16 @@ def pair_rows(st: dict[str, dict[str, Any]], new: str, t0: float) -> list[dict[s
         ba = NatBed.links_by_name(st[other]).get(new) or {}
         at = [x.get("connected_at") for x in (ab, ba)]
         seconds = max(at) - t0 if all(isinstance(x, (int, float)) for x in at) else None
+        # The same, from the moment the new daemon served (its own start-up cost taken out):
+        # what NAT traversal itself takes. ``uptime`` is read a moment after ``polled_at``.
+        started = st[new].get("polled_at", 0.0) - st[new].get("uptime", 0.0)
+        traversal = max(at) - started if seconds is not None and "polled_at" in st[new] else None
         rank = {"lan": 0, "direct": 1, "punched": 2, "relayed": 3}
         paths = [ab.get("path"), ba.get("path")]
         worst = max(paths, key=lambda p: rank.get(p or "", 9))
         rows.append({"a": new, "b": other, "path": worst, "path_ab": paths[0], "path_ba": paths[1],
-                     "seconds": None if seconds is None else round(seconds, 3)})
+                     "seconds": None if seconds is None else round(seconds, 3),
+                     "seconds_after_daemon_start": None if traversal is None else round(traversal, 3)})
     return rows
 
 
@@ -174,6 +201,8 @@ def bench_join(
             bed.bootstrap()
             pairs: list[dict[str, Any]] = []
             for dev in [d.name for d in bed.scenario.devices[1:]]:
+                st.update("waiting for the cluster to settle…")
+                bed.wait_quiet()
                 st.update(f"{dev} joins…")
                 t0 = bed.join(dev)
                 statuses = bed.wait_connected(list(bed.started))

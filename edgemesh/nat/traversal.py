@@ -40,6 +40,10 @@ GATHER_TIMEOUT = 6.0  # aioice waits up to 5 s for an unreachable STUN/TURN serv
 ANSWER_TIMEOUT = 4.0
 CONNECT_TIMEOUT = 6.0
 PUNCH_TIMEOUT = 2.0  # a first attempt without TURN: hole punching answers in well under a second
+# Happy eyeballs: a punch attempt not through ICE this long after the answer arrived gets a
+# relayed session beside it. Punching answers in 0.02-0.3 s (STUN retries every 0.5 s);
+# waiting for the punch to time out first made relayed pairs take 2.5 s longer.
+RELAY_AFTER = 0.35
 HELLO_TIMEOUT = 3.0
 POLL_WAIT = 8.0
 KEEPALIVE_EVERY = 1.0  # also what holds the NAT mappings open
@@ -90,8 +94,9 @@ class Traversal:
         self.mailbox = Mailbox()
         self.stats = TraversalStats()
         self.epoch = secrets.token_bytes(8)  # this daemon's incarnation, told to relays when polling
-        self._outgoing: dict[str, _Outgoing] = {}
-        self._answering: dict[str, asyncio.Task[None]] = {}
+        # Sessions under way, by (peer, relay): a punch and a relayed session may run side by side.
+        self._outgoing: dict[tuple[str, bool], _Outgoing] = {}
+        self._answering: dict[tuple[str, bool], asyncio.Task[None]] = {}
         self._channels: dict[str, Any] = {}
         self._retry_at: dict[str, tuple[float, float]] = {}  # peer -> (not before, last delay)
         self._upgrade_at: dict[str, tuple[float, float]] = {}
@@ -106,10 +111,15 @@ class Traversal:
 
     # ---- the loop --------------------------------------------------------------
     async def run(self) -> None:
+        last = time.monotonic()
         try:
             while True:
                 self._reconcile()
                 await asyncio.sleep(0.05)
+                now = time.monotonic()
+                if now - last > 1.0:  # a starved or blocked loop looks like silent channels
+                    log.warning("event loop lagged %.1f s", now - last - 0.05)
+                last = now
         finally:
             await self.close()
 
@@ -129,16 +139,19 @@ class Traversal:
             if link.direct is False and not link.rpc.connected:
                 self._want(node_id)
             elif (link.rpc.connected and link.ice_path == "relayed" and not link.direct and self.me < node_id
-                  and node_id not in self._outgoing and node_id not in self._answering):
+                  and not self._busy(node_id)):
                 at, delay = self._upgrade_at.setdefault(node_id, (now + UPGRADE_EVERY[0], UPGRADE_EVERY[0]))
                 if now >= at:
                     delay = min(delay * 2, UPGRADE_EVERY[1])
                     self._upgrade_at[node_id] = (now + delay, delay)
                     self._start_offer(node_id, relay=False, upgrade=True)
 
+    def _busy(self, peer: str) -> bool:
+        return any(key[0] == peer for key in (*self._outgoing, *self._answering))
+
     def _want(self, peer: str, force: bool = False) -> None:
         """Start a session with ``peer`` unless one is under way (or we are backing off)."""
-        if peer in self._outgoing or peer in self._answering:
+        if self._busy(peer):
             return
         at, _ = self._retry_at.get(peer, (0.0, 0.0))
         if not force and time.monotonic() < at:
@@ -146,9 +159,23 @@ class Traversal:
         self._start_offer(peer, relay=peer in self._needs_relay)
 
     def _start_offer(self, peer: str, relay: bool, upgrade: bool = False) -> None:
+        if (peer, relay) in self._outgoing:
+            return
         out = _Outgoing(new_sid(), asyncio.get_running_loop().create_future(), upgrade=upgrade)
-        self._outgoing[peer] = out
+        self._outgoing[(peer, relay)] = out
         out.task = self._spawn(self._offer(peer, out, relay))
+
+    def _can_relay(self) -> bool:
+        return self.servers()[1] is not None
+
+    def _relay_soon(self, peer: str, connecting: asyncio.Future[Any]) -> None:
+        """Happy eyeballs: if the punch is not through ICE in ``RELAY_AFTER``, relay beside it."""
+        def fire() -> None:
+            if not connecting.done() and self._can_relay() and peer not in self._channels:
+                self._start_offer(peer, relay=True)
+
+        handle = asyncio.get_running_loop().call_later(RELAY_AFTER, fire)
+        connecting.add_done_callback(lambda _: handle.cancel())
 
     def _failed(self, peer: str) -> None:
         self.stats.failed += 1
@@ -168,7 +195,7 @@ class Traversal:
                 from edgemesh.nat.turn import TurnCredential
 
                 cred = TurnCredential(turn.username, turn.password or "")
-        return IceChannel(stun, turn, cred, use_relay=relay)
+        return IceChannel(stun, turn, cred, use_relay=relay, relay_only=relay and cred is not None)
 
     async def _offer(self, peer: str, out: _Outgoing, relay: bool) -> None:
         self.stats.sessions += 1
@@ -182,8 +209,10 @@ class Traversal:
             await self._deliver(peer, offer.encode())
             answer = await asyncio.wait_for(out.answer, ANSWER_TIMEOUT)
             answered = True
-            await asyncio.wait_for(ch.connect(answer.ufrag, answer.pwd, answer.candidates, answer.fingerprints,
-                                              controlling=True), CONNECT_TIMEOUT if relay else PUNCH_TIMEOUT)
+            ice = asyncio.ensure_future(ch.connect_ice(answer.ufrag, answer.pwd, answer.candidates, controlling=True))
+            if not relay and not out.upgrade:
+                self._relay_soon(peer, ice)
+            await asyncio.wait_for(self._connect(ch, ice, answer.fingerprints), CONNECT_TIMEOUT if relay else PUNCH_TIMEOUT)
             await self._bind(ch, offer, answer, peer)
             attached = self._attach(peer, ch)
             if attached and out.upgrade:
@@ -193,15 +222,24 @@ class Traversal:
                      type(exc).__name__ if isinstance(exc, asyncio.TimeoutError) else exc)
             if not out.upgrade:
                 if answered and not relay:
-                    self._needs_relay.add(peer)  # punching failed: retry at once, with TURN
+                    self._needs_relay.add(peer)  # punching failed: from now on relay beside it at once
                     self._retry_at[peer] = (0.0, 0.0)
                 else:
                     self._failed(peer)
         finally:
-            if self._outgoing.get(peer) is out:
-                del self._outgoing[peer]
+            if self._outgoing.get((peer, relay)) is out:
+                del self._outgoing[(peer, relay)]
             if not attached:
                 await ch.close()
+
+    @staticmethod
+    async def _connect(ch: Any, ice: asyncio.Future[Any], fingerprints: tuple[tuple[str, str], ...]) -> None:
+        try:
+            await ice
+        except BaseException:
+            ice.cancel()
+            raise
+        await ch.connect_dtls(fingerprints)
 
     async def _answer(self, offer: Signal) -> None:
         peer = offer.sender
@@ -213,8 +251,9 @@ class Traversal:
             answer = Signal("answer", offer.sid, self.me, peer, local.ufrag, local.pwd, local.candidates,
                             local.fingerprints, new_nonce(), offer.relay, now_ms()).signed(self.cluster_id, self.key)
             await self._deliver(peer, answer.encode())
-            await asyncio.wait_for(ch.connect(offer.ufrag, offer.pwd, offer.candidates, offer.fingerprints,
-                                              controlling=False), CONNECT_TIMEOUT if offer.relay else PUNCH_TIMEOUT)
+            ice = asyncio.ensure_future(ch.connect_ice(offer.ufrag, offer.pwd, offer.candidates, controlling=False))
+            await asyncio.wait_for(self._connect(ch, ice, offer.fingerprints),
+                                   CONNECT_TIMEOUT if offer.relay else PUNCH_TIMEOUT)
             await self._bind(ch, offer, answer, peer)
             attached = self._attach(peer, ch)
         except (asyncio.TimeoutError, ConnectionError, EdgemeshError, OSError) as exc:
@@ -225,8 +264,8 @@ class Traversal:
             else:
                 self._needs_relay.add(peer)
         finally:
-            if self._answering.get(peer) is asyncio.current_task():
-                del self._answering[peer]
+            if self._answering.get((peer, offer.relay)) is asyncio.current_task():
+                del self._answering[(peer, offer.relay)]
             if not attached:
                 await ch.close()
 
@@ -252,6 +291,16 @@ class Traversal:
         if link is None or key is None:
             return False
         old = self._channels.get(peer)
+        if old is not None and ch.path == "relayed" and old.path != "relayed" and not old.closed.is_set():
+            return False  # the punch beside this relayed session won: keep it
+        if ch.path != "relayed":  # a relayed session beside this successful punch is not needed
+            me = asyncio.current_task()
+            for task in [o.task for (p, r), o in self._outgoing.items() if p == peer and r]:
+                if task is not None and task is not me:
+                    task.cancel()
+            for task in [t for (p, r), t in self._answering.items() if p == peer and r]:
+                if task is not me:
+                    task.cancel()
         self._channels[peer] = ch
         link.rpc.attach(ch, curve_public_for(key))
         link.set_ice(ch.path)
@@ -276,8 +325,9 @@ class Traversal:
                     if ch.dead():
                         log.info("ICE channel to %s closed by the peer", peer)
                         break
-                    if time.monotonic() - heard > SILENCE_LIMIT:
-                        log.info("ICE channel to %s silent for %.0f s; closing it", peer, SILENCE_LIMIT)
+                    if time.monotonic() - max(heard, ch.heard) > SILENCE_LIMIT:
+                        log.info("ICE channel to %s silent for %.0f s; closing it (%s)", peer, SILENCE_LIMIT,
+                                 ch.diagnosis())
                         break
                     continue
                 if message is None:
@@ -346,7 +396,7 @@ class Traversal:
             log.warning("refused a signal: %s", exc)
             return
         if s.kind == "answer":
-            out = self._outgoing.get(s.sender)
+            out = self._outgoing.get((s.sender, s.relay))
             if out is not None and out.sid == s.sid and not out.answer.done():
                 out.answer.set_result(s)
             return
@@ -355,17 +405,18 @@ class Traversal:
             return
         self._seen_offers = {k: t for k, t in self._seen_offers.items() if now - t < 60}
         self._seen_offers[s.sid] = now
-        mine = self._outgoing.get(s.sender)
+        key = (s.sender, s.relay)
+        mine = self._outgoing.get(key)
         if mine is not None:
             if self.me < s.sender and not mine.answer.done():
                 return  # glare: our offer wins; the peer answers it
             if mine.task is not None:
                 mine.task.cancel()
-            self._outgoing.pop(s.sender, None)
-        previous = self._answering.get(s.sender)
+            self._outgoing.pop(key, None)
+        previous = self._answering.get(key)
         if previous is not None:
             previous.cancel()
-        self._answering[s.sender] = self._spawn(self._answer(s))
+        self._answering[key] = self._spawn(self._answer(s))
 
     # ---- relay side (mesh RPC handlers) -------------------------------------------
     async def rpc_signal(self, call: Call) -> Any:
