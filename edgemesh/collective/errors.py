@@ -7,7 +7,7 @@ caller closes it and re-plans; every further call raises ``CollectiveError`` at 
 
 from __future__ import annotations
 
-from edgemesh.errors import EdgemeshError
+from edgemesh.errors import AuthError, EdgemeshError, ProtocolError
 
 
 class CollectiveError(EdgemeshError):
@@ -33,3 +33,22 @@ class PeerLost(CollectiveError):
         # The ranks known to be gone: ``rank`` itself, or for an abort, those the aborting rank
         # saw drop — so a re-planner drops the dead member, not the messenger.
         self.lost = lost if aborted else ((rank,) if rank is not None else ())
+
+
+class LinkAuthError(CollectiveError, AuthError):
+    """A data-plane frame failed authentication (tampered, replayed, reordered or forged).
+
+    The stream from that rank can no longer be trusted, so the group is over like for a lost peer.
+    """
+
+    def __init__(self, message: str, rank: int | None = None) -> None:
+        super().__init__(message)
+        self.rank = rank
+
+
+class LinkProtocolError(CollectiveError, ProtocolError):
+    """Bytes on a data-plane connection that do not follow the frame format (e.g. an oversized length)."""
+
+    def __init__(self, message: str, rank: int | None = None) -> None:
+        super().__init__(message)
+        self.rank = rank

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import msgpack
 import zmq
 
-from edgemesh.collective.zmq_links import PeerLinks
+from edgemesh.collective.members import Links
 from edgemesh.errors import ProtocolError
 from edgemesh.wire.envelope import VERSION, Envelope, Kind, decode_message
 from edgemesh.wire.tensor import TensorSpec, spec_to_wire
@@ -26,7 +26,7 @@ META = "coll.meta"
 
 
 class Op:
-    def __init__(self, links: PeerLinks, seq: int, timeout: float) -> None:
+    def __init__(self, links: Links, seq: int, timeout: float) -> None:
         self.links = links
         self.seq = seq
         self.deadline = time.monotonic() + timeout
@@ -63,12 +63,13 @@ def data_header(method: str, seq: int, sender: bytes, body: Any, specs: Sequence
                           [spec_to_wire(s) for s in specs]], use_bin_type=True)
 
 
-def private(buf: Any) -> Any:
+def private(buf: Any, links: Links) -> Any:
     """A buffer safe to send when the caller may overwrite the original right after we return.
 
     zmq sends large frames (≥ COPY_THRESHOLD) straight from our memory, later, from its I/O
-    thread; smaller ones it copies at once. So only large ones need a copy of their own.
+    thread; smaller ones it copies at once. So only large ones need a copy of their own, and
+    only on links that keep frames past send() (TCP links are done with them on return).
     """
-    if memoryview(buf).nbytes >= zmq.COPY_THRESHOLD:
+    if links.retains_frames and memoryview(buf).nbytes >= zmq.COPY_THRESHOLD:
         return buf.copy()
     return buf

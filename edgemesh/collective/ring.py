@@ -40,7 +40,7 @@ def ring_allreduce(op: Op, acc: np.ndarray, wire: str) -> np.ndarray:
     if mine is not chunk[own]:
         chunk[own][:] = mine  # every rank must hold the same (rounded) values
     else:
-        buf = private(buf)  # nothing orders this send before the caller reuses `acc`
+        buf = private(buf, op.links)  # nothing orders this send before the caller reuses `acc`
     op.send(nxt, RESULT, [(spec, buf)], own)
     for s in range(world - 1):
         c_in = (rank - s) % world

@@ -52,7 +52,7 @@ def star_allreduce(op: Op, acc: np.ndarray, wire: str, chunks: int = 1) -> np.nd
             if mine is not part:
                 part[:] = mine  # keep what the workers will see: all ranks bit-identical
             else:
-                buf = private(buf)  # the caller gets `acc` back and may write into it
+                buf = private(buf, op.links)  # the caller gets `acc` back and may write into it
             for peer in range(1, world):
                 op.send(peer, RESULT, [(spec, buf)], i)
         return acc
@@ -96,7 +96,7 @@ def star_broadcast(op: Op, tensor: torch.Tensor | None, root: int) -> torch.Tens
         if tensor is None:
             raise ValueError("the root of a broadcast must pass a tensor")
         spec, buf = _tensor_frame(tensor)
-        buf = private(np.frombuffer(buf, dtype=np.uint8)) if spec.nbytes else buf
+        buf = private(np.frombuffer(buf, dtype=np.uint8), links) if spec.nbytes else buf
         for peer in range(links.world_size):
             if peer != root:
                 op.send(peer, BCAST, [(spec, buf)])

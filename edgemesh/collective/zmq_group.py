@@ -1,9 +1,13 @@
 """``ZmqCollective``: the ``Collective`` that model code uses across processes and machines.
 
+(The name is historical: the default links are now ``tcp_links.SecureLinks`` — blocking TCP with
+our own X25519 + AES-GCM handshake and framing, see protocols/collective.md; zmq CURVE links,
+``zmq_links.PeerLinks``, remain selectable and are what the benchmark compares against.)
+
 Build one per rank::
 
     keys = CurveKeys.generate()                       # or the node's own key pair
-    links = PeerLinks.bind("tcp://0.0.0.0:0", keys, member_keys=[...all ranks' public keys])
+    links = SecureLinks.bind("tcp://0.0.0.0:0", keys, member_keys=[...all ranks' public keys])
     # ... publish links.endpoint and keys.public to the others, learn theirs ...
     group = ZmqCollective(links, rank=k, world_size=W,
                           peers=[Peer(r, endpoint_r, public_key_r) for r in others])
@@ -32,7 +36,8 @@ from edgemesh.collective.errors import CollectiveError, PeerLost
 from edgemesh.collective.op import Op
 from edgemesh.collective.ring import ring_allreduce
 from edgemesh.collective.star import HUB, star_allreduce, star_broadcast, star_broadcast_meta
-from edgemesh.collective.zmq_links import CurveKeys, Peer, PeerLinks
+from edgemesh.collective.members import CurveKeys, Links, Peer
+from edgemesh.collective.tcp_links import SecureLinks
 
 
 @dataclass(frozen=True)
@@ -56,9 +61,9 @@ class CollectiveOptions:
 
 
 class ZmqCollective:
-    """A fixed group of ``world_size`` ranks over authenticated zmq links; rank 0 is the hub."""
+    """A fixed group of ``world_size`` ranks over authenticated links; rank 0 is the hub."""
 
-    def __init__(self, links: PeerLinks, rank: int, world_size: int, peers: Sequence[Peer],
+    def __init__(self, links: Links, rank: int, world_size: int, peers: Sequence[Peer],
                  options: CollectiveOptions | None = None) -> None:
         self.rank = rank
         self.world_size = world_size
@@ -79,7 +84,7 @@ class ZmqCollective:
                bind: str, options: CollectiveOptions | None = None, *, plain: bool = False) -> ZmqCollective:
         """Bind and join in one call (endpoints known in advance)."""
         member_keys = [p.public_key for p in peers if p.public_key is not None]
-        links = PeerLinks.bind(bind, keys, member_keys, plain=plain)
+        links = SecureLinks.bind(bind, keys, member_keys, plain=plain)
         return cls(links, rank, world_size, peers, options)
 
     @property

@@ -22,7 +22,6 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import zmq
@@ -30,6 +29,7 @@ import zmq.auth.thread
 from zmq.utils.monitor import recv_monitor_message
 
 from edgemesh.collective.errors import CollectiveError, CollectiveTimeout, PeerLost
+from edgemesh.collective.members import CurveKeys, Peer
 from edgemesh.errors import AuthError, ProtocolError
 from edgemesh.wire.envelope import Envelope, Kind, decode_message, encode_envelope
 
@@ -45,31 +45,6 @@ _PING = "coll.ping"  # probe to find which member dropped; receivers discard it
 _PING_FRAME = encode_envelope(Envelope(Kind.NOTIFY, _PING, 0, b""))
 _ABORT = "coll.abort"  # "I failed, the group is over": lets the others fail now, not at their deadline
 _ABORT_PREFIX = encode_envelope(Envelope(Kind.NOTIFY, _ABORT, 0, b""))[:14]  # through the method name
-
-
-@dataclass(frozen=True)
-class CurveKeys:
-    """A CURVE key pair, both halves z85-encoded (40 bytes each), as ``zmq.curve_keypair()`` gives."""
-
-    public: bytes
-    secret: bytes
-
-    @classmethod
-    def generate(cls) -> CurveKeys:
-        public, secret = zmq.curve_keypair()
-        return cls(public, secret)
-
-    def __repr__(self) -> str:  # never print the secret
-        return f"CurveKeys(public={self.public!r})"
-
-
-@dataclass(frozen=True)
-class Peer:
-    """Another member: where its ROUTER listens and (unless plain) its z85 public key."""
-
-    rank: int
-    endpoint: str
-    public_key: bytes | None = None
 
 
 class _AllowList:
@@ -95,6 +70,8 @@ class _AllowList:
 
 class PeerLinks:
     """One rank's sockets to all other ranks. Create with ``bind``, then ``join``."""
+
+    retains_frames = True  # zmq sends large frames later, from its I/O thread
 
     def __init__(self, ctx: zmq.Context, router: zmq.Socket, endpoint: str, keys: CurveKeys | None,
                  auth: zmq.auth.thread.ThreadAuthenticator | None, allow: _AllowList | None,
@@ -436,4 +413,4 @@ def _is_ping(frames: Sequence[Any]) -> bool:
     return len(frames) == 1 and frames[0].bytes == _PING_FRAME
 
 
-__all__ = ["CurveKeys", "Peer", "PeerLinks", "CollectiveError"]
+__all__ = ["CurveKeys", "Peer", "PeerLinks", "CollectiveError"]  # keys and peers re-exported for old callers

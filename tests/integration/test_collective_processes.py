@@ -1,4 +1,4 @@
-"""ZmqCollective across real processes on 127.0.0.1: results, a SIGKILLed worker, the benchmark."""
+"""ZmqCollective (default TCP links) across real processes on 127.0.0.1: results, a SIGKILLed worker, the benchmark."""
 
 from __future__ import annotations
 
@@ -22,11 +22,12 @@ pytestmark = pytest.mark.integration
 WORKER = r"""
 import json, sys, time, torch
 from edgemesh.collective.zmq_group import CollectiveOptions, ZmqCollective
-from edgemesh.collective.zmq_links import CurveKeys, Peer, PeerLinks
+from edgemesh.collective.members import CurveKeys, Peer
+from edgemesh.collective.tcp_links import SecureLinks
 cfg = json.loads(sys.stdin.readline())
 rank, w = cfg["rank"], cfg["world"]
 publics = [k.encode() for k in cfg["publics"]]
-links = PeerLinks.bind("tcp://127.0.0.1:0", CurveKeys(publics[rank], cfg["secret"].encode()), publics)
+links = SecureLinks.bind("tcp://127.0.0.1:0", CurveKeys(publics[rank], cfg["secret"].encode()), publics)
 print(json.dumps({"endpoint": links.endpoint}), flush=True)
 eps = json.loads(sys.stdin.readline())["endpoints"]
 g = ZmqCollective(links, rank, w, [Peer(r, eps[r], publics[r]) for r in range(w)],

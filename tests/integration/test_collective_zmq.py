@@ -1,8 +1,10 @@
-"""ZmqCollective over real zmq on 127.0.0.1: W ranks as W threads of this process.
+"""ZmqCollective over real links on 127.0.0.1: W ranks as W threads of this process.
 
-Every rank has its own zmq context, authenticator and sockets, exactly as in separate
-processes; threads only save process start-up time. Process-level death is in
-tests/integration/test_collective_processes.py.
+Every rank has its own sockets (and, on zmq links, its own context and authenticator), exactly
+as in separate processes; threads only save process start-up time. The default links are
+tcp_links.SecureLinks; the core results are also checked over the zmq CURVE links, which stay
+selectable. Process-level death is in tests/integration/test_collective_processes.py; attacks
+on the TCP links' handshake and frames in tests/integration/test_collective_tcp_security.py.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from edgemesh.collective.compress import error_bound
 from edgemesh.collective.errors import CollectiveError, CollectiveTimeout, PeerLost
 from edgemesh.collective.op import data_header
 from edgemesh.collective.zmq_group import CollectiveOptions, ZmqCollective
-from edgemesh.collective.zmq_links import CurveKeys, Peer, PeerLinks
+from edgemesh.collective.members import CurveKeys, Peer
+from edgemesh.collective.tcp_links import SecureLinks
+from edgemesh.collective.zmq_links import PeerLinks
 from edgemesh.errors import AuthError, ProtocolError
 from edgemesh.wire.envelope import Envelope, Kind, encode_envelope
 from edgemesh.wire.tensor import TensorSpec
@@ -49,10 +53,13 @@ def in_threads(n: int, fn: Callable[[int], Any], timeout: float = 20.0) -> list[
     return out
 
 
-def make_group(w: int, **opts: Any) -> list[ZmqCollective]:
+LINKS = {"tcp": SecureLinks, "zmq": PeerLinks}
+
+
+def make_group(w: int, kind: str = "tcp", **opts: Any) -> list[ZmqCollective]:
     keys = [CurveKeys.generate() for _ in range(w)]
     publics = [k.public for k in keys]
-    links = [PeerLinks.bind(LOCAL, keys[r], publics) for r in range(w)]
+    links = [LINKS[kind].bind(LOCAL, keys[r], publics) for r in range(w)]
     peers = [Peer(r, links[r].endpoint, publics[r]) for r in range(w)]
     options = CollectiveOptions(**{"timeout": 10.0, "connect_timeout": 10.0, **opts})
     groups = in_threads(w, lambda r: ZmqCollective(links[r], r, w, peers, options))
@@ -82,8 +89,8 @@ def rank_order_sum(xs: list[torch.Tensor]) -> torch.Tensor:
 def group_of() -> Any:
     made: list[list[ZmqCollective]] = []
 
-    def factory(w: int, **opts: Any) -> list[ZmqCollective]:
-        made.append(make_group(w, **opts))
+    def factory(w: int, kind: str = "tcp", **opts: Any) -> list[ZmqCollective]:
+        made.append(make_group(w, kind, **opts))
         return made[-1]
 
     yield factory
@@ -93,8 +100,9 @@ def group_of() -> Any:
 
 @pytest.mark.parametrize("w", [2, 3, 4])
 @pytest.mark.parametrize("algorithm", ["star", "chunked_star"])
-def test_star_allreduce_is_the_rank_order_sum_bit_for_bit(group_of: Any, w: int, algorithm: str) -> None:
-    groups = group_of(w, algorithm=algorithm, chunks=3)
+@pytest.mark.parametrize("kind", ["tcp", "zmq"])
+def test_star_allreduce_is_the_rank_order_sum_bit_for_bit(group_of: Any, w: int, algorithm: str, kind: str) -> None:
+    groups = group_of(w, kind, algorithm=algorithm, chunks=3)
     assert isinstance(groups[0], Collective)
     xs = parts(w, 4099)  # not a multiple of the chunk count
     expected = rank_order_sum(xs)
@@ -109,8 +117,9 @@ def test_star_allreduce_is_the_rank_order_sum_bit_for_bit(group_of: Any, w: int,
 
 
 @pytest.mark.parametrize("w", [3, 4])
-def test_ring_matches_star_within_fp32_rounding(group_of: Any, w: int) -> None:
-    groups = group_of(w, algorithm="ring")
+@pytest.mark.parametrize("kind", ["tcp", "zmq"])
+def test_ring_matches_star_within_fp32_rounding(group_of: Any, w: int, kind: str) -> None:
+    groups = group_of(w, kind, algorithm="ring")
     xs = parts(w, 1000, seed=1)
     star = rank_order_sum(xs)
     runs = [in_threads(w, lambda r: groups[r].allreduce_sum(xs[r])) for _ in range(2)]
@@ -205,10 +214,10 @@ def test_fp16_wire_falls_back_to_exact_on_overflow(group_of: Any) -> None:
     assert all(torch.isfinite(x).all() and torch.equal(x, xs[0] + xs[1]) for x in res)
 
 
-def test_unknown_curve_key_is_refused() -> None:
+def test_unknown_key_is_refused() -> None:
     member0, member1, stranger = CurveKeys.generate(), CurveKeys.generate(), CurveKeys.generate()
-    hub_links = PeerLinks.bind(LOCAL, member0, [member0.public, member1.public])
-    rogue_links = PeerLinks.bind(LOCAL, stranger, [member0.public, stranger.public])
+    hub_links = SecureLinks.bind(LOCAL, member0, [member0.public, member1.public])
+    rogue_links = SecureLinks.bind(LOCAL, stranger, [member0.public, stranger.public])
     opts = CollectiveOptions(connect_timeout=0.8)
     t0 = time.monotonic()
 
@@ -230,7 +239,7 @@ def test_unknown_curve_key_is_refused() -> None:
 def test_member_key_cannot_claim_another_rank() -> None:
     keys = [CurveKeys.generate() for _ in range(3)]
     publics = [k.public for k in keys]
-    links = [PeerLinks.bind(LOCAL, keys[r], publics) for r in range(3)]
+    links = [SecureLinks.bind(LOCAL, keys[r], publics) for r in range(3)]
     opts = CollectiveOptions(connect_timeout=0.8)
     # Rank 2's key (a member) dials the hub claiming to be rank 1.
     hub = links[0]
@@ -302,9 +311,28 @@ def _os_threads() -> list[str]:
     return sorted(names)
 
 
-def test_close_leaves_no_threads_and_is_idempotent() -> None:
-    before_py, before_os = threading.active_count(), _os_threads()
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_tcp_links_run_on_the_calling_thread_and_close_leaves_nothing() -> None:
+    before_py, before_os, before_fds = threading.active_count(), _os_threads(), _fds()
     groups = make_group(3)
+    # No I/O thread on the data plane: the sockets are served by whichever thread calls.
+    assert _os_threads() == before_os
+    assert _fds() == before_fds + 3 * 2  # one connection per pair, two ends each; listeners closed
+    in_threads(3, lambda r: groups[r].allreduce_sum(torch.ones(4)))
+    close_all(groups)
+    close_all(groups)
+    assert threading.active_count() == before_py
+    assert _fds() == before_fds
+    with pytest.raises(CollectiveError, match="closed"):
+        groups[0].allreduce_sum(torch.ones(4))
+
+
+def test_zmq_links_close_leaves_no_threads_and_is_idempotent() -> None:
+    before_py, before_os = threading.active_count(), _os_threads()
+    groups = make_group(3, "zmq")
     assert len(_os_threads()) > len(before_os)  # zmq I/O threads and the authenticators exist now
     in_threads(3, lambda r: groups[r].allreduce_sum(torch.ones(4)))
     close_all(groups)
