@@ -88,8 +88,10 @@ class NatBed:
         return t0
 
     def status(self, device: str) -> dict[str, Any]:
+        from edgemesh.identity.statedir import StateDir
+
         st = json.loads(self.em(device, "status", "--state-dir", self.state_dir(device), "--json"))
-        st["polled_at"] = time.time()
+        st["daemon_started"] = (StateDir(Path(self.state_dir(device))).load_daemon() or {}).get("started")
         return st
 
     def statuses(self, devices: list[str] | None = None) -> dict[str, dict[str, Any]]:
@@ -173,10 +175,10 @@ def pair_rows(st: dict[str, dict[str, Any]], new: str, t0: float) -> list[dict[s
         ba = NatBed.links_by_name(st[other]).get(new) or {}
         at = [x.get("connected_at") for x in (ab, ba)]
         seconds = max(at) - t0 if all(isinstance(x, (int, float)) for x in at) else None
-        # The same, from the moment the new daemon served (its own start-up cost taken out):
-        # what NAT traversal itself takes. ``uptime`` is read a moment after ``polled_at``.
-        started = st[new].get("polled_at", 0.0) - st[new].get("uptime", 0.0)
-        traversal = max(at) - started if seconds is not None and "polled_at" in st[new] else None
+        # The same from the new daemon's start (after its imports, before it binds its ports):
+        # its own start-up cost taken out, what NAT traversal itself takes.
+        started = st[new].get("daemon_started")
+        traversal = max(at) - started if seconds is not None and started else None
         rank = {"lan": 0, "direct": 1, "punched": 2, "relayed": 3}
         paths = [ab.get("path"), ba.get("path")]
         worst = max(paths, key=lambda p: rank.get(p or "", 9))
