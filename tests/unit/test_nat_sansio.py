@@ -205,3 +205,57 @@ def test_rpc_over_channels_survives_a_path_swap_and_runs_handlers_once():
             await client.call("work", {"n": 2}, timeout=1.0)
 
     asyncio.run(main())
+
+
+class _FakeChannel:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.closed = asyncio.Event()
+        self.heard = 0.0
+
+    async def recv(self):
+        await self.closed.wait()
+        return None
+
+    def dead(self) -> bool:
+        return False
+
+    async def send(self, message: bytes) -> None:
+        pass
+
+    async def close(self) -> None:
+        self.closed.set()
+
+
+class _FakeLink:
+    def __init__(self) -> None:
+        self.rpc = ChannelRpc(b"\x00" * 10, {}, lambda key, method: False, RpcStats())
+        self.paths: list[str | None] = []
+
+    def set_ice(self, path):
+        self.paths.append(path)
+
+
+def test_a_punched_channel_replaces_a_relayed_one_never_the_reverse():
+    from edgemesh.nat.traversal import Traversal
+
+    async def main():
+        me, peer = NodeKey.generate(), NodeKey.generate()
+        link = _FakeLink()
+        peers = type("Peers", (), {"get": lambda self, node: link if node == peer.node_id else None,
+                                   "clients": lambda self: []})()
+        t = Traversal(me, CLUSTER, peers, lambda node: peer.sign_public if node == peer.node_id else None,
+                      lambda key: None, lambda: (None, None), None, lambda node: asyncio.sleep(0))
+        relayed, punched, late_relay = _FakeChannel("relayed"), _FakeChannel("punched"), _FakeChannel("relayed")
+        assert t._attach(peer.node_id, relayed)
+        assert t._attach(peer.node_id, punched)  # upgrade: the relay is closed
+        await asyncio.sleep(0.05)
+        assert relayed.closed.is_set() and link.rpc.channel is punched
+        assert not t._attach(peer.node_id, late_relay)  # a relayed session finishing late loses
+        assert link.rpc.channel is punched and t.channel_paths() == {peer.node_id: "punched"}
+        await punched.close()  # the punched path breaks: a relayed channel may take over
+        await asyncio.sleep(0.05)
+        assert t._attach(peer.node_id, _FakeChannel("relayed"))
+        await t.close()
+
+    asyncio.run(main())
