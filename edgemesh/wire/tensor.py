@@ -1,18 +1,21 @@
 """Raw tensor frames: a (dtype, shape) spec in the envelope, the bytes in their own frame.
 
 numpy only (no torch import here, so the control plane stays light); bfloat16 travels as raw
-16-bit words and is reinterpreted by the torch side (edgemesh.collective).
+16-bit words and is reinterpreted by the torch side (edgemesh.collective). numpy itself is
+imported on first use: the daemon and the CLI (`join`, `status`) never need it, and its import
+is a tenth of a second of start-up on a small device.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from edgemesh.errors import ProtocolError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 # Wire dtype name → bytes per element. bfloat16 has no numpy dtype: it is carried as uint16.
 DTYPE_SIZES: dict[str, int] = {
@@ -70,6 +73,8 @@ def check_frame(spec: TensorSpec, nbytes: int) -> None:
 
 def array_to_frame(arr: np.ndarray) -> tuple[TensorSpec, memoryview]:
     """A C-contiguous numpy array → (spec, zero-copy buffer)."""
+    import numpy as np
+
     name = arr.dtype.name
     if name not in DTYPE_SIZES or name == "bfloat16":
         raise ProtocolError(f"cannot send numpy dtype {name}")
@@ -79,6 +84,8 @@ def array_to_frame(arr: np.ndarray) -> tuple[TensorSpec, memoryview]:
 
 def frame_to_array(spec: TensorSpec, buf: Any) -> np.ndarray:
     """Zero-copy view of a received frame; bfloat16 comes back as uint16 words."""
+    import numpy as np
+
     check_frame(spec, memoryview(buf).nbytes)
     np_dtype = np.uint16 if spec.dtype == "bfloat16" else np.dtype(spec.dtype)
     return np.frombuffer(buf, dtype=np_dtype).reshape(spec.shape)
