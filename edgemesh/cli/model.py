@@ -55,6 +55,7 @@ def _size(n: float) -> str:
 
 
 StoreOpt = typer.Option(None, "--store", help="store directory (default $EDGEMESH_HOME/models)")
+QuantOpt = typer.Option("", "--quantize", help="store weight-only int8 (per-row scales) as NAME-int8: 'int8'")
 
 
 @model_app.command("synth")
@@ -71,17 +72,21 @@ def synth(
     store: Path = StoreOpt,
     as_json: bool = typer.Option(False, "--json"),
     tokenizer: str = typer.Option("", "--tokenizer", help="borrow the tokenizer of this stored model (so it can be served)"),
+    quantize: str = QuantOpt,
 ) -> None:
     """Write a random-weight Llama-shaped model (streams block by block: any size fits)."""
     from edgemesh.weights.config import ModelConfig
+    from edgemesh.weights.quant import check_scheme
     from edgemesh.weights.synth import synth_model
+
+    scheme = check_scheme(quantize)
 
     ffn = ffn or 256 * ((8 * hidden // 3 + 255) // 256)
     config = ModelConfig(hidden, ffn, heads, kv_heads or heads, layers, vocab, tie_word_embeddings=tied,
                          max_position_embeddings=4096)
     with _progress("synth") as bar:
         entry = synth_model(_store(store), config, seed=seed, name=name or None, progress=bar,  # type: ignore[arg-type]
-                            aux_files=_borrowed_tokenizer(store, tokenizer, vocab))
+                            aux_files=_borrowed_tokenizer(store, tokenizer, vocab), quantize=scheme)
     _print_entry(entry, as_json)
 
 
@@ -104,24 +109,27 @@ def import_(
     name: str = typer.Option("", "--name"),
     store: Path = StoreOpt,
     as_json: bool = typer.Option(False, "--json"),
+    quantize: str = QuantOpt,
 ) -> None:
     """Import a model into the store (per-block safetensors, sha256 per file)."""
     from edgemesh.weights.bundled import BUNDLED, bundled_path
+    from edgemesh.weights.quant import check_scheme, quantized_name
 
+    scheme = check_scheme(quantize)
     src = Path(path)
     if not src.exists() and path in BUNDLED:
-        name, src = name or path, bundled_path(path)
+        name, src = name or quantized_name(path, scheme), bundled_path(path)
     if not src.exists():
         raise ConfigError(f"{path}: no such file or directory (nor a bundled model: {', '.join(BUNDLED)})")
     with _progress("import") as bar:
         if src.is_dir():
             from edgemesh.weights.hf_import import import_hf
 
-            entry = import_hf(_store(store), src, name=name or None, progress=bar)  # type: ignore[arg-type]
+            entry = import_hf(_store(store), src, name=name or None, progress=bar, quantize=scheme)  # type: ignore[arg-type]
         elif src.suffix == ".gguf":
             from edgemesh.weights.gguf_import import import_gguf
 
-            entry = import_gguf(_store(store), src, name=name or None, progress=bar)  # type: ignore[arg-type]
+            entry = import_gguf(_store(store), src, name=name or None, progress=bar, quantize=scheme)  # type: ignore[arg-type]
         else:
             raise ConfigError(f"{src}: expected a HF model directory or a .gguf file")
     _print_entry(entry, as_json)
@@ -141,7 +149,7 @@ def _print_entry(entry, as_json: bool) -> None:  # type: ignore[no-untyped-def]
     else:
         d = _entry_json(entry)
         Console().print(f"[green]stored[/] {d['name']}  id {str(d['id'])[:12]}  {d['parameters']:,} params  "
-                        f"{_size(int(d['bytes']))}  → {d['path']}")  # type: ignore[arg-type]
+                        f"{d['dtype']}  {_size(int(d['bytes']))}  → {d['path']}")  # type: ignore[arg-type]
 
 
 @model_app.command("list")
@@ -152,11 +160,11 @@ def list_(store: Path = StoreOpt, as_json: bool = typer.Option(False, "--json"))
         print(json.dumps(entries, indent=1))
         return
     t = Table(title=f"models in {_store(store).root}")
-    for col in ("name", "id", "params", "size", "L", "H", "heads/kv", "ffn", "vocab", "source"):
+    for col in ("name", "id", "params", "dtype", "size", "L", "H", "heads/kv", "ffn", "vocab", "source"):
         t.add_column(col)
     for d in entries:
         t.add_row(str(d["name"]), str(d["id"])[:12], f"{int(d['parameters']) / 1e6:.1f} M",  # type: ignore[call-overload]
-                  _size(int(d["bytes"])), str(d["layers"]), str(d["hidden"]),  # type: ignore[call-overload]
+                  str(d["dtype"]), _size(int(d["bytes"])), str(d["layers"]), str(d["hidden"]),  # type: ignore[call-overload]
                   f"{d['heads']}/{d['kv_heads']}", str(d["ffn"]), str(d["vocab"]), str(d["source"]))
     Console().print(t)
 
@@ -223,7 +231,7 @@ def plan_cmd(
         n = nodes or 1
         devs = uniform_devices(n, gflops=gflops, mem_bytes=psutil.virtual_memory().total // n,
                                mem_bw_gbps=10.0)
-    p = plan(entry.config, devs, links, model=entry.name, context_len=context)
+    p = plan(entry.config, devs, links, model=entry.name, context_len=context, dtype_bytes=entry.param_bytes)
     if as_json:
         print(json.dumps(p.to_json(), indent=1))
         return

@@ -58,5 +58,6 @@ def load_from_store(
     refs = rank_files(entry, specs, collective.rank)
     blocks = {b: entry.load_slice(ref) for b, ref in refs.items()}
     if dtype != torch.float32:
-        blocks = {b: {k: v.to(dtype) for k, v in t.items()} for b, t in blocks.items()}
+        blocks = {b: {k: v.to(dtype) if v.is_floating_point() else v for k, v in t.items()}
+                  for b, t in blocks.items()}
     return Participant(entry.config, specs, InMemoryProvider(blocks), collective, max_seq_len=max_seq_len, dtype=dtype)

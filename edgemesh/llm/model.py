@@ -5,7 +5,8 @@ it computes whatever heads / intermediate rows its weight slice holds and return
 output. ``Participant`` adds the distribution: it sums the partials with the injected
 ``Collective``, keeps the KV cache of its own heads, and on the master (rank 0) embeds the
 tokens, broadcasts the hidden state and applies final norm + lm_head. With a
-``LocalCollective`` and full slices it is the ordinary single-device model.
+``LocalCollective`` and full slices it is the ordinary single-device model. Weight matrices
+may be fp32 or int8 with per-row scales; ``qlinear`` picks the kernel.
 
 Per forward the master sends ``broadcast_meta({"op": "forward", "start_pos": p})`` followed by
 ``broadcast(hidden)``; workers loop in ``serve()`` until ``{"op": "stop"}``.
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 
 from edgemesh.collective.base import Collective
 from edgemesh.errors import ConfigError
+from edgemesh.llm import qlinear
 from edgemesh.llm.rope import apply_rope, rope_table
 from edgemesh.weights.config import ModelConfig
 from edgemesh.weights.provider import WeightProvider
@@ -60,9 +62,9 @@ def attention_block(
         return out + w["bo"] if "bo" in w else out
     n_q = w["wq"].shape[0] // d
     xn = rms_norm(x, w["norm"], config.rms_norm_eps)
-    q = F.linear(xn, w["wq"], w.get("bq")).view(b, t, n_q, d).transpose(1, 2)
-    k = F.linear(xn, w["wk"], w.get("bk")).view(b, t, n_kv, d).transpose(1, 2)
-    v = F.linear(xn, w["wv"], w.get("bv")).view(b, t, n_kv, d).transpose(1, 2)
+    q = qlinear.linear(xn, w, "wq", w.get("bq")).view(b, t, n_q, d).transpose(1, 2)
+    k = qlinear.linear(xn, w, "wk", w.get("bk")).view(b, t, n_kv, d).transpose(1, 2)
+    v = qlinear.linear(xn, w, "wv", w.get("bv")).view(b, t, n_kv, d).transpose(1, 2)
     q = apply_rope(q, cos, sin)
     k = apply_rope(k, cos, sin)
     end = start_pos + t
@@ -81,7 +83,7 @@ def attention_block(
         mask = torch.arange(end)[None, :] <= (start_pos + torch.arange(t))[:, None]
         y = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask)
     y = y.transpose(1, 2).reshape(b, t, n_q * d)
-    return F.linear(y, w["wo"], w.get("bo"))
+    return qlinear.linear(y, w, "wo", w.get("bo"))
 
 
 def mlp_block(x: torch.Tensor, w: dict[str, torch.Tensor], config: ModelConfig) -> torch.Tensor:
@@ -90,9 +92,9 @@ def mlp_block(x: torch.Tensor, w: dict[str, torch.Tensor], config: ModelConfig) 
         out = torch.zeros_like(x)
         return out + w["b_down"] if "b_down" in w else out
     xn = rms_norm(x, w["norm"], config.rms_norm_eps)
-    gate = F.linear(xn, w["w_gate"], w.get("b_gate"))
-    up = F.linear(xn, w["w_up"], w.get("b_up"))
-    return F.linear(F.silu(gate) * up, w["w_down"], w.get("b_down"))
+    gate = qlinear.linear(xn, w, "w_gate", w.get("b_gate"))
+    up = qlinear.linear(xn, w, "w_up", w.get("b_up"))
+    return qlinear.linear(F.silu(gate) * up, w, "w_down", w.get("b_down"))
 
 
 class Participant:
@@ -185,7 +187,7 @@ class Participant:
         if tokens.dim() == 1:
             tokens = tokens[None, :]
         w_in = self.provider.get("input")
-        h = F.embedding(tokens, w_in["embed"]).to(self.dtype)
+        h = qlinear.embedding(tokens, w_in, "embed", self.dtype)
         del w_in
         self.provider.release("input")
         self.collective.broadcast_meta({"op": "forward", "start_pos": int(start_pos)})
@@ -196,9 +198,9 @@ class Participant:
         w_out = self.provider.get("output")
         h = rms_norm(h, w_out["norm"], self.config.rms_norm_eps)
         if "lm_head" in w_out:
-            logits = F.linear(h, w_out["lm_head"])
+            logits = qlinear.linear(h, w_out, "lm_head")
         else:  # tied: the head is the embedding matrix
-            logits = F.linear(h, self.provider.get("input")["embed"])
+            logits = qlinear.linear(h, self.provider.get("input"), "embed")
             self.provider.release("input")
         del w_out
         self.provider.release("output")

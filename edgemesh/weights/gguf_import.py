@@ -20,6 +20,7 @@ import torch
 from edgemesh.errors import ConfigError
 from edgemesh.weights.config import ModelConfig, RopeScaling
 from edgemesh.weights.progress import Progress
+from edgemesh.weights.quant import check_scheme, quantize_block, quantized_name
 from edgemesh.weights.store import ModelEntry, ModelStore
 
 _ATTN = {"norm": "attn_norm", "wq": "attn_q", "wk": "attn_k", "wv": "attn_v", "wo": "attn_output"}
@@ -154,9 +155,12 @@ def import_gguf(
     name: str | None = None,
     dtype: torch.dtype = torch.float32,
     progress: Progress | None = None,
+    quantize: str | None = None,
 ) -> ModelEntry:
+    """``quantize="int8"`` requantizes the dequantized GGUF weights to weight-only int8."""
     from gguf import GGUFReader
 
+    quantize = check_scheme(quantize)
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such file")
@@ -175,7 +179,8 @@ def import_gguf(
             raise ConfigError(f"{path}: tensor {gname!r} missing")
         return _dequantize(tensors[gname]).to(dtype)
 
-    writer = store.writer(name or path.stem, config, source=f"gguf:{path.name}", dtype=str(dtype).removeprefix("torch."))
+    writer = store.writer(name or quantized_name(path.stem, quantize), config, source=f"gguf:{path.name}",
+                          dtype=quantize or str(dtype).removeprefix("torch."))
     blocks = config.block_names()
     for n, block in enumerate(blocks):
         if block == "input":
@@ -195,7 +200,7 @@ def import_gguf(
                 if config.qkv_bias:
                     out.update(bq=get(f"blk.{i}.attn_q.bias"), bk=get(f"blk.{i}.attn_k.bias"),
                                bv=get(f"blk.{i}.attn_v.bias"))
-        writer.write_block(block, out)
+        writer.write_block(block, quantize_block(out, quantize))
         if progress:
             progress(n + 1, len(blocks), block)
     for key, data in gguf_tokenizer_files(reader, meta).items():

@@ -15,6 +15,7 @@ from safetensors import safe_open
 from edgemesh.errors import ConfigError
 from edgemesh.weights.config import ModelConfig
 from edgemesh.weights.progress import Progress
+from edgemesh.weights.quant import check_scheme, quantize_block, quantized_name
 from edgemesh.weights.store import ModelEntry, ModelStore
 
 # store name -> HF name (relative to "model.layers.{i}." for decoder blocks)
@@ -50,7 +51,10 @@ def import_hf(
     name: str | None = None,
     dtype: torch.dtype = torch.float32,
     progress: Progress | None = None,
+    quantize: str | None = None,
 ) -> ModelEntry:
+    """``quantize="int8"`` stores weight-only int8 (per-row scales) instead of ``dtype``."""
+    quantize = check_scheme(quantize)
     src = Path(src)
     cfg_path = src / "config.json"
     if not cfg_path.is_file():
@@ -67,7 +71,8 @@ def import_hf(
         with safe_open(str(f), framework="pt") as sf:
             for key in sf.keys():
                 where[key] = f
-    writer = store.writer(name or src.name, config, source=f"hf:{src}", dtype=str(dtype).removeprefix("torch."))
+    writer = store.writer(name or quantized_name(src.name, quantize), config, source=f"hf:{src}",
+                          dtype=quantize or str(dtype).removeprefix("torch."))
     blocks = config.block_names()
     for n, block in enumerate(blocks):
         tensors: dict[str, torch.Tensor] = {}
@@ -76,7 +81,7 @@ def import_hf(
                 raise ConfigError(f"{src}: tensor {long!r} missing (needed for block {block})")
             with safe_open(str(where[long]), framework="pt") as sf:
                 tensors[short] = sf.get_tensor(long).to(dtype)
-        writer.write_block(block, tensors)
+        writer.write_block(block, quantize_block(tensors, quantize))
         if progress:
             progress(n + 1, len(blocks), block)
     for aux in ("tokenizer.json", "tokenizer_config.json"):
@@ -96,9 +101,11 @@ def export_hf(entry: ModelEntry, dst: Path) -> None:
 
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
+    from edgemesh.weights.quant import dequantize_block
+
     state: dict[str, torch.Tensor] = {}
     for block in entry.blocks:
-        tensors = entry.load_block(block)
+        tensors = dequantize_block(entry.load_block(block))  # HF has no int8 layout of ours
         for short, long in hf_tensor_names(entry.config, block).items():
             state[long] = tensors[short]
     save_file(state, str(dst / "model.safetensors"), metadata={"format": "pt"})

@@ -55,7 +55,7 @@ class InMemoryProvider:
         blocks: dict[str, dict[str, torch.Tensor]] = {}
         for name, path in files.items():
             tensors = load_file(str(path))
-            if dtype is not None:
-                tensors = {k: v.to(dtype) for k, v in tensors.items()}
+            if dtype is not None:  # int8 weights stay int8: only float tensors change dtype
+                tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
             blocks[name] = tensors
         return cls(blocks)

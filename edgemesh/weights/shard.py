@@ -9,6 +9,9 @@ Tensor names inside blocks (the store format; HF names are mapped at import time
   optional ``b_gate``/``b_up`` [F] and ``b_down`` [H]
 - ``output``: ``norm`` [H], ``lm_head`` [V, H] (absent when the embedding is tied)
 
+An int8 model (``quant.py``) stores each weight matrix as int8 plus ``<name>.scale`` [out]:
+a row slice takes its rows' scales, a column slice (``wo``, ``w_down``) keeps all of them.
+
 The attention unit is a KV-head group (1 KV head + its g query heads); the MLP unit is a
 contiguous range of the intermediate dimension. Output biases (``bo``, ``b_down``) are kept
 only in the slice that ``adds_bias`` so the allreduce adds them exactly once.
@@ -107,21 +110,26 @@ def slice_block(config: ModelConfig, block: str, tensors: dict[str, torch.Tensor
         out["wk"] = tensors["wk"].index_select(0, kv_rows).contiguous()
         out["wv"] = tensors["wv"].index_select(0, kv_rows).contiguous()
         out["wo"] = tensors["wo"].index_select(1, q_rows).contiguous()
-        for name, rows in (("bq", q_rows), ("bk", kv_rows), ("bv", kv_rows)):
+        for name, rows in (("bq", q_rows), ("bk", kv_rows), ("bv", kv_rows),
+                           ("wq.scale", q_rows), ("wk.scale", kv_rows), ("wv.scale", kv_rows)):
             if name in tensors:
                 out[name] = tensors[name].index_select(0, rows).contiguous()
         if "bo" in tensors and spec.adds_bias:
             out["bo"] = tensors["bo"].clone()
+        if "wo.scale" in tensors:
+            out["wo.scale"] = tensors["wo.scale"].clone()
     elif block.startswith("mlp_"):
         a, b = spec.mlp_start, spec.mlp_stop
         out["w_gate"] = tensors["w_gate"][a:b].contiguous()
         out["w_up"] = tensors["w_up"][a:b].contiguous()
         out["w_down"] = tensors["w_down"][:, a:b].contiguous()
-        for name in ("b_gate", "b_up"):
+        for name in ("b_gate", "b_up", "w_gate.scale", "w_up.scale"):
             if name in tensors:
                 out[name] = tensors[name][a:b].contiguous()
         if "b_down" in tensors and spec.adds_bias:
             out["b_down"] = tensors["b_down"].clone()
+        if "w_down.scale" in tensors:
+            out["w_down.scale"] = tensors["w_down.scale"].clone()
     else:
         raise ConfigError(f"only decoder blocks (attn_i, mlp_i) are sliced, not {block!r}")
     return out

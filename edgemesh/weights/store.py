@@ -10,6 +10,9 @@ Layout under the store root::
     <name>/tokenizer_config.json    chat template and special tokens
     <name>/slices/<block>.<spec>.safetensors   a participant's slice (+ .ref.json with its hash)
 
+``dtype`` in the manifest is ``float32`` (etc.) or ``int8``: weight-only int8 with per-row
+fp32 scales (``quant.py``); a quantized model is an entry of its own (``<name>-int8``).
+
 Every file is addressed by its sha256: loads verify it, and the model id is the hash of the
 manifest's content, so two stores holding the same weights agree on the id. Writes go to a
 temporary name first and are renamed, so a crash never leaves a file that looks complete.
@@ -126,6 +129,11 @@ class ModelEntry:
 
     def nbytes(self) -> int:
         return sum(f.nbytes for f in self.files.values())
+
+    @property
+    def param_bytes(self) -> int:
+        """Bytes per weight parameter as stored (1 for int8; its per-row scales are noise)."""
+        return {"int8": 1, "float16": 2, "bfloat16": 2, "float64": 8}.get(self.dtype, 4)
 
     def path(self, key: str) -> Path:
         return self.root / self.files[key].name

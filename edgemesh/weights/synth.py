@@ -9,6 +9,7 @@ import torch
 
 from edgemesh.weights.config import ModelConfig
 from edgemesh.weights.progress import Progress
+from edgemesh.weights.quant import check_scheme, quantize_block, quantized_name
 from edgemesh.weights.store import ModelEntry, ModelStore
 
 
@@ -65,19 +66,23 @@ def synth_model(
     dtype: torch.dtype = torch.float32,
     progress: Progress | None = None,
     aux_files: dict[str, bytes] | None = None,
+    quantize: str | None = None,
 ) -> ModelEntry:
     """Write a random-weight model block by block: peak RAM ≈ one block, any model size.
 
     ``aux_files`` (tokenizer.json, tokenizer_config.json) let the random model be served and
-    chatted with like a real one, e.g. for load and failure tests.
+    chatted with like a real one, e.g. for load and failure tests. ``quantize="int8"`` stores the
+    int8 version of exactly these random weights (same seed, same fp32 values before rounding).
     """
-    name = name or default_synth_name(config, seed)
-    writer = store.writer(name, config, source=f"synth:seed={seed}", dtype=str(dtype).removeprefix("torch."))
+    quantize = check_scheme(quantize)
+    name = name or quantized_name(default_synth_name(config, seed), quantize)
+    writer = store.writer(name, config, source=f"synth:seed={seed}",
+                          dtype=quantize or str(dtype).removeprefix("torch."))
     for key, data in (aux_files or {}).items():
         writer.write_file(key, data)
     blocks = config.block_names()
     for i, block in enumerate(blocks):
-        writer.write_block(block, random_block(config, block, seed, dtype))
+        writer.write_block(block, quantize_block(random_block(config, block, seed, dtype), quantize))
         if progress:
             progress(i + 1, len(blocks), block)
     writer.entry.extra = {"seed": seed}
