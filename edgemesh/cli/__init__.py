@@ -18,18 +18,34 @@ app = typer.Typer(
 )
 
 
-def _register() -> None:
-    # Each sub-app lives in its own module; importing registers its commands on `app`.
-    from edgemesh.cli import node  # noqa: F401  (init, join, start, stop, leave, token, status, discover)
-    from edgemesh.cli import cluster  # noqa: F401  (cluster up/down/status)
-    from edgemesh.cli import bench  # noqa: F401  (bench …)
-    from edgemesh.cli import bench_rpc  # noqa: F401  (bench rpc)
-    from edgemesh.cli import bench_allreduce  # noqa: F401  (bench allreduce)
-    from edgemesh.cli import bench_generate  # noqa: F401  (bench generate)
-    from edgemesh.cli import bench_join  # noqa: F401  (bench join)
-    from edgemesh.cli import testbed  # noqa: F401  (testbed …)
-    from edgemesh.cli import model  # noqa: F401  (model …, plan)
-    from edgemesh.cli import serve  # noqa: F401  (launch, generate)
+@app.callback()
+def _root() -> None:
+    # A group even when a command line registered one command only (see _register): typer would
+    # otherwise run that lone command without its name.
+    pass
+
+
+# Which modules register each top-level command. A command line imports only its own modules:
+# start-up time counts on small devices (`edgemesh join` is part of the measured join time).
+_MODULES: dict[str, tuple[str, ...]] = {
+    **{c: ("node",) for c in ("init", "join", "start", "stop", "leave", "token", "status", "discover")},
+    "cluster": ("cluster",),
+    "model": ("model",), "plan": ("model",),
+    **{c: ("serve",) for c in ("launch", "generate", "ask")},
+    "testbed": ("testbed",),
+    "bench": ("bench", "bench_rpc", "bench_allreduce", "bench_generate", "bench_join"),
+}
+_ALL = ("node", "cluster", "bench", "bench_rpc", "bench_allreduce", "bench_generate", "bench_join", "testbed",
+        "model", "serve")
+
+
+def _register(command: str | None = None) -> None:
+    """Import the modules whose commands are needed (every one when ``command`` is None or
+    unknown, e.g. for the top-level --help); importing registers their commands on `app`."""
+    import importlib
+
+    for name in _MODULES.get(command or "", _ALL):
+        importlib.import_module(f"edgemesh.cli.{name}")
 
 
 def main() -> None:
@@ -37,7 +53,7 @@ def main() -> None:
     debug = "--debug" in sys.argv or os.environ.get("EDGEMESH_DEBUG") == "1"
     if "--debug" in sys.argv:
         sys.argv.remove("--debug")
-    _register()
+    _register(sys.argv[1] if len(sys.argv) > 1 else None)
     try:
         app(standalone_mode=False)
     except EdgemeshError as exc:
