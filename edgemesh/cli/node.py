@@ -244,7 +244,7 @@ def stop(state_dir: Optional[Path] = StateOpt) -> None:
 def leave(state_dir: Optional[Path] = StateOpt) -> None:
     """Leave the cluster for good: tell the others, stop the daemon, forget the cluster secret."""
     from edgemesh.runtime.control import control
-    from edgemesh.runtime.daemon import running_daemon
+    from edgemesh.runtime.processes import running_daemon
     from edgemesh.runtime.processes import wait_gone
 
     state = StateDir(state_dir or default_state_dir())

@@ -8,7 +8,7 @@ from typing import Any
 from edgemesh.errors import EdgemeshError, NotRunningError, RpcError
 from edgemesh.identity.statedir import StateDir
 from edgemesh.mesh.rpc import rpc_session
-from edgemesh.runtime.daemon import running_daemon
+from edgemesh.runtime.processes import running_daemon
 from edgemesh.transport.zmq_link import ZmqTransport
 
 

@@ -37,7 +37,6 @@ from edgemesh.mesh.profile import static_profile
 from edgemesh.mesh.records import MemberRecord, admit, sign_self
 from edgemesh.mesh.rpc import Call, RpcServer, RpcStats
 from edgemesh.mesh.view import MembershipView
-from edgemesh.runtime.processes import same_process
 from edgemesh.nat.servers import IceServer, is_server_url, servers_from
 from edgemesh.nat.traversal import Traversal
 from edgemesh.nat.turn import TURN_PORT, coturn_argv, coturn_config, turn_secret
@@ -50,14 +49,6 @@ log = logging.getLogger(__name__)
 
 class _Shutdown(Exception):
     """Raised inside the task group to stop every task."""
-
-
-def running_daemon(state: StateDir) -> dict[str, Any] | None:
-    """The daemon record of ``state`` if that process is still alive (pid + start time match)."""
-    rec = state.load_daemon()
-    if not rec or not same_process(rec.get("pid"), rec.get("create_time")):
-        return None
-    return rec
 
 
 class NodeDaemon:

@@ -29,7 +29,7 @@ from edgemesh.mesh.rpc import rpc_session
 from edgemesh.placement.devices import Device, Link
 from edgemesh.placement.plan import Plan, plan
 from edgemesh.runtime.control import control_call
-from edgemesh.runtime.daemon import running_daemon
+from edgemesh.runtime.processes import running_daemon
 from edgemesh.runtime.job_server import JobFailed, JobServer
 from edgemesh.runtime.jobs import JobFile, JobSpec
 from edgemesh.transport.zmq_link import ZmqTransport

@@ -10,7 +10,7 @@ import time
 
 from edgemesh.errors import EdgemeshError
 from edgemesh.identity.statedir import StateDir
-from edgemesh.runtime.daemon import running_daemon
+from edgemesh.runtime.processes import running_daemon
 from edgemesh.runtime.processes import same_process, wait_gone
 
 READY_TIMEOUT = 20.0

@@ -7,8 +7,12 @@ reused by an unrelated process, which we must never signal.
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING, Any
 
 import psutil
+
+if TYPE_CHECKING:
+    from edgemesh.identity.statedir import StateDir
 
 SAME_START_TOLERANCE = 1.0  # seconds; create_time is rounded differently across reads
 
@@ -33,3 +37,12 @@ def wait_gone(pid: int, create_time: float, timeout: float) -> bool:
             return False
         time.sleep(0.05)
     return True
+
+
+def running_daemon(state: StateDir) -> dict[str, Any] | None:
+    """The daemon record of ``state`` if that process is still alive (pid + start time match).
+    Lives here, not beside the daemon, so the CLI and clients can ask without importing it."""
+    rec = state.load_daemon()
+    if not rec or not same_process(rec.get("pid"), rec.get("create_time")):
+        return None
+    return rec

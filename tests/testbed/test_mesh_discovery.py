@@ -17,7 +17,7 @@ import pytest
 
 from edgemesh.identity.statedir import StateDir
 from edgemesh.identity.token import JoinPoint, JoinToken
-from edgemesh.runtime.daemon import running_daemon
+from edgemesh.runtime.processes import running_daemon
 
 pytestmark = [pytest.mark.testbed, pytest.mark.integration]
 
