@@ -198,9 +198,9 @@ class Participant:
         w_out = self.provider.get("output")
         h = rms_norm(h, w_out["norm"], self.config.rms_norm_eps)
         if "lm_head" in w_out:
-            logits = qlinear.linear(h, w_out, "lm_head")
+            logits = qlinear.lm_head(h, w_out, "lm_head")
         else:  # tied: the head is the embedding matrix
-            logits = qlinear.linear(h, self.provider.get("input"), "embed")
+            logits = qlinear.lm_head(h, self.provider.get("input"), "embed")
             self.provider.release("input")
         del w_out
         self.provider.release("output")

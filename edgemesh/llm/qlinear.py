@@ -32,6 +32,7 @@ PACKED_MAX_ROWS = 4
 PACKED_K_MULTIPLE = 32  # checked for K = 32..2048, 1..4 rows, 1..576 output rows (tests/unit/test_int8.py)
 _packed_mm = torch.ops.aten._weight_int8pack_mm  # [M, K] bf16 × int8 [N, K] × bf16 scale [N] → bf16
 PARTIAL_SUMS = frozenset({"wo", "w_down"})  # column-sliced: outputs are summed across ranks
+REFINE_TOP = 16  # lm_head leaders recomputed in fp32 after the packed kernel
 
 
 def linear(x: torch.Tensor, w: dict[str, torch.Tensor], name: str, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -40,14 +41,19 @@ def linear(x: torch.Tensor, w: dict[str, torch.Tensor], name: str, bias: torch.T
         return F.linear(x, weight, bias)
     scale = w[name + SCALE]
     rows = x.numel() // x.shape[-1]
-    if (rows <= PACKED_MAX_ROWS and name not in PARTIAL_SUMS and weight.shape[0] > 0
-            and weight.shape[1] % PACKED_K_MULTIPLE == 0):
+    if _packed_used(x, w, name):
         y = _packed_mm(
             x.reshape(rows, x.shape[-1]).to(torch.bfloat16), weight, scale.to(torch.bfloat16)
         ).to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
     else:
         y = F.linear(x, weight.to(x.dtype)) * scale.to(x.dtype)
     return y + bias if bias is not None else y
+
+
+def _packed_used(x: torch.Tensor, w: dict[str, torch.Tensor], name: str) -> bool:
+    weight = w[name]
+    return (weight.dtype == torch.int8 and x.numel() // x.shape[-1] <= PACKED_MAX_ROWS and name not in PARTIAL_SUMS
+            and weight.shape[0] > 0 and weight.shape[1] % PACKED_K_MULTIPLE == 0)
 
 
 def embedding(tokens: torch.Tensor, w: dict[str, torch.Tensor], name: str, dtype: torch.dtype) -> torch.Tensor:
@@ -57,3 +63,23 @@ def embedding(tokens: torch.Tensor, w: dict[str, torch.Tensor], name: str, dtype
     if table.dtype != torch.int8:
         return rows.to(dtype)
     return rows.to(dtype) * w[name + SCALE][tokens].to(dtype)[..., None]
+
+
+def lm_head(h: torch.Tensor, w: dict[str, torch.Tensor], name: str, refine: int = REFINE_TOP) -> torch.Tensor:
+    """Logits; for int8 decode the ``refine`` largest are recomputed with an fp32 output.
+
+    The packed kernel rounds logits to bf16 (a step of 0.125 at |logit| 16–32), enough to
+    reorder near-tied leaders: greedy decoding would then follow rounding, not the model. The
+    leaders by the rounded logits are recomputed exactly (fp32 dot products of their int8 rows),
+    which costs ``refine`` rows instead of the whole vocabulary.
+    """
+    logits = linear(h, w, name)
+    weight = w[name]
+    if not _packed_used(h, w, name):
+        return logits
+    flat_h = h.reshape(-1, h.shape[-1])
+    flat = logits.view(-1, logits.shape[-1])
+    top = flat.topk(min(refine, flat.shape[-1]), dim=-1).indices  # [rows, refine]
+    rows = weight[top].to(h.dtype) * w[name + SCALE][top].to(h.dtype)[..., None]  # [rows, refine, K]
+    flat.scatter_(-1, top, (rows @ flat_h[:, :, None]).squeeze(-1))
+    return logits

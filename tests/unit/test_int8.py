@@ -148,6 +148,20 @@ def test_dispatch_paths(monkeypatch: pytest.MonkeyPatch) -> None:
     assert torch.equal(qlinear.linear(x1, {"w": wf}, "w", b), F.linear(x1, wf, b))
 
 
+def test_lm_head_leaders_are_exact() -> None:
+    """The packed kernel's bf16 logits are refined: the leaders carry fp32 int8 math."""
+    g = torch.Generator().manual_seed(4)
+    table = quantize_block({"embed": torch.randn(5000, 64, generator=g)}, "int8")
+    h = torch.randn(1, 1, 64, generator=g) * 4
+    exact = (h.double() @ dequantize_block(table)["embed"].double().t())[0, 0]
+    got = qlinear.lm_head(h, table, "embed")[0, 0].double()
+    top = exact.topk(qlinear.REFINE_TOP // 2).indices
+    assert ((got[top] - exact[top]).abs().max() / exact.abs().max()).item() <= 1e-6
+    assert got.argmax() == exact.argmax()
+    rest = ((got - exact).abs().max() / exact.abs().max()).item()
+    assert 1e-6 < rest <= 2**-7  # the others stay bf16-rounded (and the refinement is what fixed the top)
+
+
 def test_embedding_int8_rows() -> None:
     table = torch.randn(50, 32)
     q = quantize_block({"embed": table}, "int8")
