@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from edgemesh.cli.bench import bench_app
-from edgemesh.collective.benchmark import BenchConfig, BenchRow, auto_choice, fitted_cost, run_benchmark
+from edgemesh.collective.benchmark import SECURE, BenchConfig, BenchRow, auto_choice, fitted_cost, run_benchmark
 from edgemesh.errors import ConfigError
 
 
@@ -69,13 +69,13 @@ def _print(console: Console, rows: list[BenchRow]) -> None:
     table.add_column("size", justify="right", no_wrap=True)
     for m in methods:
         table.add_column(m.replace("_", " "), justify="right", no_wrap=True)
-    table.add_column("best exact zmq / gloo", justify="right", no_wrap=True)
+    table.add_column("best exact / gloo", justify="right", no_wrap=True)
     if cost is not None:
         table.add_column("model picks", justify="left", no_wrap=True)
     for r in rows:
         size = f"{r.bytes // 1024} KiB" if r.bytes < 1 << 20 else f"{r.bytes >> 20} MiB"
         cells = [str(r.w), size, *(f"{r.us[m]:,.0f}" for m in methods)]
-        curve = [r.us[m] for m in ("star", "chunked_star", "ring") if m in r.us]
+        curve = [r.us[m] for m in SECURE if m in r.us]
         cells.append(f"{min(curve) / r.us['gloo']:.2f}×" if curve and "gloo" in r.us else "—")
         if cost is not None:
             cells.append(auto_choice(r, cost))
@@ -84,5 +84,6 @@ def _print(console: Console, rows: list[BenchRow]) -> None:
     if cost is not None:
         console.print(f"cost model t = a·hops + bytes/b fitted to the star, chunked star and ring columns: "
                       f"a = {cost.a * 1e6:.0f} µs per hop, b = {cost.b / 1e6:.0f} MB/s per link")
-    console.print("star/chunked/ring/bf16 use CURVE (encrypted, authenticated); 'star plain' does not; "
-                  "gloo does not encrypt. bf16 = fp32 parts sent as bfloat16 (not exact).")
+    console.print("star/chunked/ring/bf16: our TCP links (X25519-authenticated, AES-256-GCM); '… zmq': the "
+                  "same over zmq CURVE; 'star plain': TCP without crypto; gloo does not encrypt. "
+                  "bf16 = fp32 parts sent as bfloat16 (not exact).")

@@ -1,4 +1,5 @@
-"""Allreduce benchmark: star vs chunked star vs ring (CURVE), star without CURVE, and gloo.
+"""Allreduce benchmark: star vs chunked star vs ring over our encrypted TCP links, the same over the
+zmq CURVE links they replaced, star over unencrypted TCP, and gloo.
 
 W participants run as separate processes on 127.0.0.1. All methods run in the *same*
 processes, interleaved rep by rep, so they see the same machine load (this box is noisy and
@@ -29,7 +30,10 @@ from typing import IO, Any, Callable
 from edgemesh.collective.costmodel import Algorithm, LinkCost, choose, fit_from_allreduces
 from edgemesh.collective.errors import CollectiveError
 
-METHODS = ("star", "chunked_star", "ring", "star_bf16", "star_plain", "gloo")
+# star / chunked_star / ring / star_bf16: tcp_links.SecureLinks (the default data plane);
+# *_zmq: zmq_links.PeerLinks with CURVE (the previous data plane); star_plain: TCP, no crypto.
+METHODS = ("star", "chunked_star", "ring", "star_bf16", "star_plain", "star_zmq", "chunked_star_zmq", "ring_zmq", "gloo")
+SECURE = ("star", "chunked_star", "ring")  # the columns the cost model is fitted to
 DEFAULT_SIZES = (2 * 1024, 16 * 1024, 64 * 1024, 256 * 1024, 1024 * 1024)
 QUICK_SIZES = (2 * 1024, 16 * 1024, 1024 * 1024)
 
@@ -80,10 +84,10 @@ def run_benchmark(cfg: BenchConfig, progress: Callable[[str], None] | None = Non
 
 
 def _run_world(w: int, cfg: BenchConfig, progress: Callable[[str], None]) -> list[BenchRow]:
-    import zmq  # keys only; the parent opens no sockets
+    from edgemesh.collective.members import CurveKeys  # keys only; the parent opens no sockets
 
-    keys = [zmq.curve_keypair() for _ in range(w)]
-    publics = [k[0].decode() for k in keys]
+    keys = [CurveKeys.generate() for _ in range(w)]
+    publics = [k.public.decode() for k in keys]
     gloo_port = free_port()
     procs: list[subprocess.Popen[str]] = []
     logs: list[IO[str]] = []
@@ -96,7 +100,7 @@ def _run_world(w: int, cfg: BenchConfig, progress: Callable[[str], None]) -> lis
                 [sys.executable, "-m", "edgemesh.collective.benchmark", "--worker"],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, env=env))
         for rank, p in enumerate(procs):
-            _write(p, {"rank": rank, "world": w, "public": publics[rank], "secret": keys[rank][1].decode(),
+            _write(p, {"rank": rank, "world": w, "public": publics[rank], "secret": keys[rank].secret.decode(),
                        "publics": publics, "gloo_port": gloo_port, "sizes": list(cfg.sizes),
                        "reps": cfg.reps, "ops": cfg.ops, "warmup": cfg.warmup, "methods": list(cfg.methods)})
         endpoints = [_read(p, cfg.startup_timeout, logs[i]) for i, p in enumerate(procs)]
@@ -141,7 +145,7 @@ CHUNKS = 4  # the chunk count the chunked-star column runs with
 def fitted_cost(rows: list[BenchRow]) -> LinkCost | None:
     """Fit the cost model's (a, b) to every measured CURVE star, chunked-star and ring figure."""
     samples = [(Algorithm(m), r.bytes, r.w, CHUNKS, r.us[m] * 1e-6)
-               for r in rows for m in ("star", "chunked_star", "ring") if m in r.us]
+               for r in rows for m in SECURE if m in r.us]
     try:
         return fit_from_allreduces(samples)
     except ValueError:
@@ -185,53 +189,65 @@ def _worker() -> None:
     import torch
     import torch.distributed as dist
 
+    from edgemesh.collective.members import CurveKeys, Peer
+    from edgemesh.collective.tcp_links import SecureLinks
     from edgemesh.collective.zmq_group import CollectiveOptions, ZmqCollective
-    from edgemesh.collective.zmq_links import CurveKeys, Peer, PeerLinks
+    from edgemesh.collective.zmq_links import PeerLinks
 
     torch.set_num_threads(1)  # W processes share 2 cores; intra-op threads only add contention
     cfg = json.loads(sys.stdin.readline())
     rank, w = cfg["rank"], cfg["world"]
+    host = cfg.get("host", "127.0.0.1")
     publics = [k.encode() for k in cfg["publics"]]
     keys = CurveKeys(cfg["public"].encode(), cfg["secret"].encode())
-    curve_links = PeerLinks.bind("tcp://127.0.0.1:0", keys, publics)
-    plain_links = PeerLinks.bind("tcp://127.0.0.1:0", None, plain=True)
-    print(json.dumps({"curve": curve_links.endpoint, "plain": plain_links.endpoint}), flush=True)
+    methods = cfg["methods"]
+    want_zmq = any(m.endswith("_zmq") for m in methods)
+    links = {"secure": SecureLinks.bind(f"tcp://{host}:0", keys, publics),
+             "plain": SecureLinks.bind(f"tcp://{host}:0", None, plain=True)}
+    if want_zmq:
+        links["zmq"] = PeerLinks.bind(f"tcp://{host}:0", keys, publics)
+    print(json.dumps({k: v.endpoint for k, v in links.items()}), flush=True)
     eps = json.loads(sys.stdin.readline())["endpoints"]
     opts = CollectiveOptions(timeout=60, connect_timeout=60, chunks=CHUNKS)
-    curve = ZmqCollective(curve_links, rank, w, [Peer(r, eps[r]["curve"], publics[r]) for r in range(w)], opts)
-    plain = ZmqCollective(plain_links, rank, w, [Peer(r, eps[r]["plain"]) for r in range(w)], opts)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{cfg['gloo_port']}", rank=rank, world_size=w)
+    groups = {k: ZmqCollective(v, rank, w, [Peer(r, eps[r][k], None if k == "plain" else publics[r])
+                                            for r in range(w)], opts)
+              for k, v in links.items()}
+    dist.init_process_group("gloo", init_method=f"tcp://{cfg.get('gloo_host', '127.0.0.1')}:{cfg['gloo_port']}",
+                            rank=rank, world_size=w)
     one = torch.ones(1)
 
     def barrier() -> None:
-        plain.allreduce_sum(one)
+        groups["plain"].allreduce_sum(one)
 
-    def run(method: str, x: torch.Tensor, xg: torch.Tensor) -> None:
-        if method == "gloo":
-            dist.all_reduce(xg)  # in place: `xg` is a scratch copy, reset every batch
-        elif method == "star_plain":
-            plain.allreduce_sum(x)
-        else:
-            curve.allreduce_sum(x)
+    def group_for(method: str) -> ZmqCollective:
+        """Every rank switches at the same point, so the group stays in agreement."""
+        if method == "star_plain":
+            return groups["plain"]
+        g = groups["zmq" if method.endswith("_zmq") else "secure"]
+        algo = method.removesuffix("_zmq").removesuffix("_bf16")
+        g.options = replace(opts, algorithm=algo, compression="bfloat16" if method.endswith("_bf16") else None)
+        return g
 
     times: dict[str, dict[str, list[float]]] = {}
     try:
         for size in cfg["sizes"]:
             x = torch.rand(size // 4, generator=torch.Generator().manual_seed(rank)) + 1.0
-            per: dict[str, list[float]] = {m: [] for m in cfg["methods"]}
+            per: dict[str, list[float]] = {m: [] for m in methods}
             for rep in range(-1, cfg["reps"]):  # rep −1 is the warm-up
-                for method in cfg["methods"]:
-                    # Every rank switches at the same point, so the group stays in agreement.
-                    if method == "star_bf16":
-                        curve.options = replace(opts, algorithm="star", compression="bfloat16")
-                    elif method in ("star", "chunked_star", "ring"):
-                        curve.options = replace(opts, algorithm=method)
+                for method in methods:
                     n = cfg["warmup"] if rep < 0 else cfg["ops"]
-                    xg = x.clone()
-                    barrier()
-                    t0 = time.perf_counter()
-                    for _ in range(n):
-                        run(method, x, xg)
+                    if method == "gloo":
+                        xg = x.clone()  # all_reduce works in place on a scratch copy
+                        barrier()
+                        t0 = time.perf_counter()
+                        for _ in range(n):
+                            dist.all_reduce(xg)
+                    else:
+                        g = group_for(method)
+                        barrier()
+                        t0 = time.perf_counter()
+                        for _ in range(n):
+                            g.allreduce_sum(x)
                     if rep >= 0:
                         per[method].append((time.perf_counter() - t0) / n)
             times[str(size)] = per
@@ -239,8 +255,8 @@ def _worker() -> None:
         print(json.dumps({"rank": rank, "times": times}), flush=True)
     finally:
         dist.destroy_process_group()
-        curve.close()
-        plain.close()
+        for g in groups.values():
+            g.close()
 
 
 if __name__ == "__main__":

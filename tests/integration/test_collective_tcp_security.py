@@ -1,0 +1,297 @@
+"""Attacks on the collective's TCP links (tcp_links.SecureLinks), through a man-in-the-middle proxy.
+
+Rank 1 dials the hub through a proxy thread that forwards the handshake untouched and then
+rewrites rank 1's records (flip a bit, replay, reorder, lie about the length). Each must end in
+a typed error on the hub (``LinkAuthError`` / ``LinkProtocolError``), a ``PeerLost`` on rank 1
+(the hub's abort), a broken group on both — never a wrong sum, a crash or a hang.
+Strangers and half-handshakes during join are refused and counted without disturbing the group.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import threading
+import time
+from typing import Any, Callable
+
+import pytest
+import torch
+
+from edgemesh.collective.errors import CollectiveError, LinkAuthError, LinkProtocolError, PeerLost
+from edgemesh.collective.members import CurveKeys, Peer
+from edgemesh.collective.tcp_links import HELLO, MAGIC, MODE_SECURE, PREFIX, REFUSED, REPLY, TAG, SecureLinks
+from edgemesh.collective.zmq_group import CollectiveOptions, ZmqCollective
+from edgemesh.errors import AuthError, ProtocolError
+from zmq.utils import z85
+
+from tests.integration.test_collective_zmq import LOCAL, in_threads
+
+pytestmark = [pytest.mark.integration, pytest.mark.security]
+
+Mutate = Callable[[int, bytes], list[bytes]]  # (record index, record bytes) → what to forward
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise EOFError
+        buf += chunk
+    return buf
+
+
+class Proxy:
+    """Forwards one connection; rewrites the dialer's records after the handshake."""
+
+    def __init__(self, target: str, mutate: Mutate) -> None:
+        host, port = target.removeprefix("tcp://").rsplit(":", 1)
+        self.target = (host, int(port))
+        self.mutate = mutate
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = f"tcp://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.socks: list[socket.socket] = [self.listener]
+        self.threads = [threading.Thread(target=self._run, daemon=True)]
+        self.threads[0].start()
+
+    def _run(self) -> None:
+        try:
+            client, _ = self.listener.accept()
+            server = socket.create_connection(self.target)
+        except OSError:
+            return
+        self.socks += [client, server]
+        back = threading.Thread(target=self._pipe, args=(server, client), daemon=True)
+        back.start()
+        self.threads.append(back)
+        try:
+            server.sendall(_recv_exact(client, HELLO.size))  # handshake: untouched
+            server.sendall(_recv_exact(client, TAG))
+            i = 0
+            while True:
+                prefix = _recv_exact(client, PREFIX.size)
+                body, _kind, n, _ = PREFIX.unpack(prefix)
+                record = prefix + _recv_exact(client, 4 * n + body)
+                for out in self.mutate(i, record):
+                    server.sendall(out)
+                i += 1
+        except (OSError, EOFError):
+            pass
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while chunk := src.recv(65536):
+                dst.sendall(chunk)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        for s in self.socks:
+            s.close()
+        for t in self.threads:
+            t.join(5)
+
+
+def group_via_proxy(mutate: Mutate, **opts: Any) -> tuple[list[ZmqCollective], Proxy]:
+    keys = [CurveKeys.generate() for _ in range(2)]
+    publics = [k.public for k in keys]
+    links = [SecureLinks.bind(LOCAL, keys[r], publics) for r in range(2)]
+    proxy = Proxy(links[0].endpoint, mutate)
+    # Rank 1 believes the hub is at the proxy's address.
+    peers_of = [[Peer(1, links[1].endpoint, publics[1])], [Peer(0, proxy.endpoint, publics[0])]]
+    options = CollectiveOptions(**{"timeout": 5.0, "connect_timeout": 5.0, **opts})
+    groups = in_threads(2, lambda r: ZmqCollective(links[r], r, 2, peers_of[r], options))
+    assert all(isinstance(g, ZmqCollective) for g in groups), groups
+    return groups, proxy
+
+
+def flip_last_bit_of(index: int) -> Mutate:
+    def mutate(i: int, record: bytes) -> list[bytes]:
+        if i != index:
+            return [record]
+        return [record[:-1] + bytes([record[-1] ^ 1])]
+    return mutate
+
+
+def replay_first_instead_of(index: int) -> Mutate:
+    first: list[bytes] = []
+
+    def mutate(i: int, record: bytes) -> list[bytes]:
+        if i == 0:
+            first.append(record)
+        return [first[0]] if i == index else [record]
+    return mutate
+
+
+def swap_first_two() -> Mutate:
+    held: list[bytes] = []
+
+    def mutate(i: int, record: bytes) -> list[bytes]:
+        if i == 0:
+            held.append(record)
+            return []
+        if i == 1:
+            return [record, held[0]]
+        return [record]
+    return mutate
+
+
+def oversized_length_at(index: int) -> Mutate:
+    def mutate(i: int, record: bytes) -> list[bytes]:
+        if i != index:
+            return [record]
+        _body, kind, n, zero = PREFIX.unpack_from(record)
+        return [PREFIX.pack(0xFFFF_FFF0, kind, n, zero) + record[PREFIX.size:]]
+    return mutate
+
+
+def run_and_check(groups: list[ZmqCollective], steps: int, hub_error: type[Exception]) -> list[Any]:
+    def rank(r: int) -> Any:
+        out = []
+        for i in range(steps):
+            out.append(groups[r].allreduce_sum(torch.full((1000,), float(r + 1) * (i + 1))))
+        return out
+
+    t0 = time.monotonic()
+    res = in_threads(2, rank)
+    assert time.monotonic() - t0 < 3.0, "an attack was noticed only at the deadline"
+    assert isinstance(res[0], hub_error), res[0]
+    assert isinstance(res[1], PeerLost) and res[1].aborted, res[1]
+    for g in groups:  # broken cleanly: every later call fails at once
+        with pytest.raises(CollectiveError, match="broken"):
+            g.allreduce_sum(torch.ones(4))
+    return res
+
+
+@pytest.fixture
+def closing() -> Any:
+    made: list[tuple[list[ZmqCollective], Proxy]] = []
+    yield made.append
+    for groups, proxy in made:
+        for g in groups:
+            g.close()
+        proxy.close()
+
+
+def test_untouched_proxy_is_transparent(closing: Any) -> None:
+    groups, proxy = group_via_proxy(lambda i, rec: [rec])
+    closing((groups, proxy))
+    res = in_threads(2, lambda r: [groups[r].allreduce_sum(torch.full((1000,), float(r + 1))) for _ in range(3)])
+    assert all(torch.equal(x, torch.full((1000,), 3.0)) for out in res for x in out)
+
+
+def test_tampered_frame_is_an_auth_error(closing: Any) -> None:
+    groups, proxy = group_via_proxy(flip_last_bit_of(1))
+    closing((groups, proxy))
+    res = run_and_check(groups, 3, LinkAuthError)
+    assert isinstance(res[0], AuthError) and res[0].rank == 1
+    assert "failed authentication" in str(res[0])
+
+
+def test_replayed_frame_is_an_auth_error(closing: Any) -> None:
+    groups, proxy = group_via_proxy(replay_first_instead_of(1))
+    closing((groups, proxy))
+    run_and_check(groups, 3, LinkAuthError)
+
+
+def test_reordered_frames_are_an_auth_error(closing: Any) -> None:
+    # Chunked star: rank 1 sends two chunks back to back; the proxy swaps them.
+    groups, proxy = group_via_proxy(swap_first_two(), algorithm="chunked_star", chunks=2)
+    closing((groups, proxy))
+    run_and_check(groups, 2, LinkAuthError)
+
+
+def test_oversized_length_prefix_is_refused_before_reading_it(closing: Any) -> None:
+    groups, proxy = group_via_proxy(oversized_length_at(0))
+    closing((groups, proxy))
+    res = run_and_check(groups, 2, LinkProtocolError)
+    assert isinstance(res[0], ProtocolError) and "limit" in str(res[0])
+
+
+def test_max_message_bounds_what_a_member_may_send() -> None:
+    keys = [CurveKeys.generate() for _ in range(2)]
+    publics = [k.public for k in keys]
+    links = [SecureLinks.bind(LOCAL, keys[0], publics, max_message=4096), SecureLinks.bind(LOCAL, keys[1], publics)]
+    peers = [Peer(r, links[r].endpoint, publics[r]) for r in range(2)]
+    groups = in_threads(2, lambda r: ZmqCollective(links[r], r, 2, peers, CollectiveOptions(timeout=5.0)))
+    try:
+        res = in_threads(2, lambda r: groups[r].allreduce_sum(torch.ones(10_000)))  # 40 kB > 4 KiB
+        assert isinstance(res[0], LinkProtocolError), res[0]
+        assert isinstance(res[1], PeerLost), res[1]
+    finally:
+        for g in groups:
+            g.close()
+
+
+def test_strangers_during_join_are_refused_and_counted() -> None:
+    """Garbage, a silent socket, and a member's public key without its secret: none of them
+    stop the real rank 1 from joining, and each is counted."""
+    keys = [CurveKeys.generate() for _ in range(2)]
+    publics = [k.public for k in keys]
+    links = [SecureLinks.bind(LOCAL, keys[r], publics) for r in range(2)]
+    host, port = links[0].endpoint.removeprefix("tcp://").rsplit(":", 1)
+    addr = (host, int(port))
+    silent = socket.create_connection(addr)
+    garbage = socket.create_connection(addr)
+    garbage.sendall(os.urandom(HELLO.size))
+    stranger = socket.create_connection(addr)
+    stranger.sendall(HELLO.pack(MAGIC, MODE_SECURE, 0, 2, 1, 0, os.urandom(32), os.urandom(32)))
+    thief = socket.create_connection(addr)  # claims rank 1's public key, cannot prove it
+    thief.sendall(HELLO.pack(MAGIC, MODE_SECURE, 0, 2, 1, 0, z85.decode(publics[1]), os.urandom(32)))
+    peers = [Peer(r, links[r].endpoint, publics[r]) for r in range(2)]
+
+    for s in (silent, garbage, stranger, thief):
+        s.settimeout(5.0)
+    formed: list[Any] = []
+
+    def rank(r: int) -> Any:
+        if r == 1:
+            time.sleep(0.5)  # let the attackers go first
+        return ZmqCollective(links[r], r, 2, peers, CollectiveOptions(timeout=5.0, connect_timeout=5.0))
+
+    joiner = threading.Thread(target=lambda: formed.extend(in_threads(2, rank)))
+    joiner.start()
+    try:
+        assert _recv_exact(stranger, REPLY.size)[0] == REFUSED
+        status = _recv_exact(thief, REPLY.size)[0]  # the hub cannot tell yet: it answers, then waits for proof
+        assert status != REFUSED
+        thief.sendall(os.urandom(TAG))
+        joiner.join(10)
+        assert all(isinstance(g, ZmqCollective) for g in formed), formed
+        res = in_threads(2, lambda r: formed[r].allreduce_sum(torch.ones(8)))
+        assert all(torch.equal(x, torch.full((8,), 2.0)) for x in res)
+        assert links[0].refused_connections == 3  # garbage, stranger, thief (the silent one just waited)
+    finally:
+        joiner.join(10)
+        for g in formed:
+            if isinstance(g, ZmqCollective):
+                g.close()
+        for s in (silent, garbage, stranger, thief):
+            s.close()
+
+
+def test_plain_and_encrypted_ranks_do_not_mix() -> None:
+    keys = [CurveKeys.generate() for _ in range(2)]
+    publics = [k.public for k in keys]
+    hub = SecureLinks.bind(LOCAL, keys[0], publics)
+    worker = SecureLinks.bind(LOCAL, None, plain=True)
+    opts = CollectiveOptions(connect_timeout=1.0)
+
+    def rank(r: int) -> Any:
+        if r == 0:
+            return ZmqCollective(hub, 0, 2, [Peer(1, worker.endpoint, publics[1])], opts)
+        return ZmqCollective(worker, 1, 2, [Peer(0, hub.endpoint)], opts)
+
+    hub_result, worker_result = in_threads(2, rank)
+    assert isinstance(worker_result, ProtocolError) and "encrypted" in str(worker_result)
+    assert isinstance(hub_result, CollectiveError)  # it never got a valid hello: timeout
+    assert hub.refused_connections >= 1
+
+
+def test_record_prefix_layout() -> None:
+    # protocols/collective.md documents this layout; keep them in step.
+    assert PREFIX.size == 8 and HELLO.size == 76 and REPLY.size == 33 and TAG == 16
+    assert struct.calcsize("<IBBH") == PREFIX.size
