@@ -1,17 +1,24 @@
-"""CLI: `edgemesh bench allreduce` — star vs ring vs gloo, side by side (logic: edgemesh.collective.benchmark)."""
+"""CLI: `edgemesh bench allreduce` — star vs ring vs gloo, side by side (logic: edgemesh.collective.benchmark).
+
+``--testbed SCENARIO`` (root) brings up the scenario's namespaces under a fresh prefix, runs rank k
+in device k (its namespace and CPU/memory caps), and tears everything down on every exit path.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import secrets
+import signal
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from edgemesh.cli.bench import bench_app
-from edgemesh.collective.benchmark import SECURE, BenchConfig, BenchRow, auto_choice, fitted_cost, run_benchmark
+from edgemesh.collective.benchmark import SECURE, BenchConfig, BenchRow, Placement, auto_choice, fitted_cost, run_benchmark
 from edgemesh.errors import ConfigError
 
 
@@ -25,6 +32,57 @@ def _parse_ints(text: str, what: str) -> tuple[int, ...]:
     return vals
 
 
+class TestbedPlacement(Placement):
+    """Rank k runs in device k of a testbed this object brings up; ``close()`` removes it."""
+
+    def __init__(self, scenario_path: Path, on_step: Any = None) -> None:
+        from edgemesh.testbed.addressing import AddressPlan
+        from edgemesh.testbed.host import probe_host
+        from edgemesh.testbed.lifecycle import up
+        from edgemesh.testbed.naming import Names
+        from edgemesh.testbed.scenario import load_scenario
+
+        if os.geteuid() != 0:
+            raise ConfigError("--testbed needs root (it creates network namespaces and cgroups)")
+        self.scenario = load_scenario(scenario_path)
+        self.names = Names("ar" + secrets.token_hex(2))
+        self.caps = probe_host()
+        self.plan = AddressPlan(self.scenario)
+        self.devices = [d.name for d in self.scenario.devices]
+        self.max_world = len(self.devices)
+        self.up = False
+        up(self.scenario, self.names, self.caps, on_step)  # tears down itself if it fails
+        self.up = True
+
+    def host(self, rank: int) -> str:
+        return str(self.plan.device_address(self.devices[rank]))
+
+    def argv(self, rank: int, argv: list[str]) -> list[str]:
+        from edgemesh.testbed.lifecycle import device_argv
+
+        return device_argv(self.names, self.caps, self.devices[rank], argv)  # execs: the pid stays our child's
+
+    def env(self, rank: int) -> dict[str, str]:
+        from edgemesh.testbed.lifecycle import device_env
+
+        return device_env(self.scenario, self.names, self.devices[rank])
+
+    def gloo_port(self) -> int:
+        return 20000 + secrets.randbelow(20000)  # inside a fresh namespace nothing else listens
+
+    def close(self) -> None:
+        from edgemesh.testbed.lifecycle import edgemesh_argv
+        from edgemesh.testbed.teardown import teardown
+
+        if self.up:
+            teardown(self.names, self.caps.cgroups, edgemesh_argv(self.caps.python))
+            self.up = False
+
+
+def _sigterm_as_exit(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)  # unwinds through the finally blocks that end workers and testbeds
+
+
 @bench_app.command("allreduce")
 def bench_allreduce(
     quick: bool = typer.Option(False, "--quick", help="W = 2, 4; sizes 2 KiB, 16 KiB, 1 MiB; fewer reps (~30 s)."),
@@ -32,8 +90,11 @@ def bench_allreduce(
     sizes_kib: Optional[str] = typer.Option(None, "--sizes-kib", help="Comma-separated message sizes in KiB."),
     reps: Optional[int] = typer.Option(None, "--reps", help="Timed batches per method and size (median reported)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the rows as JSON to this file."),
+    testbed: Optional[Path] = typer.Option(None, "--testbed", help="Run rank k in device k of this testbed scenario "
+                                           "(e.g. emulation/lan-4.toml; root). Brought up and torn down by this command."),
 ) -> None:
-    """Allreduce latency on 127.0.0.1: W processes, star / chunked star / ring (CURVE), star without CURVE, gloo."""
+    """Allreduce latency: W processes, star / chunked star / ring over our encrypted TCP links and over zmq CURVE,
+    star over plain TCP, and gloo — on 127.0.0.1, or across a testbed's devices."""
     cfg = BenchConfig.quick() if quick else BenchConfig()
     if worlds:
         ws = _parse_ints(worlds, "worlds")
@@ -53,18 +114,30 @@ def bench_allreduce(
     console = Console()
     if not console.is_terminal:
         console = Console(width=160)  # piped to a file: do not squeeze the table to 80 columns
-    with console.status("starting participants…") as status:
-        rows = run_benchmark(cfg, progress=lambda msg: status.update(f"measured {msg}"))
-    _print(console, rows)
+    placement: TestbedPlacement | None = None
+    where = "127.0.0.1"
+    previous = signal.signal(signal.SIGTERM, _sigterm_as_exit)
+    try:
+        with console.status("starting participants…") as status:
+            if testbed is not None:
+                status.update(f"bringing up testbed {testbed}…")
+                placement = TestbedPlacement(testbed)
+                where = f"testbed {placement.scenario.name} (prefix {placement.names.prefix})"
+            rows = run_benchmark(cfg, progress=lambda msg: status.update(f"measured {msg}"), placement=placement)
+    finally:
+        if placement is not None:
+            placement.close()
+        signal.signal(signal.SIGTERM, previous)
+    _print(console, rows, where)
     if json_path is not None:
         json_path.write_text(json.dumps([r.to_json() for r in rows], indent=2) + "\n")
         console.print(f"wrote {json_path}")
 
 
-def _print(console: Console, rows: list[BenchRow]) -> None:
+def _print(console: Console, rows: list[BenchRow], where: str) -> None:
     cost = fitted_cost(rows)
     methods = list(rows[0].us) if rows else []
-    table = Table(title="allreduce on 127.0.0.1: median µs per op, W processes sharing this machine's cores")
+    table = Table(title=f"allreduce on {where}: median µs per op, W processes sharing this machine's cores")
     table.add_column("W", justify="right", no_wrap=True)
     table.add_column("size", justify="right", no_wrap=True)
     for m in methods:

@@ -76,31 +76,61 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def run_benchmark(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> list[BenchRow]:
+WORKER_ARGV = [sys.executable, "-m", "edgemesh.collective.benchmark", "--worker"]
+
+
+class Placement:
+    """Where the participants run. This one: all on 127.0.0.1, as children of this process.
+
+    Another placement (the CLI's testbed one) runs rank k inside device k's network namespace;
+    it must give each rank an address the others can reach and a command line that still
+    makes the worker a child of this process (so it is ended by pid on every path).
+    """
+
+    max_world = 16
+
+    def host(self, rank: int) -> str:
+        return "127.0.0.1"
+
+    def argv(self, rank: int, argv: list[str]) -> list[str]:
+        return argv
+
+    def env(self, rank: int) -> dict[str, str]:
+        return dict(os.environ)
+
+    def gloo_port(self) -> int:
+        return free_port()
+
+
+def run_benchmark(cfg: BenchConfig, progress: Callable[[str], None] | None = None,
+                  placement: Placement | None = None) -> list[BenchRow]:
     rows: list[BenchRow] = []
+    placement = placement or Placement()
     for w in cfg.worlds:
-        rows.extend(_run_world(w, cfg, progress or (lambda _msg: None)))
+        if w > placement.max_world:
+            raise CollectiveError(f"W={w} needs {w} places, this placement has {placement.max_world}")
+        rows.extend(_run_world(w, cfg, progress or (lambda _msg: None), placement))
     return rows
 
 
-def _run_world(w: int, cfg: BenchConfig, progress: Callable[[str], None]) -> list[BenchRow]:
+def _run_world(w: int, cfg: BenchConfig, progress: Callable[[str], None], placement: Placement) -> list[BenchRow]:
     from edgemesh.collective.members import CurveKeys  # keys only; the parent opens no sockets
 
     keys = [CurveKeys.generate() for _ in range(w)]
     publics = [k.public.decode() for k in keys]
-    gloo_port = free_port()
+    gloo_port = placement.gloo_port()
     procs: list[subprocess.Popen[str]] = []
     logs: list[IO[str]] = []
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     try:
         for rank in range(w):
             log = tempfile.TemporaryFile(mode="w+")
             logs.append(log)
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "edgemesh.collective.benchmark", "--worker"],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, env=env))
+            env = dict(placement.env(rank), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+            procs.append(subprocess.Popen(placement.argv(rank, WORKER_ARGV), stdin=subprocess.PIPE,
+                                          stdout=subprocess.PIPE, stderr=log, text=True, env=env))
         for rank, p in enumerate(procs):
             _write(p, {"rank": rank, "world": w, "public": publics[rank], "secret": keys[rank].secret.decode(),
+                       "host": placement.host(rank), "gloo_host": placement.host(0),
                        "publics": publics, "gloo_port": gloo_port, "sizes": list(cfg.sizes),
                        "reps": cfg.reps, "ops": cfg.ops, "warmup": cfg.warmup, "methods": list(cfg.methods)})
         endpoints = [_read(p, cfg.startup_timeout, logs[i]) for i, p in enumerate(procs)]
@@ -212,6 +242,8 @@ def _worker() -> None:
     groups = {k: ZmqCollective(v, rank, w, [Peer(r, eps[r][k], None if k == "plain" else publics[r])
                                             for r in range(w)], opts)
               for k, v in links.items()}
+    if host != "127.0.0.1":
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", _ifname_of(host))  # else gloo may pick loopback
     dist.init_process_group("gloo", init_method=f"tcp://{cfg.get('gloo_host', '127.0.0.1')}:{cfg['gloo_port']}",
                             rank=rank, world_size=w)
     one = torch.ones(1)
@@ -257,6 +289,16 @@ def _worker() -> None:
         dist.destroy_process_group()
         for g in groups.values():
             g.close()
+
+
+def _ifname_of(address: str) -> str:
+    """The interface that holds ``address`` (in this network namespace)."""
+    out = subprocess.run(["ip", "-o", "-4", "addr", "show"], capture_output=True, text=True, check=True).stdout
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) > 3 and parts[3].split("/")[0] == address:
+            return parts[1]
+    raise CollectiveError(f"no interface holds {address}")
 
 
 if __name__ == "__main__":
