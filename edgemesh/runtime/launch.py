@@ -211,10 +211,11 @@ class Deployment:
         keys = [bytes.fromhex(m["key"]) for m in self.members]
         files = {ref.sha256: self.entry.root / ref.name for r in range(1, world) for ref in refs[r].values()}
         jstate = self._server.add(job, keys, files)
-        from edgemesh.collective.zmq_links import CurveKeys, PeerLinks
+        from edgemesh.collective.members import CurveKeys
+        from edgemesh.collective.tcp_links import SecureLinks
 
-        links0 = PeerLinks.bind(f"tcp://{self.host}:0", CurveKeys(self.key.curve_public, self.key.curve_secret),
-                                [curve_public_for(k) for k in keys])
+        links0 = SecureLinks.bind(f"tcp://{self.host}:0", CurveKeys(self.key.curve_public, self.key.curve_secret),
+                                  [curve_public_for(k) for k in keys])
         jstate.endpoints[0] = links0.endpoint
         self.job = job
         try:
@@ -230,7 +231,7 @@ class Deployment:
             total = sum(f.stat().st_size for f in {p for p in files.values()})
             await self._wait_ready(jstate, total)
             from edgemesh.collective.zmq_group import CollectiveOptions, ZmqCollective
-            from edgemesh.collective.zmq_links import Peer
+            from edgemesh.collective.members import Peer
 
             peers = [Peer(r, e, curve_public_for(keys[r])) for r, e in sorted(jstate.endpoints.items()) if r != 0]
             options = CollectiveOptions(timeout=self.options.timeout, algorithm=self.options.algorithm,

@@ -89,8 +89,9 @@ async def report_failure(key: NodeKey, spec: JobSpec, message: str) -> None:
 def run_job(state: StateDir, spec: JobSpec, host: str) -> int:
     import torch
 
+    from edgemesh.collective.members import CurveKeys, Peer
+    from edgemesh.collective.tcp_links import SecureLinks
     from edgemesh.collective.zmq_group import CollectiveOptions, ZmqCollective
-    from edgemesh.collective.zmq_links import CurveKeys, Peer, PeerLinks
     from edgemesh.llm.model import Participant
     from edgemesh.runtime.measure import follow_solo
     from edgemesh.weights.config import ModelConfig
@@ -105,8 +106,8 @@ def run_job(state: StateDir, spec: JobSpec, host: str) -> int:
         specs = [ShardSpec.from_json(s) for s in spec.specs]
         paths = asyncio.run(fetch(key, spec, BlobCache(state.path / "blobs")))
         provider = InMemoryProvider.from_files(paths)
-        links = PeerLinks.bind(f"tcp://{host}:0", CurveKeys(key.curve_public, key.curve_secret),
-                               [curve_public_for(k) for k in spec.keys])
+        links = SecureLinks.bind(f"tcp://{host}:0", CurveKeys(key.curve_public, key.curve_secret),
+                                 [curve_public_for(k) for k in spec.keys])
     except Exception as exc:  # noqa: BLE001 — tell the launcher why, then give up
         log.error("could not prepare: %s", exc)
         asyncio.run(report_failure(key, spec, str(exc)))
