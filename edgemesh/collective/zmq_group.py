@@ -1,7 +1,7 @@
 """``ZmqCollective``: the ``Collective`` that model code uses across processes and machines.
 
 (The name is historical: the default links are now ``tcp_links.SecureLinks`` — blocking TCP with
-our own X25519 + AES-GCM handshake and framing, see protocols/collective.md; zmq CURVE links,
+our own X25519 handshake and AES-256-OCB3 framing, see protocols/collective.md; zmq CURVE links,
 ``zmq_links.PeerLinks``, remain selectable and are what the benchmark compares against.)
 
 Build one per rank::

@@ -105,7 +105,9 @@ def test_killed_worker_is_peer_lost_within_seconds(cluster: Any) -> None:
         while "step" in msg:
             msg = _read(p, timeout=15)
         assert msg["error"] == "PeerLost", msg
-        assert msg["t"] - killed_at < 3.0, f"{msg['t'] - killed_at:.1f}s with a 10 s deadline"
+        # The kernel closes a killed process's sockets, so the others see EOF/reset at once;
+        # the slack is for a loaded 2-core host, not for any timeout of ours.
+        assert msg["t"] - killed_at < 2.0, f"{msg['t'] - killed_at:.1f}s with a 10 s deadline"
         assert p.wait(timeout=10) == 0  # and it shut down cleanly
 
 

@@ -311,15 +311,29 @@ def _os_threads() -> list[str]:
     return sorted(names)
 
 
+def _os_threads_once_settled(expected: list[str] | None = None) -> list[str]:
+    """A joined Python thread releases its lock a moment before its OS thread is gone: wait
+    until the list equals ``expected`` (or, without one, stops changing), at most 2 s."""
+    deadline = time.monotonic() + 2.0
+    last = _os_threads()
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = _os_threads()
+        if (expected is not None and now == expected) or (expected is None and now == last):
+            return now
+        last = now
+    return last
+
+
 def _fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
 def test_tcp_links_run_on_the_calling_thread_and_close_leaves_nothing() -> None:
-    before_py, before_os, before_fds = threading.active_count(), _os_threads(), _fds()
+    before_py, before_os, before_fds = threading.active_count(), _os_threads_once_settled(), _fds()
     groups = make_group(3)
     # No I/O thread on the data plane: the sockets are served by whichever thread calls.
-    assert _os_threads() == before_os
+    assert _os_threads_once_settled(before_os) == before_os
     assert _fds() == before_fds + 3 * 2  # one connection per pair, two ends each; listeners closed
     in_threads(3, lambda r: groups[r].allreduce_sum(torch.ones(4)))
     close_all(groups)
@@ -331,18 +345,14 @@ def test_tcp_links_run_on_the_calling_thread_and_close_leaves_nothing() -> None:
 
 
 def test_zmq_links_close_leaves_no_threads_and_is_idempotent() -> None:
-    before_py, before_os = threading.active_count(), _os_threads()
+    before_py, before_os = threading.active_count(), _os_threads_once_settled()
     groups = make_group(3, "zmq")
     assert len(_os_threads()) > len(before_os)  # zmq I/O threads and the authenticators exist now
     in_threads(3, lambda r: groups[r].allreduce_sum(torch.ones(4)))
     close_all(groups)
     close_all(groups)
     assert threading.active_count() == before_py
-    # A joined Python thread releases its lock a moment before its OS thread is gone.
-    deadline = time.monotonic() + 2.0
-    while _os_threads() != before_os and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert _os_threads() == before_os
+    assert _os_threads_once_settled(before_os) == before_os
     with pytest.raises(CollectiveError, match="closed"):
         groups[0].allreduce_sum(torch.ones(4))
 
