@@ -105,7 +105,8 @@ def _borrowed_tokenizer(store: Path | None, lender: str, vocab: int) -> dict[str
 
 @model_app.command("import")
 def import_(
-    path: str = typer.Argument(..., help="HF model directory, .gguf file, or a bundled name (smollm2-135m-instruct)"),
+    path: str = typer.Argument(..., help="HF model directory, .gguf file, a bundled name (smollm2-135m-instruct), "
+                                         "or with --quantize a model already in the store"),
     name: str = typer.Option("", "--name"),
     store: Path = StoreOpt,
     as_json: bool = typer.Option(False, "--json"),
@@ -119,6 +120,14 @@ def import_(
     src = Path(path)
     if not src.exists() and path in BUNDLED:
         name, src = name or quantized_name(path, scheme), bundled_path(path)
+    if not src.exists() and scheme and (_store(store).root / path / "manifest.json").is_file():
+        from edgemesh.weights.quant import quantize_entry
+
+        st = _store(store)  # a float model already in the store: quantize it in place of a source
+        with _progress("quantize") as bar:
+            entry = quantize_entry(st, st.get(path), scheme, name=name or None, progress=bar)  # type: ignore[arg-type]
+        _print_entry(entry, as_json)
+        return
     if not src.exists():
         raise ConfigError(f"{path}: no such file or directory (nor a bundled model: {', '.join(BUNDLED)})")
     with _progress("import") as bar:

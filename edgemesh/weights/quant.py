@@ -17,9 +17,15 @@ also an output channel of a tied lm_head).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from edgemesh.errors import ConfigError
+
+if TYPE_CHECKING:
+    from edgemesh.weights.progress import Progress
+    from edgemesh.weights.store import ModelEntry, ModelStore
 
 SCALE = ".scale"
 SCHEMES = ("int8",)
@@ -90,3 +96,25 @@ def dequantize_block(tensors: dict[str, torch.Tensor], dtype: torch.dtype = torc
 def quantized_name(name: str, scheme: str | None) -> str:
     """Store name of the quantized variant: ``smollm2`` → ``smollm2-int8``."""
     return f"{name}-{scheme}" if scheme and not name.endswith(f"-{scheme}") else name
+
+
+def quantize_entry(store: ModelStore, entry: ModelEntry, scheme: str, *, name: str | None = None,
+                   progress: Progress | None = None) -> ModelEntry:
+    """A quantized copy of a float model already in the store (block by block, hashes verified)."""
+    scheme = check_scheme(scheme)  # type: ignore[assignment]
+    if scheme is None:
+        raise ConfigError("name a quantization to convert a stored model to (supported: int8)")
+    if entry.dtype == scheme:
+        raise ConfigError(f"model {entry.name!r} is already {scheme}")
+    writer = store.writer(name or quantized_name(entry.name, scheme), entry.config,
+                          source=f"{entry.source} ({scheme} of {entry.name})", dtype=scheme)
+    for key in ("tokenizer.json", "tokenizer_config.json"):
+        if entry.has(key):
+            writer.write_file(key, entry.path(key).read_bytes())
+    blocks = entry.blocks
+    for i, block in enumerate(blocks):
+        writer.write_block(block, quantize_block(entry.load_block(block), scheme))
+        if progress:
+            progress(i + 1, len(blocks), block)
+    writer.entry.extra = dict(entry.extra)
+    return writer.finish()

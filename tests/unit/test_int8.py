@@ -308,3 +308,11 @@ def test_cli_quantize(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert not (tmp_path / "models" / "bad").exists()
     r = run(app, ["model", "import", str(tmp_path / "nothing"), "--quantize", "int8"])
     assert isinstance(r.exception, ConfigError) and "no such file" in str(r.exception)
+    # a float model already in the store converts to the same int8 blocks as quantizing at synth time
+    r = run(app, ["model", "import", "tiny", "--quantize", "int8", "--name", "tiny-q", "--json"])
+    assert r.exit_code == 0, r.output
+    st = ModelStore(tmp_path / "models")
+    a, b = st.get("tiny-q"), st.get("tiny-int8")
+    assert a.dtype == "int8" and all(a.files[k].sha256 == b.files[k].sha256 for k in a.blocks)
+    r = run(app, ["model", "import", "tiny-q", "--quantize", "int8"])
+    assert isinstance(r.exception, ConfigError) and "already int8" in str(r.exception)
