@@ -17,6 +17,10 @@ kernel is chosen by what was fastest *and* correct on a 2-core AVX2 CPU with tor
   Row-parallel matrices always see the full hidden size, so this is a property of the model
   (SmolLM2: 576 = 18·32), the same on every rank.
 
+Cost of the bf16 activations: fp32-order noise (~1e-7) from a split's allreduce can tip a value
+across a bf16 rounding boundary, so split decode steps are equal to one device only to about the
+kernel's own bf16 error, not to 1e-5 (the bars are in tests/unit/test_int8.py).
+
 ``_int_mm`` with dynamically quantized activations was slower here and its per-tensor activation
 scale depends on the slice a rank holds, so it is not used.
 """
@@ -75,7 +79,7 @@ def lm_head(h: torch.Tensor, w: dict[str, torch.Tensor], name: str, refine: int 
     """
     logits = linear(h, w, name)
     weight = w[name]
-    if not _packed_used(h, w, name):
+    if refine <= 0 or not _packed_used(h, w, name):
         return logits
     flat_h = h.reshape(-1, h.shape[-1])
     flat = logits.view(-1, logits.shape[-1])
