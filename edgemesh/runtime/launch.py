@@ -196,7 +196,7 @@ class Deployment:
         self.members = await self._members_with_profiles()
         devices, links = devices_and_links(self.members)
         self.plan = plan(self.entry.config, devices, links, model=self.entry.name,
-                         context_len=self.options.max_seq_len)
+                         context_len=self.options.max_seq_len, dtype_bytes=self.entry.param_bytes)
         world = self.plan.world_size
         self.progress(f"plan: {world} device(s), predicted {self.plan.latency.total_ms:.1f} ms/token")
         if world == 1:
