@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from edgemesh.collective.buffers import BufferPool
+
 from edgemesh.errors import ProtocolError
 from edgemesh.wire.tensor import TensorSpec
 
@@ -56,15 +58,22 @@ def wire_dtype_for(dtype: torch.dtype, compression: str | None) -> str:
     return _NAME[dtype]
 
 
-def to_accumulator(tensor: torch.Tensor, *, copy: bool) -> np.ndarray:
-    """Flat accumulator-dtype array of ``tensor``. ``copy=False`` may share its memory (read only!)."""
+def to_accumulator(tensor: torch.Tensor, *, copy: bool, pool: BufferPool | None = None) -> np.ndarray:
+    """Flat accumulator-dtype array of ``tensor``. ``copy=False`` may share its memory (read only!).
+    A copy comes from ``pool`` when given (recycled memory: no page faults for large ones)."""
     t = tensor.detach()
     if t.dtype not in _ACC:
         raise TypeError(f"collectives support {sorted(_NAME.values())}, not {t.dtype}")
     if t.dtype in (torch.float16, torch.bfloat16):
         return t.reshape(-1).to(torch.float32).numpy()  # a fresh array either way
     arr = t.contiguous().numpy().reshape(-1)  # numpy's reshape is cheaper than torch's
-    return arr.copy() if copy else arr
+    if not copy:
+        return arr
+    if pool is None:
+        return arr.copy()
+    out = np.frombuffer(pool.take(arr.nbytes), dtype=arr.dtype)  # holds the lent block (see buffers.py)
+    out[:] = arr
+    return out
 
 
 def from_accumulator(acc: np.ndarray, dtype: torch.dtype, shape: torch.Size) -> torch.Tensor:

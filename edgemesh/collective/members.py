@@ -14,6 +14,8 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 from zmq.utils import z85
 
+from edgemesh.collective.buffers import BufferPool
+
 
 @dataclass(frozen=True)
 class CurveKeys:
@@ -51,6 +53,7 @@ class Links(Protocol):
     bytes_sent: int
     bytes_received: int
     retains_frames: bool  # True: send() may still read the caller's buffers after it returns
+    buffers: BufferPool | None  # where accumulators should come from (recycled, no page faults)
 
     @property
     def plain(self) -> bool: ...

@@ -42,6 +42,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from zmq.utils import z85
 
+from edgemesh.collective.buffers import BufferPool
 from edgemesh.collective.errors import CollectiveTimeout, LinkAuthError, LinkProtocolError, PeerLost
 from edgemesh.collective.members import CurveKeys, Peer
 from edgemesh.errors import AuthError, ProtocolError
@@ -190,6 +191,7 @@ class SecureLinks:
         self._lost: set[int] = set()
         self._refused = 0
         self._closed = False
+        self.buffers = BufferPool()  # received frames (and the group's accumulators) come from here
         # Application bytes (all frames of data-plane messages, before sealing) this rank sent
         # and received: what `bench generate` reports as bytes on the wire per token.
         self.bytes_sent = 0
@@ -621,16 +623,16 @@ class SecureLinks:
         if conn.open is None:
             frames = []
             for ln in lens:
-                out = memoryview(np.empty(ln, np.uint8))
+                out = self.buffers.take(ln)
                 self._read_into(conn, out, deadline)
                 frames.append(out)
             return kind, frames
         if one:
             # Opened into one block, shifted so that the frame after the envelope (the tensor)
             # starts 64-byte aligned, as a separately allocated frame would.
-            block = np.empty(payload + 64, np.uint8)
-            pad = -(block.ctypes.data + lens[0]) % 64
-            whole = memoryview(block)[pad:pad + payload]
+            block = self.buffers.take(payload + 64)
+            pad = -(np.frombuffer(block, np.uint8).ctypes.data + lens[0]) % 64
+            whole = block[pad:pad + payload]
             self._open(conn, self._sealed(conn, payload + TAG, deadline), header, whole)
             frames, off = [], 0
             for ln in lens:
@@ -639,7 +641,7 @@ class SecureLinks:
             return kind, frames
         frames = []
         for ln in lens:
-            out = memoryview(np.empty(ln, np.uint8))
+            out = self.buffers.take(ln)
             self._open(conn, self._sealed(conn, ln + TAG, deadline), header, out)
             frames.append(out)
         return kind, frames

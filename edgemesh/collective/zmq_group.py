@@ -119,10 +119,11 @@ class ZmqCollective:
         nbytes = tensor.numel() * tensor.element_size()
         pick = self.choice(nbytes)
         try:
+            pool = self._links.buffers
             if pick.algorithm is Algorithm.RING:
-                acc = ring_allreduce(op, to_accumulator(tensor, copy=True), wire)
+                acc = ring_allreduce(op, to_accumulator(tensor, copy=True, pool=pool), wire)
             else:
-                mine = to_accumulator(tensor, copy=self.rank == HUB)  # only the hub writes into it
+                mine = to_accumulator(tensor, copy=self.rank == HUB, pool=pool)  # only the hub writes into it
                 acc = star_allreduce(op, mine, wire, pick.chunks)
         except BaseException as exc:
             self._fail(exc)

@@ -72,6 +72,7 @@ class PeerLinks:
     """One rank's sockets to all other ranks. Create with ``bind``, then ``join``."""
 
     retains_frames = True  # zmq sends large frames later, from its I/O thread
+    buffers = None  # zmq allocates received frames itself
 
     def __init__(self, ctx: zmq.Context, router: zmq.Socket, endpoint: str, keys: CurveKeys | None,
                  auth: zmq.auth.thread.ThreadAuthenticator | None, allow: _AllowList | None,

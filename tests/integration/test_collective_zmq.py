@@ -131,6 +131,21 @@ def test_ring_matches_star_within_fp32_rounding(group_of: Any, w: int, kind: str
     assert ((runs[0][0] - star).abs() <= bound).all()
 
 
+@pytest.mark.parametrize("algorithm", ["star", "chunked_star", "ring"])
+def test_large_results_stay_valid_while_held(group_of: Any, algorithm: str) -> None:
+    """Large frames and accumulators come from recycled buffers: a result the caller still
+    holds must never be reused for a later message (or be summed into)."""
+    w, n = 3, 300_000  # 1.2 MB per part: pooled sizes
+    groups = group_of(w, algorithm=algorithm)
+    held = []
+    for i in range(4):
+        xs = [torch.full((n,), float((r + 1) * (i + 1))) for r in range(w)]
+        held.append(in_threads(w, lambda r: groups[r].allreduce_sum(xs[r])))
+    for i, results in enumerate(held):
+        for out in results:
+            assert torch.equal(out, torch.full((n,), 6.0 * (i + 1))), f"step {i}: {out[:3]}"
+
+
 def test_auto_picks_by_size_and_every_rank_agrees(group_of: Any) -> None:
     groups = group_of(3)  # default: cost model
     small, large = groups[0].choice(8 * 1024), groups[0].choice(64 * 1024 * 1024)
