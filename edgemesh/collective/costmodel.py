@@ -43,9 +43,13 @@ class LinkCost:
             raise ValueError(f"link cost needs a >= 0 and b > 0, got a={self.a}, b={self.b}")
 
 
-# Loopback on a small machine with CURVE, fitted to `edgemesh bench allreduce` runs: the
-# per-hop cost is software (zmq + Python + crypto), the bandwidth is libsodium's speed.
-LOOPBACK_CURVE = LinkCost(a=60e-6, b=400e6)
+# Loopback on a small machine over the encrypted TCP links (tcp_links), fitted by
+# `edgemesh bench allreduce` to its star, chunked-star and ring columns (2-core VM, W = 2..4
+# processes sharing it: a = 510 µs, b = 977 MB/s). The per-hop cost is software and CPU
+# sharing, not the wire; with it, messages up to 256 KiB go by star, which measured fastest
+# there (the zmq-era constants, a = 60 µs and b = 400 MB/s, sent 64 KiB at W ≥ 3 by ring,
+# measured ~2× slower than star).
+LOOPBACK_CURVE = LinkCost(a=510e-6, b=977e6)
 
 
 @dataclass(frozen=True)
