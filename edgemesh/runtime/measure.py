@@ -19,11 +19,16 @@ from edgemesh.errors import EdgemeshError
 from edgemesh.llm.model import Participant
 
 MAX_SOLO_STEPS = 1000
+# Seconds of steps at most: the ranks meet in an allreduce afterwards, and a rank that waits
+# there longer than the group's collective timeout (5 s by default) counts as failed.
+SOLO_BUDGET = 1.0
+MIN_SOLO_STEPS = 3
 
 
-def solo_steps_ms(model: Participant, n: int, start_pos: int) -> float:
-    """Median ms of one decode step of this rank's slices, without communication. On the
-    master a step includes the embedding, final norm and head."""
+def solo_steps_ms(model: Participant, n: int, start_pos: int, budget: float = SOLO_BUDGET) -> float:
+    """Median ms of one decode step of this rank's slices, without communication: ``n`` steps,
+    or fewer (at least 3) once ``budget`` seconds have passed. On the master a step includes
+    the embedding, final norm and head."""
     if not (0 < n <= MAX_SOLO_STEPS and 0 <= start_pos and start_pos + n <= model.max_seq_len):
         raise EdgemeshError(f"bad solo measurement: {n} steps from position {start_pos}")
     group = model.collective
@@ -33,6 +38,7 @@ def solo_steps_ms(model: Participant, n: int, start_pos: int) -> float:
         with torch.inference_mode():
             h = torch.zeros(1, 1, model.config.hidden_size)
             tok = torch.tensor([[1]])
+            stop = time.perf_counter() + budget
             for i in range(n):
                 t = time.perf_counter()
                 if group.rank == 0:
@@ -40,6 +46,8 @@ def solo_steps_ms(model: Participant, n: int, start_pos: int) -> float:
                 else:
                     model.run_layers(h, start_pos + i)
                 steps.append(time.perf_counter() - t)
+                if len(steps) >= MIN_SOLO_STEPS and time.perf_counter() > stop:
+                    break
     finally:
         model.collective = group
     return statistics.median(steps) * 1000
