@@ -87,7 +87,8 @@ def _engine(deployment, resume: bool = True):  # type: ignore[no-untyped-def]
 
     tokenizer = ChatTokenizer.from_entry(deployment.entry)
     return Engine(deployment.entry.name, deployment.model, tokenizer, recover=deployment.recover,
-                  is_cluster_failure=is_cluster_failure, on_idle=keepalive, resume=resume)
+                  is_cluster_failure=is_cluster_failure, on_idle=keepalive, resume=resume,
+                  prepare_thread=deployment.prepare_compute_thread)
 
 
 @app.command()

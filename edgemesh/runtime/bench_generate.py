@@ -27,6 +27,7 @@ from edgemesh.llm.model import Participant
 from edgemesh.placement.plan import Plan
 from edgemesh.runtime.launch import Deployment, LaunchOptions, probe_allreduce
 from edgemesh.runtime.measure import solo_compute_ms
+from edgemesh.runtime.processes import pin_to_slot
 from edgemesh.weights.provider import InMemoryProvider
 from edgemesh.weights.store import ModelEntry
 
@@ -118,6 +119,14 @@ async def run_once(state: StateDir, entry: ModelEntry, nodes: int, prompt: list[
         model = await dep.deploy()
         assert dep.plan is not None
 
+        def pinned_work() -> RunResult:
+            dep.prepare_compute_thread()  # on this pool thread only while it runs the model
+            try:
+                return work()
+            finally:
+                pin_to_slot(None)
+                torch.set_num_threads(dep._default_threads)
+
         def work() -> RunResult:
             _decode(model, prompt[:8], 4)  # warm-up: allocations, first-touch of weights
             ttft, steps, nbytes = _decode(model, prompt, tokens)
@@ -145,7 +154,7 @@ async def run_once(state: StateDir, entry: ModelEntry, nodes: int, prompt: list[
             return res
 
         progress(f"measuring {tokens} decode steps on {dep.plan.world_size} device(s)")
-        result = await asyncio.to_thread(work)
+        result = await asyncio.to_thread(pinned_work)
         plan = dep.plan
     finally:
         await dep.close()

@@ -103,6 +103,7 @@ class Engine:
         idle_interval: float = 1.0,
         resume: bool = True,
         max_resumes: int = 2,
+        prepare_thread: Callable[[], None] | None = None,
     ) -> None:
         self.name = name
         self.model = model
@@ -114,6 +115,8 @@ class Engine:
         self.resume = resume and recover is not None
         self.max_resumes = max_resumes
         self.resumed = 0  # requests continued after a failure (for status and tests)
+        # Called on the compute thread at start and after every recovery (CPU pinning).
+        self.prepare_thread = prepare_thread or (lambda: None)
         self.stop_ids = tokenizer.stop_ids()
         self._queue: queue.Queue[tuple[GenRequest, Callable[[GenEvent], None]] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="edgemesh-engine", daemon=True)
@@ -138,6 +141,7 @@ class Engine:
 
     # ---- compute thread ----------------------------------------------------------
     def _loop(self) -> None:
+        self.prepare_thread()
         while True:
             try:
                 item = self._queue.get(timeout=self.idle_interval)
@@ -195,6 +199,7 @@ class Engine:
             return
         try:
             self.model = self.recover(exc)
+            self.prepare_thread()
             log.info("recovered: the model runs again")
         except Exception as rexc:  # noqa: BLE001
             log.exception("re-planning failed")
@@ -222,6 +227,7 @@ class Engine:
                 try:
                     assert self.recover is not None
                     self.model = self.recover(exc)
+                    self.prepare_thread()
                 except Exception as rexc:
                     log.exception("re-planning failed")
                     self._broken = rexc

@@ -44,6 +44,7 @@ class JobSpec:
     algorithm: str = "auto"
     compression: str | None = None
     threads: int = 0  # torch threads for this rank; 0 = torch's default (all cores)
+    cpu_slot: tuple[int, int] | None = None  # (i, n): pin to the i-th of n equal parts of the cores
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -53,6 +54,7 @@ class JobSpec:
             "server": self.server, "server_key": self.server_key, "keys": list(self.keys),
             "max_seq_len": self.max_seq_len, "timeout": self.timeout,
             "algorithm": self.algorithm, "compression": self.compression, "threads": self.threads,
+            "cpu_slot": None if self.cpu_slot is None else list(self.cpu_slot),
         }
 
     @classmethod
@@ -95,6 +97,10 @@ class JobSpec:
         threads = maybe(b, "threads", int, 0)
         if not 0 <= threads <= 1024:
             raise ProtocolError("threads out of range")
+        slot = b.get("cpu_slot")
+        if slot is not None and not (isinstance(slot, list) and len(slot) == 2 and all(type(x) is int for x in slot)
+                                     and 0 <= slot[0] < slot[1] <= 1024):
+            raise ProtocolError("cpu_slot must be [i, n] with 0 <= i < n")
         return cls(job, rank, world, need(b, "model", str, max_len=128), need(b, "config", dict), specs,
                    tuple(files), server, server_key, tuple(keys), max_seq_len, timeout, algorithm, compression,
-                   threads)
+                   threads, None if slot is None else (slot[0], slot[1]))

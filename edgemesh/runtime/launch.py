@@ -29,7 +29,7 @@ from edgemesh.mesh.rpc import rpc_session
 from edgemesh.placement.devices import Device, Link
 from edgemesh.placement.plan import Plan, plan
 from edgemesh.runtime.control import control_call
-from edgemesh.runtime.processes import running_daemon
+from edgemesh.runtime.processes import pin_to_slot, running_daemon
 from edgemesh.runtime.job_server import JobFailed, JobServer
 from edgemesh.runtime.jobs import JobFile, JobSpec
 from edgemesh.transport.zmq_link import ZmqTransport
@@ -96,6 +96,21 @@ def threads_per_rank(members: list[dict[str, Any]]) -> list[int]:
         profile = m.get("profile") or {}
         cores = (profile.get("limits") or {}).get("cpu_cores") or profile.get("cpu_logical") or 1
         out.append(0 if shared == 1 else max(1, int(cores) // shared))
+    return out
+
+
+def cpu_slots(members: list[dict[str, Any]]) -> list[tuple[int, int] | None]:
+    """Ranks that share a machine with at least one core each get disjoint cores (slot i of n,
+    resolved against the cores each process may use). With more ranks than cores, none is
+    pinned: the scheduler balances better than a fixed split would."""
+    seen: dict[str, int] = {}
+    out: list[tuple[int, int] | None] = []
+    for m, shared in zip(members, _sharing(members)):
+        profile = m.get("profile") or {}
+        cores = int((profile.get("limits") or {}).get("cpu_cores") or profile.get("cpu_logical") or 1)
+        i = seen.get(_host(m), 0)
+        seen[_host(m)] = i + 1
+        out.append((i, shared) if 1 < shared <= cores else None)
     return out
 
 
@@ -168,6 +183,9 @@ class Deployment:
         self._server_task: asyncio.Task[None] | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.excluded: set[str] = set()
+        self.cpu_slot: tuple[int, int] | None = None
+        self.threads0 = 0  # torch threads of the master's compute thread; 0 = torch's default
+        self._default_threads = torch.get_num_threads()
 
     # ---- lifecycle -----------------------------------------------------------------
     async def open(self) -> None:
@@ -193,6 +211,7 @@ class Deployment:
     # ---- deploy --------------------------------------------------------------------
     async def deploy(self) -> Participant:
         assert self._server is not None
+        self.cpu_slot, self.threads0 = None, 0
         self.members = await self._members_with_profiles()
         devices, links = devices_and_links(self.members)
         self.plan = plan(self.entry.config, devices, links, model=self.entry.name,
@@ -204,6 +223,8 @@ class Deployment:
             return self.model
         job = secrets.token_hex(8)
         threads = threads_per_rank(self.members)
+        slots = cpu_slots(self.members)
+        self.cpu_slot, self.threads0 = slots[0], threads[0]
         if threads[0]:
             torch.set_num_threads(threads[0])
         self.progress("slicing weights")
@@ -226,7 +247,8 @@ class Deployment:
                     files=tuple(JobFile(b, ref.sha256, ref.nbytes) for b, ref in refs[r].items()),
                     server=self._server.endpoint, server_key=self.key.sign_public, keys=tuple(keys),
                     max_seq_len=self.options.max_seq_len, timeout=self.options.timeout,
-                    algorithm=self.options.algorithm, compression=self.options.compression, threads=threads[r])
+                    algorithm=self.options.algorithm, compression=self.options.compression, threads=threads[r],
+                    cpu_slot=slots[r])
                 await self._call_member(self.members[r], "llm.start", spec.to_wire())
             total = sum(f.stat().st_size for f in {p for p in files.values()})
             await self._wait_ready(jstate, total)
@@ -244,6 +266,14 @@ class Deployment:
         self.model = await asyncio.to_thread(self._master_model, self.plan, group, refs[0])
         self.progress(f"model up on {world} device(s): " + ", ".join(m["name"] for m in self.members))
         return self.model
+
+    def prepare_compute_thread(self) -> None:
+        """Call on the thread that runs the model, after every deploy: its torch thread count
+        (a per-thread setting for a thread that already ran torch ops — a pool thread kept 2
+        intra-op threads beside a 1-thread worker on 2 cores) and, when ranks share the
+        machine, its own cores (see ``cpu_slots``)."""
+        torch.set_num_threads(self.threads0 or self._default_threads)
+        pin_to_slot(self.cpu_slot)
 
     async def _members_with_profiles(self) -> list[dict[str, Any]]:
         return await members_with_profiles(self.state, self.options, self.excluded)

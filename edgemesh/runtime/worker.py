@@ -23,6 +23,7 @@ from edgemesh.identity.keys import NodeKey, curve_public_for
 from edgemesh.identity.statedir import StateDir
 from edgemesh.mesh.rpc import RpcClient, rpc_session
 from edgemesh.runtime.jobs import JobSpec
+from edgemesh.runtime.processes import pin_to_slot
 from edgemesh.transport.zmq_link import ZmqTransport
 from edgemesh.weights.blobs import BlobCache
 
@@ -100,6 +101,7 @@ def run_job(state: StateDir, spec: JobSpec, host: str) -> int:
 
     if spec.threads:
         torch.set_num_threads(spec.threads)
+    pin_to_slot(spec.cpu_slot)
     key, _ = state.load_identity()
     try:
         config = ModelConfig.from_json(spec.config)

@@ -94,3 +94,39 @@ def test_link_table_keeps_the_minimum_of_recent_rtts_for_the_planner():
     for _ in range(RTT_WINDOW):  # the old minimum ages out of the window
         t.rtt("p", 2.0)
     assert t.to_json("p")["rtt_min_ms"] == 2.0
+
+
+def test_ranks_sharing_a_machine_get_disjoint_cores_only_when_there_are_enough():
+    from edgemesh.runtime.launch import cpu_slots
+
+    two = [_member("a", "a"), _member("b", "b")]  # 2 cores, 2 ranks
+    assert cpu_slots(two) == [(0, 2), (1, 2)]
+    three = [_member(i, i) for i in "abc"]  # 2 cores, 3 ranks: leave it to the scheduler
+    assert cpu_slots(three) == [None, None, None]
+    spread = [_member("a", "a", host="10.0.0.1"), _member("b", "b", host="10.0.0.2")]
+    assert cpu_slots(spread) == [None, None]
+
+
+def test_pinning_splits_the_allowed_cores_and_can_be_undone():
+    import os
+    import threading
+
+    from edgemesh.runtime.processes import _ALLOWED, pin_to_slot
+
+    got: dict[str, object] = {}
+
+    def body() -> None:  # on its own thread: pinning is per thread
+        got["mine"] = pin_to_slot((1, 2))
+        got["seen"] = tuple(sorted(os.sched_getaffinity(0)))
+        got["undone"] = pin_to_slot(None)
+        got["after"] = tuple(sorted(os.sched_getaffinity(0)))
+
+    t = threading.Thread(target=body)
+    t.start()
+    t.join()
+    k = len(_ALLOWED) // 2
+    if k == 0:
+        assert got["mine"] == ()
+    else:
+        assert got["mine"] == got["seen"] == _ALLOWED[k:2 * k]
+    assert got["after"] == _ALLOWED
