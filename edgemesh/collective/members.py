@@ -44,6 +44,19 @@ class Peer:
     public_key: bytes | None = None
 
 
+def peers_by_rank(rank: int, world_size: int, peers: Sequence[Peer], plain: bool) -> dict[int, Peer]:
+    """The other ranks' peers by rank, checked: one per rank, and keys unless ``plain``."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside a group of {world_size}")
+    by_rank = {p.rank: p for p in peers if p.rank != rank}
+    missing = sorted(set(range(world_size)) - {rank} - set(by_rank))
+    if missing:
+        raise ValueError(f"no endpoint given for ranks {missing}")
+    if not plain and any(p.public_key is None for p in by_rank.values()):
+        raise ValueError("every peer of an encrypted group needs its public key")
+    return by_rank
+
+
 class Links(Protocol):
     """What the collectives need from a link layer (tcp_links.SecureLinks, zmq_links.PeerLinks)."""
 

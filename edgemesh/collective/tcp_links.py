@@ -44,7 +44,7 @@ from zmq.utils import z85
 
 from edgemesh.collective.buffers import BufferPool
 from edgemesh.collective.errors import CollectiveTimeout, LinkAuthError, LinkProtocolError, PeerLost
-from edgemesh.collective.members import CurveKeys, Peer
+from edgemesh.collective.members import CurveKeys, Peer, peers_by_rank
 from edgemesh.errors import AuthError, ProtocolError
 
 # AES-256-OCB3 (RFC 7253) rather than AES-256-GCM: both run on AES-NI, but on our measured
@@ -237,14 +237,7 @@ class SecureLinks:
 
     def join(self, rank: int, world_size: int, peers: Sequence[Peer], timeout: float) -> None:
         """Dial lower ranks, accept higher ranks, authenticate every link; or raise."""
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside a group of {world_size}")
-        by_rank = {p.rank: p for p in peers if p.rank != rank}
-        missing = sorted(set(range(world_size)) - {rank} - set(by_rank))
-        if missing:
-            raise ValueError(f"no endpoint given for ranks {missing}")
-        if not self.plain and any(p.public_key is None for p in by_rank.values()):
-            raise ValueError("every peer of a secure group needs its public key")
+        by_rank = peers_by_rank(rank, world_size, peers, self.plain)
         self.rank, self.world_size = rank, world_size
         deadline = time.monotonic() + timeout
         try:

@@ -29,7 +29,7 @@ import zmq.auth.thread
 from zmq.utils.monitor import recv_monitor_message
 
 from edgemesh.collective.errors import CollectiveError, CollectiveTimeout, PeerLost
-from edgemesh.collective.members import CurveKeys, Peer
+from edgemesh.collective.members import CurveKeys, Peer, peers_by_rank
 from edgemesh.errors import AuthError, ProtocolError
 from edgemesh.wire.envelope import Envelope, Kind, decode_message, encode_envelope
 
@@ -164,14 +164,7 @@ class PeerLinks:
 
     def join(self, rank: int, world_size: int, peers: Sequence[Peer], timeout: float) -> None:
         """Connect to lower ranks, accept higher ranks, verify every claimed rank; or raise."""
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside a group of {world_size}")
-        by_rank = {p.rank: p for p in peers if p.rank != rank}
-        missing = sorted(set(range(world_size)) - {rank} - set(by_rank))
-        if missing:
-            raise ValueError(f"no endpoint given for ranks {missing}")
-        if not self.plain and any(p.public_key is None for p in by_rank.values()):
-            raise ValueError("every peer of a CURVE group needs its public key")
+        by_rank = peers_by_rank(rank, world_size, peers, self.plain)
         self.rank, self.world_size = rank, world_size
         my_id = str(rank).encode()
         for p in range(rank):
