@@ -89,7 +89,10 @@ def _decode(model: Participant, prompt: list[int], tokens: int) -> tuple[float, 
     return ttft, steps, sum(after) - sum(wire)
 
 
-def _slice_ms(entry: ModelEntry, plan: Plan, rank: int, prompt: list[int], tokens: int, max_seq_len: int) -> float:
+def _slice_ms(entry: ModelEntry, plan: Plan, rank: int, prompt: list[int], tokens: int, max_seq_len: int,
+              threads: int) -> float:
+    if threads:
+        torch.set_num_threads(threads)  # as the rank ran it (the pool thread's own setting)
     specs = plan.specs_for(rank)
     blocks = {b: entry.load_slice(ref) for b, ref in rank_files(entry, specs, rank).items()}
     p = Participant(entry.config, specs, InMemoryProvider(blocks), LocalCollective(), max_seq_len=max_seq_len)
@@ -163,7 +166,9 @@ async def run_once(state: StateDir, entry: ModelEntry, nodes: int, prompt: list[
         # and the worker holding the most weights.
         progress("measuring the compute of the largest slices")
         worker = max(plan.devices[1:], key=lambda d: d.weight_bytes).rank
-        times = {r: await asyncio.to_thread(_slice_ms, entry, plan, r, prompt, tokens, max_seq_len) for r in (0, worker)}
+        threads = dep.threads0 or torch.get_num_threads()
+        times = {r: await asyncio.to_thread(_slice_ms, entry, plan, r, prompt, tokens, max_seq_len, threads)
+                 for r in (0, worker)}
         result.alone_ms = max(times.values())
     return result, plan
 

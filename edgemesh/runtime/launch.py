@@ -89,13 +89,19 @@ def _sharing(members: list[dict[str, Any]]) -> list[int]:
 
 
 def threads_per_rank(members: list[dict[str, Any]]) -> list[int]:
-    """Ranks that share a machine (same address) split its cores instead of each taking all:
-    oversubscribed torch threads made a 3-process local cluster 2.3× slower in our runs."""
+    """Torch threads per rank (0 = torch's default, every logical core). Ranks that share a
+    machine (same address) split its cores instead of each taking all: oversubscribed torch
+    threads made a 3-process local cluster 2.3× slower in our runs. A CPU quota (cgroup) counts
+    too: torch sizes its pool by logical cores, and 2 threads spinning under a 0.5-core quota
+    made a lan-4 testbed device ~4× slower than 1 thread."""
     out = []
     for m, shared in zip(members, _sharing(members)):
         profile = m.get("profile") or {}
-        cores = (profile.get("limits") or {}).get("cpu_cores") or profile.get("cpu_logical") or 1
-        out.append(0 if shared == 1 else max(1, int(cores) // shared))
+        logical = int(profile.get("cpu_logical") or 1)
+        quota = (profile.get("limits") or {}).get("cpu_cores")
+        usable = min(float(quota), logical) if quota else logical
+        n = max(1, int(usable // shared))
+        out.append(0 if n >= logical else n)
     return out
 
 
@@ -218,13 +224,13 @@ class Deployment:
                          context_len=self.options.max_seq_len, dtype_bytes=self.entry.param_bytes)
         world = self.plan.world_size
         self.progress(f"plan: {world} device(s), predicted {self.plan.latency.total_ms:.1f} ms/token")
+        threads = threads_per_rank(self.members)
+        slots = cpu_slots(self.members)
+        self.cpu_slot, self.threads0 = slots[0], threads[0]
         if world == 1:
             self.model = await asyncio.to_thread(self._master_model, self.plan, LocalCollective())
             return self.model
         job = secrets.token_hex(8)
-        threads = threads_per_rank(self.members)
-        slots = cpu_slots(self.members)
-        self.cpu_slot, self.threads0 = slots[0], threads[0]
         if threads[0]:
             torch.set_num_threads(threads[0])
         self.progress("slicing weights")

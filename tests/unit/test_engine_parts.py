@@ -68,6 +68,11 @@ def test_ranks_on_one_machine_split_its_cores():
     assert threads_per_rank(local) == [1, 1, 1]  # 2 cores, 3 ranks: one thread each
     spread = [_member("a", "a", host="10.0.0.1", cores=4), _member("b", "b", host="10.0.0.2", cores=4)]
     assert threads_per_rank(spread) == [0, 0]  # alone on its machine: torch's default
+    capped = _member("c", "c", host="10.0.0.3", cores=2)
+    capped["profile"]["limits"] = {"cpu_cores": 0.5}  # a cgroup quota: torch would start 2 threads
+    big = _member("d", "d", host="10.0.0.4", cores=8)
+    big["profile"]["limits"] = {"cpu_cores": 4.0}
+    assert threads_per_rank([capped, big]) == [1, 4]
 
 
 def test_ranks_on_one_machine_each_get_their_share_of_its_speed_in_the_plan():
