@@ -24,7 +24,7 @@ import msgpack
 
 from edgemesh.errors import AuthError, ProtocolError
 from edgemesh.identity.keys import NodeKey, verify
-from edgemesh.wire.schema import need
+from edgemesh.wire.schema import need, unpack_map
 
 SIGNAL_CONTEXT = "edgemesh-ice-signal-v1"
 HELLO_CONTEXT = "edgemesh-ice-hello-v1"
@@ -88,15 +88,7 @@ def now_ms() -> int:
 
 def decode_signal(data: Any) -> Signal:
     """Parse an untrusted signal (no signature check yet). Malformed -> ``ProtocolError``."""
-    if not isinstance(data, bytes) or len(data) > MAX_SIGNAL_BYTES:
-        raise ProtocolError("a signal is at most 16 KiB of bytes")
-    try:
-        obj = msgpack.unpackb(data, raw=False, strict_map_key=True)
-    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError,
-            UnicodeDecodeError, RecursionError) as exc:
-        raise ProtocolError(f"malformed signal: {type(exc).__name__}") from None
-    if not isinstance(obj, dict):
-        raise ProtocolError("a signal must be a map")
+    obj = unpack_map(data, MAX_SIGNAL_BYTES, "signal")
     kind = need(obj, "t", str)
     if kind not in KINDS:
         raise ProtocolError(f"unknown signal type {kind!r}")
@@ -149,15 +141,7 @@ def make_hello(cluster_id: str, key: NodeKey, offer: Signal, answer: Signal, me:
 
 def check_hello(cluster_id: str, data: Any, peer_key: bytes, offer: Signal, answer: Signal, me: str, peer: str) -> None:
     """Raise ``ProtocolError`` (malformed) or ``AuthError`` (wrong key) unless ``peer`` signed it."""
-    if not isinstance(data, bytes) or len(data) > 1024:
-        raise ProtocolError("hello must be at most 1 KiB of bytes")
-    try:
-        obj = msgpack.unpackb(data, raw=False, strict_map_key=True)
-    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError,
-            UnicodeDecodeError, RecursionError) as exc:
-        raise ProtocolError(f"malformed hello: {type(exc).__name__}") from None
-    if not isinstance(obj, dict):
-        raise ProtocolError("hello must be a map")
+    obj = unpack_map(data, 1024, "hello")
     if need(obj, "node", str, max_len=64) != peer:
         raise AuthError("the channel's peer names another node")
     try:

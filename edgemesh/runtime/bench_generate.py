@@ -27,7 +27,6 @@ from edgemesh.llm.model import Participant
 from edgemesh.placement.plan import Plan
 from edgemesh.runtime.launch import Deployment, LaunchOptions, probe_allreduce
 from edgemesh.runtime.measure import solo_compute_ms
-from edgemesh.runtime.processes import pin_to_slot
 from edgemesh.weights.provider import InMemoryProvider
 from edgemesh.weights.store import ModelEntry
 
@@ -127,8 +126,7 @@ async def run_once(state: StateDir, entry: ModelEntry, nodes: int, prompt: list[
             try:
                 return work()
             finally:
-                pin_to_slot(None)
-                torch.set_num_threads(dep._default_threads)
+                dep.release_compute_thread()
 
         def work() -> RunResult:
             _decode(model, prompt[:8], 4)  # warm-up: allocations, first-touch of weights

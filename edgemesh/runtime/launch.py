@@ -281,6 +281,11 @@ class Deployment:
         torch.set_num_threads(self.threads0 or self._default_threads)
         pin_to_slot(self.cpu_slot)
 
+    def release_compute_thread(self) -> None:
+        """Undo ``prepare_compute_thread`` on a thread that goes back to other work (a pool)."""
+        torch.set_num_threads(self._default_threads)
+        pin_to_slot(None)
+
     async def _members_with_profiles(self) -> list[dict[str, Any]]:
         return await members_with_profiles(self.state, self.options, self.excluded)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
+import msgpack
+
 from edgemesh.errors import ProtocolError
 
 T = TypeVar("T")
@@ -15,6 +17,20 @@ def body_map(body: Any) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise ProtocolError("message body must be a map")
     return body
+
+
+def unpack_map(data: Any, max_bytes: int, what: str) -> dict[str, Any]:
+    """An untrusted msgpack map of at most ``max_bytes`` bytes, or ``ProtocolError``."""
+    if not isinstance(data, bytes) or len(data) > max_bytes:
+        raise ProtocolError(f"{what} must be at most {max_bytes} bytes")
+    try:
+        obj = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError,
+            UnicodeDecodeError, RecursionError) as exc:
+        raise ProtocolError(f"malformed {what}: {type(exc).__name__}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"{what} must be a map")
+    return obj
 
 
 def need(body: dict[str, Any], key: str, kind: type[T], *, max_len: int | None = None) -> T:
