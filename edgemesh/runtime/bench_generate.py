@@ -149,9 +149,11 @@ async def run_once(state: StateDir, entry: ModelEntry, nodes: int, prompt: list[
                 probe_allreduce(model, 20)
                 res.star_us = statistics.median(probe_allreduce(model, 200)) * 1e6
                 per_rank = solo_compute_ms(model, tokens, len(prompt) + tokens + 1)
+                # Keep one value per rank: the slowest is reported from the same rounded list,
+                # so the JSON's maximum and its per-rank figures never disagree by a rounding.
                 res.compute_per_rank_ms = [round(v, 3) for v in per_rank]
-                res.compute_rank = max(range(len(per_rank)), key=per_rank.__getitem__)
-                res.compute_ms = per_rank[res.compute_rank]
+                res.compute_rank = max(range(len(per_rank)), key=res.compute_per_rank_ms.__getitem__)
+                res.compute_ms = res.compute_per_rank_ms[res.compute_rank]
             return res
 
         progress(f"measuring {tokens} decode steps on {dep.plan.world_size} device(s)")
