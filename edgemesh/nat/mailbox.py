@@ -4,6 +4,12 @@ Members behind NAT cannot be called, but they can call out: each one long-polls 
 reaches directly (``nat.poll``), and anyone can drop a signal for it there (``nat.signal``).
 Signals are opaque, signed bytes: the mailbox neither reads nor vouches for them. Bounded per
 recipient and by age, so a flood costs memory only up to a cap.
+
+Delivery is acknowledged, not drain-on-read: a poll returns every queued signal newer than the
+sequence number the poller acknowledges, and only an acknowledgement removes them. A long poll
+left hanging by a daemon that has just stopped would otherwise swallow the signals meant for its
+restarted successor (an offer sent in that window was lost, and the pair waited out a 4 s answer
+timeout before trying again).
 """
 
 from __future__ import annotations
@@ -19,14 +25,16 @@ ACTIVE_FOR = 15.0  # a recipient that polled this recently is "listening here"
 
 class Mailbox:
     def __init__(self) -> None:
-        self._queues: dict[str, deque[tuple[float, bytes]]] = {}
+        self._queues: dict[str, deque[tuple[float, int, bytes]]] = {}
         self._events: dict[str, asyncio.Event] = {}
         self._polled: dict[str, float] = {}
+        self._seq = 0
 
     def put(self, to: str, signal: bytes) -> bool:
         """Queue ``signal`` for ``to``; True if ``to`` is polling here (it will get it soon)."""
+        self._seq += 1
         q = self._queues.setdefault(to, deque(maxlen=MAX_QUEUED))
-        q.append((time.monotonic(), signal))
+        q.append((time.monotonic(), self._seq, signal))
         self._event(to).set()
         return self.active(to)
 
@@ -39,24 +47,34 @@ class Mailbox:
             ev = self._events[node] = asyncio.Event()
         return ev
 
-    def _drain(self, node: str) -> list[bytes]:
-        q = self._queues.pop(node, None)
-        self._event(node).clear()
+    def _pending(self, node: str, ack: int) -> tuple[list[bytes], int]:
+        """Drop what ``ack`` covers and what is too old; the rest and the newest sequence number."""
+        q = self._queues.get(node)
+        if not q:
+            return [], ack
         cutoff = time.monotonic() - MAX_AGE
-        return [s for t, s in q or () if t >= cutoff]
+        kept = [(t, n, s) for t, n, s in q if n > ack and t >= cutoff]
+        if kept:
+            self._queues[node] = deque(kept, maxlen=MAX_QUEUED)
+        else:
+            del self._queues[node]
+        return [s for _, _, s in kept], max([ack, *(n for _, n, _ in kept)])
 
-    async def take(self, node: str, wait: float) -> list[bytes]:
-        """Signals for ``node``, waiting up to ``wait`` seconds for the first one."""
+    async def take(self, node: str, wait: float, ack: int = 0) -> tuple[list[bytes], int]:
+        """Signals for ``node`` newer than ``ack`` (which the poller has seen: they are dropped),
+        waiting up to ``wait`` seconds for the first, and the sequence number to acknowledge next."""
         self._polled[node] = time.monotonic()
-        got = self._drain(node)
+        got, last = self._pending(node, ack)
         if got or wait <= 0:
-            return got
+            return got, last
+        ev = self._event(node)
+        ev.clear()
         try:
-            await asyncio.wait_for(self._event(node).wait(), wait)
+            await asyncio.wait_for(ev.wait(), wait)
         except asyncio.TimeoutError:
             pass
         self._polled[node] = time.monotonic()
-        return self._drain(node)
+        return self._pending(node, ack)
 
     def forget(self, node: str) -> None:
         self._queues.pop(node, None)

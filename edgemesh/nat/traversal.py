@@ -366,11 +366,14 @@ class Traversal:
         await asyncio.gather(*(one(link) for link in relays))
 
     async def _poll(self, relay: PeerLink) -> None:
+        ack = 0  # the relay keeps each signal until a later poll acknowledges it
         while True:
             try:
-                body, _ = await relay.client.call("nat.poll", {"wait": POLL_WAIT, "epoch": self.epoch},
+                body, _ = await relay.client.call("nat.poll", {"wait": POLL_WAIT, "epoch": self.epoch, "ack": ack},
                                                   timeout=POLL_WAIT + 2.0)
-                signals = need(body_map(body), "signals", list, max_len=64)
+                reply = body_map(body)
+                signals = need(reply, "signals", list, max_len=64)
+                ack = max(ack, maybe(reply, "ack", int, ack))
             except EdgemeshError as exc:
                 log.debug("polling %s: %s", relay.node_id, exc)
                 await asyncio.sleep(0.5)
@@ -435,6 +438,7 @@ class Traversal:
         body = body_map(call.body)
         wait = min(max(maybe(body, "wait", float, 0.0), 0.0), 15.0)
         epoch = maybe(body, "epoch", bytes, b"")
+        ack = maybe(body, "ack", int, 0)
         if self._poller_epochs.get(node) != epoch:
             # A (re)started member: if we cannot call it directly, set up a path now rather
             # than after our backoff or a dead channel's silence limit.
@@ -442,7 +446,8 @@ class Traversal:
             link = self.peers.get(node)
             if link is not None and not link.direct:
                 self._want(node, force=True)
-        return {"signals": await self.mailbox.take(node, wait)}
+        signals, last = await self.mailbox.take(node, wait, ack)
+        return {"signals": signals, "ack": last}
 
     # ---- bookkeeping ---------------------------------------------------------------
     def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:

@@ -139,7 +139,8 @@ def test_killing_coturn_keeps_punched_pairs(bed):
 def test_a_natted_node_restarts_and_rejoins_every_pair(bed):
     """p1 stops and starts again: every pair with it gets a fresh path both ways (`bench join`
     reports the seconds against the issue's 5 s)."""
-    seconds = bed.restart("p1")
-    assert 0 < seconds < 30
+    restart = bed.restart("p1")
+    assert 0 < restart["seconds"] < 30
+    assert {p["peer"] for p in restart["pairs"]} == {"pub1", "c1", "r1", "s1"}
     paths = _paths(bed)
     assert paths["p1"]["c1"] == "punched" and paths["p1"]["s1"] == "relayed"

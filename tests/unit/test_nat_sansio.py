@@ -134,15 +134,35 @@ def test_mailbox_long_poll_and_bounds():
     async def main():
         box = Mailbox()
         assert box.put("n", b"early") is False  # nobody polled yet, but it waits
-        assert await box.take("n", 0.0) == [b"early"]
-        waiter = asyncio.ensure_future(box.take("n", 5.0))
+        got, ack = await box.take("n", 0.0)
+        assert got == [b"early"]
+        waiter = asyncio.ensure_future(box.take("n", 5.0, ack))
         await asyncio.sleep(0.01)
         assert box.put("n", b"x") is True
-        assert await asyncio.wait_for(waiter, 1.0) == [b"x"]
+        got, ack = await asyncio.wait_for(waiter, 1.0)
+        assert got == [b"x"]  # "early" was acknowledged by this poll: gone
+        assert await box.take("n", 0, ack) == ([], ack)
         for i in range(200):
             box.put("m", bytes([i % 256]))
-        assert len(await box.take("m", 0)) == 64
-        assert await box.take("empty", 0.01) == []
+        assert len((await box.take("m", 0))[0]) == 64
+        assert await box.take("empty", 0.01) == ([], 0)
+
+    asyncio.run(main())
+
+
+def test_mailbox_keeps_signals_a_dead_poller_took_for_its_successor():
+    """A long poll of a daemon that has stopped wakes with the signal meant for the restarted
+    daemon; the signal stays until a poll acknowledges it, so the new daemon still gets it."""
+    async def main():
+        box = Mailbox()
+        stale = asyncio.ensure_future(box.take("n", 5.0))
+        await asyncio.sleep(0.01)
+        box.put("n", b"offer")
+        assert (await asyncio.wait_for(stale, 1.0))[0] == [b"offer"]  # the answer goes nowhere
+        got, ack = await box.take("n", 0.0)  # the new incarnation starts from ack 0
+        assert got == [b"offer"]
+        box.put("n", b"second")
+        assert (await box.take("n", 0.0, ack))[0] == [b"second"]
 
     asyncio.run(main())
 
