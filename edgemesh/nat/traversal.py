@@ -47,7 +47,7 @@ RELAY_AFTER = 0.35
 HELLO_TIMEOUT = 3.0
 POLL_WAIT = 8.0
 KEEPALIVE_EVERY = 1.0  # also what holds the NAT mappings open
-SILENCE_LIMIT = 12.0  # a channel with no traffic for this long is dead (SCTP retransmits back off to seconds)
+SILENCE_LIMIT = 5.0  # a channel with no traffic for this long is dead: keep-alives arrive every second each way
 BACKOFF = (0.2, 5.0)  # retry delay after a failed session: first, max
 UPGRADE_EVERY = (3.0, 60.0)  # relayed pairs try to punch: first delay, max
 
