@@ -150,15 +150,59 @@ class NatBed:
         devices = list(self.started)
         st = self.wait_connected(devices, timeout=30, after=t0, settle=2.0, renewed=device)
         mine = self.links_by_name(st[device])
+
+        def back_at(link: dict[str, Any]) -> float:
+            """The first path after the restart (a better one may have replaced it since)."""
+            return min((t for t, path in link.get("history") or () if path and t >= t0), default=link["since"])
+
         pairs = []
         for o in devices:
             if o != device:
                 theirs = self.links_by_name(st[o])[device]
                 pairs.append({"peer": o, "path_ab": mine[o].get("path"), "path_ba": theirs.get("path"),
-                              "seconds": round(max(mine[o]["since"], theirs["since"]) - t0, 3)})
+                              "seconds": round(max(back_at(mine[o]), back_at(theirs)) - t0, 3)})
         started = st[device].get("daemon_started")
         return {"device": device, "seconds": max(p["seconds"] for p in pairs), "pairs": pairs,
                 "daemon_started_after": None if not started else round(started - t0, 3)}
+
+    def cut_udp(self, site: str, other: str, on: bool) -> None:
+        """Drop (``on``) or stop dropping all UDP between two sites' public addresses at ``site``'s
+        router: a punched path between them breaks; the relay through the public coturn stays."""
+        import subprocess
+
+        table = f"{self.names.nat_table}_cut"
+        far = self.plan.router_wan(other)
+        rules = (f"table ip {table} {{\n chain cut {{\n  type filter hook forward priority -10; policy accept;\n"
+                 f"  ip daddr {far} meta l4proto udp drop\n  ip saddr {far} meta l4proto udp drop\n }}\n}}\n"
+                 if on else f"delete table ip {table}\n")
+        res = subprocess.run(["ip", "netns", "exec", self.names.router_ns(site), "nft", "-f", "-"], input=rules.encode(), check=False,
+                             capture_output=True, timeout=10)
+        if res.returncode != 0:
+            raise EdgemeshError(f"nft in {self.names.router_ns(site)}: {res.stderr.decode(errors='replace').strip()}")
+
+    def wait_path(self, a: str, b: str, paths: tuple[str, ...], timeout: float) -> float:
+        """Seconds until the a-b pair uses one of ``paths`` both ways (polled every 0.25 s)."""
+        t0 = time.monotonic()
+        while True:
+            st = self.statuses([a, b])
+            if (self.links_by_name(st[a]).get(b) or {}).get("path") in paths and \
+                    (self.links_by_name(st[b]).get(a) or {}).get("path") in paths:
+                return time.monotonic() - t0
+            if time.monotonic() - t0 > timeout:
+                raise EdgemeshError(f"{a}-{b} did not reach {'/'.join(paths)} within {timeout:.0f} s")
+            time.sleep(0.25)
+
+    def fallback(self, a: str, b: str) -> dict[str, Any]:
+        """Break the punched path of a-b: seconds until the pair is relayed; heal it: seconds until
+        it is punched again (the relayed pair's background upgrade)."""
+        site_a, site_b = self.scenario.device(a).site, self.scenario.device(b).site
+        self.cut_udp(site_a, site_b, True)
+        try:
+            relayed = self.wait_path(a, b, ("relayed",), 60)
+        finally:
+            self.cut_udp(site_a, site_b, False)
+        punched = self.wait_path(a, b, ("punched",), 120)
+        return {"pair": [a, b], "relayed_after_cut_s": round(relayed, 2), "punched_after_heal_s": round(punched, 2)}
 
     def link_test(self, a: str, b: str, nbytes: int, pings: int = 10) -> dict[str, Any]:
         st = self.status(a)
@@ -241,6 +285,12 @@ def bench_join(
                             per_path[path] = {"error": str(exc)[-300:], "rtt_ms": float("nan"),
                                               "mbytes_per_s": 0.0, "bytes": mib * 2**20, "intact": False}
                         per_path[path]["pair"] = [a, b]
+            punched = next(((a, b) for a, s in statuses.items() for b, link in NatBed.links_by_name(s).items()
+                            if link.get("path") == "punched" and bed.nat_of(a) != "none" and bed.nat_of(b) != "none"), None)
+            fallback = None
+            if punched is not None:  # the bootstrap runs coturn (init --turn): the relay is there
+                st.update(f"cutting the punched path {punched[0]}-{punched[1]}…")
+                fallback = bed.fallback(*punched)
             natted = [d.name for d in bed.scenario.devices[1:] if bed.nat_of(d.name) not in ("none", "symmetric")]
             restarted = natted[-1] if natted else None
             restart = None
@@ -262,6 +312,7 @@ def bench_join(
                       "bytes": v["bytes"], "intact": v["intact"], **({"error": v["error"]} if "error" in v else {})}
                   for k, v in per_path.items()},
         "restart": restart,
+        "fallback": fallback,
         "targets": {"max_seconds_cone": 2.0, "max_seconds_symmetric": 3.0, "restart_seconds": 5.0},
         "measured_from": "start of each device's `edgemesh join` command (CLI start, join handshake, daemon start)",
     }
@@ -280,6 +331,9 @@ def bench_join(
     Console().print(t2)
     console.print(f"max seconds: cone/restricted {result['max_seconds_cone']} (target < 2), symmetric "
                   f"{result['max_seconds_symmetric']} (target < 3)")
+    if fallback:
+        console.print(f"punched path {'-'.join(fallback['pair'])} cut: relayed after {fallback['relayed_after_cut_s']} s; "
+                      f"healed: punched again after {fallback['punched_after_heal_s']} s")
     if restart:
         slowest = max(restart["pairs"], key=lambda p: p["seconds"])
         console.print(f"{restarted} restarted: every pair with it back after {restart['seconds']:.2f} s (target < 5); "

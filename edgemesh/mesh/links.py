@@ -3,7 +3,9 @@
 ``path`` is how *this* node's calls reach the peer: ``lan`` / ``direct`` (zmq to the advertised
 address), ``punched`` (ICE through the NATs), ``relayed`` (ICE through TURN), or ``None`` while
 no path works. ``since`` is when the current path came up, ``connected_at`` when the peer was
-first reachable at all (join-to-connected is measured from it).
+first reachable at all (join-to-connected is measured from it), ``history`` the last path
+changes with their times (a restarted peer is back at the first path after its restart, even if
+a better path replaces that one a moment later).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ RTT_ALPHA = 0.2  # EWMA weight of a new RTT sample
 # The minimum over recent samples estimates the path's own latency: every delay on top of it
 # (a busy event loop, a CPU quota) only ever adds. 20 heartbeats ≈ 10 s.
 RTT_WINDOW = 20
+HISTORY = 8  # path changes kept per peer
 PATHS = ("lan", "direct", "punched", "relayed")
 
 
@@ -30,6 +33,7 @@ class Link:
     connected_at: float | None = None
     probed_at: float = 0.0
     changes: int = 0
+    history: deque[tuple[float, str | None]] = field(default_factory=lambda: deque(maxlen=HISTORY))
 
 
 class LinkTable:
@@ -51,6 +55,7 @@ class LinkTable:
         if link.path == path and not (fresh and path is not None):
             return
         link.path, link.since, link.changes = path, time.time(), link.changes + 1
+        link.history.append((link.since, path))
         link.rtt_ms = link.mbps = None
         link.recent_rtt.clear()
         link.probed_at = 0.0
@@ -92,4 +97,4 @@ class LinkTable:
         return {"path": link.path, "rtt_ms": None if link.rtt_ms is None else round(link.rtt_ms, 3),
                 "rtt_min_ms": None if rtt_min is None else round(rtt_min, 3),
                 "mbps": link.mbps, "since": link.since, "connected_at": link.connected_at,
-                "changes": link.changes}
+                "changes": link.changes, "history": [[t, p] for t, p in link.history]}

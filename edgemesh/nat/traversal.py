@@ -171,7 +171,10 @@ class Traversal:
     def _relay_soon(self, peer: str, connecting: asyncio.Future[Any]) -> None:
         """Happy eyeballs: if the punch is not through ICE in ``RELAY_AFTER``, relay beside it."""
         def fire() -> None:
-            if not connecting.done() and self._can_relay() and peer not in self._channels:
+            # Not when the peer's own relayed offer is being answered: ours would collide with it
+            # (glare) and could cancel a relayed session that is nearly up.
+            if (not connecting.done() and self._can_relay() and peer not in self._channels
+                    and (peer, True) not in self._answering):
                 self._start_offer(peer, relay=True)
 
         handle = asyncio.get_running_loop().call_later(RELAY_AFTER, fire)
@@ -353,9 +356,15 @@ class Traversal:
 
     # ---- signalling --------------------------------------------------------------
     async def _deliver(self, peer: str, signal: bytes) -> None:
-        """Drop ``signal`` for ``peer`` at every member that may relay it (duplicates are harmless)."""
+        """Drop ``signal`` for ``peer`` at every member that may relay it (duplicates are harmless).
+
+        Members not probed yet count as relays: a daemon that has just started sends its first
+        offers before its probes have told it which members it reaches, and an offer left only
+        in its own mailbox is lost (the pair then waits out the answer timeout). Deliveries run
+        beside the session: a slow or unreachable relay does not hold up the others.
+        """
         self.mailbox.put(peer, signal)  # in case the peer polls us
-        relays = [link for link in self.peers.clients() if link.direct]
+        relays = [link for link in self.peers.clients() if link.direct is not False]
 
         async def one(link: PeerLink) -> None:
             try:
@@ -363,7 +372,8 @@ class Traversal:
             except EdgemeshError as exc:
                 log.debug("relay %s did not take a signal: %s", link.node_id, exc)
 
-        await asyncio.gather(*(one(link) for link in relays))
+        for link in relays:
+            self._spawn(one(link))
 
     async def _poll(self, relay: PeerLink) -> None:
         ack = 0  # the relay keeps each signal until a later poll acknowledges it

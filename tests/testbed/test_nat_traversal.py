@@ -117,20 +117,6 @@ asyncio.run(main())
     assert _paths(bed)["c1"]["r1"] == "punched"  # the real pair is untouched
 
 
-def _cut(bed, site: str, other: str, on: bool) -> None:
-    """Drop (or stop dropping) all UDP between two sites' public addresses at ``site``'s router:
-    the punched path between them breaks, the relay through the public coturn stays."""
-    import subprocess
-
-    table = "emtest_cut"
-    far = bed.plan.router_wan(other)
-    rules = (f"table ip {table} {{\n chain cut {{\n  type filter hook forward priority -10; policy accept;\n"
-             f"  ip daddr {far} meta l4proto udp drop\n  ip saddr {far} meta l4proto udp drop\n }}\n}}\n"
-             if on else f"delete table ip {table}\n")
-    subprocess.run(["ip", "netns", "exec", bed.names.router_ns(site), "nft", "-f", "-"], input=rules.encode(),
-                   check=True, capture_output=True, timeout=10)
-
-
 def test_a_broken_punched_path_falls_back_to_the_relay_without_losing_the_rpc_then_upgrades(bed):
     """Mid-transfer, the UDP between c1's and r1's sites is cut: the pair moves to the relay,
     the request in flight is re-sent there (at-least-once with dedup by request id) and arrives intact;
@@ -141,7 +127,7 @@ def test_a_broken_punched_path_falls_back_to_the_relay_without_losing_the_rpc_th
     with ThreadPoolExecutor(1) as pool:
         transfer = pool.submit(bed.link_test, "c1", "r1", 6 * 2**20, 1)
         time.sleep(1.5)  # the transfer is under way (punched: ~2 MB/s)
-        _cut(bed, "cone", "restr", True)
+        bed.cut_udp("cone", "restr", True)
         cut_at = time.monotonic()
         try:
             res = transfer.result(timeout=120)
@@ -149,7 +135,7 @@ def test_a_broken_punched_path_falls_back_to_the_relay_without_losing_the_rpc_th
             assert res["intact"], res
             print(f"transfer finished over the relay {time.monotonic() - cut_at:.1f} s after the cut")
         finally:
-            _cut(bed, "cone", "restr", False)
+            bed.cut_udp("cone", "restr", False)
     deadline = time.monotonic() + 60
     while _paths(bed)["c1"]["r1"] != "punched":
         assert time.monotonic() < deadline, "the relayed pair did not punch again after the path came back"

@@ -101,6 +101,22 @@ def test_link_table_keeps_the_minimum_of_recent_rtts_for_the_planner():
     assert t.to_json("p")["rtt_min_ms"] == 2.0
 
 
+def test_link_table_keeps_recent_path_changes_with_their_times():
+    from edgemesh.mesh.links import HISTORY, LinkTable
+
+    t = LinkTable()
+    for path in ["relayed", "punched", None, "relayed"]:
+        t.set_path("p", path)
+    t.set_path("p", "relayed")  # no change: not recorded
+    j = t.to_json("p")
+    assert [p for _, p in j["history"]] == ["relayed", "punched", None, "relayed"]
+    times = [ts for ts, _ in j["history"]]
+    assert times == sorted(times) and times[-1] == j["since"]
+    for _ in range(2 * HISTORY):
+        t.set_path("p", "punched", fresh=True)
+    assert len(t.to_json("p")["history"]) == HISTORY
+
+
 def test_ranks_sharing_a_machine_get_disjoint_cores_only_when_there_are_enough():
     from edgemesh.runtime.launch import cpu_slots
 

@@ -279,3 +279,37 @@ def test_a_punched_channel_replaces_a_relayed_one_never_the_reverse():
         await t.close()
 
     asyncio.run(main())
+
+
+def test_signals_go_to_every_member_that_may_relay_them_without_waiting_for_the_slow():
+    """Unprobed members (``direct is None``, as just after a restart) relay signals too; members
+    known unreachable do not; a relay that never answers holds up nothing."""
+    from edgemesh.nat.traversal import Traversal
+
+    async def main():
+        me = NodeKey.generate()
+        calls = []
+
+        class Client:
+            def __init__(self, name, hang=False):
+                self.name, self.hang = name, hang
+
+            async def call(self, method, body, timeout):
+                calls.append((self.name, method, body["to"]))
+                if self.hang:
+                    await asyncio.sleep(3600)
+                return {"active": True}, []
+
+        links = [type("L", (), {"node_id": n, "direct": d, "client": Client(n, hang=n == "slow")})()
+                 for n, d in (("probed", True), ("unprobed", None), ("natted", False), ("slow", True))]
+        peers = type("Peers", (), {"get": lambda self, node: None, "clients": lambda self: links})()
+        t = Traversal(me, CLUSTER, peers, lambda node: None, lambda key: None, lambda: (None, None), None,
+                      lambda node: asyncio.sleep(0))
+        await asyncio.wait_for(t._deliver("target", b"signal"), 0.5)
+        await asyncio.sleep(0.05)
+        assert sorted(name for name, _, _ in calls) == ["probed", "slow", "unprobed"]
+        assert all(m == "nat.signal" and to == "target" for _, m, to in calls)
+        assert (await t.mailbox.take("target", 0))[0] == [b"signal"]  # and kept here, should it poll us
+        await t.close()
+
+    asyncio.run(main())
