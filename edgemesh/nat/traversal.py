@@ -360,20 +360,27 @@ class Traversal:
 
         Members not probed yet count as relays: a daemon that has just started sends its first
         offers before its probes have told it which members it reaches, and an offer left only
-        in its own mailbox is lost (the pair then waits out the answer timeout). Deliveries run
-        beside the session: a slow or unreachable relay does not hold up the others.
+        in its own mailbox is lost (the pair then waits out the answer timeout). Returns once one
+        relay has taken the signal (or all have failed): starting ICE checks before the signal is
+        out slowed the relayed pair's set-up by ~0.5 s on a 0.5-core device; a slow or unreachable
+        relay holds up nothing, its delivery goes on in the background.
         """
         self.mailbox.put(peer, signal)  # in case the peer polls us
         relays = [link for link in self.peers.clients() if link.direct is not False]
 
-        async def one(link: PeerLink) -> None:
+        async def one(link: PeerLink) -> bool:
             try:
                 await link.client.call("nat.signal", {"to": peer, "signal": signal}, timeout=2.0)
+                return True
             except EdgemeshError as exc:
                 log.debug("relay %s did not take a signal: %s", link.node_id, exc)
+                return False
 
-        for link in relays:
-            self._spawn(one(link))
+        pending = {self._spawn(one(link)) for link in relays}
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            if any(not t.cancelled() and t.result() for t in done):
+                return
 
     async def _poll(self, relay: PeerLink) -> None:
         ack = 0  # the relay keeps each signal until a later poll acknowledges it
