@@ -319,15 +319,17 @@ def status(
     out.print(t)
     if links:
         lt = Table(title="links from this node (path: lan | direct | punched | relayed)")
-        for col in ("peer", "path", "RTT ms", "Mbit/s", "since", "changes"):
+        for col in ("peer", "path", "RTT ms", "Mbit/s", "since", "changes", "before (newest first)"):
             lt.add_column(col)
         for m in data["members"]:
             link = m.get("links") or {}
             if link:
                 rtt, mbps = link.get("rtt_ms"), link.get("mbps")
+                earlier = [p or "none" for _, p in (link.get("history") or [])[-4:-1]][::-1]
                 lt.add_row(m["name"], link.get("path") or "[red]none[/]", "-" if rtt is None else f"{rtt:.2f}",
                            "-" if mbps is None else f"{mbps:.1f}",
-                           time.strftime("%H:%M:%S", time.localtime(link.get("since", 0))), str(link.get("changes", 0)))
+                           time.strftime("%H:%M:%S", time.localtime(link.get("since", 0))), str(link.get("changes", 0)),
+                           ", ".join(earlier) or "-")
         out.print(lt)
         nat = data.get("nat") or {}
         if nat:

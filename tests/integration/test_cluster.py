@@ -40,6 +40,12 @@ def test_cluster_up_status_down_via_cli_leaves_nothing_behind(tmp_path):
         assert [m["state"] for m in data["members"]] == ["alive"] * 3
         for m in data["members"]:
             assert set(m) >= {"id", "name", "state", "addresses", "profile", "links"}
+        # The human view with the link table: every peer on the loopback is a LAN path.
+        table = run_cli("status", "--links", home=home)
+        assert table.returncode == 0, table.stderr
+        peers = [m["name"] for m in data["members"] if not m.get("self")]
+        rows = [line for line in table.stdout.splitlines() if any(f" {n} " in line for n in peers) and " lan " in line]
+        assert "before (newest first)" in table.stdout and len(rows) >= len(peers), table.stdout
         cdir = home / "local-cluster"
         assert cdir.exists()
     finally:
