@@ -3,7 +3,7 @@
 Members behind NAT cannot be called, but they can call out: each one long-polls the members it
 reaches directly (``nat.poll``), and anyone can drop a signal for it there (``nat.signal``).
 Signals are opaque, signed bytes: the mailbox neither reads nor vouches for them. Bounded per
-recipient and by age, so a flood costs memory only up to a cap.
+recipient, in recipients and by age, so a flood costs memory only up to a cap.
 
 Delivery is acknowledged, not drain-on-read: a poll returns every queued signal newer than the
 sequence number the poller acknowledges, and only an acknowledgement removes them. A long poll
@@ -19,6 +19,7 @@ import time
 from collections import deque
 
 MAX_QUEUED = 64  # per recipient; the oldest go first
+MAX_RECIPIENTS = 1024  # queues kept at once; the one written to longest ago goes first
 MAX_AGE = 20.0  # seconds a signal waits for its recipient
 ACTIVE_FOR = 15.0  # a recipient that polled this recently is "listening here"
 
@@ -33,9 +34,14 @@ class Mailbox:
     def put(self, to: str, signal: bytes) -> bool:
         """Queue ``signal`` for ``to``; True if ``to`` is polling here (it will get it soon)."""
         self._seq += 1
-        q = self._queues.setdefault(to, deque(maxlen=MAX_QUEUED))
+        q = self._queues.pop(to, None) or deque(maxlen=MAX_QUEUED)
+        self._queues[to] = q  # re-inserted: the dict's order is the order of last writes
+        while len(self._queues) > MAX_RECIPIENTS:
+            del self._queues[next(iter(self._queues))]
         q.append((time.monotonic(), self._seq, signal))
-        self._event(to).set()
+        ev = self._events.get(to)  # only pollers (members) get an event: puts cannot grow this
+        if ev is not None:
+            ev.set()
         return self.active(to)
 
     def active(self, node: str) -> bool:

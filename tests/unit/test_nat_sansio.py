@@ -150,6 +150,23 @@ def test_mailbox_long_poll_and_bounds():
     asyncio.run(main())
 
 
+def test_mailbox_bounds_the_number_of_recipients():
+    from edgemesh.nat.mailbox import MAX_RECIPIENTS
+
+    async def main():
+        box = Mailbox()
+        box.put("member", b"for a member")
+        for i in range(MAX_RECIPIENTS + 10):  # a member naming made-up recipients
+            box.put(f"nobody{i}", b"x")
+            if i == 100:
+                box.put("member", b"again")  # written again: among the newest 1024 recipients, kept
+        assert len(box._queues) == MAX_RECIPIENTS and not box._events
+        assert (await box.take("nobody0", 0))[0] == []  # the recipient written longest ago went first
+        assert (await box.take("member", 0))[0] == [b"for a member", b"again"]
+
+    asyncio.run(main())
+
+
 def test_mailbox_keeps_signals_a_dead_poller_took_for_its_successor():
     """A long poll of a daemon that has stopped wakes with the signal meant for the restarted
     daemon; the signal stays until a poll acknowledges it, so the new daemon still gets it."""
