@@ -7,10 +7,13 @@ import socket
 import threading
 from pathlib import Path
 
+import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from edgemesh.collective.base import LocalCollective
 from edgemesh.llm.build import load_from_store
+from edgemesh.llm.generate import generate
+from edgemesh.llm.model import Participant
 from edgemesh.llm.tokenizer import ChatTokenizer
 from edgemesh.runtime.api import ApiServer, serve
 from edgemesh.runtime.engine import Engine
@@ -23,6 +26,16 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+
+
+def prefill_and_generate(m: Participant, prompts: list[list[int]], n: int) -> list[tuple[torch.Tensor, list[int]]]:
+    """Per prompt: the prefill logits and ``n`` greedy tokens (what split-vs-reference tests compare)."""
+    res = []
+    for ids in prompts:
+        with torch.inference_mode():
+            logits = m.forward(torch.tensor([ids]), 0)
+        res.append((logits, list(generate(m, ids, n))))
+    return res
 
 
 def tiny_tokenizer(end_tokens: bool = True) -> ChatTokenizer:

@@ -27,6 +27,8 @@ from edgemesh.weights.gguf_import import import_gguf
 from edgemesh.weights.shard import ShardSpec
 from edgemesh.weights.store import ModelEntry, ModelStore
 
+from .llm_fixtures import prefill_and_generate
+
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 N = 32
@@ -101,12 +103,7 @@ def test_int8_three_ranks_match_one(entries: tuple[ModelEntry, ModelEntry], monk
     prompts = _prompts(q8)
 
     def run(m: Participant) -> list[tuple[torch.Tensor, list[int]]]:
-        res = []
-        for ids in prompts:
-            with torch.inference_mode():
-                pre = m.forward(torch.tensor([ids]), 0)
-            res.append((pre, list(generate(m, ids, N))))
-        return res
+        return prefill_and_generate(m, prompts, N)
 
     def build(coll: Collective) -> Participant:
         return load_from_store(q8, specs[coll.rank], coll, max_seq_len=256)

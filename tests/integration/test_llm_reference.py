@@ -14,7 +14,6 @@ import torch
 from edgemesh.collective.base import Collective, LocalCollective
 from edgemesh.errors import ConfigError
 from edgemesh.llm.build import load_from_store
-from edgemesh.llm.generate import generate
 from edgemesh.llm.model import Participant
 from edgemesh.llm.threaded import run_thread_group
 from edgemesh.llm.tokenizer import ChatTokenizer
@@ -23,6 +22,8 @@ from edgemesh.weights.bundled import bundled_path
 from edgemesh.weights.gguf_import import import_gguf
 from edgemesh.weights.shard import ShardSpec
 from edgemesh.weights.store import ModelEntry, ModelStore
+
+from .llm_fixtures import prefill_and_generate
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -85,12 +86,7 @@ def _run(entry: ModelEntry, world: int, prompts: list[list[int]]) -> list[tuple[
         return load_from_store(entry, specs_by_rank[coll.rank], coll, max_seq_len=256)
 
     def master(m: Participant) -> list[tuple[torch.Tensor, list[int]]]:
-        res = []
-        for ids in prompts:
-            with torch.inference_mode():
-                logits = m.forward(torch.tensor([ids]), 0)
-            res.append((logits, list(generate(m, ids, N))))
-        return res
+        return prefill_and_generate(m, prompts, N)
 
     if world == 1:
         return master(build(LocalCollective()))
