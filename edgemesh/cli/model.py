@@ -230,8 +230,9 @@ def plan_cmd(
     names: dict[str, str] = {}
     source = f"{nodes or 1} identical device(s) of {gflops:g} GFLOP/s" if not files else "device profile files"
     live = None if files or uniform else _live_cluster(state_dir, nodes)
+    left_out: list[str] = []
     if live is not None:
-        members, devs, links = live
+        members, devs, links, left_out = live
         names = {m["id"]: m["name"] for m in members}
         source = "the running cluster's measured profiles and links"
     elif not files:
@@ -241,6 +242,7 @@ def plan_cmd(
         devs = uniform_devices(n, gflops=gflops, mem_bytes=psutil.virtual_memory().total // n,
                                mem_bw_gbps=10.0)
     p = plan(entry.config, devs, links, model=entry.name, context_len=context, dtype_bytes=entry.param_bytes)
+    p.notes = left_out + p.notes  # members that cannot share a group with this node, then the planner's
     if as_json:
         print(json.dumps(p.to_json(), indent=1))
         return

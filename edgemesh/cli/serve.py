@@ -77,6 +77,8 @@ async def _deploy(state_dir, model, store, opts):  # type: ignore[no-untyped-def
     status.stop()
     deployment.progress = lambda msg: err.print(msg)
     err.print(_plan_table(deployment))
+    for note in deployment.left_out:
+        err.print(f"[yellow]note[/] {note}")
     return deployment
 
 

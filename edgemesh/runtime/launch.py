@@ -50,6 +50,38 @@ class LaunchOptions:
     ready_timeout: float = 300.0
 
 
+# Paths on which a TCP connection opens from either side: what the collective (higher ranks dial
+# lower ones), the job server and `llm.start` need. A punched or relayed pair has only its ICE
+# channel, a control path; tensor parallelism, two allreduces per layer, stays on direct links
+# (ARCHITECTURE.md: tensor-parallel groups only inside low-latency islands).
+DIRECT_PATHS = ("lan", "direct")
+PathMap = dict[str, dict[str, str | None]]  # paths[a][b]: how a reaches b ("lan", "punched", ...; None = none yet)
+
+
+def direct_island(members: list[dict[str, Any]], me: str, paths: PathMap) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """The alive members that can share a tensor-parallel group with ``me``: taken in name
+    order, each joins if it and every member taken before (``me`` first) reach each other
+    directly, both ways. Returns (members kept, in input order, with the dead ones; the reason
+    per left-out member id)."""
+    def why_not(a: dict[str, Any], b: dict[str, Any]) -> str | None:
+        for x, y in ((a, b), (b, a)):
+            path = paths.get(x["id"], {}).get(y["id"])
+            if path not in DIRECT_PATHS:
+                return f"{x['name']} reaches {y['name']} {'over no path yet' if path is None else f'only {path}'}"
+        return None
+
+    alive = {m["id"]: m for m in members if m["state"] == "alive"}
+    kept = [alive[me]] if me in alive else []
+    left: dict[str, str] = {}
+    for m in sorted((m for m in alive.values() if m["id"] != me), key=lambda m: (m["name"], m["id"])):
+        reason = next((r for r in (why_not(k, m) for k in kept) if r), None)
+        if reason is None:
+            kept.append(m)
+        else:
+            left[m["id"]] = reason
+    return [m for m in members if m["id"] not in left], left
+
+
 def choose_members(members: list[dict[str, Any]], me: str, opts: LaunchOptions,
                    degraded: bool = False) -> list[dict[str, Any]]:
     """This node first (it is the master), then the others by name. ``degraded`` (after a
@@ -145,31 +177,78 @@ def devices_and_links(members: list[dict[str, Any]]) -> tuple[list[Device], list
     return devices, links
 
 
-async def members_with_profiles(state: StateDir, options: LaunchOptions, excluded: set[str] | frozenset[str] = frozenset(),
-                                wait: float = 10.0) -> list[dict[str, Any]]:
+async def member_paths(transport: ZmqTransport, status: dict[str, Any], timeout: float = 2.0) -> PathMap:
+    """How each alive member reaches the others: ours from our daemon's ``status``, theirs from
+    their own (asked directly, so only members we reach directly; the rest cannot join a group
+    with us anyway). A member that does not answer contributes nothing."""
+    me = status["node"]
+    paths: PathMap = {me: {m["id"]: (m.get("links") or {}).get("path") for m in status["members"] if m["id"] != me}}
+    sender = bytes.fromhex(me)
+
+    async def ask(m: dict[str, Any]) -> None:
+        with contextlib.suppress(EdgemeshError, KeyError, TypeError, ValueError):
+            async with rpc_session(transport, m["addresses"][0], curve_public_for(bytes.fromhex(m["key"])), sender) as client:
+                reply, _ = await client.call("status", {}, timeout=timeout)
+            paths[m["id"]] = {x["id"]: (x.get("links") or {}).get("path") for x in reply["members"] if not x.get("self")}
+
+    await asyncio.gather(*(ask(m) for m in status["members"]
+                           if m["id"] != me and m["state"] == "alive" and paths[me].get(m["id"]) in DIRECT_PATHS))
+    return paths
+
+
+async def members_with_profiles(state: StateDir, transport: ZmqTransport, options: LaunchOptions,
+                                excluded: set[str] | frozenset[str] = frozenset(),
+                                wait: float = 10.0, wait_paths: float = 3.0) -> tuple[list[dict[str, Any]], list[str]]:
     """The members a launch from ``state`` would use (master first), once each has published
-    its device profile (a member that just started needs a moment for its record to reach us)."""
-    deadline = time.monotonic() + wait
+    its device profile (a member that just started needs a moment for its record to reach us),
+    and notes on the members left out because they cannot share a group with us (see
+    ``direct_island``; paths not known yet are waited for up to ``wait_paths`` seconds)."""
+    start = time.monotonic()
+    degraded = bool(excluded)
     while True:
         status = await control_call(state, "status")
         members = [m for m in status["members"] if m["id"] not in excluded]
-        chosen = choose_members(members, status["node"], options, degraded=bool(excluded))
+        paths = await member_paths(transport, status)
+        kept, left = direct_island(members, status["node"], paths)
+        alive = [m["id"] for m in members if m["state"] == "alive"]
+        unknown = any(paths[x].get(y) is None for x in paths for y in alive if y != x)
+        if unknown and time.monotonic() - start < wait_paths:
+            await asyncio.sleep(0.3)
+            continue
+        names = {m["id"]: m["name"] for m in members}
+        for n in options.names if not degraded else ():
+            hit = [i for i in left if names[i] == n or i.startswith(n)]
+            if hit:
+                raise ConfigError(f"{n} cannot be in a tensor-parallel group with this node: {left[hit[0]]} "
+                                  f"(the group needs {' or '.join(DIRECT_PATHS)} links both ways; see README, Across NATs)")
+        notes = [f"{names[i]}: left out, {why}" for i, why in left.items()]
+        can = sum(m["state"] == "alive" for m in kept)
+        if left and options.nodes is not None and options.nodes > can and not degraded:
+            raise ConfigError("; ".join([f"--nodes {options.nodes}: only {can} member(s) can share a tensor-parallel "
+                                         "group with this node (direct links both ways)", *notes]))
+        chosen = choose_members(kept, status["node"], options, degraded=degraded)
         missing = [m["name"] for m in chosen if "mem_total" not in (m.get("profile") or {})]
         if not missing:
-            return chosen
-        if time.monotonic() > deadline:
+            return chosen, notes
+        if time.monotonic() - start > wait:
             raise EdgemeshError(f"no device profile from {', '.join(missing)} yet; is it running an older edgemesh?")
         await asyncio.sleep(0.2)
 
 
-async def live_devices(state: StateDir, options: LaunchOptions) -> tuple[list[dict[str, Any]], list[Device], list[Link]] | None:
+async def live_devices(state: StateDir, options: LaunchOptions) -> tuple[list[dict[str, Any]], list[Device], list[Link], list[str]] | None:
     """The members, devices and links a launch from ``state`` would plan with (measured
-    profiles and links), or None when no daemon runs there."""
+    profiles and links), and why members were left out; None when no daemon runs there."""
     if running_daemon(state) is None:
         return None
-    members = await members_with_profiles(state, options)
+    key, _ = state.load_identity()
+    transport = ZmqTransport(key)
+    transport.start()
+    try:
+        members, notes = await members_with_profiles(state, transport, options)
+    finally:
+        await transport.aclose()
     devices, links = devices_and_links(members)
-    return members, devices, links
+    return members, devices, links, notes
 
 
 class Deployment:
@@ -189,6 +268,7 @@ class Deployment:
         self._server_task: asyncio.Task[None] | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.excluded: set[str] = set()
+        self.left_out: list[str] = []  # members that cannot share a group with this node, and why
         self.cpu_slot: tuple[int, int] | None = None
         self.threads0 = 0  # torch threads of the master's compute thread; 0 = torch's default
         self._default_threads = torch.get_num_threads()
@@ -287,7 +367,8 @@ class Deployment:
         pin_to_slot(None)
 
     async def _members_with_profiles(self) -> list[dict[str, Any]]:
-        return await members_with_profiles(self.state, self.options, self.excluded)
+        members, self.left_out = await members_with_profiles(self.state, self.transport, self.options, self.excluded)
+        return members
 
     def _master_model(self, the_plan: Plan, collective: Any, refs: dict | None = None) -> Participant:
         specs = the_plan.specs_for(0)

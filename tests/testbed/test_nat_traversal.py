@@ -63,6 +63,35 @@ def test_every_pair_connected_with_the_paths_the_nats_allow(bed):
     assert paths["s1"]["p1"] == "relayed" and paths["p1"]["s1"] == "relayed"
 
 
+def test_tensor_parallel_plans_stay_off_natted_pairs(bed, tmp_path):
+    """No pair here has a direct path both ways (every pair has a NAT in it), so a plan from c1
+    keeps the model on c1 and says why each member was left out; asking for two devices is a
+    clean error with the same reasons, not a group that could never form."""
+    import subprocess
+    import sys
+
+    store = str(tmp_path / "models")
+    subprocess.run([sys.executable, "-m", "edgemesh.cli", "model", "synth", "--layers", "2", "--hidden", "64",
+                    "--heads", "4", "--vocab", "256", "--name", "tiny", "--store", store],
+                   check=True, capture_output=True, timeout=120)
+    paths = _paths(bed)
+    out = json.loads(bed.em("c1", "plan", "tiny", "--store", store, "--state-dir", bed.state_dir("c1"), "--json",
+                            timeout=60))
+    assert [d["id"] for d in out["devices"]] == [bed.status("c1")["node"]]
+    for other in ("pub1", "r1", "p1", "s1"):
+        why = f"c1 reaches {other} only {paths['c1'][other]}" if paths["c1"][other] != "direct" \
+            else f"{other} reaches c1 only {paths[other]['c1']}"
+        assert f"{other}: left out, {why}" in out["notes"], out["notes"]
+    from edgemesh.testbed.lifecycle import run_in_device
+
+    res = run_in_device(bed.scenario, bed.names, bed.caps, "c1",
+                        ["edgemesh", "plan", "tiny", "--store", store, "--state-dir", bed.state_dir("c1"), "--nodes", "2"],
+                        capture=True, timeout=60)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr  # 2: a usage/config error
+    assert "--nodes 2: only 1 member(s) can share a tensor-parallel group" in res.stderr, res.stderr
+    assert "pub1: left out" in res.stderr, res.stderr
+
+
 def test_every_join_is_timed_per_pair(bed):
     """`bench join` reports these per pair; the issue's targets (< 2 s / < 3 s from the join
     command) are benchmark figures, checked there, not here. Here: each joined device has a

@@ -151,3 +151,31 @@ def test_pinning_splits_the_allowed_cores_and_can_be_undone():
     else:
         assert got["mine"] == got["seen"] == _ALLOWED[k:2 * k]
     assert got["after"] == _ALLOWED
+
+
+def _paths(*pairs: tuple[str, str, str]) -> dict:
+    out: dict = {}
+    for a, b, path in pairs:
+        out.setdefault(a, {})[b] = path
+    return out
+
+
+def test_a_tensor_parallel_group_takes_only_members_that_reach_each_other_directly():
+    from edgemesh.runtime.launch import direct_island
+
+    # a1 is the master; b2 is on its LAN; c3 sits behind a NAT (punched from a1); node3 is dead.
+    paths = _paths(("a1", "b2", "lan"), ("b2", "a1", "lan"), ("a1", "c3", "punched"), ("c3", "a1", "direct"),
+                   ("b2", "c3", "punched"), ("c3", "b2", "punched"))
+    kept, left = direct_island(MEMBERS, "a1", paths)
+    assert [m["id"] for m in kept] == ["a1", "b2", "d4"]  # the dead one stays: choose_members drops it
+    assert left == {"c3": "node0 reaches node2 only punched"}
+    # Both directions count: b2 reaches a1 directly but a1 has no path to b2 yet.
+    paths["a1"]["b2"] = None
+    assert direct_island(MEMBERS, "a1", paths)[1]["b2"] == "node0 reaches node1 over no path yet"
+    # Pairs among the workers count too: c3 is direct with the master but only relayed with b2.
+    paths = _paths(*[(x, y, "direct") for x in ("a1", "b2", "c3") for y in ("a1", "b2", "c3") if x != y])
+    paths["c3"]["b2"] = "relayed"
+    kept, left = direct_island(MEMBERS, "a1", paths)
+    assert [m["id"] for m in kept] == ["a1", "b2", "d4"] and left == {"c3": "node2 reaches node1 only relayed"}
+    # Without any path information nobody but the master can be placed.
+    assert set(direct_island(MEMBERS, "a1", {})[1]) == {"b2", "c3"}
