@@ -206,7 +206,8 @@ def check(
                 "-" if r.want_mbit is None else f"{r.want_mbit:g}",
                 "-" if r.got_mbit is None else f"{r.got_mbit:.1f}" + (" (udp)" if r.method == "udp" else ""),
                 f"{r.want_loss_pct:g}%", "-" if r.got_loss_pct is None else f"{r.got_loss_pct:.2f}%",
-                "[green]ok[/]" if r.ok else "[red]" + "; ".join(r.problems) + "[/]",
+                ("[green]ok[/]" if r.ok else "[red]" + "; ".join(r.problems) + "[/]")
+                + (f" ({r.attempts} measurements)" if r.attempts > 1 else ""),
             )
         out.print(table)
         out.print("[green]all links within tolerance[/]" if ok else "[red]some links are out of tolerance[/]")

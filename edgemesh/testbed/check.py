@@ -27,6 +27,10 @@ LOSS_PACKETS = 2000
 RTT_PROBES = 30
 RTT_PROBES_JITTER = 150
 TCP_SECONDS = 2.0
+# A direction out of tolerance is measured once more before it counts: the emulation shares the
+# host's CPUs (other tests, CI), and a moment of contention is not a property of the link. A link
+# that is really misconfigured fails both times.
+ATTEMPTS = 2
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,7 @@ class LinkResult:
     got_loss_pct: float | None
     method: str = "tcp"
     ok: bool = False
+    attempts: int = 1
     problems: list[str] = field(default_factory=list)
 
 
@@ -164,9 +169,14 @@ def run_check(lay: Layout, state: StateFile, python: str,
         for t in todo:
             if on_link is not None:
                 on_link(t.link)
-            data = _client(python, t)
-            results.append(judge(t, _num(data.get("rtt_ms")), _num(data.get("mbit")), _num(data.get("loss_pct")),
-                                 str(data.get("method", "tcp"))))
+            for attempt in range(1, ATTEMPTS + 1):
+                data = _client(python, t)
+                res = judge(t, _num(data.get("rtt_ms")), _num(data.get("mbit")), _num(data.get("loss_pct")),
+                            str(data.get("method", "tcp")))
+                res.attempts = attempt
+                if res.ok:
+                    break
+            results.append(res)
     finally:
         probes = {r.pid: r.start_time for r in state.state.records[first_record:] if r.pid is not None}
         end_processes(probes, TeardownReport())

@@ -141,11 +141,36 @@ def _icmp_checksum(data: bytes) -> int:
     return ~total & 0xFFFF
 
 
+_TIMESPEC = struct.Struct("@qq")
+# Linux's SO_TIMESTAMPNS (= SCM_TIMESTAMPNS; asm-generic value, 64-bit time_t); Python does not export it.
+_SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
+
+
+def _stamped_socket(family: int, kind: int, proto: int = 0) -> socket.socket:
+    """A socket whose received packets carry the kernel's arrival time (SO_TIMESTAMPNS, as
+    ping uses): the RTT then excludes how long this process took to wake up, which on a busy
+    host is often more than the delay being measured."""
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
+    return sock
+
+
+def _recv_stamped(sock: socket.socket) -> tuple[bytes, float]:
+    """One packet and its arrival time on the ``time.time()`` clock (the kernel stamps with
+    CLOCK_REALTIME); the time of this call if the kernel gave none."""
+    data, ancdata, _, _ = sock.recvmsg(2048, socket.CMSG_SPACE(_TIMESPEC.size))
+    for level, kind, raw in ancdata:
+        if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS and len(raw) >= _TIMESPEC.size:
+            sec, nsec = _TIMESPEC.unpack_from(raw)
+            return data, sec + nsec / 1e9
+    return data, time.time()
+
+
 def measure_icmp_rtt(address: str, count: int, interval_s: float = 0.02, timeout_s: float = 1.0) -> list[float] | None:
-    """ICMP echo, answered by the far end's kernel: no user-space scheduling on that side.
-    Returns None when raw sockets are not allowed (not root)."""
+    """ICMP echo, answered by the far end's kernel: no user-space scheduling on that side, and
+    replies timed by our kernel on arrival. Returns None when raw sockets are not allowed (not root)."""
     try:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+        sock = _stamped_socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
     except PermissionError:
         return None
     ident = os.getpid() & 0xFFFF
@@ -153,20 +178,21 @@ def measure_icmp_rtt(address: str, count: int, interval_s: float = 0.02, timeout
     try:
         sock.connect((address, 0))
         for seq in range(count):
-            body = struct.pack("!d", time.monotonic()) + b"\0" * 48
+            body = b"\0" * 56
             header = struct.pack("!BBHHH", 8, 0, 0, ident, seq)
-            sock.send(struct.pack("!BBHHH", 8, 0, _icmp_checksum(header + body), ident, seq) + body)
-            sent = time.monotonic()
-            deadline = sent + timeout_s
+            packet = struct.pack("!BBHHH", 8, 0, _icmp_checksum(header + body), ident, seq) + body
+            sent = time.time()  # just before: the send itself is part of the path
+            sock.send(packet)
+            deadline = time.monotonic() + timeout_s
             while True:
                 left = deadline - time.monotonic()
                 if left <= 0 or not select.select([sock], [], [], left)[0]:
                     break
-                packet = sock.recv(2048)
-                icmp = packet[(packet[0] & 0x0F) * 4 :]  # raw sockets include the IP header
+                reply, arrived = _recv_stamped(sock)
+                icmp = reply[(reply[0] & 0x0F) * 4 :]  # raw sockets include the IP header
                 kind, _, _, got_ident, got_seq = struct.unpack("!BBHHH", icmp[:8])
                 if kind == 0 and got_ident == ident and got_seq == seq:
-                    samples.append((time.monotonic() - sent) * 1000.0)
+                    samples.append((arrived - sent) * 1000.0)
                     break
             time.sleep(interval_s)
     finally:
@@ -176,22 +202,22 @@ def measure_icmp_rtt(address: str, count: int, interval_s: float = 0.02, timeout
 
 def measure_rtt(target: tuple[str, int], count: int, interval_s: float = 0.02, timeout_s: float = 1.0) -> list[float]:
     """UDP echo through the probe server (fallback when ICMP raw sockets are not allowed)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock = _stamped_socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.connect(target)
     samples: list[float] = []
     try:
         for seq in range(count):
-            payload = _ECHO + struct.pack("!Id", seq, time.monotonic()) + b"\0" * 52
+            payload = _ECHO + struct.pack("!Id", seq, time.time()) + b"\0" * 52
             sock.send(payload)
             deadline = time.monotonic() + timeout_s
             while True:
                 left = deadline - time.monotonic()
                 if left <= 0 or not select.select([sock], [], [], left)[0]:
                     break  # lost: not an RTT sample (loss is measured separately)
-                data = sock.recv(2048)
+                data, arrived = _recv_stamped(sock)
                 got_seq, sent = struct.unpack("!Id", data[1:13])
                 if got_seq == seq:
-                    samples.append((time.monotonic() - sent) * 1000.0)
+                    samples.append((arrived - sent) * 1000.0)
                     break
             time.sleep(interval_s)
     finally:
