@@ -71,7 +71,10 @@ class _TimedCollective:
         return timed
 
 
-def _decode(model: Participant, prompt: list[int], tokens: int) -> tuple[float, list[float], int]:
+def _decode(model: Participant, prompt: list[int], tokens: int,
+            inside: list[float] | None = None) -> tuple[float, list[float], int]:
+    """TTFT, each decode step's seconds and the wire bytes of the decode; ``inside`` (with the
+    model's collective a ``_TimedCollective``) gets each step's seconds inside collectives."""
     with torch.inference_mode():
         t0 = time.perf_counter()
         logits = model.forward(torch.tensor([prompt]), 0, last_only=True)
@@ -81,8 +84,11 @@ def _decode(model: Participant, prompt: list[int], tokens: int) -> tuple[float, 
         steps = []
         for _ in range(tokens):
             t = time.perf_counter()
+            before = model.collective.seconds if inside is not None else 0.0  # type: ignore[attr-defined]
             logits = model.forward(torch.tensor([[tok]]), pos)
             steps.append(time.perf_counter() - t)
+            if inside is not None:
+                inside.append(model.collective.seconds - before)  # type: ignore[attr-defined]
             tok, pos = int(logits[0, -1].argmax()), pos + 1
         after = getattr(model.collective, "wire_bytes", (0, 0))
     return ttft, steps, sum(after) - sum(wire)
@@ -137,15 +143,16 @@ async def run_once(state: StateDir, entry: ModelEntry, nodes: int, prompt: list[
             if dep.plan.world_size > 1:
                 res.bytes_per_token = nbytes / tokens
                 # Where the master's time goes, in a separate run (the wrapper costs a little).
-                inner, timed = model.collective, _TimedCollective(model.collective)
-                model.collective = timed  # type: ignore[assignment]
+                # Per step, median, as ms_per_token: one stalled step (a busy host) would
+                # otherwise lift a mean above the median step it is compared with.
+                inner = model.collective
+                inside: list[float] = []
+                model.collective = _TimedCollective(inner)  # type: ignore[assignment]
                 try:
-                    _decode(model, prompt[:1], 1)
-                    timed.seconds = 0.0
-                    _, steps2, _ = _decode(model, prompt[:1], tokens)
+                    _decode(model, prompt[:1], tokens, inside)
                 finally:
                     model.collective = inner
-                res.master_collective_ms = timed.seconds / (len(steps2) + 1) * 1000  # + the 1-token prefill
+                res.master_collective_ms = statistics.median(inside) * 1000
                 probe_allreduce(model, 20)
                 res.star_us = statistics.median(probe_allreduce(model, 200)) * 1e6
                 per_rank = solo_compute_ms(model, tokens, len(prompt) + tokens + 1)

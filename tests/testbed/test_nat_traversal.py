@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -74,14 +75,15 @@ def test_tensor_parallel_plans_stay_off_natted_pairs(bed, tmp_path):
     subprocess.run([sys.executable, "-m", "edgemesh.cli", "model", "synth", "--layers", "2", "--hidden", "64",
                     "--heads", "4", "--vocab", "256", "--name", "tiny", "--store", store],
                    check=True, capture_output=True, timeout=120)
-    paths = _paths(bed)
+    _paths(bed)  # every pair connected
     out = json.loads(bed.em("c1", "plan", "tiny", "--store", store, "--state-dir", bed.state_dir("c1"), "--json",
                             timeout=60))
     assert [d["id"] for d in out["devices"]] == [bed.status("c1")["node"]]
     for other in ("pub1", "r1", "p1", "s1"):
-        why = f"c1 reaches {other} only {paths['c1'][other]}" if paths["c1"][other] != "direct" \
-            else f"{other} reaches c1 only {paths[other]['c1']}"
-        assert f"{other}: left out, {why}" in out["notes"], out["notes"]
+        # (which side is named, and punched or relayed, depends on the NAT pair and the moment)
+        note = next((n for n in out["notes"] if n.startswith(f"{other}: left out, ")), None)
+        assert note and re.fullmatch(rf"{other}: left out, (c1 reaches {other}|{other} reaches c1) only (punched|relayed)",
+                                     note), out["notes"]
     from edgemesh.testbed.lifecycle import run_in_device
 
     res = run_in_device(bed.scenario, bed.names, bed.caps, "c1",
