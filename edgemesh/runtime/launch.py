@@ -196,6 +196,20 @@ async def member_paths(transport: ZmqTransport, status: dict[str, Any], timeout:
     return paths
 
 
+def _refuse_left_out(options: LaunchOptions, left: dict[str, str], names: dict[str, str], notes: list[str],
+                     can: int) -> None:
+    """A launch that names a member left out of the island, or wants more members than it
+    holds, is refused with the reasons (rather than planned without them)."""
+    for n in options.names:
+        hit = [i for i in left if names[i] == n or i.startswith(n)]
+        if hit:
+            raise ConfigError(f"{n} cannot be in a tensor-parallel group with this node: {left[hit[0]]} "
+                              f"(the group needs {' or '.join(DIRECT_PATHS)} links both ways; see README, Across NATs)")
+    if left and options.nodes is not None and options.nodes > can:
+        raise ConfigError("; ".join([f"--nodes {options.nodes}: only {can} member(s) can share a tensor-parallel "
+                                     "group with this node (direct links both ways)", *notes]))
+
+
 async def members_with_profiles(state: StateDir, transport: ZmqTransport, options: LaunchOptions,
                                 excluded: set[str] | frozenset[str] = frozenset(),
                                 wait: float = 10.0, wait_paths: float = 3.0) -> tuple[list[dict[str, Any]], list[str]]:
@@ -216,16 +230,9 @@ async def members_with_profiles(state: StateDir, transport: ZmqTransport, option
             await asyncio.sleep(0.3)
             continue
         names = {m["id"]: m["name"] for m in members}
-        for n in options.names if not degraded else ():
-            hit = [i for i in left if names[i] == n or i.startswith(n)]
-            if hit:
-                raise ConfigError(f"{n} cannot be in a tensor-parallel group with this node: {left[hit[0]]} "
-                                  f"(the group needs {' or '.join(DIRECT_PATHS)} links both ways; see README, Across NATs)")
         notes = [f"{names[i]}: left out, {why}" for i, why in left.items()]
-        can = sum(m["state"] == "alive" for m in kept)
-        if left and options.nodes is not None and options.nodes > can and not degraded:
-            raise ConfigError("; ".join([f"--nodes {options.nodes}: only {can} member(s) can share a tensor-parallel "
-                                         "group with this node (direct links both ways)", *notes]))
+        if not degraded:  # after a failure, take what is left instead
+            _refuse_left_out(options, left, names, notes, sum(m["state"] == "alive" for m in kept))
         chosen = choose_members(kept, status["node"], options, degraded=degraded)
         missing = [m["name"] for m in chosen if "mem_total" not in (m.get("profile") or {})]
         if not missing:

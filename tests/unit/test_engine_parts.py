@@ -179,3 +179,17 @@ def test_a_tensor_parallel_group_takes_only_members_that_reach_each_other_direct
     assert [m["id"] for m in kept] == ["a1", "b2", "d4"] and left == {"c3": "node2 reaches node1 only relayed"}
     # Without any path information nobody but the master can be placed.
     assert set(direct_island(MEMBERS, "a1", {})[1]) == {"b2", "c3"}
+
+
+def test_naming_a_left_out_member_or_asking_for_more_than_the_island_is_refused_with_the_reason():
+    from edgemesh.runtime.launch import _refuse_left_out
+
+    left, names = {"c3": "node0 reaches node2 only punched"}, {"a1": "node0", "b2": "node1", "c3": "node2"}
+    notes = ["node2: left out, node0 reaches node2 only punched"]
+    with pytest.raises(ConfigError, match="node2 cannot be in a tensor-parallel group with this node: node0 reaches "
+                                          "node2 only punched"):
+        _refuse_left_out(LaunchOptions(names=("node1", "node2")), left, names, notes, can=2)
+    with pytest.raises(ConfigError, match="--nodes 3: only 2 member.*node2: left out, node0 reaches node2 only punched"):
+        _refuse_left_out(LaunchOptions(nodes=3), left, names, notes, can=2)
+    _refuse_left_out(LaunchOptions(nodes=2), left, names, notes, can=2)  # fits: no error
+    _refuse_left_out(LaunchOptions(names=("node1",)), left, names, notes, can=2)
