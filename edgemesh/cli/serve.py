@@ -77,8 +77,10 @@ async def _deploy(state_dir, model, store, opts):  # type: ignore[no-untyped-def
     status.stop()
     deployment.progress = lambda msg: err.print(msg)
     err.print(_plan_table(deployment))
+    from rich.markup import escape
+
     for note in deployment.left_out:
-        err.print(f"[yellow]note[/] {note}")
+        err.print(f"[yellow]note[/] {escape(note)}")  # member names come from the members
     return deployment
 
 

@@ -305,19 +305,20 @@ class NodeDaemon:
         client = self.peers.get(node)
         if client is None:
             raise RpcError(f"{node} is not a peer of this node", "unknown_peer")
-        # One deadline per call, pings included: a call caught by a path failing under it is
-        # re-sent once the link has fallen back (several seconds), and must not give up first.
-        timeout = maybe(body, "timeout", float, 60.0)
+        # One deadline for the whole test, each call getting what is left of it: a call caught by
+        # a path failing under it is re-sent once the link has fallen back (several seconds), so a
+        # short per-ping timeout would give up first.
+        deadline = time.monotonic() + maybe(body, "timeout", float, 60.0)
         path = self.links.path(node)
         rtts = []
         for _ in range(maybe(body, "pings", int, 10)):
             start = time.perf_counter()
-            await client.call("ping", {}, timeout=timeout)
+            await client.call("ping", {}, timeout=max(deadline - time.monotonic(), 0.001))
             rtts.append((time.perf_counter() - start) * 1000)
         payload = os.urandom(nbytes)
         start = time.perf_counter()
         reply, _ = await client.call("link.digest", {}, tensors=[(TensorSpec("uint8", (nbytes,)), payload)],
-                                     timeout=timeout)
+                                     timeout=max(deadline - time.monotonic(), 0.001))
         seconds = time.perf_counter() - start
         digests = need(body_map(reply), "sha256", list)
         return {"node": node, "path": path, "path_after": self.links.path(node), "bytes": nbytes,

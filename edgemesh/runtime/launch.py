@@ -25,6 +25,7 @@ from edgemesh.identity.keys import curve_public_for
 from edgemesh.identity.statedir import StateDir
 from edgemesh.llm.build import rank_files
 from edgemesh.llm.model import Participant
+from edgemesh.mesh.links import PATHS
 from edgemesh.mesh.rpc import rpc_session
 from edgemesh.placement.devices import Device, Link
 from edgemesh.placement.plan import Plan, plan
@@ -58,14 +59,18 @@ DIRECT_PATHS = ("lan", "direct")
 PathMap = dict[str, dict[str, str | None]]  # paths[a][b]: how a reaches b ("lan", "punched", ...; None = none yet)
 
 
-def direct_island(members: list[dict[str, Any]], me: str, paths: PathMap) -> tuple[list[dict[str, Any]], dict[str, str]]:
-    """The alive members that can share a tensor-parallel group with ``me``: taken in name
-    order, each joins if it and every member taken before (``me`` first) reach each other
-    directly, both ways. Returns (members kept, in input order, with the dead ones; the reason
-    per left-out member id)."""
+def direct_island(members: list[dict[str, Any]], me: str, paths: PathMap,
+                  first: tuple[str, ...] = ()) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """The alive members that can share a tensor-parallel group with ``me``: the ones in
+    ``first`` (ids, e.g. those named with --on) are tried first, then the rest by name; each
+    joins if it and every member taken before (``me`` first) reach each other directly, both
+    ways. A member missing from ``paths`` did not say how it reaches the others. Returns
+    (members kept, in input order, with the dead ones; the reason per left-out member id)."""
     def why_not(a: dict[str, Any], b: dict[str, Any]) -> str | None:
         for x, y in ((a, b), (b, a)):
-            path = paths.get(x["id"], {}).get(y["id"])
+            if x["id"] not in paths:
+                return f"{x['name']} did not answer a status request"
+            path = paths[x["id"]].get(y["id"])
             if path not in DIRECT_PATHS:
                 return f"{x['name']} reaches {y['name']} {'over no path yet' if path is None else f'only {path}'}"
         return None
@@ -73,13 +78,20 @@ def direct_island(members: list[dict[str, Any]], me: str, paths: PathMap) -> tup
     alive = {m["id"]: m for m in members if m["state"] == "alive"}
     kept = [alive[me]] if me in alive else []
     left: dict[str, str] = {}
-    for m in sorted((m for m in alive.values() if m["id"] != me), key=lambda m: (m["name"], m["id"])):
+    rank = {i: k for k, i in enumerate(first)}
+    for m in sorted((m for m in alive.values() if m["id"] != me),
+                    key=lambda m: (rank.get(m["id"], len(rank)), m["name"], m["id"])):
         reason = next((r for r in (why_not(k, m) for k in kept) if r), None)
         if reason is None:
             kept.append(m)
         else:
             left[m["id"]] = reason
     return [m for m in members if m["id"] not in left], left
+
+
+def named(members: list[dict[str, Any]], name: str) -> dict[str, Any] | None:
+    """The alive member called ``name`` (or whose id starts with it), if any."""
+    return next((m for m in members if m["state"] == "alive" and (m["name"] == name or m["id"].startswith(name))), None)
 
 
 def choose_members(members: list[dict[str, Any]], me: str, opts: LaunchOptions,
@@ -92,12 +104,12 @@ def choose_members(members: list[dict[str, Any]], me: str, opts: LaunchOptions,
     if opts.names:
         wanted = []
         for n in opts.names:
-            hit = [m for m in alive if m["name"] == n or m["id"].startswith(n)]
-            if not hit and degraded:
+            hit = named(alive, n)
+            if hit is None and degraded:
                 continue
-            if not hit:
+            if hit is None:
                 raise ConfigError(f"no alive member named {n!r} (alive: {', '.join(m['name'] for m in alive)})")
-            wanted.append(hit[0])
+            wanted.append(hit)
         others = [m for m in wanted if m["id"] != me]
     elif opts.nodes is not None:
         if opts.nodes < 1:
@@ -177,33 +189,47 @@ def devices_and_links(members: list[dict[str, Any]]) -> tuple[list[Device], list
     return devices, links
 
 
-async def member_paths(transport: ZmqTransport, status: dict[str, Any], timeout: float = 2.0) -> PathMap:
+def _paths_of(view: Any, me: str) -> dict[str, str | None]:
+    """How the node whose ``status`` this is reaches each other member; anything that is not a
+    known path name counts as none (another member's status is untrusted input)."""
+    out: dict[str, str | None] = {}
+    for m in view["members"]:
+        if m["id"] != me:
+            links = m.get("links")
+            path = links.get("path") if isinstance(links, dict) else None
+            out[str(m["id"])] = path if path in PATHS else None
+    return out
+
+
+async def member_paths(transport: ZmqTransport, status: dict[str, Any], timeout: float = 3.0) -> PathMap:
     """How each alive member reaches the others: ours from our daemon's ``status``, theirs from
     their own (asked directly, so only members we reach directly; the rest cannot join a group
-    with us anyway). A member that does not answer contributes nothing."""
+    with us anyway). A member that does not answer, or answers nonsense, is left out of the map."""
     me = status["node"]
-    paths: PathMap = {me: {m["id"]: (m.get("links") or {}).get("path") for m in status["members"] if m["id"] != me}}
+    paths: PathMap = {me: _paths_of(status, me)}
     sender = bytes.fromhex(me)
 
     async def ask(m: dict[str, Any]) -> None:
-        with contextlib.suppress(EdgemeshError, KeyError, TypeError, ValueError):
+        try:
             async with rpc_session(transport, m["addresses"][0], curve_public_for(bytes.fromhex(m["key"])), sender) as client:
                 reply, _ = await client.call("status", {}, timeout=timeout)
-            paths[m["id"]] = {x["id"]: (x.get("links") or {}).get("path") for x in reply["members"] if not x.get("self")}
+            paths[m["id"]] = _paths_of(reply, m["id"])
+        except Exception as exc:  # noqa: BLE001 — a member's failure to answer only leaves it out
+            log.info("no usable status from %s: %s", m["name"], exc)
 
     await asyncio.gather(*(ask(m) for m in status["members"]
                            if m["id"] != me and m["state"] == "alive" and paths[me].get(m["id"]) in DIRECT_PATHS))
     return paths
 
 
-def _refuse_left_out(options: LaunchOptions, left: dict[str, str], names: dict[str, str], notes: list[str],
+def _refuse_left_out(options: LaunchOptions, members: list[dict[str, Any]], left: dict[str, str], notes: list[str],
                      can: int) -> None:
     """A launch that names a member left out of the island, or wants more members than it
     holds, is refused with the reasons (rather than planned without them)."""
     for n in options.names:
-        hit = [i for i in left if names[i] == n or i.startswith(n)]
-        if hit:
-            raise ConfigError(f"{n} cannot be in a tensor-parallel group with this node: {left[hit[0]]} "
+        hit = named(members, n)
+        if hit is not None and hit["id"] in left:
+            raise ConfigError(f"{n} cannot be in a tensor-parallel group with this node: {left[hit['id']]} "
                               f"(the group needs {' or '.join(DIRECT_PATHS)} links both ways; see README, Across NATs)")
     if left and options.nodes is not None and options.nodes > can:
         raise ConfigError("; ".join([f"--nodes {options.nodes}: only {can} member(s) can share a tensor-parallel "
@@ -223,16 +249,19 @@ async def members_with_profiles(state: StateDir, transport: ZmqTransport, option
         status = await control_call(state, "status")
         members = [m for m in status["members"] if m["id"] not in excluded]
         paths = await member_paths(transport, status)
-        kept, left = direct_island(members, status["node"], paths)
+        first = tuple(hit["id"] for hit in (named(members, n) for n in options.names) if hit is not None)
+        kept, left = direct_island(members, status["node"], paths, first)
+        # Not known yet: a path still being set up, or a member we reach directly that did not answer.
         alive = [m["id"] for m in members if m["state"] == "alive"]
-        unknown = any(paths[x].get(y) is None for x in paths for y in alive if y != x)
+        unknown = any(paths[x].get(y) is None for x in paths for y in alive if y != x) or \
+            any(y not in paths and paths[status["node"]].get(y) in DIRECT_PATHS for y in alive)
         if unknown and time.monotonic() - start < wait_paths:
             await asyncio.sleep(0.3)
             continue
         names = {m["id"]: m["name"] for m in members}
         notes = [f"{names[i]}: left out, {why}" for i, why in left.items()]
         if not degraded:  # after a failure, take what is left instead
-            _refuse_left_out(options, left, names, notes, sum(m["state"] == "alive" for m in kept))
+            _refuse_left_out(options, members, left, notes, sum(m["state"] == "alive" for m in kept))
         chosen = choose_members(kept, status["node"], options, degraded=degraded)
         missing = [m["name"] for m in chosen if "mem_total" not in (m.get("profile") or {})]
         if not missing:

@@ -155,15 +155,18 @@ def _stamped_socket(family: int, kind: int, proto: int = 0) -> socket.socket:
     return sock
 
 
-def _recv_stamped(sock: socket.socket) -> tuple[bytes, float]:
+def _recv_stamped(sock: socket.socket, sent: float) -> tuple[bytes, float]:
     """One packet and its arrival time on the ``time.time()`` clock (the kernel stamps with
-    CLOCK_REALTIME); the time of this call if the kernel gave none."""
+    CLOCK_REALTIME); the time of this call if the kernel gave none, or one that cannot be right
+    (before ``sent`` or in the future: the clock was stepped)."""
     data, ancdata, _, _ = sock.recvmsg(2048, socket.CMSG_SPACE(_TIMESPEC.size))
+    now = time.time()
     for level, kind, raw in ancdata:
         if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS and len(raw) >= _TIMESPEC.size:
             sec, nsec = _TIMESPEC.unpack_from(raw)
-            return data, sec + nsec / 1e9
-    return data, time.time()
+            stamp = sec + nsec / 1e9
+            return data, stamp if sent <= stamp <= now else now
+    return data, now
 
 
 def measure_icmp_rtt(address: str, count: int, interval_s: float = 0.02, timeout_s: float = 1.0) -> list[float] | None:
@@ -188,7 +191,7 @@ def measure_icmp_rtt(address: str, count: int, interval_s: float = 0.02, timeout
                 left = deadline - time.monotonic()
                 if left <= 0 or not select.select([sock], [], [], left)[0]:
                     break
-                reply, arrived = _recv_stamped(sock)
+                reply, arrived = _recv_stamped(sock, sent)
                 icmp = reply[(reply[0] & 0x0F) * 4 :]  # raw sockets include the IP header
                 kind, _, _, got_ident, got_seq = struct.unpack("!BBHHH", icmp[:8])
                 if kind == 0 and got_ident == ident and got_seq == seq:
@@ -207,15 +210,15 @@ def measure_rtt(target: tuple[str, int], count: int, interval_s: float = 0.02, t
     samples: list[float] = []
     try:
         for seq in range(count):
-            payload = _ECHO + struct.pack("!Id", seq, time.time()) + b"\0" * 52
-            sock.send(payload)
+            sent = time.time()
+            sock.send(_ECHO + struct.pack("!Id", seq, sent) + b"\0" * 52)
             deadline = time.monotonic() + timeout_s
             while True:
                 left = deadline - time.monotonic()
                 if left <= 0 or not select.select([sock], [], [], left)[0]:
                     break  # lost: not an RTT sample (loss is measured separately)
-                data, arrived = _recv_stamped(sock)
-                got_seq, sent = struct.unpack("!Id", data[1:13])
+                data, arrived = _recv_stamped(sock, sent)
+                got_seq = struct.unpack("!I", data[1:5])[0]
                 if got_seq == seq:
                     samples.append((arrived - sent) * 1000.0)
                     break

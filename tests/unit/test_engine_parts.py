@@ -184,12 +184,28 @@ def test_a_tensor_parallel_group_takes_only_members_that_reach_each_other_direct
 def test_naming_a_left_out_member_or_asking_for_more_than_the_island_is_refused_with_the_reason():
     from edgemesh.runtime.launch import _refuse_left_out
 
-    left, names = {"c3": "node0 reaches node2 only punched"}, {"a1": "node0", "b2": "node1", "c3": "node2"}
+    left = {"c3": "node0 reaches node2 only punched"}
     notes = ["node2: left out, node0 reaches node2 only punched"]
     with pytest.raises(ConfigError, match="node2 cannot be in a tensor-parallel group with this node: node0 reaches "
                                           "node2 only punched"):
-        _refuse_left_out(LaunchOptions(names=("node1", "node2")), left, names, notes, can=2)
+        _refuse_left_out(LaunchOptions(names=("node1", "node2")), MEMBERS, left, notes, can=2)
+    with pytest.raises(ConfigError, match="c3 cannot be .*node0 reaches node2 only punched"):
+        _refuse_left_out(LaunchOptions(names=("c3",)), MEMBERS, left, notes, can=2)  # by id prefix too
     with pytest.raises(ConfigError, match="--nodes 3: only 2 member.*node2: left out, node0 reaches node2 only punched"):
-        _refuse_left_out(LaunchOptions(nodes=3), left, names, notes, can=2)
-    _refuse_left_out(LaunchOptions(nodes=2), left, names, notes, can=2)  # fits: no error
-    _refuse_left_out(LaunchOptions(names=("node1",)), left, names, notes, can=2)
+        _refuse_left_out(LaunchOptions(nodes=3), MEMBERS, left, notes, can=2)
+    _refuse_left_out(LaunchOptions(nodes=2), MEMBERS, left, notes, can=2)  # fits: no error
+    _refuse_left_out(LaunchOptions(names=("node1",)), MEMBERS, left, notes, can=2)
+
+
+def test_members_named_with_on_are_tried_first_and_a_silent_member_is_named_as_such():
+    from edgemesh.runtime.launch import direct_island
+
+    # a1 reaches b2 and c3 directly, but b2 <-> c3 only punched: by name order b2 wins, but
+    # `--on node2` (c3) must give the group {a1, c3}, not refuse c3 because of b2.
+    paths = _paths(*[(x, y, "direct") for x in ("a1", "b2", "c3") for y in ("a1", "b2", "c3") if x != y])
+    paths["b2"]["c3"] = paths["c3"]["b2"] = "punched"
+    assert direct_island(MEMBERS, "a1", paths)[1] == {"c3": "node1 reaches node2 only punched"}
+    assert direct_island(MEMBERS, "a1", paths, first=("c3",))[1] == {"b2": "node2 reaches node1 only punched"}
+    # A member we reach directly but that never answered our status request is out, and says why.
+    del paths["c3"]
+    assert direct_island(MEMBERS, "a1", paths)[1] == {"c3": "node2 did not answer a status request"}
