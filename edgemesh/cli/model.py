@@ -258,7 +258,11 @@ def plan_cmd(
     con.print(f"predicted ms/token: [bold]{lat.total_ms:.2f}[/] = compute {lat.compute_ms:.2f} "
               f"+ allreduce latency {lat.allreduce_latency_ms:.2f} ({lat.allreduces_per_token} allreduces) "
               f"+ bandwidth {lat.bandwidth_ms:.2f} ({lat.bytes_per_token / 1024:.0f} KiB/token on the hub link)")
+    print_notes(con, p.notes)
+
+
+def print_notes(con: Console, notes: list[str]) -> None:
     from rich.markup import escape
 
-    for note in p.notes:
+    for note in notes:
         con.print(f"[yellow]note[/] {escape(note)}")  # member names come from the members

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from edgemesh.cli import app
-from edgemesh.cli.model import default_store_dir
+from edgemesh.cli.model import default_store_dir, print_notes
 from edgemesh.cli.node import resolve_state
 from edgemesh.errors import ConfigError
 
@@ -77,10 +77,7 @@ async def _deploy(state_dir, model, store, opts):  # type: ignore[no-untyped-def
     status.stop()
     deployment.progress = lambda msg: err.print(msg)
     err.print(_plan_table(deployment))
-    from rich.markup import escape
-
-    for note in deployment.left_out:
-        err.print(f"[yellow]note[/] {escape(note)}")  # member names come from the members
+    print_notes(err, deployment.left_out)
     return deployment
 
 

@@ -20,6 +20,7 @@ import statistics
 import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 _ECHO, _LOSS, _QUERY, _COUNT = b"E", b"L", b"Q", b"C"
@@ -169,6 +170,28 @@ def _recv_stamped(sock: socket.socket, sent: float) -> tuple[bytes, float]:
     return data, now
 
 
+def _echo_rtts(sock: socket.socket, count: int, packet: Callable[[int, float], bytes],
+               answers: Callable[[bytes, int], bool], interval_s: float, timeout_s: float) -> list[float]:
+    """``count`` echo requests on ``sock`` (``packet(seq, sent)`` builds one), each waiting up to
+    ``timeout_s`` for the reply that ``answers(data, seq)``; the RTTs in ms, from the send to the
+    kernel's arrival stamp. A request without a reply is lost, not a sample."""
+    samples: list[float] = []
+    for seq in range(count):
+        sent = time.time()  # just before: the send itself is part of the path
+        sock.send(packet(seq, sent))
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([sock], [], [], left)[0]:
+                break
+            data, arrived = _recv_stamped(sock, sent)
+            if answers(data, seq):
+                samples.append((arrived - sent) * 1000.0)
+                break
+        time.sleep(interval_s)
+    return samples
+
+
 def measure_icmp_rtt(address: str, count: int, interval_s: float = 0.02, timeout_s: float = 1.0) -> list[float] | None:
     """ICMP echo, answered by the far end's kernel: no user-space scheduling on that side, and
     replies timed by our kernel on arrival. Returns None when raw sockets are not allowed (not root)."""
@@ -177,55 +200,33 @@ def measure_icmp_rtt(address: str, count: int, interval_s: float = 0.02, timeout
     except PermissionError:
         return None
     ident = os.getpid() & 0xFFFF
-    samples: list[float] = []
+    body = b"\0" * 56
+
+    def packet(seq: int, sent: float) -> bytes:
+        header = struct.pack("!BBHHH", 8, 0, 0, ident, seq)
+        return struct.pack("!BBHHH", 8, 0, _icmp_checksum(header + body), ident, seq) + body
+
+    def answers(reply: bytes, seq: int) -> bool:
+        icmp = reply[(reply[0] & 0x0F) * 4 :]  # raw sockets include the IP header
+        kind, _, _, got_ident, got_seq = struct.unpack("!BBHHH", icmp[:8])
+        return kind == 0 and got_ident == ident and got_seq == seq
+
     try:
         sock.connect((address, 0))
-        for seq in range(count):
-            body = b"\0" * 56
-            header = struct.pack("!BBHHH", 8, 0, 0, ident, seq)
-            packet = struct.pack("!BBHHH", 8, 0, _icmp_checksum(header + body), ident, seq) + body
-            sent = time.time()  # just before: the send itself is part of the path
-            sock.send(packet)
-            deadline = time.monotonic() + timeout_s
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0 or not select.select([sock], [], [], left)[0]:
-                    break
-                reply, arrived = _recv_stamped(sock, sent)
-                icmp = reply[(reply[0] & 0x0F) * 4 :]  # raw sockets include the IP header
-                kind, _, _, got_ident, got_seq = struct.unpack("!BBHHH", icmp[:8])
-                if kind == 0 and got_ident == ident and got_seq == seq:
-                    samples.append((arrived - sent) * 1000.0)
-                    break
-            time.sleep(interval_s)
+        return _echo_rtts(sock, count, packet, answers, interval_s, timeout_s)
     finally:
         sock.close()
-    return samples
 
 
 def measure_rtt(target: tuple[str, int], count: int, interval_s: float = 0.02, timeout_s: float = 1.0) -> list[float]:
     """UDP echo through the probe server (fallback when ICMP raw sockets are not allowed)."""
     sock = _stamped_socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.connect(target)
-    samples: list[float] = []
     try:
-        for seq in range(count):
-            sent = time.time()
-            sock.send(_ECHO + struct.pack("!Id", seq, sent) + b"\0" * 52)
-            deadline = time.monotonic() + timeout_s
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0 or not select.select([sock], [], [], left)[0]:
-                    break  # lost: not an RTT sample (loss is measured separately)
-                data, arrived = _recv_stamped(sock, sent)
-                got_seq = struct.unpack("!I", data[1:5])[0]
-                if got_seq == seq:
-                    samples.append((arrived - sent) * 1000.0)
-                    break
-            time.sleep(interval_s)
+        sock.connect(target)
+        return _echo_rtts(sock, count, lambda seq, sent: _ECHO + struct.pack("!Id", seq, sent) + b"\0" * 52,
+                          lambda data, seq: struct.unpack("!I", data[1:5])[0] == seq, interval_s, timeout_s)
     finally:
         sock.close()
-    return samples
 
 
 def measure_loss(target: tuple[str, int], count: int, pps: float, settle_s: float) -> int | None:
