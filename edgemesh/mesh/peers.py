@@ -2,7 +2,8 @@
 
 A ``PeerLink`` looks like an ``RpcClient`` (``call``, ``notify``) but picks the path per call:
 zmq straight to the member's advertised address when that works (``lan``/``direct``), else the
-member's ICE channel (``punched``/``relayed``, set up by ``nat.traversal``). Whether direct
+member's fallback path (``mesh.paths.PeerPath``: in the daemon an ICE channel, ``punched``/``relayed``,
+set up by ``nat.traversal``). Whether direct
 works is learned, not guessed: a short probe at first, then the fate of real calls.
 """
 
@@ -17,8 +18,9 @@ from typing import Any, Callable, Sequence
 from edgemesh.errors import EdgemeshError, RpcTimeout
 from edgemesh.mesh.links import LinkTable
 from edgemesh.mesh.records import MemberRecord
-from edgemesh.mesh.rpc import RpcClient, RpcStats
-from edgemesh.nat.channel_rpc import Authorize, ChannelRpc, Handler
+from edgemesh.mesh.paths import PathFactory, PeerPath, no_path
+from edgemesh.mesh.rpc import RpcClient
+from edgemesh.rpc.dispatch import RpcStats
 from edgemesh.transport.zmq_link import ZmqTransport
 from edgemesh.wire.tensor import TensorSpec
 
@@ -43,7 +45,7 @@ def same_subnet(a: str, b: str) -> bool:
 
 
 class PeerLink:
-    def __init__(self, record: MemberRecord, client: RpcClient, task: asyncio.Task[None], rpc: ChannelRpc,
+    def __init__(self, record: MemberRecord, client: RpcClient, task: asyncio.Task[None], rpc: PeerPath,
                  links: LinkTable, local_host: str, on_change: Callable[[PeerLink], None]) -> None:
         self.node_id = record.node_id
         self.record = record
@@ -141,14 +143,13 @@ class PeerLink:
 
 class PeerSet:
     def __init__(self, transport: ZmqTransport, node_id: str, stats: RpcStats, links: LinkTable | None = None,
-                 handlers: dict[str, Handler] | None = None, authorize: Authorize | None = None,
-                 local_host: str = "", on_change: Callable[[PeerLink], None] = lambda link: None) -> None:
+                 new_path: PathFactory = no_path, local_host: str = "",
+                 on_change: Callable[[PeerLink], None] = lambda link: None) -> None:
         self.transport = transport
         self.sender = bytes.fromhex(node_id)
         self.stats = stats
         self.links = links or LinkTable()
-        self.handlers = handlers if handlers is not None else {}
-        self.authorize = authorize or (lambda key, method: False)
+        self.new_path = new_path
         self.local_host = local_host
         self.on_change = on_change
         self._peers: dict[str, PeerLink] = {}
@@ -166,7 +167,7 @@ class PeerSet:
             sock = self.transport.client(r.addresses[0], r.curve_key)
             client = RpcClient(sock, self.sender, self.stats)
             task = asyncio.ensure_future(client.run())
-            rpc = ChannelRpc(self.sender, self.handlers, self.authorize, self.stats)
+            rpc = self.new_path(node_id)
             link = PeerLink(r, client, task, rpc, self.links, self.local_host, self.on_change)
             self._peers[node_id] = link
             link.start_probe()

@@ -3,7 +3,8 @@
 The server learns who is calling from the ZAP User-Id of the link (the CURVE key the handshake
 proved), never from the envelope's claimed sender. Every malformed message is a
 ``ProtocolError``: counted, dropped (or answered with an error when it had a usable rid), and
-the loop carries on. Handlers run as tasks so one slow call cannot stall the socket.
+the loop carries on. Handlers run as tasks so one slow call cannot stall the socket; what a
+call does and how it is answered is ``edgemesh.rpc.dispatch``, shared with ICE channels.
 """
 
 from __future__ import annotations
@@ -12,13 +13,14 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, AsyncIterator, Sequence
 
 import zmq
 import zmq.asyncio
 
 from edgemesh.errors import EdgemeshError, ProtocolError, RpcError, RpcTimeout
+from edgemesh.rpc.dispatch import (MAX_INFLIGHT, Authorize, Call, Dispatcher, Handler, Reply, RpcStats, allow_all,
+                                   settle)
 from edgemesh.wire.envelope import Envelope, Kind, decode_message, encode_message
 from edgemesh.wire.tensor import TensorSpec
 
@@ -27,35 +29,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MAX_INFLIGHT = 256  # handler tasks per server; more are refused with "busy"
-
-
-@dataclass
-class Call:
-    """One incoming request or notify, as a handler sees it."""
-
-    peer_key: bytes  # z85 CURVE key proven by the link
-    method: str
-    body: Any
-    tensors: list[tuple[TensorSpec, memoryview]]
-
-
-@dataclass
-class Reply:
-    body: Any = None
-    tensors: Sequence[tuple[TensorSpec, Any]] = ()
-
-
-Handler = Callable[[Call], Awaitable[Any]]  # returns a body, a Reply, or None
-
-
-@dataclass
-class RpcStats:
-    received: int = 0
-    protocol_errors: int = 0
-    internal_errors: int = 0
-    refused: int = 0
-    by_method: dict[str, int] = field(default_factory=dict)
+__all__ = ["Call", "Reply", "Handler", "RpcStats", "RpcServer", "RpcClient", "rpc_session"]
 
 
 class RpcServer:
@@ -65,13 +39,11 @@ class RpcServer:
         sender: bytes,
         handlers: dict[str, Handler],
         stats: RpcStats,
-        authorize: Callable[[bytes, str], bool] = lambda key, method: True,
+        authorize: Authorize = allow_all,
     ) -> None:
         self.sock = sock
-        self.sender = sender
-        self.handlers = handlers
         self.stats = stats
-        self.authorize = authorize
+        self.dispatcher = Dispatcher(sender, handlers, stats, authorize)
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def run(self) -> None:
@@ -103,54 +75,18 @@ class RpcServer:
             self.stats.protocol_errors += 1
             return
         if len(self._tasks) >= MAX_INFLIGHT:
-            self._send_error(route, env, "busy", "too many requests in flight")
+            self._send(route, self.dispatcher.error(env, "busy", "too many requests in flight", encode_message))
             return
         task = asyncio.ensure_future(self._handle(route, peer_key, env, views))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _handle(self, route: zmq.Frame, peer_key: bytes, env: Envelope, views: list[memoryview]) -> None:
-        method = env.method
-        handler = self.handlers.get(method)
-        if handler is None or not self.authorize(peer_key, method):
-            self.stats.refused += 1
-            self._send_error(route, env, "unknown_method", f"no method '{method}' here")
-            return
-        self.stats.by_method[method] = self.stats.by_method.get(method, 0) + 1
-        call = Call(peer_key, method, env.body, list(zip(env.tensors, views)))
-        try:
-            result = await handler(call)
-        except ProtocolError as exc:
-            self.stats.protocol_errors += 1
-            self._send_error(route, env, "bad_request", str(exc))
-            return
-        except RpcError as exc:
-            self._send_error(route, env, exc.code, str(exc))
-            return
-        except EdgemeshError as exc:
-            self._send_error(route, env, type(exc).__name__, str(exc))
-            return
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            self.stats.internal_errors += 1
-            log.exception("handler %s failed", method)
-            self._send_error(route, env, "internal", "internal error")
-            return
-        if env.kind == Kind.NOTIFY:
-            return
-        reply = result if isinstance(result, Reply) else Reply(result)
-        specs = tuple(s for s, _ in reply.tensors)
-        out = Envelope(Kind.REPLY, method, env.rid, self.sender, reply.body, specs)
-        self._send(route, encode_message(out, [b for _, b in reply.tensors]))
+        self._send(route, await self.dispatcher.serve(peer_key, env, list(zip(env.tensors, views)), encode_message))
 
-    def _send_error(self, route: zmq.Frame, env: Envelope, code: str, message: str) -> None:
-        if env.kind != Kind.REQUEST:
+    def _send(self, route: zmq.Frame, frames: list[Any] | None) -> None:
+        if frames is None:
             return
-        out = Envelope(Kind.ERROR, env.method, env.rid, self.sender, {"code": code, "message": message[:500]})
-        self._send(route, encode_message(out))
-
-    def _send(self, route: zmq.Frame, frames: list[Any]) -> None:
         try:
             if not _try_send(self.sock, [route, *frames]):
                 log.debug("reply dropped: peer not reading")
@@ -181,12 +117,7 @@ class RpcClient:
                 fut = self._pending.pop(env.rid, None)
                 if fut is None or fut.done():
                     continue  # a late reply to a call that already timed out
-                if env.kind == Kind.REPLY:
-                    fut.set_result((env.body, list(zip(env.tensors, views))))
-                elif env.kind == Kind.ERROR:
-                    body = env.body if isinstance(env.body, dict) else {}
-                    fut.set_exception(RpcError(str(body.get("message", "remote error")), str(body.get("code", "error"))))
-                else:
+                if not settle(fut, env, views):
                     self.stats.protocol_errors += 1
         finally:
             for fut in self._pending.values():

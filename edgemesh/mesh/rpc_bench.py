@@ -19,7 +19,8 @@ import zmq
 import zmq.asyncio
 
 from edgemesh.identity.keys import NodeKey
-from edgemesh.mesh.rpc import Call, Reply, RpcClient, RpcServer, RpcStats
+from edgemesh.mesh.rpc import RpcClient, RpcServer
+from edgemesh.rpc.dispatch import Call, Reply, RpcStats
 from edgemesh.transport.zmq_link import ZmqTransport
 from edgemesh.wire.tensor import TensorSpec
 

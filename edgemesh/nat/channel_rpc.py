@@ -1,7 +1,7 @@
 """RPC with one peer over its current ICE channel: the same envelopes and semantics as zmq.
 
-Handlers, authorization and error replies match ``mesh.rpc.RpcServer``, so the daemon serves a
-peer identically on any path. The peer's identity is the CURVE key of the member whose node key
+Handlers, authorization and error replies are ``rpc.dispatch.Dispatcher``'s, as for
+``mesh.rpc.RpcServer``, so the daemon serves a peer identically on any path. The peer's identity is the CURVE key of the member whose node key
 signed the channel's hello (the channel equivalent of the ZAP User-Id).
 
 Channels come and go (relayed -> punched, or a punched path breaking and falling back to the
@@ -17,41 +17,35 @@ import asyncio
 import itertools
 import logging
 import secrets
-from collections import OrderedDict
-from typing import Any, Awaitable, Callable, Sequence
+from typing import Any, Awaitable, Sequence
 
-from edgemesh.errors import EdgemeshError, ProtocolError, RpcError, RpcTimeout
-from edgemesh.mesh.rpc import Call, Reply, RpcStats
+from edgemesh.errors import ProtocolError, RpcError, RpcTimeout
 from edgemesh.nat.framing import decode_frames, encode_frames
+from edgemesh.rpc.dispatch import MAX_INFLIGHT, Authorize, Dispatcher, Handler, RequestLog, RpcStats, settle
 from edgemesh.wire.envelope import Envelope, Kind, decode_message, encode_message
 from edgemesh.wire.tensor import TensorSpec
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[Call], Awaitable[Any]]
-Authorize = Callable[[bytes, str], bool]
 KEEPALIVE = "nat.keepalive"  # a notify answered by nobody: it only proves the path is alive
-SERVED_CACHE = 4096
-MAX_INFLIGHT = 256
 
 
-class Sender:
-    """What a ChannelRpc needs from a channel."""
-
-    async def send(self, message: bytes) -> None: ...
+def _encode(env: Envelope, buffers: Sequence[Any]) -> bytes:
+    return encode_frames(encode_message(env, buffers))
 
 
 class ChannelRpc:
+    """Calls and serving over one peer's current channel (anything with ``async send(bytes)``)."""
+
     def __init__(self, sender: bytes, handlers: dict[str, Handler], authorize: Authorize, stats: RpcStats) -> None:
         self.sender = sender
-        self.handlers = handlers
-        self.authorize = authorize
         self.stats = stats
+        self.dispatcher = Dispatcher(sender, handlers, stats, authorize)
         self.peer_key: bytes = b""
         self.channel: Any = None
         self._rids = itertools.count(secrets.randbelow(2**61) + 1)
         self._pending: dict[int, tuple[bytes, asyncio.Future[Any]]] = {}
-        self._served: OrderedDict[int, bytes | None] = OrderedDict()
+        self._served: RequestLog[bytes] = RequestLog()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._ready = asyncio.Event()
         self.resent = 0
@@ -95,7 +89,7 @@ class ChannelRpc:
                    timeout: float = 3.0) -> tuple[Any, list[tuple[TensorSpec, memoryview]]]:
         rid = next(self._rids)
         env = Envelope(Kind.REQUEST, method, rid, self.sender, body, tuple(s for s, _ in tensors))
-        message = encode_frames(encode_message(env, [b for _, b in tensors]))
+        message = _encode(env, [b for _, b in tensors])
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[rid] = (message, fut)
         try:
@@ -110,7 +104,7 @@ class ChannelRpc:
     def notify(self, method: str, body: Any = None) -> bool:
         if self.channel is None:
             return False
-        message = encode_frames(encode_message(Envelope(Kind.NOTIFY, method, 0, self.sender, body)))
+        message = _encode(Envelope(Kind.NOTIFY, method, 0, self.sender, body), ())
         self._spawn(self._send(message))
         return True
 
@@ -140,80 +134,31 @@ class ChannelRpc:
             return
         if env.kind in (Kind.REPLY, Kind.ERROR):
             entry = self._pending.get(env.rid)
-            if entry is None or entry[1].done():
-                return  # late or duplicate reply
-            fut = entry[1]
-            if env.kind == Kind.REPLY:
-                fut.set_result((env.body, list(zip(env.tensors, views))))
-            else:
-                b = env.body if isinstance(env.body, dict) else {}
-                fut.set_exception(RpcError(str(b.get("message", "remote error")), str(b.get("code", "error"))))
-            return
+            if entry is not None and not entry[1].done():
+                settle(entry[1], env, views)
+            return  # else a late or duplicate reply
         if env.method == KEEPALIVE:
             return
         if env.kind == Kind.REQUEST:
-            if env.rid in self._served:
-                cached = self._served[env.rid]
+            first, cached = self._served.admit(env.rid)
+            if not first:
                 if cached is not None:  # answered already: the reply was lost with a path
                     self._spawn(self._send(cached))
                 return  # still running: its reply will follow
-            self._served[env.rid] = None
-            while len(self._served) > SERVED_CACHE:
-                self._served.popitem(last=False)
         if len(self._tasks) >= MAX_INFLIGHT:
-            self._reply_error(env, "busy", "too many requests in flight")
+            self._finish(env.rid, self.dispatcher.error(env, "busy", "too many requests in flight", _encode))
             return
         self._spawn(self._handle(env, views))
 
     async def _handle(self, env: Envelope, views: list[memoryview]) -> None:
-        method = env.method
-        handler = self.handlers.get(method)
-        if handler is None or not self.authorize(self.peer_key, method):
-            self.stats.refused += 1
-            self._reply_error(env, "unknown_method", f"no method '{method}' here")
-            return
-        self.stats.by_method[method] = self.stats.by_method.get(method, 0) + 1
         # Handlers may keep tensor views: give them their own copy of the bytes.
-        call = Call(self.peer_key, method, env.body, [(s, memoryview(bytes(v))) for s, v in zip(env.tensors, views)])
-        try:
-            result = await handler(call)
-        except ProtocolError as exc:
-            self.stats.protocol_errors += 1
-            self._reply_error(env, "bad_request", str(exc))
-            return
-        except RpcError as exc:
-            self._reply_error(env, exc.code, str(exc))
-            return
-        except EdgemeshError as exc:
-            self._reply_error(env, type(exc).__name__, str(exc))
-            return
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            self.stats.internal_errors += 1
-            log.exception("handler %s failed", method)
-            self._reply_error(env, "internal", "internal error")
-            return
-        if env.kind == Kind.NOTIFY:
-            return
-        reply = result if isinstance(result, Reply) else Reply(result)
-        out = Envelope(Kind.REPLY, method, env.rid, self.sender, reply.body, tuple(s for s, _ in reply.tensors))
-        try:
-            message = encode_frames(encode_message(out, [b for _, b in reply.tensors]))
-        except ProtocolError as exc:
-            self._reply_error(env, "internal", f"unencodable reply: {exc}")
-            return
-        self._finish(env.rid, message)
+        tensors = [(s, memoryview(bytes(v))) for s, v in zip(env.tensors, views)]
+        self._finish(env.rid, await self.dispatcher.serve(self.peer_key, env, tensors, _encode))
 
-    def _reply_error(self, env: Envelope, code: str, text: str) -> None:
-        if env.kind != Kind.REQUEST:
+    def _finish(self, rid: int, message: bytes | None) -> None:
+        if message is None:
             return
-        out = Envelope(Kind.ERROR, env.method, env.rid, self.sender, {"code": code, "message": text[:500]})
-        self._finish(env.rid, encode_frames(encode_message(out)))
-
-    def _finish(self, rid: int, message: bytes) -> None:
-        if rid in self._served:
-            self._served[rid] = message
+        self._served.answered(rid, message)
         self._spawn(self._send(message))
 
     def keepalive(self) -> None:

@@ -24,13 +24,13 @@ from typing import Any, Awaitable, Callable
 from edgemesh.errors import AuthError, EdgemeshError, ProtocolError
 from edgemesh.identity.keys import NodeKey, curve_public_for
 from edgemesh.mesh.peers import PeerLink, PeerSet
-from edgemesh.mesh.rpc import Call
 from edgemesh.nat.binding import Signal, check_hello, check_signal, decode_signal, make_hello, new_nonce, new_sid, now_ms
 from edgemesh.nat.channel_rpc import KEEPALIVE
 from edgemesh.nat.framing import encode_frames
 from edgemesh.nat.mailbox import Mailbox
 from edgemesh.nat.servers import IceServer
 from edgemesh.nat.turn import rest_credential
+from edgemesh.rpc.dispatch import Call
 from edgemesh.wire.envelope import Envelope, Kind, encode_message
 from edgemesh.wire.schema import body_map, maybe, need
 

@@ -35,8 +35,10 @@ from edgemesh.mesh.links import LinkTable
 from edgemesh.mesh.peers import PeerSet
 from edgemesh.mesh.profile import static_profile
 from edgemesh.mesh.records import MemberRecord, admit, sign_self
-from edgemesh.mesh.rpc import Call, RpcServer, RpcStats
+from edgemesh.mesh.rpc import RpcServer
+from edgemesh.rpc.dispatch import Call, RpcStats
 from edgemesh.mesh.view import MembershipView
+from edgemesh.nat.channel_rpc import ChannelRpc
 from edgemesh.nat.servers import IceServer, is_server_url, servers_from
 from edgemesh.nat.traversal import Traversal
 from edgemesh.nat.turn import TURN_PORT, coturn_argv, coturn_config, turn_secret
@@ -77,8 +79,10 @@ class NodeDaemon:
         self.settings = state.load_settings()
         # Channel handlers are the mesh handlers; the dict is filled once traversal exists.
         self._handlers: dict[str, Any] = {}
-        self.peers = PeerSet(self.transport, self.key.node_id, self.stats, self.links, self._handlers,
-                             self._authorize, self.advertise)
+        sender = bytes.fromhex(self.key.node_id)
+        self.peers = PeerSet(self.transport, self.key.node_id, self.stats, self.links,
+                             lambda node_id: ChannelRpc(sender, self._handlers, self._authorize, self.stats),
+                             self.advertise)
         self.traversal = Traversal(
             self.key, self.cluster.cluster_id, self.peers, self._member_key, self._node_for_curve,
             self._ice_servers, turn_secret(self.cluster.secret), self._refresh_view_via)

@@ -8,7 +8,8 @@ import pytest
 
 from edgemesh.errors import RpcTimeout
 from edgemesh.identity.keys import NodeKey
-from edgemesh.mesh.rpc import RpcClient, RpcServer, RpcStats
+from edgemesh.mesh.rpc import RpcClient, RpcServer
+from edgemesh.rpc.dispatch import RpcStats
 from edgemesh.transport.zmq_link import ZmqTransport
 
 pytestmark = pytest.mark.integration

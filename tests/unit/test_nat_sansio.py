@@ -13,7 +13,7 @@ import pytest
 
 from edgemesh.errors import AuthError, ConfigError, ProtocolError
 from edgemesh.identity.keys import NodeKey
-from edgemesh.mesh.rpc import RpcStats
+from edgemesh.rpc.dispatch import RpcStats
 from edgemesh.nat.binding import Signal, check_hello, check_signal, decode_signal, make_hello, now_ms
 from edgemesh.nat.channel_rpc import ChannelRpc
 from edgemesh.nat.framing import LAST, MORE, Reassembler, chunks, decode_frames, encode_frames
