@@ -1,4 +1,4 @@
-"""CLI: `edgemesh bench allreduce` — star vs ring vs gloo, side by side (logic: edgemesh.collective.benchmark).
+"""CLI: `edgemesh bench allreduce` — star vs ring vs gloo, side by side (logic: edgemesh.bench.allreduce).
 
 ``--testbed SCENARIO`` (root) brings up the scenario's namespaces under a fresh prefix, runs rank k
 in device k (its namespace and CPU/memory caps), and tears everything down on every exit path.
@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from edgemesh.cli.bench import bench_app
-from edgemesh.collective.benchmark import SECURE, BenchConfig, BenchRow, Placement, auto_choice, fitted_cost, run_benchmark
+from edgemesh.bench.allreduce import SECURE, BenchConfig, BenchRow, Placement, auto_choice, fitted_cost, run_benchmark
 from edgemesh.errors import ConfigError
 
 

@@ -28,7 +28,7 @@ def bench_generate(
     """TTFT, ms/token, tokens/s and bytes/token on N members, against one device and the analytic bound."""
     from edgemesh.cli.model import default_store_dir
     from edgemesh.cli.node import resolve_state
-    from edgemesh.runtime.bench_generate import bench
+    from edgemesh.bench.generate import bench
     from edgemesh.weights.store import ModelStore
 
     if tokens < 2 or prompt_tokens < 1 or nodes < 2:

@@ -21,7 +21,7 @@ def bench_rpc(
     rounds: int = typer.Option(3, "--rounds", help="Alternate plain/CURVE this many times; the best round of each is kept."),
 ) -> None:
     """RTT of 64 B and 16 KiB requests and throughput of 1 MiB frames on loopback, CURVE vs plain."""
-    from edgemesh.mesh.rpc_bench import run_mode
+    from edgemesh.bench.rpc import run_mode
     from edgemesh.runtime.local_cluster import free_port_pair
 
     console = Console(stderr=True)

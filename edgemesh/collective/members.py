@@ -58,7 +58,7 @@ def peers_by_rank(rank: int, world_size: int, peers: Sequence[Peer], plain: bool
 
 
 class Links(Protocol):
-    """What the collectives need from a link layer (tcp_links.SecureLinks, zmq_links.PeerLinks)."""
+    """What the collectives need from a link layer (tcp_links.SecureLinks; bench.zmq_links.PeerLinks)."""
 
     rank: int
     world_size: int

@@ -374,13 +374,13 @@ class Deployment:
                 await self._call_member(self.members[r], "llm.start", spec.to_wire())
             total = sum(f.stat().st_size for f in {p for p in files.values()})
             await self._wait_ready(jstate, total)
-            from edgemesh.collective.zmq_group import CollectiveOptions, ZmqCollective
+            from edgemesh.collective.group import CollectiveOptions, CollectiveGroup
             from edgemesh.collective.members import Peer
 
             peers = [Peer(r, e, curve_public_for(keys[r])) for r, e in sorted(jstate.endpoints.items()) if r != 0]
             options = CollectiveOptions(timeout=self.options.timeout, algorithm=self.options.algorithm,
                                         compression=self.options.compression)
-            group = await asyncio.to_thread(ZmqCollective, links0, 0, world, peers, options)
+            group = await asyncio.to_thread(CollectiveGroup, links0, 0, world, peers, options)
         except BaseException:
             links0.close(abandon=True)
             await self._stop_job(tell_workers=False)

@@ -92,7 +92,7 @@ def run_job(state: StateDir, spec: JobSpec, host: str) -> int:
 
     from edgemesh.collective.members import CurveKeys, Peer
     from edgemesh.collective.tcp_links import SecureLinks
-    from edgemesh.collective.zmq_group import CollectiveOptions, ZmqCollective
+    from edgemesh.collective.group import CollectiveOptions, CollectiveGroup
     from edgemesh.llm.model import Participant
     from edgemesh.runtime.measure import follow_solo
     from edgemesh.weights.config import ModelConfig
@@ -116,7 +116,7 @@ def run_job(state: StateDir, spec: JobSpec, host: str) -> int:
         return 2
     try:
         peers = asyncio.run(report_ready(key, spec, links.endpoint))
-        group = ZmqCollective(
+        group = CollectiveGroup(
             links, spec.rank, spec.world,
             [Peer(r, e, curve_public_for(spec.keys[r])) for r, e in peers if r != spec.rank],
             CollectiveOptions(timeout=spec.timeout, algorithm=spec.algorithm, compression=spec.compression))

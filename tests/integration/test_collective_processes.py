@@ -1,4 +1,4 @@
-"""ZmqCollective (default TCP links) across real processes on 127.0.0.1: results, a SIGKILLed worker, the benchmark."""
+"""CollectiveGroup (default TCP links) across real processes on 127.0.0.1: results, a SIGKILLed worker, the benchmark."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.integration
 # report each result (or the error that ended the loop) as one JSON line.
 WORKER = r"""
 import json, sys, time, torch
-from edgemesh.collective.zmq_group import CollectiveOptions, ZmqCollective
+from edgemesh.collective.group import CollectiveOptions, CollectiveGroup
 from edgemesh.collective.members import CurveKeys, Peer
 from edgemesh.collective.tcp_links import SecureLinks
 cfg = json.loads(sys.stdin.readline())
@@ -30,7 +30,7 @@ publics = [k.encode() for k in cfg["publics"]]
 links = SecureLinks.bind("tcp://127.0.0.1:0", CurveKeys(publics[rank], cfg["secret"].encode()), publics)
 print(json.dumps({"endpoint": links.endpoint}), flush=True)
 eps = json.loads(sys.stdin.readline())["endpoints"]
-g = ZmqCollective(links, rank, w, [Peer(r, eps[r], publics[r]) for r in range(w)],
+g = CollectiveGroup(links, rank, w, [Peer(r, eps[r], publics[r]) for r in range(w)],
                   CollectiveOptions(timeout=10.0, algorithm=cfg["algorithm"]))
 try:
     for i in range(cfg["steps"]):

@@ -22,7 +22,7 @@ import torch
 from edgemesh.collective.errors import CollectiveError, LinkAuthError, LinkProtocolError, PeerLost
 from edgemesh.collective.members import CurveKeys, Peer
 from edgemesh.collective.tcp_links import HELLO, MAGIC, MODE_SECURE, PREFIX, REFUSED, REPLY, TAG, SecureLinks
-from edgemesh.collective.zmq_group import CollectiveOptions, ZmqCollective
+from edgemesh.collective.group import CollectiveOptions, CollectiveGroup
 from edgemesh.errors import AuthError, ProtocolError
 from zmq.utils import z85
 
@@ -95,7 +95,7 @@ class Proxy:
             t.join(5)
 
 
-def group_via_proxy(mutate: Mutate, **opts: Any) -> tuple[list[ZmqCollective], Proxy]:
+def group_via_proxy(mutate: Mutate, **opts: Any) -> tuple[list[CollectiveGroup], Proxy]:
     keys = [CurveKeys.generate() for _ in range(2)]
     publics = [k.public for k in keys]
     links = [SecureLinks.bind(LOCAL, keys[r], publics) for r in range(2)]
@@ -103,8 +103,8 @@ def group_via_proxy(mutate: Mutate, **opts: Any) -> tuple[list[ZmqCollective], P
     # Rank 1 believes the hub is at the proxy's address.
     peers_of = [[Peer(1, links[1].endpoint, publics[1])], [Peer(0, proxy.endpoint, publics[0])]]
     options = CollectiveOptions(**{"timeout": 5.0, "connect_timeout": 5.0, **opts})
-    groups = in_threads(2, lambda r: ZmqCollective(links[r], r, 2, peers_of[r], options))
-    assert all(isinstance(g, ZmqCollective) for g in groups), groups
+    groups = in_threads(2, lambda r: CollectiveGroup(links[r], r, 2, peers_of[r], options))
+    assert all(isinstance(g, CollectiveGroup) for g in groups), groups
     return groups, proxy
 
 
@@ -148,7 +148,7 @@ def oversized_length_at(index: int) -> Mutate:
     return mutate
 
 
-def run_and_check(groups: list[ZmqCollective], steps: int, hub_error: type[Exception]) -> list[Any]:
+def run_and_check(groups: list[CollectiveGroup], steps: int, hub_error: type[Exception]) -> list[Any]:
     def rank(r: int) -> Any:
         out = []
         for i in range(steps):
@@ -168,7 +168,7 @@ def run_and_check(groups: list[ZmqCollective], steps: int, hub_error: type[Excep
 
 @pytest.fixture
 def closing() -> Any:
-    made: list[tuple[list[ZmqCollective], Proxy]] = []
+    made: list[tuple[list[CollectiveGroup], Proxy]] = []
     yield made.append
     for groups, proxy in made:
         for g in groups:
@@ -216,7 +216,7 @@ def test_max_message_bounds_what_a_member_may_send() -> None:
     publics = [k.public for k in keys]
     links = [SecureLinks.bind(LOCAL, keys[0], publics, max_message=4096), SecureLinks.bind(LOCAL, keys[1], publics)]
     peers = [Peer(r, links[r].endpoint, publics[r]) for r in range(2)]
-    groups = in_threads(2, lambda r: ZmqCollective(links[r], r, 2, peers, CollectiveOptions(timeout=5.0)))
+    groups = in_threads(2, lambda r: CollectiveGroup(links[r], r, 2, peers, CollectiveOptions(timeout=5.0)))
     try:
         res = in_threads(2, lambda r: groups[r].allreduce_sum(torch.ones(10_000)))  # 40 kB > 4 KiB
         assert isinstance(res[0], LinkProtocolError), res[0]
@@ -250,7 +250,7 @@ def test_strangers_during_join_are_refused_and_counted() -> None:
     def rank(r: int) -> Any:
         if r == 1:
             time.sleep(0.5)  # let the attackers go first
-        return ZmqCollective(links[r], r, 2, peers, CollectiveOptions(timeout=5.0, connect_timeout=5.0))
+        return CollectiveGroup(links[r], r, 2, peers, CollectiveOptions(timeout=5.0, connect_timeout=5.0))
 
     joiner = threading.Thread(target=lambda: formed.extend(in_threads(2, rank)))
     joiner.start()
@@ -260,14 +260,14 @@ def test_strangers_during_join_are_refused_and_counted() -> None:
         assert status != REFUSED
         thief.sendall(os.urandom(TAG))
         joiner.join(10)
-        assert all(isinstance(g, ZmqCollective) for g in formed), formed
+        assert all(isinstance(g, CollectiveGroup) for g in formed), formed
         res = in_threads(2, lambda r: formed[r].allreduce_sum(torch.ones(8)))
         assert all(torch.equal(x, torch.full((8,), 2.0)) for x in res)
         assert links[0].refused_connections == 3  # garbage, stranger, thief (the silent one just waited)
     finally:
         joiner.join(10)
         for g in formed:
-            if isinstance(g, ZmqCollective):
+            if isinstance(g, CollectiveGroup):
                 g.close()
         for s in (silent, garbage, stranger, thief):
             s.close()
@@ -282,8 +282,8 @@ def test_plain_and_encrypted_ranks_do_not_mix() -> None:
 
     def rank(r: int) -> Any:
         if r == 0:
-            return ZmqCollective(hub, 0, 2, [Peer(1, worker.endpoint, publics[1])], opts)
-        return ZmqCollective(worker, 1, 2, [Peer(0, hub.endpoint)], opts)
+            return CollectiveGroup(hub, 0, 2, [Peer(1, worker.endpoint, publics[1])], opts)
+        return CollectiveGroup(worker, 1, 2, [Peer(0, hub.endpoint)], opts)
 
     hub_result, worker_result = in_threads(2, rank)
     assert isinstance(worker_result, ProtocolError) and "encrypted" in str(worker_result)

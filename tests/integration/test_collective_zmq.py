@@ -1,4 +1,4 @@
-"""ZmqCollective over real links on 127.0.0.1: W ranks as W threads of this process.
+"""CollectiveGroup over real links on 127.0.0.1: W ranks as W threads of this process.
 
 Every rank has its own sockets (and, on zmq links, its own context and authenticator), exactly
 as in separate processes; threads only save process start-up time. The default links are
@@ -21,10 +21,10 @@ from edgemesh.collective.base import Collective
 from edgemesh.collective.compress import error_bound
 from edgemesh.collective.errors import CollectiveError, CollectiveTimeout, PeerLost
 from edgemesh.collective.op import data_header
-from edgemesh.collective.zmq_group import CollectiveOptions, ZmqCollective
+from edgemesh.collective.group import CollectiveOptions, CollectiveGroup
 from edgemesh.collective.members import CurveKeys, Peer
 from edgemesh.collective.tcp_links import SecureLinks
-from edgemesh.collective.zmq_links import PeerLinks
+from edgemesh.bench.zmq_links import PeerLinks
 from edgemesh.errors import AuthError, ProtocolError
 from edgemesh.wire.envelope import Envelope, Kind, encode_envelope
 from edgemesh.wire.tensor import TensorSpec
@@ -56,19 +56,19 @@ def in_threads(n: int, fn: Callable[[int], Any], timeout: float = 20.0) -> list[
 LINKS = {"tcp": SecureLinks, "zmq": PeerLinks}
 
 
-def make_group(w: int, kind: str = "tcp", **opts: Any) -> list[ZmqCollective]:
+def make_group(w: int, kind: str = "tcp", **opts: Any) -> list[CollectiveGroup]:
     keys = [CurveKeys.generate() for _ in range(w)]
     publics = [k.public for k in keys]
     links = [LINKS[kind].bind(LOCAL, keys[r], publics) for r in range(w)]
     peers = [Peer(r, links[r].endpoint, publics[r]) for r in range(w)]
     options = CollectiveOptions(**{"timeout": 10.0, "connect_timeout": 10.0, **opts})
-    groups = in_threads(w, lambda r: ZmqCollective(links[r], r, w, peers, options))
+    groups = in_threads(w, lambda r: CollectiveGroup(links[r], r, w, peers, options))
     for g in groups:
-        assert isinstance(g, ZmqCollective), g
+        assert isinstance(g, CollectiveGroup), g
     return groups
 
 
-def close_all(groups: list[ZmqCollective]) -> None:
+def close_all(groups: list[CollectiveGroup]) -> None:
     in_threads(len(groups), lambda r: groups[r].close())
 
 
@@ -87,9 +87,9 @@ def rank_order_sum(xs: list[torch.Tensor]) -> torch.Tensor:
 
 @pytest.fixture
 def group_of() -> Any:
-    made: list[list[ZmqCollective]] = []
+    made: list[list[CollectiveGroup]] = []
 
-    def factory(w: int, kind: str = "tcp", **opts: Any) -> list[ZmqCollective]:
+    def factory(w: int, kind: str = "tcp", **opts: Any) -> list[CollectiveGroup]:
         made.append(make_group(w, kind, **opts))
         return made[-1]
 
@@ -238,9 +238,9 @@ def test_unknown_key_is_refused() -> None:
 
     def rank(r: int) -> Any:
         if r == 0:
-            return ZmqCollective(hub_links, 0, 2, [Peer(1, rogue_links.endpoint, member1.public)], opts)
+            return CollectiveGroup(hub_links, 0, 2, [Peer(1, rogue_links.endpoint, member1.public)], opts)
         # The stranger knows the hub's address and public key and claims to be rank 1.
-        return ZmqCollective(rogue_links, 1, 2, [Peer(0, hub_links.endpoint, member0.public)], opts)
+        return CollectiveGroup(rogue_links, 1, 2, [Peer(0, hub_links.endpoint, member0.public)], opts)
 
     hub_result, rogue_result = in_threads(2, rank)
     assert isinstance(rogue_result, AuthError), rogue_result
@@ -262,8 +262,8 @@ def test_member_key_cannot_claim_another_rank() -> None:
 
     def rank(r: int) -> Any:
         if r == 0:
-            return ZmqCollective(hub, 0, 2, [Peer(1, "tcp://127.0.0.1:9", publics[1])], opts)
-        return ZmqCollective(impostor, 1, 2, [Peer(0, hub.endpoint, publics[0])], opts)
+            return CollectiveGroup(hub, 0, 2, [Peer(1, "tcp://127.0.0.1:9", publics[1])], opts)
+        return CollectiveGroup(impostor, 1, 2, [Peer(0, hub.endpoint, publics[0])], opts)
 
     hub_result, impostor_result = in_threads(2, rank)
     assert isinstance(hub_result, AuthError), hub_result

@@ -179,7 +179,7 @@ def test_smollm2_on_three_nodes_matches_one_node(cluster3, tmp_path):
 
 
 def test_bench_generate_measures_every_term_and_sends_what_the_theory_says(cluster3, store):
-    from edgemesh.runtime.bench_generate import bench
+    from edgemesh.bench.generate import bench
 
     d, sds, nodes = cluster3
     entry = ModelStore(store).get("mid")

@@ -1,6 +1,6 @@
 """`edgemesh bench rpc`: our RPC stack over loopback, CURVE (with ZAP) against plain zmq.
 
-The server runs in its own process (`python -m edgemesh.mesh.rpc_bench PORT curve|plain
+The server runs in its own process (`python -m edgemesh.bench.rpc PORT curve|plain
 SERVER_SEED CLIENT_PUBLIC`) so client and server do not share an interpreter; it echoes the
 request's tensor frames back for RTT and answers with a byte count for throughput.
 """
@@ -109,7 +109,7 @@ async def _client(port: int, mode: str, server_public: bytes, key: NodeKey, iter
 def run_mode(mode: str, port: int, iters: int = 2000, mib: int = 512) -> ModeResult:
     server_key, client_key = NodeKey.generate(), NodeKey.generate()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "edgemesh.mesh.rpc_bench", str(port), mode, server_key.seed.hex(),
+        [sys.executable, "-m", "edgemesh.bench.rpc", str(port), mode, server_key.seed.hex(),
          client_key.curve_public.decode()],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

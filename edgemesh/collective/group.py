@@ -1,20 +1,20 @@
-"""``ZmqCollective``: the ``Collective`` that model code uses across processes and machines.
+"""``CollectiveGroup``: the ``Collective`` that model code uses across processes and machines.
 
-(The name is historical: the default links are now ``tcp_links.SecureLinks`` — blocking TCP with
-our own X25519 handshake and AES-256-OCB3 framing, see protocols/collective.md; zmq CURVE links,
-``zmq_links.PeerLinks``, remain selectable and are what the benchmark compares against.)
+It runs over any ``members.Links``: in production ``tcp_links.SecureLinks`` (blocking TCP with our
+own X25519 handshake and AES-256-OCB3 framing, see protocols/collective.md), the one data plane;
+the allreduce benchmark also runs it over zmq CURVE links (``edgemesh.bench.zmq_links``).
 
 Build one per rank::
 
     keys = CurveKeys.generate()                       # or the node's own key pair
     links = SecureLinks.bind("tcp://0.0.0.0:0", keys, member_keys=[...all ranks' public keys])
     # ... publish links.endpoint and keys.public to the others, learn theirs ...
-    group = ZmqCollective(links, rank=k, world_size=W,
+    group = CollectiveGroup(links, rank=k, world_size=W,
                           peers=[Peer(r, endpoint_r, public_key_r) for r in others])
 
 or in one step when the endpoints are known in advance::
 
-    group = ZmqCollective.create(rank=k, world_size=W, peers=peers, keys=keys,
+    group = CollectiveGroup.create(rank=k, world_size=W, peers=peers, keys=keys,
                                  bind="tcp://0.0.0.0:5600")
 
 Every call blocks the calling (compute) thread until the collective is done. All ranks must
@@ -60,7 +60,7 @@ class CollectiveOptions:
             raise ValueError("timeouts must be positive and chunks at least 1")
 
 
-class ZmqCollective:
+class CollectiveGroup:
     """A fixed group of ``world_size`` ranks over authenticated links; rank 0 is the hub."""
 
     def __init__(self, links: Links, rank: int, world_size: int, peers: Sequence[Peer],
@@ -81,7 +81,7 @@ class ZmqCollective:
 
     @classmethod
     def create(cls, rank: int, world_size: int, peers: Sequence[Peer], keys: CurveKeys | None,
-               bind: str, options: CollectiveOptions | None = None, *, plain: bool = False) -> ZmqCollective:
+               bind: str, options: CollectiveOptions | None = None, *, plain: bool = False) -> CollectiveGroup:
         """Bind and join in one call (endpoints known in advance)."""
         member_keys = [p.public_key for p in peers if p.public_key is not None]
         links = SecureLinks.bind(bind, keys, member_keys, plain=plain)
@@ -167,7 +167,7 @@ class ZmqCollective:
         self._closed = True
         self._links.close(abandon=self._broken is not None)
 
-    def __enter__(self) -> ZmqCollective:
+    def __enter__(self) -> CollectiveGroup:
         return self
 
     def __exit__(self, *exc: object) -> None:

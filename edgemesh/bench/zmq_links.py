@@ -1,4 +1,5 @@
-"""Authenticated point-to-point links between the members of one collective group.
+"""Authenticated point-to-point zmq CURVE links between the members of one collective group: the
+previous data plane, kept for the allreduce benchmark to compare the TCP links (production) against.
 
 Topology: every rank binds one ROUTER (a CURVE server behind a ZAP allow-list of the group's
 member keys) and connects one DEALER (a CURVE client) to each *lower* rank. So each pair of

@@ -11,7 +11,7 @@ The parent process only orchestrates: it hands each worker its keys and config o
 the bound endpoints from stdout, tells everyone the peer list, and collects JSON results.
 Workers are its children and are ended by pid on every exit path.
 
-Run a worker by hand: ``python -m edgemesh.collective.benchmark --worker`` (reads JSON on stdin).
+Run a worker by hand: ``python -m edgemesh.bench.allreduce --worker`` (reads JSON on stdin).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from edgemesh.collective.costmodel import Algorithm, LinkCost, choose, fit_from_
 from edgemesh.collective.errors import CollectiveError
 
 # star / chunked_star / ring / star_bf16: tcp_links.SecureLinks (the default data plane);
-# *_zmq: zmq_links.PeerLinks with CURVE (the previous data plane); star_plain: TCP, no crypto.
+# *_zmq: bench.zmq_links.PeerLinks with CURVE (the previous data plane); star_plain: TCP, no crypto.
 METHODS = ("star", "chunked_star", "ring", "star_bf16", "star_plain", "star_zmq", "chunked_star_zmq", "ring_zmq", "gloo")
 SECURE = ("star", "chunked_star", "ring")  # the columns the cost model is fitted to
 DEFAULT_SIZES = (2 * 1024, 16 * 1024, 64 * 1024, 256 * 1024, 1024 * 1024)
@@ -76,7 +76,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-WORKER_ARGV = [sys.executable, "-m", "edgemesh.collective.benchmark", "--worker"]
+WORKER_ARGV = [sys.executable, "-m", "edgemesh.bench.allreduce", "--worker"]
 
 
 class Placement:
@@ -221,8 +221,8 @@ def _worker() -> None:
 
     from edgemesh.collective.members import CurveKeys, Peer
     from edgemesh.collective.tcp_links import SecureLinks
-    from edgemesh.collective.zmq_group import CollectiveOptions, ZmqCollective
-    from edgemesh.collective.zmq_links import PeerLinks
+    from edgemesh.collective.group import CollectiveOptions, CollectiveGroup
+    from edgemesh.bench.zmq_links import PeerLinks
 
     torch.set_num_threads(1)  # W processes share 2 cores; intra-op threads only add contention
     cfg = json.loads(sys.stdin.readline())
@@ -239,7 +239,7 @@ def _worker() -> None:
     print(json.dumps({k: v.endpoint for k, v in links.items()}), flush=True)
     eps = json.loads(sys.stdin.readline())["endpoints"]
     opts = CollectiveOptions(timeout=60, connect_timeout=60, chunks=CHUNKS)
-    groups = {k: ZmqCollective(v, rank, w, [Peer(r, eps[r][k], None if k == "plain" else publics[r])
+    groups = {k: CollectiveGroup(v, rank, w, [Peer(r, eps[r][k], None if k == "plain" else publics[r])
                                             for r in range(w)], opts)
               for k, v in links.items()}
     if host != "127.0.0.1":
@@ -251,7 +251,7 @@ def _worker() -> None:
     def barrier() -> None:
         groups["plain"].allreduce_sum(one)
 
-    def group_for(method: str) -> ZmqCollective:
+    def group_for(method: str) -> CollectiveGroup:
         """Every rank switches at the same point, so the group stays in agreement."""
         if method == "star_plain":
             return groups["plain"]
@@ -305,5 +305,5 @@ if __name__ == "__main__":
     if sys.argv[1:] == ["--worker"]:
         _worker()
     else:
-        print("usage: python -m edgemesh.collective.benchmark --worker  (normally run by `edgemesh bench allreduce`)")
+        print("usage: python -m edgemesh.bench.allreduce --worker  (normally run by `edgemesh bench allreduce`)")
         sys.exit(2)
