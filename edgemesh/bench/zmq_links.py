@@ -32,6 +32,7 @@ from zmq.utils.monitor import recv_monitor_message
 from edgemesh.collective.errors import CollectiveError, CollectiveTimeout, PeerLost
 from edgemesh.collective.members import CurveKeys, Peer, peers_by_rank
 from edgemesh.errors import AuthError, ProtocolError
+from edgemesh.transport.endpoint import parse_endpoint, tcp_endpoint
 from edgemesh.wire.envelope import Envelope, Kind, decode_message, encode_envelope
 
 ZAP_DOMAIN = b"edgemesh.collective"
@@ -139,11 +140,8 @@ class PeerLinks:
                 router.zap_domain = ZAP_DOMAIN
                 # Refuse (rather than accept) if the ZAP handler were ever missing.
                 router.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
-            host_port = endpoint.rsplit(":", 1)
-            if len(host_port) == 2 and host_port[1] in ("0", "*"):
-                router.bind(host_port[0] + ":*")
-            else:
-                router.bind(endpoint)
+            host, port = parse_endpoint(endpoint)
+            router.bind(tcp_endpoint(host, "*") if port == 0 else endpoint)
             bound = router.getsockopt_string(zmq.LAST_ENDPOINT)
             return cls(ctx, router, bound, keys, auth, allow, linger_ms)
         except BaseException:

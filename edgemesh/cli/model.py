@@ -183,7 +183,7 @@ def _live_cluster(state_dir: Path | None, nodes: int):  # type: ignore[no-untype
     import asyncio
 
     from edgemesh.cli.node import resolve_state
-    from edgemesh.runtime.launch import LaunchOptions, live_devices
+    from edgemesh.runtime.deploy import LaunchOptions, live_devices
 
     return asyncio.run(live_devices(resolve_state(state_dir), LaunchOptions(nodes=nodes or None)))
 

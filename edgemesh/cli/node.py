@@ -22,7 +22,7 @@ from edgemesh.config import DEFAULT_PORT
 from edgemesh.errors import ConfigError, NotRunningError, PortInUseError, TokenError
 from edgemesh.identity.statedir import StateDir, default_state_dir
 from edgemesh.identity.token import JoinPoint, JoinToken
-from edgemesh.transport.zmq_link import tcp_endpoint
+from edgemesh.transport.endpoint import tcp_endpoint
 
 err = Console(stderr=True)
 out = Console()
@@ -100,7 +100,7 @@ def _settings(state: StateDir, host: Optional[str], port: Optional[int], adverti
 
 
 def _run(state: StateDir, settings: dict[str, Any], detach: bool) -> None:
-    from edgemesh.runtime.launcher import ensure_not_running, start_detached
+    from edgemesh.runtime.daemon_process import ensure_not_running, start_detached
 
     ensure_not_running(state)
     _check_port_free(settings["host"], settings["port"])
@@ -156,7 +156,7 @@ def init(
     if turn and settings["advertise"] in ("0.0.0.0", "127.0.0.1", "::"):
         raise ConfigError("--turn needs an address other members can reach: pass --advertise or --host")
     if not no_start:
-        from edgemesh.runtime.launcher import ensure_not_running
+        from edgemesh.runtime.daemon_process import ensure_not_running
 
         ensure_not_running(state)
         _check_port_free(settings["host"], settings["port"])
@@ -198,7 +198,7 @@ def join(
         if not no_start:
             _run(state, settings, detach)
         return
-    from edgemesh.runtime.launcher import ensure_not_running
+    from edgemesh.runtime.daemon_process import ensure_not_running
 
     ensure_not_running(state)
     _check_port_free(settings["host"], settings["port"])
@@ -232,7 +232,7 @@ def start(
 @app.command()
 def stop(state_dir: Optional[Path] = StateOpt) -> None:
     """Stop this node's daemon (it stays a member and rejoins on `edgemesh start`)."""
-    from edgemesh.runtime.launcher import stop_daemon
+    from edgemesh.runtime.daemon_process import stop_daemon
 
     state = resolve_state(state_dir)
     if not stop_daemon(state):

@@ -33,7 +33,7 @@ CompressOpt = typer.Option(None, "--wire-dtype", help="Send partial sums as floa
 
 def _options(nodes: Optional[int], on: Optional[str], max_seq_len: int, timeout: float, algo: str,
              compression: Optional[str]):  # type: ignore[no-untyped-def]
-    from edgemesh.runtime.launch import LaunchOptions
+    from edgemesh.runtime.deploy import LaunchOptions
 
     if algo not in ("auto", "star", "chunked_star", "ring"):
         raise ConfigError(f"--allreduce must be auto, star, chunked_star or ring (got {algo!r})")
@@ -55,7 +55,7 @@ def _plan_table(deployment) -> Table:  # type: ignore[no-untyped-def]
 
 
 async def _deploy(state_dir, model, store, opts):  # type: ignore[no-untyped-def]
-    from edgemesh.runtime.launch import Deployment
+    from edgemesh.runtime.deploy import Deployment
     from edgemesh.weights.store import ModelStore
 
     entry = ModelStore(store or default_store_dir()).get(model)
@@ -84,7 +84,7 @@ async def _deploy(state_dir, model, store, opts):  # type: ignore[no-untyped-def
 def _engine(deployment, resume: bool = True):  # type: ignore[no-untyped-def]
     from edgemesh.llm.tokenizer import ChatTokenizer
     from edgemesh.runtime.engine import Engine
-    from edgemesh.runtime.launch import is_cluster_failure, keepalive
+    from edgemesh.runtime.deploy import is_cluster_failure, keepalive
 
     tokenizer = ChatTokenizer.from_entry(deployment.entry)
     return Engine(deployment.entry.name, deployment.model, tokenizer, recover=deployment.recover,

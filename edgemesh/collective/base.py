@@ -1,6 +1,6 @@
 """The collective interface that model code calls.
 
-Model code (edgemesh.llm, edgemesh.vit) never touches sockets: it receives a ``Collective`` and
+Model code (edgemesh.llm and every other model package) never touches sockets: it receives a ``Collective`` and
 calls ``allreduce_sum`` / ``broadcast``. A single-device ``LocalCollective`` turns the same
 code into a plain model; in-process and zmq implementations make it distributed.
 """

@@ -46,6 +46,7 @@ from edgemesh.collective.buffers import BufferPool
 from edgemesh.collective.errors import CollectiveTimeout, LinkAuthError, LinkProtocolError, PeerLost
 from edgemesh.collective.members import CurveKeys, Peer, peers_by_rank
 from edgemesh.errors import AuthError, ProtocolError
+from edgemesh.transport.endpoint import parse_endpoint
 
 # AES-256-OCB3 (RFC 7253) rather than AES-256-GCM: both run on AES-NI, but on our measured
 # machine GHASH is GCM's bottleneck — 1 MiB seals at 5.0 GB/s with OCB3 vs 3.3 GB/s with GCM
@@ -102,21 +103,6 @@ def _dh(secret: X25519PrivateKey, public: bytes) -> bytes:
 
 def _public_raw(secret: X25519PrivateKey) -> bytes:
     return secret.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-
-
-def _parse_endpoint(endpoint: str) -> tuple[str, int]:
-    if not endpoint.startswith("tcp://"):
-        raise ValueError(f"endpoint must look like tcp://HOST:PORT, got {endpoint!r}")
-    host, sep, port = endpoint[len("tcp://"):].rpartition(":")
-    if not sep or not host:
-        raise ValueError(f"endpoint must look like tcp://HOST:PORT, got {endpoint!r}")
-    host = host.strip("[]")
-    if host == "*":
-        host = "0.0.0.0"
-    try:
-        return host, 0 if port == "*" else int(port)
-    except ValueError:
-        raise ValueError(f"bad port in endpoint {endpoint!r}") from None
 
 
 def _tune(sock: socket.socket) -> None:
@@ -211,7 +197,7 @@ class SecureLinks:
             raise ValueError("a secure group needs this rank's key pair (or plain=True for benchmarks)")
         members = frozenset() if plain else frozenset(
             _raw_key(k, "member key") for k in [keys.public, *member_keys])  # type: ignore[union-attr]
-        host, port = _parse_endpoint(endpoint)
+        host, port = parse_endpoint(endpoint)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         listener = socket.socket(family, socket.SOCK_STREAM)
         try:
@@ -261,7 +247,7 @@ class SecureLinks:
     # -- initiator side
 
     def _dial(self, peer: Peer, deadline: float) -> _Conn:
-        host, port = _parse_endpoint(peer.endpoint)
+        host, port = parse_endpoint(peer.endpoint)
         while True:
             left = deadline - time.monotonic()
             if left <= 0:

@@ -145,9 +145,6 @@ class Participant:
             self._caches.append(KVCache(torch.zeros(shape, dtype=self.dtype), torch.zeros(shape, dtype=self.dtype)))
         self._batch = batch
 
-    def cache_nbytes(self) -> int:
-        return sum(c.k.numel() * c.k.element_size() * 2 for c in self._caches)
-
     # ---- decoder layers (every rank) ------------------------------------------------------
 
     def run_layers(self, h: torch.Tensor, start_pos: int) -> torch.Tensor:
@@ -183,7 +180,7 @@ class Participant:
         """Master only: logits [B, T, V] (or [B, 1, V] with ``last_only``) for ``tokens`` [B, T]
         placed at positions ``start_pos..start_pos+T-1``. ``start_pos == 0`` starts a new sequence."""
         if self.rank != 0:
-            raise RuntimeError("forward() runs on the master (rank 0); workers call serve()")
+            raise RuntimeError("forward() runs on the master (rank 0); workers run llm.follow.follow_master")
         if tokens.dim() == 1:
             tokens = tokens[None, :]
         w_in = self.provider.get("input")
@@ -207,23 +204,5 @@ class Participant:
         return logits
 
     def stop_workers(self) -> None:
-        """Master only: tell every worker's ``serve()`` loop to return."""
+        """Master only: tell every worker's loop (``llm.follow.follow_master``) to return."""
         self.collective.broadcast_meta({"op": "stop"})
-
-    # ---- workers (rank > 0) ---------------------------------------------------------------
-
-    def serve_step(self) -> bool:
-        """Worker: run one forward when the master starts one; False once told to stop."""
-        meta = self.collective.broadcast_meta(None)
-        op = meta.get("op")
-        if op == "stop":
-            return False
-        if op != "forward":
-            raise RuntimeError(f"unknown op from master: {op!r}")
-        h = self.collective.broadcast(None)
-        self.run_layers(h, int(meta["start_pos"]))
-        return True
-
-    def serve(self) -> None:
-        while self.serve_step():
-            pass

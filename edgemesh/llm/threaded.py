@@ -13,6 +13,7 @@ from typing import TypeVar
 
 from edgemesh.collective.base import Collective
 from edgemesh.collective.inproc import make_thread_group
+from edgemesh.llm.follow import follow_master
 from edgemesh.llm.model import Participant
 
 T = TypeVar("T")
@@ -39,7 +40,7 @@ def run_thread_group(
                     raise
                 p.stop_workers()
             else:
-                p.serve()
+                follow_master(p)
         except BaseException as exc:  # noqa: BLE001 - collected and re-raised in the caller
             errors.append(exc)
             group[rank].close()

@@ -21,6 +21,7 @@ from edgemesh.mesh.records import MemberRecord
 from edgemesh.mesh.paths import PathFactory, PeerPath, no_path
 from edgemesh.mesh.rpc import RpcClient
 from edgemesh.rpc.dispatch import RpcStats
+from edgemesh.transport.endpoint import endpoint_host
 from edgemesh.transport.zmq_link import ZmqTransport
 from edgemesh.wire.tensor import TensorSpec
 
@@ -31,10 +32,6 @@ REPROBE_EVERY = 10.0  # s: how often a peer we reach only by ICE is tried direct
 DIRECT_FAILURES = 2  # consecutive timeouts before a direct path is given up
 # Where home routers and carriers put the hosts they translate (RFC 1918, RFC 6598).
 _NATTED = tuple(ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10"))
-
-
-def _host_of(endpoint: str) -> str:
-    return endpoint.removeprefix("tcp://").rsplit(":", 1)[0].strip("[]")
 
 
 def same_subnet(a: str, b: str) -> bool:
@@ -56,7 +53,7 @@ class PeerLink:
         self.links = links
         self.direct: bool | None = None  # None: not tried yet
         self.local_host = local_host
-        self.direct_path = "lan" if same_subnet(_host_of(self.endpoint), local_host) else "direct"
+        self.direct_path = "lan" if same_subnet(endpoint_host(self.endpoint), local_host) else "direct"
         self.ice_path: str | None = None
         self._failures = 0
         self._on_change = on_change
@@ -89,7 +86,7 @@ class PeerLink:
 
     def _hopeless(self) -> bool:
         """A private address outside our subnet: behind someone's NAT, almost surely."""
-        host = _host_of(self.endpoint)
+        host = endpoint_host(self.endpoint)
         try:
             addr = ipaddress.ip_address(host)
         except ValueError:

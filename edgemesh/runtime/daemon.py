@@ -42,7 +42,8 @@ from edgemesh.nat.channel_rpc import ChannelRpc
 from edgemesh.nat.servers import IceServer, is_server_url, servers_from
 from edgemesh.nat.traversal import Traversal
 from edgemesh.nat.turn import TURN_PORT, coturn_argv, coturn_config, turn_secret
-from edgemesh.transport.zmq_link import ZmqTransport, tcp_endpoint
+from edgemesh.transport.endpoint import tcp_endpoint
+from edgemesh.transport.zmq_link import ZmqTransport
 from edgemesh.wire.schema import body_map, maybe, need
 from edgemesh.wire.tensor import TensorSpec
 
@@ -89,7 +90,7 @@ class NodeDaemon:
         self._handlers.update(self._mesh_handlers())
         self.turn_pid: int | None = None
         self.join_service = JoinService(self.cluster, self.key, self.view, self.clock, self._on_admit)
-        from edgemesh.runtime.workers import WorkerManager
+        from edgemesh.runtime.worker_manager import WorkerManager
 
         self.workers = WorkerManager(state, self.advertise)
         self._stop = asyncio.Event()

@@ -18,7 +18,8 @@ from edgemesh.errors import AuthError, EdgemeshError, ProtocolError
 from edgemesh.identity.keys import curve_public_for
 from edgemesh.mesh.rpc import RpcServer
 from edgemesh.rpc.dispatch import Call, Reply, RpcStats
-from edgemesh.transport.zmq_link import ZmqTransport, tcp_endpoint
+from edgemesh.transport.endpoint import tcp_endpoint
+from edgemesh.transport.zmq_link import ZmqTransport
 from edgemesh.wire.schema import body_map, need
 from edgemesh.wire.tensor import TensorSpec
 

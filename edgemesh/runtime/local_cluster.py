@@ -23,7 +23,7 @@ from edgemesh.errors import EdgemeshError
 from edgemesh.identity.statedir import StateDir
 from edgemesh.identity.token import JoinPoint, JoinToken
 from edgemesh.runtime.processes import same_process
-from edgemesh.transport.zmq_link import tcp_endpoint
+from edgemesh.transport.endpoint import tcp_endpoint
 
 HOST = "127.0.0.1"
 RECORD = "cluster.json"
@@ -93,7 +93,7 @@ def _free(port: int) -> bool:
 
 def up(directory: Path, count: int, base_port: int = 7700, progress: Callable[[str], None] = lambda m: None) -> list[LocalNode]:
     from edgemesh.mesh.join_client import join_cluster
-    from edgemesh.runtime.launcher import wait_ready
+    from edgemesh.runtime.daemon_process import wait_ready
 
     if count < 1 or count > 64:
         raise EdgemeshError(f"--nodes must be between 1 and 64 (got {count})")
@@ -140,7 +140,7 @@ def up(directory: Path, count: int, base_port: int = 7700, progress: Callable[[s
 
 def _spawn_recorded(state: StateDir, node: LocalNode, nodes: list[LocalNode], directory: Path) -> Any:
     """Start ``node``'s daemon and record its pid and start time right away (for `down`)."""
-    from edgemesh.runtime.launcher import spawn
+    from edgemesh.runtime.daemon_process import spawn
 
     state.save_settings({"host": HOST, "port": node.port, "advertise": HOST, "mdns": False})
     proc = spawn(state, HOST, node.port, HOST, False)
@@ -166,7 +166,7 @@ def wait_alive(state: StateDir, count: int, timeout: float) -> dict[str, Any]:
 
 def down(directory: Path, keep: bool = False) -> int:
     """Stop every recorded daemon (by pid), then remove the directory. Returns how many ran."""
-    from edgemesh.runtime.launcher import stop_daemon
+    from edgemesh.runtime.daemon_process import stop_daemon
 
     stopped = 0
     for n in load(directory):

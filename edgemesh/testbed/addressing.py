@@ -31,9 +31,6 @@ class AddressPlan:
     def site_index(self, site: str) -> int:
         return [s.name for s in self.scenario.sites].index(site)
 
-    def device_index(self, device: str) -> int:
-        return [d.name for d in self.scenario.devices].index(device)
-
     def router_wan(self, site: str) -> ipaddress.IPv4Address:
         return WAN_SUBNET.network_address + _ROUTER_BASE + self.site_index(site)
 

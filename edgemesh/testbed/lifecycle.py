@@ -5,11 +5,9 @@ The glue between the pure builders and the executor; the CLI calls only these fu
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -131,27 +129,3 @@ def start_daemons(scenario: Scenario, state: StateFile, caps: HostCaps, *, timeo
             raise StepFailed(f"edgemesh daemon on {dev.name} did not start: {detail[0]}")
         state.mark_started(dev.name)
     del rest
-
-
-def cluster_status(scenario: Scenario, names: Names, caps: HostCaps, device: str) -> dict[str, object] | None:
-    state_dir = daemon_state_dir(names, device)
-    result = run_in_device(scenario, names, caps, device, ["edgemesh", "status", "--state-dir", str(state_dir), "--json"],
-                           capture=True, timeout=20)
-    if result.returncode != 0:
-        return None
-    try:
-        return json.loads(result.stdout)
-    except json.JSONDecodeError:
-        return None
-
-
-def wait_members_alive(scenario: Scenario, names: Names, caps: HostCaps, timeout: float = 60.0) -> bool:
-    deadline = time.monotonic() + timeout
-    want = len(scenario.devices)
-    while time.monotonic() < deadline:
-        status = cluster_status(scenario, names, caps, scenario.devices[0].name)
-        members = status.get("members", []) if status else []
-        if isinstance(members, list) and sum(1 for m in members if m.get("state") == "alive") >= want:
-            return True
-        time.sleep(1.0)
-    return False

@@ -137,8 +137,3 @@ class ZmqTransport:
             self._auth = None
         self.ctx.term()
 
-
-def tcp_endpoint(host: str, port: int) -> str:
-    if ":" in host and not host.startswith("["):
-        return f"tcp://[{host}]:{port}"
-    return f"tcp://{host}:{port}"

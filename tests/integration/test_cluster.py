@@ -67,7 +67,7 @@ def test_killed_member_is_marked_dead_then_rejoins_with_same_id(cluster3):
     assert dead, "killed member marked dead"
     assert elapsed < 5.0, f"marked dead after {elapsed:.1f} s"
     # Restart with the same state dir: same node id, alive again, no ghost entry.
-    from edgemesh.runtime.launcher import start_detached
+    from edgemesh.runtime.daemon_process import start_detached
 
     pid = start_detached(sds[2], "127.0.0.1", victim.port, "127.0.0.1", False)
     victim.pid, victim.create_time = pid, __import__("psutil").Process(pid).create_time()

@@ -24,6 +24,7 @@ from edgemesh.collective.members import CurveKeys, Peer
 from edgemesh.collective.tcp_links import HELLO, MAGIC, MODE_SECURE, PREFIX, REFUSED, REPLY, TAG, SecureLinks
 from edgemesh.collective.group import CollectiveOptions, CollectiveGroup
 from edgemesh.errors import AuthError, ProtocolError
+from edgemesh.transport.endpoint import parse_endpoint
 from zmq.utils import z85
 
 from tests.integration.test_collective_zmq import LOCAL, in_threads
@@ -47,8 +48,7 @@ class Proxy:
     """Forwards one connection; rewrites the dialer's records after the handshake."""
 
     def __init__(self, target: str, mutate: Mutate) -> None:
-        host, port = target.removeprefix("tcp://").rsplit(":", 1)
-        self.target = (host, int(port))
+        self.target = parse_endpoint(target)
         self.mutate = mutate
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.endpoint = f"tcp://127.0.0.1:{self.listener.getsockname()[1]}"
@@ -232,8 +232,7 @@ def test_strangers_during_join_are_refused_and_counted() -> None:
     keys = [CurveKeys.generate() for _ in range(2)]
     publics = [k.public for k in keys]
     links = [SecureLinks.bind(LOCAL, keys[r], publics) for r in range(2)]
-    host, port = links[0].endpoint.removeprefix("tcp://").rsplit(":", 1)
-    addr = (host, int(port))
+    addr = parse_endpoint(links[0].endpoint)
     silent = socket.create_connection(addr)
     garbage = socket.create_connection(addr)
     garbage.sendall(os.urandom(HELLO.size))

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from edgemesh.llm.generate import generate
-from edgemesh.runtime.launch import Deployment, LaunchOptions
+from edgemesh.runtime.deploy import Deployment, LaunchOptions
 from edgemesh.weights.config import ModelConfig
 from edgemesh.weights.store import ModelStore
 from edgemesh.weights.synth import synth_model
@@ -60,7 +60,7 @@ def _run_deployed(state, entry, opts, prompt, n):
 
 def _worker_pids(state_dir) -> list[int]:
     return [p.pid for p in psutil.process_iter(["cmdline"])
-            if "edgemesh.runtime.worker" in " ".join(p.info["cmdline"] or [])
+            if "edgemesh.runtime.worker_main" in " ".join(p.info["cmdline"] or [])
             and str(state_dir) in " ".join(p.info["cmdline"] or [])]
 
 

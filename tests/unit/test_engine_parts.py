@@ -6,7 +6,7 @@ import pytest
 
 from edgemesh.errors import ConfigError
 from edgemesh.runtime.engine import StopMatcher
-from edgemesh.runtime.launch import LaunchOptions, choose_members, devices_and_links, threads_per_rank
+from edgemesh.runtime.deploy import LaunchOptions, choose_members, devices_and_links, threads_per_rank
 
 pytestmark = pytest.mark.unit
 
@@ -118,7 +118,7 @@ def test_link_table_keeps_recent_path_changes_with_their_times():
 
 
 def test_ranks_sharing_a_machine_get_disjoint_cores_only_when_there_are_enough():
-    from edgemesh.runtime.launch import cpu_slots
+    from edgemesh.runtime.deploy import cpu_slots
 
     two = [_member("a", "a"), _member("b", "b")]  # 2 cores, 2 ranks
     assert cpu_slots(two) == [(0, 2), (1, 2)]
@@ -161,7 +161,7 @@ def _paths(*pairs: tuple[str, str, str]) -> dict:
 
 
 def test_a_tensor_parallel_group_takes_only_members_that_reach_each_other_directly():
-    from edgemesh.runtime.launch import direct_island
+    from edgemesh.runtime.deploy import direct_island
 
     # a1 is the master; b2 is on its LAN; c3 sits behind a NAT (punched from a1); node3 is dead.
     paths = _paths(("a1", "b2", "lan"), ("b2", "a1", "lan"), ("a1", "c3", "punched"), ("c3", "a1", "direct"),
@@ -182,7 +182,7 @@ def test_a_tensor_parallel_group_takes_only_members_that_reach_each_other_direct
 
 
 def test_naming_a_left_out_member_or_asking_for_more_than_the_island_is_refused_with_the_reason():
-    from edgemesh.runtime.launch import _refuse_left_out
+    from edgemesh.runtime.deploy import _refuse_left_out
 
     left = {"c3": "node0 reaches node2 only punched"}
     notes = ["node2: left out, node0 reaches node2 only punched"]
@@ -198,7 +198,7 @@ def test_naming_a_left_out_member_or_asking_for_more_than_the_island_is_refused_
 
 
 def test_members_named_with_on_are_tried_first_and_a_silent_member_is_named_as_such():
-    from edgemesh.runtime.launch import direct_island
+    from edgemesh.runtime.deploy import direct_island
 
     # a1 reaches b2 and c3 directly, but b2 <-> c3 only punched: by name order b2 wins, but
     # `--on node2` (c3) must give the group {a1, c3}, not refuse c3 because of b2.

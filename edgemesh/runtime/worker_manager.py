@@ -6,7 +6,6 @@ import logging
 import os
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -39,7 +38,7 @@ class WorkerManager:
         job_file.write_bytes(msgpack.packb(spec.to_wire(), use_bin_type=True))
         with open(self.dir / f"{spec.job}-r{spec.rank}.log", "ab") as logf:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "edgemesh.runtime.worker", "--state-dir", str(self.state.path),
+                [sys.executable, "-m", "edgemesh.runtime.worker_main", "--state-dir", str(self.state.path),
                  "--job", str(job_file), "--host", self.host],
                 stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -74,6 +73,3 @@ class WorkerManager:
     def jobs(self) -> list[dict[str, Any]]:
         self.reap()
         return [{"job": j, "rank": s.rank, "model": s.model, "pid": p.pid} for j, (s, p) in self._procs.items()]
-
-    def log_path(self, spec: JobSpec) -> Path:
-        return self.dir / f"{spec.job}-r{spec.rank}.log"

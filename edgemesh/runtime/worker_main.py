@@ -1,4 +1,4 @@
-"""A tensor-parallel worker: `python -m edgemesh.runtime.worker --state-dir S --job FILE`.
+"""A tensor-parallel worker: `python -m edgemesh.runtime.worker_main --state-dir S --job FILE`.
 
 Started by a node's daemon for one job. It fetches its weight slices from the launcher (hash
 checked, cached by hash), binds its collective socket, reports ready, joins the group and then
@@ -93,8 +93,8 @@ def run_job(state: StateDir, spec: JobSpec, host: str) -> int:
     from edgemesh.collective.members import CurveKeys, Peer
     from edgemesh.collective.tcp_links import SecureLinks
     from edgemesh.collective.group import CollectiveOptions, CollectiveGroup
+    from edgemesh.llm.follow import follow_master
     from edgemesh.llm.model import Participant
-    from edgemesh.runtime.measure import follow_solo
     from edgemesh.weights.config import ModelConfig
     from edgemesh.weights.provider import InMemoryProvider
     from edgemesh.weights.shard import ShardSpec
@@ -129,31 +129,9 @@ def run_job(state: StateDir, spec: JobSpec, host: str) -> int:
              provider.nbytes() / 1e6)
     try:
         with torch.inference_mode():
-            while True:
-                meta = group.broadcast_meta(None)
-                op = meta.get("op")
-                if op == "noop":
-                    continue
-                if op == "stop":
-                    log.info("stopped by the master")
-                    return 0
-                if op == "probe":  # `bench generate`: time allreduces of one decode step's size
-                    n, numel = meta.get("n"), meta.get("numel")
-                    if not isinstance(n, int) or not isinstance(numel, int) or not (0 < n <= 10_000 and 0 < numel <= 1 << 24):
-                        raise EdgemeshError("bad probe from the master")
-                    probe = torch.zeros(1, 1, numel)
-                    for _ in range(n):
-                        group.allreduce_sum(probe)
-                    continue
-                if op == "solo":  # `bench generate`: my compute alone, all ranks at once
-                    follow_solo(model, meta)
-                    continue
-                if op != "forward":
-                    raise EdgemeshError(f"unknown op from the master: {op!r}")
-                start_pos = meta.get("start_pos")
-                if not isinstance(start_pos, int) or start_pos < 0:
-                    raise EdgemeshError("bad start_pos from the master")
-                model.run_layers(group.broadcast(None), start_pos)
+            follow_master(model)
+        log.info("stopped by the master")
+        return 0
     except EdgemeshError as exc:
         log.error("leaving the group: %s", exc)
         return 1

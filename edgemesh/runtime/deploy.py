@@ -33,6 +33,7 @@ from edgemesh.runtime.control import control_call
 from edgemesh.runtime.processes import pin_to_slot, running_daemon
 from edgemesh.runtime.job_server import JobFailed, JobServer
 from edgemesh.runtime.jobs import JobFile, JobSpec
+from edgemesh.transport.endpoint import endpoint_host
 from edgemesh.transport.zmq_link import ZmqTransport
 from edgemesh.weights.provider import InMemoryProvider
 from edgemesh.weights.store import ModelEntry
@@ -121,7 +122,7 @@ def choose_members(members: list[dict[str, Any]], me: str, opts: LaunchOptions,
 
 
 def _host(m: dict[str, Any]) -> str:
-    return str(m["addresses"][0]).removeprefix("tcp://").rsplit(":", 1)[0]
+    return endpoint_host(str(m["addresses"][0]))
 
 
 def _sharing(members: list[dict[str, Any]]) -> list[int]:
@@ -317,7 +318,7 @@ class Deployment:
                                 "or a local cluster (`edgemesh cluster up`)")
         self.loop = asyncio.get_running_loop()
         self.transport.start()
-        host = str(rec["control"]).removeprefix("tcp://").rsplit(":", 1)[0].strip("[]")
+        host = endpoint_host(str(rec["control"]))
         self.host = host
         self._server = JobServer(self.transport, host)
         self._server_task = asyncio.ensure_future(self._server.run())
