@@ -13,6 +13,7 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from rich.table import Table
 
 from edgemesh.cli import app
+from edgemesh.config import TestbedSettings
 from edgemesh.errors import ConfigError
 
 testbed_app = typer.Typer(
@@ -40,7 +41,7 @@ def _load(scenario: str, prefix: Optional[str], run_root: Optional[Path], nodes:
     return scen, names
 
 
-def _host(*, netem: bool = True):  # type: ignore[no-untyped-def]
+def _host(*, netem: bool = TestbedSettings().netem):  # type: ignore[no-untyped-def]
     from edgemesh.testbed.host import probe_host, require_root_and_tools
 
     require_root_and_tools()
@@ -52,7 +53,7 @@ def up(
     scenario: str = ScenarioArg,
     prefix: Optional[str] = PrefixOpt,
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the commands instead of running them (no root needed)."),
-    netem: bool = typer.Option(True, "--netem/--no-netem", help="Use tc netem for delay/loss when the kernel has it."),
+    netem: bool = typer.Option(TestbedSettings().netem, "--netem/--no-netem", help="Use tc netem for delay/loss when the kernel has it."),
     keep_on_failure: bool = typer.Option(False, "--keep-on-failure", help="Leave a half-built testbed for inspection."),
     run_root: Optional[Path] = RunRootOpt,
     nodes: Optional[Path] = NodesOpt,

@@ -13,13 +13,13 @@ import contextlib
 import logging
 import secrets
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, Callable
 
 import torch
 
 from edgemesh.collective.base import LocalCollective
-from edgemesh.config import ConfigError
+from edgemesh.config import ConfigError, LaunchOptions
 from edgemesh.errors import EdgemeshError
 from edgemesh.identity.keys import curve_public_for
 from edgemesh.identity.statedir import StateDir
@@ -39,17 +39,6 @@ from edgemesh.weights.provider import InMemoryProvider
 from edgemesh.weights.store import ModelEntry
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class LaunchOptions:
-    nodes: int | None = None  # how many members, this one included; None = every alive member
-    names: tuple[str, ...] = ()  # or these members (names or id prefixes)
-    max_seq_len: int = 2048
-    timeout: float = 5.0  # one collective may take this long before the group counts as failed
-    algorithm: str = "auto"
-    compression: str | None = None
-    ready_timeout: float = 300.0
 
 
 # Paths on which a TCP connection opens from either side: what the collective (higher ranks dial

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from edgemesh.config import TestbedSettings
 from edgemesh.errors import ConfigError, EdgemeshError
 from edgemesh.testbed.addressing import AddressPlan
 from edgemesh.testbed.build import build_up
@@ -22,7 +23,7 @@ from edgemesh.testbed.state import StateFile
 from edgemesh.testbed.steps import Step
 from edgemesh.testbed.teardown import teardown
 
-DAEMON_PORT = 7700
+DAEMON_PORT = TestbedSettings().daemon_port
 
 
 def daemon_state_dir(names: Names, device: str) -> Path:

@@ -14,11 +14,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgemesh.config import TestbedSettings
 from edgemesh.errors import ConfigError
 
 _PREFIX = re.compile(r"^[a-z][a-z0-9]{1,5}$")
 IFNAME_MAX = 15
-DEFAULT_RUN_ROOT = Path("/run/edgemesh-testbed")
+DEFAULT_RUN_ROOT = Path(TestbedSettings().run_root)
 
 
 def derive_prefix(scenario_name: str) -> str:
