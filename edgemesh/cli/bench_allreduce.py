@@ -6,7 +6,6 @@ in device k (its namespace and CPU/memory caps), and tears everything down on ev
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import signal
@@ -18,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from edgemesh.cli.bench import bench_app
+from edgemesh.cli.output import json_option, table_console, write_json
 from edgemesh.bench.allreduce import SECURE, BenchConfig, BenchRow, Placement, auto_choice, fitted_cost, run_benchmark
 from edgemesh.errors import ConfigError
 
@@ -89,7 +89,7 @@ def bench_allreduce(
     worlds: Optional[str] = typer.Option(None, "--worlds", help="Comma-separated participant counts, e.g. 2,3,4."),
     sizes_kib: Optional[str] = typer.Option(None, "--sizes-kib", help="Comma-separated message sizes in KiB."),
     reps: Optional[int] = typer.Option(None, "--reps", help="Timed batches per method and size (median reported)."),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the rows as JSON to this file."),
+    json_path: Optional[str] = json_option("the rows"),
     testbed: Optional[Path] = typer.Option(None, "--testbed", help="Run rank k in device k of this testbed scenario "
                                            "(e.g. emulation/lan-4.toml; root). Brought up and torn down by this command."),
 ) -> None:
@@ -111,9 +111,9 @@ def bench_allreduce(
             raise ConfigError("--reps must be at least 1")
         cfg = BenchConfig(**{**cfg.__dict__, "reps": reps})
 
-    console = Console()
+    console = table_console(json_path)
     if not console.is_terminal:
-        console = Console(width=160)  # piped to a file: do not squeeze the table to 80 columns
+        console = Console(width=160, stderr=console.stderr)  # piped to a file: do not squeeze the table to 80 columns
     placement: TestbedPlacement | None = None
     where = "127.0.0.1"
     previous = signal.signal(signal.SIGTERM, _sigterm_as_exit)
@@ -129,9 +129,7 @@ def bench_allreduce(
             placement.close()
         signal.signal(signal.SIGTERM, previous)
     _print(console, rows, where)
-    if json_path is not None:
-        json_path.write_text(json.dumps([r.to_json() for r in rows], indent=2) + "\n")
-        console.print(f"wrote {json_path}")
+    write_json(json_path, [r.to_json() for r in rows], indent=2, note=console.print)
 
 
 def _print(console: Console, rows: list[BenchRow], where: str) -> None:

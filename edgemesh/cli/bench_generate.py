@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -12,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from edgemesh.cli.bench import bench_app
+from edgemesh.cli.output import json_option, table_console, write_json
 from edgemesh.errors import ConfigError
 
 
@@ -23,7 +23,7 @@ def bench_generate(
     prompt_tokens: int = typer.Option(16, "--prompt-tokens", help="Prompt length (token ids)."),
     state_dir: Optional[Path] = typer.Option(None, "--state-dir"),
     store: Optional[Path] = typer.Option(None, "--store"),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results to this JSON file."),
+    json_path: Optional[str] = json_option("the results"),
 ) -> None:
     """TTFT, ms/token, tokens/s and bytes/token on N members, against one device and the analytic bound."""
     from edgemesh.cli.model import default_store_dir
@@ -47,7 +47,7 @@ def bench_generate(
               f"{r['bytes_per_token']:,}")
     bound = r["bound_ms_per_token"]
     t.add_row("bound", "", f"{bound:.1f}" if bound else "-", "", f"{r['bytes_per_token_theory']:,} (theory)")
-    Console().print(t)
+    table_console(json_path).print(t)
     err.print(f"bound = slowest slice {r['largest_slice_compute_ms']} ms (rank {r['largest_slice_rank']}, all ranks "
               f"computing at once; alone: {r['largest_slice_alone_ms']} ms) + 2·L × star "
               f"{r['star_allreduce_us']} µs; ms/token / bound = {r['ms_per_token'] / bound:.2f} (target ≤ 1.25); "
@@ -57,6 +57,4 @@ def bench_generate(
     if inside is not None:
         err.print(f"the master spent {inside} ms/token inside collectives (transport + waiting for the slowest "
                   f"worker) and the rest computing")
-    if json_path:
-        json_path.write_text(json.dumps(r, indent=1))
-        err.print(f"wrote {json_path}")
+    write_json(json_path, r, note=err.print)

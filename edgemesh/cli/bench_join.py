@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from edgemesh.cli.bench import bench_app
+from edgemesh.cli.output import json_option, table_console, write_json
 from edgemesh.errors import EdgemeshError
 
 CONE_SITES = ("full-cone", "restricted", "port-restricted", "none")
@@ -90,7 +91,7 @@ class NatBed:
     def status(self, device: str) -> dict[str, Any]:
         from edgemesh.identity.statedir import StateDir
 
-        st = json.loads(self.em(device, "status", "--state-dir", self.state_dir(device), "--json"))
+        st = json.loads(self.em(device, "status", "--state-dir", self.state_dir(device), "--json", "-"))
         st["daemon_started"] = (StateDir(Path(self.state_dir(device))).load_daemon() or {}).get("started")
         return st
 
@@ -254,7 +255,7 @@ def pair_rows(st: dict[str, dict[str, Any]], new: str, t0: float) -> list[dict[s
 @bench_app.command("join")
 def bench_join(
     scenario: Path = typer.Option(Path("emulation/nat-mix.toml"), "--scenario", help="Testbed scenario (needs root)."),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results to this JSON file."),
+    json_path: Optional[str] = json_option("the results"),
     mib: int = typer.Option(10, "--mib", help="MiB per checked transfer, per path type."),
 ) -> None:
     """Join every device across the scenario's NATs; time to connected per pair and path; RTT and
@@ -322,13 +323,13 @@ def bench_join(
     for p in pairs:
         t.add_row(p["a"], p["b"], f"{bed.nat_of(p['a'])}/{bed.nat_of(p['b'])}", str(p["path_ab"]), str(p["path_ba"]),
                   "-" if p["seconds"] is None else f"{p['seconds']:.2f}")
-    Console().print(t)
+    table_console(json_path).print(t)
     t2 = Table(title=f"per path type: RTT and a {mib} MiB transfer (sha256 checked)")
     for col in ("path", "pair", "RTT ms", "MB/s", "intact"):
         t2.add_column(col)
     for k, v in result["paths"].items():
         t2.add_row(k, " -> ".join(v["pair"]), f"{v['rtt_ms']:.2f}", f"{v['mbytes_per_s']:.1f}", str(v["intact"]))
-    Console().print(t2)
+    table_console(json_path).print(t2)
     console.print(f"max seconds: cone/restricted {result['max_seconds_cone']} (target < 2), symmetric "
                   f"{result['max_seconds_symmetric']} (target < 3)")
     if fallback:
@@ -339,6 +340,4 @@ def bench_join(
         console.print(f"{restarted} restarted: every pair with it back after {restart['seconds']:.2f} s (target < 5); "
                       f"daemon up after {restart['daemon_started_after']} s, slowest pair {slowest['peer']} "
                       f"({slowest['path_ab']}/{slowest['path_ba']})")
-    if json_path:
-        json_path.write_text(json.dumps(result, indent=1))
-        console.print(f"wrote {json_path}")
+    write_json(json_path, result, note=console.print)

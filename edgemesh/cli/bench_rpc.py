@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Optional
 
 import typer
@@ -11,11 +9,12 @@ from rich.console import Console
 from rich.table import Table
 
 from edgemesh.cli.bench import bench_app
+from edgemesh.cli.output import json_option, table_console, write_json
 
 
 @bench_app.command("rpc")
 def bench_rpc(
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results to this JSON file."),
+    json_path: Optional[str] = json_option("the results"),
     iters: int = typer.Option(2000, "--iters", help="Round trips per size (median reported)."),
     mib: int = typer.Option(512, "--mib", help="MiB sent for the throughput test."),
     rounds: int = typer.Option(3, "--rounds", help="Alternate plain/CURVE this many times; the best round of each is kept."),
@@ -49,7 +48,5 @@ def bench_rpc(
     t.add_row("CURVE + ZAP", f"{curve.rtt_64_us:.0f}", f"{curve.rtt_16k_us:.0f}", f"{curve_mbps:.0f}")
     t.add_row("ratio", f"{curve.rtt_64_us / plain.rtt_64_us:.2f}×", f"{result['curve_rtt_16k_ratio']:.2f}× (target ≤ 1.5×)",
               f"{curve_mbps / plain_mbps:.2f}× (target ≥ 300 MB/s)")
-    Console().print(t)
-    if json_path:
-        json_path.write_text(json.dumps(result, indent=1))
-        console.print(f"wrote {json_path}")
+    table_console(json_path).print(t)
+    write_json(json_path, result, note=console.print)

@@ -8,6 +8,7 @@ import tomllib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Optional
 
 import typer
 from rich.console import Console
@@ -15,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from edgemesh.cli import app
+from edgemesh.cli.output import json_option, to_stdout, write_json
 from edgemesh.errors import ConfigError
 
 model_app = typer.Typer(help="Models in the local store: import, synthesize, list.", no_args_is_help=True)
@@ -70,7 +72,7 @@ def synth(
     seed: int = typer.Option(0, "--seed"),
     name: str = typer.Option("", "--name", help="store name (default describes the shape)"),
     store: Path = StoreOpt,
-    as_json: bool = typer.Option(False, "--json"),
+    json_path: Optional[str] = json_option(),
     tokenizer: str = typer.Option("", "--tokenizer", help="borrow the tokenizer of this stored model (so it can be served)"),
     quantize: str = QuantOpt,
 ) -> None:
@@ -87,7 +89,7 @@ def synth(
     with _progress("synth") as bar:
         entry = synth_model(_store(store), config, seed=seed, name=name or None, progress=bar,  # type: ignore[arg-type]
                             aux_files=_borrowed_tokenizer(store, tokenizer, vocab), quantize=scheme)
-    _print_entry(entry, as_json)
+    _print_entry(entry, json_path)
 
 
 def _borrowed_tokenizer(store: Path | None, lender: str, vocab: int) -> dict[str, bytes]:
@@ -109,7 +111,7 @@ def import_(
                                          "or with --quantize a model already in the store"),
     name: str = typer.Option("", "--name"),
     store: Path = StoreOpt,
-    as_json: bool = typer.Option(False, "--json"),
+    json_path: Optional[str] = json_option(),
     quantize: str = QuantOpt,
 ) -> None:
     """Import a model into the store (per-block safetensors, sha256 per file)."""
@@ -126,7 +128,7 @@ def import_(
         st = _store(store)  # a float model already in the store: quantize it in place of a source
         with _progress("quantize") as bar:
             entry = quantize_entry(st, st.get(path), scheme, name=name or None, progress=bar)  # type: ignore[arg-type]
-        _print_entry(entry, as_json)
+        _print_entry(entry, json_path)
         return
     if not src.exists():
         raise ConfigError(f"{path}: no such file or directory (nor a bundled model: {', '.join(BUNDLED)})")
@@ -141,7 +143,7 @@ def import_(
             entry = import_gguf(_store(store), src, name=name or None, progress=bar, quantize=scheme)  # type: ignore[arg-type]
         else:
             raise ConfigError(f"{src}: expected a HF model directory or a .gguf file")
-    _print_entry(entry, as_json)
+    _print_entry(entry, json_path)
 
 
 def _entry_json(e) -> dict[str, object]:  # type: ignore[no-untyped-def]
@@ -152,21 +154,20 @@ def _entry_json(e) -> dict[str, object]:  # type: ignore[no-untyped-def]
             "vocab": c.vocab_size, "tokenizer": e.has("tokenizer.json"), "path": str(e.root)}
 
 
-def _print_entry(entry, as_json: bool) -> None:  # type: ignore[no-untyped-def]
-    if as_json:
-        print(json.dumps(_entry_json(entry), indent=1))
-    else:
+def _print_entry(entry, json_path: str | None) -> None:  # type: ignore[no-untyped-def]
+    write_json(json_path, _entry_json(entry), default=str, note=Console(stderr=True).print)
+    if not to_stdout(json_path):
         d = _entry_json(entry)
         Console().print(f"[green]stored[/] {d['name']}  id {str(d['id'])[:12]}  {d['parameters']:,} params  "
                         f"{d['dtype']}  {_size(int(d['bytes']))}  → {d['path']}")  # type: ignore[arg-type]
 
 
 @model_app.command("list")
-def list_(store: Path = StoreOpt, as_json: bool = typer.Option(False, "--json")) -> None:
+def list_(store: Path = StoreOpt, json_path: Optional[str] = json_option("the models")) -> None:
     """Models in the store."""
     entries = [_entry_json(e) for e in _store(store).list()]
-    if as_json:
-        print(json.dumps(entries, indent=1))
+    write_json(json_path, entries, default=str, note=Console(stderr=True).print)
+    if to_stdout(json_path):
         return
     t = Table(title=f"models in {_store(store).root}")
     for col in ("name", "id", "params", "dtype", "size", "L", "H", "heads/kv", "ffn", "vocab", "source"):
@@ -197,7 +198,7 @@ def plan_cmd(
     gflops: float = typer.Option(50.0, "--gflops", help="GFLOP/s per device (--nodes) or per core (--devices)"),
     context: int = typer.Option(2048, "--context", help="context length the KV cache is sized for"),
     store: Path = StoreOpt,
-    as_json: bool = typer.Option(False, "--json"),
+    json_path: Optional[str] = json_option(),
     state_dir: Path = typer.Option(None, "--state-dir", help="the node whose cluster to plan for (default: this device's node, else the local cluster)"),
     uniform: bool = typer.Option(False, "--uniform", help="plan for --nodes identical devices of --gflops even when a cluster runs"),
 ) -> None:
@@ -243,8 +244,8 @@ def plan_cmd(
                                mem_bw_gbps=10.0)
     p = plan(entry.config, devs, links, model=entry.name, context_len=context, dtype_bytes=entry.param_bytes)
     p.notes = left_out + p.notes  # members that cannot share a group with this node, then the planner's
-    if as_json:
-        print(json.dumps(p.to_json(), indent=1))
+    write_json(json_path, p.to_json(), note=Console(stderr=True).print)
+    if to_stdout(json_path):
         return
     t = Table(title=f"plan for {entry.name} on {p.world_size} device(s), context {context}, from {source}")
     for col in ("rank", "device", "share", "KV groups", "MLP rows", "weights", "KV cache", "memory", "limit", "compute ms"):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import json
 import os
 import shutil
 import socket
@@ -18,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from edgemesh.cli import app
+from edgemesh.cli.output import json_option, to_stdout, write_json
 from edgemesh.config import DEFAULT_PORT
 from edgemesh.errors import ConfigError, NotRunningError, PortInUseError, TokenError
 from edgemesh.identity.statedir import StateDir, default_state_dir
@@ -288,7 +288,7 @@ def _fmt_bytes(n: Any) -> str:
 @app.command()
 def status(
     state_dir: Optional[Path] = StateOpt,
-    as_json: bool = typer.Option(False, "--json", help="Print JSON: {members: [{id, name, state, addresses, profile, links}]}."),
+    json_path: Optional[str] = json_option("the cluster ({members: [{id, name, state, addresses, profile, links}]})"),
     links: bool = typer.Option(False, "--links", help="Show the link table (path, RTT, bandwidth) per peer."),
 ) -> None:
     """Show the cluster as this node sees it."""
@@ -296,8 +296,8 @@ def status(
 
     state = resolve_state(state_dir)
     data = control(state, "status")
-    if as_json:
-        print(json.dumps(data, indent=1, default=str))
+    write_json(json_path, data, default=str, note=Console(stderr=True).print)
+    if to_stdout(json_path):
         return
     t = Table(title=f"cluster {data['cluster']} (seen from {data['name']}, marked *)")
     for col in ("name", "id", "state", "address", "cpus", "memory", "GFLOP/s", "RTT ms", "Mbit/s"):

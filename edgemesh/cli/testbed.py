@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -13,6 +12,7 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from rich.table import Table
 
 from edgemesh.cli import app
+from edgemesh.cli.output import json_option, to_stdout, write_json
 from edgemesh.config import TestbedSettings
 from edgemesh.errors import ConfigError
 
@@ -29,7 +29,7 @@ ScenarioArg = typer.Argument(..., help="Scenario file (emulation/*.toml) or its 
 PrefixOpt = typer.Option(None, "--prefix", help="Name prefix of this testbed (2-6 chars); default derived from the scenario name. Two testbeds need two prefixes.")
 RunRootOpt = typer.Option(None, "--run-root", hidden=True, help="Where state files live (default /run/edgemesh-testbed).")
 NodesOpt = typer.Option(None, "--nodes", help="Device profile directory (default: nodes/ next to emulation/).")
-JsonOpt = typer.Option(False, "--json", help="Print JSON instead of tables.")
+JsonOpt = json_option("the report")
 
 
 def _load(scenario: str, prefix: Optional[str], run_root: Optional[Path], nodes: Optional[Path]):  # type: ignore[no-untyped-def]
@@ -94,7 +94,7 @@ def up(
 def status(
     scenario: str = ScenarioArg,
     prefix: Optional[str] = PrefixOpt,
-    as_json: bool = JsonOpt,
+    json_path: Optional[str] = JsonOpt,
     run_root: Optional[Path] = RunRootOpt,
     nodes: Optional[Path] = NodesOpt,
 ) -> None:
@@ -107,8 +107,8 @@ def status(
     from edgemesh.testbed.cgroups import CgroupLayout
 
     report = inspect(scen, names, CgroupLayout.detect())
-    if as_json:
-        print(json.dumps(report, indent=2))
+    write_json(json_path, report, indent=2, note=err.print)
+    if to_stdout(json_path):
         return
     if report["phase"] is None and not report["namespaces"]:
         out.print(f"testbed {scen.name} (prefix {names.prefix}) is not up.")
@@ -170,7 +170,7 @@ def run(
 @testbed_app.command()
 def check(
     scenario: str = ScenarioArg,
-    as_json: bool = JsonOpt,
+    json_path: Optional[str] = JsonOpt,
     prefix: Optional[str] = PrefixOpt,
     run_root: Optional[Path] = RunRootOpt,
     nodes: Optional[Path] = NodesOpt,
@@ -197,9 +197,8 @@ def check(
             progress.update(task, description=f"measuring {link}")
 
         ok, results = run_check(lay, state, caps.python, on_link)
-    if as_json:
-        print(report_json(ok, results))
-    else:
+    write_json(json_path, report_json(ok, results), indent=2, note=err.print)
+    if not to_stdout(json_path):
         table = Table("link", "RTT want", "RTT got", "Mbit/s want", "Mbit/s got", "loss want", "loss got", "ok")
         for r in results:
             table.add_row(

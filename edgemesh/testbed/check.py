@@ -12,6 +12,7 @@ import json
 import subprocess
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from edgemesh.testbed.addressing import WAN_GATEWAY, AddressPlan
 from edgemesh.testbed.build import Layout, access_label, uplink_label
@@ -187,5 +188,5 @@ def _num(value: object) -> float | None:
     return float(value) if isinstance(value, (int, float)) else None
 
 
-def report_json(ok: bool, results: list[LinkResult]) -> str:
-    return json.dumps({"ok": ok, "links": [asdict(r) for r in results]}, indent=2)
+def report_json(ok: bool, results: list[LinkResult]) -> dict[str, Any]:
+    return {"ok": ok, "links": [asdict(r) for r in results]}

@@ -373,7 +373,7 @@ def parse_scenario(text: str, *, file: str, nodes_dir: Path) -> Scenario:
     if wl is not None:
         command = wl.str_list("command")
         if command is None:
-            raise wl.fail("command", "missing; the argv to run, e.g. [\"edgemesh\", \"status\", \"--json\"]")
+            raise wl.fail("command", "missing; the argv to run, e.g. [\"edgemesh\", \"status\", \"--json\", \"-\"]")
         on = wl.str("on", devices[0].name) or devices[0].name
         if on not in [d.name for d in devices]:
             raise wl.fail("on", f"unknown device {on!r}")

@@ -34,7 +34,7 @@ def test_cluster_up_status_down_via_cli_leaves_nothing_behind(tmp_path):
         assert alive, "3 members alive within 3 s"
         assert time.monotonic() - t0 < 3.0
         # `edgemesh status` with no --state-dir finds the local cluster; check the JSON shape.
-        st = run_cli("status", "--json", home=home)
+        st = run_cli("status", "--json", "-", home=home)
         assert st.returncode == 0, st.stderr
         data = json.loads(st.stdout)
         assert [m["state"] for m in data["members"]] == ["alive"] * 3

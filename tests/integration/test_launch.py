@@ -208,7 +208,7 @@ def test_plan_uses_the_running_clusters_members_and_links(cluster3, store):
 
     d, sds, nodes = cluster3
     _register()
-    args = ["plan", "mid", "--store", str(store), "--state-dir", str(sds[0].path), "--json"]
+    args = ["plan", "mid", "--store", str(store), "--state-dir", str(sds[0].path), "--json", "-"]
     r = CliRunner().invoke(app, [*args, "--nodes", "2"])
     assert r.exit_code == 0, r.output
     p = json.loads(r.stdout)

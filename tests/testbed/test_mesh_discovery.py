@@ -72,7 +72,7 @@ def test_discover_and_join_with_stale_token(two_hosts, tmp_path):
                  "--name", "beta", "--detach", home=tmp_path)
         assert res.returncode == 0, res.stderr
         assert "via tcp://10.231.7.1:7701" in res.stderr
-        st = em(b, "status", "--state-dir", str(sb.path), "--json", home=tmp_path)
+        st = em(b, "status", "--state-dir", str(sb.path), "--json", "-", home=tmp_path)
         names = {m["name"] for m in json.loads(st.stdout)["members"]}
         assert names == {"alpha", "beta"}
     finally:

@@ -76,7 +76,7 @@ def test_tensor_parallel_plans_stay_off_natted_pairs(bed, tmp_path):
                     "--heads", "4", "--vocab", "256", "--name", "tiny", "--store", store],
                    check=True, capture_output=True, timeout=120)
     _paths(bed)  # every pair connected
-    out = json.loads(bed.em("c1", "plan", "tiny", "--store", store, "--state-dir", bed.state_dir("c1"), "--json",
+    out = json.loads(bed.em("c1", "plan", "tiny", "--store", store, "--state-dir", bed.state_dir("c1"), "--json", "-",
                             timeout=60))
     assert [d["id"] for d in out["devices"]] == [bed.status("c1")["node"]]
     for other in ("pub1", "r1", "p1", "s1"):

@@ -297,10 +297,10 @@ def test_cli_quantize(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     shape = ["model", "synth", "--layers", "2", "--hidden", "64", "--heads", "4", "--kv-heads", "2", "--ffn", "96",
              "--vocab", "100", "--name", "tiny"]
     assert run(app, shape).exit_code == 0
-    r = run(app, [*shape[:-1], "tiny-int8", "--quantize", "int8", "--json"])
+    r = run(app, [*shape[:-1], "tiny-int8", "--quantize", "int8", "--json", "-"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["dtype"] == "int8"
-    listed = {m["name"]: m for m in json.loads(run(app, ["model", "list", "--json"]).stdout)}
+    listed = {m["name"]: m for m in json.loads(run(app, ["model", "list", "--json", "-"]).stdout)}
     assert listed["tiny"]["dtype"] == "float32" and listed["tiny-int8"]["dtype"] == "int8"
     assert listed["tiny-int8"]["bytes"] < 0.35 * listed["tiny"]["bytes"]
     r = run(app, [*shape[:-1], "bad", "--quantize", "int3"])
@@ -309,7 +309,7 @@ def test_cli_quantize(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     r = run(app, ["model", "import", str(tmp_path / "nothing"), "--quantize", "int8"])
     assert isinstance(r.exception, ConfigError) and "no such file" in str(r.exception)
     # a float model already in the store converts to the same int8 blocks as quantizing at synth time
-    r = run(app, ["model", "import", "tiny", "--quantize", "int8", "--name", "tiny-q", "--json"])
+    r = run(app, ["model", "import", "tiny", "--quantize", "int8", "--name", "tiny-q", "--json", "-"])
     assert r.exit_code == 0, r.output
     st = ModelStore(tmp_path / "models")
     a, b = st.get("tiny-q"), st.get("tiny-int8")
