@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Sequence
 import zmq
 import zmq.asyncio
 
-from edgemesh.errors import EdgemeshError, ProtocolError, RpcError, RpcTimeout
+from edgemesh.errors import EdgemeshError, ProtocolError, RpcError
 from edgemesh.rpc.dispatch import (MAX_INFLIGHT, Authorize, Call, Dispatcher, Handler, Reply, RpcStats, allow_all,
-                                   settle)
+                                   answer, settle)
 from edgemesh.wire.envelope import Envelope, Kind, decode_message, encode_message
 from edgemesh.wire.tensor import TensorSpec
 
@@ -139,14 +139,10 @@ class RpcClient:
         self._pending[rid] = fut
         try:
             # Fast path: the socket takes it now (no timer, no extra task). zmq.asyncio reports
-            # "would block" through the returned future, not by raising.
+            # "would block" through the returned future, not by raising. Else not connected yet
+            # (IMMEDIATE): wait for the link up to the deadline.
             sent = _try_send(self.sock, frames)
-            if not sent:
-                # Not connected yet (IMMEDIATE): wait for the link up to the deadline.
-                await asyncio.wait_for(self.sock.send_multipart(frames, copy=False), timeout)
-            return await asyncio.wait_for(fut, timeout)
-        except asyncio.TimeoutError:
-            raise RpcTimeout(f"{method}: no answer within {timeout:g} s") from None
+            return await answer(method, fut, timeout, None if sent else self.sock.send_multipart(frames, copy=False))
         finally:
             self._pending.pop(rid, None)
 

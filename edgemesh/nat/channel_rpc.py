@@ -19,9 +19,10 @@ import logging
 import secrets
 from typing import Any, Awaitable, Sequence
 
-from edgemesh.errors import ProtocolError, RpcError, RpcTimeout
+from edgemesh.errors import ProtocolError, RpcError
 from edgemesh.nat.framing import decode_frames, encode_frames
-from edgemesh.rpc.dispatch import MAX_INFLIGHT, Authorize, Dispatcher, Handler, RequestLog, RpcStats, settle
+from edgemesh.rpc.dispatch import (MAX_INFLIGHT, Authorize, Dispatcher, Handler, RequestLog, RpcStats, answer,
+                                   settle)
 from edgemesh.wire.envelope import Envelope, Kind, decode_message, encode_message
 from edgemesh.wire.tensor import TensorSpec
 
@@ -95,9 +96,7 @@ class ChannelRpc:
         try:
             if self.channel is not None:
                 self._spawn(self._send(message))
-            return await asyncio.wait_for(fut, timeout)
-        except asyncio.TimeoutError:
-            raise RpcTimeout(f"{method}: no answer within {timeout:g} s") from None
+            return await answer(method, fut, timeout)
         finally:
             self._pending.pop(rid, None)
 

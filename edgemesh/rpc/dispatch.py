@@ -14,7 +14,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Generic, Sequence, TypeVar
 
-from edgemesh.errors import EdgemeshError, ProtocolError, RpcError
+from edgemesh.errors import EdgemeshError, ProtocolError, RpcError, RpcTimeout
 from edgemesh.wire.envelope import Envelope, Kind
 from edgemesh.wire.tensor import TensorSpec
 
@@ -130,6 +130,18 @@ class RequestLog(Generic[T]):
     def answered(self, rid: int, reply: T) -> None:
         if rid in self._served:
             self._served[rid] = reply
+
+
+async def answer(method: str, fut: asyncio.Future[Any], timeout: float,
+                 sending: Awaitable[Any] | None = None) -> Any:
+    """A caller's wait: for ``sending`` (a send that had to wait for the link), then for the
+    reply, each within ``timeout``; ``RpcTimeout`` when either takes longer."""
+    try:
+        if sending is not None:
+            await asyncio.wait_for(sending, timeout)
+        return await asyncio.wait_for(fut, timeout)
+    except asyncio.TimeoutError:
+        raise RpcTimeout(f"{method}: no answer within {timeout:g} s") from None
 
 
 def settle(fut: asyncio.Future[Any], env: Envelope, views: Sequence[memoryview]) -> bool:
