@@ -89,7 +89,9 @@ class LaunchOptions:
     timeout: float = 5.0  # one collective may take this long before the group counts as failed
     algorithm: str = "auto"
     compression: str | None = None
-    ready_timeout: float = 300.0
+    ready_timeout: float = 300.0  # every worker has its slices and is ready (weights travel meanwhile)
+    start_timeout: float = 15.0  # a member's daemon answers `llm.start`
+    contact_timeout: float = 30.0  # a started worker reaches our job server (Python start-up on a slow device)
 
 
 @dataclass(frozen=True)

@@ -36,9 +36,10 @@ def bench_generate(
     entry = ModelStore(store or default_store_dir()).get(model)
     prompt = [(i * 7 + 3) % entry.config.vocab_size for i in range(prompt_tokens)]
     err = Console(stderr=True)
-    with err.status("…") as st:
-        r = asyncio.run(bench(resolve_state(state_dir), entry, nodes, prompt, tokens, 2048,
-                              progress=lambda m: st.update(m)))
+    from edgemesh.cli.progress import PhaseProgress
+
+    with PhaseProgress(err) as progress:
+        r = asyncio.run(bench(resolve_state(state_dir), entry, nodes, prompt, tokens, 2048, progress=progress))
     t = Table(title=f"{r['model']}: decode, {r['tokens']} tokens after a {r['prompt_tokens']}-token prompt")
     for col in ("", "TTFT ms", "ms/token", "tokens/s", "bytes/token"):
         t.add_column(col)

@@ -186,7 +186,10 @@ def _live_cluster(state_dir: Path | None, nodes: int):  # type: ignore[no-untype
     from edgemesh.cli.node import resolve_state
     from edgemesh.runtime.deploy import LaunchOptions, live_devices
 
-    return asyncio.run(live_devices(resolve_state(state_dir), LaunchOptions(nodes=nodes or None)))
+    from edgemesh.cli.progress import PhaseProgress
+
+    with PhaseProgress(Console(stderr=True), "asking the cluster's members for their status, profiles and links"):
+        return asyncio.run(live_devices(resolve_state(state_dir), LaunchOptions(nodes=nodes or None)))
 
 
 @app.command("plan")

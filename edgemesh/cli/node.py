@@ -92,11 +92,16 @@ def _settings(state: StateDir, host: Optional[str], port: Optional[int], adverti
         "turn_servers": list(turn_servers) if turn_servers else saved.get("turn_servers", []),
         "turn": "local" if turn else saved.get("turn"),
     }
-    if settings["advertise"] is None:
-        from edgemesh.runtime.daemon import _advertise_host
-
-        settings["advertise"] = _advertise_host(settings["host"])
+    # "advertise" is saved only when given: a detected address is detected again at every start
+    # (a laptop's DHCP address changes), and the daemon hands it out only where routes agree.
     return settings
+
+
+def _reachable(settings: dict[str, Any]) -> str:
+    """The address other members reach this node at: --advertise, else --host, else detected."""
+    from edgemesh.runtime.daemon import _advertise_host
+
+    return settings["advertise"] or _advertise_host(settings["host"])
 
 
 def _run(state: StateDir, settings: dict[str, Any], detach: bool) -> None:
@@ -153,7 +158,7 @@ def init(
     if turn and shutil.which("turnserver") is None:
         raise ConfigError("--turn needs coturn (`apt-get install coturn`), or point at an existing server with --turn-server")
     settings = _settings(state, host, port, advertise, mdns, profile, stun_server, turn_server, turn)
-    if turn and settings["advertise"] in ("0.0.0.0", "127.0.0.1", "::"):
+    if turn and _reachable(settings) in ("0.0.0.0", "127.0.0.1", "::"):
         raise ConfigError("--turn needs an address other members can reach: pass --advertise or --host")
     if not no_start:
         from edgemesh.runtime.daemon_process import ensure_not_running
@@ -163,7 +168,7 @@ def init(
     key, node_name = state.load_or_create_identity(name)
     cluster = state.new_cluster(root=key.node_id)
     state.save_settings(settings)
-    token = _make_token(state, [JoinPoint(tcp_endpoint(settings["advertise"], settings["port"] + 1), key.sign_public)])
+    token = _make_token(state, [JoinPoint(tcp_endpoint(_reachable(settings), settings["port"] + 1), key.sign_public)])
     err.print(f"created cluster [bold]{cluster.cluster_id}[/] with {node_name} ({key.node_id}); "
               "add devices with: edgemesh join TOKEN")
     _emit_token(token, token_file)
@@ -205,8 +210,8 @@ def join(
     key, node_name = state.load_or_create_identity(name)
     from edgemesh.mesh.join_client import join_cluster
 
-    addresses = (tcp_endpoint(settings["advertise"], settings["port"]),)
-    joins = (tcp_endpoint(settings["advertise"], settings["port"] + 1),)
+    addresses = (tcp_endpoint(_reachable(settings), settings["port"]),)
+    joins = (tcp_endpoint(_reachable(settings), settings["port"] + 1),)
     result = asyncio.run(join_cluster(key, node_name, parsed, addresses, joins, discover=settings["mdns"]))
     state.save_cluster(result.cluster)
     state.save_members(result.records)

@@ -17,6 +17,7 @@ from rich.table import Table
 from edgemesh.cli import app
 from edgemesh.cli.model import default_store_dir, print_notes
 from edgemesh.cli.node import resolve_state
+from edgemesh.cli.progress import PhaseProgress
 from edgemesh.errors import ConfigError
 
 err = Console(stderr=True)
@@ -64,9 +65,8 @@ async def _deploy(state_dir, model, store, opts):  # type: ignore[no-untyped-def
         raise ConfigError(f"model {entry.name!r} has no tokenizer, so it cannot be served; synthesize it with "
                           "`--tokenizer MODEL` or benchmark it with `edgemesh bench generate`")
     state = resolve_state(state_dir)
-    status = err.status("starting…")
-    status.start()
-    deployment = Deployment(state, entry, opts, progress=lambda msg: status.update(msg))
+    status = PhaseProgress(err, "starting…").__enter__()
+    deployment = Deployment(state, entry, opts, progress=status)
     try:
         await deployment.open()
         await deployment.deploy()

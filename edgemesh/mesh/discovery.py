@@ -14,8 +14,6 @@ import logging
 import socket
 from dataclasses import dataclass
 
-import psutil
-
 from edgemesh.identity.keys import NodeKey
 
 log = logging.getLogger(__name__)
@@ -30,19 +28,6 @@ class Announcement:
     name: str
     join_endpoint: str
     key: bytes
-
-
-def lan_addresses() -> list[str]:
-    """Non-loopback IPv4 addresses of this machine, private ranges first."""
-    found = []
-    for addrs in psutil.net_if_addrs().values():
-        for a in addrs:
-            if a.family == socket.AF_INET:
-                ip = ipaddress.ip_address(a.address)
-                if not ip.is_loopback and not ip.is_link_local:
-                    found.append(ip)
-    found.sort(key=lambda ip: (not ip.is_private, str(ip)))
-    return [str(ip) for ip in found]
 
 
 async def announce(cluster_id: str, key: NodeKey, name: str, host: str, join_port: int) -> None:

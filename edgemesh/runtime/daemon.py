@@ -42,6 +42,7 @@ from edgemesh.nat.channel_rpc import ChannelRpc
 from edgemesh.nat.servers import IceServer, is_server_url, servers_from
 from edgemesh.nat.traversal import Traversal
 from edgemesh.nat.turn import TURN_PORT, coturn_argv, coturn_config, turn_secret
+from edgemesh.transport.addresses import detect_host, is_wildcard
 from edgemesh.transport.endpoint import tcp_endpoint
 from edgemesh.transport.zmq_link import ZmqTransport
 from edgemesh.wire.schema import body_map, maybe, need
@@ -67,6 +68,7 @@ class NodeDaemon:
         self.state = state
         self.host = host
         self.port = port
+        self.advertise_explicit = bool(advertise)
         self.advertise = advertise or _advertise_host(host)
         self.config = config or MeshConfig()
         self.clock = clock or MonotonicClock()
@@ -92,7 +94,7 @@ class NodeDaemon:
         self.join_service = JoinService(self.cluster, self.key, self.view, self.clock, self._on_admit)
         from edgemesh.runtime.worker_manager import WorkerManager
 
-        self.workers = WorkerManager(state, self.advertise)
+        self.workers = WorkerManager(state, self.host, self.advertise)
         self._stop = asyncio.Event()
         self._leaving = False
         self._started = time.time()
@@ -158,11 +160,14 @@ class NodeDaemon:
 
     def _write_daemon_record(self) -> None:
         proc = psutil.Process()
-        control_host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+        control_host = ("::1" if self.host == "::" else "127.0.0.1") if is_wildcard(self.host) else self.host
+        # "host" is what services of this node (job server, collective links) may bind; "advertise"
+        # is the address members on other machines reach it at (see transport.addresses).
         self.state.save_daemon({
             "pid": proc.pid, "create_time": proc.create_time(), "node_id": self.key.node_id,
             "host": self.host, "port": self.port, "join_port": self.port + 1,
             "control": tcp_endpoint(control_host, self.port), "started": self._started,
+            "advertise": self.advertise, "advertise_explicit": self.advertise_explicit,
         })
 
     # ---- own record and view -------------------------------------------------
@@ -555,9 +560,4 @@ class NodeDaemon:
 
 
 def _advertise_host(host: str) -> str:
-    if host not in ("0.0.0.0", "::", ""):
-        return host
-    from edgemesh.mesh.discovery import lan_addresses
-
-    addrs = lan_addresses()
-    return addrs[0] if addrs else "127.0.0.1"
+    return host if not is_wildcard(host) else detect_host()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import secrets
 import time
 from dataclasses import replace
@@ -33,7 +34,8 @@ from edgemesh.runtime.control import control_call
 from edgemesh.runtime.processes import pin_to_slot, running_daemon
 from edgemesh.runtime.job_server import JobFailed, JobServer
 from edgemesh.runtime.jobs import JobFile, JobSpec
-from edgemesh.transport.endpoint import endpoint_host
+from edgemesh.transport.addresses import address_for_peer
+from edgemesh.transport.endpoint import endpoint_host, parse_endpoint, tcp_endpoint
 from edgemesh.transport.zmq_link import ZmqTransport
 from edgemesh.weights.provider import InMemoryProvider
 from edgemesh.weights.store import ModelEntry
@@ -307,10 +309,22 @@ class Deployment:
                                 "or a local cluster (`edgemesh cluster up`)")
         self.loop = asyncio.get_running_loop()
         self.transport.start()
-        host = endpoint_host(str(rec["control"]))
-        self.host = host
-        self._server = JobServer(self.transport, host)
+        control = endpoint_host(str(rec["control"]))
+        # Our services listen where the daemon does (every interface by default) and each member
+        # is told an address of ours that it can reach (``address_for``), never a loopback one
+        # unless it runs on this machine.
+        self.listen_host = str(rec.get("host") or control)
+        self.advertise = str(rec.get("advertise") or control)
+        self.advertise_explicit = bool(rec.get("advertise_explicit"))
+        self._server = JobServer(self.transport, self.listen_host)
         self._server_task = asyncio.ensure_future(self._server.run())
+
+    def address_for(self, member: dict[str, Any]) -> str:
+        """The address of this node that ``member`` dials for our job server and rank 0's links."""
+        try:
+            return address_for_peer(_host(member), self.listen_host, self.advertise, self.advertise_explicit)
+        except ValueError as exc:
+            raise ConfigError(f"{member['name']} cannot reach this node: {exc}") from None
 
     async def close(self) -> None:
         await self._stop_job(tell_workers=True)
@@ -347,37 +361,86 @@ class Deployment:
         from edgemesh.collective.members import CurveKeys
         from edgemesh.collective.tcp_links import SecureLinks
 
-        links0 = SecureLinks.bind(f"tcp://{self.host}:0", CurveKeys(self.key.curve_public, self.key.curve_secret),
+        ours = [self.address_for(m) for m in self.members]  # rank r dials us at ours[r]
+        links0 = SecureLinks.bind(tcp_endpoint(self.listen_host, 0), CurveKeys(self.key.curve_public, self.key.curve_secret),
                                   [curve_public_for(k) for k in keys])
+        port0 = parse_endpoint(links0.endpoint)[1]
         jstate.endpoints[0] = links0.endpoint
+        jstate.rank0_for = {r: tcp_endpoint(ours[r], port0) for r in range(1, world)}
         self.job = job
+        group = None
         try:
             for r in range(1, world):
                 spec = JobSpec(
                     job=job, rank=r, world=world, model=self.entry.name, config=self.entry.config.to_json(),
                     specs=[s.to_json() for s in self.plan.specs_for(r)],
                     files=tuple(JobFile(b, ref.sha256, ref.nbytes) for b, ref in refs[r].items()),
-                    server=self._server.endpoint, server_key=self.key.sign_public, keys=tuple(keys),
+                    server=self._server.endpoint_for(ours[r]), server_key=self.key.sign_public, keys=tuple(keys),
                     max_seq_len=self.options.max_seq_len, timeout=self.options.timeout,
                     algorithm=self.options.algorithm, compression=self.options.compression, threads=threads[r],
                     cpu_slot=slots[r])
-                await self._call_member(self.members[r], "llm.start", spec.to_wire())
+                self.progress(f"starting a worker on {self.members[r]['name']} ({self.members[r]['addresses'][0]})")
+                try:
+                    await self._call_member(self.members[r], "llm.start", spec.to_wire(), timeout=self.options.start_timeout)
+                except EdgemeshError as exc:
+                    raise JobFailed(f"{self.members[r]['name']} at {self.members[r]['addresses'][0]} did not start "
+                                    f"its worker: {exc}") from None
             total = sum(f.stat().st_size for f in {p for p in files.values()})
-            await self._wait_ready(jstate, total)
-            from edgemesh.collective.group import CollectiveOptions, CollectiveGroup
+            await self._wait_ready(jstate, total, ours)
+            from edgemesh.collective.errors import CollectiveError
+            from edgemesh.collective.group import CollectiveGroup, CollectiveOptions
             from edgemesh.collective.members import Peer
 
             peers = [Peer(r, e, curve_public_for(keys[r])) for r, e in sorted(jstate.endpoints.items()) if r != 0]
             options = CollectiveOptions(timeout=self.options.timeout, algorithm=self.options.algorithm,
                                         compression=self.options.compression)
-            group = await asyncio.to_thread(CollectiveGroup, links0, 0, world, peers, options)
+            self.progress(f"forming the group: {world - 1} worker(s) connect to this node and each other, "
+                          "then one allreduce")
+            try:
+                group = await asyncio.to_thread(CollectiveGroup, links0, 0, world, peers, options)
+                # The first step, at once (a worker waits for the master's next op only
+                # `--collective-timeout` seconds): our links show only the ranks that reached us,
+                # this shows every rank reached every other.
+                await asyncio.to_thread(probe_group, group, self.entry.config.hidden_size, 1)
+            except CollectiveError as exc:
+                # A worker that could not reach another says which, and why (it tries for the
+                # group's connect timeout): wait for that rather than blame the rank we missed.
+                await self._wait_failure(jstate, options.connect_timeout + 5.0)
+                raise JobFailed(f"the group did not form: {self._worker_failure(jstate) or self._name_ranks(exc, jstate)}") from None
+            self.model = await asyncio.to_thread(self._master_model, self.plan, group, refs[0])
         except BaseException:
-            links0.close(abandon=True)
+            if group is None:
+                links0.close(abandon=True)
             await self._stop_job(tell_workers=False)
             raise
-        self.model = await asyncio.to_thread(self._master_model, self.plan, group, refs[0])
         self.progress(f"model up on {world} device(s): " + ", ".join(m["name"] for m in self.members))
         return self.model
+
+    async def _wait_failure(self, jstate: Any, timeout: float) -> None:
+        """Until a worker reports a failure, at most ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while jstate.failure is None and (left := deadline - time.monotonic()) > 0:
+            jstate.changed.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(jstate.changed.wait(), min(left, 1.0))
+
+    def _worker_failure(self, jstate: Any) -> str | None:
+        """What a worker reported, with member names for the ranks it mentions."""
+        if jstate.failure is None:
+            return None
+
+        def name(m: re.Match[str]) -> str:
+            r = int(m.group(1))
+            return f"{self.members[r]['name']} (rank {r})" if 0 <= r < len(self.members) else m.group(0)
+
+        return re.sub(r"\brank (\d+)", name, jstate.failure)
+
+    def _name_ranks(self, exc: Exception, jstate: Any) -> str:
+        """A collective error with the members behind the ranks it names (and their endpoints)."""
+        ranks = sorted(set(getattr(exc, "lost", ()) or ()) | set(getattr(exc, "waiting_for", ()) or ()))
+        who = [f"{self.members[r]['name']} (rank {r}, links at {jstate.endpoints.get(r, '?')}, dials this node at "
+               f"{jstate.rank0_for.get(r, '?')})" for r in ranks if 0 < r < len(self.members)]
+        return f"{exc}" + (f" — {'; '.join(who)}" if who else "")
 
     def prepare_compute_thread(self) -> None:
         """Call on the thread that runs the model, after every deploy: its torch thread count
@@ -393,6 +456,7 @@ class Deployment:
         pin_to_slot(None)
 
     async def _members_with_profiles(self) -> list[dict[str, Any]]:
+        self.progress("asking the members for their status, profiles and links")
         members, self.left_out = await members_with_profiles(self.state, self.transport, self.options, self.excluded)
         return members
 
@@ -403,20 +467,55 @@ class Deployment:
         return Participant(self.entry.config, specs, InMemoryProvider(blocks), collective,
                            max_seq_len=self.options.max_seq_len)
 
-    async def _wait_ready(self, jstate: Any, total: int) -> None:
-        deadline = time.monotonic() + self.options.ready_timeout
+    async def _wait_ready(self, jstate: Any, total: int, ours: list[str]) -> None:
+        """Until every worker has its slices and reported ready. Fails, naming the member, when a
+        worker does not reach our job server in time (it cannot reach the address it was given),
+        when its process is gone (asked of its daemon every few seconds), or at the deadline."""
+        start = time.monotonic()
+        deadline = start + self.options.ready_timeout
+        next_check = start + 3.0
         while not jstate.ready.is_set():
             jstate.changed.clear()
             served = sum(jstate.served.values())
             self.progress(f"workers fetching weights: {served / 1e6:.0f}/{total / 1e6:.0f} MB, "
-                          f"{len(jstate.endpoints)}/{jstate.world} ranks ready")
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise JobFailed(f"the workers were not ready within {self.options.ready_timeout:.0f} s")
+                          f"{len(jstate.endpoints) - 1}/{jstate.world - 1} worker(s) ready")
+            now = time.monotonic()
+            waiting = [r for r in range(1, jstate.world) if r not in jstate.endpoints]
+            silent = [r for r in waiting if r not in jstate.contacted]
+            if silent and now - start > self.options.contact_timeout:
+                raise JobFailed("; ".join(
+                    f"{self.members[r]['name']} did not reach this node's job server at "
+                    f"{self._server.endpoint_for(ours[r])} within {self.options.contact_timeout:.0f} s "  # type: ignore[union-attr]
+                    "(is that address reachable from it? a firewall? see --advertise)" for r in silent))
+            if now >= next_check:
+                next_check = now + 3.0
+                await self._check_workers_alive(jstate, waiting)
+            if now >= deadline:
+                names = ", ".join(self.members[r]["name"] for r in waiting)
+                raise JobFailed(f"not ready within {self.options.ready_timeout:.0f} s: {names}")
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(jstate.changed.wait(), min(left, 1.0))
+                await asyncio.wait_for(jstate.changed.wait(), min(deadline - now, 1.0))
         if jstate.failure:
             raise JobFailed(f"a worker could not start: {jstate.failure}")
+
+    async def _check_workers_alive(self, jstate: Any, ranks: list[int]) -> None:
+        """A worker that crashed (or exited) before reporting ready fails the launch now, not at
+        the deadline. A daemon that does not answer is not proof of anything: skipped."""
+        async def check(r: int) -> None:
+            m = self.members[r]
+            try:
+                reply = await self._call_member(m, "llm.jobs", {}, timeout=3.0)
+            except EdgemeshError:
+                return
+            jobs = reply.get("jobs") if isinstance(reply, dict) else None
+            if isinstance(jobs, list) and not any(isinstance(j, dict) and j.get("job") == jstate.job for j in jobs) \
+                    and r not in jstate.endpoints and not jstate.ready.is_set():
+                jstate.failure = jstate.failure or (
+                    f"{m['name']}: its worker exited before it was ready (log: jobs/{jstate.job}-r{r}.log in "
+                    f"{m['name']}'s state dir)")
+                jstate.ready.set()
+
+        await asyncio.gather(*(check(r) for r in ranks))
 
     async def _call_member(self, member: dict[str, Any], method: str, body: Any, timeout: float = 10.0) -> Any:
         async with rpc_session(self.transport, member["addresses"][0], curve_public_for(bytes.fromhex(member["key"])),
@@ -468,13 +567,16 @@ def is_cluster_failure(exc: Exception) -> bool:
 def probe_allreduce(model: Participant, n: int) -> list[float]:
     """Master: time ``n`` allreduces of one decode step's hidden state through the live group
     (the workers follow a ``probe`` op). Seconds per allreduce."""
-    h = model.config.hidden_size
-    model.collective.broadcast_meta({"op": "probe", "n": n, "numel": h})
-    x = torch.zeros(1, 1, h)
+    return probe_group(model.collective, model.config.hidden_size, n)
+
+
+def probe_group(collective: Any, hidden: int, n: int) -> list[float]:
+    collective.broadcast_meta({"op": "probe", "n": n, "numel": hidden})
+    x = torch.zeros(1, 1, hidden)
     out = []
     for _ in range(n):
         t = time.perf_counter()
-        model.collective.allreduce_sum(x)
+        collective.allreduce_sum(x)
         out.append(time.perf_counter() - t)
     return out
 

@@ -18,7 +18,7 @@ from edgemesh.errors import AuthError, EdgemeshError, ProtocolError
 from edgemesh.identity.keys import curve_public_for
 from edgemesh.mesh.rpc import RpcServer
 from edgemesh.rpc.dispatch import Call, Reply, RpcStats
-from edgemesh.transport.endpoint import tcp_endpoint
+from edgemesh.transport.endpoint import parse_endpoint, tcp_endpoint
 from edgemesh.transport.zmq_link import ZmqTransport
 from edgemesh.wire.schema import body_map, need
 from edgemesh.wire.tensor import TensorSpec
@@ -40,6 +40,11 @@ class JobState:
     keys: list[bytes]  # curve key (z85) per rank
     files: dict[str, Path]  # sha256 → file on this machine
     endpoints: dict[int, str] = field(default_factory=dict)
+    # Rank 0's collective endpoint as each rank should dial it: the master listens on every
+    # interface and names, per rank, an address of its own that rank can reach.
+    rank0_for: dict[int, str] = field(default_factory=dict)
+    contacted: set[int] = field(default_factory=set)  # ranks whose worker has reached this server
+    failed_rank: int | None = None
     served: dict[int, int] = field(default_factory=dict)  # bytes sent per rank
     failure: str | None = None
     ready: asyncio.Event = field(default_factory=asyncio.Event)
@@ -56,9 +61,15 @@ class JobServer:
         self.stats = RpcStats()
         self.sock = transport.server(tcp_endpoint(host, 0), "data", self._allowed)
         self.endpoint = transport.bound_endpoint(self.sock)
+        self.port = parse_endpoint(self.endpoint)[1]
         self._server = RpcServer(self.sock, b"launcher", {
-            "shard.get": self._shard_get, "job.ready": self._job_ready, "job.failed": self._job_failed,
+            "job.hello": self._job_hello, "shard.get": self._shard_get, "job.ready": self._job_ready,
+            "job.failed": self._job_failed,
         }, self.stats)
+
+    def endpoint_for(self, host: str) -> str:
+        """This server's endpoint as a worker that reaches us at ``host`` should dial it."""
+        return tcp_endpoint(host, self.port)
 
     def _allowed(self, curve_key: bytes) -> bool:
         return any(curve_key in j.keys for j in self.jobs.values())
@@ -86,7 +97,14 @@ class JobServer:
         rank = body.get("rank")
         if not isinstance(rank, int) or rank not in ranks:
             raise AuthError("this key is not a participant of the job at that rank")
+        job.contacted.add(rank)
+        job.changed.set()
         return job, rank
+
+    async def _job_hello(self, call: Call) -> Any:
+        """A worker's first call: proves it reaches us before it spends time loading anything."""
+        self._job(call, body_map(call.body))
+        return {}
 
     async def _shard_get(self, call: Call) -> Any:
         body = body_map(call.body)
@@ -125,12 +143,15 @@ class JobServer:
             raise JobFailed("the other ranks did not get ready in time") from None
         if job.failure:
             raise JobFailed(job.failure)
-        return {"peers": [[r, e] for r, e in sorted(job.endpoints.items())]}
+        table = {**job.endpoints, 0: job.rank0_for.get(rank, job.endpoints.get(0, ""))}
+        return {"peers": [[r, e] for r, e in sorted(table.items())]}
 
     async def _job_failed(self, call: Call) -> Any:
         body = body_map(call.body)
         job, rank = self._job(call, body)
-        job.failure = f"rank {rank}: {need(body, 'message', str, max_len=2000)}"
+        if job.failure is None:
+            job.failed_rank = rank
+        job.failure = job.failure or f"rank {rank}: {need(body, 'message', str, max_len=2000)}"
         job.ready.set()
         job.changed.set()
         return {}

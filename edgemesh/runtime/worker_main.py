@@ -24,6 +24,8 @@ from edgemesh.identity.statedir import StateDir
 from edgemesh.mesh.rpc import RpcClient, rpc_session
 from edgemesh.runtime.jobs import JobSpec
 from edgemesh.runtime.processes import pin_to_slot
+from edgemesh.transport.addresses import is_wildcard
+from edgemesh.transport.endpoint import parse_endpoint, tcp_endpoint
 from edgemesh.transport.zmq_link import ZmqTransport
 from edgemesh.weights.blobs import BlobCache
 
@@ -40,6 +42,15 @@ async def _with_launcher(key: NodeKey, spec: JobSpec, fn):  # type: ignore[no-un
             return await fn(client)
     finally:
         transport.close()
+
+
+async def hello(key: NodeKey, spec: JobSpec, timeout: float = 20.0) -> None:
+    """Reach the launcher's job server before loading anything: a launcher that cannot be reached
+    (wrong address, firewall) shows in its own progress at once, and this worker exits."""
+    async def run(client: RpcClient) -> None:
+        await client.call("job.hello", {"job": spec.job, "rank": spec.rank}, timeout=timeout)
+
+    await _with_launcher(key, spec, run)
 
 
 async def fetch(key: NodeKey, spec: JobSpec, cache: BlobCache) -> dict[str, Path]:
@@ -87,7 +98,13 @@ async def report_failure(key: NodeKey, spec: JobSpec, message: str) -> None:
         await _with_launcher(key, spec, run)
 
 
-def run_job(state: StateDir, spec: JobSpec, host: str) -> int:
+def run_job(state: StateDir, spec: JobSpec, host: str, advertise: str | None = None) -> int:
+    key, _ = state.load_identity()
+    try:
+        asyncio.run(hello(key, spec))
+    except EdgemeshError as exc:
+        log.error("cannot reach the launcher's job server at %s: %s", spec.server, exc)
+        return 2
     import torch
 
     from edgemesh.collective.members import CurveKeys, Peer
@@ -102,20 +119,22 @@ def run_job(state: StateDir, spec: JobSpec, host: str) -> int:
     if spec.threads:
         torch.set_num_threads(spec.threads)
     pin_to_slot(spec.cpu_slot)
-    key, _ = state.load_identity()
     try:
         config = ModelConfig.from_json(spec.config)
         specs = [ShardSpec.from_json(s) for s in spec.specs]
         paths = asyncio.run(fetch(key, spec, BlobCache(state.path / "blobs")))
         provider = InMemoryProvider.from_files(paths)
-        links = SecureLinks.bind(f"tcp://{host}:0", CurveKeys(key.curve_public, key.curve_secret),
+        links = SecureLinks.bind(tcp_endpoint(host, 0), CurveKeys(key.curve_public, key.curve_secret),
                                  [curve_public_for(k) for k in spec.keys])
+        # Bound on the daemon's listen address (0.0.0.0 by default): tell the others where to dial.
+        endpoint = tcp_endpoint(advertise or host, parse_endpoint(links.endpoint)[1]) \
+            if is_wildcard(host) else links.endpoint
     except Exception as exc:  # noqa: BLE001 — tell the launcher why, then give up
         log.error("could not prepare: %s", exc)
         asyncio.run(report_failure(key, spec, str(exc)))
         return 2
     try:
-        peers = asyncio.run(report_ready(key, spec, links.endpoint))
+        peers = asyncio.run(report_ready(key, spec, endpoint))
         group = CollectiveGroup(
             links, spec.rank, spec.world,
             [Peer(r, e, curve_public_for(spec.keys[r])) for r, e in peers if r != spec.rank],
@@ -123,6 +142,7 @@ def run_job(state: StateDir, spec: JobSpec, host: str) -> int:
     except EdgemeshError as exc:
         links.close(abandon=True)
         log.error("could not join the group: %s", exc)
+        asyncio.run(report_failure(key, spec, f"could not join the group: {exc}"))
         return 2
     model = Participant(config, specs, provider, group, max_seq_len=spec.max_seq_len)
     log.info("rank %d/%d of job %s ready (%.1f MB of weights)", spec.rank, spec.world, spec.job,
@@ -143,12 +163,13 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="edgemesh-worker")
     p.add_argument("--state-dir", required=True, type=Path)
     p.add_argument("--job", required=True, type=Path)
-    p.add_argument("--host", required=True)
+    p.add_argument("--host", required=True, help="address the collective socket binds")
+    p.add_argument("--advertise", help="address the other ranks dial (when --host is a wildcard)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     spec = JobSpec.from_wire(msgpack.unpackb(args.job.read_bytes(), raw=False, strict_map_key=True))
-    sys.exit(run_job(StateDir(args.state_dir), spec, args.host))
+    sys.exit(run_job(StateDir(args.state_dir), spec, args.host, args.advertise))
 
 
 if __name__ == "__main__":

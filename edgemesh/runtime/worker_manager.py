@@ -19,9 +19,10 @@ MAX_JOBS = 8
 
 
 class WorkerManager:
-    def __init__(self, state: StateDir, host: str) -> None:
+    def __init__(self, state: StateDir, host: str, advertise: str) -> None:
         self.state = state
-        self.host = host
+        self.host = host  # where a worker's collective socket listens (the daemon's listen address)
+        self.advertise = advertise  # the address it tells the other ranks
         self.dir = state.path / "jobs"
         self._procs: dict[str, tuple[JobSpec, subprocess.Popen[bytes]]] = {}
 
@@ -39,7 +40,7 @@ class WorkerManager:
         with open(self.dir / f"{spec.job}-r{spec.rank}.log", "ab") as logf:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "edgemesh.runtime.worker_main", "--state-dir", str(self.state.path),
-                 "--job", str(job_file), "--host", self.host],
+                 "--job", str(job_file), "--host", self.host, "--advertise", self.advertise],
                 stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
         self._procs[spec.job] = (spec, proc)
