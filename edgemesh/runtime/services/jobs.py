@@ -1,0 +1,52 @@
+"""Jobs: the worker processes this node runs for launches elsewhere (``llm.start/stop/jobs``).
+
+Only the member that serves a job's weights may start it, and only with our key at our rank.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from edgemesh.errors import ProtocolError
+from edgemesh.mesh.view import MembershipView
+from edgemesh.rpc.dispatch import Call, Handler
+from edgemesh.runtime.jobs import JobSpec
+from edgemesh.runtime.services import Task
+from edgemesh.runtime.services.node import Node
+from edgemesh.runtime.worker_manager import WorkerManager
+from edgemesh.wire.schema import body_map, need
+
+
+class JobsService:
+    name = "jobs"
+
+    def __init__(self, node: Node, view: MembershipView) -> None:
+        self.node = node
+        self.view = view
+        self.workers = WorkerManager(node.state, node.host, node.advertise)
+
+    def handlers(self) -> dict[str, Handler]:
+        return {"llm.start": self._rpc_start, "llm.stop": self._rpc_stop, "llm.jobs": self._rpc_jobs}
+
+    def tasks(self) -> list[Task]:
+        return []
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.workers.stop_all)
+
+    async def _rpc_start(self, call: Call) -> Any:
+        spec = JobSpec.from_wire(call.body)
+        launcher = self.view.node_for_curve_key(call.peer_key)
+        if launcher is None or launcher.key != spec.server_key:
+            raise ProtocolError("a job must be started by the member that serves its weights")
+        if spec.keys[spec.rank] != self.node.key.sign_public:
+            raise ProtocolError("this job gives my rank to another key")
+        return {"pid": self.workers.start(spec)}
+
+    async def _rpc_stop(self, call: Call) -> Any:
+        job = need(body_map(call.body), "job", str, max_len=64)
+        return {"stopped": await asyncio.to_thread(self.workers.stop, job)}
+
+    async def _rpc_jobs(self, call: Call) -> Any:
+        return {"jobs": self.workers.jobs()}

@@ -1,0 +1,52 @@
+"""The daemon wires its services: every handler comes from exactly one service, a second claim
+on a method is refused, and a service's tasks and published addresses follow the settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from edgemesh.config import MeshConfig
+from edgemesh.identity.statedir import StateDir
+from edgemesh.runtime.daemon import NodeDaemon
+
+pytestmark = pytest.mark.unit
+
+
+def _daemon(tmp_path: Path, **settings: object) -> NodeDaemon:
+    sd = StateDir(tmp_path / "n")
+    key, _ = sd.load_or_create_identity("alpha")
+    sd.new_cluster(key.node_id)
+    if settings:
+        sd.save_settings(dict(settings))
+    return NodeDaemon(sd, "127.0.0.1", 7700, config=MeshConfig(mdns=False))
+
+
+def test_each_method_is_served_by_the_one_service_that_registered_it(tmp_path: Path) -> None:
+    d = _daemon(tmp_path)
+    try:
+        assert [s.name for s in d.services] == ["membership", "nat", "jobs", "profile", "supervision"]
+        owned = [m for s in d.services for m in s.handlers()]
+        assert len(owned) == len(set(owned))
+        assert set(d.handlers) == {*owned, "status", "admin.stop"}
+        assert {"ping", "gossip.sync", "nat.signal", "nat.poll", "llm.start", "admin.leave"} <= set(owned)
+        with pytest.raises(ValueError, match="'ping'"):
+            d._register("vit", {"ping": d.handlers["ping"]})
+        assert set(d.membership.join_handlers()) == {"join.challenge", "join.register"}
+        assert not set(d.membership.join_handlers()) & set(d.handlers)  # the join port serves only these
+        # coturn is off unless `init --turn` asked for it
+        assert d.coturn.tasks() == [] and d.coturn.published_servers() == []
+    finally:
+        d.node.transport.close()
+
+
+def test_coturn_beside_the_node_adds_a_task_and_publishes_its_urls(tmp_path: Path) -> None:
+    d = _daemon(tmp_path, turn="local")
+    try:
+        assert len(d.coturn.tasks()) == 1
+        assert d.coturn.published_servers() == ["stun:127.0.0.1:3478", "turn:127.0.0.1:3478"]
+        me = d.membership.open(d.coturn.published_servers(), {})
+        assert me.addresses == ("tcp://127.0.0.1:7700", "stun:127.0.0.1:3478", "turn:127.0.0.1:3478")
+    finally:
+        d.node.transport.close()
