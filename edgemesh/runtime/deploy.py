@@ -1,6 +1,8 @@
-"""The launcher: plan a model over the alive members, ship each its slices, form the group.
+"""Deploy a model: ask the daemons, plan over the chosen members, ship each its slices, form the group.
 
-It runs in the process that serves the API (the master, rank 0). Each worker's daemon gets an
+This is the I/O half of a launch; which members take part is decided by the pure functions of
+``placement.members`` (from the daemons' status and path map), the torch threads and cores per
+rank by ``runtime.cpu``. It runs in the process that serves the API (the master, rank 0). Each worker's daemon gets an
 `llm.start` with its job; the workers fetch their slices from our job server and report ready;
 then every rank joins the collective group. On a failure of the group the engine calls
 ``recover``: stop what is left, drop the lost member, plan again over the others.
@@ -14,7 +16,6 @@ import logging
 import re
 import secrets
 import time
-from dataclasses import replace
 from typing import Any, Callable
 
 import torch
@@ -26,12 +27,14 @@ from edgemesh.identity.keys import curve_public_for
 from edgemesh.identity.statedir import StateDir
 from edgemesh.llm.build import rank_files
 from edgemesh.llm.model import Participant
-from edgemesh.mesh.links import PATHS
 from edgemesh.mesh.rpc import rpc_session
 from edgemesh.placement.devices import Device, Link
+from edgemesh.placement.members import (DIRECT_PATHS, PathMap, devices_and_links, host_of, paths_of, paths_pending,
+                                        select_members)
 from edgemesh.placement.plan import Plan, plan
 from edgemesh.runtime.control import control_call
-from edgemesh.runtime.processes import pin_to_slot, running_daemon
+from edgemesh.runtime.cpu import ComputeThread, cpu_slots, threads_per_rank
+from edgemesh.runtime.processes import running_daemon
 from edgemesh.runtime.job_server import JobFailed, JobServer
 from edgemesh.runtime.jobs import JobFile, JobSpec
 from edgemesh.transport.addresses import address_for_peer
@@ -43,169 +46,19 @@ from edgemesh.weights.store import ModelEntry
 log = logging.getLogger(__name__)
 
 
-# Paths on which a TCP connection opens from either side: what the collective (higher ranks dial
-# lower ones), the job server and `llm.start` need. A punched or relayed pair has only its ICE
-# channel, a control path; tensor parallelism, two allreduces per layer, stays on direct links
-# (ARCHITECTURE.md: tensor-parallel groups only inside low-latency islands).
-DIRECT_PATHS = ("lan", "direct")
-PathMap = dict[str, dict[str, str | None]]  # paths[a][b]: how a reaches b ("lan", "punched", ...; None = none yet)
-
-
-def direct_island(members: list[dict[str, Any]], me: str, paths: PathMap,
-                  first: tuple[str, ...] = ()) -> tuple[list[dict[str, Any]], dict[str, str]]:
-    """The alive members that can share a tensor-parallel group with ``me``: the ones in
-    ``first`` (ids, e.g. those named with --on) are tried first, then the rest by name; each
-    joins if it and every member taken before (``me`` first) reach each other directly, both
-    ways. A member missing from ``paths`` did not say how it reaches the others. Returns
-    (members kept, in input order, with the dead ones; the reason per left-out member id)."""
-    def why_not(a: dict[str, Any], b: dict[str, Any]) -> str | None:
-        for x, y in ((a, b), (b, a)):
-            if x["id"] not in paths:
-                return f"{x['name']} did not answer a status request"
-            path = paths[x["id"]].get(y["id"])
-            if path not in DIRECT_PATHS:
-                return f"{x['name']} reaches {y['name']} {'over no path yet' if path is None else f'only {path}'}"
-        return None
-
-    alive = {m["id"]: m for m in members if m["state"] == "alive"}
-    kept = [alive[me]] if me in alive else []
-    left: dict[str, str] = {}
-    rank = {i: k for k, i in enumerate(first)}
-    for m in sorted((m for m in alive.values() if m["id"] != me),
-                    key=lambda m: (rank.get(m["id"], len(rank)), m["name"], m["id"])):
-        reason = next((r for r in (why_not(k, m) for k in kept) if r), None)
-        if reason is None:
-            kept.append(m)
-        else:
-            left[m["id"]] = reason
-    return [m for m in members if m["id"] not in left], left
-
-
-def named(members: list[dict[str, Any]], name: str) -> dict[str, Any] | None:
-    """The alive member called ``name`` (or whose id starts with it), if any."""
-    return next((m for m in members if m["state"] == "alive" and (m["name"] == name or m["id"].startswith(name))), None)
-
-
-def choose_members(members: list[dict[str, Any]], me: str, opts: LaunchOptions,
-                   degraded: bool = False) -> list[dict[str, Any]]:
-    """This node first (it is the master), then the others by name. ``degraded`` (after a
-    failure) takes whatever is left of the requested set rather than refusing."""
-    alive = [m for m in members if m["state"] == "alive"]
-    mine = [m for m in alive if m["id"] == me]
-    others = sorted((m for m in alive if m["id"] != me), key=lambda m: (m["name"], m["id"]))
-    if opts.names:
-        wanted = []
-        for n in opts.names:
-            hit = named(alive, n)
-            if hit is None and degraded:
-                continue
-            if hit is None:
-                raise ConfigError(f"no alive member named {n!r} (alive: {', '.join(m['name'] for m in alive)})")
-            wanted.append(hit)
-        others = [m for m in wanted if m["id"] != me]
-    elif opts.nodes is not None:
-        if opts.nodes < 1:
-            raise ConfigError("--nodes must be at least 1")
-        if opts.nodes - 1 > len(others) and not degraded:
-            raise ConfigError(f"--nodes {opts.nodes}: only {len(others) + 1} member(s) are alive")
-        others = others[: opts.nodes - 1]
-    return mine + others
-
-
-def _host(m: dict[str, Any]) -> str:
-    return endpoint_host(str(m["addresses"][0]))
-
-
-def _sharing(members: list[dict[str, Any]]) -> list[int]:
-    """For each member, how many of the chosen members run on its machine (same address)."""
-    count: dict[str, int] = {}
-    for m in members:
-        count[_host(m)] = count.get(_host(m), 0) + 1
-    return [count[_host(m)] for m in members]
-
-
-def threads_per_rank(members: list[dict[str, Any]]) -> list[int]:
-    """Torch threads per rank (0 = torch's default, every logical core). Ranks that share a
-    machine (same address) split its cores instead of each taking all: oversubscribed torch
-    threads made a 3-process local cluster 2.3× slower in our runs. A CPU quota (cgroup) counts
-    too: torch sizes its pool by logical cores, and 2 threads spinning under a 0.5-core quota
-    made a lan-4 testbed device ~4× slower than 1 thread."""
-    out = []
-    for m, shared in zip(members, _sharing(members)):
-        profile = m.get("profile") or {}
-        logical = int(profile.get("cpu_logical") or 1)
-        quota = (profile.get("limits") or {}).get("cpu_cores")
-        usable = min(float(quota), logical) if quota else logical
-        n = max(1, int(usable // shared))
-        out.append(0 if n >= logical else n)
-    return out
-
-
-def cpu_slots(members: list[dict[str, Any]]) -> list[tuple[int, int] | None]:
-    """Ranks that share a machine with at least one core each get disjoint cores (slot i of n,
-    resolved against the cores each process may use). With more ranks than cores, none is
-    pinned: the scheduler balances better than a fixed split would."""
-    seen: dict[str, int] = {}
-    out: list[tuple[int, int] | None] = []
-    for m, shared in zip(members, _sharing(members)):
-        profile = m.get("profile") or {}
-        cores = int((profile.get("limits") or {}).get("cpu_cores") or profile.get("cpu_logical") or 1)
-        i = seen.get(_host(m), 0)
-        seen[_host(m)] = i + 1
-        out.append((i, shared) if 1 < shared <= cores else None)
-    return out
-
-
-def devices_and_links(members: list[dict[str, Any]]) -> tuple[list[Device], list[Link]]:
-    """Planner inputs. Members on one machine measured the same hardware, each while the others
-    may have been busy: they all get the machine's best measured speed and memory bandwidth,
-    divided by how many of them share it."""
-    alone = [Device.from_profile(m["id"], m.get("profile") or {}) for m in members]
-    best: dict[str, tuple[float, float]] = {}
-    for m, d in zip(members, alone):
-        g, b = best.get(_host(m), (0.0, 0.0))
-        best[_host(m)] = (max(g, d.gflops), max(b, d.mem_bw_gbps))
-    devices = []
-    for m, d, shared in zip(members, alone, _sharing(members)):
-        if shared > 1:
-            g, b = best[_host(m)]
-            d = replace(d, gflops=g / shared, mem_bw_gbps=b / shared)
-        devices.append(d)
-    me = members[0]["id"]
-    links = []
-    for m in members[1:]:
-        link = m.get("links") or {}
-        rtt = link.get("rtt_min_ms") or link.get("rtt_ms")  # the path's latency, not the noise on top
-        if rtt is not None and link.get("mbps"):
-            links.append(Link(me, m["id"], float(rtt), float(link["mbps"])))
-    return devices, links
-
-
-def _paths_of(view: Any, me: str) -> dict[str, str | None]:
-    """How the node whose ``status`` this is reaches each other member; anything that is not a
-    known path name counts as none (another member's status is untrusted input)."""
-    out: dict[str, str | None] = {}
-    for m in view["members"]:
-        if m["id"] != me:
-            links = m.get("links")
-            path = links.get("path") if isinstance(links, dict) else None
-            out[str(m["id"])] = path if path in PATHS else None
-    return out
-
-
 async def member_paths(transport: ZmqTransport, status: dict[str, Any], timeout: float = 3.0) -> PathMap:
     """How each alive member reaches the others: ours from our daemon's ``status``, theirs from
     their own (asked directly, so only members we reach directly; the rest cannot join a group
     with us anyway). A member that does not answer, or answers nonsense, is left out of the map."""
     me = status["node"]
-    paths: PathMap = {me: _paths_of(status, me)}
+    paths: PathMap = {me: paths_of(status, me)}
     sender = bytes.fromhex(me)
 
     async def ask(m: dict[str, Any]) -> None:
         try:
             async with rpc_session(transport, m["addresses"][0], curve_public_for(bytes.fromhex(m["key"])), sender) as client:
                 reply, _ = await client.call("status", {}, timeout=timeout)
-            paths[m["id"]] = _paths_of(reply, m["id"])
+            paths[m["id"]] = paths_of(reply, m["id"])
         except Exception as exc:  # noqa: BLE001 — a member's failure to answer only leaves it out
             log.info("no usable status from %s: %s", m["name"], exc)
 
@@ -214,52 +67,26 @@ async def member_paths(transport: ZmqTransport, status: dict[str, Any], timeout:
     return paths
 
 
-def _refuse_left_out(options: LaunchOptions, members: list[dict[str, Any]], left: dict[str, str], notes: list[str],
-                     can: int) -> None:
-    """A launch that names a member left out of the island, or wants more members than it
-    holds, is refused with the reasons (rather than planned without them)."""
-    for n in options.names:
-        hit = named(members, n)
-        if hit is not None and hit["id"] in left:
-            raise ConfigError(f"{n} cannot be in a tensor-parallel group with this node: {left[hit['id']]} "
-                              f"(the group needs {' or '.join(DIRECT_PATHS)} links both ways; see README, Across NATs)")
-    if left and options.nodes is not None and options.nodes > can:
-        raise ConfigError("; ".join([f"--nodes {options.nodes}: only {can} member(s) can share a tensor-parallel "
-                                     "group with this node (direct links both ways)", *notes]))
-
-
 async def members_with_profiles(state: StateDir, transport: ZmqTransport, options: LaunchOptions,
                                 excluded: set[str] | frozenset[str] = frozenset(),
                                 wait: float = 10.0, wait_paths: float = 3.0) -> tuple[list[dict[str, Any]], list[str]]:
-    """The members a launch from ``state`` would use (master first), once each has published
-    its device profile (a member that just started needs a moment for its record to reach us),
-    and notes on the members left out because they cannot share a group with us (see
-    ``direct_island``; paths not known yet are waited for up to ``wait_paths`` seconds)."""
+    """The members a launch from ``state`` would use (master first; ``placement.members.select_members``),
+    once each has published its device profile (a member that just started needs a moment for
+    its record to reach us), and notes on the members left out because they cannot share a
+    group with us (paths not known yet are waited for up to ``wait_paths`` seconds)."""
     start = time.monotonic()
-    degraded = bool(excluded)
     while True:
         status = await control_call(state, "status")
-        members = [m for m in status["members"] if m["id"] not in excluded]
         paths = await member_paths(transport, status)
-        first = tuple(hit["id"] for hit in (named(members, n) for n in options.names) if hit is not None)
-        kept, left = direct_island(members, status["node"], paths, first)
-        # Not known yet: a path still being set up, or a member we reach directly that did not answer.
-        alive = [m["id"] for m in members if m["state"] == "alive"]
-        unknown = any(paths[x].get(y) is None for x in paths for y in alive if y != x) or \
-            any(y not in paths and paths[status["node"]].get(y) in DIRECT_PATHS for y in alive)
-        if unknown and time.monotonic() - start < wait_paths:
+        if paths_pending(status, paths, excluded) and time.monotonic() - start < wait_paths:
             await asyncio.sleep(0.3)
             continue
-        names = {m["id"]: m["name"] for m in members}
-        notes = [f"{names[i]}: left out, {why}" for i, why in left.items()]
-        if not degraded:  # after a failure, take what is left instead
-            _refuse_left_out(options, members, left, notes, sum(m["state"] == "alive" for m in kept))
-        chosen = choose_members(kept, status["node"], options, degraded=degraded)
-        missing = [m["name"] for m in chosen if "mem_total" not in (m.get("profile") or {})]
-        if not missing:
-            return chosen, notes
+        chosen = select_members(status, paths, options, excluded)
+        if not chosen.missing_profiles:
+            return chosen.chosen, chosen.notes
         if time.monotonic() - start > wait:
-            raise EdgemeshError(f"no device profile from {', '.join(missing)} yet; is it running an older edgemesh?")
+            raise EdgemeshError(f"no device profile from {', '.join(chosen.missing_profiles)} yet; "
+                                "is it running an older edgemesh?")
         await asyncio.sleep(0.2)
 
 
@@ -297,9 +124,7 @@ class Deployment:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.excluded: set[str] = set()
         self.left_out: list[str] = []  # members that cannot share a group with this node, and why
-        self.cpu_slot: tuple[int, int] | None = None
-        self.threads0 = 0  # torch threads of the master's compute thread; 0 = torch's default
-        self._default_threads = torch.get_num_threads()
+        self.compute = ComputeThread()  # torch threads and cores of the thread that runs the model
 
     # ---- lifecycle -----------------------------------------------------------------
     async def open(self) -> None:
@@ -322,7 +147,7 @@ class Deployment:
     def address_for(self, member: dict[str, Any]) -> str:
         """The address of this node that ``member`` dials for our job server and rank 0's links."""
         try:
-            return address_for_peer(_host(member), self.listen_host, self.advertise, self.advertise_explicit)
+            return address_for_peer(host_of(member), self.listen_host, self.advertise, self.advertise_explicit)
         except ValueError as exc:
             raise ConfigError(f"{member['name']} cannot reach this node: {exc}") from None
 
@@ -337,7 +162,7 @@ class Deployment:
     # ---- deploy --------------------------------------------------------------------
     async def deploy(self) -> Participant:
         assert self._server is not None
-        self.cpu_slot, self.threads0 = None, 0
+        self.compute.assign(0, None)
         self.members = await self._members_with_profiles()
         devices, links = devices_and_links(self.members)
         self.plan = plan(self.entry.config, devices, links, model=self.entry.name,
@@ -346,13 +171,12 @@ class Deployment:
         self.progress(f"plan: {world} device(s), predicted {self.plan.latency.total_ms:.1f} ms/token")
         threads = threads_per_rank(self.members)
         slots = cpu_slots(self.members)
-        self.cpu_slot, self.threads0 = slots[0], threads[0]
+        self.compute.assign(threads[0], slots[0])
         if world == 1:
             self.model = await asyncio.to_thread(self._master_model, self.plan, LocalCollective())
             return self.model
         job = secrets.token_hex(8)
-        if threads[0]:
-            torch.set_num_threads(threads[0])
+        self.compute.limit_here()
         self.progress("slicing weights")
         refs = await asyncio.to_thread(lambda: [rank_files(self.entry, self.plan.specs_for(r), r) for r in range(world)])
         keys = [bytes.fromhex(m["key"]) for m in self.members]
@@ -442,18 +266,21 @@ class Deployment:
                f"{jstate.rank0_for.get(r, '?')})" for r in ranks if 0 < r < len(self.members)]
         return f"{exc}" + (f" — {'; '.join(who)}" if who else "")
 
+    @property
+    def threads0(self) -> int:
+        """Torch threads of the master's compute thread; 0 = torch's default."""
+        return self.compute.threads
+
     def prepare_compute_thread(self) -> None:
         """Call on the thread that runs the model, after every deploy: its torch thread count
         (a per-thread setting for a thread that already ran torch ops — a pool thread kept 2
         intra-op threads beside a 1-thread worker on 2 cores) and, when ranks share the
-        machine, its own cores (see ``cpu_slots``)."""
-        torch.set_num_threads(self.threads0 or self._default_threads)
-        pin_to_slot(self.cpu_slot)
+        machine, its own cores (see ``runtime.cpu.cpu_slots``)."""
+        self.compute.prepare()
 
     def release_compute_thread(self) -> None:
         """Undo ``prepare_compute_thread`` on a thread that goes back to other work (a pool)."""
-        torch.set_num_threads(self._default_threads)
-        pin_to_slot(None)
+        self.compute.release()
 
     async def _members_with_profiles(self) -> list[dict[str, Any]]:
         self.progress("asking the members for their status, profiles and links")

@@ -23,7 +23,7 @@ from edgemesh.identity.keys import NodeKey, curve_public_for
 from edgemesh.identity.statedir import StateDir
 from edgemesh.mesh.rpc import RpcClient, rpc_session
 from edgemesh.runtime.jobs import JobSpec
-from edgemesh.runtime.processes import pin_to_slot
+from edgemesh.runtime.cpu import pin_to_slot
 from edgemesh.transport.addresses import is_wildcard
 from edgemesh.transport.endpoint import parse_endpoint, tcp_endpoint
 from edgemesh.transport.zmq_link import ZmqTransport

@@ -6,7 +6,9 @@ import pytest
 
 from edgemesh.errors import ConfigError
 from edgemesh.runtime.engine import StopMatcher
-from edgemesh.runtime.deploy import LaunchOptions, choose_members, devices_and_links, threads_per_rank
+from edgemesh.config import LaunchOptions
+from edgemesh.placement.members import choose_members, devices_and_links
+from edgemesh.runtime.cpu import threads_per_rank
 
 pytestmark = pytest.mark.unit
 
@@ -118,7 +120,7 @@ def test_link_table_keeps_recent_path_changes_with_their_times():
 
 
 def test_ranks_sharing_a_machine_get_disjoint_cores_only_when_there_are_enough():
-    from edgemesh.runtime.deploy import cpu_slots
+    from edgemesh.runtime.cpu import cpu_slots
 
     two = [_member("a", "a"), _member("b", "b")]  # 2 cores, 2 ranks
     assert cpu_slots(two) == [(0, 2), (1, 2)]
@@ -132,7 +134,7 @@ def test_pinning_splits_the_allowed_cores_and_can_be_undone():
     import os
     import threading
 
-    from edgemesh.runtime.processes import _ALLOWED, pin_to_slot
+    from edgemesh.runtime.cpu import _ALLOWED, pin_to_slot
 
     got: dict[str, object] = {}
 
@@ -161,7 +163,7 @@ def _paths(*pairs: tuple[str, str, str]) -> dict:
 
 
 def test_a_tensor_parallel_group_takes_only_members_that_reach_each_other_directly():
-    from edgemesh.runtime.deploy import direct_island
+    from edgemesh.placement.members import direct_island
 
     # a1 is the master; b2 is on its LAN; c3 sits behind a NAT (punched from a1); node3 is dead.
     paths = _paths(("a1", "b2", "lan"), ("b2", "a1", "lan"), ("a1", "c3", "punched"), ("c3", "a1", "direct"),
@@ -182,23 +184,23 @@ def test_a_tensor_parallel_group_takes_only_members_that_reach_each_other_direct
 
 
 def test_naming_a_left_out_member_or_asking_for_more_than_the_island_is_refused_with_the_reason():
-    from edgemesh.runtime.deploy import _refuse_left_out
+    from edgemesh.placement.members import refuse_left_out
 
     left = {"c3": "node0 reaches node2 only punched"}
     notes = ["node2: left out, node0 reaches node2 only punched"]
     with pytest.raises(ConfigError, match="node2 cannot be in a tensor-parallel group with this node: node0 reaches "
                                           "node2 only punched"):
-        _refuse_left_out(LaunchOptions(names=("node1", "node2")), MEMBERS, left, notes, can=2)
+        refuse_left_out(LaunchOptions(names=("node1", "node2")), MEMBERS, left, notes, can=2)
     with pytest.raises(ConfigError, match="c3 cannot be .*node0 reaches node2 only punched"):
-        _refuse_left_out(LaunchOptions(names=("c3",)), MEMBERS, left, notes, can=2)  # by id prefix too
+        refuse_left_out(LaunchOptions(names=("c3",)), MEMBERS, left, notes, can=2)  # by id prefix too
     with pytest.raises(ConfigError, match="--nodes 3: only 2 member.*node2: left out, node0 reaches node2 only punched"):
-        _refuse_left_out(LaunchOptions(nodes=3), MEMBERS, left, notes, can=2)
-    _refuse_left_out(LaunchOptions(nodes=2), MEMBERS, left, notes, can=2)  # fits: no error
-    _refuse_left_out(LaunchOptions(names=("node1",)), MEMBERS, left, notes, can=2)
+        refuse_left_out(LaunchOptions(nodes=3), MEMBERS, left, notes, can=2)
+    refuse_left_out(LaunchOptions(nodes=2), MEMBERS, left, notes, can=2)  # fits: no error
+    refuse_left_out(LaunchOptions(names=("node1",)), MEMBERS, left, notes, can=2)
 
 
 def test_members_named_with_on_are_tried_first_and_a_silent_member_is_named_as_such():
-    from edgemesh.runtime.deploy import direct_island
+    from edgemesh.placement.members import direct_island
 
     # a1 reaches b2 and c3 directly, but b2 <-> c3 only punched: by name order b2 wins, but
     # `--on node2` (c3) must give the group {a1, c3}, not refuse c3 because of b2.

@@ -1,0 +1,95 @@
+"""CPU use of the ranks of a launch: torch threads per rank and disjoint cores for ranks that
+share a machine (pure, from the members' profiles), and the state of the thread that runs the
+master's model (its torch thread count and its cores), which must be set on that very thread.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from edgemesh.placement.members import host_of, sharing
+
+
+def threads_per_rank(members: list[dict[str, Any]]) -> list[int]:
+    """Torch threads per rank (0 = torch's default, every logical core). Ranks that share a
+    machine (same address) split its cores instead of each taking all: oversubscribed torch
+    threads made a 3-process local cluster 2.3× slower in our runs. A CPU quota (cgroup) counts
+    too: torch sizes its pool by logical cores, and 2 threads spinning under a 0.5-core quota
+    made a lan-4 testbed device ~4× slower than 1 thread."""
+    out = []
+    for m, shared in zip(members, sharing(members)):
+        profile = m.get("profile") or {}
+        logical = int(profile.get("cpu_logical") or 1)
+        quota = (profile.get("limits") or {}).get("cpu_cores")
+        usable = min(float(quota), logical) if quota else logical
+        n = max(1, int(usable // shared))
+        out.append(0 if n >= logical else n)
+    return out
+
+
+def cpu_slots(members: list[dict[str, Any]]) -> list[tuple[int, int] | None]:
+    """Ranks that share a machine with at least one core each get disjoint cores (slot i of n,
+    resolved against the cores each process may use). With more ranks than cores, none is
+    pinned: the scheduler balances better than a fixed split would."""
+    seen: dict[str, int] = {}
+    out: list[tuple[int, int] | None] = []
+    for m, shared in zip(members, sharing(members)):
+        profile = m.get("profile") or {}
+        cores = int((profile.get("limits") or {}).get("cpu_cores") or profile.get("cpu_logical") or 1)
+        i = seen.get(host_of(m), 0)
+        seen[host_of(m)] = i + 1
+        out.append((i, shared) if 1 < shared <= cores else None)
+    return out
+
+
+def pin_to_slot(slot: tuple[int, int] | None) -> tuple[int, ...]:
+    """Pin the calling thread (and threads it starts later) to the ``i``-th of ``n`` equal
+    parts of the cores this process may use; returns them. ``None`` undoes a pin (all cores
+    again, e.g. after a re-plan). Ranks that share a machine then stay on their own cores: no
+    migrations between collectives, warm caches (SmolLM2 on 2 local ranks: ~9 % faster)."""
+    if not _ALLOWED:
+        return ()
+    if slot is None:
+        os.sched_setaffinity(0, _ALLOWED)
+        return _ALLOWED
+    i, n = slot
+    k = len(_ALLOWED) // n
+    if k == 0:
+        return ()
+    mine = _ALLOWED[i * k:(i + 1) * k]
+    os.sched_setaffinity(0, mine)
+    return mine
+
+
+# The cores this process may use, as started (before any pin).
+_ALLOWED: tuple[int, ...] = tuple(sorted(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") else ()
+
+
+class ComputeThread:
+    """Torch threads and cores for the thread that runs the master's model. Both are per-thread
+    settings: set them on that thread after every deploy (``prepare``), and undo them on a pool
+    thread that goes back to other work (``release``)."""
+
+    def __init__(self) -> None:
+        self.default_threads = torch.get_num_threads()
+        self.threads = 0  # 0 = torch's default
+        self.slot: tuple[int, int] | None = None
+
+    def assign(self, threads: int, slot: tuple[int, int] | None) -> None:
+        self.threads, self.slot = threads, slot
+
+    def limit_here(self) -> None:
+        """Use the assigned thread count on the calling thread too (e.g. while slicing weights)."""
+        if self.threads:
+            torch.set_num_threads(self.threads)
+
+    def prepare(self) -> None:
+        torch.set_num_threads(self.threads or self.default_threads)
+        pin_to_slot(self.slot)
+
+    def release(self) -> None:
+        torch.set_num_threads(self.default_threads)
+        pin_to_slot(None)
