@@ -94,7 +94,14 @@ def _engine(deployment, resume: bool = True, proposer=None):  # type: ignore[no-
     tokenizer = ChatTokenizer.from_entry(deployment.entry)
     return Engine(deployment.entry.name, deployment.model, tokenizer, recover=deployment.recover,
                   is_cluster_failure=is_cluster_failure, on_idle=keepalive, resume=resume,
-                  prepare_thread=deployment.prepare_compute_thread, proposer=proposer)
+                  prepare_thread=deployment.prepare_compute_thread, proposer=proposer,
+                  spec_k_max=spec_k_max(deployment.entry))
+
+
+def spec_k_max(entry) -> int:  # type: ignore[no-untyped-def]
+    from edgemesh.runtime.speculation import k_max_for
+
+    return k_max_for(entry)
 
 
 def _proposer(speculate: str, store, deployment):  # type: ignore[no-untyped-def]

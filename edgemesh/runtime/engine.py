@@ -107,6 +107,7 @@ class Engine:
         max_resumes: int = 2,
         prepare_thread: Callable[[], None] | None = None,
         proposer: Callable[[], Proposer] | None = None,
+        spec_k_max: int = 8,
     ) -> None:
         self.name = name
         self.model = model
@@ -123,6 +124,7 @@ class Engine:
         self.stop_ids = tokenizer.stop_ids()
         # A fresh proposer per request (speculative decoding, llm/speculate.py); None = plain.
         self.proposer = proposer
+        self.spec_k_max = spec_k_max
         self._queue: queue.Queue[tuple[GenRequest, Callable[[GenEvent], None]] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="edgemesh-engine", daemon=True)
         self._broken: Exception | None = None
@@ -214,7 +216,7 @@ class Engine:
         """The request's new tokens; across a cluster failure when resuming is on."""
         sampler = Sampler(request.params)
         proposer = self.proposer() if self.proposer is not None and stats is not None else None
-        k = AdaptiveK()
+        k = AdaptiveK(k=min(4, self.spec_k_max), k_max=self.spec_k_max)
         done: list[int] = []
         resumes = 0
         while True:

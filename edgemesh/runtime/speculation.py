@@ -45,6 +45,15 @@ def load_draft(store: ModelStore, name: str, target: ModelEntry, max_seq_len: in
     return Participant(draft.config, specs, InMemoryProvider(blocks), LocalCollective(), max_seq_len=max_seq_len)
 
 
+def k_max_for(entry: ModelEntry) -> int:
+    """Most tokens proposed per step. int8 weights go through the packed bf16 kernel for up to
+    ``PACKED_MAX_ROWS`` rows and are dequantized beyond; keeping the check within that many
+    positions keeps its rounding that of plain decode steps, so greedy output stays identical."""
+    from edgemesh.llm.qlinear import PACKED_MAX_ROWS
+
+    return PACKED_MAX_ROWS - 1 if entry.dtype == "int8" else 8
+
+
 def proposer_factory(mode: str, store_dir: Path, target: ModelEntry,
                      max_seq_len: int) -> Callable[[], Proposer] | None:
     """A function giving each request a fresh proposer, or None for plain decoding."""

@@ -230,3 +230,17 @@ def test_adaptive_k_grows_shrinks_and_turns_off_when_it_does_not_pay():
     for _ in range(4):
         fast.spec_step(2, 2, 0.012)
     assert not fast.off
+
+
+@pytest.mark.parametrize("k_max", [3, 8])
+def test_greedy_identical_to_plain_with_int8_weights(k_max):
+    """int8 decode steps go through the packed bf16 kernel for up to PACKED_MAX_ROWS rows and
+    dequantize beyond: with k + 1 ≤ 4 positions the check sees the rounding plain steps see."""
+    from edgemesh.weights.quant import quantize_block
+
+    config = _config()
+    blocks = {b: quantize_block(blk, "int8") for b, blk in _blocks(config, seed=5).items()}
+    plain = list(generate(_single(config, blocks), PROMPT, N))
+    got = list(speculative_generate(_single(config, blocks), PROMPT, N, Scripted(len(PROMPT), plain, 3, 128),
+                                    sampler=Sampler(SamplingParams()), k=AdaptiveK(k=3, k_max=k_max, probe_every=10**6)))
+    assert got == plain
