@@ -1,2 +1,3 @@
-"""Benchmarks: the measuring logic behind `edgemesh bench …` (their CLI is `edgemesh/cli/bench_*.py`),
-and the link variants they compare the production data plane against (``zmq_links``)."""
+"""Benchmarks: side-by-side measurements behind `edgemesh bench …` (their CLI is `edgemesh/cli/bench_*.py`;
+not imported by the library), and the link variants they compare the production data plane
+against (``zmq_links``)."""

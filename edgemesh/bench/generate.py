@@ -25,7 +25,8 @@ from edgemesh.identity.statedir import StateDir
 from edgemesh.llm.build import rank_files
 from edgemesh.llm.model import Participant
 from edgemesh.placement.plan import Plan
-from edgemesh.runtime.deploy import Deployment, LaunchOptions, probe_allreduce
+from edgemesh.config import LaunchOptions
+from edgemesh.runtime.deploy import Deployment, probe_allreduce
 from edgemesh.llm.measure import solo_compute_ms
 from edgemesh.weights.provider import InMemoryProvider
 from edgemesh.weights.store import ModelEntry

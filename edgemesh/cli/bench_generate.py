@@ -24,6 +24,10 @@ def bench_generate(
     state_dir: Optional[Path] = typer.Option(None, "--state-dir"),
     store: Optional[Path] = typer.Option(None, "--store"),
     json_path: Optional[str] = json_option("the results"),
+    speculate: Optional[str] = typer.Option(
+        None, "--speculate", help="lookup | draft:MODEL: instead, plain vs speculative decoding side by side on "
+                                  "N members for three prompt kinds (rewrite, code edit, open chat); --tokens "
+                                  "is then the most tokens per answer."),
 ) -> None:
     """TTFT, ms/token, tokens/s and bytes/token on N members, against one device and the analytic bound."""
     from edgemesh.cli.model import default_store_dir
@@ -31,9 +35,13 @@ def bench_generate(
     from edgemesh.bench.generate import bench
     from edgemesh.weights.store import ModelStore
 
-    if tokens < 2 or prompt_tokens < 1 or nodes < 2:
+    if tokens < 2 or prompt_tokens < 1 or nodes < 1 or (nodes < 2 and speculate is None):
         raise ConfigError("--tokens ≥ 2, --prompt-tokens ≥ 1 and --nodes ≥ 2 please")
     entry = ModelStore(store or default_store_dir()).get(model)
+    if speculate is not None:
+        _bench_speculate(resolve_state(state_dir), entry, store or default_store_dir(), nodes, speculate, tokens,
+                         json_path)
+        return
     prompt = [(i * 7 + 3) % entry.config.vocab_size for i in range(prompt_tokens)]
     err = Console(stderr=True)
     from edgemesh.cli.progress import PhaseProgress
@@ -58,4 +66,27 @@ def bench_generate(
     if inside is not None:
         err.print(f"the master spent {inside} ms/token inside collectives (transport + waiting for the slowest "
                   f"worker) and the rest computing")
+    write_json(json_path, r, note=err.print)
+
+
+def _bench_speculate(state, entry, store_dir, nodes, mode, tokens, json_path) -> None:  # type: ignore[no-untyped-def]
+    from edgemesh.bench.speculate import bench_speculate
+    from edgemesh.cli.progress import PhaseProgress
+
+    if mode not in ("lookup",) and not mode.startswith("draft:"):
+        raise ConfigError(f"--speculate must be lookup or draft:MODEL (got {mode!r})")
+    if not entry.has("tokenizer.json"):
+        raise ConfigError(f"model {entry.name!r} has no tokenizer: the prompt kinds need one")
+    err = Console(stderr=True)
+    with PhaseProgress(err) as progress:
+        r = asyncio.run(bench_speculate(state, entry, store_dir, nodes, mode, tokens, 2048, progress))
+    t = Table(title=f"{r['model']} on {r['nodes']} device(s): plain vs speculative ({mode}), greedy, ≤ {tokens} tokens")
+    for col in ("prompt", "tokens", "plain ms/token", "speculative ms/token", "speed-up", "accepted/proposed",
+                "per step", "identical"):
+        t.add_column(col)
+    for kind, k in r["by_kind"].items():
+        t.add_row(kind, str(k["tokens"]), f"{k['ms_per_token_plain']:.1f}", f"{k['ms_per_token_speculative']:.1f}",
+                  f"{k['speedup']:.2f}×", f"{k['accepted']}/{k['proposed']}" + (" (off)" if k["switched_off"] else ""),
+                  f"{k['mean_accepted_per_step']:.2f}", "yes" if k["identical_greedy"] else "NO")
+    table_console(json_path).print(t)
     write_json(json_path, r, note=err.print)

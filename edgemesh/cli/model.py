@@ -184,7 +184,8 @@ def _live_cluster(state_dir: Path | None, nodes: int):  # type: ignore[no-untype
     import asyncio
 
     from edgemesh.cli.node import resolve_state
-    from edgemesh.runtime.deploy import LaunchOptions, live_devices
+    from edgemesh.config import LaunchOptions
+    from edgemesh.runtime.deploy import live_devices
 
     from edgemesh.cli.progress import PhaseProgress
 

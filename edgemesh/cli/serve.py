@@ -30,11 +30,16 @@ CtxOpt = typer.Option(2048, "--max-seq-len", help="Context length to plan and al
 TimeoutOpt = typer.Option(5.0, "--collective-timeout", help="Seconds a device may stall before it counts as failed.")
 AlgoOpt = typer.Option("auto", "--allreduce", help="auto (cost model) | star | chunked_star | ring.")
 CompressOpt = typer.Option(None, "--wire-dtype", help="Send partial sums as float16 or bfloat16 (default: exact fp32).")
+SpecOpt = typer.Option("lookup", "--speculate",
+                       help="Propose tokens and check several per step through the group: lookup (n-grams of the "
+                            "prompt and text so far; switches itself off per request when it does not pay), "
+                            "draft:MODEL (a small model with the same tokenizer, on this node), or off. "
+                            "Greedy output is the same as plain decoding; sampling keeps its distribution.")
 
 
 def _options(nodes: Optional[int], on: Optional[str], max_seq_len: int, timeout: float, algo: str,
              compression: Optional[str]):  # type: ignore[no-untyped-def]
-    from edgemesh.runtime.deploy import LaunchOptions
+    from edgemesh.config import LaunchOptions
 
     if algo not in ("auto", "star", "chunked_star", "ring"):
         raise ConfigError(f"--allreduce must be auto, star, chunked_star or ring (got {algo!r})")
@@ -81,7 +86,7 @@ async def _deploy(state_dir, model, store, opts):  # type: ignore[no-untyped-def
     return deployment
 
 
-def _engine(deployment, resume: bool = True):  # type: ignore[no-untyped-def]
+def _engine(deployment, resume: bool = True, proposer=None):  # type: ignore[no-untyped-def]
     from edgemesh.llm.tokenizer import ChatTokenizer
     from edgemesh.runtime.engine import Engine
     from edgemesh.runtime.deploy import is_cluster_failure, keepalive
@@ -89,7 +94,20 @@ def _engine(deployment, resume: bool = True):  # type: ignore[no-untyped-def]
     tokenizer = ChatTokenizer.from_entry(deployment.entry)
     return Engine(deployment.entry.name, deployment.model, tokenizer, recover=deployment.recover,
                   is_cluster_failure=is_cluster_failure, on_idle=keepalive, resume=resume,
-                  prepare_thread=deployment.prepare_compute_thread)
+                  prepare_thread=deployment.prepare_compute_thread, proposer=proposer,
+                  spec_k_max=spec_k_max(deployment.entry))
+
+
+def spec_k_max(entry) -> int:  # type: ignore[no-untyped-def]
+    from edgemesh.runtime.speculation import k_max_for
+
+    return k_max_for(entry)
+
+
+def _proposer(speculate: str, store, deployment):  # type: ignore[no-untyped-def]
+    from edgemesh.runtime.speculation import proposer_factory
+
+    return proposer_factory(speculate, store or default_store_dir(), deployment.entry, deployment.options.max_seq_len)
 
 
 @app.command()
@@ -103,6 +121,7 @@ def launch(
     resume: bool = typer.Option(True, "--resume/--no-resume",
                                 help="When a device fails mid-request, re-plan over the others and finish the "
                                      "request (default), or fail it with HTTP 503 at once."),
+    speculate: str = SpecOpt,
 ) -> None:
     """Split MODEL over the cluster and serve it with an OpenAI-compatible API until Ctrl-C."""
     from edgemesh.runtime.api import ApiServer, serve
@@ -111,7 +130,7 @@ def launch(
     opts = _options(nodes, on, max_seq_len, timeout, algo, compression)
 
     async def main() -> None:
-        async with _serving(state_dir, model, store, opts, resume) as (deployment, engine):
+        async with _serving(state_dir, model, store, opts, resume, speculate) as (deployment, engine):
             ready = asyncio.Event()
             server = asyncio.ensure_future(serve(ApiServer(engine, deployment.entry.name), host, port, ready))
             try:
@@ -131,13 +150,17 @@ def launch(
 
 
 @contextlib.asynccontextmanager
-async def _serving(state_dir, model, store, opts, resume: bool = True):  # type: ignore[no-untyped-def]
+async def _serving(state_dir, model, store, opts, resume: bool = True, speculate: str = "off"):  # type: ignore[no-untyped-def]
     """Deploy MODEL and start its engine; on every exit path stop the engine, then release the
     workers (also when building the engine fails)."""
+    from edgemesh.runtime.speculation import MODES
+
+    if speculate not in ("off", "lookup") and not speculate.startswith("draft:"):
+        raise ConfigError(f"--speculate must be {MODES} (got {speculate!r})")  # before any weights travel
     _stop_on_signals()
     deployment = await _deploy(state_dir, model, store, opts)
     try:
-        engine = _engine(deployment, resume)
+        engine = _engine(deployment, resume, await asyncio.to_thread(_proposer, speculate, store, deployment))
         try:
             yield deployment, engine
         finally:
@@ -170,6 +193,7 @@ def generate(
     raw: bool = typer.Option(False, "--raw", help="Complete the text as is (no chat template)."),
     state_dir: Optional[Path] = StateOpt, store: Optional[Path] = StoreOpt, max_seq_len: int = CtxOpt,
     timeout: float = TimeoutOpt, algo: str = AlgoOpt, compression: Optional[str] = CompressOpt,
+    speculate: str = SpecOpt,
 ) -> None:
     """Generate a reply in the terminal, split over the cluster, and report the speed."""
     from edgemesh.llm.sampling import SamplingParams
@@ -179,7 +203,7 @@ def generate(
     params = SamplingParams(temperature=temperature, seed=seed)
 
     async def main() -> None:
-        async with _serving(state_dir, model, store, opts) as (deployment, engine):
+        async with _serving(state_dir, model, store, opts, speculate=speculate) as (deployment, engine):
             tok = engine.tokenizer
             ids = tok.encode(prompt, add_special_tokens=True) if raw else tok.encode_chat([{"role": "user", "content": prompt}])
             if len(ids) + max_tokens > engine.context_length:
@@ -199,7 +223,10 @@ def generate(
             print()
             ttft = f"{ev.ttft_s * 1000:.0f} ms" if ev.ttft_s is not None else "-"
             per = f"{ev.decode_s * 1000:.1f} ms/token" if ev.decode_s is not None else "-"
-            err.print(f"{ev.completion_tokens} tokens; first token {ttft}; decode {per}")
+            spec = ev.speculative
+            note = "" if not spec or not spec["proposed"] else \
+                f"; speculative: {spec['accepted']}/{spec['proposed']} proposed tokens accepted in {spec['steps']} steps"
+            err.print(f"{ev.completion_tokens} tokens; first token {ttft}; decode {per}{note}")
 
     try:
         asyncio.run(main())

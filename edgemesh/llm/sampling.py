@@ -36,13 +36,28 @@ class Sampler:
         else:
             self._gen.seed()
 
+    @property
+    def greedy(self) -> bool:
+        return self.params.temperature == 0.0
+
     def __call__(self, logits: torch.Tensor) -> int:
         """logits: [V] for one position."""
+        if self.greedy:
+            return int(torch.argmax(logits.to(torch.float32)).item())
+        return self.draw(self.probs(logits))
+
+    def draw(self, probs: torch.Tensor) -> int:
+        """One token from a distribution, with this request's generator."""
+        return int(torch.multinomial(probs, 1, generator=self._gen).item())
+
+    def uniform(self) -> float:
+        """One uniform number in [0, 1) from this request's generator (speculative acceptance)."""
+        return float(torch.rand((), generator=self._gen).item())
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """The distribution a sampled token is drawn from: temperature, then top-k, then top-p."""
         p = self.params
-        logits = logits.to(torch.float32)
-        if p.temperature == 0.0:
-            return int(torch.argmax(logits).item())
-        logits = logits / p.temperature
+        logits = logits.to(torch.float32) / p.temperature
         if p.top_k and p.top_k < logits.shape[-1]:
             kth = torch.topk(logits, p.top_k).values[-1]
             logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -53,5 +68,4 @@ class Sampler:
             drop = (cum - torch.softmax(sorted_logits, dim=-1)) >= p.top_p
             sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
             logits = torch.full_like(logits, float("-inf")).scatter(0, order, sorted_logits)
-        probs = torch.softmax(logits, dim=-1)
-        return int(torch.multinomial(probs, 1, generator=self._gen).item())
+        return torch.softmax(logits, dim=-1)

@@ -210,8 +210,7 @@ class ApiServer:
             if ev.done:
                 break
         text = "".join(parts)
-        usage = {"prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens,
-                 "total_tokens": ev.prompt_tokens + ev.completion_tokens}
+        usage = _usage(ev)
         finish = "stop" if ev.finish_reason == "stop" else "length"
         if chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
@@ -264,8 +263,7 @@ class ApiServer:
                 await send(chunk(None, "stop" if ev.finish_reason == "stop" else "length"))
                 if include_usage:
                     await send({"id": rid, "object": obj, "created": created, "model": self.model_name, "choices": [],
-                                "usage": {"prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens,
-                                          "total_tokens": ev.prompt_tokens + ev.completion_tokens}})
+                                "usage": _usage(ev)})
                 break
             ev = await events.get()
         await resp.write(b"data: [DONE]\n\n")
@@ -299,3 +297,12 @@ async def serve(server: ApiServer, host: str, port: int, ready: asyncio.Event | 
         await asyncio.Event().wait()
     finally:
         await runner.cleanup()
+
+
+def _usage(ev: GenEvent) -> dict[str, Any]:
+    """OpenAI's usage block, plus what speculative decoding proposed and got accepted."""
+    usage: dict[str, Any] = {"prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens,
+                             "total_tokens": ev.prompt_tokens + ev.completion_tokens}
+    if ev.speculative is not None:
+        usage["speculative"] = dict(ev.speculative)
+    return usage

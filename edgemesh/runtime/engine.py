@@ -22,6 +22,7 @@ from typing import Callable, Iterator, Protocol
 from edgemesh.errors import EdgemeshError
 from edgemesh.llm.generate import generate
 from edgemesh.llm.sampling import Sampler, SamplingParams
+from edgemesh.llm.speculate import AdaptiveK, Proposer, SpecStats, speculative_generate
 from edgemesh.llm.tokenizer import ChatTokenizer, StreamDecoder
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ class GenEvent:
     error: Exception | None = None
     ttft_s: float | None = None
     decode_s: float | None = None
+    speculative: dict[str, int] | None = None  # {"proposed", "accepted", "steps"} when speculating
 
 
 class StopMatcher:
@@ -104,6 +106,8 @@ class Engine:
         resume: bool = True,
         max_resumes: int = 2,
         prepare_thread: Callable[[], None] | None = None,
+        proposer: Callable[[], Proposer] | None = None,
+        spec_k_max: int = 8,
     ) -> None:
         self.name = name
         self.model = model
@@ -118,6 +122,9 @@ class Engine:
         # Called on the compute thread at start and after every recovery (CPU pinning).
         self.prepare_thread = prepare_thread or (lambda: None)
         self.stop_ids = tokenizer.stop_ids()
+        # A fresh proposer per request (speculative decoding, llm/speculate.py); None = plain.
+        self.proposer = proposer
+        self.spec_k_max = spec_k_max
         self._queue: queue.Queue[tuple[GenRequest, Callable[[GenEvent], None]] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="edgemesh-engine", daemon=True)
         self._broken: Exception | None = None
@@ -205,15 +212,22 @@ class Engine:
             log.exception("re-planning failed")
             self._broken = rexc
 
-    def _tokens(self, request: GenRequest) -> Iterator[int]:
+    def _tokens(self, request: GenRequest, stats: SpecStats | None = None) -> Iterator[int]:
         """The request's new tokens; across a cluster failure when resuming is on."""
         sampler = Sampler(request.params)
+        proposer = self.proposer() if self.proposer is not None and stats is not None else None
+        k = AdaptiveK(k=min(4, self.spec_k_max), k_max=self.spec_k_max)
         done: list[int] = []
         resumes = 0
         while True:
+            prompt, left = request.prompt_ids + done, request.max_tokens - len(done)
+            if proposer is not None:
+                tokens = speculative_generate(self.model, prompt, left, proposer, self.stop_ids,  # type: ignore[arg-type]
+                                              sampler=sampler, k=k, stats=stats)
+            else:
+                tokens = generate(self.model, prompt, left, stop_ids=self.stop_ids, sampler=sampler)  # type: ignore[arg-type]
             try:
-                for tok in generate(self.model, request.prompt_ids + done, request.max_tokens - len(done),  # type: ignore[arg-type]
-                                    stop_ids=self.stop_ids, sampler=sampler):
+                for tok in tokens:
                     done.append(tok)
                     yield tok
                 return
@@ -243,7 +257,8 @@ class Engine:
         first: float | None = None
         finish = "length"
         hit = False
-        for tok in self._tokens(request):
+        stats = SpecStats() if self.proposer is not None else None
+        for tok in self._tokens(request, stats):
             n += 1
             if first is None:
                 first = time.perf_counter()
@@ -268,4 +283,6 @@ class Engine:
         self.served += 1
         sink(GenEvent(done=True, finish_reason=finish, prompt_tokens=len(request.prompt_ids), completion_tokens=n,
                       ttft_s=None if first is None else first - t0,
-                      decode_s=None if first is None or n < 2 else (end - first) / (n - 1)))
+                      decode_s=None if first is None or n < 2 else (end - first) / (n - 1),
+                      speculative=None if stats is None else
+                      {"proposed": stats.proposed, "accepted": stats.accepted, "steps": stats.steps}))

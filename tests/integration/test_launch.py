@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from edgemesh.llm.generate import generate
-from edgemesh.runtime.deploy import Deployment, LaunchOptions
+from edgemesh.config import LaunchOptions
+from edgemesh.runtime.deploy import Deployment
 from edgemesh.weights.config import ModelConfig
 from edgemesh.weights.store import ModelStore
 from edgemesh.weights.synth import synth_model

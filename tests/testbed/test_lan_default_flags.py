@@ -149,6 +149,7 @@ def _stop(proc: subprocess.Popen[str], timeout: float = 60) -> tuple[str, str]:
         return proc.communicate()
 
 
+@pytest.mark.timeout(1500)  # three launches of a real model on 0.5-core devices
 def test_readme_path_on_a_lan_with_default_flags(bring_up, smollm2_gguf, tmp_path):
     bed = bring_up(REPO / "emulation" / "lan-4.toml")
     lan = Lan(bed)
@@ -192,9 +193,9 @@ def test_readme_path_on_a_lan_with_default_flags(bring_up, smollm2_gguf, tmp_pat
 
         # 3. dev2 drops every incoming TCP connection but the mesh and join ports: dev3 cannot
         # open its collective link to dev2. A clear error naming dev2's endpoint, not a hang.
-        rules = ("table inet emblock { chain input { type filter hook input priority 0; policy accept; "
-                 "ct state established,related accept; iif lo accept; tcp dport { 7700, 7701 } accept; "
-                 "meta l4proto tcp drop; } }")
+        rules = ("table inet emblock {\n chain input {\n  type filter hook input priority 0; policy accept;\n"
+                 "  ct state established,related accept\n  iif lo accept\n  tcp dport { 7700, 7701 } accept\n"
+                 "  meta l4proto tcp drop\n }\n}\n")
         subprocess.run(["ip", "netns", "exec", lan.ns("dev2"), "nft", "-f", "-"], input=rules, text=True, check=True)
         t0 = time.monotonic()
         proc = lan.launch()
