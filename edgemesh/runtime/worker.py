@@ -141,7 +141,7 @@ def run_job(state: StateDir, spec: JobSpec, host: str, advertise: str | None = N
     except EdgemeshError as exc:
         links.close(abandon=True)
         log.error("could not join the group: %s", exc)
-        asyncio.run(report_failure(key, spec, f"could not join the group: {exc}"))
+        asyncio.run(report_failure(key, spec, f"could not join the group: {str(exc).removeprefix(f'rank {spec.rank}: ')}"))
         return 2
     model = Participant(config, specs, provider, group, max_seq_len=spec.max_seq_len)
     log.info("rank %d/%d of job %s ready (%.1f MB of weights)", spec.rank, spec.world, spec.job,
