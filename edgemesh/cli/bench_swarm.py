@@ -1,0 +1,73 @@
+"""CLI: `edgemesh bench swarm` — BT swarm vs majority vote vs best single member on a question set."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from edgemesh.cli.bench import bench_app
+from edgemesh.errors import ConfigError
+
+
+@bench_app.command("swarm")
+def bench_swarm(
+    dataset: str = typer.Option("mmlu", "--dataset", help="Question set (installed offline): mmlu."),
+    nodes: int = typer.Option(7, "--nodes", help="Honest members (answer accuracies spread over --acc-low..--acc-high)."),
+    simulated: bool = typer.Option(False, "--simulated", help="Simulated members (the only backend the benchmark runs today)."),
+    questions: int = typer.Option(500, "--questions", help="Questions drawn (seeded) from the set."),
+    adversaries: int = typer.Option(2, "--adversaries", help="Colluding members added for the adversarial run."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the question draw and of every simulated choice."),
+    acc_low: float = typer.Option(0.35, "--acc-low"),
+    acc_high: float = typer.Option(0.75, "--acc-high"),
+    judge_gap: float = typer.Option(0.2, "--judge-gap", help="How much better a member judges than it answers."),
+    injection_fooled: float = typer.Option(0.3, "--injection-fooled", help="P(an honest judge obeys an injected instruction)."),
+    answer_filter: bool = typer.Option(False, "--filter/--no-filter", help="Run the GOOD/BAD screen before judging."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results to this JSON file."),
+) -> None:
+    """Accuracy of the reputation-weighted Bradley–Terry swarm, majority vote and the best single
+    member, then the same with colluding adversaries added."""
+    from edgemesh.bench.swarm import SwarmBenchConfig, run_bench
+
+    if not simulated:
+        raise ConfigError("edgemesh bench swarm runs simulated members only for now: add --simulated "
+                          "(real members answer through the mesh service, not wired yet)")
+    try:
+        cfg = SwarmBenchConfig(dataset=dataset, nodes=nodes, questions=questions, adversaries=adversaries, seed=seed,
+                               acc_low=acc_low, acc_high=acc_high, judge_gap=judge_gap,
+                               injection_fooled=injection_fooled, answer_filter=answer_filter)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    console = Console(stderr=True)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(label: str, done: int, total: int) -> None:
+            if label not in tasks:
+                tasks[label] = bar.add_task(f"{label} swarm", total=total)
+            bar.update(tasks[label], completed=done)
+
+        r = run_bench(cfg, progress)
+    t = Table(title=f"swarm on {r['dataset']}: {r['questions']} questions, {r['nodes']} members "
+                    f"(+{r['adversaries']} colluders), seed {r['seed']}, simulated")
+    for col in ("", "honest", f"+{r['adversaries']} colluders"):
+        t.add_column(col)
+    pct = lambda x: f"{100 * x:.1f} %"  # noqa: E731
+    t.add_row("BT swarm (grouped by option)", pct(r["acc_swarm"]), pct(r["acc_swarm_adversarial"]))
+    t.add_row("BT swarm (top answer)", pct(r["acc_swarm_top_answer"]), pct(r["acc_swarm_top_answer_adversarial"]))
+    t.add_row("majority vote", pct(r["acc_majority"]), pct(r["acc_majority_adversarial"]))
+    t.add_row(f"best single member ({r['best_single_member']})", pct(r["acc_best_single"]), "")
+    Console().print(t)
+    if r["adversaries"]:
+        after = r.get("adversaries_below_honest_after")
+        Console().print("colluders' reputation below every honest member's: "
+                        + (f"from query {after} on" if after else "not by the end of the run"))
+    if json_path:
+        json_path.write_text(json.dumps(r, indent=1))
+        console.print(f"wrote {json_path}")
