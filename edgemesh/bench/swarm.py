@@ -44,6 +44,7 @@ class SwarmBenchConfig:
     judge_max: float = 0.95         # …up to this
     position_bias: float = 0.1
     injection_fooled: float = 0.3
+    distractor: float = 0.0
     calibration_checks: int = 12    # at most this many known-answer checks per member before the run
     answer_filter: bool = False     # the GOOD/BAD screen (drops injected answers it recognises)
     filter_recall: float = 0.9
@@ -60,7 +61,8 @@ def honest_profiles(cfg: SwarmBenchConfig) -> list[SimProfile]:
     n = cfg.nodes
     accs = [cfg.acc_low + (cfg.acc_high - cfg.acc_low) * k / (n - 1) for k in range(n)]
     return [SimProfile(accuracy=a, judge_accuracy=min(cfg.judge_max, a + cfg.judge_gap),
-                       position_bias=cfg.position_bias, injection_fooled=cfg.injection_fooled) for a in accs]
+                       position_bias=cfg.position_bias, injection_fooled=cfg.injection_fooled,
+                       distractor=cfg.distractor) for a in accs]
 
 
 def build_members(cfg: SwarmBenchConfig, oracle: Oracle, adversaries: int) -> list[SimulatedMember]:

@@ -9,7 +9,9 @@ question, what is drawn), so a member answers a question the same way in every r
 Adversaries: ``always_wrong`` (wrong answers, inverted verdicts); ``colluder`` (all colluders of a
 group answer one agreed wrong option with a prompt-injection line, and as judges pick the agreed
 option whenever it is on the table, judging honestly otherwise — so they pass calibration).
-Honest judges are fooled by an injection with probability ``injection_fooled``.
+Honest judges are fooled by an injection with probability ``injection_fooled``. ``distractor``
+makes wrong answers cluster on one plausible wrong option per question, as real models' mistakes
+do (0 = wrong answers independent and uniform, the easiest case for majority voting).
 """
 
 from __future__ import annotations
@@ -50,6 +52,11 @@ class Oracle:
         except KeyError:
             raise LookupError("the simulation does not know this question") from None
 
+    def distractor(self, q: MCQuestion) -> str:
+        """The question's most attractive wrong option: where members' mistakes cluster."""
+        wrong = [x for x in q.letters if x != q.answer]
+        return rng_for(self.seed, "distractor", q.qid).choice(wrong)
+
     def agreed_wrong(self, q: MCQuestion, group: str) -> str:
         """The wrong option a collusion group agreed on for this question."""
         wrong = [x for x in q.letters if x != q.answer]
@@ -62,13 +69,14 @@ class SimProfile:
     judge_accuracy: float = 0.8     # P(pick the right one of a right-vs-wrong pair)
     position_bias: float = 0.1      # P(answer "A" whatever is shown)
     injection_fooled: float = 0.3   # P(an honest judge obeys an injected instruction)
+    distractor: float = 0.0         # P(a wrong answer is the question's shared distractor), else uniform
     kind: str = "honest"            # honest | always_wrong | colluder
     group: str = ""                 # collusion group name (colluders)
 
     def __post_init__(self) -> None:
         if self.kind not in ("honest", "always_wrong", "colluder"):
             raise ValueError(f"unknown simulated member kind {self.kind!r}")
-        for name in ("accuracy", "judge_accuracy", "position_bias", "injection_fooled"):
+        for name in ("accuracy", "judge_accuracy", "position_bias", "injection_fooled", "distractor"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {v}")
@@ -96,7 +104,10 @@ class SimulatedMember:
             return self.oracle.agreed_wrong(q, p.group)
         if p.kind == "always_wrong":
             return rng.choice(wrong)
-        return q.answer if rng.random() < p.accuracy else rng.choice(wrong)
+        if rng.random() < p.accuracy:
+            return q.answer
+        # Models' mistakes are not independent: many fall for the same plausible wrong option.
+        return self.oracle.distractor(q) if rng.random() < p.distractor else rng.choice(wrong)
 
     async def answer(self, question: str) -> str:
         q = self.oracle.get(question)

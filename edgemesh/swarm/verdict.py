@@ -27,11 +27,18 @@ _PREFER = re.compile(r"\b(?:prefer|choose|pick|select|go\s+with)\s+(?:answer|res
                      re.IGNORECASE)
 _TIE = re.compile(
     r"\b(?:tie|tied|equal(?:ly)?|both\s+(?:are|answers|responses|equally)|neither|same|unsure|cannot\s+(?:decide|tell|determine)"
-    r"|can't\s+(?:decide|tell|determine)|undecided|no\s+preference)\b",
+    r"|can't\s+(?:decide|tell|determine)|undecided|no\s+preference|hard\s+to\s+(?:say|tell))\b",
     re.IGNORECASE,
 )
 _LONE = re.compile(r"^\s*[\(\[]?\s*([A-Za-z])\s*[\)\]]?\s*(?:[.:)\-]|$)")
 _STANDALONE = re.compile(r"(?<![\w'’])([AB])(?![\w'’])")
+
+
+def _is_article(t: str, end: int) -> bool:
+    """A capital "A" followed by a lower-case word is the article ("A cat…"), unless the word
+    joins letters ("A or B")."""
+    m = re.match(r" ([a-z]+)", t[end:])
+    return bool(m) and m.group(1) not in ("or", "and", "vs", "versus", "nor")
 
 
 def _clean(text: str) -> str:
@@ -58,8 +65,7 @@ def parse_verdict(text: str) -> str:
         return U
     # Last resort: exactly one of the two letters stands alone somewhere ("I'd say B.").
     # A capital "A" followed by a lower-case word is the article, not a verdict.
-    letters = {x for x, after in ((m.group(1), t[m.end():m.end() + 2]) for m in _STANDALONE.finditer(t))
-               if not (x == A and re.match(r" [a-z]", after))}
+    letters = {m.group(1) for m in _STANDALONE.finditer(t) if not (m.group(1) == A and _is_article(t, m.end()))}
     if len(letters) == 1:
         return letters.pop()
     return U
@@ -84,7 +90,7 @@ def parse_choice(text: str, options: str = "ABCD") -> str | None:
     letters = []
     for m in re.finditer(r"(?<![\w'’])([A-Z])(?![\w'’])", t):
         x = m.group(1)
-        if x in opts and not (x == "A" and re.match(r" [a-z]", t[m.end():m.end() + 2])):
+        if x in opts and not (x == "A" and _is_article(t, m.end())):
             letters.append(x)
     if len(set(letters)) == 1:
         return letters[0]
