@@ -46,7 +46,7 @@ class SwarmBenchConfig:
     injection_fooled: float = 0.3
     distractor: float = 0.0
     calibration_checks: int = 12    # at most this many known-answer checks per member before the run
-    answer_filter: bool = False     # the GOOD/BAD screen (drops injected answers it recognises)
+    answer_filter: bool = True      # the GOOD/BAD screen (drops injected answers it recognises)
     filter_recall: float = 0.9
     filter_false_positive: float = 0.02
 
@@ -158,6 +158,8 @@ def run_bench(cfg: SwarmBenchConfig, progress: Progress | None = None, questions
 
     async def both() -> tuple[ScenarioResult, ScenarioResult]:
         honest = await run_scenario(qs, held_out, build_members(cfg, oracle, 0), cfg, "honest", progress)
+        if cfg.adversaries == 0:  # the adversarial run would repeat the honest one
+            return honest, honest
         adv = await run_scenario(qs, held_out, build_members(cfg, oracle, cfg.adversaries), cfg, "adversarial", progress)
         return honest, adv
 
@@ -181,6 +183,9 @@ def run_bench(cfg: SwarmBenchConfig, progress: Progress | None = None, questions
         "config": asdict(cfg),
     }
     if adv_ids:
+        holds = [max(s[b] for b in adv_ids) < min(s[g] for g in honest_ids) for s in adv.reputation_trace]
+        result["adversaries_below_honest_first"] = holds.index(True) + 1 if True in holds else None
         result["adversaries_below_honest_after"] = first_below(adv.reputation_trace, adv_ids, honest_ids)
+        result["adversaries_below_honest_fraction"] = sum(holds) / len(holds)
         result["reputation_at_50"] = adv.reputation_trace[min(49, len(adv.reputation_trace) - 1)]
     return result

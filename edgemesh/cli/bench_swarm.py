@@ -27,7 +27,8 @@ def bench_swarm(
     acc_high: float = typer.Option(0.75, "--acc-high"),
     judge_gap: float = typer.Option(0.2, "--judge-gap", help="How much better a member judges than it answers."),
     injection_fooled: float = typer.Option(0.3, "--injection-fooled", help="P(an honest judge obeys an injected instruction)."),
-    answer_filter: bool = typer.Option(False, "--filter/--no-filter", help="Run the GOOD/BAD screen before judging."),
+    answer_filter: bool = typer.Option(True, "--filter/--no-filter", help="Run the simulated GOOD/BAD screen before judging (recall 0.9, 2 % false positives)."),
+    distractor: float = typer.Option(0.0, "--distractor", help="P(a wrong answer is the question's shared distractor): correlated mistakes."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results to this JSON file."),
 ) -> None:
     """Accuracy of the reputation-weighted Bradley–Terry swarm, majority vote and the best single
@@ -40,7 +41,7 @@ def bench_swarm(
     try:
         cfg = SwarmBenchConfig(dataset=dataset, nodes=nodes, questions=questions, adversaries=adversaries, seed=seed,
                                acc_low=acc_low, acc_high=acc_high, judge_gap=judge_gap,
-                               injection_fooled=injection_fooled, answer_filter=answer_filter)
+                               injection_fooled=injection_fooled, answer_filter=answer_filter, distractor=distractor)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     console = Console(stderr=True)

@@ -8,6 +8,7 @@ import numpy as np
 
 TOL = 1e-6
 MAX_ITER = 1000
+_SMALL = 16  # up to this many items plain Python floats beat numpy's per-call overhead
 
 
 @dataclass(frozen=True)
@@ -52,24 +53,61 @@ def bradley_terry(w: np.ndarray | list[list[float]], tol: float = TOL, max_iter:
     wr = w[np.ix_(idx, idx)]
     gr = games[np.ix_(idx, idx)]
     wins = wr.sum(axis=1)
+    if m <= _SMALL:
+        qs, it, converged = _mm_small(wins.tolist(), gr.tolist(), tol, max_iter)
+        p[idx] = qs
+        return BTResult(p.tolist(), it, converged)
     q = np.ones(m)
+    terms = np.zeros((m, m))
+    new = np.zeros(m)
     converged = False
     it = 0
     for it in range(1, max_iter + 1):
-        s = q[:, None] + q[None, :]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            terms = np.where(s > 0, gr / np.where(s > 0, s, 1.0), 0.0)
+        s = np.add.outer(q, q)
+        terms.fill(0.0)
+        np.divide(gr, s, out=terms, where=s > 0)
         denom = terms.sum(axis=1)
-        new = np.where(denom > 0, wins / np.where(denom > 0, denom, 1.0), 0.0)
+        new.fill(0.0)
+        np.divide(wins, denom, out=new, where=denom > 0)
         total = new.sum()
         if total <= 0:  # nobody won anything (all verdicts had zero weight): no information
-            new = np.ones(m)
+            new.fill(1.0)
         else:
             new *= m / total
         change = float(np.abs(new - q).max())
-        q = new
+        q, new = new, q
         if change < tol:
             converged = True
             break
     p[idx] = q
     return BTResult(p.tolist(), it, converged)
+
+
+def _mm_small(wins: list[float], games: list[list[float]], tol: float, max_iter: int) -> tuple[list[float], int, bool]:
+    """The same iteration as above in plain floats, for the swarm's usual 3–16 answers."""
+    m = len(wins)
+    pairs = [[(j, g) for j, g in enumerate(row) if g > 0] for row in games]
+    q = [1.0] * m
+    it = 0
+    for it in range(1, max_iter + 1):
+        new = [0.0] * m
+        for i in range(m):
+            qi = q[i]
+            d = 0.0
+            for j, g in pairs[i]:
+                s = qi + q[j]
+                if s > 0:
+                    d += g / s
+            if d > 0:
+                new[i] = wins[i] / d
+        total = sum(new)
+        if total <= 0:
+            new = [1.0] * m
+        else:
+            f = m / total
+            new = [x * f for x in new]
+        change = max(abs(a - b) for a, b in zip(new, q))
+        q = new
+        if change < tol:
+            return q, it, True
+    return q, it, False

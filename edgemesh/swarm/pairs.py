@@ -54,13 +54,17 @@ class Judgment:
     judge: str
 
 
-def schedule_judgments(authors: Sequence[str], judges: Sequence[str], seed: int) -> list[Judgment]:
+def schedule_judgments(authors: Sequence[str], judges: Sequence[str], seed: int,
+                       preferred: Sequence[str] | None = None) -> list[Judgment]:
     """The round's judgments: answers (``authors[k]`` wrote answer k) shuffled by ``seed``, paired
     as in :func:`pair_schedule`, each given to the least-loaded judge that wrote neither answer
     (ties broken by a seeded shuffle of the judges). A judgment nobody may judge is dropped.
 
     Load: greedy hand-out, then moves from the busiest judges to idler eligible ones, so loads
-    differ by at most one unless the self-judging rule forces otherwise (e.g. 3 answers)."""
+    differ by at most one unless the self-judging rule forces otherwise (e.g. 3 answers).
+
+    ``preferred``: judges whose votes count; a judgment goes to one of them whenever one may judge
+    it, to the others only when none may (a judgment given to a judge without weight is lost)."""
     rng = random.Random(seed)
     order = shuffled_order(len(authors), seed)
     pairs = [(order[x], order[y]) for x, y in pair_schedule(len(authors))]
@@ -72,6 +76,9 @@ def schedule_judgments(authors: Sequence[str], judges: Sequence[str], seed: int)
     slots = list(range(len(pairs)))
     rng.shuffle(slots)
     eligible = {s: [j for j in pool if j not in (authors[pairs[s][0]], authors[pairs[s][1]])] for s in slots}
+    if preferred is not None:
+        pref = set(preferred)
+        eligible = {s: ([j for j in js if j in pref] or js) for s, js in eligible.items()}
     slots.sort(key=lambda s: len(eligible[s]))
     chosen: dict[int, str] = {}
     for s in slots:
@@ -82,6 +89,21 @@ def schedule_judgments(authors: Sequence[str], judges: Sequence[str], seed: int)
         chosen[s] = j
     _rebalance(chosen, eligible, load, rank)
     return [Judgment(pairs[s][0], pairs[s][1], chosen[s]) for s in range(len(pairs)) if s in chosen]
+
+
+def probation_judgments(authors: Sequence[str], judges: Sequence[str], seed: int, per_judge: int) -> list[Judgment]:
+    """Extra judgments for judges whose votes do not count yet (newcomers, low reputation): pairs
+    of the round's schedule they may judge, ``per_judge`` each, so they can earn (or keep losing)
+    reputation without taking judgments away from judges that count."""
+    order = shuffled_order(len(authors), seed)
+    pairs = [(order[x], order[y]) for x, y in pair_schedule(len(authors))]
+    rng = random.Random(seed ^ 0x5EED)
+    out: list[Judgment] = []
+    for j in sorted(judges):
+        ok = [p for p in pairs if j not in (authors[p[0]], authors[p[1]])]
+        for a, b in rng.sample(ok, min(per_judge, len(ok))):
+            out.append(Judgment(a, b, j))
+    return out
 
 
 def _rebalance(chosen: dict[int, str], eligible: dict[int, list[str]], load: dict[str, int],

@@ -5,10 +5,12 @@ The paper does not publish its rule (ALGORITHMS §5); ours:
 - agreement of a judge in a round = Kendall τ between its verdicts and the final BT order over the
   pairs it judged that the order separates: (concordant − discordant) / those verdicts, in [−1, 1]
   (U counts 0);
-- reputation ← (1 − α)·reputation + α·(τ + 1)/2, so it lives in [0, 1];
-- a timeout, a reveal that does not open its commitment, or an answer the GOOD/BAD screen drops
-  counts as τ = −1 (the worst round);
-- judge weight = reputation, but 0 until the member passed calibration (known-answer judgments).
+- reputation ← (1 − α)·reputation + α·τ, so it lives in [−1, 1] and estimates the judge's
+  expected agreement; newcomers start at 0, i.e. "no better than chance" until shown otherwise;
+- a calibration check counts as τ = +1 when passed, −1 when failed; a timeout, a reveal that does
+  not open its commitment, or an answer the GOOD/BAD screen drops counts as τ = −1;
+- judge weight = max(reputation, 0) — a judge at chance level carries no information, one below
+  it (a liar, a colluder) gets none — and 0 until the member passed calibration.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Iterable, Mapping, Sequence
 from edgemesh.swarm.pairs import Judgment
 
 ALPHA = 0.1
-START = 0.2              # newcomers start low: a fresh identity buys little influence
+START = 0.0              # newcomers start at chance level: a fresh identity buys no influence
 CALIBRATION_NEEDED = 3   # known-answer judgments a newcomer must get right…
 CALIBRATION_RATE = 0.5   # …at this rate (over its calibration history) before its votes count
 
@@ -77,9 +79,9 @@ class ReputationBook:
         return self.record(member).reputation
 
     def weight(self, member: str) -> float:
-        """How much a verdict of this member counts: its reputation once calibrated, else 0."""
+        """How much a verdict of this member counts: its reputation (≥ 0) once calibrated, else 0."""
         r = self.record(member)
-        return r.reputation if r.calibrated else 0.0
+        return max(r.reputation, 0.0) if r.calibrated else 0.0
 
     def admit(self, member: str, reputation: float | None = None) -> None:
         """Mark a member calibrated without calibration queries (an operator's decision, or a
@@ -91,13 +93,13 @@ class ReputationBook:
 
     def calibration_result(self, member: str, passed: bool) -> None:
         """One known-answer judgment; the member's votes count once it has enough passes at a high
-        enough rate. Failing calibration also lowers its reputation like a disagreeing round."""
+        enough rate. Each check also moves its reputation like a round in full (dis)agreement."""
         r = self.record(member)
         if passed:
             r.calibration_passed += 1
         else:
             r.calibration_failed += 1
-            self._update(r, -1.0)
+        self._update(r, 1.0 if passed else -1.0)  # a check is a round scored against the truth
         total = r.calibration_passed + r.calibration_failed
         r.calibrated = r.calibration_passed >= self.calibration_needed and r.calibration_passed >= self.calibration_rate * total
 
@@ -125,7 +127,7 @@ class ReputationBook:
 
     def _update(self, r: MemberRecord, tau: float) -> None:
         tau = max(-1.0, min(1.0, tau))
-        r.reputation = (1 - self.alpha) * r.reputation + self.alpha * (tau + 1) / 2
+        r.reputation = (1 - self.alpha) * r.reputation + self.alpha * tau
 
     def snapshot(self) -> dict[str, float]:
         return {m: r.reputation for m, r in sorted(self.members.items())}

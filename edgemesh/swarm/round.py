@@ -18,7 +18,7 @@ import numpy as np
 
 from edgemesh.swarm.bt import bradley_terry
 from edgemesh.swarm.commit import commitment, new_nonce, verify_reveal
-from edgemesh.swarm.pairs import Judgment, round_seed, schedule_judgments, shuffled_order
+from edgemesh.swarm.pairs import Judgment, probation_judgments, round_seed, schedule_judgments, shuffled_order
 from edgemesh.swarm.reputation import ReputationBook, kendall_agreement
 from edgemesh.swarm.verdict import parse_verdict
 
@@ -111,6 +111,9 @@ class RoundConfig:
     # Groups answers that say the same thing (e.g. the letter of a multiple-choice answer; None =
     # ungrouped): the group with the largest summed strength wins. None: the strongest answer wins.
     answer_key: Callable[[str], str | None] | None = None
+    # Judgments whose votes count go to judges with weight; each judge without weight (newcomer,
+    # reputation ≤ 0) gets this many extra judgments on the side, scored but not counted.
+    probation_judgments: int = 2
 
 
 @dataclass
@@ -256,8 +259,13 @@ async def run_round(query: Query, peers: Sequence[SwarmPeer], book: ReputationBo
         result.reputation = {pid: book.reputation(pid) for pid in sorted(by_id)}
         return result
 
-    # 4. Pairwise judgments, both orders, never by an author of either answer.
-    plan = schedule_judgments(authors, judges, seed)
+    # 4. Pairwise judgments, both orders, never by an author of either answer; judges whose votes
+    # count take them, the others judge on probation.
+    weights = {j: book.weight(j) for j in judges}
+    counted = [j for j in judges if weights[j] > 0]
+    plan = schedule_judgments(authors, judges, seed, preferred=counted if counted else None)
+    if counted and config.probation_judgments > 0:
+        plan += probation_judgments(authors, [j for j in judges if weights[j] == 0], seed, config.probation_judgments)
     if len(plan) == 0:
         result.notes.append("no eligible judge for any pair")
     verdicts_raw, failed = await _phase(
@@ -269,10 +277,13 @@ async def run_round(query: Query, peers: Sequence[SwarmPeer], book: ReputationBo
             left_out[j.judge] = f"judge: {failed[k]}"
         book.timeout(j.judge)  # every missed judgment costs
 
-    weights = {j: book.weight(j) for j in judges}
     if not any(weights[plan[k].judge] > 0 for k in verdicts_raw):
-        weights = {j: 1.0 for j in judges}
-        result.notes.append("no calibrated judge answered: verdicts counted with equal weight")
+        # A young swarm (nobody has earned weight yet) still has to answer: calibrated judges
+        # count equally; if none is calibrated, everyone does. Said in the result.
+        calibrated = {j for j in judges if book.record(j).calibrated}
+        weights = {j: 1.0 if (j in calibrated or not calibrated) else 0.0 for j in judges}
+        result.notes.append("no judge with earned weight answered: verdicts counted with equal weight"
+                            + (" (calibrated judges only)" if calibrated else ""))
     n = len(authors)
     per_judge: dict[str, list[tuple[Judgment, str]]] = {}
     for k, j in enumerate(plan):

@@ -69,3 +69,15 @@ def test_all_zero_and_empty_and_bad_input():
         bradley_terry([[0, 1, 2], [1, 0, 2]])
     with pytest.raises(ValueError):
         bradley_terry([[0, -1], [1, 0]])
+
+
+def test_large_matrices_take_the_numpy_path_and_agree_with_choix():
+    choix = pytest.importorskip("choix")
+    rng = np.random.default_rng(42)
+    n = 20
+    w = rng.integers(1, 4, size=(n, n)).astype(float)
+    np.fill_diagonal(w, 0)
+    comparisons = [(i, j) for i in range(n) for j in range(n) for _ in range(int(w[i, j]))]
+    ref = np.exp(choix.mm_pairwise(n, comparisons, tol=1e-12, max_iter=100_000))
+    ref *= n / ref.sum()
+    assert bradley_terry(w).p == pytest.approx(ref.tolist(), abs=1e-4)

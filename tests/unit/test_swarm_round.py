@@ -197,10 +197,15 @@ def test_spot_check_scores_judges_against_the_known_answer():
             v = await super().judge(question, a, b)
             return {"Answer: A": "B", "**B**": "A"}.get(v, v)
 
-    members = [Member("m0", "B"), Member("m1", "A"), Member("m2", "C"), Member("m3", "D"), Contrarian("c", "A")]
+    members = [Member("m0", "B"), Member("m1", "A"), Member("m2", "The answer is B."), Member("m3", "D"),
+               Member("m4", "B) 4"), Contrarian("c", "A")]
     book = admitted([m.id for m in members])
-    res = run(run_round(Q, [LocalPeer(m) for m in members], book, RoundConfig(answer_key=parse_choice), known_key="B"))
-    assert res.agreement["c"] < 0 < min(res.agreement[m] for m in ("m1", "m2", "m3") if m in res.agreement)
+    peers = [LocalPeer(m, random.Random(k)) for k, m in enumerate(members)]
+    res = run(run_round(Q, peers, book, RoundConfig(answer_key=parse_choice), known_key="B"))
+    assert "spot check" in " ".join(res.notes)
+    honest = [res.agreement[m] for m in ("m0", "m1", "m2", "m3", "m4") if m in res.agreement]
+    assert honest and min(honest) > 0
+    assert res.agreement["c"] < 0 and book.reputation("c") < min(book.reputation(m) for m in ("m0", "m1", "m3"))
 
 
 def test_single_and_no_answers():
