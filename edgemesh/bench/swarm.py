@@ -189,3 +189,45 @@ def run_bench(cfg: SwarmBenchConfig, progress: Progress | None = None, questions
         result["adversaries_below_honest_fraction"] = sum(holds) / len(holds)
         result["reputation_at_50"] = adv.reputation_trace[min(49, len(adv.reputation_trace) - 1)]
     return result
+
+
+async def run_members(questions: Sequence[MCQuestion], members: Sequence[object], seed: int = 0,
+                      progress: Progress | None = None, config: RoundConfig | None = None) -> dict:
+    """The honest comparison with real members (any ``SwarmMember``: an OpenAI-compatible endpoint,
+    a local model): BT swarm vs majority vote vs each member alone, on the same answers. Members
+    start admitted at reputation 0 (no calibration: small models may never pass it), so the first
+    rounds count every judge equally until reputations grow."""
+    book = ReputationBook()
+    peers = [LocalPeer(m) for m in members]  # type: ignore[arg-type]
+    for p in peers:
+        book.admit(p.id, 0.0)
+    tie_rng = rng_for(seed, "majority", "members")
+    swarm, top_ok, maj = [], [], []
+    single: dict[str, list[bool]] = {p.id: [] for p in peers}
+    left_out = 0
+    last: SwarmResult | None = None
+    for k, q in enumerate(questions):
+        cfg = config or RoundConfig()
+        cfg = RoundConfig(cfg.commit_timeout, cfg.reveal_timeout, cfg.judge_timeout, cfg.filter_timeout,
+                          cfg.max_answer_chars, cfg.answer_filter,
+                          answer_key=lambda text, opts=q.letters: parse_choice(text, opts),
+                          probation_judgments=cfg.probation_judgments)
+        res = await run_round(Query(f"real-{q.qid}", q.prompt()), peers, book, cfg)
+        letters = {m: parse_choice(a, q.letters) for m, a in res.answers.items()}
+        top = max(res.scores, key=lambda m: (res.scores[m], -res.order.index(m))) if res.scores else None
+        swarm.append(res.answer is not None and parse_choice(res.answer, q.letters) == q.answer)
+        top_ok.append(top is not None and letters.get(top) == q.answer)
+        maj.append(majority(list(letters.values()), tie_rng) == q.answer)
+        for pid in single:
+            single[pid].append(letters.get(pid) == q.answer)
+        left_out += len(res.left_out)
+        last = res
+        if progress:
+            progress("members", k + 1, len(questions))
+    acc = {m: _acc(v) for m, v in single.items()}
+    best = max(acc, key=lambda m: acc[m]) if acc else None
+    return {"questions": len(questions), "nodes": len(peers), "simulated": False,
+            "acc_swarm": _acc(swarm), "acc_swarm_top_answer": _acc(top_ok), "acc_majority": _acc(maj),
+            "acc_best_single": acc[best] if best else 0.0, "best_single_member": best, "acc_members": acc,
+            "left_out_total": left_out, "reputation_end": book.snapshot(),
+            "last_round": last.to_dict() if last else None}
