@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable, Sequence
 
 from edgemesh.swarm.datasets import MCQuestion, load_questions
@@ -207,11 +207,7 @@ async def run_members(questions: Sequence[MCQuestion], members: Sequence[object]
     left_out = 0
     last: SwarmResult | None = None
     for k, q in enumerate(questions):
-        cfg = config or RoundConfig()
-        cfg = RoundConfig(cfg.commit_timeout, cfg.reveal_timeout, cfg.judge_timeout, cfg.filter_timeout,
-                          cfg.max_answer_chars, cfg.answer_filter,
-                          answer_key=lambda text, opts=q.letters: parse_choice(text, opts),
-                          probation_judgments=cfg.probation_judgments)
+        cfg = replace(config or RoundConfig(), answer_key=lambda text, opts=q.letters: parse_choice(text, opts))
         res = await run_round(Query(f"real-{q.qid}", q.prompt()), peers, book, cfg)
         letters = {m: parse_choice(a, q.letters) for m, a in res.answers.items()}
         top = max(res.scores, key=lambda m: (res.scores[m], -res.order.index(m))) if res.scores else None

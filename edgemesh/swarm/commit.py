@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import random
 import secrets
 
 _DOMAIN = b"edgemesh-swarm-commit-v1\0"
 NONCE_BYTES = 16
 
 
-def new_nonce(rng: "secrets.SystemRandom | None" = None) -> str:
+def new_nonce(rng: random.Random | None = None) -> str:
     """A fresh hex nonce (``rng`` only for reproducible simulations; real members use secrets)."""
     if rng is None:
         return secrets.token_hex(NONCE_BYTES)

@@ -82,7 +82,7 @@ class LocalPeer:
 
     async def commit(self, query: Query) -> str:
         text = await self.member.answer(query.question)
-        nonce = new_nonce(self._rng)  # type: ignore[arg-type]
+        nonce = new_nonce(self._rng)
         self._pending[query.query_id] = Reveal(text, nonce)
         return commitment(query.query_id, self.id, text, nonce)
 
