@@ -9,6 +9,8 @@ The paper does not publish its rule (ALGORITHMS §5); ours:
   expected agreement; newcomers start at 0, i.e. "no better than chance" until shown otherwise;
 - a calibration check counts as τ = +1 when passed, −1 when failed; a timeout, a reveal that does
   not open its commitment, or an answer the GOOD/BAD screen drops counts as τ = −1;
+- a member whose answers the screen keeps marking BAD (≥ 3 of its last 10) is quarantined: its
+  answers skip the tournament until its record improves;
 - judge weight = max(reputation, 0) — a judge at chance level carries no information, one below
   it (a liar, a colluder) gets none — and 0 until the member passed calibration.
 """
@@ -24,6 +26,8 @@ ALPHA = 0.1
 START = 0.0              # newcomers start at chance level: a fresh identity buys no influence
 CALIBRATION_NEEDED = 3   # known-answer judgments a newcomer must get right…
 CALIBRATION_RATE = 0.5   # …at this rate (over its calibration history) before its votes count
+SCREEN_WINDOW = 10       # a member with ≥ QUARANTINE_AFTER of its last SCREEN_WINDOW screened
+QUARANTINE_AFTER = 3     # answers marked BAD is quarantined: its answers skip the tournament
 
 
 @dataclass
@@ -36,6 +40,7 @@ class MemberRecord:
     timeouts: int = 0
     bad_reveals: int = 0
     bad_answers: int = 0   # answers dropped by the GOOD/BAD filter
+    recent_screens: list[bool] = field(default_factory=list)  # last screen outcomes, True = BAD
 
     def to_dict(self) -> dict[str, float | int | bool]:
         return asdict(self)
@@ -68,6 +73,8 @@ class ReputationBook:
     start: float = START
     calibration_needed: int = CALIBRATION_NEEDED
     calibration_rate: float = CALIBRATION_RATE
+    screen_window: int = SCREEN_WINDOW
+    quarantine_after: int = QUARANTINE_AFTER
     members: dict[str, MemberRecord] = field(default_factory=dict)
 
     def record(self, member: str) -> MemberRecord:
@@ -123,7 +130,21 @@ class ReputationBook:
         the question): misbehaviour as an author, counted like a disagreeing round."""
         r = self.record(member)
         r.bad_answers += 1
+        self._screened(r, True)
         self._update(r, -1.0)
+
+    def good_answer(self, member: str) -> None:
+        self._screened(self.record(member), False)
+
+    def quarantined(self, member: str) -> bool:
+        """A repeat offender: its answers skip the tournament (it may still judge, by weight).
+        An honest member with a 2 % false-positive screen is quarantined about once in 1,000
+        rounds and leaves quarantine as soon as its window holds fewer BAD marks."""
+        return sum(self.record(member).recent_screens) >= self.quarantine_after
+
+    def _screened(self, r: MemberRecord, bad: bool) -> None:
+        r.recent_screens.append(bad)
+        del r.recent_screens[:-self.screen_window]
 
     def _update(self, r: MemberRecord, tau: float) -> None:
         tau = max(-1.0, min(1.0, tau))
@@ -134,7 +155,8 @@ class ReputationBook:
 
     def to_dict(self) -> dict[str, object]:
         return {"alpha": self.alpha, "start": self.start, "calibration_needed": self.calibration_needed,
-                "calibration_rate": self.calibration_rate,
+                "calibration_rate": self.calibration_rate, "screen_window": self.screen_window,
+                "quarantine_after": self.quarantine_after,
                 "members": {m: r.to_dict() for m, r in sorted(self.members.items())}}
 
     @classmethod
@@ -144,7 +166,11 @@ class ReputationBook:
             raise ValueError("reputation book: 'members' must be a mapping")
         book = cls(alpha=float(data.get("alpha", ALPHA)), start=float(data.get("start", START)),  # type: ignore[arg-type]
                    calibration_needed=int(data.get("calibration_needed", CALIBRATION_NEEDED)),  # type: ignore[arg-type]
-                   calibration_rate=float(data.get("calibration_rate", CALIBRATION_RATE)))  # type: ignore[arg-type]
+                   calibration_rate=float(data.get("calibration_rate", CALIBRATION_RATE)),  # type: ignore[arg-type]
+                   screen_window=int(data.get("screen_window", SCREEN_WINDOW)),  # type: ignore[arg-type]
+                   quarantine_after=int(data.get("quarantine_after", QUARANTINE_AFTER)))  # type: ignore[arg-type]
         for m, rec in members.items():
-            book.members[str(m)] = MemberRecord(**{k: rec[k] for k in MemberRecord.__dataclass_fields__ if k in rec})
+            fields_ = {k: rec[k] for k in MemberRecord.__dataclass_fields__ if k in rec}
+            fields_["recent_screens"] = [bool(x) for x in fields_.get("recent_screens", [])]
+            book.members[str(m)] = MemberRecord(**fields_)
         return book

@@ -236,11 +236,17 @@ async def run_round(query: Query, peers: Sequence[SwarmPeer], book: ReputationBo
         keep, failed = await _phase({pid: (lambda a=a: flt(query.question, a)) for pid, a in answers.items()},
                                     config.filter_timeout)
         for pid in sorted(answers):
+            quarantined = book.quarantined(pid)  # judged on the record before this answer
             if pid in failed:
                 notes.append(f"filter for {pid}'s answer: {failed[pid]} (kept)")
             elif not keep[pid]:
                 filtered[pid] = "marked BAD by the filter"
                 book.bad_answer(pid)
+            else:
+                book.good_answer(pid)
+            if quarantined and pid not in filtered:
+                filtered[pid] = (f"quarantined: {sum(book.record(pid).recent_screens)} of its last "
+                                 f"{len(book.record(pid).recent_screens)} screened answers were marked BAD")
         for pid in filtered:
             del answers[pid]
 

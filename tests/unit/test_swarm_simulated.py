@@ -39,10 +39,10 @@ def test_swarm_beats_majority_with_independent_mistakes(pool):
 
 
 def test_colluders_cost_at_most_two_points_and_lose_reputation_fast(pool):
-    """Mistakes cluster on one distractor half the time (as real models' do) and the GOOD/BAD
-    screen runs (recall 0.9, 2 % false positives). With independent mistakes the drop measured
-    4.2 points, and without the screen the swarm falls to the majority's level (README)."""
-    r = run_bench(SwarmBenchConfig(questions=N_QUESTIONS, adversaries=2, answer_filter=True, distractor=0.5),
+    """Independent mistakes again; the GOOD/BAD screen runs (recall 0.9, 2 % false positives),
+    so repeat offenders are quarantined. Without the screen the swarm falls to the majority's
+    level under this attack (README)."""
+    r = run_bench(SwarmBenchConfig(questions=N_QUESTIONS, adversaries=2, answer_filter=True, distractor=0.0),
                   questions=pool)
     assert r["acc_swarm"] >= r["acc_majority"] + 0.05, r
     assert r["acc_swarm"] - r["acc_swarm_adversarial"] <= 0.02, r
