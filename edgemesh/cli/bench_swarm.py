@@ -90,6 +90,7 @@ def _real(dataset: str, nodes: int, questions: int, seed: int, base_url: str, mo
     from edgemesh.bench.swarm import run_members
     from edgemesh.runtime.swarm_openai import OpenAIBackendConfig, OpenAIMember
     from edgemesh.swarm.datasets import load_questions
+    from edgemesh.swarm.round import RoundConfig
 
     if not model:
         raise ConfigError("--base-url needs --model NAME")
@@ -107,7 +108,9 @@ def _real(dataset: str, nodes: int, questions: int, seed: int, base_url: str, mo
             with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                           console=console, transient=True) as bar:
                 task = bar.add_task("questions", total=len(qs))
-                return await run_members(qs, members, seed, lambda _l, d, _t: bar.update(task, completed=d))
+                # Members may share one server that answers one request at a time: long deadlines.
+                return await run_members(qs, members, seed, lambda _l, d, _t: bar.update(task, completed=d),
+                                         RoundConfig(commit_timeout=600, reveal_timeout=30, judge_timeout=600))
         finally:
             for m in members:
                 await m.aclose()
