@@ -11,6 +11,7 @@ from edgemesh.collective.base import LocalCollective
 from edgemesh.errors import ConfigError, SwarmError
 from edgemesh.llm.build import load_from_store
 from edgemesh.runtime.engine import Engine
+from edgemesh.runtime.swarm_engine import EngineMember
 from edgemesh.runtime.swarm_openai import OpenAIBackendConfig, OpenAIMember
 from edgemesh.swarm.reputation import ReputationBook
 from edgemesh.swarm.round import LocalPeer, Query, RoundConfig, run_round
@@ -99,3 +100,23 @@ def test_backend_errors_are_clear(server):
     cfg = OpenAIBackendConfig.from_env({"EDGEMESH_SWARM_BASE_URL": "http://h/v1/", "EDGEMESH_SWARM_MODEL": "m",
                                         "OPENAI_API_KEY": "secret"})
     assert cfg.base_url == "http://h/v1" and cfg.api_key == "secret" and "secret" not in repr(cfg)
+
+
+def test_local_engine_member_joins_http_members_in_a_round(server):
+    """The node's own model (no HTTP) in the same round as three endpoint members (4 answers: everyone judges)."""
+    async def go():
+        http = [OpenAIMember(f"h{k}", backend(server, temperature=0.9)) for k in range(3)]
+        local = EngineMember("local", server.engine, answer_max_tokens=12, judge_max_tokens=4, temperature=0.7, seed=1)
+        try:
+            text = await local.answer(QUESTION)
+            res = await run_round(Query("q-mixed", QUESTION), [LocalPeer(m) for m in [*http, local]], ReputationBook(),
+                                  RoundConfig(commit_timeout=60, reveal_timeout=5, judge_timeout=60))
+        finally:
+            for m in http:
+                await m.aclose()
+        return text, res
+
+    text, res = asyncio.run(go())
+    assert isinstance(text, str)
+    assert not res.left_out, res.left_out
+    assert set(res.answers) == {"h0", "h1", "h2", "local"} and any(j.judge == "local" for j in res.judgments)
