@@ -21,14 +21,14 @@ def test_bench_swarm_cli_writes_the_documented_keys(tmp_path):
     out = tmp_path / "swarm.json"
     env = {**os.environ, "EDGEMESH_MMLU": str(data), "COLUMNS": "160"}
     cmd = [sys.executable, "-m", "edgemesh.cli", "bench", "swarm", "--dataset", "mmlu", "--nodes", "5", "--simulated",
-           "--questions", "20", "--adversaries", "1", "--seed", "3", "--json", str(out)]
+           "--questions", "10", "--adversaries", "1", "--seed", "3", "--json", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr
     assert "majority vote" in proc.stdout and "BT swarm" in proc.stdout
     r = json.loads(out.read_text())
     for key in ("acc_swarm", "acc_majority", "acc_best_single", "acc_swarm_adversarial", "acc_majority_adversarial"):
         assert 0.0 <= r[key] <= 1.0
-    assert r["questions"] == 20 and r["nodes"] == 5 and r["adversaries"] == 1 and r["seed"] == 3
+    assert r["questions"] == 10 and r["nodes"] == 5 and r["adversaries"] == 1 and r["seed"] == 3
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
     assert again.returncode == 0 and json.loads(out.read_text()) == r  # fixed seed: same figures
 
