@@ -85,6 +85,10 @@ class NodeDaemon:
             self.key, self.cluster.cluster_id, self.peers, self._member_key, self._node_for_curve,
             self._ice_servers, turn_secret(self.cluster.secret), self._refresh_view_via)
         self._handlers.update(self._mesh_handlers())
+        from edgemesh.runtime.swarm_service import SwarmService
+
+        self.swarm = SwarmService(state, self.key.node_id, self._alive_peers, self._caller)
+        self._handlers.update(self.swarm.handlers())
         self.turn_pid: int | None = None
         self.join_service = JoinService(self.cluster, self.key, self.view, self.clock, self._on_admit)
         from edgemesh.runtime.workers import WorkerManager
@@ -484,6 +488,25 @@ class NodeDaemon:
         from edgemesh.mesh.discovery import announce
 
         await announce(self.cluster.cluster_id, self.key, self.name, self.advertise, self.port + 1)
+
+    # ---- calls to peers for services (swarm) ------------------------------------
+    def _alive_peers(self) -> list[str]:
+        return [n for n in self.peers.ids() if self.failure.state(n) == ALIVE]
+
+    def _caller(self, node_id: str) -> Any:
+        """An async (method, body, timeout) -> reply body for ``node_id``, over whatever path
+        the pair has; None when there is no link to it."""
+        if self.peers.get(node_id) is None:
+            return None
+
+        async def call(method: str, body: Any, timeout: float) -> Any:
+            client = self.peers.get(node_id)
+            if client is None:
+                raise RpcError(f"no link to {node_id}", "unreachable")
+            reply, _ = await client.call(method, body, timeout=timeout)
+            return reply
+
+        return call
 
     # ---- NAT traversal -------------------------------------------------------
     def _member_key(self, node_id: str) -> bytes | None:
