@@ -40,7 +40,7 @@ from edgemesh.mesh.view import MembershipView
 from edgemesh.nat.servers import IceServer, is_server_url, servers_from
 from edgemesh.nat.traversal import Traversal
 from edgemesh.nat.turn import TURN_PORT, coturn_argv, coturn_config, turn_secret
-from edgemesh.transport.zmq_link import ZmqTransport, tcp_endpoint
+from edgemesh.transport.zmq_link import MAX_FRAME, ZmqTransport, tcp_endpoint
 from edgemesh.wire.schema import body_map, maybe, need
 from edgemesh.wire.tensor import TensorSpec
 
@@ -301,7 +301,7 @@ class NodeDaemon:
 
         body = body_map(call.body)
         node = need(body, "node", str, max_len=64)
-        nbytes = min(max(need(body, "bytes", int), 1), 256 * 2**20)
+        nbytes = min(max(need(body, "bytes", int), 1), MAX_FRAME["mesh"])  # the peer's mesh port takes no more
         client = self.peers.get(node)
         if client is None:
             raise RpcError(f"{node} is not a peer of this node", "unknown_peer")

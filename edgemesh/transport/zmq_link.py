@@ -4,6 +4,12 @@ Every socket is CURVE. Servers sit behind a ZAP handler whose allow-list is a ca
 mesh socket admits exactly the current member keys (checked at every connection handshake) and
 the join socket admits any key but serves only the join methods. CURVE without ZAP would accept
 anyone who knows the server key, so a server socket cannot be made without a domain.
+
+Every socket also caps the size of one inbound frame (``ZMQ_MAXMSGSIZE``): a peer that sends a
+larger one is disconnected as soon as its length is read, before libzmq buffers it. Without the
+cap a peer with any key (the join port admits all) could make the daemon hold a multi-GB frame
+before the 4 MiB envelope check ran. The cap also applies to the CURVE handshake's own commands,
+so even the member-only mesh port bounds what an unauthenticated connection can make it hold.
 """
 
 from __future__ import annotations
@@ -23,6 +29,17 @@ from edgemesh.identity.keys import NodeKey
 log = logging.getLogger(__name__)
 
 LINGER_MS = 500  # LINGER=0 drops the last replies of a closing socket; keep a short grace period.
+KIB, MIB = 1024, 1024 * 1024
+# Largest inbound frame per server domain, from what each carries (one multipart message is an
+# envelope frame, at most wire.envelope.MAX_ENVELOPE_BYTES = 4 MiB, plus raw tensor frames):
+MAX_FRAME = {
+    "join": 64 * KIB,  # join.challenge / join.register: nonces, one signed record, a MAC (~2 KB)
+    "data": 64 * KIB,  # requests to a job server: shard.get, job.ready, job.failed (<= 2000 chars)
+    "mesh": 16 * MIB,  # member RPC and control: views <= 4 MiB, link probes (1 MiB), link tests (<= 16 MiB)
+}
+# Clients receive replies: views (<= 4 MiB envelopes) and weight chunks (runtime.job_server.CHUNK_MAX).
+CLIENT_MAX_FRAME = 16 * MIB
+DEFAULT_MAX_FRAME = 4 * MIB  # a domain not listed above: the envelope limit
 Allow = Callable[[bytes], bool]  # z85 CURVE public key → admitted?
 
 
@@ -63,8 +80,9 @@ class ZmqTransport:
         for domain in ("mesh", "join", "data"):
             self._auth.configure_curve_callback(domain, credentials_provider=self._domains)
 
-    def server(self, endpoint: str, domain: str, allow: Allow) -> zmq.asyncio.Socket:
-        """A ROUTER bound to ``endpoint`` that admits only keys ``allow`` accepts."""
+    def server(self, endpoint: str, domain: str, allow: Allow, max_frame: int | None = None) -> zmq.asyncio.Socket:
+        """A ROUTER bound to ``endpoint`` that admits only keys ``allow`` accepts and frames of at
+        most ``max_frame`` bytes (default: ``MAX_FRAME[domain]``)."""
         if self._auth is None:
             raise RuntimeError("start() the transport before making servers")
         self._domains.rules[domain] = allow
@@ -76,6 +94,7 @@ class ZmqTransport:
         sock.linger = LINGER_MS
         sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
         sock.setsockopt(zmq.SNDHWM, 10000)
+        sock.setsockopt(zmq.MAXMSGSIZE, max_frame or MAX_FRAME.get(domain, DEFAULT_MAX_FRAME))
         if endpoint.endswith(":0"):
             endpoint = endpoint[:-2] + ":*"  # zmq's spelling of "any free port"
         try:
@@ -95,8 +114,10 @@ class ZmqTransport:
         """The endpoint a socket actually bound (after binding port 0 or *)."""
         return sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
-    def client(self, endpoint: str, server_curve_public: bytes) -> zmq.asyncio.Socket:
-        """A DEALER to a server whose CURVE key we know (so we cannot be talking to an impostor)."""
+    def client(self, endpoint: str, server_curve_public: bytes, max_frame: int = CLIENT_MAX_FRAME) -> zmq.asyncio.Socket:
+        """A DEALER to a server whose CURVE key we know (so we cannot be talking to an impostor);
+        frames over ``max_frame`` bytes end the connection (an impostor at that address cannot
+        finish CURVE, but could still send a huge handshake frame)."""
         sock = self.ctx.socket(zmq.DEALER)
         sock.curve_serverkey = server_curve_public
         sock.curve_publickey = self.key.curve_public
@@ -106,6 +127,7 @@ class ZmqTransport:
         sock.setsockopt(zmq.SNDHWM, 1000)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        sock.setsockopt(zmq.MAXMSGSIZE, max_frame)
         sock.connect(endpoint)
         self._sockets.append(sock)
         return sock

@@ -1,0 +1,168 @@
+"""Bounded inputs on the daemon's zmq ports: one huge frame from anyone who can reach a port does
+not make the daemon hold it (ZMQ_MAXMSGSIZE per socket role), and the daemon keeps serving.
+
+Memory is read as the daemon's peak RSS (VmHWM), reset just before the attack through
+/proc/PID/clear_refs, so a frame that was buffered and then freed still shows."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+import struct
+import time
+from pathlib import Path
+
+import pytest
+import zmq
+
+from edgemesh.identity.keys import NodeKey
+from edgemesh.identity.statedir import StateDir
+from edgemesh.mesh.rpc import RpcClient
+from edgemesh.runtime import local_cluster
+from edgemesh.runtime.control import control
+from edgemesh.runtime.processes import running_daemon
+from edgemesh.transport.zmq_link import MAX_FRAME, ZmqTransport
+
+pytestmark = [pytest.mark.integration, pytest.mark.security]
+
+FRAME = 100_000_000  # the attack: one 100 MB frame
+RSS_BOUND = 16 * 2**20  # the daemon's peak RSS may grow by at most this much (it grew by 121 MiB without the caps)
+
+
+@pytest.fixture
+def node(tmp_path):
+    d = tmp_path / "lc"
+    nodes = local_cluster.up(d, 1, base_port=random.randrange(20000, 40000, 2))
+    state = StateDir(Path(nodes[0].state_dir))
+    yield state, nodes[0].port
+    local_cluster.down(d)
+
+
+def _status(path: Path, key: str) -> int:
+    for line in path.read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+class PeakRss:
+    def __init__(self, pid: int) -> None:
+        self.proc = Path(f"/proc/{pid}")
+        # A fresh daemon still imports (aiortc, ~20 MB) and measures itself: wait until its RSS
+        # holds still for a second, so the growth measured is the attack's.
+        last, deadline = -1, time.monotonic() + 15
+        while time.monotonic() < deadline:
+            now = _status(self.proc / "status", "VmRSS")
+            if abs(now - last) < 512 * 1024:
+                break
+            last = now
+            time.sleep(1.0)
+        (self.proc / "clear_refs").write_text("5")  # peak RSS := current RSS
+        self.start = _status(self.proc / "status", "VmRSS")
+
+    def growth(self) -> int:
+        return _status(self.proc / "status", "VmHWM") - self.start
+
+
+def _send_huge(endpoint: str, server_key: bytes, wait: float = 10.0) -> bool:
+    """Send one FRAME-byte frame as a stranger with a fresh key; True if the server cut us off."""
+    stranger = NodeKey.generate()
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.curve_serverkey = server_key
+    s.curve_publickey, s.curve_secretkey = stranger.curve_public, stranger.curve_secret
+    s.linger = 0
+    s.setsockopt(zmq.RECONNECT_IVL, 10_000)  # no second attempt within the test
+    mon = s.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+    try:
+        s.connect(endpoint)
+        s.send(bytes(FRAME), copy=False)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if mon.poll(200):
+                msg = mon.recv_multipart()
+                if struct.unpack("=hi", msg[0][:6])[0] == zmq.EVENT_DISCONNECTED:
+                    return True
+        return False
+    finally:
+        mon.close(0)
+        s.close(0)
+        ctx.term()
+
+
+async def _join_challenge(endpoint: str, server_key: bytes) -> dict:
+    key = NodeKey.generate()
+    transport = ZmqTransport(key)
+    try:
+        client = RpcClient(transport.client(endpoint, server_key), bytes.fromhex(key.node_id))
+        reader = asyncio.ensure_future(client.run())
+        try:
+            body, _ = await client.call("join.challenge", {"cnonce": b"c" * 32}, timeout=5)
+            return body
+        finally:
+            reader.cancel()
+    finally:
+        transport.close()
+
+
+def test_a_100_mb_frame_to_the_join_port_is_cut_off_not_buffered(node):
+    state, port = node
+    key, _ = state.load_identity()
+    pid = int(running_daemon(state)["pid"])
+    assert control(state, "status")["node"] == key.node_id
+    peak = PeakRss(pid)
+    cut = _send_huge(f"tcp://127.0.0.1:{port + 1}", key.curve_public)
+    time.sleep(0.5)
+    grew = peak.growth()
+    print(f"daemon peak RSS growth: {grew / 2**20:.1f} MiB")
+    assert grew < RSS_BOUND, f"daemon peak RSS grew by {grew / 2**20:.0f} MiB for one {FRAME / 1e6:.0f} MB frame"
+    assert cut, "the join port dropped the connection"
+    st = control(state, "status")  # still serving: control, and the join port for the next joiner
+    assert st["node"] == key.node_id and st["stats"]["internal_errors"] == 0
+    assert "nonce" in asyncio.run(_join_challenge(f"tcp://127.0.0.1:{port + 1}", key.curve_public))
+
+
+def test_a_huge_handshake_frame_to_the_mesh_port_is_cut_off(node):
+    """Before CURVE authenticates anyone, the handshake's own frames pass through the same
+    decoder: a stranger announcing a 100 MB command is dropped at the announcement."""
+    state, port = node
+    key, _ = state.load_identity()
+    peak = PeakRss(int(running_daemon(state)["pid"]))
+    greeting = b"\xff" + bytes(8) + b"\x7f" + bytes([3, 0]) + b"CURVE".ljust(20, b"\0") + b"\0" + bytes(31)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(greeting)
+        s.settimeout(10)
+        got = b""
+        while len(got) < 64:
+            chunk = s.recv(64 - len(got))
+            if not chunk:
+                break
+            got += chunk
+        assert got[:1] == b"\xff", "the mesh port speaks ZMTP"
+        sent, cut = 0, False
+        try:
+            s.sendall(b"\x06" + struct.pack(">Q", FRAME))  # long command frame, 100 MB announced
+            block = bytes(1 << 20)
+            while sent < FRAME:
+                s.sendall(block)
+                sent += len(block)
+        except OSError:
+            cut = True
+    time.sleep(0.5)
+    grew = peak.growth()
+    print(f"daemon peak RSS growth: {grew / 2**20:.1f} MiB")
+    assert grew < RSS_BOUND, f"daemon peak RSS grew by {grew / 2**20:.0f} MiB"
+    assert cut and sent < FRAME, "the daemon closed the connection instead of reading 100 MB"
+    assert control(state, "status")["node"] == key.node_id
+
+
+def test_frame_limits_fit_what_each_port_carries():
+    from edgemesh.runtime.job_server import CHUNK_MAX
+    from edgemesh.runtime.worker import CHUNK
+    from edgemesh.transport.zmq_link import CLIENT_MAX_FRAME
+    from edgemesh.wire.envelope import MAX_ENVELOPE_BYTES
+
+    assert CHUNK <= CHUNK_MAX <= CLIENT_MAX_FRAME  # a weight chunk is one reply frame
+    assert MAX_ENVELOPE_BYTES <= MAX_FRAME["mesh"] and MAX_ENVELOPE_BYTES <= CLIENT_MAX_FRAME
+    assert MAX_FRAME["join"] <= 64 * 1024 and MAX_FRAME["data"] <= 64 * 1024
