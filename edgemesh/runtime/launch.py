@@ -355,10 +355,11 @@ class Deployment:
         files = {ref.sha256: self.entry.root / ref.name for r in range(1, world) for ref in refs[r].values()}
         jstate = self._server.add(job, keys, files)
         from edgemesh.collective.members import CurveKeys
-        from edgemesh.collective.tcp_links import SecureLinks
+        from edgemesh.collective.tcp_links import SecureLinks, max_message_for
 
         links0 = SecureLinks.bind(f"tcp://{self.host}:0", CurveKeys(self.key.curve_public, self.key.curve_secret),
-                                  [curve_public_for(k) for k in keys])
+                                  [curve_public_for(k) for k in keys], max_message=max_message_for(
+                                      self.entry.config.hidden_size * self.options.max_seq_len * 4))
         jstate.endpoints[0] = links0.endpoint
         self.job = job
         try:

@@ -91,7 +91,7 @@ def run_job(state: StateDir, spec: JobSpec, host: str) -> int:
     import torch
 
     from edgemesh.collective.members import CurveKeys, Peer
-    from edgemesh.collective.tcp_links import SecureLinks
+    from edgemesh.collective.tcp_links import SecureLinks, max_message_for
     from edgemesh.collective.zmq_group import CollectiveOptions, ZmqCollective
     from edgemesh.llm.model import Participant
     from edgemesh.runtime.measure import follow_solo
@@ -108,8 +108,10 @@ def run_job(state: StateDir, spec: JobSpec, host: str) -> int:
         specs = [ShardSpec.from_json(s) for s in spec.specs]
         paths = asyncio.run(fetch(key, spec, BlobCache(state.path / "blobs")))
         provider = InMemoryProvider.from_files(paths)
+        # The largest message is the prefill's hidden state (fp32): a record header may announce no more.
         links = SecureLinks.bind(f"tcp://{host}:0", CurveKeys(key.curve_public, key.curve_secret),
-                                 [curve_public_for(k) for k in spec.keys])
+                                 [curve_public_for(k) for k in spec.keys],
+                                 max_message=max_message_for(config.hidden_size * spec.max_seq_len * 4))
     except Exception as exc:  # noqa: BLE001 — tell the launcher why, then give up
         log.error("could not prepare: %s", exc)
         asyncio.run(report_failure(key, spec, str(exc)))
