@@ -115,7 +115,6 @@ def test_a_100_mb_frame_to_the_join_port_is_cut_off_not_buffered(node):
     cut = _send_huge(f"tcp://127.0.0.1:{port + 1}", key.curve_public)
     time.sleep(0.5)
     grew = peak.growth()
-    print(f"daemon peak RSS growth: {grew / 2**20:.1f} MiB")
     assert grew < RSS_BOUND, f"daemon peak RSS grew by {grew / 2**20:.0f} MiB for one {FRAME / 1e6:.0f} MB frame"
     assert cut, "the join port dropped the connection"
     st = control(state, "status")  # still serving: control, and the join port for the next joiner
@@ -151,7 +150,6 @@ def test_a_huge_handshake_frame_to_the_mesh_port_is_cut_off(node):
             cut = True
     time.sleep(0.5)
     grew = peak.growth()
-    print(f"daemon peak RSS growth: {grew / 2**20:.1f} MiB")
     assert grew < RSS_BOUND, f"daemon peak RSS grew by {grew / 2**20:.0f} MiB"
     assert cut and sent < FRAME, "the daemon closed the connection instead of reading 100 MB"
     assert control(state, "status")["node"] == key.node_id
