@@ -40,6 +40,9 @@ MAX_FRAME = {
 # Clients receive replies: views (<= 4 MiB envelopes) and weight chunks (runtime.job_server.CHUNK_MAX).
 CLIENT_MAX_FRAME = 16 * MIB
 DEFAULT_MAX_FRAME = 4 * MIB  # a domain not listed above: the envelope limit
+# A connection that has not finished its CURVE handshake by then is closed (libzmq's default
+# is 30 s): a LAN handshake takes milliseconds, and idle half-open connections hold descriptors.
+HANDSHAKE_MS = 10_000
 Allow = Callable[[bytes], bool]  # z85 CURVE public key → admitted?
 
 
@@ -95,6 +98,7 @@ class ZmqTransport:
         sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
         sock.setsockopt(zmq.SNDHWM, 10000)
         sock.setsockopt(zmq.MAXMSGSIZE, max_frame or MAX_FRAME.get(domain, DEFAULT_MAX_FRAME))
+        sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_MS)
         if endpoint.endswith(":0"):
             endpoint = endpoint[:-2] + ":*"  # zmq's spelling of "any free port"
         try:

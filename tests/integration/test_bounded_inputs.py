@@ -24,6 +24,8 @@ from edgemesh.runtime.control import control
 from edgemesh.runtime.processes import running_daemon
 from edgemesh.transport.zmq_link import MAX_FRAME, ZmqTransport
 
+from .conftest import wait_for
+
 pytestmark = [pytest.mark.integration, pytest.mark.security]
 
 FRAME = 100_000_000  # the attack: one 100 MB frame
@@ -164,3 +166,37 @@ def test_frame_limits_fit_what_each_port_carries():
     assert CHUNK <= CHUNK_MAX <= CLIENT_MAX_FRAME  # a weight chunk is one reply frame
     assert MAX_ENVELOPE_BYTES <= MAX_FRAME["mesh"] and MAX_ENVELOPE_BYTES <= CLIENT_MAX_FRAME
     assert MAX_FRAME["join"] <= 64 * 1024 and MAX_FRAME["data"] <= 64 * 1024
+
+
+def _fds(pid: int) -> int:
+    return len(list(Path(f"/proc/{pid}/fd").iterdir()))
+
+
+def test_ten_thousand_half_open_connections(node):
+    """Connections that never start their handshake (5,000 each to the join and mesh ports) are
+    held within a memory bound, the daemon keeps answering, and it closes them after the
+    handshake interval although the attacker keeps them open."""
+    state, port = node
+    key, _ = state.load_identity()
+    pid = int(running_daemon(state)["pid"])
+    base_fds = _fds(pid)
+    peak = PeakRss(pid)
+    socks: list[socket.socket] = []
+    try:
+        for i in range(10_000):
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(("127.0.0.1", port + i % 2))
+            socks.append(s)
+            if i % 1000 == 999:
+                time.sleep(0.05)
+        held = max(_fds(pid) - base_fds, 0)
+        assert control(state, "status", timeout=10)["node"] == key.node_id
+        # Reaped by the handshake interval (10 s), not held until the attacker lets go.
+        assert wait_for(lambda: _fds(pid) < base_fds + 100, 25, 0.5), f"{_fds(pid) - base_fds} still held"
+        grew = peak.growth()
+        assert grew < 64 * 2**20, f"peak RSS grew by {grew / 2**20:.0f} MiB holding {held} connections"
+        assert control(state, "status", timeout=10)["stats"]["internal_errors"] == 0
+    finally:
+        for s in socks:
+            s.close()
