@@ -243,6 +243,11 @@ def ask(
             with urllib.request.urlopen(urllib.request.Request(base + "/models", headers=auth), timeout=5) as r:
                 models = [m["id"] for m in json.load(r)["data"]]
             break
+        except urllib.error.HTTPError as exc:
+            if exc.code == 401:
+                raise EdgemeshError(f"the server at {base} needs an API key: pass --api-key KEY or set "
+                                    "EDGEMESH_API_KEY") from None
+            raise EdgemeshError(f"the server at {base} answered {exc.code} to /models") from None
         except (OSError, ValueError, KeyError) as exc:
             if time.monotonic() >= deadline:
                 raise EdgemeshError(f"no OpenAI-compatible server answers at {base} ({exc})") from None

@@ -142,3 +142,14 @@ def test_launch_refuses_a_keyless_api_beyond_loopback(tmp_path, monkeypatch):
     res = run_cli("launch", "no-such-model", "--host", "0.0.0.0", "--state-dir", str(tmp_path / "none"),
                   home=tmp_path)
     assert res.returncode != 0 and "--api-key" not in res.stderr
+
+
+def test_ask_sends_the_key_and_says_when_one_is_missing(guarded, tmp_path, monkeypatch):
+    srv, _ = guarded
+    monkeypatch.delenv("EDGEMESH_API_KEY", raising=False)
+    res = run_cli("ask", "hello", "--url", srv.base_url, "--max-tokens", "2", home=tmp_path)
+    assert res.returncode != 0 and "needs an API key" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+    res = run_cli("ask", "hello", "--url", srv.base_url, "--max-tokens", "2", "--api-key", KEY, home=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "tokens" in res.stderr
