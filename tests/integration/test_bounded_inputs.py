@@ -172,7 +172,7 @@ def _fds(pid: int) -> int:
     return len(list(Path(f"/proc/{pid}/fd").iterdir()))
 
 
-def test_ten_thousand_half_open_connections(node):
+def test_ten_thousand_half_open_connections(node, fd_room):
     """Connections that never start their handshake (5,000 each to the join and mesh ports) are
     held within a memory bound, the daemon keeps answering, and it closes them after the
     handshake interval although the attacker keeps them open."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import socket
 import subprocess
 import sys
@@ -85,18 +84,6 @@ def _flood(addr: tuple[str, int], n: int, stop: threading.Event, socks: list[soc
                 pass  # not connected yet: it stays silent
         if i % 500 == 499:
             time.sleep(0.02)  # let the listener breathe; still thousands per second
-
-
-@pytest.fixture
-def fd_room():
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = min(hard, FLOOD + 1000)
-    if soft < want:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-    if want < FLOOD + 200:
-        pytest.skip(f"this process may open only {hard} descriptors; the flood needs {FLOOD + 200}")
-    yield
-    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def test_ten_thousand_idle_connections_and_no_descriptors_left_do_not_stop_the_group(fd_room):
