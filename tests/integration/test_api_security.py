@@ -3,6 +3,7 @@ limits — driven by the official `openai` client; and `launch` refusing to expo
 
 from __future__ import annotations
 
+import http.client
 import json
 import threading
 import urllib.error
@@ -111,6 +112,17 @@ def test_oversized_body_is_413_and_max_tokens_over_the_limit_is_400(guarded):
     with pytest.raises(openai.APIStatusError) as e:
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x" * 100_000}])
     assert e.value.status_code == 413 and e.value.body["code"] == "request_too_large"
+    # A chunked body announces no length: it is cut off while being read, with the same answer.
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
+    try:
+        body = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "x" * 100_000}]}).encode()
+        conn.request("POST", "/v1/chat/completions", body=iter([body[i:i + 8192] for i in range(0, len(body), 8192)]),
+                     headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+                     encode_chunked=True)
+        resp = conn.getresponse()
+        assert resp.status == 413 and json.loads(resp.read())["error"]["code"] == "request_too_large"
+    finally:
+        conn.close()
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="tiny", messages=MSG, max_tokens=9)
     assert e.value.body["code"] == "max_tokens_limit" and e.value.body["param"] == "max_tokens"
