@@ -10,6 +10,11 @@ larger one is disconnected as soon as its length is read, before libzmq buffers 
 cap a peer with any key (the join port admits all) could make the daemon hold a multi-GB frame
 before the 4 MiB envelope check ran. The cap also applies to the CURVE handshake's own commands,
 so even the member-only mesh port bounds what an unauthenticated connection can make it hold.
+
+The join port admits any key, and zmq cannot close one peer's connection once it is up, so it
+also caps how many connections it keeps at once (``MAX_PEERS``): a socket monitor counts them
+and the ZAP handler refuses new handshakes while the port is full. A stranger can then hold at
+most that many (~40 KB each) instead of every descriptor the daemon has.
 """
 
 from __future__ import annotations
@@ -17,11 +22,13 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import time
 from typing import Callable
 
 import zmq
 import zmq.asyncio
 from zmq.auth.asyncio import AsyncioAuthenticator
+from zmq.utils.monitor import parse_monitor_message
 
 from edgemesh.errors import ConfigError, PortInUseError
 from edgemesh.identity.keys import NodeKey
@@ -43,6 +50,10 @@ DEFAULT_MAX_FRAME = 4 * MIB  # a domain not listed above: the envelope limit
 # A connection that has not finished its CURVE handshake by then is closed (libzmq's default
 # is 30 s): a LAN handshake takes milliseconds, and idle half-open connections hold descriptors.
 HANDSHAKE_MS = 10_000
+# Connections a server keeps at once, per domain with a limit. Joiners connect, make two calls
+# and leave; `cluster up` starts at most 63 at once.
+MAX_PEERS = {"join": 64}
+FULL_LOG_EVERY = 10.0  # seconds between "port full" warnings (a flood would log each refusal)
 Allow = Callable[[bytes], bool]  # z85 CURVE public key → admitted?
 
 
@@ -51,7 +62,10 @@ class _Domains:
 
     def __init__(self) -> None:
         self.rules: dict[str, Allow] = {}
+        self.limits: dict[str, tuple[set[int], int]] = {}  # domain → (open connections' fds, cap)
         self.refused = 0
+        self.refused_full = 0
+        self._full_logged = -FULL_LOG_EVERY
 
     def callback(self, domain: str, key: bytes) -> bool:
         allow = self.rules.get(domain)
@@ -59,7 +73,18 @@ class _Domains:
         if not ok:
             self.refused += 1
             log.warning("refused a connection with an unknown key %s… (domain %s)", key[:8].decode(errors="replace"), domain)
-        return ok
+            return False
+        limit = self.limits.get(domain)
+        if limit is not None and len(limit[0]) > limit[1]:  # the one asking is among the open ones
+            self.refused += 1
+            self.refused_full += 1
+            now = time.monotonic()
+            if now - self._full_logged >= FULL_LOG_EVERY:
+                self._full_logged = now
+                log.warning("the %s port holds %d connections (limit %d): refusing new ones (%d so far)",
+                            domain, len(limit[0]), limit[1], self.refused_full)
+            return False
+        return True
 
 
 class ZmqTransport:
@@ -71,6 +96,7 @@ class ZmqTransport:
         self._domains = _Domains()
         self._auth: AsyncioAuthenticator | None = None
         self._sockets: list[zmq.asyncio.Socket] = []
+        self._monitors: list[tuple[zmq.asyncio.Socket, zmq.asyncio.Socket, asyncio.Task[None]]] = []
 
     @property
     def refused_connections(self) -> int:
@@ -85,7 +111,8 @@ class ZmqTransport:
 
     def server(self, endpoint: str, domain: str, allow: Allow, max_frame: int | None = None) -> zmq.asyncio.Socket:
         """A ROUTER bound to ``endpoint`` that admits only keys ``allow`` accepts and frames of at
-        most ``max_frame`` bytes (default: ``MAX_FRAME[domain]``)."""
+        most ``max_frame`` bytes (default: ``MAX_FRAME[domain]``), and at most
+        ``MAX_PEERS[domain]`` connections at once where the domain has a cap."""
         if self._auth is None:
             raise RuntimeError("start() the transport before making servers")
         self._domains.rules[domain] = allow
@@ -111,7 +138,34 @@ class ZmqTransport:
                 raise ConfigError(f"cannot listen on {endpoint}: this machine has no such address (check --host)") from None
             raise ConfigError(f"cannot listen on {endpoint}: {exc}") from None
         self._sockets.append(sock)
+        cap = MAX_PEERS.get(domain)
+        if cap is not None:
+            self._limit_peers(sock, domain, cap)
         return sock
+
+    def _limit_peers(self, sock: zmq.asyncio.Socket, domain: str, cap: int) -> None:
+        open_fds: set[int] = set()
+        mon = sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        self._domains.limits[domain] = (open_fds, cap)
+
+        async def watch() -> None:
+            # Every accepted connection ends with DISCONNECTED (closed, refused or timed out).
+            try:
+                while True:
+                    event = parse_monitor_message(await mon.recv_multipart())
+                    if event["event"] == zmq.EVENT_ACCEPTED:
+                        open_fds.add(event["value"])
+                    elif event["event"] == zmq.EVENT_DISCONNECTED:
+                        open_fds.discard(event["value"])
+            except (zmq.ZMQError, asyncio.CancelledError):
+                pass
+
+        self._monitors.append((sock, mon, asyncio.get_running_loop().create_task(watch())))
+
+    def open_connections(self, domain: str) -> int:
+        """Connections a capped server holds now (0 for a domain without a cap)."""
+        limit = self._domains.limits.get(domain)
+        return len(limit[0]) if limit is not None else 0
 
     @staticmethod
     def bound_endpoint(sock: zmq.asyncio.Socket) -> str:
@@ -155,6 +209,14 @@ class ZmqTransport:
         self.close()
 
     def close(self) -> None:
+        for sock, mon, task in self._monitors:
+            task.cancel()
+            try:
+                sock.disable_monitor()
+            except zmq.ZMQError:
+                pass
+            mon.close(0)
+        self._monitors.clear()
         for sock in self._sockets:
             sock.close(LINGER_MS)
         self._sockets.clear()

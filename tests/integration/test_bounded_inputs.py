@@ -200,3 +200,40 @@ def test_ten_thousand_half_open_connections(node, fd_room):
     finally:
         for s in socks:
             s.close()
+
+
+def test_the_join_port_keeps_a_bounded_number_of_strangers(node):
+    """Strangers that finish the CURVE handshake on the join port (any key may) and stay: about
+    MAX_PEERS["join"] are kept (the count can lag a connection or two), the rest are refused at
+    the handshake; once they go, a joiner gets in again."""
+    from edgemesh.transport.zmq_link import MAX_PEERS
+
+    state, port = node
+    key, _ = state.load_identity()
+    pid = int(running_daemon(state)["pid"])
+    cap = MAX_PEERS["join"]
+    base_fds = _fds(pid)
+    before = control(state, "status")["stats"]["refused_connections"]
+    ctx = zmq.Context()
+    socks = []
+    try:
+        for _ in range(cap + 36):
+            stranger = NodeKey.generate()
+            s = ctx.socket(zmq.DEALER)
+            s.curve_serverkey = key.curve_public
+            s.curve_publickey, s.curve_secretkey = stranger.curve_public, stranger.curve_secret
+            s.linger = 0
+            s.setsockopt(zmq.RECONNECT_IVL, 60_000)  # a refused one does not come back during the test
+            s.connect(f"tcp://127.0.0.1:{port + 1}")
+            socks.append(s)
+        refused = lambda: control(state, "status")["stats"]["refused_connections"] - before  # noqa: E731
+        assert wait_for(lambda: refused() >= 30, 20, 0.5), f"only {refused()} refused"
+        time.sleep(1.0)
+        assert _fds(pid) - base_fds <= cap + 4, f"{_fds(pid) - base_fds} connections held"
+        assert control(state, "status")["node"] == key.node_id  # the mesh/control port is unaffected
+    finally:
+        for s in socks:
+            s.close(0)
+        ctx.term()
+    assert wait_for(lambda: _fds(pid) <= base_fds + 4, 10, 0.2)
+    assert "nonce" in asyncio.run(_join_challenge(f"tcp://127.0.0.1:{port + 1}", key.curve_public))
