@@ -14,6 +14,7 @@ required whenever the server listens beyond loopback; a bound on requests admitt
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import ipaddress
 import json
@@ -22,7 +23,7 @@ import math
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 from aiohttp import web
 
@@ -164,7 +165,8 @@ class ApiServer:
             header = request.headers.get("Authorization", "")
             scheme, _, given = header.partition(" ")
             # compare_digest: the time taken does not tell how much of a guess was right.
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self._key):
+            given_bytes = given.strip().encode("utf-8", "replace")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given_bytes, self._key):
                 resp = ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
                                 code="invalid_api_key").response()
                 resp.headers["WWW-Authenticate"] = 'Bearer realm="edgemesh"'
@@ -240,6 +242,10 @@ class ApiServer:
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await self._body(request)
+        with self._admitted():
+            return await self._chat(request, body)
+
+    async def _chat(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise ApiError(400, "'messages' must be a non-empty list", "messages")
@@ -255,6 +261,10 @@ class ApiServer:
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body = await self._body(request)
+        with self._admitted():
+            return await self._completions(request, body)
+
+    async def _completions(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]
@@ -267,9 +277,11 @@ class ApiServer:
         return await self._respond(request, body, gen, chat=False)
 
     # ---- generation ---------------------------------------------------------------
-    def _admit(self) -> None:
-        """Take a place among the requests being served, or refuse with 429 and an estimate of
-        when one frees up (requests ahead × the recent time per request)."""
+    @contextlib.contextmanager
+    def _admitted(self) -> Iterator[None]:
+        """Hold a place among the requests being served (taken before tokenizing, so a full
+        server refuses cheaply), or refuse with 429 and an estimate of when one frees up
+        (requests ahead × the recent time per request)."""
         if self.pending >= self.limits.max_pending:
             self.refused_busy += 1
             wait = min(max(math.ceil(self._seconds_per_request * (self.pending - self.limits.max_pending + 1)), 1), 60)
@@ -279,26 +291,25 @@ class ApiServer:
             resp.headers["Retry-After"] = str(wait)
             raise _Refused(resp)
         self.pending += 1
-
-    async def _respond(self, request: web.Request, body: dict[str, Any], gen: GenRequest, chat: bool) -> web.StreamResponse:
-        self._admit()
         started = time.monotonic()
         try:
-            loop = asyncio.get_running_loop()
-            events: asyncio.Queue[GenEvent] = asyncio.Queue()
-            self.engine.submit(gen, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
-            rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-            created = int(time.time())
-            try:
-                if body.get("stream"):
-                    return await self._stream(request, body, gen, events, rid, created, chat)
-                return await self._whole(events, rid, created, chat)
-            finally:
-                gen.cancel.set()  # the client went away or we are done: stop generating
+            yield
         finally:
             self.pending -= 1
-            took = time.monotonic() - started
-            self._seconds_per_request = 0.8 * self._seconds_per_request + 0.2 * took
+            self._seconds_per_request = 0.8 * self._seconds_per_request + 0.2 * (time.monotonic() - started)
+
+    async def _respond(self, request: web.Request, body: dict[str, Any], gen: GenRequest, chat: bool) -> web.StreamResponse:
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[GenEvent] = asyncio.Queue()
+        self.engine.submit(gen, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        created = int(time.time())
+        try:
+            if body.get("stream"):
+                return await self._stream(request, body, gen, events, rid, created, chat)
+            return await self._whole(events, rid, created, chat)
+        finally:
+            gen.cancel.set()  # the client went away or we are done: stop generating
 
     async def _whole(self, events: asyncio.Queue[GenEvent], rid: str, created: int, chat: bool) -> web.Response:
         parts: list[str] = []
