@@ -237,3 +237,37 @@ def test_the_join_port_keeps_a_bounded_number_of_strangers(node):
         ctx.term()
     assert wait_for(lambda: _fds(pid) <= base_fds + 4, 10, 0.2)
     assert "nonce" in asyncio.run(_join_challenge(f"tcp://127.0.0.1:{port + 1}", key.curve_public))
+
+
+def test_signals_for_made_up_recipients_stay_within_the_mailbox_budget(node):
+    """A member drops 5,000 signals of 16 KiB (80 MB) for 200 recipients that do not exist (25
+    each, within the per-recipient and recipient caps): the daemon keeps at most the mailbox's
+    byte budget and keeps answering."""
+    from edgemesh.mesh.rpc import rpc_session
+    from edgemesh.nat.mailbox import MAX_BYTES
+
+    state, port = node
+    key, _ = state.load_identity()  # the node's own key is a member key
+    peak = PeakRss(int(running_daemon(state)["pid"]))
+
+    async def flood() -> int:
+        transport = ZmqTransport(key)
+        try:
+            async with rpc_session(transport, f"tcp://127.0.0.1:{port}", key.curve_public,
+                                   bytes.fromhex(key.node_id)) as client:
+                signal = bytes(16 * 1024)
+                sent = 0
+                for batch in range(50):
+                    await asyncio.gather(*(client.call("nat.signal", {"to": f"nobody-{i + 100 * batch % 200}", "signal": signal},
+                                                       timeout=30) for i in range(100)))
+                    sent += 100
+                return sent
+        finally:
+            transport.close()
+
+    assert asyncio.run(flood()) == 5_000
+    grew = peak.growth()
+    # The 4 MiB budget plus what 100 requests in flight cost. Measured: +7 MiB; +80 MiB without the budget.
+    assert MAX_BYTES == 4 * 2**20
+    assert grew < 32 * 2**20, f"peak RSS grew by {grew / 2**20:.0f} MiB for 80 MB of signals"
+    assert control(state, "status")["node"] == key.node_id
