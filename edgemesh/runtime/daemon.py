@@ -41,7 +41,7 @@ from edgemesh.nat.servers import IceServer, is_server_url, servers_from
 from edgemesh.nat.traversal import Traversal
 from edgemesh.nat.turn import TURN_PORT, coturn_argv, coturn_config, turn_secret
 from edgemesh.transport.addresses import detect_host, is_wildcard
-from edgemesh.transport.zmq_link import ZmqTransport, tcp_endpoint
+from edgemesh.transport.zmq_link import MAX_FRAME, ZmqTransport, tcp_endpoint
 from edgemesh.wire.schema import body_map, maybe, need
 from edgemesh.wire.tensor import TensorSpec
 
@@ -310,7 +310,7 @@ class NodeDaemon:
 
         body = body_map(call.body)
         node = need(body, "node", str, max_len=64)
-        nbytes = min(max(need(body, "bytes", int), 1), 256 * 2**20)
+        nbytes = min(max(need(body, "bytes", int), 1), MAX_FRAME["mesh"])  # the peer's mesh port takes no more
         client = self.peers.get(node)
         if client is None:
             raise RpcError(f"{node} is not a peer of this node", "unknown_peer")
@@ -340,7 +340,9 @@ class NodeDaemon:
 
         spec = JobSpec.from_wire(call.body)
         launcher = self.view.node_for_curve_key(call.peer_key)
-        if launcher is None or launcher.key != spec.server_key:
+        if launcher is None or launcher.status != "member":  # a node that left keeps its record
+            raise RpcError("only a current member may start a job", "forbidden")
+        if launcher.key != spec.server_key:
             raise ProtocolError("a job must be started by the member that serves its weights")
         if spec.keys[spec.rank] != self.key.sign_public:
             raise ProtocolError("this job gives my rank to another key")
@@ -348,6 +350,11 @@ class NodeDaemon:
 
     async def _rpc_llm_stop(self, call: Call) -> Any:
         job = need(body_map(call.body), "job", str, max_len=64)
+        owner = self.workers.owner(job)
+        caller = self.view.node_for_curve_key(call.peer_key)
+        if owner is not None and call.peer_key != self.key.curve_public and (caller is None or caller.key != owner):
+            # Only the master that started the job (or this node's own CLI) ends it.
+            raise RpcError("only the member that started a job may stop it", "forbidden")
         return {"stopped": await asyncio.to_thread(self.workers.stop, job)}
 
     async def _rpc_llm_jobs(self, call: Call) -> Any:

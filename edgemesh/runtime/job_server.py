@@ -17,13 +17,13 @@ from typing import Any
 from edgemesh.errors import AuthError, EdgemeshError, ProtocolError
 from edgemesh.identity.keys import curve_public_for
 from edgemesh.mesh.rpc import Call, Reply, RpcServer, RpcStats
-from edgemesh.transport.zmq_link import ZmqTransport, tcp_endpoint
+from edgemesh.transport.zmq_link import CLIENT_MAX_FRAME, ZmqTransport, tcp_endpoint
 from edgemesh.wire.schema import body_map, need
 from edgemesh.wire.tensor import TensorSpec
 
 log = logging.getLogger(__name__)
 
-CHUNK_MAX = 16 << 20
+CHUNK_MAX = CLIENT_MAX_FRAME  # one chunk is one reply frame: a worker's socket takes no larger
 READY_WAIT = 600.0
 
 

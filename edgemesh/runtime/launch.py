@@ -371,11 +371,12 @@ class Deployment:
         files = {ref.sha256: self.entry.root / ref.name for r in range(1, world) for ref in refs[r].values()}
         jstate = self._server.add(job, keys, files)
         from edgemesh.collective.members import CurveKeys
-        from edgemesh.collective.tcp_links import SecureLinks
+        from edgemesh.collective.tcp_links import SecureLinks, max_message_for
 
         ours = [self.address_for(m) for m in self.members]  # rank r dials us at ours[r]
         links0 = SecureLinks.bind(tcp_endpoint(self.listen_host, 0), CurveKeys(self.key.curve_public, self.key.curve_secret),
-                                  [curve_public_for(k) for k in keys])
+                                  [curve_public_for(k) for k in keys], max_message=max_message_for(
+                                      self.entry.config.hidden_size * self.options.max_seq_len * 4))
         port0 = int(links0.endpoint.rsplit(":", 1)[1])
         jstate.endpoints[0] = links0.endpoint
         jstate.rank0_for = {r: tcp_endpoint(ours[r], port0) for r in range(1, world)}

@@ -107,7 +107,7 @@ def run_job(state: StateDir, spec: JobSpec, host: str, advertise: str | None = N
     import torch
 
     from edgemesh.collective.members import CurveKeys, Peer
-    from edgemesh.collective.tcp_links import SecureLinks
+    from edgemesh.collective.tcp_links import SecureLinks, max_message_for
     from edgemesh.collective.zmq_group import CollectiveOptions, ZmqCollective
     from edgemesh.llm.model import Participant
     from edgemesh.runtime.measure import follow_solo
@@ -123,8 +123,10 @@ def run_job(state: StateDir, spec: JobSpec, host: str, advertise: str | None = N
         specs = [ShardSpec.from_json(s) for s in spec.specs]
         paths = asyncio.run(fetch(key, spec, BlobCache(state.path / "blobs")))
         provider = InMemoryProvider.from_files(paths)
+        # The largest message is the prefill's hidden state (fp32): a record header may announce no more.
         links = SecureLinks.bind(tcp_endpoint(host, 0), CurveKeys(key.curve_public, key.curve_secret),
-                                 [curve_public_for(k) for k in spec.keys])
+                                 [curve_public_for(k) for k in spec.keys],
+                                 max_message=max_message_for(config.hidden_size * spec.max_seq_len * 4))
         # Bound on the daemon's listen address (0.0.0.0 by default): tell the others where to dial.
         endpoint = tcp_endpoint(advertise or host, int(links.endpoint.rsplit(":", 1)[1])) \
             if is_wildcard(host) else links.endpoint
