@@ -64,3 +64,11 @@ class PortInUseError(EdgemeshError):
     """The requested port is already taken by another process."""
 
     exit_code = 2
+
+
+class DatasetMissing(ConfigError):
+    """A question set that is not installed locally (nothing is downloaded at run time)."""
+
+
+class SwarmError(EdgemeshError):
+    """A swarm query that cannot produce an answer (no member answered, bad backend settings)."""

@@ -40,6 +40,7 @@ SLICE_MS = 50  # how often a blocked wait looks at connection events and the dea
 HEARTBEAT_IVL_MS = 1000  # zmq heartbeats find peers that vanish without closing TCP (power loss)
 HEARTBEAT_TIMEOUT_MS = 5000
 HWM = 10_000  # messages; a ring or chunked star queues a few per peer, never near this
+DEFAULT_MAX_MESSAGE = 256 * 1024 * 1024  # largest frame accepted (ZMQ_MAXMSGSIZE), as tcp_links
 
 _HELLO = "coll.hello"
 _WELCOME = "coll.welcome"
@@ -78,7 +79,7 @@ class PeerLinks:
 
     def __init__(self, ctx: zmq.Context, router: zmq.Socket, endpoint: str, keys: CurveKeys | None,
                  auth: zmq.auth.thread.ThreadAuthenticator | None, allow: _AllowList | None,
-                 linger_ms: int) -> None:
+                 linger_ms: int, max_message: int = DEFAULT_MAX_MESSAGE) -> None:
         self._ctx = ctx
         self._router = router
         self.endpoint = endpoint
@@ -86,6 +87,7 @@ class PeerLinks:
         self._auth = auth
         self._allow = allow
         self._linger_ms = linger_ms
+        self._max_message = max_message
         self._router_mon = router.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self.rank = -1
         self.world_size = 0
@@ -105,7 +107,8 @@ class PeerLinks:
 
     @classmethod
     def bind(cls, endpoint: str, keys: CurveKeys | None, member_keys: Sequence[bytes] = (), *,
-             plain: bool = False, linger_ms: int = 1000, io_threads: int = 1) -> PeerLinks:
+             plain: bool = False, linger_ms: int = 1000, io_threads: int = 1,
+             max_message: int = DEFAULT_MAX_MESSAGE) -> PeerLinks:
         """Bind this rank's ROUTER. ``member_keys``: public keys allowed to connect (all ranks').
 
         The allow-list is installed *before* the bind, so no connection is ever accepted
@@ -114,6 +117,8 @@ class PeerLinks:
         ``endpoint`` may use port 0 (or ``*``) to take a free port; read ``.endpoint``.
         ``io_threads``: zmq I/O threads, which do the CURVE encryption. Each connection is
         served by one of them, so a hub with spare cores can decrypt several workers at once.
+        ``max_message``: the largest frame any peer may send (a larger one drops its connection
+        before it is buffered); also bounds what an unauthenticated handshake can make us hold.
         """
         if not plain and keys is None:
             raise ValueError("a CURVE group needs this rank's key pair (or plain=True for benchmarks)")
@@ -129,7 +134,7 @@ class PeerLinks:
                 auth.start()
                 auth.configure_curve_callback(domain=ZAP_DOMAIN.decode(), credentials_provider=allow)
             router = ctx.socket(zmq.ROUTER)
-            _common_options(router, linger_ms)
+            _common_options(router, linger_ms, max_message)
             # A send to a peer whose connection is gone must fail (EHOSTUNREACH), not vanish.
             router.setsockopt(zmq.ROUTER_MANDATORY, 1)
             if not plain:
@@ -143,7 +148,7 @@ class PeerLinks:
             host, port = parse_endpoint(endpoint)
             router.bind(tcp_endpoint(host, "*") if port == 0 else endpoint)
             bound = router.getsockopt_string(zmq.LAST_ENDPOINT)
-            return cls(ctx, router, bound, keys, auth, allow, linger_ms)
+            return cls(ctx, router, bound, keys, auth, allow, linger_ms, max_message)
         except BaseException:
             if router is not None:
                 router.close(0)
@@ -169,7 +174,7 @@ class PeerLinks:
         for p in range(rank):
             peer = by_rank[p]
             d = self._ctx.socket(zmq.DEALER)
-            _common_options(d, self._linger_ms)
+            _common_options(d, self._linger_ms, self._max_message)
             d.routing_id = my_id
             if not self.plain:
                 assert self._keys is not None and peer.public_key is not None
@@ -384,8 +389,9 @@ class PeerLinks:
         self._ctx.term()
 
 
-def _common_options(sock: zmq.Socket, linger_ms: int) -> None:
+def _common_options(sock: zmq.Socket, linger_ms: int, max_message: int) -> None:
     sock.linger = linger_ms
+    sock.setsockopt(zmq.MAXMSGSIZE, max_message)
     sock.rcvtimeo = SLICE_MS
     sock.sndtimeo = 30_000  # a full queue for this long means the peer stopped reading
     sock.sndhwm = HWM

@@ -3,7 +3,7 @@
 On a terminal: one spinner line that each update replaces. Elsewhere (a pipe, a log file, a
 test, `ssh host cmd`) a spinner prints nothing at all, so a command waiting on an unreachable
 member looked hung: there, every new phase is printed as its own line, and a message that only
-updates a counter (same text before the first digit) at most every ``every`` seconds.
+updates a counter (the same text once its numbers are masked) at most every ``every`` seconds.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from types import TracebackType
 from rich.console import Console
 from rich.markup import escape
 
-_COUNTER = re.compile(r"\d")
+_COUNTER = re.compile(r"\d+")
 
 
 class PhaseProgress:
@@ -31,7 +31,7 @@ class PhaseProgress:
         if self._status is not None:
             self._status.update(escape(message))
             return
-        kind = _COUNTER.split(message, 1)[0]
+        kind = _COUNTER.sub("#", message)
         now = time.monotonic()
         if kind != self._last_kind or now - self._last_print >= self.every:
             self.console.print(f"… {escape(message)}", highlight=False)

@@ -122,17 +122,27 @@ def launch(
                                 help="When a device fails mid-request, re-plan over the others and finish the "
                                      "request (default), or fail it with HTTP 503 at once."),
     speculate: str = SpecOpt,
+    api_key: Optional[str] = typer.Option(
+        None, "--api-key", envvar="EDGEMESH_API_KEY", show_envvar=True,
+        help="Clients must send 'Authorization: Bearer KEY'. Required when --host is not a loopback address. "
+             "Prefer the environment variable: a flag is visible to other users in the process list."),
+    max_pending: int = typer.Option(16, "--max-pending", help="Requests queued or running at once; more get HTTP 429."),
+    max_body: int = typer.Option(1 << 20, "--max-body", help="Largest request body in bytes; larger get HTTP 413."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens",
+                                             help="Largest max_tokens a request may ask for (default: the context)."),
 ) -> None:
     """Split MODEL over the cluster and serve it with an OpenAI-compatible API until Ctrl-C."""
-    from edgemesh.runtime.api import ApiServer, serve
+    from edgemesh.runtime.api import ApiLimits, ApiServer, check_exposure, serve
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    limits = ApiLimits(api_key=api_key, max_pending=max_pending, max_body=max_body, max_tokens=max_tokens)
+    check_exposure(host, limits.api_key)  # before any weights move
     opts = _options(nodes, on, max_seq_len, timeout, algo, compression)
 
     async def main() -> None:
         async with _serving(state_dir, model, store, opts, resume, speculate) as (deployment, engine):
             ready = asyncio.Event()
-            server = asyncio.ensure_future(serve(ApiServer(engine, deployment.entry.name), host, port, ready))
+            server = asyncio.ensure_future(serve(ApiServer(engine, deployment.entry.name, limits), host, port, ready))
             try:
                 await asyncio.wait([server, asyncio.ensure_future(ready.wait())], return_when=asyncio.FIRST_COMPLETED)
                 if server.done():
@@ -242,6 +252,8 @@ def ask(
     model: Optional[str] = typer.Option(None, "--model", help="Model id (default: the server's first model)."),
     max_tokens: int = typer.Option(128, "--max-tokens"),
     wait: float = typer.Option(0.0, "--wait", help="Seconds to wait for the server to come up."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="EDGEMESH_API_KEY", show_envvar=True,
+                                          help="The server's API key, if it has one."),
 ) -> None:
     """Ask a running server one chat question; stream the answer and report the latency."""
     import json
@@ -251,12 +263,18 @@ def ask(
     from edgemesh.errors import EdgemeshError
 
     base = url.rstrip("/")
+    auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     deadline = time.monotonic() + wait
     while True:
         try:
-            with urllib.request.urlopen(base + "/models", timeout=5) as r:
+            with urllib.request.urlopen(urllib.request.Request(base + "/models", headers=auth), timeout=5) as r:
                 models = [m["id"] for m in json.load(r)["data"]]
             break
+        except urllib.error.HTTPError as exc:
+            if exc.code == 401:
+                raise EdgemeshError(f"the server at {base} needs an API key: pass --api-key KEY or set "
+                                    "EDGEMESH_API_KEY") from None
+            raise EdgemeshError(f"the server at {base} answered {exc.code} to /models") from None
         except (OSError, ValueError, KeyError) as exc:
             if time.monotonic() >= deadline:
                 raise EdgemeshError(f"no OpenAI-compatible server answers at {base} ({exc})") from None
@@ -265,7 +283,7 @@ def ask(
     body = json.dumps({"model": model, "messages": [{"role": "user", "content": question}],
                        "max_tokens": max_tokens, "temperature": 0, "stream": True,
                        "stream_options": {"include_usage": True}}).encode()
-    req = urllib.request.Request(base + "/chat/completions", data=body, headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(base + "/chat/completions", data=body, headers={"Content-Type": "application/json", **auth})
     t0 = time.perf_counter()
     stamps: list[float] = []
     usage = None

@@ -14,6 +14,16 @@ Security replaces zmq CURVE (see protocols/collective.md for the byte layout):
   tag → ``LinkAuthError``; a length over ``max_message`` → ``LinkProtocolError`` before any
   allocation.
 
+Bounded before authentication (a record's tag is checked only once all of it is here):
+- ``max_message`` comes from the group's plan (``max_message_for``: the largest tensor the job
+  sends), so a forged header cannot announce more than the job could legitimately send;
+- the buffer for a large sealed frame grows with the bytes that actually arrive, not with what
+  the header announced, and the output buffer is taken only when the ciphertext is complete;
+- during join, at most ``MAX_PENDING`` unauthenticated connections are kept (the oldest that has
+  not even sent a hello goes first), each for at most ``HANDSHAKE_TIMEOUT`` seconds; an
+  ``accept()`` that fails for want of descriptors or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM)
+  frees the oldest pending connection, backs off and keeps serving.
+
 Progress rule (no deadlock with blocking sockets): a send that cannot complete waits for the
 socket to drain *while reading* whatever the other ranks send (into per-rank inboxes), so two
 ranks sending large messages to each other (ring, chunked star) never wait on each other.
@@ -21,7 +31,9 @@ ranks sending large messages to each other (ring, chunked star) never wait on ea
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import logging
 import math
 import select
 import selectors
@@ -48,6 +60,8 @@ from edgemesh.collective.members import CurveKeys, Peer, peers_by_rank
 from edgemesh.errors import AuthError, ProtocolError
 from edgemesh.transport.endpoint import parse_endpoint
 
+log = logging.getLogger(__name__)
+
 # AES-256-OCB3 (RFC 7253) rather than AES-256-GCM: both run on AES-NI, but on our measured
 # machine GHASH is GCM's bottleneck — 1 MiB seals at 5.0 GB/s with OCB3 vs 3.3 GB/s with GCM
 # (idle host, cryptography 50 / OpenSSL 4.0), the same ~2 µs per small message.
@@ -62,6 +76,12 @@ PREFIX = struct.Struct("<IBBH")  # body bytes, record type, frame count, 0
 T_DATA, T_ABORT = 0, 1
 MAX_FRAMES = 16
 DEFAULT_MAX_MESSAGE = 256 * 1024 * 1024  # bytes of frames in one message (prefill of a big model fits)
+MESSAGE_HEADROOM = 1024 * 1024  # on top of the largest tensor: the envelope frame and slack
+MAX_PENDING = 32  # unauthenticated connections kept at once during join
+HANDSHAKE_TIMEOUT = 5.0  # seconds an accepted connection may take to finish its handshake
+ACCEPT_BACKOFF = (0.05, 1.0)  # first and longest pause after accept() ran out of descriptors
+GROW_STEP = 1024 * 1024  # a large sealed frame's buffer starts here and doubles as bytes arrive
+_OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 INBUF = 64 * 1024  # per-connection read buffer: a decode-size message arrives in one recv
 # Messages with at most this many frame bytes are sealed as one segment (one AEAD call costs
 # ~3 µs of setup, more than copying the frames together); larger ones frame by frame, no copy.
@@ -72,6 +92,12 @@ PROTOCOL_LABEL = b"edgemesh collective v1"
 _NONCE = struct.Struct("<4xQ").pack
 _ZERO_TAG = bytes(TAG)
 _POLLIN = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
+
+
+def max_message_for(largest_tensor_bytes: int) -> int:
+    """The ``max_message`` of a group whose largest message carries a tensor of this many bytes
+    (for an LLM job: hidden size × context length × 4, the prefill's hidden state)."""
+    return min(max(largest_tensor_bytes, 0) + MESSAGE_HEADROOM, DEFAULT_MAX_MESSAGE)
 
 
 def _raw_key(z: bytes, what: str) -> bytes:
@@ -147,6 +173,7 @@ class _Conn:
 class _Pending:
     """A connection accepted during join, still in its handshake."""
 
+    since: float = 0.0
     need: int = HELLO.size
     buf: bytearray = field(default_factory=bytearray)
     hello: tuple[Any, ...] = ()
@@ -176,6 +203,7 @@ class SecureLinks:
         self._inbox: dict[int, deque[list[memoryview]]] = {}
         self._lost: set[int] = set()
         self._refused = 0
+        self._evicted = 0
         self._closed = False
         self.buffers = BufferPool()  # received frames (and the group's accumulators) come from here
         # Application bytes (all frames of data-plane messages, before sealing) this rank sent
@@ -220,6 +248,11 @@ class SecureLinks:
     def refused_connections(self) -> int:
         """Connections refused during join: unknown keys, failed key proofs, garbage."""
         return self._refused
+
+    @property
+    def evicted_connections(self) -> int:
+        """Unauthenticated connections closed during join for being too many or too slow."""
+        return self._evicted
 
     def join(self, rank: int, world_size: int, peers: Sequence[Peer], timeout: float) -> None:
         """Dial lower ranks, accept higher ranks, authenticate every link; or raise."""
@@ -309,30 +342,81 @@ class SecureLinks:
             return
         assert self._listener is not None
         sel = selectors.DefaultSelector()
-        pending: dict[socket.socket, _Pending] = {}
+        pending: dict[socket.socket, _Pending] = {}  # in order of acceptance
         sel.register(self._listener, selectors.EVENT_READ)
+        listening = True
+        backoff = 0.0
+        resume_at = 0.0
+
+        def close(sock: socket.socket) -> None:
+            sel.unregister(sock)
+            del pending[sock]
+            sock.close()
+
+        def evict_one() -> bool:
+            # Prefer the oldest connection that has not even sent a hello: a rank dialing us
+            # sends its hello at once, so such a connection is the least likely to be one.
+            victim = next((s for s, st in pending.items() if not st.hello), None) or next(iter(pending), None)
+            if victim is None:
+                return False
+            self._evicted += 1
+            close(victim)
+            return True
+
         try:
             while want:
-                left = deadline - time.monotonic()
+                now = time.monotonic()
+                left = deadline - now
                 if left <= 0:
                     waiting = tuple(sorted(want))
                     raise CollectiveTimeout(
                         f"rank {self.rank}: group did not form in time; no handshake from ranks "
                         f"{list(waiting)} (not started, wrong endpoint, or a firewall)", waiting)
-                for key, _ in sel.select(min(left, 0.2)):
+                for sock in [s for s, st in pending.items() if now - st.since > HANDSHAKE_TIMEOUT]:
+                    self._evicted += 1
+                    close(sock)
+                if not listening and now >= resume_at:
+                    sel.register(self._listener, selectors.EVENT_READ)
+                    listening = True
+                events = sel.select(min(left, 0.2, max(resume_at - now, 0.001) if not listening else 0.2))
+                # Handshakes first, then new connections: a rank accepted in the last round
+                # has its hello read before new arrivals can push it out.
+                events.sort(key=lambda e: e[0].fileobj is self._listener)
+                for key, _ in events:
                     sock = key.fileobj
                     if sock is self._listener:
-                        while True:
+                        for _ in range(MAX_PENDING // 2):  # leave room for the handshakes under way
                             try:
                                 new, _addr = self._listener.accept()
                             except (BlockingIOError, InterruptedError):
                                 break
-                            _tune(new)
-                            pending[new] = _Pending()
+                            except OSError as exc:
+                                if exc.errno not in _OUT_OF_RESOURCES:
+                                    break  # ECONNABORTED and the like: that one is gone, go on
+                                # Out of descriptors (or memory): free one, pause accepting, go on.
+                                evict_one()
+                                backoff = min(max(backoff * 2, ACCEPT_BACKOFF[0]), ACCEPT_BACKOFF[1])
+                                log.warning("rank %d: accept() failed (%s); %d handshakes pending; "
+                                            "pausing %.2f s", self.rank, exc.strerror, len(pending), backoff)
+                                sel.unregister(self._listener)
+                                listening, resume_at = False, time.monotonic() + backoff
+                                break
+                            backoff = 0.0
+                            if len(pending) >= MAX_PENDING:
+                                evict_one()
+                            try:
+                                _tune(new)
+                            except OSError:
+                                new.close()
+                                continue
+                            pending[new] = _Pending(since=time.monotonic())
                             sel.register(new, selectors.EVENT_READ)
                         continue
                     assert isinstance(sock, socket.socket)
-                    done = self._advance(sock, pending[sock], by_rank, want)
+                    st = pending.get(sock)
+                    if st is None:
+                        continue  # evicted earlier in this round
+                    done = self._advance(sock, st, by_rank, want)
                     if done is not None:  # a link, or False: dropped
                         sel.unregister(sock)
                         del pending[sock]
@@ -620,8 +704,9 @@ class SecureLinks:
             return kind, frames
         frames = []
         for ln in lens:
-            out = self.buffers.take(ln)
-            self._open(conn, self._sealed(conn, ln + TAG, deadline), header, out)
+            sealed = self._sealed(conn, ln + TAG, deadline)
+            out = self.buffers.take(ln)  # only now: the bytes are all here, the tag is next
+            self._open(conn, sealed, header, out)
             frames.append(out)
         return kind, frames
 
@@ -661,11 +746,31 @@ class SecureLinks:
             view = conn.view[conn.start:conn.start + k]
             conn.start += k
             return view
-        if len(conn.big) < k:
-            conn.big = bytearray(k)
-        big = memoryview(conn.big)[:k]
-        self._read_into(conn, big, deadline)
-        return big
+        if len(conn.big) >= k:
+            big = memoryview(conn.big)[:k]
+            self._read_into(conn, big, deadline)
+            return big
+        # Larger than any frame so far: grow with the bytes that arrive, not with what the
+        # header announced (it is authenticated only with the tag at the end).
+        have = 0
+        while have < k:
+            if have == len(conn.big):
+                grown = bytearray(min(k, max(2 * len(conn.big), GROW_STEP)))
+                grown[:have] = conn.big[:have]
+                conn.big = grown
+            have += self._read_some(conn, memoryview(conn.big)[have:min(k, len(conn.big))], deadline)
+        return memoryview(conn.big)[:k]
+
+    def _read_some(self, conn: _Conn, into: memoryview, deadline: float) -> int:
+        """Fill part of ``into``: what is buffered, else what one recv brings."""
+        have = min(conn.end - conn.start, into.nbytes)
+        if have:
+            into[:have] = conn.view[conn.start:conn.start + have]
+            conn.start += have
+            if conn.start == conn.end:
+                conn.start = conn.end = 0
+            return have
+        return self._recv_some(conn, into, deadline)
 
     def _recv_some(self, conn: _Conn, into: memoryview, deadline: float) -> int:
         while True:

@@ -21,6 +21,10 @@ Cost of the bf16 activations: fp32-order noise (~1e-7) from a split's allreduce 
 across a bf16 rounding boundary, so split decode steps are equal to one device only to about the
 kernel's own bf16 error, not to 1e-5 (the bars are in tests/unit/test_int8.py).
 
+Alignment: the packed kernel segfaults on AVX-512/AMX CPUs when its int8 weight does not start on
+a 64-byte boundary. Loaders align weights once (``weights/aligned.py``, ``InMemoryProvider``);
+here every operand is checked again (a pointer test) and copied only if a caller bypassed them.
+
 ``_int_mm`` with dynamically quantized activations was slower here and its per-tensor activation
 scale depends on the slice a rank holds, so it is not used.
 """
@@ -30,6 +34,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from edgemesh.weights.aligned import aligned
 from edgemesh.weights.quant import SCALE
 
 PACKED_MAX_ROWS = 4
@@ -47,7 +52,7 @@ def linear(x: torch.Tensor, w: dict[str, torch.Tensor], name: str, bias: torch.T
     rows = x.numel() // x.shape[-1]
     if _packed_used(x, w, name):
         y = _packed_mm(
-            x.reshape(rows, x.shape[-1]).to(torch.bfloat16), weight, scale.to(torch.bfloat16)
+            aligned(x.reshape(rows, x.shape[-1]).to(torch.bfloat16)), aligned(weight), aligned(scale.to(torch.bfloat16))
         ).to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
     else:
         y = F.linear(x, weight.to(x.dtype)) * scale.to(x.dtype)

@@ -3,16 +3,27 @@
 Everything a client sends is validated here and refused with an OpenAI-style error object
 (``{"error": {"message", "type", "param", "code"}}``) and a 4xx status; the server keeps
 serving. Generation runs in the engine's compute thread, never on the event loop.
+
+Exposure controls (see the README's security model): an optional API key, checked on every
+request as ``Authorization: Bearer KEY`` (what the openai client sends) in constant time and
+required whenever the server listens beyond loopback; a bound on requests admitted at once
+(queued plus generating; past it: 429 with ``Retry-After``); a request body limit (413) and a
+``max_tokens`` limit (400).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hmac
+import ipaddress
 import json
 import logging
+import math
 import time
 import uuid
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Iterator
 
 from aiohttp import web
 
@@ -23,7 +34,44 @@ from edgemesh.runtime.engine import ClusterUnavailable, Engine, GenEvent, GenReq
 log = logging.getLogger(__name__)
 
 ROLES = {"system", "user", "assistant", "developer", "tool"}
-MAX_BODY = 8 * 1024 * 1024
+MAX_BODY = 1024 * 1024  # a full 2048-token chat is ~10 KB of JSON; a megabyte leaves room for long histories
+MAX_PENDING = 16  # requests admitted at once (one generates, the rest wait in the engine's queue)
+API_KEY_ENV = "EDGEMESH_API_KEY"
+
+
+@dataclass(frozen=True)
+class ApiLimits:
+    """What one client may ask of the server. ``max_tokens=None``: up to the context length."""
+
+    api_key: str | None = None
+    max_pending: int = MAX_PENDING
+    max_body: int = MAX_BODY
+    max_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.api_key is not None and not self.api_key.strip():
+            raise ConfigError("the API key is empty; pass a non-empty --api-key or unset EDGEMESH_API_KEY")
+        if self.max_pending < 1 or self.max_body < 1024 or (self.max_tokens is not None and self.max_tokens < 1):
+            raise ConfigError("API limits: --max-pending must be >= 1, --max-body >= 1024 bytes, --max-tokens >= 1")
+
+
+def is_loopback(host: str) -> bool:
+    """True when ``host`` can only be reached from this machine (names other than localhost
+    count as reachable: they may resolve to anything)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(host: str, api_key: str | None) -> None:
+    """Refuse to serve beyond loopback without an API key."""
+    if api_key is None and not is_loopback(host):
+        raise ConfigError(
+            f"the API would listen on {host}, reachable from other machines, without a key: set one with "
+            f"--api-key KEY or {API_KEY_ENV}=KEY (clients send 'Authorization: Bearer KEY'), or use --host 127.0.0.1")
 
 
 class ApiError(Exception):
@@ -74,11 +122,16 @@ def _content_text(content: Any, i: int) -> str:
 
 
 class ApiServer:
-    def __init__(self, engine: Engine, model_name: str) -> None:
+    def __init__(self, engine: Engine, model_name: str, limits: ApiLimits | None = None) -> None:
         self.engine = engine
         self.model_name = model_name
+        self.limits = limits or ApiLimits()
+        self._key = self.limits.api_key.encode() if self.limits.api_key is not None else None
         self.created = int(time.time())
-        self.app = web.Application(client_max_size=MAX_BODY, middlewares=[self._errors])
+        self.pending = 0  # requests admitted and not yet answered
+        self.refused_busy = 0
+        self._seconds_per_request = 1.0  # moving average, for Retry-After
+        self.app = web.Application(client_max_size=self.limits.max_body, middlewares=[self._errors, self._auth])
         self.app.add_routes([
             web.get("/v1/models", self.models),
             web.get("/v1/models/{model}", self.model),
@@ -93,6 +146,11 @@ class ApiServer:
             return await handler(request)
         except ApiError as exc:
             return exc.response()
+        except _Refused as exc:
+            return exc.resp
+        except web.HTTPRequestEntityTooLarge:
+            return ApiError(413, f"the request body is over this server's limit of {self.limits.max_body} bytes",
+                            code="request_too_large").response()
         except web.HTTPException as exc:
             if exc.status >= 400:
                 return ApiError(exc.status, exc.reason or "error", code=str(exc.status)).response()
@@ -101,9 +159,28 @@ class ApiServer:
             log.exception("request failed")
             return ApiError(500, "internal server error", kind="server_error").response()
 
+    @web.middleware
+    async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        if self._key is not None:
+            header = request.headers.get("Authorization", "")
+            scheme, _, given = header.partition(" ")
+            # compare_digest: the time taken does not tell how much of a guess was right.
+            given_bytes = given.strip().encode("utf-8", "replace")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given_bytes, self._key):
+                resp = ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
+                                code="invalid_api_key").response()
+                resp.headers["WWW-Authenticate"] = 'Bearer realm="edgemesh"'
+                return resp
+        if request.content_length is not None and request.content_length > self.limits.max_body:
+            # Refused from the header, before a byte of the body is read.
+            raise ApiError(413, f"the request body ({request.content_length} bytes) is over this server's limit "
+                                f"of {self.limits.max_body} bytes", code="request_too_large")
+        return await handler(request)
+
     # ---- routes -------------------------------------------------------------------
     async def health(self, request: web.Request) -> web.Response:
-        return web.json_response({"ok": True, "model": self.model_name, "queued": self.engine.queued})
+        return web.json_response({"ok": True, "model": self.model_name, "queued": self.engine.queued,
+                                  "pending": self.pending, "refused_busy": self.refused_busy})
 
     def _model_obj(self) -> dict[str, Any]:
         return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "edgemesh"}
@@ -140,7 +217,12 @@ class ApiServer:
             raise ApiError(400, f"the prompt has {len(prompt_ids)} tokens; this model's context is {ctx}",
                            "messages", "context_length_exceeded")
         key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-        max_tokens = _num(body, key, int, default_max if default_max is not None else room, lo=0)
+        limit = self.limits.max_tokens
+        fallback = room if default_max is None else default_max
+        max_tokens = _num(body, key, int, fallback if limit is None else min(fallback, limit), lo=0)
+        if limit is not None and max_tokens > limit:
+            raise ApiError(400, f"{key} ({max_tokens}) is over this server's limit of {limit}", key,
+                           "max_tokens_limit")
         if max_tokens > room:
             raise ApiError(400, f"prompt ({len(prompt_ids)} tokens) + {key} ({max_tokens}) exceeds this "
                                 f"model's context of {ctx} tokens", key, "context_length_exceeded")
@@ -160,6 +242,10 @@ class ApiServer:
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await self._body(request)
+        with self._admitted():
+            return await self._chat(request, body)
+
+    async def _chat(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise ApiError(400, "'messages' must be a non-empty list", "messages")
@@ -175,6 +261,10 @@ class ApiServer:
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body = await self._body(request)
+        with self._admitted():
+            return await self._completions(request, body)
+
+    async def _completions(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]
@@ -187,6 +277,27 @@ class ApiServer:
         return await self._respond(request, body, gen, chat=False)
 
     # ---- generation ---------------------------------------------------------------
+    @contextlib.contextmanager
+    def _admitted(self) -> Iterator[None]:
+        """Hold a place among the requests being served (taken before tokenizing, so a full
+        server refuses cheaply), or refuse with 429 and an estimate of when one frees up
+        (requests ahead × the recent time per request)."""
+        if self.pending >= self.limits.max_pending:
+            self.refused_busy += 1
+            wait = min(max(math.ceil(self._seconds_per_request * (self.pending - self.limits.max_pending + 1)), 1), 60)
+            err = ApiError(429, f"the server is busy ({self.pending} requests queued or running); retry in {wait} s",
+                           code="rate_limit_exceeded", kind="rate_limit_error")
+            resp = err.response()
+            resp.headers["Retry-After"] = str(wait)
+            raise _Refused(resp)
+        self.pending += 1
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            self.pending -= 1
+            self._seconds_per_request = 0.8 * self._seconds_per_request + 0.2 * (time.monotonic() - started)
+
     async def _respond(self, request: web.Request, body: dict[str, Any], gen: GenRequest, chat: bool) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[GenEvent] = asyncio.Queue()
@@ -271,6 +382,14 @@ class ApiServer:
         return resp
 
 
+class _Refused(Exception):
+    """A ready response (with extra headers) that ends the request."""
+
+    def __init__(self, resp: web.Response) -> None:
+        super().__init__("refused")
+        self.resp = resp
+
+
 def _as_api_error(exc: Exception) -> ApiError:
     if isinstance(exc, ClusterUnavailable):
         return ApiError(503, str(exc), code="cluster_unavailable", kind="server_error")
@@ -281,6 +400,7 @@ def _as_api_error(exc: Exception) -> ApiError:
 
 async def serve(server: ApiServer, host: str, port: int, ready: asyncio.Event | None = None) -> None:
     """Serve until cancelled."""
+    check_exposure(host, server.limits.api_key)
     runner = web.AppRunner(server.app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)

@@ -183,11 +183,12 @@ class Deployment:
         files = {ref.sha256: self.entry.root / ref.name for r in range(1, world) for ref in refs[r].values()}
         jstate = self._server.add(job, keys, files)
         from edgemesh.collective.members import CurveKeys
-        from edgemesh.collective.tcp_links import SecureLinks
+        from edgemesh.collective.tcp_links import SecureLinks, max_message_for
 
         ours = [self.address_for(m) for m in self.members]  # rank r dials us at ours[r]
         links0 = SecureLinks.bind(tcp_endpoint(self.listen_host, 0), CurveKeys(self.key.curve_public, self.key.curve_secret),
-                                  [curve_public_for(k) for k in keys])
+                                  [curve_public_for(k) for k in keys], max_message=max_message_for(
+                                      self.entry.config.hidden_size * self.options.max_seq_len * 4))
         port0 = parse_endpoint(links0.endpoint)[1]
         jstate.endpoints[0] = links0.endpoint
         jstate.rank0_for = {r: tcp_endpoint(ours[r], port0) for r in range(1, world)}
@@ -235,15 +236,22 @@ class Deployment:
         except BaseException:
             if group is None:
                 links0.close(abandon=True)
+            elif self.model is None:  # formed, but no model owns it yet
+                group.close()
             await self._stop_job(tell_workers=False)
             raise
         self.progress(f"model up on {world} device(s): " + ", ".join(m["name"] for m in self.members))
         return self.model
 
-    async def _wait_failure(self, jstate: Any, timeout: float) -> None:
-        """Until a worker reports a failure, at most ``timeout`` seconds."""
+    async def _wait_failure(self, jstate: Any, timeout: float, others: float = 3.0) -> None:
+        """Until a worker reports a failure (at most ``timeout`` seconds), then a moment for the
+        others' reports: the two ends of a link that failed tell different halves of the story."""
         deadline = time.monotonic() + timeout
-        while jstate.failure is None and (left := deadline - time.monotonic()) > 0:
+        while (left := deadline - time.monotonic()) > 0:
+            if jstate.failure is not None:
+                deadline = min(deadline, time.monotonic() + others)
+                if len(jstate.failures) >= jstate.world - 1:
+                    return
             jstate.changed.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(jstate.changed.wait(), min(left, 1.0))
@@ -253,11 +261,14 @@ class Deployment:
         if jstate.failure is None:
             return None
 
-        def name(m: re.Match[str]) -> str:
-            r = int(m.group(1))
-            return f"{self.members[r]['name']} (rank {r})" if 0 <= r < len(self.members) else m.group(0)
+        def one(r: int) -> str:
+            return f"{self.members[r]['name']} (rank {r})" if 0 <= r < len(self.members) else f"rank {r}"
 
-        return re.sub(r"\brank (\d+)", name, jstate.failure)
+        def names(m: re.Match[str]) -> str:  # "rank 2" or "ranks [1, 2]"
+            return ", ".join(one(int(r)) for r in re.findall(r"\d+", m.group(0)))
+
+        text = "; ".join(jstate.failures) if jstate.failures else jstate.failure
+        return re.sub(r"\branks \[[\d, ]*\]|\brank \d+", names, text)
 
     def _name_ranks(self, exc: Exception, jstate: Any) -> str:
         """A collective error with the members behind the ranks it names (and their endpoints)."""

@@ -19,13 +19,13 @@ from edgemesh.identity.keys import curve_public_for
 from edgemesh.mesh.rpc import RpcServer
 from edgemesh.rpc.dispatch import Call, Reply, RpcStats
 from edgemesh.transport.endpoint import parse_endpoint, tcp_endpoint
-from edgemesh.transport.zmq_link import ZmqTransport
+from edgemesh.transport.zmq_link import CLIENT_MAX_FRAME, ZmqTransport
 from edgemesh.wire.schema import body_map, need
 from edgemesh.wire.tensor import TensorSpec
 
 log = logging.getLogger(__name__)
 
-CHUNK_MAX = 16 << 20
+CHUNK_MAX = CLIENT_MAX_FRAME  # one chunk is one reply frame: a worker's socket takes no larger
 READY_WAIT = 600.0
 
 
@@ -45,6 +45,7 @@ class JobState:
     rank0_for: dict[int, str] = field(default_factory=dict)
     contacted: set[int] = field(default_factory=set)  # ranks whose worker has reached this server
     failed_rank: int | None = None
+    failures: list[str] = field(default_factory=list)  # every worker's report (failure = the first)
     served: dict[int, int] = field(default_factory=dict)  # bytes sent per rank
     failure: str | None = None
     ready: asyncio.Event = field(default_factory=asyncio.Event)
@@ -149,9 +150,12 @@ class JobServer:
     async def _job_failed(self, call: Call) -> Any:
         body = body_map(call.body)
         job, rank = self._job(call, body)
+        message = f"rank {rank}: {need(body, 'message', str, max_len=2000)}"
         if job.failure is None:
             job.failed_rank = rank
-        job.failure = job.failure or f"rank {rank}: {need(body, 'message', str, max_len=2000)}"
+            job.failure = message
+        if len(job.failures) < job.world:
+            job.failures.append(message)
         job.ready.set()
         job.changed.set()
         return {}

@@ -108,8 +108,8 @@ def run_job(state: StateDir, spec: JobSpec, host: str, advertise: str | None = N
     import torch
 
     from edgemesh.collective.members import CurveKeys, Peer
-    from edgemesh.collective.tcp_links import SecureLinks
-    from edgemesh.collective.group import CollectiveOptions, CollectiveGroup
+    from edgemesh.collective.group import CollectiveGroup, CollectiveOptions
+    from edgemesh.collective.tcp_links import SecureLinks, max_message_for
     from edgemesh.llm.follow import follow_master
     from edgemesh.llm.model import Participant
     from edgemesh.weights.config import ModelConfig
@@ -124,8 +124,10 @@ def run_job(state: StateDir, spec: JobSpec, host: str, advertise: str | None = N
         specs = [ShardSpec.from_json(s) for s in spec.specs]
         paths = asyncio.run(fetch(key, spec, BlobCache(state.path / "blobs")))
         provider = InMemoryProvider.from_files(paths)
+        # The largest message is the prefill's hidden state (fp32): a record header may announce no more.
         links = SecureLinks.bind(tcp_endpoint(host, 0), CurveKeys(key.curve_public, key.curve_secret),
-                                 [curve_public_for(k) for k in spec.keys])
+                                 [curve_public_for(k) for k in spec.keys],
+                                 max_message=max_message_for(config.hidden_size * spec.max_seq_len * 4))
         # Bound on the daemon's listen address (0.0.0.0 by default): tell the others where to dial.
         endpoint = tcp_endpoint(advertise or host, parse_endpoint(links.endpoint)[1]) \
             if is_wildcard(host) else links.endpoint
@@ -142,7 +144,7 @@ def run_job(state: StateDir, spec: JobSpec, host: str, advertise: str | None = N
     except EdgemeshError as exc:
         links.close(abandon=True)
         log.error("could not join the group: %s", exc)
-        asyncio.run(report_failure(key, spec, f"could not join the group: {exc}"))
+        asyncio.run(report_failure(key, spec, f"could not join the group: {str(exc).removeprefix(f'rank {spec.rank}: ')}"))
         return 2
     model = Participant(config, specs, provider, group, max_seq_len=spec.max_seq_len)
     log.info("rank %d/%d of job %s ready (%.1f MB of weights)", spec.rank, spec.world, spec.job,

@@ -61,6 +61,11 @@ class WorkerManager:
                 proc.wait(5)
         return True
 
+    def owner(self, job: str) -> bytes | None:
+        """The signing key of the member that started ``job`` (it serves the job's weights)."""
+        entry = self._procs.get(job)
+        return entry[0].server_key if entry is not None else None
+
     def stop_all(self) -> None:
         for job in list(self._procs):
             self.stop(job, timeout=3.0)

@@ -4,6 +4,17 @@ Every socket is CURVE. Servers sit behind a ZAP handler whose allow-list is a ca
 mesh socket admits exactly the current member keys (checked at every connection handshake) and
 the join socket admits any key but serves only the join methods. CURVE without ZAP would accept
 anyone who knows the server key, so a server socket cannot be made without a domain.
+
+Every socket also caps the size of one inbound frame (``ZMQ_MAXMSGSIZE``): a peer that sends a
+larger one is disconnected as soon as its length is read, before libzmq buffers it. Without the
+cap a peer with any key (the join port admits all) could make the daemon hold a multi-GB frame
+before the 4 MiB envelope check ran. The cap also applies to the CURVE handshake's own commands,
+so even the member-only mesh port bounds what an unauthenticated connection can make it hold.
+
+The join port admits any key, and zmq cannot close one peer's connection once it is up, so it
+also caps how many connections it keeps at once (``MAX_PEERS``): a socket monitor counts them
+and the ZAP handler refuses new handshakes while the port is full. A stranger can then hold at
+most that many (~40 KB each) instead of every descriptor the daemon has.
 """
 
 from __future__ import annotations
@@ -11,11 +22,13 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import time
 from typing import Callable
 
 import zmq
 import zmq.asyncio
 from zmq.auth.asyncio import AsyncioAuthenticator
+from zmq.utils.monitor import parse_monitor_message
 
 from edgemesh.errors import ConfigError, PortInUseError
 from edgemesh.identity.keys import NodeKey
@@ -23,6 +36,24 @@ from edgemesh.identity.keys import NodeKey
 log = logging.getLogger(__name__)
 
 LINGER_MS = 500  # LINGER=0 drops the last replies of a closing socket; keep a short grace period.
+KIB, MIB = 1024, 1024 * 1024
+# Largest inbound frame per server domain, from what each carries (one multipart message is an
+# envelope frame, at most wire.envelope.MAX_ENVELOPE_BYTES = 4 MiB, plus raw tensor frames):
+MAX_FRAME = {
+    "join": 64 * KIB,  # join.challenge / join.register: nonces, one signed record, a MAC (~2 KB)
+    "data": 64 * KIB,  # requests to a job server: shard.get, job.ready, job.failed (<= 2000 chars)
+    "mesh": 16 * MIB,  # member RPC and control: views <= 4 MiB, link probes (1 MiB), link tests (<= 16 MiB)
+}
+# Clients receive replies: views (<= 4 MiB envelopes) and weight chunks (runtime.job_server.CHUNK_MAX).
+CLIENT_MAX_FRAME = 16 * MIB
+DEFAULT_MAX_FRAME = 4 * MIB  # a domain not listed above: the envelope limit
+# A connection that has not finished its CURVE handshake by then is closed (libzmq's default
+# is 30 s): a LAN handshake takes milliseconds, and idle half-open connections hold descriptors.
+HANDSHAKE_MS = 10_000
+# Connections a server keeps at once, per domain with a limit. Joiners connect, make two calls
+# and leave; `cluster up` starts at most 63 at once.
+MAX_PEERS = {"join": 64}
+FULL_LOG_EVERY = 10.0  # seconds between "port full" warnings (a flood would log each refusal)
 Allow = Callable[[bytes], bool]  # z85 CURVE public key → admitted?
 
 
@@ -31,7 +62,10 @@ class _Domains:
 
     def __init__(self) -> None:
         self.rules: dict[str, Allow] = {}
+        self.limits: dict[str, tuple[set[int], int]] = {}  # domain → (open connections' fds, cap)
         self.refused = 0
+        self.refused_full = 0
+        self._full_logged = -FULL_LOG_EVERY
 
     def callback(self, domain: str, key: bytes) -> bool:
         allow = self.rules.get(domain)
@@ -39,7 +73,18 @@ class _Domains:
         if not ok:
             self.refused += 1
             log.warning("refused a connection with an unknown key %s… (domain %s)", key[:8].decode(errors="replace"), domain)
-        return ok
+            return False
+        limit = self.limits.get(domain)
+        if limit is not None and len(limit[0]) > limit[1]:  # the one asking is among the open ones
+            self.refused += 1
+            self.refused_full += 1
+            now = time.monotonic()
+            if now - self._full_logged >= FULL_LOG_EVERY:
+                self._full_logged = now
+                log.warning("the %s port holds %d connections (limit %d): refusing new ones (%d so far)",
+                            domain, len(limit[0]), limit[1], self.refused_full)
+            return False
+        return True
 
 
 class ZmqTransport:
@@ -51,6 +96,7 @@ class ZmqTransport:
         self._domains = _Domains()
         self._auth: AsyncioAuthenticator | None = None
         self._sockets: list[zmq.asyncio.Socket] = []
+        self._monitors: list[tuple[zmq.asyncio.Socket, zmq.asyncio.Socket, asyncio.Task[None]]] = []
 
     @property
     def refused_connections(self) -> int:
@@ -63,8 +109,10 @@ class ZmqTransport:
         for domain in ("mesh", "join", "data"):
             self._auth.configure_curve_callback(domain, credentials_provider=self._domains)
 
-    def server(self, endpoint: str, domain: str, allow: Allow) -> zmq.asyncio.Socket:
-        """A ROUTER bound to ``endpoint`` that admits only keys ``allow`` accepts."""
+    def server(self, endpoint: str, domain: str, allow: Allow, max_frame: int | None = None) -> zmq.asyncio.Socket:
+        """A ROUTER bound to ``endpoint`` that admits only keys ``allow`` accepts and frames of at
+        most ``max_frame`` bytes (default: ``MAX_FRAME[domain]``), and at most
+        ``MAX_PEERS[domain]`` connections at once where the domain has a cap."""
         if self._auth is None:
             raise RuntimeError("start() the transport before making servers")
         self._domains.rules[domain] = allow
@@ -76,6 +124,8 @@ class ZmqTransport:
         sock.linger = LINGER_MS
         sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
         sock.setsockopt(zmq.SNDHWM, 10000)
+        sock.setsockopt(zmq.MAXMSGSIZE, max_frame or MAX_FRAME.get(domain, DEFAULT_MAX_FRAME))
+        sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_MS)
         if endpoint.endswith(":0"):
             endpoint = endpoint[:-2] + ":*"  # zmq's spelling of "any free port"
         try:
@@ -88,15 +138,44 @@ class ZmqTransport:
                 raise ConfigError(f"cannot listen on {endpoint}: this machine has no such address (check --host)") from None
             raise ConfigError(f"cannot listen on {endpoint}: {exc}") from None
         self._sockets.append(sock)
+        cap = MAX_PEERS.get(domain)
+        if cap is not None:
+            self._limit_peers(sock, domain, cap)
         return sock
+
+    def _limit_peers(self, sock: zmq.asyncio.Socket, domain: str, cap: int) -> None:
+        open_fds: set[int] = set()
+        mon = sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        self._domains.limits[domain] = (open_fds, cap)
+
+        async def watch() -> None:
+            # Every accepted connection ends with DISCONNECTED (closed, refused or timed out).
+            try:
+                while True:
+                    event = parse_monitor_message(await mon.recv_multipart())
+                    if event["event"] == zmq.EVENT_ACCEPTED:
+                        open_fds.add(event["value"])
+                    elif event["event"] == zmq.EVENT_DISCONNECTED:
+                        open_fds.discard(event["value"])
+            except (zmq.ZMQError, asyncio.CancelledError):
+                pass
+
+        self._monitors.append((sock, mon, asyncio.get_running_loop().create_task(watch())))
+
+    def open_connections(self, domain: str) -> int:
+        """Connections a capped server holds now (0 for a domain without a cap)."""
+        limit = self._domains.limits.get(domain)
+        return len(limit[0]) if limit is not None else 0
 
     @staticmethod
     def bound_endpoint(sock: zmq.asyncio.Socket) -> str:
         """The endpoint a socket actually bound (after binding port 0 or *)."""
         return sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
-    def client(self, endpoint: str, server_curve_public: bytes) -> zmq.asyncio.Socket:
-        """A DEALER to a server whose CURVE key we know (so we cannot be talking to an impostor)."""
+    def client(self, endpoint: str, server_curve_public: bytes, max_frame: int = CLIENT_MAX_FRAME) -> zmq.asyncio.Socket:
+        """A DEALER to a server whose CURVE key we know (so we cannot be talking to an impostor);
+        frames over ``max_frame`` bytes end the connection (an impostor at that address cannot
+        finish CURVE, but could still send a huge handshake frame)."""
         sock = self.ctx.socket(zmq.DEALER)
         sock.curve_serverkey = server_curve_public
         sock.curve_publickey = self.key.curve_public
@@ -106,6 +185,7 @@ class ZmqTransport:
         sock.setsockopt(zmq.SNDHWM, 1000)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        sock.setsockopt(zmq.MAXMSGSIZE, max_frame)
         sock.connect(endpoint)
         self._sockets.append(sock)
         return sock
@@ -129,6 +209,14 @@ class ZmqTransport:
         self.close()
 
     def close(self) -> None:
+        for sock, mon, task in self._monitors:
+            task.cancel()
+            try:
+                sock.disable_monitor()
+            except zmq.ZMQError:
+                pass
+            mon.close(0)
+        self._monitors.clear()
         for sock in self._sockets:
             sock.close(LINGER_MS)
         self._sockets.clear()

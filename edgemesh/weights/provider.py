@@ -12,9 +12,8 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import torch
-from safetensors.torch import load_file
-
 from edgemesh.errors import ConfigError
+from edgemesh.weights.aligned import aligned_tensors, load_aligned
 
 
 @runtime_checkable
@@ -29,10 +28,14 @@ class WeightProvider(Protocol):
 
 
 class InMemoryProvider:
-    """Every block resident in RAM; ``release`` is a no-op."""
+    """Every block resident in RAM; ``release`` is a no-op.
+
+    Tensors are made 64-byte aligned on the way in (``aligned.py``): whoever built ``blocks``,
+    the native kernels the model calls get aligned data. Aligned tensors are kept as they are.
+    """
 
     def __init__(self, blocks: dict[str, dict[str, torch.Tensor]]) -> None:
-        self._blocks = blocks
+        self._blocks = {name: aligned_tensors(tensors) for name, tensors in blocks.items()}
 
     def get(self, block: str) -> dict[str, torch.Tensor]:
         try:
@@ -54,7 +57,7 @@ class InMemoryProvider:
         """Load block files (already hash-verified by the caller) into memory."""
         blocks: dict[str, dict[str, torch.Tensor]] = {}
         for name, path in files.items():
-            tensors = load_file(str(path))
+            tensors = load_aligned(path)
             if dtype is not None:  # int8 weights stay int8: only float tensors change dtype
                 tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
             blocks[name] = tensors

@@ -31,9 +31,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from edgemesh.errors import ConfigError, EdgemeshError
+from edgemesh.weights.aligned import load_aligned
 from edgemesh.weights.config import ModelConfig
 from edgemesh.weights.shard import ShardSpec, slice_block
 
@@ -147,7 +148,7 @@ class ModelEntry:
         path = self.path(block)
         if verify:
             verify_file(path, self.files[block])
-        return load_file(str(path))
+        return load_aligned(path)  # safetensors offsets are arbitrary; kernels need 64-byte alignment
 
     def verify(self) -> None:
         for key, ref in self.files.items():
@@ -179,7 +180,7 @@ class ModelEntry:
     def load_slice(self, ref: FileRef) -> dict[str, torch.Tensor]:
         path = self.root / ref.name
         verify_file(path, ref)
-        return load_file(str(path))
+        return load_aligned(path)  # safetensors offsets are arbitrary; kernels need 64-byte alignment
 
 
 def _tmp_name(path: Path) -> Path:

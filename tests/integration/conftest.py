@@ -60,3 +60,24 @@ def no_daemon_processes_under(path: Path) -> bool:
         if "edgemesh.runtime.daemon_main" in cmd and str(path) in cmd:
             return False
     return True
+
+
+@pytest.fixture
+def fd_room():
+    """Room for 10,000 sockets in this process (flood tests): raise the descriptor limit (root
+    may raise the hard limit too), restore it afterwards, skip if it cannot be had."""
+    import resource
+
+    need = 11_000
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, need), max(hard, need)))
+    except (ValueError, OSError):
+        if hard < need:
+            pytest.skip(f"this process may open only {hard} descriptors; the flood needs {need}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+    yield
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))

@@ -6,6 +6,7 @@ import asyncio
 import socket
 import threading
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -15,7 +16,7 @@ from edgemesh.llm.build import load_from_store
 from edgemesh.llm.generate import generate
 from edgemesh.llm.model import Participant
 from edgemesh.llm.tokenizer import ChatTokenizer
-from edgemesh.runtime.api import ApiServer, serve
+from edgemesh.runtime.api import ApiLimits, ApiServer, serve
 from edgemesh.runtime.engine import Engine
 from edgemesh.weights.config import ModelConfig
 from edgemesh.weights.shard import ShardSpec
@@ -75,13 +76,14 @@ def free_port() -> int:
 class ServerThread:
     """The API server in a background event loop; stop() tears everything down."""
 
-    def __init__(self, engine: Engine, name: str) -> None:
+    def __init__(self, engine: Engine, name: str, limits: ApiLimits | None = None) -> None:
         self.port = free_port()
         self.engine = engine
         self.loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._task: asyncio.Task | None = None
-        self.thread = threading.Thread(target=self._run, args=(ApiServer(engine, name),), daemon=True)
+        self.api = ApiServer(engine, name, limits)
+        self.thread = threading.Thread(target=self._run, args=(self.api,), daemon=True)
         self.thread.start()
         if not self._ready.wait(10):
             raise RuntimeError("API server did not start")
@@ -112,9 +114,12 @@ class ServerThread:
         self.engine.close()
 
 
-def local_server(root: Path) -> tuple[ServerThread, ChatTokenizer]:
+def local_server(root: Path, limits: ApiLimits | None = None,
+                 wrap: Callable[[Engine], Any] | None = None) -> tuple[ServerThread, ChatTokenizer]:
+    """``wrap``: an engine wrapper (tests that need to hold requests)."""
     tokenizer = tiny_tokenizer()
     entry = tiny_entry(root, tokenizer.vocab_size)
     specs = [ShardSpec.full(entry.config)] * entry.config.num_hidden_layers
     model = load_from_store(entry, specs, LocalCollective(), max_seq_len=128)
-    return ServerThread(Engine("tiny", model, tokenizer), "tiny"), tokenizer
+    engine = Engine("tiny", model, tokenizer)
+    return ServerThread(wrap(engine) if wrap else engine, "tiny", limits), tokenizer

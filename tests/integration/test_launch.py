@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -76,7 +77,7 @@ def test_three_process_split_equals_single_device(cluster3, store):
     assert rel <= 1e-5, rel
     assert split == single
     # Workers exit when the launcher stops them; their daemons keep running.
-    assert wait_for(lambda: not any(_worker_pids(sd.path) for sd in sds), 10)
+    assert wait_for(lambda: not any(_worker_pids(sd.path) for sd in sds), 30)  # exit takes ~1-2 s; cap for a loaded host
 
 
 @contextlib.contextmanager
@@ -104,33 +105,62 @@ def _server(sds, store, tmp_path, *extra: str):
         except subprocess.TimeoutExpired:
             server.kill()
             out, _ = server.communicate()
-    assert wait_for(lambda: not any(_worker_pids(sd.path) for sd in sds), 10), out
+    assert wait_for(lambda: not any(_worker_pids(sd.path) for sd in sds), 30), out
 
 
-def _kill_soon(pid: int, killed_at: list[float]) -> None:
-    def kill() -> None:
-        time.sleep(0.5)
-        os.kill(pid, signal.SIGKILL)
-        killed_at.append(time.monotonic())
-
-    threading.Thread(target=kill).start()
+def _health(client: openai.OpenAI) -> dict:
+    base = str(client.base_url).removesuffix("/").removesuffix("/v1")
+    with urllib.request.urlopen(f"{base}/health", timeout=10) as r:
+        return json.loads(r.read())
 
 
 def test_killed_worker_fails_the_request_with_503_then_the_next_succeeds(cluster3, store, tmp_path):
+    """A worker dies while a request is being computed: that request gets 503, the next one is
+    served by a re-planned group. The worker is first stopped (SIGSTOP), so the request in the
+    engine is stuck in a collective for sure when it is killed (sleeping before the kill raced
+    the request: on a fast host 400 tokens were done, on a slow one the request had not started
+    and the idle keep-alive re-planned first). Two requests are sent: the engine computes one
+    at a time, so once /health counts one queued, the other is inside the engine."""
     d, sds, nodes = cluster3
     with _server(sds, store, tmp_path, "--no-resume") as client:
         ok = client.completions.create(model="mid", prompt="hello", max_tokens=8, temperature=0)
         assert ok.usage.completion_tokens == 8
         victims = _worker_pids(sds[2].path)
         assert len(victims) == 1
-        killed_at: list[float] = []
-        _kill_soon(victims[0], killed_at)
-        with pytest.raises(openai.APIStatusError) as e:
-            client.completions.create(model="mid", prompt="hello", max_tokens=400, temperature=0)
-        failed_after = time.monotonic() - killed_at[0]
-        assert e.value.status_code == 503
-        assert e.value.body["code"] == "cluster_unavailable"
-        assert failed_after < 10, failed_after
+        os.kill(victims[0], signal.SIGSTOP)
+        outcomes: list[object] = []
+        failed_at: list[float] = []
+
+        def ask() -> None:
+            try:
+                outcomes.append(client.completions.create(model="mid", prompt="hello", max_tokens=16, temperature=0))
+            except openai.APIStatusError as exc:
+                failed_at.append(time.monotonic())
+                outcomes.append(exc)
+
+        askers = [threading.Thread(target=ask) for _ in range(2)]
+        try:
+            for t in askers:
+                t.start()
+            # One request in the engine (stuck on the stopped worker, or already failed by the
+            # collective deadline: a failure either way), the other behind it.
+            assert wait_for(lambda: _health(client)["queued"] == 1, 60, 0.02), "the second request never queued"
+        finally:
+            os.kill(victims[0], signal.SIGKILL)
+            killed_at = time.monotonic()
+            for t in askers:
+                t.join(120)
+        assert len(outcomes) == 2, outcomes
+        errors = [o for o in outcomes if isinstance(o, openai.APIStatusError)]
+        served = [o for o in outcomes if not isinstance(o, openai.APIStatusError)]
+        assert len(errors) == 1 and len(served) == 1, outcomes
+        assert errors[0].status_code == 503
+        assert errors[0].body["code"] == "cluster_unavailable"
+        # A kill is seen at once (the sockets close); the cap is the 5 s collective deadline
+        # plus a loaded host's slack, and a request that failed on that deadline before the kill
+        # (a very slow host) has failed_at < killed_at.
+        assert failed_at[0] - killed_at < 30, failed_at[0] - killed_at
+        assert served[0].usage.completion_tokens == 16  # the queued one: after re-planning
         again = client.completions.create(model="mid", prompt="hello", max_tokens=8, temperature=0)
         assert again.usage.completion_tokens == 8
         # Re-planned over the two members left.
@@ -179,12 +209,25 @@ def test_smollm2_on_three_nodes_matches_one_node(cluster3, tmp_path):
     assert three == one
 
 
-def test_bench_generate_measures_every_term_and_sends_what_the_theory_says(cluster3, store):
-    from edgemesh.bench.generate import bench
+def test_bench_generate_measures_every_term_and_sends_what_the_theory_says(cluster3, store, monkeypatch):
+    import statistics
 
+    from edgemesh.bench import generate as bench_generate
+
+    # The run that times the master's collectives, as the bench saw it (steps and time inside).
+    timed: dict[str, list[float]] = {}
+    real_decode = bench_generate._decode
+
+    def spy(model, prompt, tokens, inside=None):  # type: ignore[no-untyped-def]
+        ttft, steps, nbytes = real_decode(model, prompt, tokens, inside)
+        if inside is not None:
+            timed["steps"], timed["inside"] = list(steps), list(inside)
+        return ttft, steps, nbytes
+
+    monkeypatch.setattr(bench_generate, "_decode", spy)
     d, sds, nodes = cluster3
     entry = ModelStore(store).get("mid")
-    r = asyncio.run(bench(sds[0], entry, 3, list(range(5, 21)), 8, 128, lambda m: None))
+    r = asyncio.run(bench_generate.bench(sds[0], entry, 3, list(range(5, 21)), 8, 128, lambda m: None))
     assert (r["nodes"], r["tokens"], r["prompt_tokens"]) == (3, 8, 16)
     # Bytes are counted on the wire by the collective: only framing may come on top of the theory
     # (tensor payloads), at most 64 bytes per message — per token the hub exchanges with each of
@@ -196,7 +239,13 @@ def test_bench_generate_measures_every_term_and_sends_what_the_theory_says(clust
     assert r["largest_slice_compute_ms"] == round(max(per_rank), 2)
     assert r["bound_ms_per_token"] == pytest.approx(
         r["largest_slice_compute_ms"] + 2 * 4 * r["star_allreduce_us"] / 1000, abs=0.02)
-    assert 0 < r["master_in_collectives_ms_per_token"] < r["ms_per_token"] * 1.5
+    # Time inside collectives is part of each step, so its median is at most the median step of
+    # the same run. (It used to be compared with ms_per_token * 1.5, the median of *another*
+    # run: on a busy host the two runs' speeds differ by more than that, and CI failed once.)
+    inside, steps = timed["inside"], timed["steps"]
+    assert len(inside) == len(steps) == 8 and all(0 < i <= s for i, s in zip(inside, steps))
+    assert r["master_in_collectives_ms_per_token"] == round(statistics.median(inside) * 1000, 2)
+    assert 0 < r["master_in_collectives_ms_per_token"] <= round(statistics.median(steps) * 1000, 2)
     assert r["single_ms_per_token"] > 0 and r["largest_slice_alone_ms"] > 0
 
 

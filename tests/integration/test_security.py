@@ -31,7 +31,10 @@ def _endpoints(nodes, i):
     return f"tcp://127.0.0.1:{nodes[i].port}", f"tcp://127.0.0.1:{nodes[i].port + 1}"
 
 
-async def _call_as(key: NodeKey, endpoint: str, server_key: bytes, method: str, body=None, timeout=1.5):
+# Calls that must be answered get a long timeout (a loaded host may take seconds for the CURVE
+# handshake and the reply: 1.5 s turned an expected RpcError into an RpcTimeout); only the call
+# whose expected outcome *is* the timeout passes a short one.
+async def _call_as(key: NodeKey, endpoint: str, server_key: bytes, method: str, body=None, timeout=20.0):
     transport = ZmqTransport(key)
     try:
         client = RpcClient(transport.client(endpoint, server_key), bytes.fromhex(key.node_id))
@@ -51,8 +54,10 @@ def test_unregistered_key_gets_no_service(cluster3):
     stranger = NodeKey.generate()
     mesh, join = _endpoints(nodes, 0)
     with pytest.raises(RpcTimeout):
-        asyncio.run(_call_as(stranger, mesh, root_key.curve_public, "status"))
-    assert control(sds[0], "status")["stats"]["refused_connections"] > before
+        asyncio.run(_call_as(stranger, mesh, root_key.curve_public, "status", timeout=1.5))
+    # Counted when the daemon's authenticator handles the handshake, which a loaded host may do
+    # after the client has given up: wait for it.
+    assert wait_for(lambda: control(sds[0], "status")["stats"]["refused_connections"] > before, 30)
     # The join port lets the stranger in, but serves nothing except the join methods.
     with pytest.raises(RpcError, match="no method 'status'"):
         asyncio.run(_call_as(stranger, join, root_key.curve_public, "status"))
@@ -183,7 +188,7 @@ def test_ten_thousand_fuzzed_frames_do_not_hurt_the_daemon(cluster3):
     assert st["protocol_errors"] - before["protocol_errors"] >= 5_000
     assert st["internal_errors"] == 0
     assert len(after["members"]) == 3
-    assert wait_for(lambda: all(m["state"] == "alive" for m in control(sds[0], "status")["members"]), 5)
+    assert wait_for(lambda: all(m["state"] == "alive" for m in control(sds[0], "status")["members"]), 30)
 
 
 def test_user_mistakes_give_one_line_errors(tmp_path):

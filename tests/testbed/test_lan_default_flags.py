@@ -164,7 +164,6 @@ def test_readme_path_on_a_lan_with_default_flags(bring_up, smollm2_gguf, tmp_pat
         # the device's 0.5-core cap, only to save time; the files are the same).
         import_gguf(ModelStore(lan.home("dev1") / "models"), smollm2_gguf, name=MODEL)
         lan.wait_lan()
-        dev2 = lan.name("dev2")
         addresses = {m["name"]: m["addresses"][0] for m in lan.status()["members"]}
         assert all("127.0.0.1" not in a and "0.0.0.0" not in a for a in addresses.values()), addresses
 
@@ -191,24 +190,28 @@ def test_readme_path_on_a_lan_with_default_flags(bring_up, smollm2_gguf, tmp_pat
         assert "Paris" in answers["plain"], answers
         assert "over 3 device(s)" in err, err[-3000:]
 
-        # 3. dev2 drops every incoming TCP connection but the mesh and join ports: dev3 cannot
-        # open its collective link to dev2. A clear error naming dev2's endpoint, not a hang.
+        # 3. A worker drops every incoming TCP connection but the mesh and join ports. Ranks
+        # follow node names (random here) and higher ranks dial lower ones: the worker whose
+        # name sorts first is rank 1, which rank 2 cannot reach. A clear error naming it and
+        # its endpoint, not a hang.
+        victim = min(DEVICES[1:], key=lan.name)
+        victim_name = lan.name(victim)
         rules = ("table inet emblock {\n chain input {\n  type filter hook input priority 0; policy accept;\n"
                  "  ct state established,related accept\n  iif lo accept\n  tcp dport { 7700, 7701 } accept\n"
                  "  meta l4proto tcp drop\n }\n}\n")
-        subprocess.run(["ip", "netns", "exec", lan.ns("dev2"), "nft", "-f", "-"], input=rules, text=True, check=True)
+        subprocess.run(["ip", "netns", "exec", lan.ns(victim), "nft", "-f", "-"], input=rules, text=True, check=True)
         t0 = time.monotonic()
         proc = lan.launch()
         try:
             _, err = proc.communicate(timeout=240)
         except subprocess.TimeoutExpired:
-            _stop(proc)
-            pytest.fail("launch with a blocked collective port did not fail within 240 s")
+            _, err = _stop(proc)
+            pytest.fail(f"launch with a blocked collective port did not fail within 240 s: {err[-3000:]}")
         seconds = time.monotonic() - t0
         assert proc.returncode != 0, err[-3000:]
         assert "Traceback" not in err, err[-3000:]
         last = err.strip().splitlines()[-1]
-        assert last.startswith("edgemesh: error:") and dev2 in last and "tcp://" in last, err[-3000:]
+        assert last.startswith("edgemesh: error:") and victim_name in last and "tcp://" in last, err[-3000:]
         # Every worker it started was released.
         deadline = time.monotonic() + 30
         while any(lan.workers_in(d) for d in DEVICES[1:]) and time.monotonic() < deadline:

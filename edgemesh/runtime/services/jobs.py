@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from edgemesh.errors import ProtocolError
+from edgemesh.errors import ProtocolError, RpcError
 from edgemesh.mesh.view import MembershipView
 from edgemesh.rpc.dispatch import Call, Handler
 from edgemesh.runtime.jobs import JobSpec
@@ -38,7 +38,9 @@ class JobsService:
     async def _rpc_start(self, call: Call) -> Any:
         spec = JobSpec.from_wire(call.body)
         launcher = self.view.node_for_curve_key(call.peer_key)
-        if launcher is None or launcher.key != spec.server_key:
+        if launcher is None or launcher.status != "member":  # a node that left keeps its record
+            raise RpcError("only a current member may start a job", "forbidden")
+        if launcher.key != spec.server_key:
             raise ProtocolError("a job must be started by the member that serves its weights")
         if spec.keys[spec.rank] != self.node.key.sign_public:
             raise ProtocolError("this job gives my rank to another key")
@@ -46,6 +48,11 @@ class JobsService:
 
     async def _rpc_stop(self, call: Call) -> Any:
         job = need(body_map(call.body), "job", str, max_len=64)
+        owner = self.workers.owner(job)
+        caller = self.view.node_for_curve_key(call.peer_key)
+        if owner is not None and call.peer_key != self.node.key.curve_public and (caller is None or caller.key != owner):
+            # Only the master that started the job (or this node's own CLI) ends it.
+            raise RpcError("only the member that started a job may stop it", "forbidden")
         return {"stopped": await asyncio.to_thread(self.workers.stop, job)}
 
     async def _rpc_jobs(self, call: Call) -> Any:

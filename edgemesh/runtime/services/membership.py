@@ -15,7 +15,7 @@ import random
 import statistics
 import time
 from dataclasses import replace
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 from edgemesh.errors import EdgemeshError, ProtocolError, RpcError, StateDirError
 from edgemesh.mesh.failure import ALIVE, FailureDetector
@@ -30,6 +30,7 @@ from edgemesh.rpc.dispatch import Call, Handler
 from edgemesh.runtime.services import Task
 from edgemesh.runtime.services.node import Node
 from edgemesh.transport.endpoint import tcp_endpoint
+from edgemesh.transport.zmq_link import MAX_FRAME
 from edgemesh.wire.schema import body_map, maybe, need
 from edgemesh.wire.tensor import TensorSpec
 
@@ -149,6 +150,25 @@ class MembershipService:
             })
         return members
 
+    def alive_peers(self) -> list[str]:
+        """Ids of the alive members other than this node."""
+        return [n for n in self.peers.ids() if self.failure.state(n) == ALIVE]
+
+    def caller(self, node_id: str) -> Callable[[str, Any, float], Awaitable[Any]] | None:
+        """An async (method, body, timeout) -> reply body for ``node_id``, over whatever path
+        the pair has; None when there is no link to it."""
+        if self.peers.get(node_id) is None:
+            return None
+
+        async def call(method: str, body: Any, timeout: float) -> Any:
+            client = self.peers.get(node_id)
+            if client is None:
+                raise RpcError(f"no link to {node_id}", "unreachable")
+            reply, _ = await client.call(method, body, timeout=timeout)
+            return reply
+
+        return call
+
     def sync_peers(self) -> None:
         self.peers.sync([r for r in self.view.members() if r.node_id != self.node.node_id])
         for r in self.view.records.values():
@@ -223,7 +243,7 @@ class MembershipService:
         end to end by digest, over whatever path the link uses now."""
         body = body_map(call.body)
         node = need(body, "node", str, max_len=64)
-        nbytes = min(max(need(body, "bytes", int), 1), 256 * 2**20)
+        nbytes = min(max(need(body, "bytes", int), 1), MAX_FRAME["mesh"])  # the peer's mesh port takes no more
         client = self.peers.get(node)
         if client is None:
             raise RpcError(f"{node} is not a peer of this node", "unknown_peer")
