@@ -142,7 +142,14 @@ def launch(
     async def main() -> None:
         async with _serving(state_dir, model, store, opts, resume, speculate) as (deployment, engine):
             ready = asyncio.Event()
-            server = asyncio.ensure_future(serve(ApiServer(engine, deployment.entry.name, limits), host, port, ready))
+            async def swarm(question: str) -> dict:  # type: ignore[type-arg]
+                from edgemesh.runtime.control import control_call
+
+                return await control_call(deployment.state, "admin.swarm_ask", {"question": question, "timeout": 120.0},
+                                          timeout=400.0)
+
+            api = ApiServer(engine, deployment.entry.name, limits, swarm=swarm)
+            server = asyncio.ensure_future(serve(api, host, port, ready))
             try:
                 await asyncio.wait([server, asyncio.ensure_future(ready.wait())], return_when=asyncio.FIRST_COMPLETED)
                 if server.done():

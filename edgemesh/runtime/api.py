@@ -23,11 +23,11 @@ import math
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Awaitable, Callable, Iterator
 
 from aiohttp import web
 
-from edgemesh.errors import ConfigError
+from edgemesh.errors import ConfigError, EdgemeshError
 from edgemesh.llm.sampling import SamplingParams
 from edgemesh.runtime.engine import ClusterUnavailable, Engine, GenEvent, GenRequest
 
@@ -121,10 +121,17 @@ def _content_text(content: Any, i: int) -> str:
     raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts", f"messages[{i}].content")
 
 
+SWARM_MODEL = "swarm"
+
+
 class ApiServer:
-    def __init__(self, engine: Engine, model_name: str, limits: ApiLimits | None = None) -> None:
+    def __init__(self, engine: Engine, model_name: str, limits: ApiLimits | None = None,
+                 swarm: Callable[[str], Awaitable[dict[str, Any]]] | None = None) -> None:
         self.engine = engine
         self.model_name = model_name
+        # `model: "swarm"`: the question goes to the cluster's swarm (every member answers, the
+        # members rank the answers) through this node's daemon; None = not offered.
+        self.swarm = swarm
         self.limits = limits or ApiLimits()
         self._key = self.limits.api_key.encode() if self.limits.api_key is not None else None
         self.created = int(time.time())
@@ -186,9 +193,12 @@ class ApiServer:
         return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "edgemesh"}
 
     async def models(self, request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [self._model_obj()]})
+        extra = [{**self._model_obj(), "id": SWARM_MODEL}] if self.swarm is not None else []
+        return web.json_response({"object": "list", "data": [self._model_obj(), *extra]})
 
     async def model(self, request: web.Request) -> web.Response:
+        if request.match_info["model"] == SWARM_MODEL and self.swarm is not None:
+            return web.json_response({**self._model_obj(), "id": SWARM_MODEL})
         if request.match_info["model"] != self.model_name:
             raise ApiError(404, f"the model '{request.match_info['model']}' does not exist", "model", "model_not_found")
         return web.json_response(self._model_obj())
@@ -203,7 +213,7 @@ class ApiServer:
         model = body.get("model")
         if not isinstance(model, str):
             raise ApiError(400, "'model' is required", "model")
-        if model != self.model_name:
+        if model != self.model_name and not (model == SWARM_MODEL and self.swarm is not None):
             raise ApiError(404, f"the model '{model}' does not exist; this server has '{self.model_name}'",
                            "model", "model_not_found")
         if body.get("n", 1) != 1:
@@ -243,7 +253,44 @@ class ApiServer:
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await self._body(request)
         with self._admitted():
+            if body["model"] == SWARM_MODEL:
+                return await self._swarm_chat(request, body)
             return await self._chat(request, body)
+
+    async def _swarm_chat(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        """The last user message goes to the swarm; the winning answer comes back as the
+        assistant's message, with the round (scores, judgments, who was left out) under "swarm"."""
+        assert self.swarm is not None
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise ApiError(400, "'messages' must be a non-empty list", "messages")
+        users = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
+        if not users:
+            raise ApiError(400, "the swarm answers the last user message; there is none", "messages")
+        question = _content_text(users[-1].get("content", ""), messages.index(users[-1]))
+        try:
+            result = await self.swarm(question)
+        except EdgemeshError as exc:
+            raise ApiError(503, f"the swarm could not answer: {exc}", kind="server_error",
+                           code="swarm_unavailable") from None
+        text = result.get("answer") or ""
+        rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+        if not body.get("stream"):
+            return web.json_response({
+                "id": rid, "object": "chat.completion", "created": created, "model": SWARM_MODEL,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                             "finish_reason": "stop"}], "usage": usage, "swarm": result})
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": SWARM_MODEL}
+        for delta, finish in (({"role": "assistant", "content": text}, None), ({}, "stop")):
+            chunk = {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+            await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+        await resp.write(b"data: " + json.dumps({**base, "choices": [], "swarm": result}).encode() + b"\n\n")
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
 
     async def _chat(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
         messages = body.get("messages")

@@ -76,13 +76,13 @@ def free_port() -> int:
 class ServerThread:
     """The API server in a background event loop; stop() tears everything down."""
 
-    def __init__(self, engine: Engine, name: str, limits: ApiLimits | None = None) -> None:
+    def __init__(self, engine: Engine, name: str, limits: ApiLimits | None = None, swarm=None) -> None:  # type: ignore[no-untyped-def]
         self.port = free_port()
         self.engine = engine
         self.loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._task: asyncio.Task | None = None
-        self.api = ApiServer(engine, name, limits)
+        self.api = ApiServer(engine, name, limits, swarm=swarm)
         self.thread = threading.Thread(target=self._run, args=(self.api,), daemon=True)
         self.thread.start()
         if not self._ready.wait(10):
