@@ -14,7 +14,6 @@ from edgemesh.llm.model import Participant
 from edgemesh.llm.sampling import Sampler, SamplingParams
 from edgemesh.llm.speculate import AdaptiveK, DraftProposer, LookupProposer, SpecStats, speculative_generate, verify
 from edgemesh.llm.threaded import run_thread_group
-from edgemesh.weights.config import ModelConfig
 from edgemesh.weights.provider import InMemoryProvider
 from edgemesh.weights.shard import ShardSpec, slice_block, split_layer
 from tests.unit.test_llm_equivalence import _blocks, _config
