@@ -146,7 +146,7 @@ def _refusal(config: ModelConfig, devices: list[Device], links: list[Link] | Non
                          f"but has {_mib(limits[d.id])}")
     why = "; ".join(parts) or "no split within every device's budget"
     return (f"memory budget {_mib(budget)} per device cannot hold this model even with a 2-block weight window: "
-            f"{why}; raise --memory-budget, add devices or shorten the context (--max-seq-len {context_len} now)")
+            f"{why}; raise --memory-budget, add devices or shorten the context (now {context_len} tokens)")
 
 
 def _finish(config: ModelConfig, p: Plan, window: int, preds: list[MemoryPrediction], limits: dict[str, int],

@@ -34,6 +34,7 @@ import torch
 
 from edgemesh.errors import ConfigError, EdgemeshError
 from edgemesh.weights.config import ModelConfig
+from edgemesh.weights.store import FileRef, ModelEntry, verify_file
 
 log = logging.getLogger(__name__)
 
@@ -419,3 +420,15 @@ class WindowedProvider:
     def _note_peak(self) -> None:
         self._max_blocks = max(self._max_blocks, self._resident())
         self._max_bytes = max(self._max_bytes, self._resident_bytes())
+
+
+def windowed_from_store(entry: ModelEntry, refs: Mapping[str, FileRef], rank: int, window: int) -> WindowedProvider:
+    """A window over slice files of the local store (the master's): every file's hash is
+    checked once here, then its pages are dropped from the page cache again."""
+    files = {}
+    for block, ref in refs.items():
+        path = entry.root / ref.name
+        verify_file(path, ref)
+        drop_file_cache(path)
+        files[block] = path
+    return WindowedProvider(files, execution_order(entry.config, rank), window, name=f"rank{rank}")

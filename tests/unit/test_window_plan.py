@@ -157,3 +157,18 @@ def test_int8_budget() -> None:
                          baseline_bytes=256 * MiB)
     assert p.window >= 2 and all(d.mem_bytes <= 400 * MiB for d in p.devices)
 
+
+
+def test_job_spec_carries_the_window() -> None:
+    from edgemesh.errors import ProtocolError
+    from edgemesh.runtime.jobs import JobSpec
+
+    spec = JobSpec(job="ab" * 8, rank=1, world=2, model="m", config={}, specs=[], files=(), server="tcp://127.0.0.1:1",
+                   server_key=b"k" * 32, keys=(b"a" * 32, b"b" * 32), max_seq_len=64, timeout=5.0, window=3)
+    assert JobSpec.from_wire(spec.to_wire()).window == 3
+    old = spec.to_wire()
+    del old["window"]  # a launcher without windows
+    assert JobSpec.from_wire(old).window == 0
+    for bad in (1, -1, 65):
+        with pytest.raises(ProtocolError):
+            JobSpec.from_wire({**spec.to_wire(), "window": bad})
