@@ -33,10 +33,10 @@ _MODULES: dict[str, tuple[str, ...]] = {
     "model": ("model",), "plan": ("model",),
     **{c: ("serve",) for c in ("launch", "generate", "ask")},
     "testbed": ("testbed",),
-    "bench": ("bench", "bench_rpc", "bench_allreduce", "bench_generate", "bench_join"),
+    "bench": ("bench", "bench_rpc", "bench_allreduce", "bench_generate", "bench_join", "bench_window"),
 }
-_ALL = ("node", "cluster", "bench", "bench_rpc", "bench_allreduce", "bench_generate", "bench_join", "testbed",
-        "model", "serve")
+_ALL = ("node", "cluster", "bench", "bench_rpc", "bench_allreduce", "bench_generate", "bench_join", "bench_window",
+        "testbed", "model", "serve")
 
 
 def _register(command: str | None = None) -> None:

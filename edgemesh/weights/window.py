@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
 import os
 import threading
 import time
@@ -91,7 +92,7 @@ def _read_exact(fd: int, view: memoryview, offset: int, drop: bool) -> None:
 
 
 def read_safetensors(path: Path, *, drop_cache: bool = True) -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors file, each in its own fresh (aligned) allocation.
+    """Every tensor of a safetensors file, each in its own fresh anonymous memory mapping.
 
     Not ``safetensors.load_file``: that maps the file, and pages read through a mapping stay
     in the page cache (charged to our cgroup) whatever we advise afterwards."""
@@ -121,13 +122,21 @@ def read_safetensors(path: Path, *, drop_cache: bool = True) -> dict[str, torch.
                 raise WeightLoadError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
             shape = [int(s) for s in info["shape"]]
             begin, end = (int(x) for x in info["data_offsets"])
-            t = torch.empty(shape, dtype=dtype)
-            if t.numel() * t.element_size() != end - begin:
+            numel = 1
+            for s in shape:
+                numel *= s
+            if numel * torch.empty((), dtype=dtype).element_size() != end - begin:
                 raise WeightLoadError(f"{path}: tensor {name!r} size does not match its shape")
-            if end > begin:
-                flat = t.view(-1).view(torch.uint8)
-                _read_exact(fd, memoryview(flat.numpy()), base + begin, drop_cache)
-            out[name] = t
+            if end == begin:
+                out[name] = torch.empty(shape, dtype=dtype)
+                continue
+            # Its own anonymous mapping: page-aligned, and unmapped as soon as the last tensor
+            # using it is dropped (freed heap memory may stay in the process: glibc raises its
+            # mmap threshold after a free and per-thread arenas keep what the loader freed).
+            buf = mmap.mmap(-1, end - begin)
+            _read_exact(fd, memoryview(buf), base + begin, drop_cache)
+            out[name] = torch.frombuffer(buf, dtype=torch.uint8).view(dtype).view(shape)
+            del buf  # the tensor holds the mapping now
         return out
     except WeightLoadError:
         raise

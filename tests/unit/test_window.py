@@ -31,6 +31,15 @@ N_TOKENS = 12
 TOL = 1e-6
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():  # type: ignore[no-untyped-def]
+    # Tiny matmuls: intra-op threads only spin against the loader thread (10x slower on 2 busy cores).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _config(**kw: object) -> ModelConfig:
     base = dict(hidden_size=64, intermediate_size=96, num_attention_heads=8, num_key_value_heads=4,
                 num_hidden_layers=3, vocab_size=128, max_position_embeddings=256, rope_theta=10000.0)

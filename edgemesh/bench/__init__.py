@@ -1,0 +1,1 @@
+"""Benchmark logic (their CLI lives in ``edgemesh/cli/bench_<name>.py``)."""
