@@ -136,7 +136,7 @@ def test_budget_too_small_is_refused_with_the_numbers() -> None:
         plan_with_budget(_big(), _devices(2, 16 << 30), budget_bytes=300 * MiB, context_len=512,
                          baseline_bytes=256 * MiB)
     msg = str(exc.value)
-    assert "needs" in msg and "but has 300 MiB" in msg and "d0" in msg
+    assert "needs" in msg and "but has 300.0 MiB" in msg and "d0" in msg
 
 
 def test_no_stall_check_follows_disk_speed() -> None:
