@@ -142,7 +142,7 @@ def _member(cfg: dict[str, Any]) -> dict[str, Any]:
     window = int(cfg["window"])
     group: Any = LocalCollective()
     if world > 1:
-        links = SecureLinks.bind("tcp://127.0.0.1:0", None, plain=True)
+        links = SecureLinks.bind(f"tcp://{cfg.get('host') or '127.0.0.1'}:0", None, plain=True)
         print(json.dumps({"endpoint": links.endpoint}), flush=True)
         eps = json.loads(sys.stdin.readline())["endpoints"]
         group = ZmqCollective(links, rank, world, [Peer(r, e) for r, e in enumerate(eps) if r != rank],
@@ -312,22 +312,29 @@ class _Cgroup:
                 time.sleep(0.1)  # its processes are still exiting
 
 
+Launch = Callable[[int, list[str]], tuple[list[str], dict[str, str]]]
+
+
 def _run(opts: BenchOptions, config: Any, rank_specs: list[list[Any]], rank_paths: list[dict[str, Path]],
-         window: int, drop_cache: bool, dtype_bytes: int, cgroups: list[_Cgroup] | None = None) -> dict[str, Any]:
-    """One run: fresh member processes; their results (rank order) or an error."""
+         window: int, drop_cache: bool, dtype_bytes: int, cgroups: list[_Cgroup] | None = None, *,
+         launch: Launch | None = None, hosts: list[str] | None = None) -> dict[str, Any]:
+    """One run: fresh member processes; their results (rank order) or an error. ``launch``
+    wraps a member's argv (and gives its environment), e.g. to start it inside a testbed
+    device; ``hosts`` are the addresses the members bind (default loopback)."""
     world = len(rank_specs)
     procs: list[subprocess.Popen[str]] = []
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     try:
         for r in range(world):
-            p = subprocess.Popen([sys.executable, "-m", "edgemesh.bench.window", "--member"], stdin=subprocess.PIPE,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+            argv = [sys.executable, "-m", "edgemesh.bench.window", "--member"]
+            argv, env = launch(r, argv) if launch else (argv, dict(os.environ))
+            p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 env={**env, "PYTHONUNBUFFERED": "1"})
             procs.append(p)
             cfg = {"rank": r, "world": world, "config": config.to_json(), "specs": [s.to_json() for s in rank_specs[r]],
                    "files": {b: str(p) for b, p in rank_paths[r].items()}, "window": window, "drop_cache": drop_cache,
                    "threads": opts.threads, "tokens": opts.tokens, "prompt_tokens": opts.prompt_tokens,
                    "max_seq_len": opts.prompt_tokens + opts.tokens + 8, "dtype_bytes": dtype_bytes,
-                   "cgroup": str(cgroups[r].path) if cgroups else None}
+                   "cgroup": str(cgroups[r].path) if cgroups else None, "host": hosts[r] if hosts else None}
             assert p.stdin is not None
             p.stdin.write(json.dumps(cfg) + "\n")
             p.stdin.flush()
