@@ -22,7 +22,7 @@ from edgemesh.weights.synth import synth_model
 
 from .conftest import NODES, REPO, Bed, fresh_names
 
-pytestmark = [pytest.mark.testbed, pytest.mark.slow]
+pytestmark = [pytest.mark.testbed, pytest.mark.slow, pytest.mark.timeout(900)]  # ~4-5 min: 3 forwards at 45 MB/s
 
 CAP_MIB = 384
 DISK_MBYTE_S = 45.0  # nodes/pi4.toml: microSD
@@ -60,6 +60,7 @@ def test_slice_four_times_the_memory_cap_streams_and_generates(caps, run_root: P
         assert "error" not in res, res.get("error")
         master, worker = res["members"]
         assert len(master["tokens"]) == 1 and master["ms_per_token"] > 0
+        seen = []
         for name, member in zip(GROUP, (master, worker)):
             mem_dir = caps.cgroups.device_dirs(bed.names, name)[0]
             if caps.cgroups.version == 1:
@@ -73,5 +74,10 @@ def test_slice_four_times_the_memory_cap_streams_and_generates(caps, run_root: P
             assert stats["max_resident_blocks"] <= plan.window
             # the disk cap held: uncached reads no faster than the Pi's card (+ tolerance)
             assert 0 < stats["read_mbyte_s"] <= DISK_MBYTE_S * 1.2, stats
+            seen.append(f"{name}: slice {member['weight_bytes'] / 1e6:.0f} MB, peak RSS "
+                        f"{member['peak_rss_bytes'] / 1e6:.0f} MB (predicted {member['predicted']['total'] / 1e6:.0f}), "
+                        f"cgroup peak {usage / 1e6:.0f} MB of {cap / 1e6:.0f}, read {stats['read_mbyte_s']} MB/s")
+        print(f"\nwindow w={plan.window}: {master['ms_per_token'] / 1e3:.1f} s/token, prefill "
+              f"{master['prefill_ms'] / 1e3:.1f} s; " + "; ".join(seen))
     finally:
         bed.close()
