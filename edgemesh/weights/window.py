@@ -94,8 +94,9 @@ def _read_exact(fd: int, view: memoryview, offset: int, drop: bool) -> None:
 def read_safetensors(path: Path, *, drop_cache: bool = True) -> dict[str, torch.Tensor]:
     """Every tensor of a safetensors file, each in its own fresh anonymous memory mapping.
 
-    Not ``safetensors.load_file``: that maps the file, and pages read through a mapping stay
-    in the page cache (charged to our cgroup) whatever we advise afterwards."""
+    Not ``safetensors.load_file``: it maps the whole file, so every page of it enters the
+    page cache (charged to our cgroup) and stays while mapped, and it leaves no say over where
+    the tensors are allocated (see below)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError as exc:
