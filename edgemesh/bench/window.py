@@ -549,12 +549,16 @@ def bench(store_root: Path, opts: BenchOptions, progress: Callable[[str], None] 
             stall_ms_per_token=_stat(first, "stall_ms_per_token"),
             same_tokens=all(r.get("tokens") == mem["tokens"] for r in runs if "tokens" in r and r["label"].startswith(("window", "budget"))),
         )
-        pre = first["prefill_stats"]
+        pre, mpre = first["prefill_stats"], mem["prefill_stats"]
+        # compute and allreduce of the prompt's forward from the all-in-memory run, its loads from the window's
+        pt_a, pt_f = max(s["t_a_ms"] for s in mpre), max(s["t_f_ms"] for s in mpre)
+        pt_ar = max(s["t_ar_ms"] for s in mpre)
+        ptau_a, ptau_f = max(s["tau_a_ms"] for s in pre), max(s["tau_f_ms"] for s in pre)
         result["prefill"] = {
             "prompt_tokens": opts.prompt_tokens, "ms_memory": mem["prefill_ms"], "ms_window": first["prefill_ms"],
             "window_vs_memory": round(first["prefill_ms"] / mem["prefill_ms"], 3),
-            "t_a_ms": max(s["t_a_ms"] for s in pre), "t_f_ms": max(s["t_f_ms"] for s in pre),
-            "tau_a_ms": max(s["tau_a_ms"] for s in pre), "tau_f_ms": max(s["tau_f_ms"] for s in pre),
+            "t_a_ms": pt_a, "t_f_ms": pt_f, "t_ar_ms": pt_ar, "tau_a_ms": ptau_a, "tau_f_ms": ptau_f,
+            "no_stall_predicted": bool(pt_a + pt_ar >= ptau_f and pt_f + pt_ar >= ptau_a),
         }
     return result
 

@@ -75,7 +75,8 @@ def bench_window(
         pre = r.get("prefill")
         if pre:
             err.print(f"prefill of {pre['prompt_tokens']} tokens: window / memory {pre['window_vs_memory']:.2f}× "
-                      f"(t_f {pre['t_f_ms']:.1f} ms vs τ_a {pre['tau_a_ms']:.1f} ms)")
+                      f"(t_a {pre['t_a_ms']:.1f}, t_f {pre['t_f_ms']:.1f}, t_ar {pre['t_ar_ms']:.1f} ms vs τ_a "
+                      f"{pre['tau_a_ms']:.1f}, τ_f {pre['tau_f_ms']:.1f} ms; no-stall predicted: {pre['no_stall_predicted']})")
     b = r.get("budget", {})
     if b:
         err.print(f"budget {b['budget_mb']:.0f} MB: all in memory needs {b['all_in_memory_needs_mb']:.0f} MB; "
