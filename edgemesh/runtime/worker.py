@@ -133,8 +133,8 @@ def run_job(state: StateDir, spec: JobSpec, host: str) -> int:
         log.error("could not join the group: %s", exc)
         return 2
     model = Participant(config, specs, provider, group, max_seq_len=spec.max_seq_len)
-    log.info("rank %d/%d of job %s ready (%.1f MB of weights)", spec.rank, spec.world, spec.job,
-             provider.nbytes() / 1e6)
+    log.info("rank %d/%d of job %s ready (%.1f MB of weights%s)", spec.rank, spec.world, spec.job,
+             provider.nbytes() / 1e6, f" resident, streamed through a {spec.window}-block window" if spec.window else "")
     try:
         with torch.inference_mode():
             while True:

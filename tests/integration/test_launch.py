@@ -254,3 +254,5 @@ def test_memory_budget_streams_weights_and_gives_the_same_tokens(cluster3, store
     assert toks == ref
     assert (logits - ref_logits).abs().max().item() <= 1e-6
     assert wait_for(lambda: not any(_worker_pids(sd.path) for sd in sds), 10)
+    logs = [p.read_text() for sd in sds for p in (sd.path / "jobs").glob("*.log")]
+    assert any("block window" in text for text in logs)  # the worker streamed too
