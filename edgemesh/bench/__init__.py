@@ -1,1 +1,1 @@
-"""Benchmarks: side-by-side measurements behind `edgemesh bench …` (not imported by the library)."""
+"""Benchmarks: side-by-side measurements behind `edgemesh bench …` (their CLI: ``edgemesh/cli/bench_<name>.py``)."""

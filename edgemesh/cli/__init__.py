@@ -34,10 +34,10 @@ _MODULES: dict[str, tuple[str, ...]] = {
     **{c: ("serve",) for c in ("launch", "generate", "ask")},
     "testbed": ("testbed",),
     "swarm": ("swarm",),
-    "bench": ("bench", "bench_rpc", "bench_allreduce", "bench_generate", "bench_join", "bench_swarm"),
+    "bench": ("bench", "bench_rpc", "bench_allreduce", "bench_generate", "bench_join", "bench_swarm", "bench_window"),
 }
 _ALL = ("node", "cluster", "bench", "bench_rpc", "bench_allreduce", "bench_generate", "bench_join", "bench_swarm",
-        "testbed", "model", "serve", "swarm")
+        "bench_window", "testbed", "model", "serve", "swarm")
 
 
 def _register(command: str | None = None) -> None:

@@ -35,10 +35,13 @@ SpecOpt = typer.Option("lookup", "--speculate",
                             "prompt and text so far; switches itself off per request when it does not pay), "
                             "draft:MODEL (a small model with the same tokenizer, on this node), or off. "
                             "Greedy output is the same as plain decoding; sampling keeps its distribution.")
+BudgetOpt = typer.Option(None, "--memory-budget", help="Memory per device, e.g. 2GiB or 384MiB: weights stream from "
+                                                       "disk through a small window when they do not fit.")
 
 
 def _options(nodes: Optional[int], on: Optional[str], max_seq_len: int, timeout: float, algo: str,
-             compression: Optional[str]):  # type: ignore[no-untyped-def]
+             compression: Optional[str], memory_budget: Optional[str] = None):  # type: ignore[no-untyped-def]
+    from edgemesh.placement.memory import parse_size
     from edgemesh.runtime.launch import LaunchOptions
 
     if algo not in ("auto", "star", "chunked_star", "ring"):
@@ -47,7 +50,8 @@ def _options(nodes: Optional[int], on: Optional[str], max_seq_len: int, timeout:
         raise ConfigError(f"--wire-dtype must be float16 or bfloat16 (got {compression!r})")
     names = tuple(n.strip() for n in on.split(",") if n.strip()) if on else ()
     return LaunchOptions(nodes=nodes, names=names, max_seq_len=max_seq_len, timeout=timeout,
-                         algorithm=algo, compression=compression)
+                         algorithm=algo, compression=compression,
+                         memory_budget=parse_size(memory_budget) if memory_budget else None)
 
 
 def _plan_table(deployment) -> Table:  # type: ignore[no-untyped-def]
@@ -82,6 +86,9 @@ async def _deploy(state_dir, model, store, opts):  # type: ignore[no-untyped-def
     status.stop()
     deployment.progress = lambda msg: err.print(msg)
     err.print(_plan_table(deployment))
+    if deployment.plan.window:
+        err.print(f"weights stream from disk through a {deployment.plan.window}-block window per device "
+                  f"(--memory-budget {deployment.plan.memory_budget / (1 << 20):.0f} MiB)")
     print_notes(err, deployment.left_out)
     return deployment
 
@@ -118,6 +125,7 @@ def launch(
     port: int = typer.Option(8000, "--port", help="Port of the HTTP API."),
     state_dir: Optional[Path] = StateOpt, store: Optional[Path] = StoreOpt, max_seq_len: int = CtxOpt,
     timeout: float = TimeoutOpt, algo: str = AlgoOpt, compression: Optional[str] = CompressOpt,
+    memory_budget: Optional[str] = BudgetOpt,
     resume: bool = typer.Option(True, "--resume/--no-resume",
                                 help="When a device fails mid-request, re-plan over the others and finish the "
                                      "request (default), or fail it with HTTP 503 at once."),
@@ -137,7 +145,7 @@ def launch(
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     limits = ApiLimits(api_key=api_key, max_pending=max_pending, max_body=max_body, max_tokens=max_tokens)
     check_exposure(host, limits.api_key)  # before any weights move
-    opts = _options(nodes, on, max_seq_len, timeout, algo, compression)
+    opts = _options(nodes, on, max_seq_len, timeout, algo, compression, memory_budget)
 
     async def main() -> None:
         async with _serving(state_dir, model, store, opts, resume, speculate) as (deployment, engine):
@@ -211,12 +219,13 @@ def generate(
     state_dir: Optional[Path] = StateOpt, store: Optional[Path] = StoreOpt, max_seq_len: int = CtxOpt,
     timeout: float = TimeoutOpt, algo: str = AlgoOpt, compression: Optional[str] = CompressOpt,
     speculate: str = SpecOpt,
+    memory_budget: Optional[str] = BudgetOpt,
 ) -> None:
     """Generate a reply in the terminal, split over the cluster, and report the speed."""
     from edgemesh.llm.sampling import SamplingParams
     from edgemesh.runtime.engine import GenEvent, GenRequest
 
-    opts = _options(nodes, on, max_seq_len, timeout, algo, compression)
+    opts = _options(nodes, on, max_seq_len, timeout, algo, compression, memory_budget)
     params = SamplingParams(temperature=temperature, seed=seed)
 
     async def main() -> None:

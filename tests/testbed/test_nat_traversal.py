@@ -137,7 +137,8 @@ def test_a_swarm_round_runs_over_punched_and_relayed_paths(bed):
         deadline = time.monotonic() + 120
         while True:  # up once its /health answers (from inside pub1)
             res = subprocess.run(["ip", "netns", "exec", bed.names.device_ns("pub1"), sys.executable, "-c",
-                                  f"import urllib.request; urllib.request.urlopen('http://{host}:8123/health', timeout=2)"],
+                                  "import urllib.request as u; u.urlopen(u.Request("
+                                  f"'http://{host}:8123/health', headers={{'Authorization': 'Bearer tb-key'}}), timeout=2)"],
                                  capture_output=True)
             if res.returncode == 0:
                 break
