@@ -33,10 +33,11 @@ _MODULES: dict[str, tuple[str, ...]] = {
     "model": ("model",), "plan": ("model",),
     **{c: ("serve",) for c in ("launch", "generate", "ask")},
     "testbed": ("testbed",),
-    "bench": ("bench", "bench_rpc", "bench_allreduce", "bench_generate", "bench_join"),
+    "vit": ("vit",),
+    "bench": ("bench", "bench_rpc", "bench_allreduce", "bench_generate", "bench_join", "bench_vit"),
 }
-_ALL = ("node", "cluster", "bench", "bench_rpc", "bench_allreduce", "bench_generate", "bench_join", "testbed",
-        "model", "serve")
+_ALL = ("node", "cluster", "bench", "bench_rpc", "bench_allreduce", "bench_generate", "bench_join", "bench_vit",
+        "testbed", "model", "serve", "vit")
 
 
 def _register(command: str | None = None) -> None:

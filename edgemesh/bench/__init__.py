@@ -1,0 +1,1 @@
+"""Benchmark logic (the CLI in edgemesh/cli/bench_*.py only parses and prints)."""
