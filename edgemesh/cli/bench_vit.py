@@ -22,6 +22,7 @@ def bench_vit(
     seed: int = typer.Option(0, "--seed"),
     limit: int = typer.Option(0, "--limit", help="Use only the first N training images (0 = all)."),
     model: str = typer.Option("", "--model", help="Use this trained model (store name or directory) instead of training one."),
+    save_model: Optional[Path] = typer.Option(None, "--save-model", help="Also save the trained full model here (reuse it with --model)."),
     repeats: int = typer.Option(50, "--repeats", help="Timed batch-1 runs per model (median)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results to this JSON file."),
 ) -> None:
@@ -30,7 +31,7 @@ def bench_vit(
     from edgemesh.cli.vit import progress_bar
     from edgemesh.vit.datasets import load_dataset
     from edgemesh.vit.recipes import recipe_for, train_model
-    from edgemesh.vit.store import load_model, resolve
+    from edgemesh.vit.store import load_model, resolve, save_model as save
     from edgemesh.vit.train import evaluate, torch_threads
 
     data = load_dataset(dataset).limited(train=limit)
@@ -42,6 +43,9 @@ def bench_vit(
         with torch_threads(1), progress_bar("full ViT") as bar:
             full = train_model(data, recipe, progress=bar)
     train_s = time.perf_counter() - t0
+    if save_model and not model:
+        save(save_model, full, {"dataset": dataset, "accuracy": evaluate(full, data.test_x, data.test_y),
+                                "epochs": recipe.train.epochs, "seed": seed, "train_samples": len(data.train_y)})
     runs: list[dict[str, Any]] = []
     for n in parts:
         with progress_bar(f"N={n}") as bar:

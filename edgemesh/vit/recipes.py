@@ -42,7 +42,7 @@ class Recipe:
 
 _SMALL = Recipe(patch_size=2, dim=32, depth=2, heads=2, mlp_ratio=2.0,
                 train=TrainConfig(epochs=30, batch_size=64, lr=3e-3),
-                split=SplitConfig(finetune=TrainConfig(epochs=30, batch_size=64, lr=2e-3),
+                split=SplitConfig(finetune=TrainConfig(epochs=25, batch_size=64, lr=4e-3),
                                   fusion=TrainConfig(epochs=30, batch_size=64, lr=3e-3, weight_decay=0.01)))
 _MNIST = Recipe(patch_size=7, dim=64, depth=4, heads=4, mlp_ratio=2.0,
                 train=TrainConfig(epochs=3, batch_size=128, lr=2e-3),

@@ -19,8 +19,8 @@ pytestmark = pytest.mark.unit
 
 # Shorter than the CLI's digits recipe, so the file stays fast on a busy 2-core machine.
 TRAIN = TrainConfig(epochs=20, batch_size=64, lr=4e-3)
-SPLIT = SplitConfig(finetune=TrainConfig(epochs=12, batch_size=64, lr=3e-3),
-                    fusion=TrainConfig(epochs=25, batch_size=64, lr=4e-3, weight_decay=0.01), importance_samples=512)
+SPLIT = SplitConfig(finetune=TrainConfig(epochs=18, batch_size=64, lr=5e-3),
+                    fusion=TrainConfig(epochs=20, batch_size=64, lr=4e-3, weight_decay=0.01), importance_samples=512)
 
 
 @pytest.fixture(scope="module")
