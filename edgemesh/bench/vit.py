@@ -18,7 +18,7 @@ import torch
 from edgemesh.placement.devices import Device
 from edgemesh.placement.vit import PartDemand, VitPlacement, place_parts, part_memory
 from edgemesh.vit.datasets import Dataset
-from edgemesh.vit.model import ViT, count_flops, count_params
+from edgemesh.vit.model import ViT, count_flops, count_ops, count_params
 from edgemesh.vit.split import Split, build_split, evaluate_split, run_part
 from edgemesh.vit.train import Progress, torch_threads
 
@@ -63,7 +63,7 @@ def demands(split: Split) -> list[PartDemand]:
     for p in split.parts:
         c = p.model.config
         widest = max([h * c.head_dim * 3 for h in c.heads] + list(c.mlp) + [c.dim])
-        out.append(PartDemand(p.name, p.flops, part_memory(p.params, c.tokens, c.dim, widest)))
+        out.append(PartDemand(p.name, p.flops, part_memory(p.params, c.tokens, c.dim, widest), count_ops(c)))
     return out
 
 

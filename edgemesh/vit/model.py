@@ -173,3 +173,9 @@ def count_flops(config: ViTConfig) -> int:
         f += 2 * 2 * t * c.dim * m  # fc1, fc2
     f += 2 * c.dim * c.num_classes
     return f
+
+
+def count_ops(config: ViTConfig) -> int:
+    """Tensor operations of one forward pass (each has a fixed cost however small the tensors)."""
+    per_block = sum((7 if h else 0) + (5 if m else 0) for h, m in zip(config.heads, config.mlp))
+    return 6 + per_block + 3

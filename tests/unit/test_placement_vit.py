@@ -76,3 +76,8 @@ def test_no_device_with_memory_is_a_clear_error() -> None:
         place_parts([PartDemand("big", 1, 50 * MiB)], [dev("x", 1.0, 10), dev("y", 1.0, 20)])
     with pytest.raises(PlacementError):
         place_parts([PartDemand("a", 1, 1)], [])
+
+
+def test_the_fixed_cost_per_operation_is_part_of_the_prediction() -> None:
+    p = place_parts([PartDemand("a", 2_000_000, MiB, ops=100)], [dev("x", 1.0, 10)], op_us=5.0)
+    assert p.makespan_ms == pytest.approx(2.0 + 0.5)
