@@ -25,7 +25,7 @@ from torch import nn
 
 from edgemesh.errors import ConfigError
 from edgemesh.vit.datasets import Dataset
-from edgemesh.vit.model import ViT, ViTConfig, count_flops, count_params
+from edgemesh.vit.model import ViT, count_flops, count_params
 from edgemesh.vit.prune import fit_ratio, prune, select, taylor_importance
 from edgemesh.vit.train import Progress, TrainConfig, accuracy, fit, normalize, predict_both
 
@@ -303,7 +303,7 @@ def build_split(full: ViT, data: Dataset, parts: int, cfg: SplitConfig = SplitCo
                 weights: list[float] | None = None, progress: Progress | None = None) -> Split:
     c = full.config
     full.eval()
-    teacher_f, teacher_logits = predict_both(full, data.train_x)
+    _, teacher_logits = predict_both(full, data.train_x)
     order = confusion_order(teacher_logits, data.train_y) if cfg.group_confusable else None
     subsets = partition_classes(c.num_classes, parts, weights, order)
     full_params = count_params(c)
