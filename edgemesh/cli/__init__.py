@@ -34,10 +34,12 @@ _MODULES: dict[str, tuple[str, ...]] = {
     **{c: ("serve",) for c in ("launch", "generate", "ask")},
     "testbed": ("testbed",),
     "swarm": ("swarm",),
-    "bench": ("bench", "bench_rpc", "bench_allreduce", "bench_generate", "bench_join", "bench_swarm", "bench_window"),
+    "vit": ("vit",),
+    "bench": ("bench", "bench_rpc", "bench_allreduce", "bench_generate", "bench_join", "bench_swarm", "bench_window",
+              "bench_vit"),
 }
 _ALL = ("node", "cluster", "bench", "bench_rpc", "bench_allreduce", "bench_generate", "bench_join", "bench_swarm",
-        "bench_window", "testbed", "model", "serve", "swarm")
+        "bench_window", "bench_vit", "testbed", "model", "serve", "swarm", "vit")
 
 
 def _register(command: str | None = None) -> None:
