@@ -31,7 +31,7 @@ _MODULES: dict[str, tuple[str, ...]] = {
     **{c: ("node",) for c in ("init", "join", "start", "stop", "leave", "token", "status", "discover")},
     "cluster": ("cluster",),
     "model": ("model",), "plan": ("model",),
-    **{c: ("serve",) for c in ("launch", "generate", "ask")},
+    **{c: ("serve",) for c in ("launch", "generate", "ask", "classify")},
     "testbed": ("testbed",),
     "swarm": ("swarm",),
     "vit": ("vit",),

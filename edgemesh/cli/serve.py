@@ -139,12 +139,18 @@ def launch(
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens",
                                              help="Largest max_tokens a request may ask for (default: the context)."),
 ) -> None:
-    """Split MODEL over the cluster and serve it with an OpenAI-compatible API until Ctrl-C."""
+    """Split MODEL over the cluster and serve it with an OpenAI-compatible API until Ctrl-C.
+
+    MODEL may also be vit:SPLIT, a ViT split made by `edgemesh vit split`: its sub-models are
+    placed on the members (any path, NATs included) and POST /v1/classify classifies images."""
     from edgemesh.runtime.api import ApiLimits, ApiServer, check_exposure, serve
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     limits = ApiLimits(api_key=api_key, max_pending=max_pending, max_body=max_body, max_tokens=max_tokens)
     check_exposure(host, limits.api_key)  # before any weights move
+    if model.startswith("vit:"):
+        _launch_vit(model[len("vit:"):], nodes, state_dir, host, port, limits)
+        return
     opts = _options(nodes, on, max_seq_len, timeout, algo, compression, memory_budget)
 
     async def main() -> None:
@@ -172,6 +178,95 @@ def launch(
     except (KeyboardInterrupt, asyncio.CancelledError):
         pass
     err.print("stopped; the workers were released")
+
+
+def _launch_vit(split: str, nodes: Optional[int], state_dir: Optional[Path], host: str, port: int, limits) -> None:  # type: ignore[no-untyped-def]
+    from edgemesh.runtime.api import ApiServer, serve
+    from edgemesh.runtime.vit_deploy import VitDeployment
+    from edgemesh.vit.store import resolve
+
+    directory = resolve(split, None, "split")
+    state = resolve_state(state_dir)
+
+    async def main() -> None:
+        _stop_on_signals()
+        with PhaseProgress(err, "loading the split") as progress:
+            deployment = VitDeployment(state, directory, progress=progress, nodes=nodes)
+            await deployment.deploy()
+        t = Table(title=f"{directory.name}: {len(deployment.slots)} sub-models")
+        for col in ("part", "member", "classes"):
+            t.add_column(col)
+        for slot, part in zip(deployment.slots, deployment.split.parts):
+            t.add_row(slot.name, slot.node_name, ", ".join(deployment.labels[c] if c < len(deployment.labels) else str(c)
+                                                          for c in part.classes))
+        err.print(t)
+        ready = asyncio.Event()
+        server = asyncio.ensure_future(serve(ApiServer(None, f"vit:{directory.name}", limits, classifier=deployment),
+                                             host, port, ready))
+        try:
+            await asyncio.wait([server, asyncio.ensure_future(ready.wait())], return_when=asyncio.FIRST_COMPLETED)
+            if server.done():
+                server.result()
+            err.print(f"classifying with [bold]{directory.name}[/] at http://{host}:{port}/v1/classify — Ctrl-C to stop")
+            await server
+        finally:
+            server.cancel()
+
+    try:
+        asyncio.run(main())
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        pass
+    err.print("stopped")
+
+
+@app.command()
+def classify(
+    images: list[Path] = typer.Argument(..., help="PNG or JPEG files."),
+    url: str = typer.Option("http://127.0.0.1:8000/v1", "--url", help="Base URL of a `launch vit:SPLIT` server."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="EDGEMESH_API_KEY"),
+    as_json: bool = typer.Option(False, "--json", help="Print the server's whole answer as JSON."),
+) -> None:
+    """Classify images with a ViT split served by `edgemesh launch vit:SPLIT`."""
+    import json
+    import urllib.error
+    import urllib.request
+    import uuid
+
+    from edgemesh.errors import EdgemeshError
+
+    boundary = uuid.uuid4().hex
+    body = b""
+    for path in images:
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+        body += (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{path.name}\"\r\n"
+                 "Content-Type: application/octet-stream\r\n\r\n").encode() + data + b"\r\n"
+    body += f"--{boundary}--\r\n".encode()
+    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    req = urllib.request.Request(url.rstrip("/") + "/classify", data=body, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            answer = json.load(resp)
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode(errors="replace")
+        try:
+            detail = json.loads(detail)["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            pass
+        raise EdgemeshError(f"the server refused the images ({exc.code}): {detail}") from None
+    except OSError as exc:
+        raise EdgemeshError(f"no classifier answers at {url} ({exc})") from None
+    if as_json:
+        print(json.dumps(answer, indent=1))
+        return
+    for path, row in zip(images, answer["data"]):
+        print(f"{path}\t{row['label']}\t{row['probability']:.3f}")
+    if answer.get("missing_parts"):
+        err.print(f"answered without parts {', '.join(answer['missing_parts'])} (their members did not reply)")
 
 
 @contextlib.asynccontextmanager

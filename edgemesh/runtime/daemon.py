@@ -48,6 +48,9 @@ from edgemesh.wire.tensor import TensorSpec
 log = logging.getLogger(__name__)
 
 
+RELAYED_PREFIXES = ("vit.",)  # member services a local process may reach through `admin.relay`
+
+
 class _Shutdown(Exception):
     """Raised inside the task group to stop every task."""
 
@@ -89,6 +92,11 @@ class NodeDaemon:
 
         self.swarm = SwarmService(state, self.key.node_id, self._alive_peers, self._caller)
         self._handlers.update(self.swarm.handlers())
+        from edgemesh.runtime.vit_service import VitService
+
+        self.vit = VitService(state)
+        self._handlers.update(self.vit.handlers())
+        self._handlers["admin.relay"] = self._rpc_admin_relay
         self.turn_pid: int | None = None
         self.join_service = JoinService(self.cluster, self.key, self.view, self.clock, self._on_admit)
         from edgemesh.runtime.workers import WorkerManager
@@ -514,6 +522,22 @@ class NodeDaemon:
             return reply
 
         return call
+
+    async def _rpc_admin_relay(self, call: Call) -> Any:
+        """This node's own processes (a ViT launch) call a member's service through the path the
+        daemon has to it — LAN, direct, punched or relayed — which they cannot open themselves."""
+        from edgemesh.mesh.rpc import Reply
+
+        body = body_map(call.body)
+        node, method = need(body, "node", str, max_len=64), need(body, "method", str, max_len=64)
+        if not method.startswith(RELAYED_PREFIXES):
+            raise ProtocolError(f"{method} cannot be relayed")
+        client = self.peers.get(node)
+        if client is None:
+            raise RpcError(f"{node} is not a peer of this node", "unknown_peer")
+        reply, tensors = await client.call(method, body.get("body"), tensors=call.tensors,
+                                           timeout=min(max(maybe(body, "timeout", float, 30.0), 0.1), 600.0))
+        return Reply(reply, [(spec, bytes(view)) for spec, view in tensors])
 
     # ---- NAT traversal -------------------------------------------------------
     def _member_key(self, node_id: str) -> bytes | None:
