@@ -92,6 +92,7 @@ class LaunchOptions:
     ready_timeout: float = 300.0  # every worker has its slices and is ready (weights travel meanwhile)
     start_timeout: float = 15.0  # a member's daemon answers `llm.start`
     contact_timeout: float = 30.0  # a started worker reaches our job server (Python start-up on a slow device)
+    memory_budget: int | None = None  # bytes per device (--memory-budget): stream weights through a window if needed
 
 
 @dataclass(frozen=True)

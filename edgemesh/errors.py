@@ -66,9 +66,37 @@ class PortInUseError(EdgemeshError):
     exit_code = 2
 
 
-class DatasetMissing(ConfigError):
-    """A question set that is not installed locally (nothing is downloaded at run time)."""
-
-
 class SwarmError(EdgemeshError):
     """A swarm query that cannot produce an answer (no member answered, bad backend settings)."""
+
+
+class DatasetMissingError(ConfigError):
+    """An offline dataset is not installed on this machine (the message names the package)."""
+
+
+class ImageError(EdgemeshError):
+    """An input image that cannot be classified; ``http_status`` is the 4xx the API answers with."""
+
+    http_status = 400
+
+
+class EmptyImageError(ImageError):
+    """No bytes, or an array with no elements."""
+
+
+class NotAnImageError(ImageError):
+    """Bytes that are not a PNG/JPEG (or other decodable image), or an array of the wrong type."""
+
+    http_status = 415
+
+
+class ImageTooLargeError(ImageError):
+    """Over the byte limit or the pixel limit (protects against decompression bombs)."""
+
+    http_status = 413
+
+
+class ImageSizeError(ImageError):
+    """An image or array whose shape does not match the model's input and cannot be resized."""
+
+    http_status = 422

@@ -31,13 +31,15 @@ _MODULES: dict[str, tuple[str, ...]] = {
     **{c: ("node",) for c in ("init", "join", "start", "stop", "leave", "token", "status", "discover")},
     "cluster": ("cluster",),
     "model": ("model",), "plan": ("model",),
-    **{c: ("serve",) for c in ("launch", "generate", "ask")},
+    **{c: ("serve",) for c in ("launch", "generate", "ask", "classify")},
     "testbed": ("testbed",),
     "swarm": ("swarm",),
-    "bench": ("bench", "bench_rpc", "bench_allreduce", "bench_generate", "bench_join", "bench_swarm"),
+    "vit": ("vit",),
+    "bench": ("bench", "bench_rpc", "bench_allreduce", "bench_generate", "bench_join", "bench_swarm", "bench_window",
+              "bench_vit"),
 }
 _ALL = ("node", "cluster", "bench", "bench_rpc", "bench_allreduce", "bench_generate", "bench_join", "bench_swarm",
-        "testbed", "model", "serve", "swarm")
+        "bench_window", "bench_vit", "testbed", "model", "serve", "swarm", "vit")
 
 
 def _register(command: str | None = None) -> None:

@@ -204,13 +204,20 @@ def plan_cmd(
     json_path: Optional[str] = json_option(),
     state_dir: Path = typer.Option(None, "--state-dir", help="the node whose cluster to plan for (default: this device's node, else the local cluster)"),
     uniform: bool = typer.Option(False, "--uniform", help="plan for --nodes identical devices of --gflops even when a cluster runs"),
+    memory_budget: str = typer.Option("", "--memory-budget", help="memory per device (e.g. 2GiB, 384MiB): stream weights "
+                                      "from disk through a small window when they do not fit"),
+    disk: float = typer.Option(0.0, "--disk-mbyte-s", help="disk read MB/s of --nodes devices (for the no-stall check)"),
 ) -> None:
     """Show who holds which slice, predicted memory per device and predicted ms/token.
 
     With a running cluster the plan uses its members' measured profiles and links, exactly as
     `edgemesh launch` would (--nodes = how many members); otherwise --devices profile files, or
     --nodes identical devices of this machine's memory."""
-    from edgemesh.placement import Device, plan, uniform_devices
+    from dataclasses import replace
+
+    from edgemesh.placement import Device, uniform_devices
+    from edgemesh.placement.budget import plan_with_budget
+    from edgemesh.placement.memory import parse_size
 
     import glob
 
@@ -243,9 +250,11 @@ def plan_cmd(
         import psutil
 
         n = nodes or 1
-        devs = uniform_devices(n, gflops=gflops, mem_bytes=psutil.virtual_memory().total // n,
-                               mem_bw_gbps=10.0)
-    p = plan(entry.config, devs, links, model=entry.name, context_len=context, dtype_bytes=entry.param_bytes)
+        devs = [replace(d, disk_mbyte_s=disk) for d in
+                uniform_devices(n, gflops=gflops, mem_bytes=psutil.virtual_memory().total // n, mem_bw_gbps=10.0)]
+    budget = parse_size(memory_budget) if memory_budget else None
+    p = plan_with_budget(entry.config, devs, links, model=entry.name, context_len=context,
+                         dtype_bytes=entry.param_bytes, budget_bytes=budget)
     p.notes = left_out + p.notes  # members that cannot share a group with this node, then the planner's
     write_json(json_path, p.to_json(), note=Console(stderr=True).print)
     if to_stdout(json_path):
@@ -262,7 +271,34 @@ def plan_cmd(
     con.print(f"predicted ms/token: [bold]{lat.total_ms:.2f}[/] = compute {lat.compute_ms:.2f} "
               f"+ allreduce latency {lat.allreduce_latency_ms:.2f} ({lat.allreduces_per_token} allreduces) "
               f"+ bandwidth {lat.bandwidth_ms:.2f} ({lat.bytes_per_token / 1024:.0f} KiB/token on the hub link)")
+    if budget:
+        _print_window_checks(con, p, names)
     print_notes(con, p.notes)
+
+
+def _print_window_checks(con: Console, p, names: dict[str, str]) -> None:  # type: ignore[no-untyped-def]
+    def ms(x: float | None) -> str:
+        return "?" if x is None else f"{x:.1f}"
+
+    def mib(n: int) -> str:
+        return f"{n / (1 << 20):.0f}"
+
+    how = f"a {p.window}-block weight window" if p.window else "all weights in memory"
+    t = Table(title=f"memory budget {_size(p.memory_budget)} per device: {how}")
+    for col in ("device", "peak / limit MiB", "runtime+weights+KV+act MiB", "t_a / t_f / t_ar ms",
+                "τ_a / τ_f ms (disk MB/s)", "no stall (stall ms/token)"):
+        t.add_column(col, justify="left" if col == "device" else "right")
+    for c in p.window_checks:
+        ok = {True: "[green]yes[/]", False: "[red]no[/]", None: "?"}[c["no_stall"]]
+        disk = f"{c['disk_mbyte_s']:.0f}" if c["disk_mbyte_s"] else "?"
+        t.add_row(names.get(c["id"], c["id"]), f"{mib(c['peak_bytes'])} / {mib(c['limit_bytes'])}",
+                  "+".join(mib(c[k]) for k in ("baseline_bytes", "weights_bytes", "kv_cache_bytes", "activation_bytes")),
+                  f"{ms(c['t_a_ms'])} / {ms(c['t_f_ms'])} / {ms(c['t_ar_ms'])}",
+                  f"{ms(c['tau_a_ms'])} / {ms(c['tau_f_ms'])} ({disk})",
+                  f"{ok} ({ms(c['stall_ms_per_token'])})" if p.window else "-")
+    con.print(t)
+    con.print("no stall: t_a + t_ar ≥ τ_f and t_f + t_ar ≥ τ_a (compute from GFLOP/s and memory bandwidth, "
+              "t_ar from the links, τ from the disk read speed)")
 
 
 def print_notes(con: Console, notes: list[str]) -> None:

@@ -17,6 +17,7 @@ from rich.table import Table
 from edgemesh.cli import app
 from edgemesh.cli.model import default_store_dir, print_notes
 from edgemesh.cli.node import resolve_state
+from edgemesh.cli.output import json_option, to_stdout, write_json
 from edgemesh.cli.progress import PhaseProgress
 from edgemesh.errors import ConfigError
 
@@ -35,11 +36,14 @@ SpecOpt = typer.Option("lookup", "--speculate",
                             "prompt and text so far; switches itself off per request when it does not pay), "
                             "draft:MODEL (a small model with the same tokenizer, on this node), or off. "
                             "Greedy output is the same as plain decoding; sampling keeps its distribution.")
+BudgetOpt = typer.Option(None, "--memory-budget", help="Memory per device, e.g. 2GiB or 384MiB: weights stream from "
+                                                       "disk through a small window when they do not fit.")
 
 
 def _options(nodes: Optional[int], on: Optional[str], max_seq_len: int, timeout: float, algo: str,
-             compression: Optional[str]):  # type: ignore[no-untyped-def]
+             compression: Optional[str], memory_budget: Optional[str] = None):  # type: ignore[no-untyped-def]
     from edgemesh.config import LaunchOptions
+    from edgemesh.placement.memory import parse_size
 
     if algo not in ("auto", "star", "chunked_star", "ring"):
         raise ConfigError(f"--allreduce must be auto, star, chunked_star or ring (got {algo!r})")
@@ -47,7 +51,8 @@ def _options(nodes: Optional[int], on: Optional[str], max_seq_len: int, timeout:
         raise ConfigError(f"--wire-dtype must be float16 or bfloat16 (got {compression!r})")
     names = tuple(n.strip() for n in on.split(",") if n.strip()) if on else ()
     return LaunchOptions(nodes=nodes, names=names, max_seq_len=max_seq_len, timeout=timeout,
-                         algorithm=algo, compression=compression)
+                         algorithm=algo, compression=compression,
+                         memory_budget=parse_size(memory_budget) if memory_budget else None)
 
 
 def _plan_table(deployment) -> Table:  # type: ignore[no-untyped-def]
@@ -82,6 +87,9 @@ async def _deploy(state_dir, model, store, opts):  # type: ignore[no-untyped-def
     status.stop()
     deployment.progress = lambda msg: err.print(msg)
     err.print(_plan_table(deployment))
+    if deployment.plan.window:
+        err.print(f"weights stream from disk through a {deployment.plan.window}-block window per device "
+                  f"(--memory-budget {deployment.plan.memory_budget / (1 << 20):.0f} MiB)")
     print_notes(err, deployment.left_out)
     return deployment
 
@@ -118,6 +126,7 @@ def launch(
     port: int = typer.Option(8000, "--port", help="Port of the HTTP API."),
     state_dir: Optional[Path] = StateOpt, store: Optional[Path] = StoreOpt, max_seq_len: int = CtxOpt,
     timeout: float = TimeoutOpt, algo: str = AlgoOpt, compression: Optional[str] = CompressOpt,
+    memory_budget: Optional[str] = BudgetOpt,
     resume: bool = typer.Option(True, "--resume/--no-resume",
                                 help="When a device fails mid-request, re-plan over the others and finish the "
                                      "request (default), or fail it with HTTP 503 at once."),
@@ -131,18 +140,31 @@ def launch(
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens",
                                              help="Largest max_tokens a request may ask for (default: the context)."),
 ) -> None:
-    """Split MODEL over the cluster and serve it with an OpenAI-compatible API until Ctrl-C."""
+    """Split MODEL over the cluster and serve it with an OpenAI-compatible API until Ctrl-C.
+
+    MODEL may also be vit:SPLIT, a ViT split made by `edgemesh vit split`: its sub-models are
+    placed on the members (any path, NATs included) and POST /v1/classify classifies images."""
     from edgemesh.runtime.api import ApiLimits, ApiServer, check_exposure, serve
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     limits = ApiLimits(api_key=api_key, max_pending=max_pending, max_body=max_body, max_tokens=max_tokens)
     check_exposure(host, limits.api_key)  # before any weights move
-    opts = _options(nodes, on, max_seq_len, timeout, algo, compression)
+    if model.startswith("vit:"):
+        _launch_vit(model[len("vit:"):], nodes, state_dir, host, port, limits)
+        return
+    opts = _options(nodes, on, max_seq_len, timeout, algo, compression, memory_budget)
 
     async def main() -> None:
         async with _serving(state_dir, model, store, opts, resume, speculate) as (deployment, engine):
             ready = asyncio.Event()
-            server = asyncio.ensure_future(serve(ApiServer(engine, deployment.entry.name, limits), host, port, ready))
+            async def swarm(question: str) -> dict:  # type: ignore[type-arg]
+                from edgemesh.runtime.control import control_call
+
+                return await control_call(deployment.state, "admin.swarm_ask", {"question": question, "timeout": 120.0},
+                                          timeout=400.0)
+
+            api = ApiServer(engine, deployment.entry.name, limits, swarm=swarm)
+            server = asyncio.ensure_future(serve(api, host, port, ready))
             try:
                 await asyncio.wait([server, asyncio.ensure_future(ready.wait())], return_when=asyncio.FIRST_COMPLETED)
                 if server.done():
@@ -157,6 +179,95 @@ def launch(
     except (KeyboardInterrupt, asyncio.CancelledError):
         pass
     err.print("stopped; the workers were released")
+
+
+def _launch_vit(split: str, nodes: Optional[int], state_dir: Optional[Path], host: str, port: int, limits) -> None:  # type: ignore[no-untyped-def]
+    from edgemesh.runtime.api import ApiServer, serve
+    from edgemesh.runtime.vit_deploy import VitDeployment
+    from edgemesh.vit.store import resolve
+
+    directory = resolve(split, None, "split")
+    state = resolve_state(state_dir)
+
+    async def main() -> None:
+        _stop_on_signals()
+        with PhaseProgress(err, "loading the split") as progress:
+            deployment = VitDeployment(state, directory, progress=progress, nodes=nodes)
+            await deployment.deploy()
+        t = Table(title=f"{directory.name}: {len(deployment.slots)} sub-models")
+        for col in ("part", "member", "classes"):
+            t.add_column(col)
+        for slot, part in zip(deployment.slots, deployment.split.parts):
+            t.add_row(slot.name, slot.node_name, ", ".join(deployment.labels[c] if c < len(deployment.labels) else str(c)
+                                                          for c in part.classes))
+        err.print(t)
+        ready = asyncio.Event()
+        server = asyncio.ensure_future(serve(ApiServer(None, f"vit:{directory.name}", limits, classifier=deployment),
+                                             host, port, ready))
+        try:
+            await asyncio.wait([server, asyncio.ensure_future(ready.wait())], return_when=asyncio.FIRST_COMPLETED)
+            if server.done():
+                server.result()
+            err.print(f"classifying with [bold]{directory.name}[/] at http://{host}:{port}/v1/classify — Ctrl-C to stop")
+            await server
+        finally:
+            server.cancel()
+
+    try:
+        asyncio.run(main())
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        pass
+    err.print("stopped")
+
+
+@app.command()
+def classify(
+    images: list[Path] = typer.Argument(..., help="PNG or JPEG files."),
+    url: str = typer.Option("http://127.0.0.1:8000/v1", "--url", help="Base URL of a `launch vit:SPLIT` server."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="EDGEMESH_API_KEY"),
+    json_path: Optional[str] = json_option("the server's whole answer"),
+) -> None:
+    """Classify images with a ViT split served by `edgemesh launch vit:SPLIT`."""
+    import json
+    import urllib.error
+    import urllib.request
+    import uuid
+
+    from edgemesh.errors import EdgemeshError
+
+    boundary = uuid.uuid4().hex
+    body = b""
+    for path in images:
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+        body += (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{path.name}\"\r\n"
+                 "Content-Type: application/octet-stream\r\n\r\n").encode() + data + b"\r\n"
+    body += f"--{boundary}--\r\n".encode()
+    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    req = urllib.request.Request(url.rstrip("/") + "/classify", data=body, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            answer = json.load(resp)
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode(errors="replace")
+        try:
+            detail = json.loads(detail)["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            pass
+        raise EdgemeshError(f"the server refused the images ({exc.code}): {detail}") from None
+    except OSError as exc:
+        raise EdgemeshError(f"no classifier answers at {url} ({exc})") from None
+    write_json(json_path, answer, note=err.print)
+    if to_stdout(json_path):
+        return
+    for path, row in zip(images, answer["data"]):
+        print(f"{path}\t{row['label']}\t{row['probability']:.3f}")
+    if answer.get("missing_parts"):
+        err.print(f"answered without parts {', '.join(answer['missing_parts'])} (their members did not reply)")
 
 
 @contextlib.asynccontextmanager
@@ -204,12 +315,13 @@ def generate(
     state_dir: Optional[Path] = StateOpt, store: Optional[Path] = StoreOpt, max_seq_len: int = CtxOpt,
     timeout: float = TimeoutOpt, algo: str = AlgoOpt, compression: Optional[str] = CompressOpt,
     speculate: str = SpecOpt,
+    memory_budget: Optional[str] = BudgetOpt,
 ) -> None:
     """Generate a reply in the terminal, split over the cluster, and report the speed."""
     from edgemesh.llm.sampling import SamplingParams
     from edgemesh.runtime.engine import GenEvent, GenRequest
 
-    opts = _options(nodes, on, max_seq_len, timeout, algo, compression)
+    opts = _options(nodes, on, max_seq_len, timeout, algo, compression, memory_budget)
     params = SamplingParams(temperature=temperature, seed=seed)
 
     async def main() -> None:

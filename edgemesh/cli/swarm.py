@@ -28,12 +28,15 @@ def config(
     model: str = typer.Option(..., "--model", help="The model name at that API."),
     api_key_env: Optional[str] = typer.Option(None, "--api-key-env",
                                               help="Name of an environment variable of the daemon holding the key."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="EDGEMESH_SWARM_API_KEY",
+                                          help="The backend's API key, kept in this node's settings file (mode 0600)."),
     state_dir: Optional[Path] = StateOpt,
 ) -> None:
     """Make this node a swarm member: it answers and judges with this backend (no restart needed)."""
     from edgemesh.runtime.swarm_openai import OpenAIBackendConfig
 
-    conf = {"base_url": base_url.rstrip("/"), "model": model, **({"api_key_env": api_key_env} if api_key_env else {})}
+    conf = {"base_url": base_url.rstrip("/"), "model": model, **({"api_key_env": api_key_env} if api_key_env else {}),
+            **({"api_key": api_key} if api_key else {})}
     OpenAIBackendConfig.from_mapping(conf, "--base-url/--model")  # a typo fails here, not in a round
     state = resolve_state(state_dir)
     settings = state.load_settings()

@@ -175,9 +175,9 @@ def check(
     run_root: Optional[Path] = RunRootOpt,
     nodes: Optional[Path] = NodesOpt,
 ) -> None:
-    """Measure every shaped link (RTT, throughput, loss) and compare with the scenario."""
+    """Measure every shaped link (RTT, throughput, loss) and disk read cap, and compare with the scenario."""
     from edgemesh.testbed.build import layout
-    from edgemesh.testbed.check import report_json, run_check, targets
+    from edgemesh.testbed.check import report_json, run_check, run_disk_checks, targets
     from edgemesh.testbed.lifecycle import require_up
 
     caps = _host()
@@ -197,7 +197,10 @@ def check(
             progress.update(task, description=f"measuring {link}")
 
         ok, results = run_check(lay, state, caps.python, on_link)
-    write_json(json_path, report_json(ok, results), indent=2, note=err.print)
+        progress.update(task, description="measuring disk read caps")
+        disks = run_disk_checks(lay, caps.python, caps)
+        ok = ok and all(d.ok for d in disks)
+    write_json(json_path, report_json(ok, results, disks), indent=2, note=err.print)
     if not to_stdout(json_path):
         table = Table("link", "RTT want", "RTT got", "Mbit/s want", "Mbit/s got", "loss want", "loss got", "ok")
         for r in results:
@@ -210,7 +213,13 @@ def check(
                 + (f" ({r.attempts} measurements)" if r.attempts > 1 else ""),
             )
         out.print(table)
-        out.print("[green]all links within tolerance[/]" if ok else "[red]some links are out of tolerance[/]")
+        if disks:
+            dt = Table("device", "disk read cap MB/s", "measured MB/s", "ok")
+            for d in disks:
+                dt.add_row(d.device, f"{d.want_mbyte_s:g}", "-" if d.got_mbyte_s is None else f"{d.got_mbyte_s:.1f}",
+                           "[green]ok[/]" if d.ok else f"[red]{d.problem}[/]")
+            out.print(dt)
+        out.print("[green]all links and disk caps within tolerance[/]" if ok else "[red]some links or disk caps are out of tolerance[/]")
     if not ok:
         raise typer.Exit(1)
 

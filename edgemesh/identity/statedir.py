@@ -181,7 +181,8 @@ class StateDir:
     SETTINGS = "settings.json"
 
     def save_settings(self, settings: dict[str, Any]) -> None:
-        self._write_json(self.SETTINGS, settings)
+        # 0600: it may hold a swarm backend's API key (`edgemesh swarm config --api-key`).
+        self._write_json(self.SETTINGS, settings, secret=True)
 
     def load_settings(self) -> dict[str, Any]:
         return self._read_json(self.SETTINGS) or {}

@@ -91,6 +91,12 @@ class Plan:
     layers: list[list[ShardSpec]]  # layers[i][rank]
     latency: Latency
     notes: list[str] = field(default_factory=list)
+    # Sliding weight window (ALGORITHMS §3; placement/budget.py): blocks resident per device,
+    # 0 = all weights in memory; the budget it was planned for (0 = none) and, per device,
+    # the predicted peak and the no-stall check.
+    window: int = 0
+    memory_budget: int = 0
+    window_checks: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def world_size(self) -> int:
@@ -106,6 +112,7 @@ class Plan:
             "dtype_bytes": self.dtype_bytes, "devices": [asdict(d) for d in self.devices],
             "layers": [[s.to_json() for s in layer] for layer in self.layers],
             "latency": asdict(self.latency), "notes": list(self.notes),
+            "window": self.window, "memory_budget": self.memory_budget, "window_checks": list(self.window_checks),
         }
 
     @classmethod
@@ -115,6 +122,7 @@ class Plan:
             [DevicePlan(**x) for x in d["devices"]],
             [[ShardSpec.from_json(s) for s in layer] for layer in d["layers"]],
             Latency(**d["latency"]), list(d.get("notes", [])),
+            int(d.get("window", 0)), int(d.get("memory_budget", 0)), list(d.get("window_checks", [])),
         )
 
 

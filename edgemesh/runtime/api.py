@@ -23,11 +23,11 @@ import math
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Awaitable, Callable, Iterator
 
 from aiohttp import web
 
-from edgemesh.errors import ConfigError
+from edgemesh.errors import ConfigError, EdgemeshError
 from edgemesh.llm.sampling import SamplingParams
 from edgemesh.runtime.engine import ClusterUnavailable, Engine, GenEvent, GenRequest
 
@@ -121,10 +121,20 @@ def _content_text(content: Any, i: int) -> str:
     raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts", f"messages[{i}].content")
 
 
+SWARM_MODEL = "swarm"
+
+
 class ApiServer:
-    def __init__(self, engine: Engine, model_name: str, limits: ApiLimits | None = None) -> None:
+    def __init__(self, engine: Engine | None, model_name: str, limits: ApiLimits | None = None,
+                 swarm: Callable[[str], Awaitable[dict[str, Any]]] | None = None, classifier: Any = None) -> None:
+        """``engine``: the LLM served (None for a ViT-only server); ``classifier``: a ViT split
+        deployment (``runtime.vit_deploy.VitDeployment``) answering ``POST /v1/classify``."""
         self.engine = engine
+        self.classifier = classifier
         self.model_name = model_name
+        # `model: "swarm"`: the question goes to the cluster's swarm (every member answers, the
+        # members rank the answers) through this node's daemon; None = not offered.
+        self.swarm = swarm
         self.limits = limits or ApiLimits()
         self._key = self.limits.api_key.encode() if self.limits.api_key is not None else None
         self.created = int(time.time())
@@ -138,6 +148,7 @@ class ApiServer:
             web.post("/v1/chat/completions", self.chat),
             web.post("/v1/completions", self.completions),
             web.get("/health", self.health),
+            web.post("/v1/classify", self.classify),
         ])
 
     @web.middleware
@@ -179,16 +190,20 @@ class ApiServer:
 
     # ---- routes -------------------------------------------------------------------
     async def health(self, request: web.Request) -> web.Response:
-        return web.json_response({"ok": True, "model": self.model_name, "queued": self.engine.queued,
+        return web.json_response({"ok": True, "model": self.model_name,
+                                  "queued": self.engine.queued if self.engine is not None else 0,
                                   "pending": self.pending, "refused_busy": self.refused_busy})
 
     def _model_obj(self) -> dict[str, Any]:
         return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "edgemesh"}
 
     async def models(self, request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [self._model_obj()]})
+        extra = [{**self._model_obj(), "id": SWARM_MODEL}] if self.swarm is not None else []
+        return web.json_response({"object": "list", "data": [self._model_obj(), *extra]})
 
     async def model(self, request: web.Request) -> web.Response:
+        if request.match_info["model"] == SWARM_MODEL and self.swarm is not None:
+            return web.json_response({**self._model_obj(), "id": SWARM_MODEL})
         if request.match_info["model"] != self.model_name:
             raise ApiError(404, f"the model '{request.match_info['model']}' does not exist", "model", "model_not_found")
         return web.json_response(self._model_obj())
@@ -203,7 +218,7 @@ class ApiServer:
         model = body.get("model")
         if not isinstance(model, str):
             raise ApiError(400, "'model' is required", "model")
-        if model != self.model_name:
+        if model != self.model_name and not (model == SWARM_MODEL and self.swarm is not None):
             raise ApiError(404, f"the model '{model}' does not exist; this server has '{self.model_name}'",
                            "model", "model_not_found")
         if body.get("n", 1) != 1:
@@ -240,10 +255,109 @@ class ApiServer:
             raise ApiError(400, str(exc)) from None
         return GenRequest(prompt_ids, max_tokens, params, _stops(body))
 
+    def _need_engine(self) -> None:
+        if self.engine is None:
+            raise ApiError(404, f"this server serves the image classifier '{self.model_name}': POST /v1/classify",
+                           "model", "model_not_found")
+
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await self._body(request)
         with self._admitted():
+            if body["model"] == SWARM_MODEL:
+                return await self._swarm_chat(request, body)
+            self._need_engine()
             return await self._chat(request, body)
+
+    async def classify(self, request: web.Request) -> web.Response:
+        """Images in, classes out: multipart files (PNG/JPEG), or JSON {"images": [base64, ...]}
+        or {"arrays": [[...]]} (pixels in the model's layout). Bad images get a 4xx naming why."""
+        if self.classifier is None:
+            raise ApiError(404, f"this server serves the language model '{self.model_name}', not an image classifier",
+                           code="model_not_found")
+        from edgemesh.errors import ImageError
+        from edgemesh.vit.images import decode_array, decode_batch
+
+        config = self.classifier.config
+        with self._admitted():
+            try:
+                if request.content_type.startswith("multipart/"):
+                    items = []
+                    reader = await request.multipart()
+                    async for part in reader:
+                        items.append(bytes(await part.read()))
+                    batch = await asyncio.to_thread(decode_batch, items, config)
+                else:
+                    body = await request.json(loads=json.loads) if request.can_read_body else None
+                    if isinstance(body, dict) and isinstance(body.get("images"), list):
+                        import base64
+                        import binascii
+
+                        try:
+                            items = [base64.b64decode(x, validate=True) for x in body["images"] if isinstance(x, str)]
+                        except (binascii.Error, ValueError):
+                            raise ApiError(400, "'images' must be base64 strings", "images") from None
+                        if len(items) != len(body["images"]):
+                            raise ApiError(400, "'images' must be base64 strings", "images")
+                        batch = await asyncio.to_thread(decode_batch, items, config)
+                    elif isinstance(body, dict) and "arrays" in body:
+                        batch = await asyncio.to_thread(decode_array, body["arrays"], config)
+                    else:
+                        raise ApiError(400, "send images as multipart files, or JSON with 'images' (base64) or 'arrays'")
+            except ImageError as exc:
+                raise ApiError(exc.http_status, str(exc), code="invalid_image") from None
+            except json.JSONDecodeError:
+                raise ApiError(400, "the request body is not valid JSON") from None
+            try:
+                result = await self.classifier.classify(batch)
+            except EdgemeshError as exc:
+                raise ApiError(503, f"the classifier could not answer: {exc}", kind="server_error",
+                               code="cluster_unavailable") from None
+        labels = self.classifier.labels
+        data = []
+        for i, row in enumerate(result.probs):
+            top = row.topk(min(5, row.numel()))
+            data.append({"index": i, "class": int(top.indices[0]), "label": _label(labels, int(top.indices[0])),
+                         "probability": float(top.values[0]),
+                         "top": [{"class": int(c), "label": _label(labels, int(c)), "probability": float(p)}
+                                 for p, c in zip(top.values, top.indices)]})
+        return web.json_response({"object": "classification", "model": self.model_name, "data": data,
+                                  "missing_parts": result.missing,
+                                  "timings": {"ms": result.seconds * 1000, "parts_ms": result.parts_ms}})
+
+    async def _swarm_chat(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        """The last user message goes to the swarm; the winning answer comes back as the
+        assistant's message, with the round (scores, judgments, who was left out) under "swarm"."""
+        assert self.swarm is not None
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise ApiError(400, "'messages' must be a non-empty list", "messages")
+        users = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
+        if not users:
+            raise ApiError(400, "the swarm answers the last user message; there is none", "messages")
+        question = _content_text(users[-1].get("content", ""), messages.index(users[-1]))
+        try:
+            result = await self.swarm(question)
+        except EdgemeshError as exc:
+            raise ApiError(503, f"the swarm could not answer: {exc}", kind="server_error",
+                           code="swarm_unavailable") from None
+        text = result.get("answer") or ""
+        rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+        if not body.get("stream"):
+            return web.json_response({
+                "id": rid, "object": "chat.completion", "created": created, "model": SWARM_MODEL,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                             "finish_reason": "stop"}], "usage": usage, "swarm": result})
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": SWARM_MODEL}
+        for delta, finish in (({"role": "assistant", "content": text}, None), ({}, "stop")):
+            chunk = {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+            await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+        await resp.write(b"data: " + json.dumps({**base, "choices": [], "swarm": result}).encode() + b"\n\n")
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
 
     async def _chat(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
         messages = body.get("messages")
@@ -261,6 +375,7 @@ class ApiServer:
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body = await self._body(request)
+        self._need_engine()
         with self._admitted():
             return await self._completions(request, body)
 
@@ -426,3 +541,7 @@ def _usage(ev: GenEvent) -> dict[str, Any]:
     if ev.speculative is not None:
         usage["speculative"] = dict(ev.speculative)
     return usage
+
+
+def _label(labels: tuple[str, ...], c: int) -> str:
+    return labels[c] if c < len(labels) else str(c)

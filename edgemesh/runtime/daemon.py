@@ -4,7 +4,7 @@ Sockets: the mesh ROUTER on ``port`` (member keys only) and the join ROUTER on `
 (any key, join methods only). What runs is the services' (``runtime.services``): membership
 (heartbeats that also measure RTT, gossip, link probes, LAN announcement, the join port), NAT
 traversal (ICE channels to members we cannot reach directly; see ``edgemesh.nat``), jobs (worker
-processes), the device profile, swarm rounds and, when configured, coturn beside this node. This module only
+processes), the device profile, swarm rounds, ViT parts and, when configured, coturn beside this node. This module only
 builds them, puts their handlers on the mesh port and every peer's ICE channel, runs their
 tasks and closes them. The CLI talks to its own daemon over the mesh port with the node's own
 key; methods under ``admin.`` answer only that key.
@@ -34,6 +34,7 @@ from edgemesh.runtime.services.node import Node
 from edgemesh.runtime.services.profile import ProfileService
 from edgemesh.runtime.services.supervision import CoturnService
 from edgemesh.runtime.services.swarm import SwarmService
+from edgemesh.runtime.services.vit import VitService
 from edgemesh.transport.addresses import detect_host, is_wildcard
 from edgemesh.transport.endpoint import tcp_endpoint
 from edgemesh.transport.zmq_link import ZmqTransport
@@ -72,8 +73,10 @@ class NodeDaemon:
         self.profile = ProfileService(node, self.membership)
         self.coturn = CoturnService(node)
         self.swarm = SwarmService(node.state, node.node_id, self.membership.alive_peers, self.membership.caller)
-        # vit, …: a new capability is one more service here (docs/architecture.md).
-        self.services: list[Service] = [self.membership, self.nat, self.jobs, self.profile, self.coturn, self.swarm]
+        self.vit = VitService(node.state)
+        # A new capability is one more service here (docs/architecture.md).
+        self.services: list[Service] = [self.membership, self.nat, self.jobs, self.profile, self.coturn, self.swarm,
+                                        self.vit]
         for service in self.services:
             self._register(service.name, service.handlers())
         self._register("daemon", {"status": self._rpc_status, "admin.stop": self._rpc_admin_stop})

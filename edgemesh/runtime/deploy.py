@@ -29,9 +29,10 @@ from edgemesh.llm.build import rank_files
 from edgemesh.llm.model import Participant
 from edgemesh.mesh.rpc import rpc_session
 from edgemesh.placement.devices import Device, Link
+from edgemesh.placement.budget import plan_with_budget
 from edgemesh.placement.members import (DIRECT_PATHS, PathMap, devices_and_links, host_of, paths_of, paths_pending,
                                         select_members)
-from edgemesh.placement.plan import Plan, plan
+from edgemesh.placement.plan import Plan
 from edgemesh.runtime.control import control_call
 from edgemesh.runtime.cpu import ComputeThread, cpu_slots, threads_per_rank
 from edgemesh.runtime.processes import running_daemon
@@ -165,8 +166,9 @@ class Deployment:
         self.compute.assign(0, None)
         self.members = await self._members_with_profiles()
         devices, links = devices_and_links(self.members)
-        self.plan = plan(self.entry.config, devices, links, model=self.entry.name,
-                         context_len=self.options.max_seq_len, dtype_bytes=self.entry.param_bytes)
+        self.plan = plan_with_budget(self.entry.config, devices, links, model=self.entry.name,
+                                     context_len=self.options.max_seq_len, dtype_bytes=self.entry.param_bytes,
+                                     budget_bytes=self.options.memory_budget)
         world = self.plan.world_size
         self.progress(f"plan: {world} device(s), predicted {self.plan.latency.total_ms:.1f} ms/token")
         threads = threads_per_rank(self.members)
@@ -203,7 +205,7 @@ class Deployment:
                     server=self._server.endpoint_for(ours[r]), server_key=self.key.sign_public, keys=tuple(keys),
                     max_seq_len=self.options.max_seq_len, timeout=self.options.timeout,
                     algorithm=self.options.algorithm, compression=self.options.compression, threads=threads[r],
-                    cpu_slot=slots[r])
+                    cpu_slot=slots[r], window=self.plan.window)
                 self.progress(f"starting a worker on {self.members[r]['name']} ({self.members[r]['addresses'][0]})")
                 try:
                     await self._call_member(self.members[r], "llm.start", spec.to_wire(), timeout=self.options.start_timeout)
@@ -301,9 +303,13 @@ class Deployment:
     def _master_model(self, the_plan: Plan, collective: Any, refs: dict | None = None) -> Participant:
         specs = the_plan.specs_for(0)
         refs = refs or rank_files(self.entry, specs, 0)
-        blocks = {b: self.entry.load_slice(ref) for b, ref in refs.items()}
-        return Participant(self.entry.config, specs, InMemoryProvider(blocks), collective,
-                           max_seq_len=self.options.max_seq_len)
+        if the_plan.window:  # weights stream from the store through a window (--memory-budget)
+            from edgemesh.weights.window import windowed_from_store
+
+            provider: Any = windowed_from_store(self.entry, refs, 0, the_plan.window)
+        else:
+            provider = InMemoryProvider({b: self.entry.load_slice(ref) for b, ref in refs.items()})
+        return Participant(self.entry.config, specs, provider, collective, max_seq_len=self.options.max_seq_len)
 
     async def _wait_ready(self, jstate: Any, total: int, ours: list[str]) -> None:
         """Until every worker has its slices and reported ready. Fails, naming the member, when a
@@ -369,6 +375,8 @@ class Deployment:
         if model is not None:
             with contextlib.suppress(Exception):
                 model.collective.close()
+            if hasattr(model.provider, "close"):  # a weight window's loader thread
+                model.provider.close()
         if self.job is not None:
             for m in self.members[1:]:
                 with contextlib.suppress(EdgemeshError):

@@ -45,6 +45,7 @@ class JobSpec:
     compression: str | None = None
     threads: int = 0  # torch threads for this rank; 0 = torch's default (all cores)
     cpu_slot: tuple[int, int] | None = None  # (i, n): pin to the i-th of n equal parts of the cores
+    window: int = 0  # weight blocks resident at once, streamed from disk (weights/window.py); 0 = all in memory
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -55,6 +56,7 @@ class JobSpec:
             "max_seq_len": self.max_seq_len, "timeout": self.timeout,
             "algorithm": self.algorithm, "compression": self.compression, "threads": self.threads,
             "cpu_slot": None if self.cpu_slot is None else list(self.cpu_slot),
+            "window": self.window,
         }
 
     @classmethod
@@ -101,6 +103,9 @@ class JobSpec:
         if slot is not None and not (isinstance(slot, list) and len(slot) == 2 and all(type(x) is int for x in slot)
                                      and 0 <= slot[0] < slot[1] <= 1024):
             raise ProtocolError("cpu_slot must be [i, n] with 0 <= i < n")
+        window = maybe(b, "window", int, 0)
+        if window != 0 and not 2 <= window <= 64:
+            raise ProtocolError("window must be 0 (all in memory) or 2..64 blocks")
         return cls(job, rank, world, need(b, "model", str, max_len=128), need(b, "config", dict), specs,
                    tuple(files), server, server_key, tuple(keys), max_seq_len, timeout, algorithm, compression,
-                   threads, None if slot is None else (slot[0], slot[1]))
+                   threads, None if slot is None else (slot[0], slot[1]), window)

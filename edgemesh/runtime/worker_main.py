@@ -119,11 +119,17 @@ def run_job(state: StateDir, spec: JobSpec, host: str, advertise: str | None = N
     if spec.threads:
         torch.set_num_threads(spec.threads)
     pin_to_slot(spec.cpu_slot)
+    provider = None
     try:
         config = ModelConfig.from_json(spec.config)
         specs = [ShardSpec.from_json(s) for s in spec.specs]
         paths = asyncio.run(fetch(key, spec, BlobCache(state.path / "blobs")))
-        provider = InMemoryProvider.from_files(paths)
+        if spec.window:  # stream the slices from disk through a window (--memory-budget)
+            from edgemesh.weights.window import WindowedProvider, execution_order
+
+            provider = WindowedProvider(paths, execution_order(config, spec.rank), spec.window, name=f"rank{spec.rank}")
+        else:
+            provider = InMemoryProvider.from_files(paths)
         # The largest message is the prefill's hidden state (fp32): a record header may announce no more.
         links = SecureLinks.bind(tcp_endpoint(host, 0), CurveKeys(key.curve_public, key.curve_secret),
                                  [curve_public_for(k) for k in spec.keys],
@@ -133,6 +139,7 @@ def run_job(state: StateDir, spec: JobSpec, host: str, advertise: str | None = N
             if is_wildcard(host) else links.endpoint
     except Exception as exc:  # noqa: BLE001 — tell the launcher why, then give up
         log.error("could not prepare: %s", exc)
+        _close(provider)
         asyncio.run(report_failure(key, spec, str(exc)))
         return 2
     try:
@@ -143,12 +150,13 @@ def run_job(state: StateDir, spec: JobSpec, host: str, advertise: str | None = N
             CollectiveOptions(timeout=spec.timeout, algorithm=spec.algorithm, compression=spec.compression))
     except EdgemeshError as exc:
         links.close(abandon=True)
+        _close(provider)
         log.error("could not join the group: %s", exc)
         asyncio.run(report_failure(key, spec, f"could not join the group: {str(exc).removeprefix(f'rank {spec.rank}: ')}"))
         return 2
     model = Participant(config, specs, provider, group, max_seq_len=spec.max_seq_len)
-    log.info("rank %d/%d of job %s ready (%.1f MB of weights)", spec.rank, spec.world, spec.job,
-             provider.nbytes() / 1e6)
+    log.info("rank %d/%d of job %s ready (%.1f MB of weights%s)", spec.rank, spec.world, spec.job,
+             provider.nbytes() / 1e6, f" resident, streamed through a {spec.window}-block window" if spec.window else "")
     try:
         with torch.inference_mode():
             follow_master(model)
@@ -159,6 +167,14 @@ def run_job(state: StateDir, spec: JobSpec, host: str, advertise: str | None = N
         return 1
     finally:
         group.close()
+        _close(provider)
+
+
+def _close(provider: object) -> None:
+    """Stop a windowed provider's loader thread (the in-memory one has nothing to stop)."""
+    close = getattr(provider, "close", None)
+    if close is not None:
+        close()
 
 
 def main(argv: list[str] | None = None) -> None:

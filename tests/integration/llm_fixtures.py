@@ -76,13 +76,14 @@ def free_port() -> int:
 class ServerThread:
     """The API server in a background event loop; stop() tears everything down."""
 
-    def __init__(self, engine: Engine, name: str, limits: ApiLimits | None = None) -> None:
+    def __init__(self, engine: Engine | None, name: str, limits: ApiLimits | None = None, swarm=None,  # type: ignore[no-untyped-def]
+                 classifier=None) -> None:
         self.port = free_port()
         self.engine = engine
         self.loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._task: asyncio.Task | None = None
-        self.api = ApiServer(engine, name, limits)
+        self.api = ApiServer(engine, name, limits, swarm=swarm, classifier=classifier)
         self.thread = threading.Thread(target=self._run, args=(self.api,), daemon=True)
         self.thread.start()
         if not self._ready.wait(10):
@@ -111,7 +112,8 @@ class ServerThread:
         if self._task is not None:
             self.loop.call_soon_threadsafe(self._task.cancel)
         self.thread.join(10)
-        self.engine.close()
+        if self.engine is not None:
+            self.engine.close()
 
 
 def local_server(root: Path, limits: ApiLimits | None = None,

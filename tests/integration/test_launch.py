@@ -270,3 +270,39 @@ def test_plan_uses_the_running_clusters_members_and_links(cluster3, store):
     assert len(json.loads(r.stdout)["devices"]) == 3
     r = CliRunner().invoke(app, [*args, "--nodes", "2", "--uniform"])
     assert [dev["id"] for dev in json.loads(r.stdout)["devices"]] != ids  # synthetic devices
+
+
+def test_memory_budget_streams_weights_and_gives_the_same_tokens(cluster3, store):
+    from edgemesh.placement.memory import RUNTIME_BASELINE_BYTES
+
+    d, sds, nodes = cluster3
+    entry = ModelStore(store).get("mid")
+    prompt = [5, 17, 42, 99, 7, 3]
+    (ref_logits, ref), _ = _run_deployed(sds[0], entry, LaunchOptions(nodes=2, max_seq_len=128), prompt, 16)
+    # ~3.4 MB of weights: a budget 2.2 MiB above the runtime baseline holds a 2-block window, not everything
+    budget = RUNTIME_BASELINE_BYTES + int(2.2 * (1 << 20))
+    holder: dict = {}
+
+    async def main():
+        dep = Deployment(sds[0], entry, LaunchOptions(nodes=2, max_seq_len=128, memory_budget=budget))
+        await dep.open()
+        try:
+            model = await dep.deploy()
+            holder["window"], holder["provider"] = dep.plan.window, model.provider
+
+            def work():
+                return model.forward(torch.tensor([prompt]), 0), list(generate(model, prompt, 16))
+
+            return await asyncio.to_thread(work)
+        finally:
+            await dep.close()
+
+    logits, toks = asyncio.run(main())
+    assert holder["window"] >= 2
+    assert type(holder["provider"]).__name__ == "WindowedProvider"
+    assert not holder["provider"]._thread.is_alive()  # closed with the deployment
+    assert toks == ref
+    assert (logits - ref_logits).abs().max().item() <= 1e-6
+    assert wait_for(lambda: not any(_worker_pids(sd.path) for sd in sds), 10)
+    logs = [p.read_text() for sd in sds for p in (sd.path / "jobs").glob("*.log")]
+    assert any("block window" in text for text in logs)  # the worker streamed too

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import openai
 import pytest
 
 from edgemesh.collective.base import LocalCollective
@@ -22,14 +23,19 @@ from .llm_fixtures import ServerThread, tiny_tokenizer, tokenizer_files
 pytestmark = pytest.mark.integration
 
 
-def _backend(root):  # type: ignore[no-untyped-def]
-    """edgemesh's own API with a small random model whose context holds a judging prompt."""
+def _engine(root) -> Engine:  # type: ignore[no-untyped-def]
+    """A small random model whose context holds a judging prompt."""
     tok = tiny_tokenizer()
     cfg = ModelConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
                       num_hidden_layers=2, vocab_size=tok.vocab_size, max_position_embeddings=2048)
     entry = synth_model(ModelStore(root), cfg, seed=1, name="tiny", aux_files=tokenizer_files(tok))
     model = load_from_store(entry, [ShardSpec.full(cfg)] * cfg.num_hidden_layers, LocalCollective(), max_seq_len=2048)
-    return ServerThread(Engine("tiny", model, tok), "tiny")
+    return Engine("tiny", model, tok)
+
+
+def _backend(root):  # type: ignore[no-untyped-def]
+    """edgemesh's own API serving that model: what each member answers with."""
+    return ServerThread(_engine(root), "tiny")
 
 
 def test_a_question_goes_round_the_swarm_over_the_mesh(cluster3, tmp_path):
@@ -60,5 +66,24 @@ def test_a_question_goes_round_the_swarm_over_the_mesh(cluster3, tmp_path):
         res = run_cli("swarm", "ask", "Name a colour.", "--explain", "--state-dir", str(sds[0].path), home=tmp_path,
                       timeout=300, check=True)
         assert "winner:" in res.stderr and "judgments" in res.stderr
+        # `model: "swarm"` on the OpenAI API of a node: the official client gets the winning answer.
+        front = _api_with_swarm(tmp_path / "front", sds[0])
+        try:
+            client = openai.OpenAI(base_url=front.base_url, api_key="none", max_retries=0, timeout=300)
+            assert "swarm" in [m.id for m in client.models.list().data]
+            reply = client.chat.completions.create(model="swarm", messages=[{"role": "user", "content": "2 + 2?"}])
+            extra = reply.model_extra["swarm"]
+            assert reply.choices[0].message.content == extra["answer"] and extra["winner"] in ids
+        finally:
+            front.stop()
     finally:
         server.stop()
+
+
+def _api_with_swarm(root, state):  # type: ignore[no-untyped-def]
+    from edgemesh.runtime.control import control_call
+
+    async def swarm(question: str) -> dict:  # type: ignore[type-arg]
+        return await control_call(state, "admin.swarm_ask", {"question": question, "timeout": 60.0}, timeout=300.0)
+
+    return ServerThread(_engine(root), "tiny", swarm=swarm)

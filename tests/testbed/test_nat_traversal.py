@@ -113,6 +113,56 @@ def test_rpc_and_10_mib_transfer_over_each_path_type(bed, a, b, path):
     assert res["intact"] and res["rtt_ms"] > 0
 
 
+def test_a_swarm_round_runs_over_punched_and_relayed_paths(bed):
+    """c1 asks; r1, p1 and s1 answer and judge. Every pair among them is punched or relayed (each
+    is behind its own NAT), so commits, reveals and judgments all cross NATs. Their model is an
+    edgemesh API on pub1's public address (reached out through each NAT); pub1 itself has no
+    swarm backend and is left out with that reason."""
+    import subprocess
+    import sys
+    import time
+
+    from edgemesh.testbed.lifecycle import device_argv, device_env
+
+    members = ["c1", "r1", "p1", "s1"]
+    paths = _paths(bed)
+    assert all(paths[a][b] in ("punched", "relayed") for a in members for b in members if a != b), paths
+    host = str(bed.plan.device_address("pub1"))
+    server = subprocess.Popen(device_argv(bed.names, bed.caps, "pub1",
+                                          [sys.executable, str(REPO / "tests" / "testbed" / "swarm_backend.py"),
+                                           host, "8123", "tb-key"]),
+                              env=device_env(bed.scenario, bed.names, "pub1"), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # up once its /health answers (from inside pub1)
+            res = subprocess.run(["ip", "netns", "exec", bed.names.device_ns("pub1"), sys.executable, "-c",
+                                  "import urllib.request as u; u.urlopen(u.Request("
+                                  f"'http://{host}:8123/health', headers={{'Authorization': 'Bearer tb-key'}}), timeout=2)"],
+                                 capture_output=True)
+            if res.returncode == 0:
+                break
+            assert server.poll() is None and time.monotonic() < deadline, server.stderr.read() if server.poll() else "slow"
+            time.sleep(1)
+        for dev in members:
+            bed.em(dev, "swarm", "config", "--base-url", f"http://{host}:8123/v1", "--model", "tiny",
+                   "--api-key", "tb-key", "--state-dir", bed.state_dir(dev))
+        out = json.loads(bed.em("c1", "swarm", "ask", "Which is larger, 3 or 7?", "--json", "-", "--timeout", "90",
+                                "--state-dir", bed.state_dir("c1"), timeout=400))
+        ids = {m["name"]: m["id"] for m in bed.status("c1")["members"]}
+        assert set(out["answers"]) == {ids[d] for d in members}, out["left_out"]
+        assert "swarm backend" in out["left_out"][ids["pub1"]]
+        assert out["winner"] in out["answers"] and len(out["judgments"]) >= 2 * 3 + 2 * 2
+        assert all(j["judge"] not in (j["a"], j["b"]) for j in out["judgments"])
+    finally:
+        server.terminate()
+        try:
+            server.wait(10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
 def test_a_forged_channel_is_refused(bed):
     """p1 (a member) offers c1 a channel claiming to be r1, signed with its own key: refused."""
     before = bed.status("c1")["stats"]["refused_channels"]

@@ -26,11 +26,11 @@ def _daemon(tmp_path: Path, **settings: object) -> NodeDaemon:
 def test_each_method_is_served_by_the_one_service_that_registered_it(tmp_path: Path) -> None:
     d = _daemon(tmp_path)
     try:
-        assert [s.name for s in d.services] == ["membership", "nat", "jobs", "profile", "supervision", "swarm"]
+        assert [s.name for s in d.services] == ["membership", "nat", "jobs", "profile", "supervision", "swarm", "vit"]
         owned = [m for s in d.services for m in s.handlers()]
         assert len(owned) == len(set(owned))
         assert set(d.handlers) == {*owned, "status", "admin.stop"}
-        assert {"ping", "gossip.sync", "nat.signal", "nat.poll", "llm.start", "admin.leave", "swarm.commit"} <= set(owned)
+        assert {"ping", "gossip.sync", "nat.signal", "nat.poll", "llm.start", "admin.leave", "swarm.commit", "vit.run", "admin.relay"} <= set(owned)
         with pytest.raises(ValueError, match="'ping'"):
             d._register("vit", {"ping": d.handlers["ping"]})
         assert set(d.membership.join_handlers()) == {"join.challenge", "join.register"}

@@ -14,10 +14,9 @@ from edgemesh.llm.model import Participant
 from edgemesh.llm.sampling import Sampler, SamplingParams
 from edgemesh.llm.speculate import AdaptiveK, DraftProposer, LookupProposer, SpecStats, speculative_generate, verify
 from edgemesh.llm.threaded import run_thread_group
-from edgemesh.weights.config import ModelConfig
 from edgemesh.weights.provider import InMemoryProvider
 from edgemesh.weights.shard import ShardSpec, slice_block, split_layer
-from edgemesh.weights.synth import random_block
+from tests.unit.test_llm_equivalence import _blocks, _config
 
 pytestmark = pytest.mark.unit
 
@@ -32,17 +31,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def _config(**kw: object) -> ModelConfig:
-    base = dict(hidden_size=64, intermediate_size=96, num_attention_heads=8, num_key_value_heads=4,
-                num_hidden_layers=3, vocab_size=128, max_position_embeddings=256, rope_theta=10000.0)
-    base.update(kw)
-    return ModelConfig(**base)  # type: ignore[arg-type]
-
-
-def _blocks(config: ModelConfig, seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
-    return {b: random_block(config, b, seed) for b in config.block_names()}
 
 
 def _provider(config, blocks, specs, rank):  # type: ignore[no-untyped-def]

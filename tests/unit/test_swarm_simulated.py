@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 
 from edgemesh.bench.swarm import SwarmBenchConfig, run_bench
-from edgemesh.errors import DatasetMissing
+from edgemesh.errors import DatasetMissingError
 from edgemesh.swarm.datasets import load_questions
 
 pytestmark = [pytest.mark.unit, pytest.mark.slow]
@@ -24,7 +24,7 @@ N_QUESTIONS = 500
 def pool():
     try:
         return load_questions("mmlu", N_QUESTIONS + 50, seed=0)
-    except DatasetMissing as exc:
+    except DatasetMissingError as exc:
         pytest.skip(str(exc))
 
 

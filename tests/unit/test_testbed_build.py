@@ -116,3 +116,35 @@ def test_dry_run_renders_every_step() -> None:
     rendered = [s.render() for s in _steps("nat-mix", netem=False)]
     assert rendered[0].startswith("mkdir -p ")
     assert any("<<'EOF'" in r for r in rendered)
+
+
+def test_disk_read_cap_v1_and_v2() -> None:
+    from edgemesh.testbed.cgroups import read_cap_bytes
+
+    scenario = load_scenario(REPO / "emulation" / "lan-4.toml")
+    cap = read_cap_bytes(scenario.device("dev1"))
+    assert cap is not None and cap > 0  # the pi5 profile's read_mbyte_s, in bytes/s
+    v1io = CgroupLayout(1, Path("/sys/fs/cgroup/memory"), Path("/sys/fs/cgroup/cpu"), Path("/sys/fs/cgroup/blkio"))
+    v1 = {s.path: s.value for s in cgroup_steps(v1io, Names("tb1"), scenario.devices, "254:0") if isinstance(s, Write)}
+    assert v1["/sys/fs/cgroup/blkio/edgemesh-tb1/dev1/blkio.throttle.read_bps_device"] == f"254:0 {cap}"
+    assert Path("/sys/fs/cgroup/blkio/edgemesh-tb1") in v1io.group_dirs(Names("tb1"))  # swept at teardown
+    assert len(v1io.device_dirs(Names("tb1"), "dev1")) == 3  # every process of the device joins it
+    v2io = CgroupLayout(2, Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup"))
+    v2 = {s.path: s.value for s in cgroup_steps(v2io, Names("tb1"), scenario.devices, "8:0") if isinstance(s, Write)}
+    assert v2["/sys/fs/cgroup/edgemesh-tb1/dev1/io.max"] == f"8:0 rbps={cap}"
+    assert v2["/sys/fs/cgroup/edgemesh-tb1/cgroup.subtree_control"] == "+memory +cpu +io"
+    # no disk under the state dir (tmpfs) or no controller: no cap, and nothing else changes
+    assert not any("blkio" in s.path for s in cgroup_steps(v1io, Names("tb1"), scenario.devices, None) if isinstance(s, Write))
+    assert cgroup_steps(V1, Names("tb1"), scenario.devices, "254:0") == cgroup_steps(V1, Names("tb1"), scenario.devices)
+
+
+def test_backing_disk_and_disk_judgement() -> None:
+    from edgemesh.testbed.cgroups import backing_disk
+    from edgemesh.testbed.check import judge_disk
+
+    assert backing_disk(Path("/proc/self")) is None  # not on a block device
+    got = backing_disk(Path(__file__))
+    assert got is None or (got.count(":") == 1 and all(p.isdigit() for p in got.split(":")))
+    assert judge_disk("d", 45, 44.0, True).ok and judge_disk("d", 45, 20.0, True).ok
+    assert not judge_disk("d", 45, 60.0, True).ok
+    assert not judge_disk("d", 45, None, False).ok and "not enforced" in judge_disk("d", 45, None, False).problem

@@ -26,7 +26,7 @@ from edgemesh.mesh.peers import PeerSet
 from edgemesh.mesh.profile import static_profile
 from edgemesh.mesh.records import MemberRecord, admit, sign_self
 from edgemesh.mesh.view import MembershipView
-from edgemesh.rpc.dispatch import Call, Handler
+from edgemesh.rpc.dispatch import Call, Handler, Reply
 from edgemesh.runtime.services import Task
 from edgemesh.runtime.services.node import Node
 from edgemesh.transport.endpoint import tcp_endpoint
@@ -37,6 +37,7 @@ from edgemesh.wire.tensor import TensorSpec
 log = logging.getLogger(__name__)
 
 RECORDS_MAX = 4096
+RELAYED_PREFIXES = ("vit.",)  # member services a local process may reach through `admin.relay`
 
 
 class MembershipService:
@@ -198,6 +199,7 @@ class MembershipService:
             "link.digest": self._rpc_link_digest,
             "admin.link_test": self._rpc_admin_link_test,
             "admin.leave": self._rpc_admin_leave,
+            "admin.relay": self._rpc_admin_relay,
         }
 
     def join_handlers(self) -> dict[str, Handler]:
@@ -276,6 +278,20 @@ class MembershipService:
         acks = await self.peers.call_all("gossip.sync", {"records": self.view.to_wire()}, timeout=2.0)
         asyncio.get_running_loop().call_later(0.05, self.node.stop)
         return {"left": True, "told": sum(1 for ok in acks.values() if ok)}
+
+    async def _rpc_admin_relay(self, call: Call) -> Any:
+        """This node's own processes (a ViT launch) call a member's service through the path the
+        daemon has to it — LAN, direct, punched or relayed — which they cannot open themselves."""
+        body = body_map(call.body)
+        node, method = need(body, "node", str, max_len=64), need(body, "method", str, max_len=64)
+        if not method.startswith(RELAYED_PREFIXES):
+            raise ProtocolError(f"{method} cannot be relayed")
+        client = self.peers.get(node)
+        if client is None:
+            raise RpcError(f"{node} is not a peer of this node", "unknown_peer")
+        reply, tensors = await client.call(method, body.get("body"), tensors=call.tensors,
+                                           timeout=min(max(maybe(body, "timeout", float, 30.0), 0.1), 600.0))
+        return Reply(reply, [(spec, bytes(view)) for spec, view in tensors])
 
     # ---- tasks -----------------------------------------------------------------
     async def _persist_loop(self) -> None:

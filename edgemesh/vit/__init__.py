@@ -1,0 +1,2 @@
+"""ED-ViT: a small vision transformer, structured pruning, class-subset splits and their fusion
+(pure torch, no networking)."""

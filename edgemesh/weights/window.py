@@ -1,0 +1,444 @@
+"""Sliding-window weight provider: stream a participant's blocks from disk (ALGORITHMS §3).
+
+A participant's blocks run in a fixed cyclic order (``execution_order``): on the master
+``input, attn_0, mlp_0, …, output`` (and ``input`` once more when the head is tied to the
+embedding), on a worker only its decoder slices. A loader thread reads blocks ahead in that
+order, wrapping to the start for the next token, and never holds more than ``window`` blocks
+(loaded, being computed, or being read). ``get`` hands out the next block (waiting for it if
+the disk is behind: a *stall*), ``release`` drops it, which lets the loader read the block
+``window`` steps ahead.
+
+Memory really returns: every block is read into fresh tensors (no mmap: mapped file pages
+are charged to the process's cgroup and stay resident while referenced), the provider keeps
+no other reference once a block is released, and the file's pages are dropped from the page
+cache after each read (``posix_fadvise(DONTNEED)``), so streaming a model bigger than RAM
+neither grows RSS nor fills the page cache.
+
+The provider also measures what the no-stall conditions need: compute per attention / MLP
+block (``get`` → ``release``), the gap between one decoder block's release and the next one's
+``get`` (the allreduce, which the model runs right there), and the disk time of every load.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import mmap
+import os
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from edgemesh.errors import ConfigError, EdgemeshError
+from edgemesh.weights.config import ModelConfig
+from edgemesh.weights.store import FileRef, ModelEntry, verify_file
+
+log = logging.getLogger(__name__)
+
+# Read in pieces and drop each piece from the page cache right away: the cache never holds
+# more than one piece of a block, not the whole block.
+READ_CHUNK = 16 << 20
+
+_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class WeightLoadError(EdgemeshError):
+    """A block file could not be read (missing, truncated, not safetensors)."""
+
+
+def execution_order(config: ModelConfig, rank: int) -> list[str]:
+    """Blocks in the order ``Participant`` asks for them during one forward."""
+    order = ["input"] if rank == 0 else []
+    for i in range(config.num_hidden_layers):
+        order += [f"attn_{i}", f"mlp_{i}"]
+    if rank == 0:
+        order.append("output")
+        if config.tie_word_embeddings:  # the head is the embedding matrix, asked for after ``output``
+            order.append("input")
+    return order
+
+
+def _drop_cache(fd: int, offset: int = 0, length: int = 0) -> None:
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+
+
+def drop_file_cache(path: Path) -> None:
+    """Evict ``path``'s clean pages from the page cache (after hashing it, say)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        _drop_cache(fd)
+    finally:
+        os.close(fd)
+
+
+def _read_exact(fd: int, view: memoryview, offset: int, drop: bool) -> None:
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:done + READ_CHUNK]], offset + done)
+        if n <= 0:
+            raise WeightLoadError("file ends early")
+        if drop:
+            _drop_cache(fd, offset + done, n)
+        done += n
+
+
+def read_safetensors(path: Path, *, drop_cache: bool = True) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, each in its own fresh anonymous memory mapping.
+
+    Not ``safetensors.load_file``: it maps the whole file, so every page of it enters the
+    page cache (charged to our cgroup) and stays while mapped, and it leaves no say over where
+    the tensors are allocated (see below)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        raise WeightLoadError(f"{path}: cannot open block file ({exc.strerror})") from None
+    try:
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        head = os.pread(fd, 8, 0)
+        if len(head) != 8:
+            raise WeightLoadError(f"{path}: not a safetensors file (too short)")
+        n = int.from_bytes(head, "little")
+        if not 0 < n <= 100 << 20:
+            raise WeightLoadError(f"{path}: not a safetensors file (header size {n})")
+        try:
+            header = json.loads(os.pread(fd, n, 8))
+        except ValueError:
+            raise WeightLoadError(f"{path}: unreadable safetensors header") from None
+        base = 8 + n
+        out: dict[str, torch.Tensor] = {}
+        for name, info in sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
+                                 key=lambda kv: kv[1]["data_offsets"][0]):
+            dtype = _DTYPES.get(info.get("dtype"))
+            if dtype is None:
+                raise WeightLoadError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
+            shape = [int(s) for s in info["shape"]]
+            begin, end = (int(x) for x in info["data_offsets"])
+            numel = 1
+            for s in shape:
+                numel *= s
+            if numel * torch.empty((), dtype=dtype).element_size() != end - begin:
+                raise WeightLoadError(f"{path}: tensor {name!r} size does not match its shape")
+            if end == begin:
+                out[name] = torch.empty(shape, dtype=dtype)
+                continue
+            # Its own anonymous mapping: page-aligned, and unmapped as soon as the last tensor
+            # using it is dropped (freed heap memory may stay in the process: glibc raises its
+            # mmap threshold after a free and per-thread arenas keep what the loader freed).
+            buf = mmap.mmap(-1, end - begin)
+            _read_exact(fd, memoryview(buf), base + begin, drop_cache)
+            out[name] = torch.frombuffer(buf, dtype=torch.uint8).view(dtype).view(shape)
+            del buf  # the tensor holds the mapping now
+        return out
+    except WeightLoadError:
+        raise
+    except (OSError, KeyError, TypeError, ValueError) as exc:
+        raise WeightLoadError(f"{path}: cannot read block file ({exc})") from None
+    finally:
+        if drop_cache:
+            _drop_cache(fd)
+        os.close(fd)
+
+
+def _kind(block: str) -> str:
+    return "attn" if block.startswith("attn_") else "mlp" if block.startswith("mlp_") else "other"
+
+
+@dataclass(frozen=True)
+class WindowStats:
+    """Averages since the last ``reset_stats`` (ms). ``no_stall`` applies ALGORITHMS §3:
+    t_a + t_ar ≥ τ_f and t_f + t_ar ≥ τ_a (None until both kinds were seen)."""
+
+    window: int
+    tokens: int  # forwards (cycles through the order) completed
+    t_a_ms: float  # compute of one attention block
+    t_f_ms: float  # compute of one MLP block
+    t_ar_ms: float  # gap between consecutive decoder blocks: the allreduce
+    tau_a_ms: float  # disk load of one attention block
+    tau_f_ms: float  # disk load of one MLP block
+    tau_other_ms: float  # input / output blocks (master)
+    stall_ms_per_token: float  # time ``get`` waited for the disk, per forward
+    bytes_read: int
+    read_mbyte_s: float  # bytes read / seconds spent reading
+    max_resident_blocks: int
+    max_resident_bytes: int
+    no_stall: bool | None
+
+    def to_json(self) -> dict[str, object]:
+        return asdict(self)
+
+
+class _Acc:
+    def __init__(self) -> None:
+        self.sum: dict[str, float] = {}
+        self.n: dict[str, int] = {}
+
+    def add(self, key: str, seconds: float) -> None:
+        self.sum[key] = self.sum.get(key, 0.0) + seconds
+        self.n[key] = self.n.get(key, 0) + 1
+
+    def ms(self, key: str) -> float:
+        return 1e3 * self.sum.get(key, 0.0) / self.n[key] if self.n.get(key) else 0.0
+
+
+class WindowedProvider:
+    """A ``WeightProvider`` that keeps at most ``window`` of ``order``'s blocks in memory.
+
+    ``files`` maps block name → this participant's (already verified) safetensors file.
+    ``get`` must follow ``order`` cyclically; a call that skips ahead (a forward abandoned
+    half way, say) re-synchronizes to the next occurrence of the asked block. Call
+    ``close()`` (or use it as a context manager) to stop the loader thread.
+    """
+
+    def __init__(self, files: Mapping[str, Path], order: list[str], window: int, *,
+                 dtype: torch.dtype | None = None, drop_cache: bool = True, name: str = "") -> None:
+        if window < 2:
+            raise ConfigError(f"the weight window must hold at least 2 blocks (got {window})")
+        missing = sorted({b for b in order if b not in files})
+        if missing:
+            raise ConfigError(f"no weight file for block(s) {', '.join(missing[:4])}")
+        if not order:
+            raise ConfigError("a windowed provider needs at least one block")
+        self.files = {b: Path(p) for b, p in files.items()}
+        self.order = list(order)
+        self.window = window
+        self.dtype = dtype
+        self.drop_cache = drop_cache
+        self._cv = threading.Condition()
+        self._closed = False
+        self._error: BaseException | None = None
+        self._next_load = 0  # position (in the endless cyclic sequence) the loader reads next
+        self._next_get = 0  # position the next ``get`` expects
+        self._loading: int | None = None
+        self._ready: dict[int, tuple[dict[str, torch.Tensor], int]] = {}  # pos -> (tensors, bytes)
+        self._held: dict[str, list[tuple[int, dict[str, torch.Tensor], int, float]]] = {}  # name -> [(pos, t, bytes, t_get)]
+        self._loading_bytes = 0
+        try:
+            self._sizes = {b: self.files[b].stat().st_size for b in set(order)}
+        except OSError as exc:
+            raise WeightLoadError(f"{exc.filename}: block file missing ({exc.strerror})") from None
+        self.reset_stats()
+        self._thread = threading.Thread(target=self._run, name=f"edgemesh-window{('-' + name) if name else ''}",
+                                        daemon=True)
+        self._thread.start()
+
+    # ---- the WeightProvider protocol ---------------------------------------------------
+
+    def get(self, block: str) -> dict[str, torch.Tensor]:
+        n = len(self.order)
+        t_call = time.perf_counter()
+        with self._cv:
+            self._check()
+            pos = self._next_get
+            if self.order[pos % n] != block:
+                pos = self._resync(block)
+            if pos % n == 0 and pos > 0:
+                self._end_token()
+            while pos not in self._ready:
+                self._check()
+                self._cv.wait()
+            tensors, nbytes = self._ready.pop(pos)
+            self._next_get = pos + 1
+            t_got = time.perf_counter()
+            self._acc.add("stall", t_got - t_call)
+            kind = _kind(block)
+            if kind != "other" and self._last_release is not None:
+                prev_pos, prev_kind, t_rel = self._last_release
+                if prev_pos == pos - 1 and prev_kind != "other":
+                    self._acc.add("ar", t_call - t_rel)
+            self._held.setdefault(block, []).append((pos, tensors, nbytes, t_got))
+            return tensors
+
+    def release(self, block: str) -> None:
+        t = time.perf_counter()
+        with self._cv:
+            held = self._held.get(block)
+            if not held:
+                return  # nothing to drop (released twice, or after a re-sync)
+            pos, tensors, _, t_got = held.pop(0)
+            if not held:
+                del self._held[block]
+            del tensors  # the caller's references are gone too: the memory returns now
+            self._acc.add(_kind(block), t - t_got)
+            self._last_release = (pos, _kind(block), t)
+            self._cv.notify_all()
+
+    # ---- lifecycle -----------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop the loader and drop every block (idempotent)."""
+        with self._cv:
+            self._closed = True
+            self._ready.clear()
+            self._held.clear()
+            self._cv.notify_all()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=30)
+
+    def __enter__(self) -> WindowedProvider:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- introspection ---------------------------------------------------------------------
+
+    def blocks(self) -> list[str]:
+        return list(dict.fromkeys(self.order))
+
+    def block_nbytes(self) -> dict[str, int]:
+        """File size of every block (≈ its tensors' bytes: the header is a few hundred bytes)."""
+        return dict(self._sizes)
+
+    def nbytes(self) -> int:
+        """Bytes resident now (loaded, held or being read)."""
+        with self._cv:
+            return self._resident_bytes()
+
+    def reset_stats(self) -> None:
+        with self._cv:
+            self._acc = _Acc()
+            self._tokens = 0
+            self._bytes_read = 0
+            self._read_s = 0.0
+            self._max_blocks = 0
+            self._max_bytes = 0
+            self._last_release: tuple[int, str, float] | None = None
+
+    def stats(self) -> WindowStats:
+        with self._cv:
+            a = self._acc
+            t_a, t_f, t_ar = a.ms("attn"), a.ms("mlp"), a.ms("ar")
+            tau_a, tau_f = a.ms("load_attn"), a.ms("load_mlp")
+            seen = a.n.get("attn") and a.n.get("mlp") and a.n.get("load_attn") and a.n.get("load_mlp")
+            return WindowStats(
+                self.window, self._tokens, round(t_a, 4), round(t_f, 4), round(t_ar, 4), round(tau_a, 4),
+                round(tau_f, 4), round(a.ms("load_other"), 4),
+                round(1e3 * a.sum.get("stall", 0.0) / max(self._tokens, 1), 4), self._bytes_read,
+                round(self._bytes_read / self._read_s / 1e6, 1) if self._read_s > 0 else 0.0,
+                self._max_blocks, self._max_bytes,
+                (t_a + t_ar >= tau_f and t_f + t_ar >= tau_a) if seen else None)
+
+    # ---- internals (``self._cv`` held) -----------------------------------------------------
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._closed:
+            raise EdgemeshError("the weight window was closed")
+
+    def _resident(self) -> int:
+        return len(self._ready) + sum(len(v) for v in self._held.values()) + (self._loading is not None)
+
+    def _resident_bytes(self) -> int:
+        return (sum(b for _, b in self._ready.values()) + sum(x[2] for v in self._held.values() for x in v)
+                + (self._loading_bytes if self._loading is not None else 0))
+
+    def _resync(self, block: str) -> int:
+        """The caller left the expected order: skip to ``block``'s next occurrence."""
+        n = len(self.order)
+        start = self._next_get
+        for pos in range(start, start + n):
+            if self.order[pos % n] == block:
+                break
+        else:
+            raise ConfigError(f"this participant's weight window has no block {block!r}")
+        log.debug("weight window: %s asked out of order (expected %s); skipping ahead",
+                  block, self.order[start % n])
+        for p in [p for p in self._ready if p < pos]:
+            del self._ready[p]
+        for name in list(self._held):  # blocks of an abandoned forward: the caller dropped them
+            self._held[name] = [x for x in self._held[name] if x[0] >= start]
+            if not self._held[name]:
+                del self._held[name]
+        if self._next_load < pos:
+            self._next_load = pos  # a read in flight for a skipped position is discarded on arrival
+        self._cv.notify_all()
+        return pos
+
+    def _end_token(self) -> None:
+        self._tokens += 1
+        if log.isEnabledFor(logging.DEBUG):
+            s = self.stats()
+            log.debug("window w=%d token %d: t_a %.2f t_f %.2f t_ar %.2f ms | tau_a %.2f tau_f %.2f ms | "
+                      "stall %.2f ms/token | %.0f MB/s | no-stall %s", s.window, s.tokens, s.t_a_ms, s.t_f_ms,
+                      s.t_ar_ms, s.tau_a_ms, s.tau_f_ms, s.stall_ms_per_token, s.read_mbyte_s, s.no_stall)
+
+    def _shared(self, block: str) -> tuple[dict[str, torch.Tensor], int] | None:
+        """A copy of ``block`` already resident (the tied head's embedding read twice in a row)."""
+        for pos, (t, b) in self._ready.items():
+            if self.order[pos % len(self.order)] == block:
+                return t, b
+        held = self._held.get(block)
+        return (held[-1][1], held[-1][2]) if held else None
+
+    # ---- the loader thread -----------------------------------------------------------------
+
+    def _run(self) -> None:
+        n = len(self.order)
+        try:
+            while True:
+                with self._cv:
+                    while not self._closed and self._resident() >= self.window:
+                        self._cv.wait()
+                    if self._closed:
+                        return
+                    pos = self._next_load
+                    block = self.order[pos % n]
+                    shared = self._shared(block)
+                    self._loading = pos
+                    self._loading_bytes = self._sizes[block]
+                    self._note_peak()
+                if shared is None:
+                    t0 = time.perf_counter()
+                    tensors = read_safetensors(self.files[block], drop_cache=self.drop_cache)
+                    if self.dtype is not None:  # int8 weights stay int8: only float tensors change dtype
+                        tensors = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+                    dt = time.perf_counter() - t0
+                    nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+                else:
+                    tensors, nbytes = shared
+                with self._cv:
+                    self._loading = None
+                    if self._closed:
+                        return
+                    if shared is None:
+                        self._acc.add("load_" + _kind(block), dt)
+                        self._bytes_read += self._sizes[block]
+                        self._read_s += dt
+                    if pos == self._next_load:  # not skipped by a re-sync meanwhile
+                        self._ready[pos] = (tensors, nbytes)
+                        self._next_load = pos + 1
+                        self._note_peak()
+                    del tensors
+                    self._cv.notify_all()
+        except BaseException as exc:  # noqa: BLE001 — handed to the compute thread's next ``get``
+            with self._cv:
+                self._loading = None
+                self._error = exc if isinstance(exc, EdgemeshError) else WeightLoadError(f"weight loader failed: {exc!r}")
+                self._cv.notify_all()
+
+    def _note_peak(self) -> None:
+        self._max_blocks = max(self._max_blocks, self._resident())
+        self._max_bytes = max(self._max_bytes, self._resident_bytes())
+
+
+def windowed_from_store(entry: ModelEntry, refs: Mapping[str, FileRef], rank: int, window: int) -> WindowedProvider:
+    """A window over slice files of the local store (the master's): every file's hash is
+    checked once here, then its pages are dropped from the page cache again."""
+    files = {}
+    for block, ref in refs.items():
+        path = entry.root / ref.name
+        verify_file(path, ref)
+        drop_file_cache(path)
+        files[block] = path
+    return WindowedProvider(files, execution_order(entry.config, rank), window, name=f"rank{rank}")
