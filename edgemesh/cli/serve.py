@@ -149,7 +149,7 @@ def launch(
     limits = ApiLimits(api_key=api_key, max_pending=max_pending, max_body=max_body, max_tokens=max_tokens)
     check_exposure(host, limits.api_key)  # before any weights move
     if model.startswith("vit:"):
-        _launch_vit(model[len("vit:"):], nodes, state_dir, host, port, limits)
+        _launch_vit(model[len("vit:"):], nodes, on, state_dir, host, port, limits)
         return
     opts = _options(nodes, on, max_seq_len, timeout, algo, compression, memory_budget)
 
@@ -180,7 +180,8 @@ def launch(
     err.print("stopped; the workers were released")
 
 
-def _launch_vit(split: str, nodes: Optional[int], state_dir: Optional[Path], host: str, port: int, limits) -> None:  # type: ignore[no-untyped-def]
+def _launch_vit(split: str, nodes: Optional[int], on: Optional[str], state_dir: Optional[Path], host: str, port: int,  # type: ignore[no-untyped-def]
+                limits) -> None:
     from edgemesh.runtime.api import ApiServer, serve
     from edgemesh.runtime.vit_deploy import VitDeployment
     from edgemesh.vit.store import resolve
@@ -191,7 +192,8 @@ def _launch_vit(split: str, nodes: Optional[int], state_dir: Optional[Path], hos
     async def main() -> None:
         _stop_on_signals()
         with PhaseProgress(err, "loading the split") as progress:
-            deployment = VitDeployment(state, directory, progress=progress, nodes=nodes)
+            names = tuple(n.strip() for n in on.split(",") if n.strip()) if on else ()
+            deployment = VitDeployment(state, directory, progress=progress, nodes=nodes, names=names)
             await deployment.deploy()
         t = Table(title=f"{directory.name}: {len(deployment.slots)} sub-models")
         for col in ("part", "member", "classes"):
