@@ -143,7 +143,7 @@ def launch(
 
     MODEL may also be vit:SPLIT, a ViT split made by `edgemesh vit split`: its sub-models are
     placed on the members (any path, NATs included) and POST /v1/classify classifies images."""
-    from edgemesh.runtime.api import ApiLimits, ApiServer, check_exposure, serve
+    from edgemesh.runtime.api import ApiLimits, ApiServer, check_exposure
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     limits = ApiLimits(api_key=api_key, max_pending=max_pending, max_body=max_body, max_tokens=max_tokens)
@@ -162,16 +162,8 @@ def launch(
                 return await control_call(deployment.state, "admin.swarm_ask", {"question": question, "timeout": 120.0},
                                           timeout=400.0)
 
-            api = ApiServer(engine, deployment.entry.name, limits, swarm=swarm)
-            server = asyncio.ensure_future(serve(api, host, port, ready))
-            try:
-                await asyncio.wait([server, asyncio.ensure_future(ready.wait())], return_when=asyncio.FIRST_COMPLETED)
-                if server.done():
-                    server.result()
-                err.print(f"serving [bold]{deployment.entry.name}[/] at http://{host}:{port}/v1 — Ctrl-C to stop")
-                await server
-            finally:
-                server.cancel()
+            await _serve_api(ApiServer(engine, deployment.entry.name, limits, swarm=swarm), host, port,
+                             f"serving [bold]{deployment.entry.name}[/] at http://{host}:{port}/v1 — Ctrl-C to stop")
 
     try:
         asyncio.run(main())
@@ -180,9 +172,25 @@ def launch(
     err.print("stopped; the workers were released")
 
 
+async def _serve_api(api, host: str, port: int, banner: str) -> None:  # type: ignore[no-untyped-def]
+    """Serve ``api`` until cancelled; the banner once it listens (a port in use fails at once)."""
+    from edgemesh.runtime.api import serve
+
+    ready = asyncio.Event()
+    server = asyncio.ensure_future(serve(api, host, port, ready))
+    try:
+        await asyncio.wait([server, asyncio.ensure_future(ready.wait())], return_when=asyncio.FIRST_COMPLETED)
+        if server.done():
+            server.result()
+        err.print(banner)
+        await server
+    finally:
+        server.cancel()
+
+
 def _launch_vit(split: str, nodes: Optional[int], on: Optional[str], state_dir: Optional[Path], host: str, port: int,  # type: ignore[no-untyped-def]
                 limits) -> None:
-    from edgemesh.runtime.api import ApiServer, serve
+    from edgemesh.runtime.api import ApiServer
     from edgemesh.runtime.vit_deploy import VitDeployment
     from edgemesh.vit.store import resolve
 
@@ -202,17 +210,8 @@ def _launch_vit(split: str, nodes: Optional[int], on: Optional[str], state_dir: 
             t.add_row(slot.name, slot.node_name, ", ".join(deployment.labels[c] if c < len(deployment.labels) else str(c)
                                                           for c in part.classes))
         err.print(t)
-        ready = asyncio.Event()
-        server = asyncio.ensure_future(serve(ApiServer(None, f"vit:{directory.name}", limits, classifier=deployment),
-                                             host, port, ready))
-        try:
-            await asyncio.wait([server, asyncio.ensure_future(ready.wait())], return_when=asyncio.FIRST_COMPLETED)
-            if server.done():
-                server.result()
-            err.print(f"classifying with [bold]{directory.name}[/] at http://{host}:{port}/v1/classify — Ctrl-C to stop")
-            await server
-        finally:
-            server.cancel()
+        await _serve_api(ApiServer(None, f"vit:{directory.name}", limits, classifier=deployment), host, port,
+                         f"classifying with [bold]{directory.name}[/] at http://{host}:{port}/v1/classify — Ctrl-C to stop")
 
     try:
         asyncio.run(main())
