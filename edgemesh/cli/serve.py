@@ -144,13 +144,13 @@ def launch(
 
     MODEL may also be vit:SPLIT, a ViT split made by `edgemesh vit split`: its sub-models are
     placed on the members (any path, NATs included) and POST /v1/classify classifies images."""
-    from edgemesh.runtime.api import ApiLimits, ApiServer, check_exposure, serve
+    from edgemesh.runtime.api import ApiLimits, ApiServer, check_exposure
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     limits = ApiLimits(api_key=api_key, max_pending=max_pending, max_body=max_body, max_tokens=max_tokens)
     check_exposure(host, limits.api_key)  # before any weights move
     if model.startswith("vit:"):
-        _launch_vit(model[len("vit:"):], nodes, state_dir, host, port, limits)
+        _launch_vit(model[len("vit:"):], nodes, on, state_dir, host, port, limits)
         return
     opts = _options(nodes, on, max_seq_len, timeout, algo, compression, memory_budget)
 
@@ -163,16 +163,8 @@ def launch(
                 return await control_call(deployment.state, "admin.swarm_ask", {"question": question, "timeout": 120.0},
                                           timeout=400.0)
 
-            api = ApiServer(engine, deployment.entry.name, limits, swarm=swarm)
-            server = asyncio.ensure_future(serve(api, host, port, ready))
-            try:
-                await asyncio.wait([server, asyncio.ensure_future(ready.wait())], return_when=asyncio.FIRST_COMPLETED)
-                if server.done():
-                    server.result()
-                err.print(f"serving [bold]{deployment.entry.name}[/] at http://{host}:{port}/v1 — Ctrl-C to stop")
-                await server
-            finally:
-                server.cancel()
+            await _serve_api(ApiServer(engine, deployment.entry.name, limits, swarm=swarm), host, port,
+                             f"serving [bold]{deployment.entry.name}[/] at http://{host}:{port}/v1 — Ctrl-C to stop")
 
     try:
         asyncio.run(main())
@@ -181,8 +173,25 @@ def launch(
     err.print("stopped; the workers were released")
 
 
-def _launch_vit(split: str, nodes: Optional[int], state_dir: Optional[Path], host: str, port: int, limits) -> None:  # type: ignore[no-untyped-def]
-    from edgemesh.runtime.api import ApiServer, serve
+async def _serve_api(api, host: str, port: int, banner: str) -> None:  # type: ignore[no-untyped-def]
+    """Serve ``api`` until cancelled; the banner once it listens (a port in use fails at once)."""
+    from edgemesh.runtime.api import serve
+
+    ready = asyncio.Event()
+    server = asyncio.ensure_future(serve(api, host, port, ready))
+    try:
+        await asyncio.wait([server, asyncio.ensure_future(ready.wait())], return_when=asyncio.FIRST_COMPLETED)
+        if server.done():
+            server.result()
+        err.print(banner)
+        await server
+    finally:
+        server.cancel()
+
+
+def _launch_vit(split: str, nodes: Optional[int], on: Optional[str], state_dir: Optional[Path], host: str, port: int,  # type: ignore[no-untyped-def]
+                limits) -> None:
+    from edgemesh.runtime.api import ApiServer
     from edgemesh.runtime.vit_deploy import VitDeployment
     from edgemesh.vit.store import resolve
 
@@ -192,7 +201,8 @@ def _launch_vit(split: str, nodes: Optional[int], state_dir: Optional[Path], hos
     async def main() -> None:
         _stop_on_signals()
         with PhaseProgress(err, "loading the split") as progress:
-            deployment = VitDeployment(state, directory, progress=progress, nodes=nodes)
+            names = tuple(n.strip() for n in on.split(",") if n.strip()) if on else ()
+            deployment = VitDeployment(state, directory, progress=progress, nodes=nodes, names=names)
             await deployment.deploy()
         t = Table(title=f"{directory.name}: {len(deployment.slots)} sub-models")
         for col in ("part", "member", "classes"):
@@ -201,17 +211,8 @@ def _launch_vit(split: str, nodes: Optional[int], state_dir: Optional[Path], hos
             t.add_row(slot.name, slot.node_name, ", ".join(deployment.labels[c] if c < len(deployment.labels) else str(c)
                                                           for c in part.classes))
         err.print(t)
-        ready = asyncio.Event()
-        server = asyncio.ensure_future(serve(ApiServer(None, f"vit:{directory.name}", limits, classifier=deployment),
-                                             host, port, ready))
-        try:
-            await asyncio.wait([server, asyncio.ensure_future(ready.wait())], return_when=asyncio.FIRST_COMPLETED)
-            if server.done():
-                server.result()
-            err.print(f"classifying with [bold]{directory.name}[/] at http://{host}:{port}/v1/classify — Ctrl-C to stop")
-            await server
-        finally:
-            server.cancel()
+        await _serve_api(ApiServer(None, f"vit:{directory.name}", limits, classifier=deployment), host, port,
+                         f"classifying with [bold]{directory.name}[/] at http://{host}:{port}/v1/classify — Ctrl-C to stop")
 
     try:
         asyncio.run(main())

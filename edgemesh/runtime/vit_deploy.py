@@ -51,7 +51,7 @@ class Classified:
 
 class VitDeployment:
     def __init__(self, state: StateDir, split_dir: Path, progress: Callable[[str], None] = lambda m: None,
-                 part_timeout: float = 10.0, nodes: int | None = None) -> None:
+                 part_timeout: float = 10.0, nodes: int | None = None, names: tuple[str, ...] = ()) -> None:
         from edgemesh.vit.store import load_manifest, load_split
 
         self.state = state
@@ -59,6 +59,7 @@ class VitDeployment:
         self.progress = progress
         self.part_timeout = part_timeout
         self.nodes = nodes
+        self.names = names  # members to use (names or id prefixes); this node is always one
         self.manifest = load_manifest(split_dir)
         self.split = load_split(split_dir)
         self.config = self.split.parts[0].model.config  # every part takes the same input
@@ -98,6 +99,12 @@ class VitDeployment:
         self.me = status["node"]
         alive = [m for m in status["members"] if m["state"] == "alive"]
         alive.sort(key=lambda m: (m["id"] != self.me, m["name"]))
+        if self.names:
+            unknown = [n for n in self.names if not any(m["name"] == n or m["id"].startswith(n) for m in alive)]
+            if unknown:
+                raise ConfigError(f"no alive member named {', '.join(unknown)} (alive: {', '.join(m['name'] for m in alive)})")
+            alive = [m for m in alive if m["id"] == self.me or any(m["name"] == n or m["id"].startswith(n)
+                                                                   for n in self.names)]
         if self.nodes is not None:
             if self.nodes < 1:
                 raise ConfigError("--nodes must be at least 1")

@@ -14,6 +14,7 @@ import torch
 from edgemesh.collective.base import Collective, LocalCollective
 from edgemesh.errors import ConfigError
 from edgemesh.llm.build import load_from_store
+from edgemesh.llm.generate import generate
 from edgemesh.llm.model import Participant
 from edgemesh.llm.threaded import run_thread_group
 from edgemesh.llm.tokenizer import ChatTokenizer
@@ -114,3 +115,37 @@ def test_tokenizer_and_template_match_transformers(gguf: Path, entry: ModelEntry
     for msgs in PROMPTS:
         assert ours.apply_chat_template(msgs) == ref.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     assert ours.stop_ids() == {ref.eos_token_id}
+
+
+@pytest.mark.parametrize("world", [1, 3])
+def test_speculative_decoding_gives_the_plain_smollm2_text(world: int, entry: ModelEntry) -> None:
+    """Prompt lookup on a rewrite (most proposals accepted) and a chat (few): token for token
+    the greedy text of plain decoding, on one device and split over three."""
+    from edgemesh.llm.sampling import Sampler, SamplingParams
+    from edgemesh.llm.speculate import LookupProposer, SpecStats, speculative_generate
+
+    tok = ChatTokenizer.from_entry(entry)
+    para = ("The old lighthouse stood at the edge of the cliff for more than a century. Sailors relied on its beam "
+            "to find their way home through storms and fog.")
+    asks = [tok.encode_chat([{"role": "user", "content": f"Repeat this paragraph exactly:\n\n{para}"}]),
+            tok.encode_chat(PROMPTS[0])]
+    specs_by_rank = ([[ShardSpec.full(entry.config)] * entry.config.num_hidden_layers] if world == 1 else
+                     [plan(entry.config, uniform_devices(world, gflops=50, mem_bytes=4 << 30)).specs_for(r)
+                      for r in range(world)])
+
+    def build(coll: Collective) -> Participant:
+        return load_from_store(entry, specs_by_rank[coll.rank], coll, max_seq_len=256)
+
+    def master(m: Participant) -> list[tuple[list[int], list[int], SpecStats]]:
+        out = []
+        for ids in asks:
+            plain = list(generate(m, ids, N))
+            stats = SpecStats()
+            spec = list(speculative_generate(m, ids, N, LookupProposer(), sampler=Sampler(SamplingParams()), stats=stats))
+            out.append((plain, spec, stats))
+        return out
+
+    results = master(build(LocalCollective())) if world == 1 else run_thread_group(world, build, master)
+    for plain, spec, _ in results:
+        assert spec == plain
+    assert results[0][2].accepted >= N // 2  # the rewrite really went through accepted proposals

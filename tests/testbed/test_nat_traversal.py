@@ -163,6 +163,45 @@ def test_a_swarm_round_runs_over_punched_and_relayed_paths(bed):
             server.wait()
 
 
+def test_a_vit_split_runs_on_members_reached_only_punched_or_relayed(bed, tmp_path):
+    """c1 is the master; r1, p1 and s1 reach it only punched or relayed. The split's parts are
+    shipped to them over those paths, a batch of 64 digits goes out, the features come back, and
+    the fused predictions equal the in-process fused model's."""
+    import subprocess
+    import sys
+    from dataclasses import replace
+
+    from edgemesh.testbed.lifecycle import device_argv, device_env
+    from edgemesh.vit.datasets import load_dataset
+    from edgemesh.vit.recipes import recipe_for, train_model
+    from edgemesh.vit.split import SplitConfig, build_split
+    from edgemesh.vit.store import save_split
+    from edgemesh.vit.train import TrainConfig, torch_threads
+
+    workers = ["r1", "p1", "s1"]
+    paths = _paths(bed)
+    assert all(paths["c1"][w] in ("punched", "relayed") and paths[w]["c1"] in ("punched", "relayed")
+               for w in workers), paths
+    quick = SplitConfig(finetune=TrainConfig(epochs=4, batch_size=64, lr=5e-3),
+                        fusion=TrainConfig(epochs=6, batch_size=64, lr=4e-3), importance_samples=256)
+    data = load_dataset("digits")
+    with torch_threads(1):
+        full = train_model(data, replace(recipe_for("digits"), train=TrainConfig(epochs=6, batch_size=64, lr=4e-3)))
+        split = build_split(full, data, 4, quick)
+    save_split(tmp_path / "digits-4", split)
+    res = subprocess.run(device_argv(bed.names, bed.caps, "c1",
+                                     [sys.executable, str(REPO / "tests" / "testbed" / "vit_master.py"),
+                                      bed.state_dir("c1"), str(tmp_path / "digits-4"), ",".join(workers)]),
+                         env=device_env(bed.scenario, bed.names, "c1"), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert sum(node in workers for node in out["parts"].values()) >= 2, out["parts"]
+    assert out["missing"] == [] and out["predictions"] == out["reference"]
+    accuracy = sum(p == y for p, y in zip(out["predictions"], out["labels"])) / len(out["labels"])
+    assert accuracy >= 0.6, accuracy  # far above chance (0.1); tests/unit/test_vit.py holds the accuracy bar
+    print(f"vit over NATs: parts {out['parts']}, accuracy {accuracy:.2f} on 64 digits")
+
+
 def test_a_forged_channel_is_refused(bed):
     """p1 (a member) offers c1 a channel claiming to be r1, signed with its own key: refused."""
     before = bed.status("c1")["stats"]["refused_channels"]
