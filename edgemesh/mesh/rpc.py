@@ -19,8 +19,7 @@ import zmq
 import zmq.asyncio
 
 from edgemesh.errors import EdgemeshError, ProtocolError, RpcError
-from edgemesh.rpc.dispatch import (MAX_INFLIGHT, Authorize, Call, Dispatcher, Handler, Reply, RpcStats, allow_all,
-                                   answer, settle)
+from edgemesh.rpc.dispatch import MAX_INFLIGHT, Authorize, Dispatcher, Handler, RpcStats, allow_all, answer, settle
 from edgemesh.wire.envelope import Envelope, Kind, decode_message, encode_message
 from edgemesh.wire.tensor import TensorSpec
 
@@ -28,8 +27,6 @@ if TYPE_CHECKING:
     from edgemesh.transport.zmq_link import ZmqTransport
 
 log = logging.getLogger(__name__)
-
-__all__ = ["Call", "Reply", "Handler", "RpcStats", "RpcServer", "RpcClient", "rpc_session"]
 
 
 class RpcServer:
