@@ -54,6 +54,9 @@ def bench_vit(
         r.update({"epochs": recipe.train.epochs, "finetune_epochs": recipe.split.finetune.epochs, "seed": seed,
                   "train_samples": len(data.train_y), "seconds_train_full": round(train_s, 1), "torch_threads": 1})
         runs.append(r)
+        if json_path:  # after every N, so a long run that is stopped keeps what it measured
+            out: dict[str, Any] = runs[0] if len(runs) == 1 else {"dataset": dataset, "runs": runs}
+            json_path.write_text(json.dumps(out, indent=1))
     t = Table(title=f"ViT split on {dataset} ({len(data.train_y):,} train / {len(data.test_y):,} test images; "
                     "latency batch 1, 1 thread, this CPU)")
     for col in ("N", "full acc", "fused acc", "Δ (pts)", "one part missing", "params full", "largest part",
@@ -66,6 +69,4 @@ def bench_vit(
                   f"{r['latency_full_ms']:.3f}", f"{r['latency_split_ms']:.3f}")
     Console().print(t)
     if json_path:
-        out: dict[str, Any] = runs[0] if len(runs) == 1 else {"dataset": dataset, "runs": runs}
-        json_path.write_text(json.dumps(out, indent=1))
         Console(stderr=True).print(f"wrote {json_path}")
