@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -54,6 +55,8 @@ def bench_vit(
         r.update({"epochs": recipe.train.epochs, "finetune_epochs": recipe.split.finetune.epochs, "seed": seed,
                   "train_samples": len(data.train_y), "seconds_train_full": round(train_s, 1), "torch_threads": 1})
         runs.append(r)
+        if json_path is not None and str(json_path) != "-":  # after every N: a stopped run keeps what it measured
+            Path(json_path).write_text(json.dumps(runs[0] if len(runs) == 1 else {"dataset": dataset, "runs": runs}, indent=1))
     t = Table(title=f"ViT split on {dataset} ({len(data.train_y):,} train / {len(data.test_y):,} test images; "
                     "latency batch 1, 1 thread, this CPU)")
     for col in ("N", "full acc", "fused acc", "Δ (pts)", "one part missing", "params full", "largest part",

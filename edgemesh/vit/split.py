@@ -242,8 +242,8 @@ def finetune_part(part: Part, data: Dataset, teacher_logits: torch.Tensor, cfg: 
     q_sub = _subset_probs(p_all, part.classes)
     # The auxiliary head makes the part's features carry something about every class, which the
     # fusion uses when another part is missing; it is dropped after fine-tuning.
+    torch.manual_seed(cfg.finetune.seed)  # before the aux head's init: same seed, same part
     aux = nn.Linear(model.config.dim, num_classes)
-    torch.manual_seed(cfg.finetune.seed)
 
     def step_loss(idx: torch.Tensor) -> torch.Tensor:
         f, z = model.forward_both(xn[idx])
@@ -270,11 +270,11 @@ def part_outputs(parts: list[Part], x: torch.Tensor) -> list[torch.Tensor]:
 
 def train_fusion(parts: list[Part], packed: list[torch.Tensor], y: torch.Tensor, num_classes: int,
                  cfg: SplitConfig, *, progress: Progress | None = None) -> Fusion:
+    torch.manual_seed(cfg.fusion.seed)
     fusion = Fusion(FusionConfig(tuple(p.name for p in parts), tuple(p.out_dim for p in parts), num_classes,
                                  cfg.fusion_hidden))
     n_parts = len(parts)
     gen = torch.Generator().manual_seed(cfg.fusion.seed + 1)
-    torch.manual_seed(cfg.fusion.seed)
 
     def step_loss(idx: torch.Tensor) -> torch.Tensor:
         b = len(idx)
