@@ -95,10 +95,7 @@ class VitDeployment:
         from edgemesh.vit.model import count_ops
 
         self.progress("asking the members for their status and profiles")
-        status = await control_call(self.state, "status")
-        self.me = status["node"]
-        alive = [m for m in status["members"] if m["state"] == "alive"]
-        alive.sort(key=lambda m: (m["id"] != self.me, m["name"]))
+        alive = await self._members()
         if self.names:
             unknown = [n for n in self.names if not any(m["name"] == n or m["id"].startswith(n) for m in alive)]
             if unknown:
@@ -109,6 +106,7 @@ class VitDeployment:
             if self.nodes < 1:
                 raise ConfigError("--nodes must be at least 1")
             alive = alive[: self.nodes]
+        alive = await self._with_profiles(alive)
         devices = [Device.from_profile(m["id"], m.get("profile") or {}) for m in alive]
         demands = []
         for p in self.split.parts:
@@ -127,6 +125,29 @@ class VitDeployment:
         await asyncio.gather(*(self._ship(s) for s in self.slots if s.node))
         self.progress("parts placed: " + ", ".join(f"{s.name} on {s.node_name}" for s in self.slots))
         return self.slots
+
+    async def _members(self) -> list[dict[str, Any]]:
+        """Alive members, this node first, then by name."""
+        status = await control_call(self.state, "status")
+        self.me = status["node"]
+        alive = [m for m in status["members"] if m["state"] == "alive"]
+        alive.sort(key=lambda m: (m["id"] != self.me, m["name"]))
+        return alive
+
+    async def _with_profiles(self, chosen: list[dict[str, Any]], wait: float = 15.0) -> list[dict[str, Any]]:
+        """The chosen members once each has published its device profile (a member that just
+        started needs a moment for its record to reach us); placement needs their memory."""
+        ids = {m["id"] for m in chosen}
+        deadline = time.monotonic() + wait
+        while True:
+            current = [m for m in await self._members() if m["id"] in ids]
+            missing = [m["name"] for m in current if "mem_total" not in (m.get("profile") or {})]
+            if not missing and len(current) == len(ids):
+                return current
+            if time.monotonic() > deadline:
+                raise EdgemeshError(f"no device profile from {', '.join(missing) or 'a chosen member'} after {wait:.0f} s; "
+                                    "is it running an older edgemesh?")
+            await asyncio.sleep(0.3)
 
     async def _ship(self, slot: PartSlot) -> None:
         reply, _ = await self._relay(slot.node, "vit.has", {"part": slot.json_sha})
