@@ -166,11 +166,16 @@ def launch(
             await _serve_api(ApiServer(engine, deployment.entry.name, limits, swarm=swarm), host, port,
                              f"serving [bold]{deployment.entry.name}[/] at http://{host}:{port}/v1 — Ctrl-C to stop")
 
+    _run_until_stopped(main, "stopped; the workers were released")
+
+
+def _run_until_stopped(main, note: str) -> None:  # type: ignore[no-untyped-def]
+    """Run the server coroutine until Ctrl-C / SIGTERM (every `finally` runs), then say so."""
     try:
         asyncio.run(main())
     except (KeyboardInterrupt, asyncio.CancelledError):
         pass
-    err.print("stopped; the workers were released")
+    err.print(note)
 
 
 async def _serve_api(api, host: str, port: int, banner: str) -> None:  # type: ignore[no-untyped-def]
@@ -214,11 +219,7 @@ def _launch_vit(split: str, nodes: Optional[int], on: Optional[str], state_dir: 
         await _serve_api(ApiServer(None, f"vit:{directory.name}", limits, classifier=deployment), host, port,
                          f"classifying with [bold]{directory.name}[/] at http://{host}:{port}/v1/classify — Ctrl-C to stop")
 
-    try:
-        asyncio.run(main())
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        pass
-    err.print("stopped")
+    _run_until_stopped(main, "stopped")
 
 
 @app.command()

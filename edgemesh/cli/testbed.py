@@ -41,6 +41,15 @@ def _load(scenario: str, prefix: Optional[str], run_root: Optional[Path], nodes:
     return scen, names
 
 
+def _running(scenario: str, prefix: Optional[str], run_root: Optional[Path], nodes: Optional[Path]):  # type: ignore[no-untyped-def]
+    """(host caps, scenario, names, state) of a testbed that is up; a clear error if it is not."""
+    from edgemesh.testbed.lifecycle import require_up
+
+    caps = _host()
+    scen, names = _load(scenario, prefix, run_root, nodes)
+    return caps, scen, names, require_up(names)
+
+
 def _host(*, netem: bool = TestbedSettings().netem):  # type: ignore[no-untyped-def]
     from edgemesh.testbed.host import probe_host, require_root_and_tools
 
@@ -141,9 +150,7 @@ def run(
     """Start the daemons inside the devices, then run the workload or COMMAND in a device."""
     from edgemesh.testbed import lifecycle
 
-    caps = _host()
-    scen, names = _load(scenario, prefix, run_root, nodes)
-    state = lifecycle.require_up(names)
+    caps, scen, names, state = _running(scenario, prefix, run_root, nodes)
     if daemons:
         if not lifecycle.daemons_available(caps.python):
             err.print("note: this installation has no `edgemesh init --token-file` yet; not starting daemons")
@@ -178,11 +185,8 @@ def check(
     """Measure every shaped link (RTT, throughput, loss) and disk read cap, and compare with the scenario."""
     from edgemesh.testbed.build import layout
     from edgemesh.testbed.check import report_json, run_check, run_disk_checks, targets
-    from edgemesh.testbed.lifecycle import require_up
 
-    caps = _host()
-    scen, names = _load(scenario, prefix, run_root, nodes)
-    state = require_up(names)
+    caps, scen, names, state = _running(scenario, prefix, run_root, nodes)
     lay = layout(scen, names, caps)
     total = len(targets(lay))
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),

@@ -109,13 +109,9 @@ class Engine:
         proposer: Callable[[], Proposer] | None = None,
         spec_k_max: int = 8,
     ) -> None:
-        self.name = name
-        self.model = model
-        self.tokenizer = tokenizer
-        self.recover = recover
-        self.is_cluster_failure = is_cluster_failure
-        self.on_idle = on_idle
-        self.idle_interval = idle_interval
+        self.name, self.model, self.tokenizer = name, model, tokenizer
+        self.recover, self.is_cluster_failure = recover, is_cluster_failure
+        self.on_idle, self.idle_interval = on_idle, idle_interval
         self.resume = resume and recover is not None
         self.max_resumes = max_resumes
         self.resumed = 0  # requests continued after a failure (for status and tests)

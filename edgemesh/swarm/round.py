@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import random
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Mapping, Protocol, Sequence, TypeVar
+from typing import Any, Awaitable, Callable, Mapping, NamedTuple, Protocol, Sequence, TypeVar
 
 import numpy as np
 
@@ -36,22 +36,14 @@ class SwarmMember(Protocol):
     async def judge(self, question: str, answer_a: str, answer_b: str) -> str: ...
 
 
-@dataclass(frozen=True)
-class Query:
+class Query(NamedTuple):
     query_id: str
     question: str
 
-    def to_dict(self) -> dict[str, str]:
-        return {"query_id": self.query_id, "question": self.question}
 
-
-@dataclass(frozen=True)
-class Reveal:
+class Reveal(NamedTuple):
     answer: str
     nonce: str
-
-    def to_dict(self) -> dict[str, str]:
-        return {"answer": self.answer, "nonce": self.nonce}
 
 
 class SwarmPeer(Protocol):

@@ -43,7 +43,7 @@ class RemotePeer:
     call: Callable[..., Any]  # async (method, body, timeout) -> reply body
 
     async def commit(self, query: Query) -> str:
-        reply = await self.call("swarm.commit", query.to_dict(), 600.0)
+        reply = await self.call("swarm.commit", query._asdict(), 600.0)
         return need(body_map(reply), "commitment", str, max_len=64)
 
     async def reveal(self, query_id: str) -> Reveal:
@@ -51,7 +51,7 @@ class RemotePeer:
         return Reveal(need(reply, "answer", str, max_len=MAX_ANSWER), need(reply, "nonce", str, max_len=128))
 
     async def judge(self, query: Query, answer_a: str, answer_b: str) -> str:
-        reply = await self.call("swarm.judge", {**query.to_dict(), "a": answer_a, "b": answer_b}, 300.0)
+        reply = await self.call("swarm.judge", {**query._asdict(), "a": answer_a, "b": answer_b}, 300.0)
         return need(body_map(reply), "verdict", str, max_len=2000)
 
 
@@ -106,7 +106,7 @@ class SwarmService:
             reveal = await self.local_peer().reveal(query_id)
         except LookupError as exc:
             raise ProtocolError(str(exc)) from None
-        return reveal.to_dict()
+        return reveal._asdict()
 
     async def _rpc_judge(self, call: Call) -> Any:
         body = body_map(call.body)
