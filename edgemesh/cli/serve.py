@@ -156,7 +156,6 @@ def launch(
 
     async def main() -> None:
         async with _serving(state_dir, model, store, opts, resume, speculate) as (deployment, engine):
-            ready = asyncio.Event()
             async def swarm(question: str) -> dict:  # type: ignore[type-arg]
                 from edgemesh.runtime.control import control_call
 

@@ -3,7 +3,6 @@ the predictor's figure and far below the all-in-memory process, and leaves no pa
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 

@@ -11,7 +11,6 @@ worker behind. (Before the fix, every worker dialled its own loopback and launch
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
