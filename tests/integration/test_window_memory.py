@@ -3,7 +3,6 @@ the predictor's figure and far below the all-in-memory process, and leaves no pa
 
 from __future__ import annotations
 
-
 import pytest
 
 from edgemesh.bench.window import BenchOptions, _run, _summary, shape_for
