@@ -31,8 +31,9 @@ def _blocks(config: ModelConfig, seed: int = 0) -> dict[str, dict[str, torch.Ten
     return {b: random_block(config, b, seed) for b in config.block_names()}
 
 
-def _rank_provider(config: ModelConfig, blocks: dict[str, dict[str, torch.Tensor]],
-                   specs: list[ShardSpec], rank: int) -> InMemoryProvider:
+def _rank_blocks(config: ModelConfig, blocks: dict[str, dict[str, torch.Tensor]],
+                 specs: list[ShardSpec], rank: int) -> dict[str, dict[str, torch.Tensor]]:
+    """Rank ``rank``'s slices of every decoder block (plus input/output on rank 0)."""
     mine: dict[str, dict[str, torch.Tensor]] = {}
     for i, spec in enumerate(specs):
         for kind in ("attn", "mlp"):
@@ -40,7 +41,12 @@ def _rank_provider(config: ModelConfig, blocks: dict[str, dict[str, torch.Tensor
             mine[name] = slice_block(config, name, blocks[name], spec)
     if rank == 0:
         mine["input"], mine["output"] = blocks["input"], blocks["output"]
-    return InMemoryProvider(mine)
+    return mine
+
+
+def _rank_provider(config: ModelConfig, blocks: dict[str, dict[str, torch.Tensor]],
+                   specs: list[ShardSpec], rank: int) -> InMemoryProvider:
+    return InMemoryProvider(_rank_blocks(config, blocks, specs, rank))
 
 
 def _prompt(config: ModelConfig) -> torch.Tensor:

@@ -14,9 +14,8 @@ from edgemesh.llm.model import Participant
 from edgemesh.llm.sampling import Sampler, SamplingParams
 from edgemesh.llm.speculate import AdaptiveK, DraftProposer, LookupProposer, SpecStats, speculative_generate, verify
 from edgemesh.llm.threaded import run_thread_group
-from edgemesh.weights.provider import InMemoryProvider
-from edgemesh.weights.shard import ShardSpec, slice_block, split_layer
-from tests.unit.test_llm_equivalence import _blocks, _config
+from edgemesh.weights.shard import ShardSpec, split_layer
+from tests.unit.test_llm_equivalence import _blocks, _config, _rank_provider
 
 pytestmark = pytest.mark.unit
 
@@ -33,17 +32,9 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def _provider(config, blocks, specs, rank):  # type: ignore[no-untyped-def]
-    mine = {f"{kind}_{i}": slice_block(config, f"{kind}_{i}", blocks[f"{kind}_{i}"], spec)
-            for i, spec in enumerate(specs) for kind in ("attn", "mlp")}
-    if rank == 0:
-        mine["input"], mine["output"] = blocks["input"], blocks["output"]
-    return InMemoryProvider(mine)
-
-
 def _single(config, blocks) -> Participant:  # type: ignore[no-untyped-def]
     full = [ShardSpec.full(config)] * config.num_hidden_layers
-    return Participant(config, full, _provider(config, blocks, full, 0), LocalCollective(), max_seq_len=128)
+    return Participant(config, full, _rank_provider(config, blocks, full, 0), LocalCollective(), max_seq_len=128)
 
 
 class Scripted:
@@ -95,7 +86,7 @@ def test_greedy_identical_to_plain_split(world):
 
     def build(coll: Collective) -> Participant:
         mine = [layer[coll.rank] for layer in layer_specs]
-        return Participant(config, mine, _provider(config, blocks, mine, coll.rank), coll, max_seq_len=128)
+        return Participant(config, mine, _rank_provider(config, blocks, mine, coll.rank), coll, max_seq_len=128)
 
     def master(p: Participant) -> list[int]:
         return list(speculative_generate(p, PROMPT, N, Scripted(len(PROMPT), plain, 3, 128),

@@ -20,9 +20,10 @@ from edgemesh.llm.threaded import run_thread_group
 from edgemesh.weights.config import ModelConfig
 from edgemesh.weights.provider import InMemoryProvider
 from edgemesh.weights.quant import quantize_block
-from edgemesh.weights.shard import ShardSpec, slice_block, split_layer
+from edgemesh.weights.shard import ShardSpec, split_layer
 from edgemesh.weights.store import write_tensors
 from edgemesh.weights.synth import random_block
+from tests.unit.test_llm_equivalence import _rank_blocks
 from edgemesh.weights.window import WeightLoadError, WindowedProvider, execution_order, read_safetensors
 
 pytestmark = pytest.mark.unit
@@ -50,17 +51,6 @@ def _config(**kw: object) -> ModelConfig:
 def _blocks(config: ModelConfig, seed: int, int8: bool) -> dict[str, dict[str, torch.Tensor]]:
     blocks = {b: random_block(config, b, seed) for b in config.block_names()}
     return {b: quantize_block(t, "int8") for b, t in blocks.items()} if int8 else blocks
-
-
-def _rank_blocks(config, blocks, specs, rank):  # type: ignore[no-untyped-def]
-    mine = {}
-    for i, spec in enumerate(specs):
-        for kind in ("attn", "mlp"):
-            name = f"{kind}_{i}"
-            mine[name] = slice_block(config, name, blocks[name], spec)
-    if rank == 0:
-        mine["input"], mine["output"] = blocks["input"], blocks["output"]
-    return mine
 
 
 def _write(root: Path, mine: dict[str, dict[str, torch.Tensor]]) -> dict[str, Path]:
