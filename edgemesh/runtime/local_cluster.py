@@ -125,8 +125,11 @@ def up(directory: Path, count: int, base_port: int = 7700, progress: Callable[[s
             progress(f"joining {n.name} on port {n.port}")
             state = StateDir(Path(n.state_dir))
             k, name = state.load_or_create_identity(n.name)
+            # The founder may still be starting up (its profile, aiortc's import) on a busy
+            # machine: a challenge unanswered for 3 s failed a test setup once; this is loopback.
             result = asyncio.run(join_cluster(
-                k, name, token, (tcp_endpoint(HOST, n.port),), (tcp_endpoint(HOST, n.port + 1),), discover=False))
+                k, name, token, (tcp_endpoint(HOST, n.port),), (tcp_endpoint(HOST, n.port + 1),), timeout=15.0,
+                discover=False))
             state.save_cluster(result.cluster)
             state.save_members(result.records)
             procs.append((state, _spawn_recorded(state, n, nodes, directory)))
