@@ -182,12 +182,12 @@ class Deployment:
         self.progress("slicing weights")
         refs = await asyncio.to_thread(lambda: [rank_files(self.entry, self.plan.specs_for(r), r) for r in range(world)])
         keys = [bytes.fromhex(m["key"]) for m in self.members]
+        ours = [self.address_for(m) for m in self.members]  # rank r dials us at ours[r] (or a clear error)
         files = {ref.sha256: self.entry.root / ref.name for r in range(1, world) for ref in refs[r].values()}
         jstate = self._server.add(job, keys, files)
         from edgemesh.collective.members import CurveKeys
         from edgemesh.collective.tcp_links import SecureLinks, max_message_for
 
-        ours = [self.address_for(m) for m in self.members]  # rank r dials us at ours[r]
         links0 = SecureLinks.bind(tcp_endpoint(self.listen_host, 0), CurveKeys(self.key.curve_public, self.key.curve_secret),
                                   [curve_public_for(k) for k in keys], max_message=max_message_for(
                                       self.entry.config.hidden_size * self.options.max_seq_len * 4))
