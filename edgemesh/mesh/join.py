@@ -1,12 +1,13 @@
 """Admission of new nodes: both sides prove they know the cluster secret; it never travels.
 
 Server side (`JoinService`) is transport-free so it can be tested with a fake clock. The flow
-and the MAC inputs are specified in protocols/wire.md ("Join handshake").
+and the MAC inputs are specified in protocols/wire.md ("Join handshake"); the proofs are bound
+to the link (both CURVE keys, the cluster id, both nonces — `mesh.join_proof`), and the reply
+is signed by this member's node key, so a join cannot be relayed through someone else.
 """
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import logging
 import secrets
@@ -20,6 +21,7 @@ from edgemesh.clock import Clock
 from edgemesh.errors import AuthError, ProtocolError
 from edgemesh.identity.keys import NodeKey
 from edgemesh.identity.statedir import ClusterInfo
+from edgemesh.mesh.join_proof import JoinChannel, client_mac, server_proof, sign_reply
 from edgemesh.mesh.records import MemberRecord, admit, check_self
 from edgemesh.mesh.view import MembershipView
 from edgemesh.wire.schema import body_map, need
@@ -29,16 +31,7 @@ log = logging.getLogger(__name__)
 NONCE_BYTES = 32
 NONCE_TTL = 30.0
 MAX_OPEN_CHALLENGES = 1024
-SERVER_TAG = b"edgemesh-join-server"
-CLIENT_TAG = b"edgemesh-join-v1"
-
-
-def server_proof(secret: bytes, cnonce: bytes, nonce: bytes) -> bytes:
-    return hmac.new(secret, SERVER_TAG + cnonce + nonce, hashlib.sha256).digest()
-
-
-def client_mac(secret: bytes, cluster_id: str, nonce: bytes, record: bytes) -> bytes:
-    return hmac.new(secret, CLIENT_TAG + cluster_id.encode() + nonce + record, hashlib.sha256).digest()
+__all__ = ["JoinService", "JoinChannel", "client_mac", "server_proof", "pack_record", "NONCE_BYTES"]
 
 
 def pack_record(r: MemberRecord) -> bytes:
@@ -48,6 +41,7 @@ def pack_record(r: MemberRecord) -> bytes:
 @dataclass
 class _Challenge:
     peer_key: bytes
+    cnonce: bytes
     expires: float
 
 
@@ -77,11 +71,14 @@ class JoinService:
             raise ProtocolError("cnonce must be 32 bytes")
         self._expire()
         nonce = secrets.token_bytes(NONCE_BYTES)
-        self._open[nonce] = _Challenge(peer_key, self.clock.now() + NONCE_TTL)
+        self._open[nonce] = _Challenge(peer_key, cnonce, self.clock.now() + NONCE_TTL)
         while len(self._open) > MAX_OPEN_CHALLENGES:
             self._open.popitem(last=False)
         return {"nonce": nonce, "cluster": self.cluster.cluster_id,
-                "proof": server_proof(self.cluster.secret, cnonce, nonce)}
+                "proof": server_proof(self.cluster.secret, self._channel(peer_key, cnonce, nonce))}
+
+    def _channel(self, peer_key: bytes, cnonce: bytes, nonce: bytes) -> JoinChannel:
+        return JoinChannel(self.cluster.cluster_id, self.key.curve_public, peer_key, cnonce, nonce)
 
     def register(self, peer_key: bytes, body: Any) -> dict[str, Any]:
         body = body_map(body)
@@ -95,9 +92,11 @@ class JoinService:
             self._refuse("join refused: challenge unknown, expired or already used (replayed join?)")
         if challenge.peer_key != peer_key:
             self._refuse("join refused: the challenge was issued to a different key")
-        want = client_mac(self.cluster.secret, self.cluster.cluster_id, nonce, packed)
+        channel = self._channel(peer_key, challenge.cnonce, nonce)
+        want = client_mac(self.cluster.secret, channel, packed)
         if not hmac.compare_digest(want, mac):
-            self._refuse("join refused: wrong cluster secret (is the token from this cluster?)")
+            self._refuse("join refused: wrong cluster secret (is the token from this cluster?), "
+                         "or the join was relayed through another node")
         try:
             record = MemberRecord.from_wire(msgpack.unpackb(packed, raw=False, strict_map_key=True))
         except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
@@ -113,7 +112,9 @@ class JoinService:
             self._refuse("join refused: a newer record for this node exists; retry")
         log.info("admitted %s (%s)", record.node_id, record.name)
         self.on_admit(admitted)
-        return {"cluster": self.cluster.cluster_id, "root": self.cluster.root, "records": self.view.to_wire()}
+        records = self.view.to_wire()
+        return {"cluster": self.cluster.cluster_id, "root": self.cluster.root, "records": records,
+                "sig": sign_reply(self.key, channel, self.cluster.root, records)}
 
     def _refuse(self, message: str) -> Any:
         self.refused += 1

@@ -1,4 +1,14 @@
-"""The joining side of admission: find a member, check its proof, register, get the view."""
+"""The joining side of admission: find a member, check its proof, register, check the view.
+
+Whom to trust: the token's keys. A token point names the member's key, so the link to it is
+authenticated by CURVE; a member found by mDNS names its own key, so anyone on the LAN can
+pose as one. Either way the joiner believes a member only after (1) its proof of the cluster
+secret verifies *for this link* (both CURVE keys and the cluster id are in it, so an answer
+relayed from a real member does not verify), (2) its register reply is signed by the node key
+the joiner dialled, and (3) the view it hands over verifies record by record under its root,
+holds the member itself, this node's fresh admission by that member, and at least one of the
+token's keys.
+"""
 
 from __future__ import annotations
 
@@ -10,16 +20,20 @@ from dataclasses import dataclass
 from typing import Any
 
 from edgemesh.errors import AuthError, ProtocolError, RpcError, TokenError
-from edgemesh.identity.keys import NodeKey, curve_public_for
+from edgemesh.identity.keys import NodeKey, curve_public_for, node_id_for
 from edgemesh.identity.statedir import ClusterInfo
 from edgemesh.identity.token import JoinPoint, JoinToken
-from edgemesh.mesh.join import NONCE_BYTES, client_mac, pack_record, server_proof
+from edgemesh.mesh.join import NONCE_BYTES, pack_record
+from edgemesh.mesh.join_proof import JoinChannel, check_reply, client_mac, server_proof
 from edgemesh.mesh.records import MemberRecord, sign_self
 from edgemesh.mesh.rpc import RpcClient, rpc_session
+from edgemesh.mesh.view import MembershipView
 from edgemesh.transport.zmq_link import ZmqTransport
 from edgemesh.wire.schema import body_map, need
 
 log = logging.getLogger(__name__)
+
+MAX_ROOT_LEN = 64  # a node id (hex of 32 bytes)
 
 
 @dataclass(frozen=True)
@@ -46,14 +60,14 @@ async def join_cluster(
     failures: list[str] = []
     try:
         for point in token.points:
-            result = await _try_point(transport, key, token, record, point, timeout, failures)
+            result = await _try_point(transport, key, token, record, point, timeout, failures, trusted=True)
             if result:
                 return result
         if discover:
             for point in await _discovered_points(token.cluster_id):
                 if point in token.points:
                     continue
-                result = await _try_point(transport, key, token, record, point, timeout, failures)
+                result = await _try_point(transport, key, token, record, point, timeout, failures, trusted=False)
                 if result:
                     return result
     finally:
@@ -67,16 +81,27 @@ async def join_cluster(
 
 async def _try_point(
     transport: ZmqTransport, key: NodeKey, token: JoinToken, record: MemberRecord,
-    point: JoinPoint, timeout: float, failures: list[str],
+    point: JoinPoint, timeout: float, failures: list[str], trusted: bool,
 ) -> JoinResult | None:
+    """One join attempt. A token point that refuses us means a wrong token (raise); a member
+    found on the LAN that fails a check may be an impostor: note it and try the next one."""
     try:
         async with rpc_session(transport, point.endpoint, curve_public_for(point.sign_public),
                                bytes.fromhex(key.node_id)) as client:
             return await _handshake(client, key, token, record, point, timeout)
     except RpcError as exc:
         if exc.code in ("AuthError", "TokenError"):
-            raise AuthError(str(exc)) from None
+            if trusted:
+                raise AuthError(str(exc)) from None
+            failures.append(f"{point.endpoint} (found on the LAN) refused us: {exc}")
+            return None
         failures.append(f"{point.endpoint}: {exc}")
+        return None
+    except AuthError as exc:
+        if trusted:
+            raise
+        log.warning("ignored %s, found on the LAN: %s", point.endpoint, exc)
+        failures.append(f"{point.endpoint} (found on the LAN) failed authentication: {exc}")
         return None
     except ProtocolError as exc:
         failures.append(f"{point.endpoint}: bad answer ({exc})")
@@ -88,20 +113,47 @@ async def _handshake(client: RpcClient, key: NodeKey, token: JoinToken, record: 
     cnonce = secrets.token_bytes(NONCE_BYTES)
     body, _ = await client.call("join.challenge", {"cnonce": cnonce}, timeout=timeout)
     body = body_map(body)
-    nonce = need(body, "nonce", bytes)
+    nonce = need(body, "nonce", bytes, max_len=NONCE_BYTES)
     if need(body, "cluster", str) != token.cluster_id:
         raise TokenError(f"{point.endpoint} belongs to another cluster; the token does not match it")
-    if not hmac.compare_digest(need(body, "proof", bytes), server_proof(token.secret, cnonce, nonce)):
-        raise AuthError(f"{point.endpoint} cannot prove it knows the cluster secret: the token is wrong "
-                        "for this cluster, or this is not the cluster you think")
+    # The server's key as we dialled it, ours as its link saw it: a relayed answer does not match.
+    channel = JoinChannel(token.cluster_id, curve_public_for(point.sign_public), key.curve_public, cnonce, nonce)
+    if not hmac.compare_digest(need(body, "proof", bytes), server_proof(token.secret, channel)):
+        raise AuthError(f"{point.endpoint} cannot prove it knows the cluster secret on this link: the token "
+                        "is wrong for this cluster, or it passes on another member's answers (an impostor?)")
     packed = pack_record(record)
-    mac = client_mac(token.secret, token.cluster_id, nonce, packed)
+    mac = client_mac(token.secret, channel, packed)
     reply, _ = await client.call("join.register", {"nonce": nonce, "record": packed, "mac": mac}, timeout=timeout)
     reply = body_map(reply)
     records = need(reply, "records", list)
-    root = need(reply, "root", str)
+    root = need(reply, "root", str, max_len=MAX_ROOT_LEN)
+    check_reply(point.sign_public, channel, root, records, need(reply, "sig", bytes, max_len=64))
+    adopted = verified_view(token, point, record, root, records)
     log.info("joined cluster %s via %s", token.cluster_id, point.endpoint)
-    return JoinResult(ClusterInfo(token.cluster_id, root, token.secret), records, point.endpoint)
+    return JoinResult(ClusterInfo(token.cluster_id, root, token.secret), adopted, point.endpoint)
+
+
+def verified_view(token: JoinToken, point: JoinPoint, me: MemberRecord, root: str, records: list[Any]) -> list[Any]:
+    """The records a joiner adopts, or ``AuthError``: each one verifies (self-signed by its owner,
+    admitted along a chain that starts at ``root``), the member that answered is in it under
+    the key we dialled, so is our own record admitted by that member, and so is at least one
+    key from the token (the token's keys are the anchors that tie the view to the cluster)."""
+    where = point.endpoint
+    view = MembershipView(ClusterInfo(token.cluster_id, root, token.secret))
+    view.merge_wire(records)
+    if view.rejected or len(view.records) != len(records):
+        raise AuthError(f"{where} sent a view with records that do not verify under its root (forged or damaged)")
+    server = view.get(node_id_for(point.sign_public))
+    if server is None or server.key != point.sign_public or server.status != "member":
+        raise AuthError(f"{where} sent a view that does not hold itself as a member")
+    mine = view.get(me.node_id)
+    if mine is None or mine.key != me.key or mine.sig != me.sig or mine.admitted_by != server.node_id:
+        raise AuthError(f"{where} sent a view without this node's admission")
+    anchors = {p.sign_public for p in token.points}
+    if not any(r.key in anchors for r in view.records.values()):
+        raise AuthError(f"{where} sent a view that holds none of the token's members: "
+                        "it is not the cluster the token names")
+    return view.to_wire()
 
 
 async def _discovered_points(cluster_id: str) -> list[JoinPoint]:

@@ -15,7 +15,8 @@ import zmq
 from edgemesh.errors import RpcError, RpcTimeout
 from edgemesh.identity.keys import NodeKey
 from edgemesh.identity.token import JoinPoint, JoinToken
-from edgemesh.mesh.join import client_mac, pack_record
+from edgemesh.mesh.join import pack_record
+from edgemesh.mesh.join_proof import JoinChannel, client_mac
 from edgemesh.mesh.records import MemberRecord, sign_self
 from edgemesh.mesh.rpc import RpcClient
 from edgemesh.runtime.control import control, control_call
@@ -99,8 +100,8 @@ def test_replayed_join_is_refused_and_changes_nothing(cluster3):
                 joiner.node_id, "joiner", joiner.sign_public, int(time.time() * 1000), "member",
                 ("tcp://127.0.0.1:1",), ("tcp://127.0.0.1:2",)))
             packed = pack_record(rec)
-            body = {"nonce": ch["nonce"], "record": packed,
-                    "mac": client_mac(cluster.secret, cluster.cluster_id, ch["nonce"], packed)}
+            channel = JoinChannel(cluster.cluster_id, root_key.curve_public, joiner.curve_public, b"c" * 32, ch["nonce"])
+            body = {"nonce": ch["nonce"], "record": packed, "mac": client_mac(cluster.secret, channel, packed)}
             await client.call("join.register", body)
             n_after_join = len((await control_call(sds[0], "status"))["members"])
             with pytest.raises(RpcError, match="replayed"):

@@ -11,7 +11,8 @@ from edgemesh.errors import AuthError, ConfigError, ProtocolError
 from edgemesh.identity.keys import NodeKey
 from edgemesh.identity.statedir import ClusterInfo
 from edgemesh.mesh.failure import FailureDetector
-from edgemesh.mesh.join import JoinService, client_mac, pack_record, server_proof
+from edgemesh.mesh.join import JoinService, pack_record
+from edgemesh.mesh.join_proof import JoinChannel, client_mac, server_proof
 from edgemesh.mesh.records import MemberRecord, admit, sign_self
 from edgemesh.mesh.view import MembershipView
 
@@ -29,6 +30,7 @@ def make_record(cluster: ClusterInfo, key: NodeKey, version: int = 1, admitter: 
 @pytest.fixture
 def world():
     root = NodeKey.generate()
+    _ROOTS[root.node_id] = root
     cluster = ClusterInfo("cid", root.node_id, b"S" * 32)
     view = MembershipView(cluster)
     view.merge([make_record(cluster, root, admitter=root)])
@@ -125,17 +127,31 @@ def service(world):
     return svc, cluster, view, clock, admitted
 
 
-def _register_body(cluster, nonce, joiner, secret=None):
+CNONCE = b"c" * 32
+
+
+def _register_body(cluster, nonce, joiner, secret=None, server=None, link_key=None):
+    """A register for ``joiner`` on a link from ``link_key`` (default: the joiner's own key) to
+    ``server`` (default: the root, which serves the join in these tests)."""
     packed = pack_record(make_record(cluster, joiner, int(time.time() * 1000)))
-    return {"nonce": nonce, "record": packed, "mac": client_mac(secret or cluster.secret, cluster.cluster_id, nonce, packed)}
+    server_key = (server.curve_public if server else _root_curve(cluster))
+    channel = JoinChannel(cluster.cluster_id, server_key, link_key or joiner.curve_public, CNONCE, nonce)
+    return {"nonce": nonce, "record": packed, "mac": client_mac(secret or cluster.secret, channel, packed)}
+
+
+_ROOTS: dict[str, NodeKey] = {}
+
+
+def _root_curve(cluster):
+    return _ROOTS[cluster.root].curve_public
 
 
 def test_join_admits_a_node_that_knows_the_secret(service):
     svc, cluster, view, clock, admitted = service
     joiner = NodeKey.generate()
-    cn = b"c" * 32
-    ch = svc.challenge(joiner.curve_public, {"cnonce": cn})
-    assert ch["proof"] == server_proof(cluster.secret, cn, ch["nonce"])
+    ch = svc.challenge(joiner.curve_public, {"cnonce": CNONCE})
+    assert ch["proof"] == server_proof(cluster.secret, JoinChannel(
+        cluster.cluster_id, _root_curve(cluster), joiner.curve_public, CNONCE, ch["nonce"]))
     reply = svc.register(joiner.curve_public, _register_body(cluster, ch["nonce"], joiner))
     assert view.is_member_curve_key(joiner.curve_public)
     assert len(admitted) == 1 and admitted[0].admitted_by == cluster.root
@@ -170,7 +186,8 @@ def test_wrong_secret_replay_expiry_and_key_mismatch_are_refused_without_state_c
         svc.register(NodeKey.generate().curve_public, _register_body(cluster, ch["nonce"], other))
     ch = svc.challenge(other.curve_public, {"cnonce": b"c" * 32})
     with pytest.raises(AuthError, match="not the key of this connection"):
-        svc.register(other.curve_public, _register_body(cluster, ch["nonce"], NodeKey.generate()))
+        svc.register(other.curve_public, _register_body(cluster, ch["nonce"], NodeKey.generate(),
+                                                        link_key=other.curve_public))
     assert len(view.members()) == members_before
     assert not view.is_member_curve_key(other.curve_public)
     assert len(admitted) == 1
