@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Generic, Sequence, TypeVar
@@ -21,7 +22,12 @@ from edgemesh.wire.tensor import TensorSpec
 log = logging.getLogger(__name__)
 
 MAX_INFLIGHT = 256  # handler tasks per server; more are refused with "busy"
-SERVED_CACHE = 4096  # replies remembered by request id, for transports that re-send
+# Replies remembered by request id, for transports that re-send (per peer): at most this many
+# ids, this many bytes of replies, and each for this long. A re-send follows a path failing
+# over (seconds), so a minute covers it; a reply larger than the whole budget is not kept.
+SERVED_CACHE = 4096
+SERVED_BYTES = 8 * 1024 * 1024
+SERVED_SECONDS = 60.0
 
 T = TypeVar("T")
 Tensors = list[tuple[TensorSpec, memoryview]]
@@ -111,25 +117,58 @@ class Dispatcher:
 
 
 class RequestLog(Generic[T]):
-    """Recent request ids and their replies: at-least-once delivery becomes exactly-once handling."""
+    """Recent request ids and their replies: at-least-once delivery becomes exactly-once handling.
 
-    def __init__(self, size: int = SERVED_CACHE) -> None:
-        self.size = size
-        self._served: OrderedDict[int, T | None] = OrderedDict()
+    Bounded in ids (``size``), reply bytes (``max_bytes``, as ``weigh`` counts them) and time
+    (``ttl`` seconds after the answer). What falls out is forgotten: a later re-send of it runs
+    again, as it did when only the count was bounded."""
+
+    def __init__(self, size: int = SERVED_CACHE, max_bytes: int = SERVED_BYTES, ttl: float = SERVED_SECONDS,
+                 weigh: Callable[[T], int] = len, now: Callable[[], float] = time.monotonic) -> None:  # type: ignore[assignment]
+        self.size, self.max_bytes, self.ttl = size, max_bytes, ttl
+        self.weigh, self.now = weigh, now
+        self._running: OrderedDict[int, None] = OrderedDict()
+        self._answered: OrderedDict[int, tuple[T, int, float]] = OrderedDict()  # rid -> (reply, bytes, when)
+        self.bytes = 0  # reply bytes held now
+
+    def __len__(self) -> int:
+        return len(self._running) + len(self._answered)
 
     def admit(self, rid: int) -> tuple[bool, T | None]:
         """``(True, None)`` for a new request (now remembered as running); ``(False, reply)`` for
         a repeat, ``reply`` being ``None`` while the first one still runs."""
-        if rid in self._served:
-            return False, self._served[rid]
-        self._served[rid] = None
-        while len(self._served) > self.size:
-            self._served.popitem(last=False)
+        self._trim()
+        if rid in self._running:
+            return False, None
+        if rid in self._answered:
+            return False, self._answered[rid][0]
+        self._running[rid] = None
+        self._trim()
         return True, None
 
     def answered(self, rid: int, reply: T) -> None:
-        if rid in self._served:
-            self._served[rid] = reply
+        if rid not in self._running:
+            return
+        del self._running[rid]
+        size = self.weigh(reply)
+        if size > self.max_bytes:
+            return  # too big to keep: a re-send of it runs again
+        self._answered[rid] = (reply, size, self.now())
+        self.bytes += size
+        self._trim()
+
+    def _trim(self) -> None:
+        """Oldest answers out first (expired, then over the byte or id budget), then the
+        oldest running ids if still over the id budget."""
+        deadline = self.now() - self.ttl
+        while self._answered:
+            rid, (_, size, when) = next(iter(self._answered.items()))
+            if when >= deadline and self.bytes <= self.max_bytes and len(self) <= self.size:
+                break
+            del self._answered[rid]
+            self.bytes -= size
+        while len(self._running) > self.size:
+            self._running.popitem(last=False)
 
 
 async def answer(method: str, fut: asyncio.Future[Any], timeout: float,
