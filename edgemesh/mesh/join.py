@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 NONCE_BYTES = 32
 NONCE_TTL = 30.0
 MAX_OPEN_CHALLENGES = 1024
+# Open challenges one source address may hold: a stranger asking for challenges in a loop only
+# evicts its own, and when all are taken the source holding the most gives one up.
+MAX_CHALLENGES_PER_SOURCE = 16
 __all__ = ["JoinService", "JoinChannel", "client_mac", "server_proof", "pack_record", "NONCE_BYTES"]
 
 
@@ -43,6 +46,7 @@ class _Challenge:
     peer_key: bytes
     cnonce: bytes
     expires: float
+    source: str
 
 
 class JoinService:
@@ -62,18 +66,23 @@ class JoinService:
         self.clock = clock
         self.on_admit = on_admit
         self._open: OrderedDict[bytes, _Challenge] = OrderedDict()
+        self._per_source: dict[str, int] = {}
         self.refused = 0
 
-    def challenge(self, peer_key: bytes, body: Any) -> dict[str, Any]:
+    def challenge(self, peer_key: bytes, body: Any, source: str = "") -> dict[str, Any]:
+        """``source``: the caller's address where the transport knows it (shares are per source)."""
         body = body_map(body)
         cnonce = need(body, "cnonce", bytes)
         if len(cnonce) != NONCE_BYTES:
             raise ProtocolError("cnonce must be 32 bytes")
         self._expire()
+        if self._per_source.get(source, 0) >= MAX_CHALLENGES_PER_SOURCE:
+            self._drop_oldest_of(source)
         nonce = secrets.token_bytes(NONCE_BYTES)
-        self._open[nonce] = _Challenge(peer_key, cnonce, self.clock.now() + NONCE_TTL)
+        self._open[nonce] = _Challenge(peer_key, cnonce, self.clock.now() + NONCE_TTL, source)
+        self._per_source[source] = self._per_source.get(source, 0) + 1
         while len(self._open) > MAX_OPEN_CHALLENGES:
-            self._open.popitem(last=False)
+            self._drop_oldest_of(max(self._per_source, key=self._per_source.__getitem__))
         return {"nonce": nonce, "cluster": self.cluster.cluster_id,
                 "proof": server_proof(self.cluster.secret, self._channel(peer_key, cnonce, nonce))}
 
@@ -87,7 +96,7 @@ class JoinService:
         mac = need(body, "mac", bytes)
         self._expire()
         # Single use: the challenge is gone after the first attempt, successful or not.
-        challenge = self._open.pop(nonce, None)
+        challenge = self._take(nonce)
         if challenge is None:
             self._refuse("join refused: challenge unknown, expired or already used (replayed join?)")
         if challenge.peer_key != peer_key:
@@ -121,7 +130,23 @@ class JoinService:
         log.warning("%s", message)
         raise AuthError(message)
 
+    def _take(self, nonce: bytes) -> _Challenge | None:
+        challenge = self._open.pop(nonce, None)
+        if challenge is not None:
+            left = self._per_source[challenge.source] - 1
+            if left:
+                self._per_source[challenge.source] = left
+            else:
+                del self._per_source[challenge.source]
+        return challenge
+
+    def _drop_oldest_of(self, source: str) -> None:
+        for nonce, c in self._open.items():
+            if c.source == source:
+                self._take(nonce)
+                return
+
     def _expire(self) -> None:
         now = self.clock.now()
         for nonce in [n for n, c in self._open.items() if c.expires < now]:
-            del self._open[nonce]
+            self._take(nonce)

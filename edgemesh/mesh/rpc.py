@@ -63,6 +63,10 @@ class RpcServer:
         except (zmq.ZMQError, AttributeError):
             peer_key = b""
         try:
+            source = payload[0].get("Peer-Address") or ""
+        except (zmq.ZMQError, AttributeError):
+            source = ""
+        try:
             env, views = decode_message(payload)
         except ProtocolError as exc:
             self.stats.protocol_errors += 1
@@ -74,12 +78,14 @@ class RpcServer:
         if len(self._tasks) >= MAX_INFLIGHT:
             self._send(route, self.dispatcher.error(env, "busy", "too many requests in flight", encode_message))
             return
-        task = asyncio.ensure_future(self._handle(route, peer_key, env, views))
+        task = asyncio.ensure_future(self._handle(route, peer_key, source, env, views))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _handle(self, route: zmq.Frame, peer_key: bytes, env: Envelope, views: list[memoryview]) -> None:
-        self._send(route, await self.dispatcher.serve(peer_key, env, list(zip(env.tensors, views)), encode_message))
+    async def _handle(self, route: zmq.Frame, peer_key: bytes, source: str, env: Envelope,
+                      views: list[memoryview]) -> None:
+        self._send(route, await self.dispatcher.serve(peer_key, env, list(zip(env.tensors, views)), encode_message,
+                                                      source))
 
     def _send(self, route: zmq.Frame, frames: list[Any] | None) -> None:
         if frames is None:

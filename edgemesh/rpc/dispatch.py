@@ -41,6 +41,7 @@ class Call:
     method: str
     body: Any
     tensors: Tensors
+    source: str = ""  # the peer's network address where the transport knows it (zmq: Peer-Address)
 
 
 @dataclass
@@ -77,7 +78,8 @@ class Dispatcher:
         self.stats = stats
         self.authorize = authorize
 
-    async def serve(self, peer_key: bytes, env: Envelope, tensors: Tensors, encode: Encode[T]) -> T | None:
+    async def serve(self, peer_key: bytes, env: Envelope, tensors: Tensors, encode: Encode[T],
+                    source: str = "") -> T | None:
         method = env.method
         handler = self.handlers.get(method)
         if handler is None or not self.authorize(peer_key, method):
@@ -85,7 +87,7 @@ class Dispatcher:
             return self.error(env, "unknown_method", f"no method '{method}' here", encode)
         self.stats.by_method[method] = self.stats.by_method.get(method, 0) + 1
         try:
-            result = await handler(Call(peer_key, method, env.body, tensors))
+            result = await handler(Call(peer_key, method, env.body, tensors, source))
         except ProtocolError as exc:
             self.stats.protocol_errors += 1
             return self.error(env, "bad_request", str(exc), encode)

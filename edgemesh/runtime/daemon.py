@@ -171,6 +171,7 @@ class NodeDaemon:
                 "received": stats.received, "protocol_errors": stats.protocol_errors,
                 "internal_errors": stats.internal_errors, "refused_calls": stats.refused,
                 "refused_connections": node.transport.refused_connections,
+                "closed_connections": node.transport.closed_connections,
                 "refused_joins": m.join_service.refused, "rejected_records": m.view.rejected,
                 "refused_channels": self.nat.traversal.stats.refused_channels,
             },

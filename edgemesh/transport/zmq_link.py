@@ -11,10 +11,15 @@ cap a peer with any key (the join port admits all) could make the daemon hold a 
 before the 4 MiB envelope check ran. The cap also applies to the CURVE handshake's own commands,
 so even the member-only mesh port bounds what an unauthenticated connection can make it hold.
 
-The join port admits any key, and zmq cannot close one peer's connection once it is up, so it
-also caps how many connections it keeps at once (``MAX_PEERS``): a socket monitor counts them
-and the ZAP handler refuses new handshakes while the port is full. A stranger can then hold at
-most that many (~40 KB each) instead of every descriptor the daemon has.
+The join port admits any key, so it also caps how many connections it keeps at once
+(``MAX_PEERS``): a socket monitor counts them and the ZAP handler refuses new handshakes while
+the port is full. A stranger could fill the port and keep it full, so its slots are also
+short-lived and shared fairly: a join connection is closed ``SLOT_SECONDS`` after it was
+accepted whatever it does (a join takes two calls), and one source address holds at most
+``MAX_PEERS_PER_SOURCE`` at once (more are closed as they arrive). zmq has no call to close one
+peer's connection, so the monitor's descriptor is shut down underneath libzmq (``shutdown(2)``
+on a duplicate, after checking it is still the connection accepted), which libzmq handles as
+the peer going away.
 """
 
 from __future__ import annotations
@@ -22,7 +27,10 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
+import socket
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import zmq
@@ -53,8 +61,44 @@ HANDSHAKE_MS = 10_000
 # Connections a server keeps at once, per domain with a limit. Joiners connect, make two calls
 # and leave; `cluster up` starts at most 63 at once.
 MAX_PEERS = {"join": 64}
+# Join slots expire and are shared per source address (see the module doc): a joiner finishes in
+# well under a second on a LAN; one address (a NAT hides several joiners behind one) gets 8.
+SLOT_SECONDS = {"join": 10.0}
+MAX_PEERS_PER_SOURCE = {"join": 8}
 FULL_LOG_EVERY = 10.0  # seconds between "port full" warnings (a flood would log each refusal)
 Allow = Callable[[bytes], bool]  # z85 CURVE public key → admitted?
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """One accepted connection of a capped server: who (address, port) and since when."""
+
+    peer: tuple[str, int] | None
+    since: float
+
+
+def _peer_of(fd: int) -> tuple[str, int] | None:
+    try:
+        with socket.socket(fileno=os.dup(fd)) as s:
+            peer = s.getpeername()
+    except OSError:
+        return None
+    return (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) else None
+
+
+def _close_connection(fd: int, peer: tuple[str, int] | None) -> bool:
+    """Shut down the connection on ``fd`` if it is still the one from ``peer`` (the descriptor
+    may have been closed and reused since); libzmq sees the peer go and cleans up."""
+    if peer is None:
+        return False
+    try:
+        with socket.socket(fileno=os.dup(fd)) as s:
+            if tuple(s.getpeername()[:2]) != peer:
+                return False
+            s.shutdown(socket.SHUT_RDWR)
+            return True
+    except OSError:
+        return False
 
 
 class _Domains:
@@ -62,9 +106,10 @@ class _Domains:
 
     def __init__(self) -> None:
         self.rules: dict[str, Allow] = {}
-        self.limits: dict[str, tuple[set[int], int]] = {}  # domain → (open connections' fds, cap)
+        self.limits: dict[str, tuple[dict[int, _Slot], int]] = {}  # domain → (open connections by fd, cap)
         self.refused = 0
         self.refused_full = 0
+        self.closed_slots = 0  # connections closed by the server: over a source's share, or expired
         self._full_logged = -FULL_LOG_EVERY
 
     def callback(self, domain: str, key: bytes) -> bool:
@@ -96,11 +141,16 @@ class ZmqTransport:
         self._domains = _Domains()
         self._auth: AsyncioAuthenticator | None = None
         self._sockets: list[zmq.asyncio.Socket] = []
-        self._monitors: list[tuple[zmq.asyncio.Socket, zmq.asyncio.Socket, asyncio.Task[None]]] = []
+        self._monitors: list[tuple[zmq.asyncio.Socket, zmq.asyncio.Socket, list[asyncio.Task[None]]]] = []
 
     @property
     def refused_connections(self) -> int:
         return self._domains.refused
+
+    @property
+    def closed_connections(self) -> int:
+        """Connections a capped server closed itself (over a source's share, or expired)."""
+        return self._domains.closed_slots
 
     def start(self) -> None:
         """Start the ZAP handler (needs a running event loop)."""
@@ -144,23 +194,49 @@ class ZmqTransport:
         return sock
 
     def _limit_peers(self, sock: zmq.asyncio.Socket, domain: str, cap: int) -> None:
-        open_fds: set[int] = set()
+        slots: dict[int, _Slot] = {}
         mon = sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
-        self._domains.limits[domain] = (open_fds, cap)
+        self._domains.limits[domain] = (slots, cap)
+        per_source = MAX_PEERS_PER_SOURCE.get(domain)
+        ttl = SLOT_SECONDS.get(domain)
+        loop = asyncio.get_running_loop()
+
+        def close(fd: int, why: str) -> None:
+            slot = slots.get(fd)
+            if slot is not None and _close_connection(fd, slot.peer):
+                self._domains.closed_slots += 1
+                log.debug("closed a %s connection from %s: %s", domain, slot.peer, why)
+            else:
+                slots.pop(fd, None)  # gone already, or the descriptor is someone else's now
 
         async def watch() -> None:
             # Every accepted connection ends with DISCONNECTED (closed, refused or timed out).
             try:
                 while True:
                     event = parse_monitor_message(await mon.recv_multipart())
+                    fd = event["value"]
                     if event["event"] == zmq.EVENT_ACCEPTED:
-                        open_fds.add(event["value"])
+                        peer = _peer_of(fd)
+                        slots[fd] = _Slot(peer, time.monotonic())
+                        if per_source is not None and peer is not None and \
+                                sum(1 for s in slots.values() if s.peer and s.peer[0] == peer[0]) > per_source:
+                            self._domains.refused += 1
+                            close(fd, f"more than {per_source} connections from one address")
                     elif event["event"] == zmq.EVENT_DISCONNECTED:
-                        open_fds.discard(event["value"])
+                        slots.pop(fd, None)
             except (zmq.ZMQError, asyncio.CancelledError):
                 pass
 
-        self._monitors.append((sock, mon, asyncio.get_running_loop().create_task(watch())))
+        async def expire() -> None:
+            assert ttl is not None
+            while True:
+                await asyncio.sleep(min(1.0, ttl / 4))
+                deadline = time.monotonic() - ttl
+                for fd in [fd for fd, s in slots.items() if s.since < deadline]:
+                    close(fd, f"held for more than {ttl:g} s")
+
+        tasks = [loop.create_task(watch())] + ([loop.create_task(expire())] if ttl is not None else [])
+        self._monitors.append((sock, mon, tasks))
 
     def open_connections(self, domain: str) -> int:
         """Connections a capped server holds now (0 for a domain without a cap)."""
@@ -209,8 +285,9 @@ class ZmqTransport:
         self.close()
 
     def close(self) -> None:
-        for sock, mon, task in self._monitors:
-            task.cancel()
+        for sock, mon, tasks in self._monitors:
+            for task in tasks:
+                task.cancel()
             try:
                 sock.disable_monitor()
             except zmq.ZMQError:

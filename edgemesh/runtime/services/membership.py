@@ -205,7 +205,7 @@ class MembershipService:
     def join_handlers(self) -> dict[str, Handler]:
         """For the join port (any key may call it; only these two methods)."""
         async def challenge(call: Call) -> Any:
-            return self.join_service.challenge(call.peer_key, call.body)
+            return self.join_service.challenge(call.peer_key, call.body, call.source)
 
         async def register(call: Call) -> Any:
             return self.join_service.register(call.peer_key, call.body)
