@@ -2,7 +2,8 @@
 
 Members announce ``_edgemesh._tcp.local.`` with the cluster id, node id, public key and join
 port — never the secret. What a browser finds is only a hint: a join still needs the token's
-secret, and the joiner checks the server's proof of that secret before revealing anything.
+secret, and the joiner checks the server's proof of that secret, bound to its link, before
+revealing anything (an impostor announcing its own key cannot pass on a real member's answers).
 """
 
 from __future__ import annotations
