@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 
 import pytest
 
@@ -45,7 +46,13 @@ def test_cpu_quota_gives_half_a_core(bring_up) -> None:  # type: ignore[no-untyp
                            capture=True, timeout=60)
     assert result.returncode == 0, result.stderr
     share = json.loads(result.stdout)["share"]
-    assert 0.45 <= share <= 0.55, f"busy loop got {share:.3f} of a core with a 0.5-core quota"
+    # The same loop outside any cgroup, right after: what this host gives one busy thread now.
+    # On a busy host (CI beside other work) even an uncapped loop gets well under a core, so the
+    # lower bar scales with it; the upper bar is the quota itself and holds on any host.
+    ref = subprocess.run([bed.caps.python, "-c", BUSY], capture_output=True, text=True, timeout=60)
+    free = json.loads(ref.stdout)["share"]
+    assert share <= 0.55, f"busy loop got {share:.3f} of a core with a 0.5-core quota"
+    assert share >= min(0.45, 0.45 * free), f"busy loop got {share:.3f} of a core (uncapped: {free:.3f})"
 
 
 def test_device_commands_run_in_the_device_cgroup_and_namespace(bring_up) -> None:  # type: ignore[no-untyped-def]
