@@ -8,11 +8,15 @@ order, wrapping to the start for the next token, and never holds more than ``win
 the disk is behind: a *stall*), ``release`` drops it, which lets the loader read the block
 ``window`` steps ahead.
 
-Memory really returns: every block is read into fresh tensors (no mmap: mapped file pages
-are charged to the process's cgroup and stay resident while referenced), the provider keeps
-no other reference once a block is released, and the file's pages are dropped from the page
-cache after each read (``posix_fadvise(DONTNEED)``), so streaming a model bigger than RAM
-neither grows RSS nor fills the page cache.
+Memory stays bounded: a block is read (``pread``, no mmap of the file: mapped file pages are
+charged to the process's cgroup and stay resident while referenced) into one anonymous mapping
+of its own, each tensor at a 64-byte aligned offset in it; the file's pages are dropped from the
+page cache after each read (``posix_fadvise(DONTNEED)``). A released block's mapping is reused
+for a later block of the same size when no tensor refers to it any more, but only while the
+resident blocks plus the kept mappings stay within the window's peak (the largest w consecutive
+blocks); otherwise it is dropped and returns to the OS. Reusing mappings matters on small CPUs:
+reading into fresh memory page-faults and zero-fills every page first (3-4x the CPU time of the
+read itself from the page cache, measured), which the loader thread takes from compute.
 
 The provider also measures what the no-stall conditions need: compute per attention / MLP
 block (``get`` → ``release``), the gap between one decoder block's release and the next one's
@@ -25,9 +29,10 @@ import json
 import logging
 import mmap
 import os
+import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -91,12 +96,27 @@ def _read_exact(fd: int, view: memoryview, offset: int, drop: bool) -> None:
         done += n
 
 
-def read_safetensors(path: Path, *, drop_cache: bool = True) -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors file, each in its own fresh anonymous memory mapping.
+ALIGN = 64  # every tensor starts on this boundary in its block's mapping (int8 kernels need it)
 
-    Not ``safetensors.load_file``: it maps the whole file, so every page of it enters the
-    page cache (charged to our cgroup) and stays while mapped, and it leaves no say over where
-    the tensors are allocated (see below)."""
+
+def _aligned_size(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def read_safetensors(path: Path, *, drop_cache: bool = True) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, in a fresh anonymous mapping of its own."""
+    return read_block(path, drop_cache=drop_cache)[0]
+
+
+def read_block(path: Path, *, drop_cache: bool = True,
+               take: Callable[[int], mmap.mmap] | None = None) -> tuple[dict[str, torch.Tensor], mmap.mmap | None]:
+    """Every tensor of a safetensors file, all in one anonymous mapping (each at a 64-byte
+    aligned offset); returns the tensors and that mapping (None for a file of empty tensors).
+
+    ``take(nbytes)`` supplies the mapping (a reused one, say); by default a fresh one. Not
+    ``safetensors.load_file``: it maps the whole file, so every page of it enters the page
+    cache (charged to our cgroup) and stays while mapped, and it leaves no say over where the
+    tensors are allocated."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError as exc:
@@ -115,7 +135,8 @@ def read_safetensors(path: Path, *, drop_cache: bool = True) -> dict[str, torch.
         except ValueError:
             raise WeightLoadError(f"{path}: unreadable safetensors header") from None
         base = 8 + n
-        out: dict[str, torch.Tensor] = {}
+        layout: list[tuple[str, torch.dtype, list[int], int, int, int]] = []  # name, dtype, shape, begin, end, at
+        total = 0
         for name, info in sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
                                  key=lambda kv: kv[1]["data_offsets"][0]):
             dtype = _DTYPES.get(info.get("dtype"))
@@ -126,19 +147,25 @@ def read_safetensors(path: Path, *, drop_cache: bool = True) -> dict[str, torch.
             numel = 1
             for s in shape:
                 numel *= s
-            if numel * torch.empty((), dtype=dtype).element_size() != end - begin:
+            if numel * torch.empty((), dtype=dtype).element_size() != end - begin or begin < 0:
                 raise WeightLoadError(f"{path}: tensor {name!r} size does not match its shape")
-            if end == begin:
-                out[name] = torch.empty(shape, dtype=dtype)
-                continue
-            # Its own anonymous mapping: page-aligned, and unmapped as soon as the last tensor
-            # using it is dropped (freed heap memory may stay in the process: glibc raises its
-            # mmap threshold after a free and per-thread arenas keep what the loader freed).
-            buf = mmap.mmap(-1, end - begin)
-            _read_exact(fd, memoryview(buf), base + begin, drop_cache)
-            out[name] = torch.frombuffer(buf, dtype=torch.uint8).view(dtype).view(shape)
-            del buf  # the tensor holds the mapping now
-        return out
+            layout.append((name, dtype, shape, begin, end, total))
+            total += _aligned_size(end - begin)
+        out: dict[str, torch.Tensor] = {}
+        buf = None if not total else take(total) if take is not None else mmap.mmap(-1, total)
+        view = memoryview(buf) if buf is not None else None
+        try:
+            for name, dtype, shape, begin, end, at in layout:
+                if end == begin:
+                    out[name] = torch.empty(shape, dtype=dtype)
+                    continue
+                assert view is not None
+                _read_exact(fd, view[at:at + end - begin], base + begin, drop_cache)
+                out[name] = torch.frombuffer(buf, dtype=torch.uint8, count=end - begin, offset=at).view(dtype).view(shape)
+        finally:
+            if view is not None:
+                view.release()
+        return out, buf
     except WeightLoadError:
         raise
     except (OSError, KeyError, TypeError, ValueError) as exc:
@@ -222,10 +249,17 @@ class WindowedProvider:
         self._ready: dict[int, tuple[dict[str, torch.Tensor], int]] = {}  # pos -> (tensors, bytes)
         self._held: dict[str, list[tuple[int, dict[str, torch.Tensor], int, float]]] = {}  # name -> [(pos, t, bytes, t_get)]
         self._loading_bytes = 0
+        self._buf_of: dict[int, mmap.mmap] = {}  # pos -> the mapping its tensors live in
+        self._free: list[mmap.mmap] = []  # released mappings kept for reuse
         try:
             self._sizes = {b: self.files[b].stat().st_size for b in set(order)}
         except OSError as exc:
             raise WeightLoadError(f"{exc.filename}: block file missing ({exc.strerror})") from None
+        sizes = [self._sizes[b] for b in self.order]
+        span = min(window, len(sizes))
+        # resident blocks + kept mappings never exceed the largest w consecutive blocks
+        self._keep_limit = max(sum(sizes[(i + j) % len(sizes)] for j in range(span)) for i in range(len(sizes)))
+        self.reused_mappings = 0  # loads that reused a released block's mapping
         self.reset_stats()
         self._thread = threading.Thread(target=self._run, name=f"edgemesh-window{('-' + name) if name else ''}",
                                         daemon=True)
@@ -267,7 +301,8 @@ class WindowedProvider:
             pos, tensors, _, t_got = held.pop(0)
             if not held:
                 del self._held[block]
-            del tensors  # the caller's references are gone too: the memory returns now
+            del tensors  # the caller's references are gone too: the memory returns now (or is reused)
+            self._recycle(self._buf_of.pop(pos, None))
             self._acc.add(_kind(block), t - t_got)
             self._last_release = (pos, _kind(block), t)
             self._cv.notify_all()
@@ -280,6 +315,8 @@ class WindowedProvider:
             self._closed = True
             self._ready.clear()
             self._held.clear()
+            self._buf_of.clear()
+            self._free.clear()
             self._cv.notify_all()
         if self._thread is not threading.current_thread():
             self._thread.join(timeout=30)
@@ -300,9 +337,9 @@ class WindowedProvider:
         return dict(self._sizes)
 
     def nbytes(self) -> int:
-        """Bytes resident now (loaded, held or being read)."""
+        """Bytes resident now (loaded, held, being read, or kept for reuse)."""
         with self._cv:
-            return self._resident_bytes()
+            return self._resident_bytes() + self._free_bytes()
 
     def reset_stats(self) -> None:
         with self._cv:
@@ -356,7 +393,11 @@ class WindowedProvider:
                   block, self.order[start % n])
         for p in [p for p in self._ready if p < pos]:
             del self._ready[p]
+            self._buf_of.pop(p, None)
         for name in list(self._held):  # blocks of an abandoned forward: the caller dropped them
+            for x in self._held[name]:
+                if x[0] < start:
+                    self._buf_of.pop(x[0], None)
             self._held[name] = [x for x in self._held[name] if x[0] >= start]
             if not self._held[name]:
                 del self._held[name]
@@ -373,13 +414,43 @@ class WindowedProvider:
                       "stall %.2f ms/token | %.0f MB/s | no-stall %s", s.window, s.tokens, s.t_a_ms, s.t_f_ms,
                       s.t_ar_ms, s.tau_a_ms, s.tau_f_ms, s.stall_ms_per_token, s.read_mbyte_s, s.no_stall)
 
-    def _shared(self, block: str) -> tuple[dict[str, torch.Tensor], int] | None:
+    def _shared(self, block: str) -> tuple[dict[str, torch.Tensor], int, mmap.mmap | None] | None:
         """A copy of ``block`` already resident (the tied head's embedding read twice in a row)."""
         for pos, (t, b) in self._ready.items():
             if self.order[pos % len(self.order)] == block:
-                return t, b
+                return t, b, self._buf_of.get(pos)
         held = self._held.get(block)
-        return (held[-1][1], held[-1][2]) if held else None
+        return (held[-1][1], held[-1][2], self._buf_of.get(held[-1][0])) if held else None
+
+    # ---- mapping reuse (``self._cv`` held) ---------------------------------------------------
+
+    def _free_bytes(self) -> int:
+        return sum(len(b) for b in self._free)
+
+    def _recycle(self, buf: mmap.mmap | None) -> None:
+        """Keep a released block's mapping for reuse if the bound allows; else let it go."""
+        if buf is None or any(b is buf for b in self._buf_of.values()):
+            return  # still the mapping of another resident position (the tied head)
+        if self._resident_bytes() + self._free_bytes() + len(buf) <= self._keep_limit:
+            self._free.append(buf)
+
+    def _take(self, nbytes: int) -> mmap.mmap:
+        """A kept mapping of about ``nbytes`` that no tensor uses any more, or a fresh one."""
+        with self._cv:
+            for i in range(len(self._free)):
+                # references: the list and getrefcount's argument; any more is a live tensor
+                if nbytes <= len(self._free[i]) <= nbytes + nbytes // 4 and sys.getrefcount(self._free[i]) <= 2:
+                    self.reused_mappings += 1
+                    return self._free.pop(i)
+            self._trim()  # the block being read is counted as resident already
+        return mmap.mmap(-1, nbytes)
+
+    def _trim(self) -> None:
+        """Give back kept mappings (largest first) until they fit beside the resident blocks."""
+        if self._free and self._resident_bytes() + self._free_bytes() > self._keep_limit:
+            self._free.sort(key=len)
+            while self._free and self._resident_bytes() + self._free_bytes() > self._keep_limit:
+                self._free.pop()
 
     # ---- the loader thread -----------------------------------------------------------------
 
@@ -398,15 +469,19 @@ class WindowedProvider:
                     self._loading = pos
                     self._loading_bytes = self._sizes[block]
                     self._note_peak()
+                buf: mmap.mmap | None
                 if shared is None:
                     t0 = time.perf_counter()
-                    tensors = read_safetensors(self.files[block], drop_cache=self.drop_cache)
-                    if self.dtype is not None:  # int8 weights stay int8: only float tensors change dtype
+                    if self.dtype is None:
+                        tensors, buf = read_block(self.files[block], drop_cache=self.drop_cache, take=self._take)
+                    else:  # int8 weights stay int8: only float tensors change dtype (into fresh memory)
+                        tensors, buf = read_block(self.files[block], drop_cache=self.drop_cache)
                         tensors = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+                        buf = None
                     dt = time.perf_counter() - t0
                     nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
                 else:
-                    tensors, nbytes = shared
+                    tensors, nbytes, buf = shared
                 with self._cv:
                     self._loading = None
                     if self._closed:
@@ -417,9 +492,11 @@ class WindowedProvider:
                         self._read_s += dt
                     if pos == self._next_load:  # not skipped by a re-sync meanwhile
                         self._ready[pos] = (tensors, nbytes)
+                        if buf is not None:
+                            self._buf_of[pos] = buf
                         self._next_load = pos + 1
                         self._note_peak()
-                    del tensors
+                    del tensors, buf
                     self._cv.notify_all()
         except BaseException as exc:  # noqa: BLE001 — handed to the compute thread's next ``get``
             with self._cv:
@@ -428,8 +505,9 @@ class WindowedProvider:
                 self._cv.notify_all()
 
     def _note_peak(self) -> None:
+        self._trim()
         self._max_blocks = max(self._max_blocks, self._resident())
-        self._max_bytes = max(self._max_bytes, self._resident_bytes())
+        self._max_bytes = max(self._max_bytes, self._resident_bytes() + self._free_bytes())
 
 
 def windowed_from_store(entry: ModelEntry, refs: Mapping[str, FileRef], rank: int, window: int) -> WindowedProvider:

@@ -233,3 +233,41 @@ def test_stats_measure_compute_gap_and_disk(tmp_path: Path) -> None:
     assert s.t_ar_ms >= 1
     assert s.tau_a_ms > 0 and s.tau_f_ms > 0 and s.bytes_read > 0
     assert s.no_stall is not None
+
+
+def test_released_mappings_are_reused_without_clobbering_live_tensors(tmp_path: Path) -> None:
+    files, order = _toy(tmp_path, n=6)
+    with WindowedProvider(files, order, 2) as p:
+        kept = p.get(order[0])["w"]  # the caller keeps a tensor past release: its mapping is not reused
+        p.release(order[0])
+        for _ in range(4):
+            for i, b in enumerate(order):
+                if (b, _) == (order[0], 0):
+                    continue
+                w = p.get(b)
+                assert torch.equal(w["w"], torch.full((1000,), float(i)))
+                del w
+                p.release(b)
+                if _ == 0:  # before order[0] is read again (with the same values)
+                    assert torch.equal(kept, torch.full((1000,), 0.0))
+        assert p.reused_mappings > 0  # equal-sized blocks read into released mappings
+        assert p.nbytes() <= 2 * max(p.block_nbytes().values())
+
+
+def test_kept_mappings_stay_within_the_window_bound(tmp_path: Path) -> None:
+    # a big block (the embedding, say) among small ones: its mapping is not kept beside them
+    order = ["input", "attn_0", "mlp_0", "attn_1", "mlp_1", "output"]
+    sizes = {"input": 20000, "attn_0": 500, "mlp_0": 900, "attn_1": 500, "mlp_1": 900, "output": 20000}
+    files = {b: tmp_path / f"{b}.safetensors" for b in order}
+    for i, b in enumerate(order):
+        write_tensors(files[b], {"w": torch.full((sizes[b],), float(i))}, b)
+    limit = max(sum(files[order[(i + j) % 6]].stat().st_size for j in range(2)) for i in range(6))
+    with WindowedProvider(files, order, 2) as p:
+        for _ in range(3):
+            for i, b in enumerate(order):
+                w = p.get(b)
+                assert w["w"][-1].item() == float(i)
+                del w
+                p.release(b)
+                assert p.nbytes() <= limit
+        assert p.stats().max_resident_bytes <= limit
