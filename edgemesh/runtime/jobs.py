@@ -17,7 +17,7 @@ _JOB_RE = re.compile(r"^[a-f0-9]{8,32}$")
 _SHA_RE = re.compile(r"^[a-f0-9]{64}$")
 MAX_FILES = 4096
 ALGORITHMS = ("auto", "star", "chunked_star", "ring")
-COMPRESSIONS = (None, "float16", "bfloat16")
+COMPRESSIONS = (None, "float16", "bfloat16", "q8_0")
 
 
 @dataclass(frozen=True)

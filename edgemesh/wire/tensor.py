@@ -29,8 +29,19 @@ DTYPE_SIZES: dict[str, int] = {
     "int32": 4,
     "int64": 8,
 }
+# Block-quantized wire format (not a numpy dtype): the values in blocks of Q8_BLOCK, each block
+# one float16 scale and Q8_BLOCK int8 codes; the frame holds all scales, then all codes (the last
+# block zero-padded). Same precision as distributed-llama's q80 buffers.
+Q8 = "q8_0"
+Q8_BLOCK = 32
+DTYPE_SIZES[Q8] = 1  # nominal; the frame size is ``q8_nbytes``
 MAX_DIMS = 8
 MAX_FRAME_BYTES = 2**31
+
+
+def q8_nbytes(numel: int) -> int:
+    blocks = -(-numel // Q8_BLOCK)
+    return blocks * (2 + Q8_BLOCK)
 
 
 @dataclass(frozen=True)
@@ -40,6 +51,8 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
+        if self.dtype == Q8:
+            return q8_nbytes(math.prod(self.shape))
         return DTYPE_SIZES[self.dtype] * math.prod(self.shape)
 
 
@@ -76,7 +89,7 @@ def array_to_frame(arr: np.ndarray) -> tuple[TensorSpec, memoryview]:
     import numpy as np
 
     name = arr.dtype.name
-    if name not in DTYPE_SIZES or name == "bfloat16":
+    if name not in DTYPE_SIZES or name in ("bfloat16", Q8):
         raise ProtocolError(f"cannot send numpy dtype {name}")
     arr = np.ascontiguousarray(arr)
     return TensorSpec(name, tuple(int(d) for d in arr.shape)), memoryview(arr).cast("B")
@@ -86,6 +99,8 @@ def frame_to_array(spec: TensorSpec, buf: Any) -> np.ndarray:
     """Zero-copy view of a received frame; bfloat16 comes back as uint16 words."""
     import numpy as np
 
+    if spec.dtype == Q8:
+        raise ProtocolError("a q8_0 frame carries a collective's quantized sums, not an array")
     check_frame(spec, memoryview(buf).nbytes)
     np_dtype = np.uint16 if spec.dtype == "bfloat16" else np.dtype(spec.dtype)
     return np.frombuffer(buf, dtype=np_dtype).reshape(spec.shape)

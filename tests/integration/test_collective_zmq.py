@@ -203,7 +203,7 @@ def test_a_caller_mistake_does_not_break_the_group(group_of: Any) -> None:
     assert all(torch.equal(x, torch.full((4,), 3.0)) for x in res)
 
 
-@pytest.mark.parametrize("wire", ["float16", "bfloat16"])
+@pytest.mark.parametrize("wire", ["float16", "bfloat16", "q8_0"])
 @pytest.mark.parametrize("algorithm", ["star", "ring"])
 def test_compressed_wire_error_is_bounded(group_of: Any, wire: str, algorithm: str) -> None:
     w = 4
@@ -219,7 +219,7 @@ def test_compressed_wire_error_is_bounded(group_of: Any, wire: str, algorithm: s
     rel = (err.max() / exact.abs().max()).item()
     print(f"\n{wire} {algorithm}: max |err| / max |sum| = {rel:.2e}, "
           f"max err/bound = {(err / bound).max().item():.2f}")
-    assert rel < {"float16": 2e-3, "bfloat16": 1.6e-2}[wire]
+    assert rel < {"float16": 2e-3, "bfloat16": 1.6e-2, "q8_0": 3e-2}[wire]
     assert not torch.equal(res[0], rank_order_sum(xs))  # it really was compressed
 
 

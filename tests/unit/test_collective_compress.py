@@ -64,3 +64,38 @@ def test_accumulator_round_trip_keeps_dtype_and_shape() -> None:
     assert acc.dtype == np.float32 and acc.shape == (12,)
     back = from_accumulator(acc, torch.bfloat16, t.shape)
     assert back.dtype == torch.bfloat16 and torch.equal(back, t)
+
+
+def test_q8_frames_are_blocks_of_codes_and_scales_within_the_bound() -> None:
+    from edgemesh.collective.compress import Q8_UNIT, q8_decode, q8_encode
+    from edgemesh.wire.tensor import Q8, q8_nbytes
+
+    rng = np.random.default_rng(3)
+    for n in (1, 31, 32, 33, 576, 1000):
+        acc = (rng.standard_normal(n) * rng.choice([1e-3, 1.0, 50.0], n)).astype(np.float32)
+        spec, buf = encode(acc, Q8)
+        assert spec == TensorSpec(Q8, (n,)) and spec.nbytes == q8_nbytes(n) == len(buf) == -(-n // 32) * 34
+        got = decode(spec, memoryview(buf).cast("B"), np.dtype(np.float32))
+        padded = np.zeros(-(-n // 32) * 32, np.float32)
+        padded[:n] = np.abs(acc)
+        block_max = np.repeat(padded.reshape(-1, 32).max(1), 32)[:n]
+        assert (np.abs(got - acc) <= Q8_UNIT * block_max + 1e-12).all()
+        assert np.array_equal(got, q8_decode(buf, n))
+    assert q8_encode(np.array([1.0, np.inf], np.float32)) is None  # not finite: the caller sends fp32
+    spec, buf = encode(np.array([1.0, np.nan], np.float32), Q8)
+    assert spec.dtype == "float32"
+    spec, buf = encode(np.array([1e8, 1.0], np.float32), Q8)  # scale 1e8/127 overflows fp16
+    assert spec.dtype == "float32" and buf[0] == 1e8
+
+
+def test_q8_round_trip_and_malformed_frames() -> None:
+    from edgemesh.wire.tensor import Q8, frame_to_array
+
+    acc = np.linspace(-3, 3, 70, dtype=np.float32)
+    spec, buf, mine = round_trip(acc, Q8)
+    assert np.array_equal(mine, decode(spec, memoryview(buf).cast("B"), np.dtype(np.float32)))
+    assert not np.array_equal(mine, acc)
+    with pytest.raises(ProtocolError):
+        decode(TensorSpec(Q8, (70,)), bytes(10), np.dtype(np.float32))
+    with pytest.raises(ProtocolError):
+        frame_to_array(TensorSpec(Q8, (70,)), bytes(TensorSpec(Q8, (70,)).nbytes))
