@@ -36,10 +36,10 @@ _MODULES: dict[str, tuple[str, ...]] = {
     "swarm": ("swarm",),
     "vit": ("vit",),
     "bench": ("bench", "bench_rpc", "bench_allreduce", "bench_generate", "bench_join", "bench_swarm", "bench_window",
-              "bench_vit"),
+              "bench_vit", "bench_anchors"),
 }
 _ALL = ("node", "cluster", "bench", "bench_rpc", "bench_allreduce", "bench_generate", "bench_join", "bench_swarm",
-        "bench_window", "bench_vit", "testbed", "model", "serve", "swarm", "vit")
+        "bench_window", "bench_vit", "bench_anchors", "testbed", "model", "serve", "swarm", "vit")
 
 
 def _register(command: str | None = None) -> None:
