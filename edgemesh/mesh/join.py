@@ -10,6 +10,7 @@ import hashlib
 import hmac
 import logging
 import secrets
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -20,6 +21,7 @@ from edgemesh.clock import Clock
 from edgemesh.errors import AuthError, ProtocolError
 from edgemesh.identity.keys import NodeKey
 from edgemesh.identity.statedir import ClusterInfo
+from edgemesh.identity.token import describe_expiry, token_secret
 from edgemesh.mesh.records import MemberRecord, admit, check_self
 from edgemesh.mesh.view import MembershipView
 from edgemesh.wire.schema import body_map, need
@@ -49,6 +51,7 @@ def pack_record(r: MemberRecord) -> bytes:
 class _Challenge:
     peer_key: bytes
     expires: float
+    join_secret: bytes  # of the token the joiner holds (its expiry names it)
 
 
 class JoinService:
@@ -61,12 +64,14 @@ class JoinService:
         view: MembershipView,
         clock: Clock,
         on_admit: Callable[[MemberRecord], None],
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self.cluster = cluster
         self.key = key
         self.view = view
         self.clock = clock
         self.on_admit = on_admit
+        self.wall = wall  # token expiries are wall-clock times
         self._open: OrderedDict[bytes, _Challenge] = OrderedDict()
         self.refused = 0
 
@@ -75,13 +80,26 @@ class JoinService:
         cnonce = need(body, "cnonce", bytes)
         if len(cnonce) != NONCE_BYTES:
             raise ProtocolError("cnonce must be 32 bytes")
+        join_secret = self._token_secret(body)
         self._expire()
         nonce = secrets.token_bytes(NONCE_BYTES)
-        self._open[nonce] = _Challenge(peer_key, self.clock.now() + NONCE_TTL)
+        self._open[nonce] = _Challenge(peer_key, self.clock.now() + NONCE_TTL, join_secret)
         while len(self._open) > MAX_OPEN_CHALLENGES:
             self._open.popitem(last=False)
         return {"nonce": nonce, "cluster": self.cluster.cluster_id,
-                "proof": server_proof(self.cluster.secret, cnonce, nonce)}
+                "proof": server_proof(join_secret, cnonce, nonce)}
+
+    def _token_secret(self, body: dict[str, Any]) -> bytes:
+        """The joiner's token expires at ``exp``; its secret derives from the current cluster
+        secret, so an expired token, one made before a rotation, or a forged expiry fails."""
+        if self.view.removal(self.key.node_id) is not None:
+            self._refuse("join refused: this member was removed from the cluster and admits no one; "
+                         "use a token from another member")
+        expires = need(body, "exp", int)
+        if expires <= self.wall():
+            self._refuse(f"join refused: the token expired at {describe_expiry(expires)}; "
+                         "get a new one with `edgemesh token` on a member")
+        return token_secret(self.cluster.secret, self.cluster.cluster_id, expires)
 
     def register(self, peer_key: bytes, body: Any) -> dict[str, Any]:
         body = body_map(body)
@@ -95,9 +113,10 @@ class JoinService:
             self._refuse("join refused: challenge unknown, expired or already used (replayed join?)")
         if challenge.peer_key != peer_key:
             self._refuse("join refused: the challenge was issued to a different key")
-        want = client_mac(self.cluster.secret, self.cluster.cluster_id, nonce, packed)
+        want = client_mac(challenge.join_secret, self.cluster.cluster_id, nonce, packed)
         if not hmac.compare_digest(want, mac):
-            self._refuse("join refused: wrong cluster secret (is the token from this cluster?)")
+            self._refuse("join refused: the token does not match this cluster's secret (is it from this cluster, "
+                         "or from before the secret was rotated?)")
         try:
             record = MemberRecord.from_wire(msgpack.unpackb(packed, raw=False, strict_map_key=True))
         except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
@@ -107,13 +126,20 @@ class JoinService:
         if record.status != "member":
             raise ProtocolError("a joining record must have status 'member'")
         check_self(self.cluster.cluster_id, record)
-        admitted = admit(self.cluster.cluster_id, self.key, record)
+        if self.view.removal(record.node_id) is not None:
+            self._refuse("join refused: this device's key was removed from the cluster (or left it); "
+                         "it can join again only with a new key (another --state-dir)")
+        admitted = admit(self.cluster.cluster_id, self.key, record, self.view.epoch)
         self.view.merge([admitted])
         if self.view.get(record.node_id) != admitted:
             self._refuse("join refused: a newer record for this node exists; retry")
         log.info("admitted %s (%s)", record.node_id, record.name)
         self.on_admit(admitted)
-        return {"cluster": self.cluster.cluster_id, "root": self.cluster.root, "records": self.view.to_wire()}
+        # The cluster secret goes only to a node just admitted, inside the encrypted link.
+        return {"cluster": self.cluster.cluster_id, "root": self.cluster.root, "records": self.view.to_wire(),
+                "removals": self.view.removals_wire(), "secret": self.cluster.secret,
+                "secret_epoch": self.cluster.secret_epoch, "rotated_by": self.cluster.rotated_by,
+                "rotation_sig": self.cluster.rotation_sig}
 
     def _refuse(self, message: str) -> Any:
         self.refused += 1

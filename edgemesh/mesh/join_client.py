@@ -6,18 +6,18 @@ import hmac
 import logging
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from edgemesh.errors import AuthError, ProtocolError, RpcError, TokenError
 from edgemesh.identity.keys import NodeKey, curve_public_for
 from edgemesh.identity.statedir import ClusterInfo
-from edgemesh.identity.token import JoinPoint, JoinToken
+from edgemesh.identity.token import SECRET_BYTES, JoinPoint, JoinToken
 from edgemesh.mesh.join import NONCE_BYTES, client_mac, pack_record, server_proof
 from edgemesh.mesh.records import MemberRecord, sign_self
 from edgemesh.mesh.rpc import RpcClient, rpc_session
 from edgemesh.transport.zmq_link import ZmqTransport
-from edgemesh.wire.schema import body_map, need
+from edgemesh.wire.schema import body_map, maybe, need
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,7 @@ class JoinResult:
     cluster: ClusterInfo
     records: list[Any]
     via: str
+    removals: list[Any] = field(default_factory=list)
 
 
 async def join_cluster(
@@ -86,7 +87,7 @@ async def _try_point(
 async def _handshake(client: RpcClient, key: NodeKey, token: JoinToken, record: MemberRecord,
                      point: JoinPoint, timeout: float) -> JoinResult:
     cnonce = secrets.token_bytes(NONCE_BYTES)
-    body, _ = await client.call("join.challenge", {"cnonce": cnonce}, timeout=timeout)
+    body, _ = await client.call("join.challenge", {"cnonce": cnonce, "exp": token.expires}, timeout=timeout)
     body = body_map(body)
     nonce = need(body, "nonce", bytes)
     if need(body, "cluster", str) != token.cluster_id:
@@ -100,8 +101,14 @@ async def _handshake(client: RpcClient, key: NodeKey, token: JoinToken, record: 
     reply = body_map(reply)
     records = need(reply, "records", list)
     root = need(reply, "root", str)
+    # The token holds only a join secret; the cluster secret comes once we are admitted.
+    secret = need(reply, "secret", bytes)
+    if len(secret) != SECRET_BYTES:
+        raise ProtocolError("the cluster secret in the reply has the wrong length")
+    cluster = ClusterInfo(token.cluster_id, root, secret, maybe(reply, "secret_epoch", int, 0),
+                          maybe(reply, "rotated_by", str, ""), maybe(reply, "rotation_sig", bytes, b""))
     log.info("joined cluster %s via %s", token.cluster_id, point.endpoint)
-    return JoinResult(ClusterInfo(token.cluster_id, root, token.secret), records, point.endpoint)
+    return JoinResult(cluster, records, point.endpoint, maybe(reply, "removals", list, []))
 
 
 async def _discovered_points(cluster_id: str) -> list[JoinPoint]:

@@ -176,6 +176,7 @@ class NodeDaemon:
             },
             "nat": {**self.nat.traversal.stats.to_json(), "turn_pid": self.coturn.pid, "servers": self.nat.server_urls()},
             "uptime": time.time() - self._started,
+            **m.removal_json(),
         }
 
 

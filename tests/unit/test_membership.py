@@ -11,6 +11,7 @@ from edgemesh.errors import AuthError, ConfigError, ProtocolError
 from edgemesh.identity.keys import NodeKey
 from edgemesh.identity.statedir import ClusterInfo
 from edgemesh.mesh.failure import FailureDetector
+from edgemesh.identity.token import token_secret
 from edgemesh.mesh.join import JoinService, client_mac, pack_record, server_proof
 from edgemesh.mesh.records import MemberRecord, admit, sign_self
 from edgemesh.mesh.view import MembershipView
@@ -125,17 +126,25 @@ def service(world):
     return svc, cluster, view, clock, admitted
 
 
+EXP = int(time.time()) + 3600  # the expiry of the joiner's token
+
+
+def _challenge(cn=b"c" * 32, exp=EXP):
+    return {"cnonce": cn, "exp": exp}
+
+
 def _register_body(cluster, nonce, joiner, secret=None):
     packed = pack_record(make_record(cluster, joiner, int(time.time() * 1000)))
-    return {"nonce": nonce, "record": packed, "mac": client_mac(secret or cluster.secret, cluster.cluster_id, nonce, packed)}
+    join_secret = secret or token_secret(cluster.secret, cluster.cluster_id, EXP)
+    return {"nonce": nonce, "record": packed, "mac": client_mac(join_secret, cluster.cluster_id, nonce, packed)}
 
 
 def test_join_admits_a_node_that_knows_the_secret(service):
     svc, cluster, view, clock, admitted = service
     joiner = NodeKey.generate()
     cn = b"c" * 32
-    ch = svc.challenge(joiner.curve_public, {"cnonce": cn})
-    assert ch["proof"] == server_proof(cluster.secret, cn, ch["nonce"])
+    ch = svc.challenge(joiner.curve_public, _challenge(cn))
+    assert ch["proof"] == server_proof(token_secret(cluster.secret, cluster.cluster_id, EXP), cn, ch["nonce"])
     reply = svc.register(joiner.curve_public, _register_body(cluster, ch["nonce"], joiner))
     assert view.is_member_curve_key(joiner.curve_public)
     assert len(admitted) == 1 and admitted[0].admitted_by == cluster.root
@@ -145,14 +154,14 @@ def test_join_admits_a_node_that_knows_the_secret(service):
 def test_wrong_secret_replay_expiry_and_key_mismatch_are_refused_without_state_change(service):
     svc, cluster, view, clock, admitted = service
     joiner = NodeKey.generate()
-    ch = svc.challenge(joiner.curve_public, {"cnonce": b"c" * 32})
-    with pytest.raises(AuthError, match="wrong cluster secret"):
+    ch = svc.challenge(joiner.curve_public, _challenge())
+    with pytest.raises(AuthError, match="does not match this cluster's secret"):
         svc.register(joiner.curve_public, _register_body(cluster, ch["nonce"], joiner, secret=b"W" * 32))
     # The nonce was consumed by the failed attempt: even the right MAC cannot reuse it.
     with pytest.raises(AuthError, match="already used"):
         svc.register(joiner.curve_public, _register_body(cluster, ch["nonce"], joiner))
     # A captured, valid register message replayed later is refused.
-    ch = svc.challenge(joiner.curve_public, {"cnonce": b"c" * 32})
+    ch = svc.challenge(joiner.curve_public, _challenge())
     body = _register_body(cluster, ch["nonce"], joiner)
     svc.register(joiner.curve_public, body)
     members_before = len(view.members())
@@ -160,15 +169,15 @@ def test_wrong_secret_replay_expiry_and_key_mismatch_are_refused_without_state_c
         svc.register(joiner.curve_public, body)
     # Expired challenge.
     other = NodeKey.generate()
-    ch = svc.challenge(other.curve_public, {"cnonce": b"c" * 32})
+    ch = svc.challenge(other.curve_public, _challenge())
     clock.advance(31)
     with pytest.raises(AuthError, match="expired"):
         svc.register(other.curve_public, _register_body(cluster, ch["nonce"], other))
     # Registering a record whose key is not the link's key.
-    ch = svc.challenge(other.curve_public, {"cnonce": b"c" * 32})
+    ch = svc.challenge(other.curve_public, _challenge())
     with pytest.raises(AuthError, match="different key"):
         svc.register(NodeKey.generate().curve_public, _register_body(cluster, ch["nonce"], other))
-    ch = svc.challenge(other.curve_public, {"cnonce": b"c" * 32})
+    ch = svc.challenge(other.curve_public, _challenge())
     with pytest.raises(AuthError, match="not the key of this connection"):
         svc.register(other.curve_public, _register_body(cluster, ch["nonce"], NodeKey.generate()))
     assert len(view.members()) == members_before
