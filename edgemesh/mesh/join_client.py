@@ -94,7 +94,8 @@ async def _handshake(client: RpcClient, key: NodeKey, token: JoinToken, record: 
         raise TokenError(f"{point.endpoint} belongs to another cluster; the token does not match it")
     if not hmac.compare_digest(need(body, "proof", bytes), server_proof(token.secret, cnonce, nonce)):
         raise AuthError(f"{point.endpoint} cannot prove it knows the cluster secret: the token is wrong "
-                        "for this cluster, or this is not the cluster you think")
+                        "for this cluster, was made before the cluster secret was rotated (get a new one with "
+                        "`edgemesh token`), or this is not the cluster you think")
     packed = pack_record(record)
     mac = client_mac(token.secret, token.cluster_id, nonce, packed)
     reply, _ = await client.call("join.register", {"nonce": nonce, "record": packed, "mac": mac}, timeout=timeout)

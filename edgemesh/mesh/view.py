@@ -32,7 +32,10 @@ class MembershipView:
         self.records: dict[str, MemberRecord] = {}
         self._pending: dict[str, MemberRecord] = {}
         self._by_curve: dict[bytes, str] = {}
-        self.removals: dict[str, Removal] = {}  # removed node id -> its (earliest) removal
+        self.removals: dict[str, Removal] = {}  # removed node id -> its earliest removal (the cut-off)
+        # Every signer's earliest removal of each node: all are gossiped, so every member ends
+        # with the same set and the same epoch whichever of them it heard first.
+        self._removals_by: dict[tuple[str, str], Removal] = {}
         self._pending_removals: dict[tuple[str, str], Removal] = {}
         self.epoch_floor = 0  # raised by secret rotations (the service tracks those)
         self.rejected = 0
@@ -41,7 +44,7 @@ class MembershipView:
     @property
     def epoch(self) -> int:
         """The member epoch: the highest removal or rotation epoch seen."""
-        return max([self.epoch_floor, *(r.epoch for r in self.removals.values())])
+        return max([self.epoch_floor, *(r.epoch for r in self._removals_by.values())])
 
     def is_current(self, r: MemberRecord | None) -> bool:
         return r is not None and r.status == "member" and r.node_id not in self.removals
@@ -67,7 +70,7 @@ class MembershipView:
         return [r.to_wire() for r in self.records.values()]
 
     def removals_wire(self) -> list[dict]:
-        return [r.to_wire() for r in self.removals.values()]
+        return [r.to_wire() for r in self._removals_by.values()]
 
     # ---- removals ------------------------------------------------------------
     def merge_removals_wire(self, items: Iterable[object]) -> list[Removal]:
@@ -87,11 +90,13 @@ class MembershipView:
         queue = list(removals) + list(self._pending_removals.values())
         self._pending_removals.clear()
         for rm in queue:
-            current = self.removals.get(rm.node_id)
-            if current is not None and current.order() <= rm.order():
+            same = self._removals_by.get((rm.node_id, rm.by))
+            if same is not None and same.order() <= rm.order():
                 continue
             signer = self.records.get(rm.by)
-            if signer is None:
+            # Both ends must be known records: a removal of a node nobody has heard of waits
+            # (bounded), so a member cannot grow every view with removals of made-up ids.
+            if signer is None or rm.node_id not in self.records:
                 if len(self._pending_removals) < MAX_PENDING:
                     self._pending_removals[(rm.node_id, rm.by)] = rm
                 continue
@@ -101,8 +106,11 @@ class MembershipView:
                 self.rejected += 1
                 log.warning("refused a removal: %s", exc)
                 continue
-            self.removals[rm.node_id] = rm
-            changed.append(rm)
+            self._removals_by[(rm.node_id, rm.by)] = rm
+            current = self.removals.get(rm.node_id)
+            if current is None or rm.order() < current.order():
+                self.removals[rm.node_id] = rm
+                changed.append(rm)
         if changed:
             self._drop_void_admissions()
         return changed

@@ -97,7 +97,7 @@ class NodeDaemon:
         node.transport.start()
         try:
             mesh_sock = node.transport.server(tcp_endpoint(node.host, node.port), "mesh",
-                                              self.membership.view.is_member_curve_key)
+                                              self.membership.admits_connection)
             join_sock = node.transport.server(tcp_endpoint(node.host, node.port + 1), "join", lambda key: True)
             mesh_server = RpcServer(mesh_sock, node.sender, self.handlers, node.stats, self.membership.authorize)
             join_server = RpcServer(join_sock, node.sender, self.membership.join_handlers(), node.stats)

@@ -207,6 +207,11 @@ class MembershipService:
             log.error("could not save the membership view: %s", exc)
 
     # ---- who is who ------------------------------------------------------------
+    def admits_connection(self, curve_key: bytes) -> bool:
+        """The mesh port's ZAP allow-list: current members, and this node's own CLI (also once
+        the node was removed, so its `status` can say so)."""
+        return curve_key == self.node.key.curve_public or self.view.is_member_curve_key(curve_key)
+
     def authorize(self, peer_key: bytes, method: str) -> bool:
         """Every call, on every open link (zmq or ICE), is checked against the view *now*: a
         node that left or was removed is refused on links it opened while it was a member."""
