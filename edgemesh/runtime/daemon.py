@@ -70,6 +70,7 @@ class NodeDaemon:
             node, lambda node_id: ChannelRpc(node.sender, self.handlers, self.membership.authorize, node.stats))
         self.nat = NatService(node, self.membership)
         self.jobs = JobsService(node, self.membership.view)
+        self.membership.on_removed.append(lambda record: self.jobs.stop_owned_by(record.key))
         self.profile = ProfileService(node, self.membership)
         self.coturn = CoturnService(node)
         self.swarm = SwarmService(node.state, node.node_id, self.membership.alive_peers, self.membership.caller)

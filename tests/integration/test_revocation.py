@@ -148,3 +148,45 @@ def test_rotation_stops_old_tokens_everywhere_new_ones_work_and_members_keep_tal
         assert all(list(states(sd).values()).count("alive") == 4 for sd in sds) or _all_alive(sds, 4)
     finally:
         run_cli("stop", "--state-dir", str(newdir), home=tmp_path)
+
+
+def test_a_node_that_left_can_join_again_only_as_a_new_key(cluster3, tmp_path):
+    d, sds, nodes = cluster3
+    assert _all_alive(sds)
+    old_id = sds[2].load_identity()[0].node_id
+    res = run_cli("leave", "--state-dir", str(sds[2].path), home=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert wait_for(lambda: "node2" not in states(sds[0]), 30)
+    new_key, name = sds[2].load_identity()
+    assert name == "node2" and new_key.node_id != old_id
+    token = run_cli("token", "--state-dir", str(sds[0].path), home=tmp_path, check=True).stdout.strip()
+    res = run_cli("join", token, "--state-dir", str(sds[2].path), "--host", "127.0.0.1", "--port", str(nodes[2].port),
+                  "--no-mdns", "--detach", home=tmp_path)
+    try:
+        assert res.returncode == 0, res.stderr
+        member_ids = lambda: {m["id"]: m["state"] for m in control(sds[0], "status")["members"]}  # noqa: E731
+        assert wait_for(lambda: member_ids().get(new_key.node_id) == "alive", 30)
+        assert old_id not in member_ids()
+    finally:
+        run_cli("stop", "--state-dir", str(sds[2].path), home=tmp_path)
+
+
+def test_removing_a_master_stops_the_workers_it_started(cluster3, tmp_path):
+    from .test_job_authority import _jobs, _spec
+
+    d, sds, nodes = cluster3
+    keys = [sd.load_identity()[0] for sd in sds]
+    assert _all_alive(sds)
+    spec = _spec(keys[2], keys[1])  # node2 is the master, node1 runs its rank
+    asyncio.run(_call_as(keys[2], _mesh(nodes, 1), keys[1].curve_public, "llm.start", spec.to_wire(), timeout=10))
+    try:
+        assert spec.job in _jobs(sds[1])
+        res = run_cli("remove", "node2", "--state-dir", str(sds[0].path), home=tmp_path)
+        assert res.returncode == 0, res.stderr
+        # Wait for the event (the worker would also end by itself once its weight fetch times out).
+        stopped = f"stopped the worker of job {spec.job}: the member that started it was removed"
+        assert wait_for(lambda: stopped in sds[1].file("daemon.log").read_text(errors="replace"), 30), \
+            "node1 stopped the removed master's worker"
+        assert spec.job not in _jobs(sds[1])
+    finally:
+        control(sds[1], "llm.stop", {"job": spec.job}, timeout=10)

@@ -54,6 +54,9 @@ class MembershipService:
         self.peers = PeerSet(node.transport, node.node_id, node.stats, self.links, new_path, node.advertise)
         self.join_service = JoinService(node.cluster, node.key, self.view, node.clock, self._on_admit)
         self.me: MemberRecord | None = None
+        # Called with each newly removed member's record (the daemon stops the jobs it started).
+        self.on_removed: list[Callable[[MemberRecord], Awaitable[Any]]] = []
+        self._removal_tasks: set[asyncio.Task[Any]] = set()
         self._leaving = False
         self._dirty = False
 
@@ -142,6 +145,11 @@ class MembershipService:
             target = self.view.get(rm.node_id)
             log.warning("%s (%s) was removed from the cluster by %s (epoch %d)", rm.node_id,
                         target.name if target else "?", rm.by, rm.epoch)
+            if target is not None and rm.node_id != me:
+                for hook in self.on_removed:
+                    task = asyncio.ensure_future(hook(target))
+                    self._removal_tasks.add(task)
+                    task.add_done_callback(self._removal_tasks.discard)
             link = self.peers.get(rm.node_id)
             if link is not None and rm.node_id != me:
                 # Tell it, so its status says so; then its link goes (sync_peers below).
@@ -334,6 +342,8 @@ class MembershipService:
         return tasks
 
     async def close(self) -> None:
+        for task in list(self._removal_tasks):
+            task.cancel()
         await self.peers.close()
         self.persist()
 
