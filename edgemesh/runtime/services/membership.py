@@ -39,7 +39,7 @@ from edgemesh.wire.tensor import TensorSpec
 log = logging.getLogger(__name__)
 
 RECORDS_MAX = 4096
-TELL_REMOVED_TIMEOUT = 2.0  # s: how long a removal waits to tell the removed node before its link is dropped
+ACK_TIMEOUT = 2.0  # s: how long `remove` / `token --rotate` wait for each member to acknowledge
 RELAYED_PREFIXES = ("vit.",)  # member services a local process may reach through `admin.relay`
 
 
@@ -236,11 +236,11 @@ class MembershipService:
 
     def member_key(self, node_id: str) -> bytes | None:
         r = self.view.get(node_id)
-        return r.key if self.view.is_current(r) and r is not None else None
+        return r.key if r is not None and self.view.is_current(r) else None
 
     def node_for_curve(self, curve_key: bytes) -> str | None:
         r = self.view.node_for_curve_key(curve_key)
-        return r.node_id if self.view.is_current(r) and r is not None else None
+        return r.node_id if r is not None and self.view.is_current(r) else None
 
     def removal_json(self) -> dict[str, Any]:
         """The member epoch, whether this node was removed, and who else was."""
@@ -433,7 +433,7 @@ class MembershipService:
             raise RpcError("a node cannot remove itself: use `edgemesh leave`", "forbidden")
         rm = sign_removal(self.node.cluster.cluster_id, self.node.key, target.node_id, self.view.epoch + 1)
         self.merge_removals([rm.to_wire()])
-        acks = await self.peers.call_all("gossip.sync", self.gossip_body(), timeout=TELL_REMOVED_TIMEOUT)
+        acks = await self.peers.call_all("gossip.sync", self.gossip_body(), timeout=ACK_TIMEOUT)
         return {"removed": target.node_id, "name": target.name, "epoch": rm.epoch,
                 "told": sum(1 for ok in acks.values() if ok), "members": len(acks)}
 
@@ -443,7 +443,7 @@ class MembershipService:
         rot = sign_rotation(self.node.cluster.cluster_id, self.node.key, secrets.token_bytes(len(self.node.cluster.secret)),
                             self.view.epoch + 1)
         self._adopt_secret(rot)
-        acks = await self.peers.call_all("gossip.sync", self.gossip_body(), timeout=TELL_REMOVED_TIMEOUT)
+        acks = await self.peers.call_all("gossip.sync", self.gossip_body(), timeout=ACK_TIMEOUT)
         return {"epoch": rot.epoch, "told": sum(1 for ok in acks.values() if ok), "members": len(acks)}
 
     async def _rpc_admin_relay(self, call: Call) -> Any:
