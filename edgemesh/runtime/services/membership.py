@@ -147,18 +147,39 @@ class MembershipService:
                         target.name if target else "?", rm.by, rm.epoch)
             if target is not None and rm.node_id != me:
                 for hook in self.on_removed:
-                    task = asyncio.ensure_future(hook(target))
-                    self._removal_tasks.add(task)
-                    task.add_done_callback(self._removal_tasks.discard)
-            link = self.peers.get(rm.node_id)
-            if link is not None and rm.node_id != me:
-                # Tell it, so its status says so; then its link goes (sync_peers below).
-                link.notify("gossip.push", {"records": [], "removals": [rm.to_wire()]})
+                    self._spawn(hook(target))
+            link = self.peers.detach(rm.node_id) if rm.node_id != me else None
+            if link is not None:
+                self._spawn(self._tell_removed(link, rm))
         if self.removed is not None:
             log.error("this node was removed from the cluster by %s (epoch %d): it serves and admits no one",
                       self.removed.by, self.removed.epoch)
         self.sync_peers()
         self._push_to_all()
+
+    def _spawn(self, work: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(work)
+        self._removal_tasks.add(task)
+        task.add_done_callback(self._removal_tasks.discard)
+
+    async def _tell_removed(self, link: Any, rm: Removal) -> None:
+        """Tell a removed node so (its status then says it), over the link we had to it, and
+        close that link. Awaited, not fire-and-forget: a notify queued on a socket that is
+        closed right away was lost."""
+        body = {"records": [], "removals": [rm.to_wire()]}
+        try:
+            try:
+                await link.call("gossip.push", body, timeout=ACK_TIMEOUT)
+            except EdgemeshError:
+                if link.direct:
+                    raise
+                # The link's fallback path may not be up (e.g. a node removed right after it
+                # joined): try its address too.
+                await link.client.call("gossip.push", body, timeout=ACK_TIMEOUT)
+        except EdgemeshError as exc:
+            log.info("could not tell %s it was removed: %s", rm.node_id, exc)
+        finally:
+            self.peers.close_link(link)
 
     def merge_rotation(self, obj: Any) -> None:
         """Adopt a newer cluster secret signed by a current member (old tokens stop working here)."""
@@ -342,8 +363,10 @@ class MembershipService:
         return tasks
 
     async def close(self) -> None:
-        for task in list(self._removal_tasks):
+        tasks = list(self._removal_tasks)
+        for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)  # their clean-up closes detached links
         await self.peers.close()
         self.persist()
 
