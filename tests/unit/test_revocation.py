@@ -228,3 +228,34 @@ def test_leaving_gives_the_device_a_new_key_and_keeps_its_name(tmp_path):
     sd.forget_cluster()
     new, name = sd.load_identity()
     assert name == "alpha" and new.node_id != key.node_id and sd.load_cluster() is None
+
+
+def test_a_removed_node_still_knows_it_after_a_restart(tmp_path):
+    d, root, sd = _daemon(tmp_path, "root")
+    try:
+        d.membership.open([], {})
+        cluster = d.node.cluster
+        x = NodeKey.generate()
+        view = d.membership.view
+        view.merge([_admitted(cluster, x, root)])
+        # What a member's view cache holds after x was removed, as x's own daemon saves it.
+        view.merge_removals([sign_removal(cluster.cluster_id, root, x.node_id, 1)])
+        saved = (view.to_wire(), view.removals_wire())
+    finally:
+        d.node.transport.close()
+    xd = StateDir(tmp_path / "x")
+    xd.ensure()
+    xd._write_json(StateDir.IDENTITY, {"version": 1, "seed": x.seed.hex(), "name": "x"}, secret=True)
+    xd.save_cluster(cluster)
+    xd.save_members(*saved)
+    from edgemesh.runtime.daemon import NodeDaemon
+
+    again = NodeDaemon(xd, "127.0.0.1", 7700, config=MeshConfig(mdns=False))
+    try:
+        again.membership.open([], {})
+        assert again.membership.removed is not None and again.membership.removed.by == root.node_id
+        assert again.membership.removal_json()["removed"]["by_name"] == "root"
+        assert not again.membership.view.is_member_curve_key(x.curve_public)
+        assert again.membership.admits_connection(x.curve_public)  # its own CLI still reaches it
+    finally:
+        again.node.transport.close()
