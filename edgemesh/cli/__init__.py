@@ -28,7 +28,7 @@ def _root() -> None:
 # Which modules register each top-level command. A command line imports only its own modules:
 # start-up time counts on small devices (`edgemesh join` is part of the measured join time).
 _MODULES: dict[str, tuple[str, ...]] = {
-    **{c: ("node",) for c in ("init", "join", "start", "stop", "leave", "token", "status", "discover")},
+    **{c: ("node",) for c in ("init", "join", "start", "stop", "leave", "remove", "token", "status", "discover")},
     "cluster": ("cluster",),
     "model": ("model",), "plan": ("model",),
     **{c: ("serve",) for c in ("launch", "generate", "ask", "classify")},

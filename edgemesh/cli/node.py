@@ -1,4 +1,4 @@
-"""CLI: a node's life — init, join, start, stop, leave, token, status, discover."""
+"""CLI: a node's life — init, join, start, stop, leave, remove, token, status, discover."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from edgemesh.cli.output import json_option, to_stdout, write_json
 from edgemesh.config import DEFAULT_PORT
 from edgemesh.errors import ConfigError, NotRunningError, PortInUseError, TokenError
 from edgemesh.identity.statedir import StateDir, default_state_dir
-from edgemesh.identity.token import JoinPoint, JoinToken
+from edgemesh.identity.token import DEFAULT_TTL, JoinPoint, JoinToken, describe_expiry, parse_duration
 from edgemesh.transport.endpoint import tcp_endpoint
 
 err = Console(stderr=True)
@@ -36,6 +36,7 @@ DetachOpt = typer.Option(False, "--detach", "-d", help="Run the daemon in the ba
 MdnsOpt = typer.Option(True, "--mdns/--no-mdns", help="Announce the cluster on the LAN by mDNS (never the secret).")
 ProfileOpt = typer.Option(None, "--profile", help="Declared device profile (nodes/*.toml) published beside the measured one.")
 StunOpt = typer.Option(None, "--stun-server", help="STUN server for NAT traversal, stun:HOST[:PORT] (repeatable).")
+TtlOpt = typer.Option("24h", "--ttl", help="How long the printed join token admits devices: e.g. 30m, 24h, 7d (at most 366d).")
 TurnUrlOpt = typer.Option(None, "--turn-server", help="Existing TURN server, turn:[USER:PASS@]HOST[:PORT]; without USER:PASS it must use the cluster's TURN REST secret (repeatable).")
 
 
@@ -123,18 +124,20 @@ def _run(state: StateDir, settings: dict[str, Any], detach: bool) -> None:
     run_daemon(state, settings["host"], settings["port"], settings["advertise"], settings["mdns"])
 
 
-def _make_token(state: StateDir, points: list[JoinPoint]) -> str:
+def _make_token(state: StateDir, points: list[JoinPoint], ttl: float = DEFAULT_TTL) -> JoinToken:
     cluster = state.require_cluster()
-    return JoinToken(cluster.cluster_id, cluster.secret, tuple(points)).encode()
+    return JoinToken.issue(cluster.cluster_id, cluster.secret, tuple(points), ttl)
 
 
-def _emit_token(token: str, token_file: Optional[Path]) -> None:
+def _emit_token(token: JoinToken, token_file: Optional[Path]) -> None:
+    text = token.encode()
     if token_file is not None:
         fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:
-            fh.write(token + "\n")
-        err.print(f"join token written to {token_file} (keep it secret: it admits devices)")
-    print(token)
+            fh.write(text + "\n")
+        err.print(f"join token written to {token_file} (keep it secret: it admits devices until it expires)")
+    err.print(f"the token expires at {describe_expiry(token.expires)}")
+    print(text)
 
 
 @app.command()
@@ -146,8 +149,10 @@ def init(
     no_start: bool = typer.Option(False, "--no-start", help="Create the cluster but do not start the daemon."),
     turn: bool = typer.Option(False, "--turn", help="Run coturn (STUN + TURN relay) beside this node for members behind NAT; credentials derive from the cluster secret."),
     stun_server: Optional[list[str]] = StunOpt, turn_server: Optional[list[str]] = TurnUrlOpt,
+    ttl: str = TtlOpt,
 ) -> None:
     """Create a new cluster with this device as its first member, print the join token, start the daemon."""
+    ttl_seconds = parse_duration(ttl)
     state = StateDir(state_dir or default_state_dir())
     state.ensure()
     existing = state.load_cluster()
@@ -168,7 +173,8 @@ def init(
     key, node_name = state.load_or_create_identity(name)
     cluster = state.new_cluster(root=key.node_id)
     state.save_settings(settings)
-    token = _make_token(state, [JoinPoint(tcp_endpoint(_reachable(settings), settings["port"] + 1), key.sign_public)])
+    token = _make_token(state, [JoinPoint(tcp_endpoint(_reachable(settings), settings["port"] + 1), key.sign_public)],
+                        ttl_seconds)
     err.print(f"created cluster [bold]{cluster.cluster_id}[/] with {node_name} ({key.node_id}); "
               "add devices with: edgemesh join TOKEN")
     _emit_token(token, token_file)
@@ -214,7 +220,7 @@ def join(
     joins = (tcp_endpoint(_reachable(settings), settings["port"] + 1),)
     result = asyncio.run(join_cluster(key, node_name, parsed, addresses, joins, discover=settings["mdns"]))
     state.save_cluster(result.cluster)
-    state.save_members(result.records)
+    state.save_members(result.records, result.removals)
     state.save_settings(settings)
     err.print(f"{node_name} ({key.node_id}) joined cluster [bold]{result.cluster.cluster_id}[/] via {result.via}")
     if not no_start:
@@ -263,25 +269,49 @@ def leave(state_dir: Optional[Path] = StateOpt) -> None:
     wait_gone(int(rec["pid"]), float(rec["create_time"]), 10.0)
     state.forget_cluster()
     told = result.get("told", 0) if isinstance(result, dict) else 0
-    err.print(f"left cluster {cluster.cluster_id} ({told} member(s) acknowledged)")
+    err.print(f"left cluster {cluster.cluster_id} ({told} member(s) acknowledged); this device has a new key "
+              "for any later join (the cluster refuses the old one)")
+
+
+@app.command()
+def remove(
+    node: str = typer.Argument(..., help="The member to remove: its name, id or an id prefix (see `edgemesh status`)."),
+    state_dir: Optional[Path] = StateOpt,
+) -> None:
+    """Remove another member for good (e.g. a lost device): every member refuses its key, closes its
+    links and voids what it admits from now on. Follow with `edgemesh token --rotate`."""
+    from edgemesh.runtime.control import control
+
+    state = resolve_state(state_dir)
+    result = control(state, "admin.remove", {"node": node}, timeout=15.0)
+    err.print(f"removed {result['name']} ({result['removed']}) in epoch {result['epoch']}; "
+              f"{result['told']} of {result['members']} other member(s) acknowledged, the rest hear it by gossip. "
+              "It may still know the cluster secret: run `edgemesh token --rotate`.")
 
 
 @app.command()
 def token(
     state_dir: Optional[Path] = StateOpt,
     token_file: Optional[Path] = typer.Option(None, "--token-file", help="Also write the token to this file (0600)."),
+    ttl: str = TtlOpt,
+    rotate: bool = typer.Option(False, "--rotate", help="First replace the cluster secret on every member: every token made before stops working (members keep working)."),
 ) -> None:
     """Print a join token listing the alive members (so a join works even if one of them is down)."""
     from edgemesh.identity.keys import NodeKey  # noqa: F401  (keeps the import graph obvious)
     from edgemesh.runtime.control import control
 
+    ttl_seconds = parse_duration(ttl)
     state = resolve_state(state_dir)
+    if rotate:
+        result = control(state, "admin.rotate", timeout=15.0)
+        err.print(f"cluster secret rotated (epoch {result['epoch']}); {result['told']} of {result['members']} other "
+                  "member(s) acknowledged, the rest hear it by gossip. Tokens made before now no longer admit anyone.")
     status = control(state, "status")
     me = status["node"]
     members = sorted(status["members"], key=lambda m: (m["id"] != me, m["name"]))
     points = [JoinPoint(m["join"][0], bytes.fromhex(m["key"])) for m in members
               if m["state"] == "alive" and m.get("join")][:8]
-    _emit_token(_make_token(state, points), token_file)
+    _emit_token(_make_token(state, points, ttl_seconds), token_file)
 
 
 def _fmt_bytes(n: Any) -> str:
@@ -322,6 +352,10 @@ def status(
             "-" if link.get("mbps") is None else f"{link['mbps']:.0f}",
         )
     out.print(t)
+    removed = data.get("removed")
+    if removed:
+        how = "left the cluster" if removed.get("left") else f"was removed from the cluster by {removed.get('by_name') or removed['by']}"
+        err.print(f"[red]this node {how} (epoch {removed['epoch']}): no member serves it or accepts what it admits[/]")
     if links:
         lt = Table(title="links from this node (path: lan | direct | punched | relayed)")
         for col in ("peer", "path", "RTT ms", "Mbit/s", "since", "changes", "before (newest first)"):

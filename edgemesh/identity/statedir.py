@@ -10,7 +10,7 @@ import json
 import os
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +31,19 @@ class ClusterInfo:
     cluster_id: str
     root: str  # node id of the founding member; its admission is self-signed
     secret: bytes
+    # The rotation that set ``secret`` (epoch 0: the secret the cluster was created with), kept
+    # so the member can hand the signed rotation on to members that have not heard of it.
+    secret_epoch: int = 0
+    rotated_by: str = ""
+    rotation_sig: bytes = b""
 
     def to_json(self) -> dict[str, Any]:
-        return {"cluster_id": self.cluster_id, "root": self.root, "secret": self.secret.hex()}
+        return {"cluster_id": self.cluster_id, "root": self.root, "secret": self.secret.hex(),
+                "secret_epoch": self.secret_epoch, "rotated_by": self.rotated_by,
+                "rotation_sig": self.rotation_sig.hex()}
+
+    def rotated(self, secret: bytes, epoch: int, by: str, sig: bytes) -> ClusterInfo:
+        return replace(self, secret=secret, secret_epoch=epoch, rotated_by=by, rotation_sig=sig)
 
 
 class StateDir:
@@ -141,8 +151,10 @@ class StateDir:
         if data is None:
             return None
         try:
-            return ClusterInfo(str(data["cluster_id"]), str(data["root"]), bytes.fromhex(data["secret"]))
-        except (KeyError, ValueError, TypeError):
+            return ClusterInfo(str(data["cluster_id"]), str(data["root"]), bytes.fromhex(data["secret"]),
+                               int(data.get("secret_epoch", 0)), str(data.get("rotated_by", "")),
+                               bytes.fromhex(data.get("rotation_sig", "")))
+        except (KeyError, ValueError, TypeError, AttributeError):
             raise StateDirError(f"{self.file(self.CLUSTER)} is corrupt") from None
 
     def require_cluster(self) -> ClusterInfo:
@@ -154,28 +166,42 @@ class StateDir:
         return info
 
     # ---- replicated view cache ---------------------------------------------
-    def save_members(self, records: list[dict[str, Any]]) -> None:
-        """The view as msgpack (records hold raw keys and signatures)."""
-        self._write_bytes(self.MEMBERS, msgpack.packb({"saved": time.time(), "records": records}, use_bin_type=True))
+    def save_members(self, records: list[dict[str, Any]], removals: list[dict[str, Any]] | None = None) -> None:
+        """The view as msgpack (records and removals hold raw keys and signatures; no secret)."""
+        self._write_bytes(self.MEMBERS, msgpack.packb(
+            {"saved": time.time(), "records": records, "removals": removals or []}, use_bin_type=True))
 
-    def load_members(self) -> list[Any]:
-        """Cached records (still untrusted: the view re-checks every signature on load)."""
+    def _load_view(self, field: str) -> list[Any]:
         try:
             data = msgpack.unpackb(self.file(self.MEMBERS).read_bytes(), raw=False, strict_map_key=True)
         except FileNotFoundError:
             return []
         except (OSError, ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
             return []  # a damaged cache is rebuilt by gossip
-        records = data.get("records") if isinstance(data, dict) else None
-        return records if isinstance(records, list) else []
+        items = data.get(field) if isinstance(data, dict) else None
+        return items if isinstance(items, list) else []
+
+    def load_members(self) -> list[Any]:
+        """Cached records (still untrusted: the view re-checks every signature on load)."""
+        return self._load_view("records")
+
+    def load_removals(self) -> list[Any]:
+        """Cached removals (untrusted, like the records)."""
+        return self._load_view("removals")
 
     def forget_cluster(self) -> None:
-        """After leaving: keep the identity, drop the cluster secret and view."""
+        """After leaving: drop the cluster secret and view, and replace the node key (keeping the
+        name). The cluster refuses the old key for good, so joining again needs a new one."""
         for name in (self.CLUSTER, self.MEMBERS):
             try:
                 self.file(name).unlink()
             except FileNotFoundError:
                 pass
+        data = self._read_json(self.IDENTITY)
+        if data is not None:
+            _, name = self._parse_identity(data)
+            key = NodeKey.generate()
+            self._write_json(self.IDENTITY, {"version": 1, "seed": key.seed.hex(), "name": name}, secret=True)
 
     # ---- how the daemon was last started (so `edgemesh start` needs no flags) ----
     SETTINGS = "settings.json"

@@ -1,9 +1,12 @@
-"""Admission of new nodes: both sides prove they know the cluster secret; it never travels.
+"""Admission of new nodes: both sides prove they know the token's join secret; it never travels.
 
-Server side (`JoinService`) is transport-free so it can be tested with a fake clock. The flow
-and the MAC inputs are specified in protocols/wire.md ("Join handshake"); the proofs are bound
-to the link (both CURVE keys, the cluster id, both nonces — `mesh.join_proof`), and the reply
-is signed by this member's node key, so a join cannot be relayed through someone else.
+The join secret is derived from the cluster secret and the token's expiry (`identity.token`),
+so the member recomputes it from the expiry the joiner names. Server side (`JoinService`) is
+transport-free so it can be tested with a fake clock. The flow and the MAC inputs are specified
+in protocols/wire.md ("Join handshake"); the proofs are bound to the link (both CURVE keys, the
+cluster id, both nonces — `mesh.join_proof`), and the reply — the view, the removals and the
+cluster secret, sent only to a node just admitted — is signed by this member's node key, so a
+join cannot be relayed through someone else.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import hmac
 import logging
 import secrets
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -21,7 +25,8 @@ from edgemesh.clock import Clock
 from edgemesh.errors import AuthError, ProtocolError
 from edgemesh.identity.keys import NodeKey
 from edgemesh.identity.statedir import ClusterInfo
-from edgemesh.mesh.join_proof import JoinChannel, client_mac, server_proof, sign_reply
+from edgemesh.identity.token import describe_expiry, token_secret
+from edgemesh.mesh.join_proof import JoinChannel, JoinReply, client_mac, server_proof, sign_reply
 from edgemesh.mesh.records import MemberRecord, admit, check_self
 from edgemesh.mesh.view import MembershipView
 from edgemesh.wire.schema import body_map, need
@@ -47,6 +52,8 @@ class _Challenge:
     cnonce: bytes
     expires: float
     source: str
+    token_expires: int  # the expiry the joiner named (its token's)
+    join_secret: bytes  # of the token the joiner holds, from the cluster secret at challenge time
 
 
 class JoinService:
@@ -59,12 +66,14 @@ class JoinService:
         view: MembershipView,
         clock: Clock,
         on_admit: Callable[[MemberRecord], None],
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self.cluster = cluster
         self.key = key
         self.view = view
         self.clock = clock
         self.on_admit = on_admit
+        self.wall = wall  # token expiries are wall-clock times
         self._open: OrderedDict[bytes, _Challenge] = OrderedDict()
         self._per_source: dict[str, int] = {}
         self.refused = 0
@@ -75,19 +84,33 @@ class JoinService:
         cnonce = need(body, "cnonce", bytes)
         if len(cnonce) != NONCE_BYTES:
             raise ProtocolError("cnonce must be 32 bytes")
+        token_expires, join_secret = self._token_secret(body)
         self._expire()
         if self._per_source.get(source, 0) >= MAX_CHALLENGES_PER_SOURCE:
             self._drop_oldest_of(source)
         nonce = secrets.token_bytes(NONCE_BYTES)
-        self._open[nonce] = _Challenge(peer_key, cnonce, self.clock.now() + NONCE_TTL, source)
+        self._open[nonce] = _Challenge(peer_key, cnonce, self.clock.now() + NONCE_TTL, source, token_expires,
+                                       join_secret)
         self._per_source[source] = self._per_source.get(source, 0) + 1
         while len(self._open) > MAX_OPEN_CHALLENGES:
             self._drop_oldest_of(max(self._per_source, key=self._per_source.__getitem__))
         return {"nonce": nonce, "cluster": self.cluster.cluster_id,
-                "proof": server_proof(self.cluster.secret, self._channel(peer_key, cnonce, nonce))}
+                "proof": server_proof(join_secret, self._channel(peer_key, cnonce, nonce))}
 
     def _channel(self, peer_key: bytes, cnonce: bytes, nonce: bytes) -> JoinChannel:
         return JoinChannel(self.cluster.cluster_id, self.key.curve_public, peer_key, cnonce, nonce)
+
+    def _token_secret(self, body: dict[str, Any]) -> tuple[int, bytes]:
+        """The joiner's token expires at ``exp``; its secret derives from the current cluster
+        secret, so an expired token, one made before a rotation, or a forged expiry fails."""
+        if self.view.removal(self.key.node_id) is not None:
+            self._refuse("join refused: this member was removed from the cluster and admits no one; "
+                         "use a token from another member")
+        expires = need(body, "exp", int)
+        if expires <= self.wall():
+            self._refuse(f"join refused: the token expired at {describe_expiry(expires)}; "
+                         "get a new one with `edgemesh token` on a member")
+        return expires, token_secret(self.cluster.secret, self.cluster.cluster_id, expires)
 
     def register(self, peer_key: bytes, body: Any) -> dict[str, Any]:
         body = body_map(body)
@@ -102,10 +125,16 @@ class JoinService:
         if challenge.peer_key != peer_key:
             self._refuse("join refused: the challenge was issued to a different key")
         channel = self._channel(peer_key, challenge.cnonce, nonce)
-        want = client_mac(self.cluster.secret, channel, packed)
+        want = client_mac(challenge.join_secret, channel, packed)
         if not hmac.compare_digest(want, mac):
-            self._refuse("join refused: wrong cluster secret (is the token from this cluster?), "
-                         "or the join was relayed through another node")
+            self._refuse("join refused: the token does not match this cluster's secret (is it from this cluster, "
+                         "or from before the secret was rotated?), or the join was relayed through another node")
+        # A rotation that arrived since the challenge ends this token too; admitting now would hand
+        # the joiner a secret its token does not derive from (and the joiner would refuse it).
+        if not hmac.compare_digest(challenge.join_secret, token_secret(
+                self.cluster.secret, self.cluster.cluster_id, challenge.token_expires)):
+            self._refuse("join refused: the cluster secret was rotated during this join, so the token no longer "
+                         "admits anyone; get a new one with `edgemesh token` on a member")
         try:
             record = MemberRecord.from_wire(msgpack.unpackb(packed, raw=False, strict_map_key=True))
         except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
@@ -115,15 +144,20 @@ class JoinService:
         if record.status != "member":
             raise ProtocolError("a joining record must have status 'member'")
         check_self(self.cluster.cluster_id, record)
-        admitted = admit(self.cluster.cluster_id, self.key, record)
+        if self.view.removal(record.node_id) is not None:
+            self._refuse("join refused: this device's key was removed from the cluster (or left it); "
+                         "it can join again only with a new key (another --state-dir)")
+        admitted = admit(self.cluster.cluster_id, self.key, record, self.view.epoch)
         self.view.merge([admitted])
         if self.view.get(record.node_id) != admitted:
             self._refuse("join refused: a newer record for this node exists; retry")
         log.info("admitted %s (%s)", record.node_id, record.name)
         self.on_admit(admitted)
-        records = self.view.to_wire()
-        return {"cluster": self.cluster.cluster_id, "root": self.cluster.root, "records": records,
-                "sig": sign_reply(self.key, channel, self.cluster.root, records)}
+        # The cluster secret goes only to a node just admitted, inside the encrypted link; the
+        # signature covers it with the view and the removals, so no one on another link can swap them.
+        reply = JoinReply(self.cluster.root, self.view.to_wire(), self.view.removals_wire(), self.cluster.secret,
+                          self.cluster.secret_epoch, self.cluster.rotated_by, self.cluster.rotation_sig)
+        return {"cluster": self.cluster.cluster_id, **reply.to_wire(), "sig": sign_reply(self.key, channel, reply)}
 
     def _refuse(self, message: str) -> Any:
         self.refused += 1

@@ -2,12 +2,12 @@
 
 Whom to trust: the token's keys. A token point names the member's key, so the link to it is
 authenticated by CURVE; a member found by mDNS names its own key, so anyone on the LAN can
-pose as one. Either way the joiner believes a member only after (1) its proof of the cluster
-secret verifies *for this link* (both CURVE keys and the cluster id are in it, so an answer
+pose as one. Either way the joiner believes a member only after (1) its proof of the token's
+join secret verifies *for this link* (both CURVE keys and the cluster id are in it, so an answer
 relayed from a real member does not verify), (2) its register reply is signed by the node key
-the joiner dialled, and (3) the view it hands over verifies record by record under its root,
-holds the member itself, this node's fresh admission by that member, and at least one of the
-token's keys.
+the joiner dialled, (3) the cluster secret in that reply is the one the token's join secret was
+derived from, and (4) the view it hands over verifies record by record under its root, holds the
+member itself, this node's fresh admission by that member, and at least one of the token's keys.
 """
 
 from __future__ import annotations
@@ -16,15 +16,15 @@ import hmac
 import logging
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from edgemesh.errors import AuthError, ProtocolError, RpcError, TokenError
 from edgemesh.identity.keys import NodeKey, curve_public_for, node_id_for
 from edgemesh.identity.statedir import ClusterInfo
-from edgemesh.identity.token import JoinPoint, JoinToken
+from edgemesh.identity.token import JoinPoint, JoinToken, token_secret
 from edgemesh.mesh.join import NONCE_BYTES, pack_record
-from edgemesh.mesh.join_proof import JoinChannel, check_reply, client_mac, server_proof
+from edgemesh.mesh.join_proof import JoinChannel, JoinReply, check_reply, client_mac, server_proof
 from edgemesh.mesh.records import MemberRecord, sign_self
 from edgemesh.mesh.rpc import RpcClient, rpc_session
 from edgemesh.mesh.view import MembershipView
@@ -33,14 +33,13 @@ from edgemesh.wire.schema import body_map, need
 
 log = logging.getLogger(__name__)
 
-MAX_ROOT_LEN = 64  # a node id (hex of 32 bytes)
-
 
 @dataclass(frozen=True)
 class JoinResult:
     cluster: ClusterInfo
     records: list[Any]
     via: str
+    removals: list[Any] = field(default_factory=list)
 
 
 async def join_cluster(
@@ -111,7 +110,7 @@ async def _try_point(
 async def _handshake(client: RpcClient, key: NodeKey, token: JoinToken, record: MemberRecord,
                      point: JoinPoint, timeout: float) -> JoinResult:
     cnonce = secrets.token_bytes(NONCE_BYTES)
-    body, _ = await client.call("join.challenge", {"cnonce": cnonce}, timeout=timeout)
+    body, _ = await client.call("join.challenge", {"cnonce": cnonce, "exp": token.expires}, timeout=timeout)
     body = body_map(body)
     nonce = need(body, "nonce", bytes, max_len=NONCE_BYTES)
     if need(body, "cluster", str) != token.cluster_id:
@@ -120,17 +119,23 @@ async def _handshake(client: RpcClient, key: NodeKey, token: JoinToken, record: 
     channel = JoinChannel(token.cluster_id, curve_public_for(point.sign_public), key.curve_public, cnonce, nonce)
     if not hmac.compare_digest(need(body, "proof", bytes), server_proof(token.secret, channel)):
         raise AuthError(f"{point.endpoint} cannot prove it knows the cluster secret on this link: the token "
-                        "is wrong for this cluster, or it passes on another member's answers (an impostor?)")
+                        "is wrong for this cluster, was made before the cluster secret was rotated (get a new "
+                        "one with `edgemesh token`), or it passes on another member's answers (an impostor?)")
     packed = pack_record(record)
     mac = client_mac(token.secret, channel, packed)
     reply, _ = await client.call("join.register", {"nonce": nonce, "record": packed, "mac": mac}, timeout=timeout)
     reply = body_map(reply)
-    records = need(reply, "records", list)
-    root = need(reply, "root", str, max_len=MAX_ROOT_LEN)
-    check_reply(point.sign_public, channel, root, records, need(reply, "sig", bytes, max_len=64))
-    adopted = verified_view(token, point, record, root, records)
+    answer = JoinReply.from_wire(reply)
+    check_reply(point.sign_public, channel, answer, need(reply, "sig", bytes, max_len=64))
+    # The token holds only a join secret; the cluster secret comes once we are admitted. Our
+    # token's join secret derives from it, so a member cannot hand us some other secret.
+    if not hmac.compare_digest(token_secret(answer.secret, token.cluster_id, token.expires), token.secret):
+        raise AuthError(f"{point.endpoint} sent a cluster secret that is not the one the token was made from")
+    adopted = verified_view(token, point, record, answer.root, answer.records)
+    cluster = ClusterInfo(token.cluster_id, answer.root, answer.secret, answer.secret_epoch,
+                          answer.rotated_by, answer.rotation_sig)
     log.info("joined cluster %s via %s", token.cluster_id, point.endpoint)
-    return JoinResult(ClusterInfo(token.cluster_id, root, token.secret), adopted, point.endpoint)
+    return JoinResult(cluster, adopted, point.endpoint, answer.removals)
 
 
 def verified_view(token: JoinToken, point: JoinPoint, me: MemberRecord, root: str, records: list[Any]) -> list[Any]:

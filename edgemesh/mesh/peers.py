@@ -170,7 +170,14 @@ class PeerSet:
             link.start_probe()
 
     def _drop(self, node_id: str) -> None:
-        link = self._peers.pop(node_id)
+        self.close_link(self._peers.pop(node_id))
+
+    def detach(self, node_id: str) -> PeerLink | None:
+        """Take a member's link out of the set without closing it (a last message can still
+        go over it); the caller closes it with ``close_link``."""
+        return self._peers.pop(node_id, None)
+
+    def close_link(self, link: PeerLink) -> None:
         link.close()
         self.transport.forget(link.client.sock)
         self.on_change(link)

@@ -1,7 +1,8 @@
 """Member records: what the cluster replicates about each node, signed by the node itself.
 
 A record carries two signatures: the *admission* (by the member that checked the joiner's
-knowledge of the cluster secret, or self-signed by the cluster's root) and the node's own
+knowledge of the cluster secret, or self-signed by the cluster's root, over the member epoch it
+was made in) and the node's own
 signature over its current addresses, profile and status. Only the node can publish a newer
 version of itself, so a member cannot redirect traffic for another member.
 """
@@ -15,7 +16,7 @@ import msgpack
 
 from edgemesh.errors import AuthError, ProtocolError
 from edgemesh.identity.keys import NodeKey, curve_public_for, node_id_for, verify
-from edgemesh.wire.schema import need
+from edgemesh.wire.schema import maybe, need
 
 STATUSES = ("member", "left")
 MAX_ADDRESSES = 16
@@ -34,6 +35,7 @@ class MemberRecord:
     admitted_by: str = ""
     admission_sig: bytes = b""
     sig: bytes = b""
+    admission_epoch: int = 0  # the member epoch the admission was signed in (mesh.revocation)
 
     @property
     def curve_key(self) -> bytes:
@@ -44,6 +46,7 @@ class MemberRecord:
             "id": self.node_id, "name": self.name, "key": self.key, "v": self.version,
             "status": self.status, "addr": list(self.addresses), "join": list(self.join),
             "profile": self.profile, "by": self.admitted_by, "asig": self.admission_sig, "sig": self.sig,
+            "ae": self.admission_epoch,
         }
 
     @classmethod
@@ -72,11 +75,22 @@ class MemberRecord:
             admitted_by=need(obj, "by", str, max_len=64),
             admission_sig=need(obj, "asig", bytes, max_len=64),
             sig=need(obj, "sig", bytes, max_len=64),
+            admission_epoch=_admission_epoch(obj),
         )
 
 
-def admission_message(cluster_id: str, node_id: str, key: bytes) -> bytes:
-    return msgpack.packb(["edgemesh-admit-v1", cluster_id, node_id, key], use_bin_type=True)
+def _admission_epoch(obj: dict[str, Any]) -> int:
+    epoch = maybe(obj, "ae", int, 0)  # absent in records made before epochs existed
+    if not 0 <= epoch < 2**62:
+        raise ProtocolError("admission epoch out of range")
+    return epoch
+
+
+def admission_message(cluster_id: str, node_id: str, key: bytes, epoch: int = 0) -> bytes:
+    # Epoch 0 keeps the v1 message, so admissions signed before epochs existed still verify.
+    if epoch == 0:
+        return msgpack.packb(["edgemesh-admit-v1", cluster_id, node_id, key], use_bin_type=True)
+    return msgpack.packb(["edgemesh-admit-v2", cluster_id, node_id, key, epoch], use_bin_type=True)
 
 
 def self_message(cluster_id: str, r: MemberRecord) -> bytes:
@@ -91,9 +105,9 @@ def sign_self(cluster_id: str, key: NodeKey, r: MemberRecord) -> MemberRecord:
     return replace(r, sig=key.sign(self_message(cluster_id, r)))
 
 
-def admit(cluster_id: str, admitter: NodeKey, r: MemberRecord) -> MemberRecord:
-    return replace(r, admitted_by=admitter.node_id,
-                   admission_sig=admitter.sign(admission_message(cluster_id, r.node_id, r.key)))
+def admit(cluster_id: str, admitter: NodeKey, r: MemberRecord, epoch: int = 0) -> MemberRecord:
+    return replace(r, admitted_by=admitter.node_id, admission_epoch=epoch,
+                   admission_sig=admitter.sign(admission_message(cluster_id, r.node_id, r.key, epoch)))
 
 
 def check_self(cluster_id: str, r: MemberRecord) -> None:

@@ -70,6 +70,7 @@ class NodeDaemon:
             node, lambda node_id: ChannelRpc(node.sender, self.handlers, self.membership.authorize, node.stats))
         self.nat = NatService(node, self.membership)
         self.jobs = JobsService(node, self.membership.view)
+        self.membership.on_removed.append(lambda record: self.jobs.stop_owned_by(record.key))
         self.profile = ProfileService(node, self.membership)
         self.coturn = CoturnService(node)
         self.swarm = SwarmService(node.state, node.node_id, self.membership.alive_peers, self.membership.caller)
@@ -97,7 +98,7 @@ class NodeDaemon:
         node.transport.start()
         try:
             mesh_sock = node.transport.server(tcp_endpoint(node.host, node.port), "mesh",
-                                              self.membership.view.is_member_curve_key)
+                                              self.membership.admits_connection)
             join_sock = node.transport.server(tcp_endpoint(node.host, node.port + 1), "join", lambda key: True)
             mesh_server = RpcServer(mesh_sock, node.sender, self.handlers, node.stats, self.membership.authorize)
             join_server = RpcServer(join_sock, node.sender, self.membership.join_handlers(), node.stats)
@@ -177,6 +178,7 @@ class NodeDaemon:
             },
             "nat": {**self.nat.traversal.stats.to_json(), "turn_pid": self.coturn.pid, "servers": self.nat.server_urls()},
             "uptime": time.time() - self._started,
+            **m.removal_json(),
         }
 
 

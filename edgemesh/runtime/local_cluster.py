@@ -118,8 +118,8 @@ def up(directory: Path, count: int, base_port: int = 7700, progress: Callable[[s
         cluster = root.new_cluster(key.node_id)
         progress(f"starting {nodes[0].name} (founder) on port {nodes[0].port}")
         wait_ready(root, _spawn_recorded(root, nodes[0], nodes, directory))
-        token = JoinToken(cluster.cluster_id, cluster.secret,
-                          (JoinPoint(tcp_endpoint(HOST, nodes[0].port + 1), key.sign_public),))
+        token = JoinToken.issue(cluster.cluster_id, cluster.secret,
+                                (JoinPoint(tcp_endpoint(HOST, nodes[0].port + 1), key.sign_public),), ttl=3600)
         procs = []
         for n in nodes[1:]:
             progress(f"joining {n.name} on port {n.port}")
@@ -131,7 +131,7 @@ def up(directory: Path, count: int, base_port: int = 7700, progress: Callable[[s
                 k, name, token, (tcp_endpoint(HOST, n.port),), (tcp_endpoint(HOST, n.port + 1),), timeout=15.0,
                 discover=False))
             state.save_cluster(result.cluster)
-            state.save_members(result.records)
+            state.save_members(result.records, result.removals)
             procs.append((state, _spawn_recorded(state, n, nodes, directory)))
         for state, proc in procs:
             wait_ready(state, proc)

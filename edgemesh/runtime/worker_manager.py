@@ -66,6 +66,10 @@ class WorkerManager:
         entry = self._procs.get(job)
         return entry[0].server_key if entry is not None else None
 
+    def owned_by(self, key: bytes) -> list[str]:
+        """The jobs started by the member with signing key ``key``."""
+        return [job for job, (spec, _) in self._procs.items() if spec.server_key == key]
+
     def stop_all(self) -> None:
         for job in list(self._procs):
             self.stop(job, timeout=3.0)

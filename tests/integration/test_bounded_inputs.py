@@ -100,7 +100,7 @@ async def _join_challenge(endpoint: str, server_key: bytes) -> dict:
         client = RpcClient(transport.client(endpoint, server_key), bytes.fromhex(key.node_id))
         reader = asyncio.ensure_future(client.run())
         try:
-            body, _ = await client.call("join.challenge", {"cnonce": b"c" * 32}, timeout=5)
+            body, _ = await client.call("join.challenge", {"cnonce": b"c" * 32, "exp": int(time.time()) + 60}, timeout=5)
             return body
         finally:
             reader.cancel()

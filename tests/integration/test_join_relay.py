@@ -88,8 +88,8 @@ def test_an_mdns_impostor_relaying_the_challenge_gets_nothing_and_plants_nothing
     cluster = sds[0].require_cluster()
     root_key, _ = sds[0].load_identity()
     real_join = f"tcp://127.0.0.1:{nodes[0].port + 1}"
-    stale = JoinToken(cluster.cluster_id, cluster.secret,
-                      (JoinPoint(f"tcp://127.0.0.1:{_unused_port()}", root_key.sign_public),))
+    stale = JoinToken.issue(cluster.cluster_id, cluster.secret,
+                            (JoinPoint(f"tcp://127.0.0.1:{_unused_port()}", root_key.sign_public),))
     members_before = len(control(sds[0], "status")["members"])
     joiner = NodeKey.generate()
     discovered: list[JoinPoint] = []

@@ -76,7 +76,7 @@ def test_a_stranger_flooding_the_join_port_from_one_address_does_not_keep_a_join
             "the daemon did not close the strangers' connections over their address's share"
         assert _fds(pid) - base_fds <= share + 4, f"{_fds(pid) - base_fds} connections held"
         joiner = NodeKey.generate()
-        token = JoinToken(cluster.cluster_id, cluster.secret, (JoinPoint(endpoint, key.sign_public),))
+        token = JoinToken.issue(cluster.cluster_id, cluster.secret, (JoinPoint(endpoint, key.sign_public),))
         start = time.monotonic()
         result = asyncio.run(join_cluster(joiner, "joiner", token, ("tcp://127.0.0.1:1",), ("tcp://127.0.0.1:2",),
                                           timeout=15.0, discover=False))

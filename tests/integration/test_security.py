@@ -14,7 +14,7 @@ import zmq
 
 from edgemesh.errors import RpcError, RpcTimeout
 from edgemesh.identity.keys import NodeKey
-from edgemesh.identity.token import JoinPoint, JoinToken
+from edgemesh.identity.token import JoinPoint, JoinToken, token_secret
 from edgemesh.mesh.join import pack_record
 from edgemesh.mesh.join_proof import JoinChannel, client_mac
 from edgemesh.mesh.records import MemberRecord, sign_self
@@ -74,7 +74,7 @@ def test_wrong_token_is_refused_with_a_clear_cli_error(cluster3, tmp_path):
     cluster = sds[0].require_cluster()
     root_key, _ = sds[0].load_identity()
     _, join = _endpoints(nodes, 0)
-    bad = JoinToken(cluster.cluster_id, b"x" * 32, (JoinPoint(join, root_key.sign_public),)).encode()
+    bad = JoinToken.issue(cluster.cluster_id, b"x" * 32, (JoinPoint(join, root_key.sign_public),)).encode()
     res = run_cli("join", bad, "--state-dir", str(tmp_path / "n"), "--host", "127.0.0.1",
                   "--port", "31700", "--no-mdns", home=tmp_path)
     assert res.returncode == 3
@@ -95,13 +95,15 @@ def test_replayed_join_is_refused_and_changes_nothing(cluster3):
         try:
             client = RpcClient(transport.client(join, root_key.curve_public), bytes.fromhex(joiner.node_id))
             reader = asyncio.ensure_future(client.run())
-            ch, _ = await client.call("join.challenge", {"cnonce": b"c" * 32})
+            exp = int(time.time()) + 60
+            ch, _ = await client.call("join.challenge", {"cnonce": b"c" * 32, "exp": exp})
             rec = sign_self(cluster.cluster_id, joiner, MemberRecord(
                 joiner.node_id, "joiner", joiner.sign_public, int(time.time() * 1000), "member",
                 ("tcp://127.0.0.1:1",), ("tcp://127.0.0.1:2",)))
             packed = pack_record(rec)
             channel = JoinChannel(cluster.cluster_id, root_key.curve_public, joiner.curve_public, b"c" * 32, ch["nonce"])
-            body = {"nonce": ch["nonce"], "record": packed, "mac": client_mac(cluster.secret, channel, packed)}
+            body = {"nonce": ch["nonce"], "record": packed,
+                    "mac": client_mac(token_secret(cluster.secret, cluster.cluster_id, exp), channel, packed)}
             await client.call("join.register", body)
             n_after_join = len((await control_call(sds[0], "status"))["members"])
             with pytest.raises(RpcError, match="replayed"):
@@ -125,7 +127,7 @@ def _mutations(rng: random.Random):
         encode_envelope(Envelope(Kind.REQUEST, "gossip.sync", 2, b"x", {"records": [{"id": "a"}]})),
         encode_envelope(Envelope(Kind.NOTIFY, "gossip.push", 0, b"x", {"records": [1, 2]})),
         encode_envelope(Envelope(Kind.REQUEST, "join.register", 3, b"x", {"nonce": b"n", "record": b"\x80", "mac": b""})),
-        encode_envelope(Envelope(Kind.REQUEST, "join.challenge", 4, b"x", {"cnonce": b"c" * 32})),
+        encode_envelope(Envelope(Kind.REQUEST, "join.challenge", 4, b"x", {"cnonce": b"c" * 32, "exp": 2**40})),
     ]
     while True:
         r = rng.random()

@@ -66,8 +66,8 @@ def test_discover_and_join_with_stale_token(two_hosts, tmp_path):
         assert cluster.cluster_id in found.stdout, found.stdout + found.stderr
         # A token whose join endpoint is stale (nothing listens on 7999).
         key, _ = sa.load_identity()
-        stale = JoinToken(cluster.cluster_id, cluster.secret,
-                          (JoinPoint("tcp://10.231.7.1:7999", key.sign_public),)).encode()
+        stale = JoinToken.issue(cluster.cluster_id, cluster.secret,
+                                (JoinPoint("tcp://10.231.7.1:7999", key.sign_public),)).encode()
         res = em(b, "join", stale, "--state-dir", str(sb.path), "--host", "10.231.7.2", "--port", "7700",
                  "--name", "beta", "--detach", home=tmp_path)
         assert res.returncode == 0, res.stderr

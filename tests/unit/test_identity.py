@@ -35,9 +35,9 @@ def test_signatures_verify_and_forgeries_fail():
 
 
 def test_token_roundtrip_and_damage_is_reported_clearly():
-    tok = JoinToken("c0ffee", b"s" * 32, (JoinPoint("tcp://10.0.0.1:7701", b"k" * 32),))
+    tok = JoinToken("c0ffee", b"s" * 32, (JoinPoint("tcp://10.0.0.1:7701", b"k" * 32),), 1_900_000_000)
     text = tok.encode()
-    assert text.startswith("emt1.")
+    assert text.startswith("emt2.")
     assert JoinToken.decode(text) == tok
     with pytest.raises(TokenError, match="empty"):
         JoinToken.decode("  ")
@@ -46,7 +46,9 @@ def test_token_roundtrip_and_damage_is_reported_clearly():
     with pytest.raises(TokenError, match="damaged"):
         JoinToken.decode(text[: len(text) // 2])
     with pytest.raises(TokenError, match="damaged"):
-        JoinToken.decode("emt1.!!!!")
+        JoinToken.decode("emt2.!!!!")
+    with pytest.raises(TokenError, match="old kind that never expires"):
+        JoinToken.decode("emt1.gqFjpmMwZmZlZQ")
 
 
 def test_state_dir_keeps_identity_and_writes_secrets_0600(tmp_path):

@@ -10,6 +10,7 @@ import pytest
 from edgemesh.clock import FakeClock
 from edgemesh.identity.keys import NodeKey
 from edgemesh.identity.statedir import ClusterInfo
+from edgemesh.identity.token import token_secret
 from edgemesh.mesh.join import MAX_CHALLENGES_PER_SOURCE, MAX_OPEN_CHALLENGES, JoinService, pack_record
 from edgemesh.mesh.join_proof import JoinChannel, client_mac
 from edgemesh.mesh.records import MemberRecord, admit, sign_self
@@ -31,16 +32,16 @@ def test_a_challenge_flood_from_one_address_does_not_evict_a_joiner_from_another
     view.merge([_record(root, root)])
     service = JoinService(cluster, root, view, FakeClock(), lambda r: None)
     joiner = NodeKey.generate()
-    cnonce = b"c" * 32
-    ch = service.challenge(joiner.curve_public, {"cnonce": cnonce}, "192.0.2.10")
+    cnonce, exp = b"c" * 32, int(time.time()) + 3600
+    ch = service.challenge(joiner.curve_public, {"cnonce": cnonce, "exp": exp}, "192.0.2.10")
     # Thousands of strangers' keys from one address, and a few other addresses, ask in between.
     for i in range(3 * MAX_OPEN_CHALLENGES):
-        service.challenge(NodeKey.generate().curve_public if i % 100 == 0 else b"k" * 40, {"cnonce": cnonce},
-                          "198.51.100.66" if i % 50 else f"203.0.113.{i % 200}")
+        service.challenge(NodeKey.generate().curve_public if i % 100 == 0 else b"k" * 40,
+                          {"cnonce": cnonce, "exp": exp}, "198.51.100.66" if i % 50 else f"203.0.113.{i % 200}")
     assert len(service._open) <= MAX_OPEN_CHALLENGES
     assert service._per_source["198.51.100.66"] == MAX_CHALLENGES_PER_SOURCE
     packed = pack_record(_record(joiner))
     channel = JoinChannel("cid", root.curve_public, joiner.curve_public, cnonce, ch["nonce"])
-    service.register(joiner.curve_public, {"nonce": ch["nonce"], "record": packed,
-                                           "mac": client_mac(cluster.secret, channel, packed)})
+    mac = client_mac(token_secret(cluster.secret, "cid", exp), channel, packed)
+    service.register(joiner.curve_public, {"nonce": ch["nonce"], "record": packed, "mac": mac})
     assert view.is_member_curve_key(joiner.curve_public)

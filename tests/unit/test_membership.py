@@ -11,6 +11,7 @@ from edgemesh.errors import AuthError, ConfigError, ProtocolError
 from edgemesh.identity.keys import NodeKey
 from edgemesh.identity.statedir import ClusterInfo
 from edgemesh.mesh.failure import FailureDetector
+from edgemesh.identity.token import token_secret
 from edgemesh.mesh.join import JoinService, pack_record
 from edgemesh.mesh.join_proof import JoinChannel, client_mac, server_proof
 from edgemesh.mesh.records import MemberRecord, admit, sign_self
@@ -128,15 +129,25 @@ def service(world):
 
 
 CNONCE = b"c" * 32
+EXP = int(time.time()) + 3600  # the expiry of the joiner's token
+
+
+def _challenge(cn=CNONCE, exp=EXP):
+    return {"cnonce": cn, "exp": exp}
+
+
+def _join_secret(cluster, exp=EXP):
+    return token_secret(cluster.secret, cluster.cluster_id, exp)
 
 
 def _register_body(cluster, nonce, joiner, secret=None, server=None, link_key=None):
     """A register for ``joiner`` on a link from ``link_key`` (default: the joiner's own key) to
-    ``server`` (default: the root, which serves the join in these tests)."""
+    ``server`` (default: the root, which serves the join in these tests), keyed with the join
+    secret of a token that expires at ``EXP`` unless ``secret`` is given."""
     packed = pack_record(make_record(cluster, joiner, int(time.time() * 1000)))
     server_key = (server.curve_public if server else _root_curve(cluster))
     channel = JoinChannel(cluster.cluster_id, server_key, link_key or joiner.curve_public, CNONCE, nonce)
-    return {"nonce": nonce, "record": packed, "mac": client_mac(secret or cluster.secret, channel, packed)}
+    return {"nonce": nonce, "record": packed, "mac": client_mac(secret or _join_secret(cluster), channel, packed)}
 
 
 _ROOTS: dict[str, NodeKey] = {}
@@ -149,8 +160,8 @@ def _root_curve(cluster):
 def test_join_admits_a_node_that_knows_the_secret(service):
     svc, cluster, view, clock, admitted = service
     joiner = NodeKey.generate()
-    ch = svc.challenge(joiner.curve_public, {"cnonce": CNONCE})
-    assert ch["proof"] == server_proof(cluster.secret, JoinChannel(
+    ch = svc.challenge(joiner.curve_public, _challenge())
+    assert ch["proof"] == server_proof(_join_secret(cluster), JoinChannel(
         cluster.cluster_id, _root_curve(cluster), joiner.curve_public, CNONCE, ch["nonce"]))
     reply = svc.register(joiner.curve_public, _register_body(cluster, ch["nonce"], joiner))
     assert view.is_member_curve_key(joiner.curve_public)
@@ -161,14 +172,14 @@ def test_join_admits_a_node_that_knows_the_secret(service):
 def test_wrong_secret_replay_expiry_and_key_mismatch_are_refused_without_state_change(service):
     svc, cluster, view, clock, admitted = service
     joiner = NodeKey.generate()
-    ch = svc.challenge(joiner.curve_public, {"cnonce": b"c" * 32})
-    with pytest.raises(AuthError, match="wrong cluster secret"):
+    ch = svc.challenge(joiner.curve_public, _challenge())
+    with pytest.raises(AuthError, match="does not match this cluster's secret"):
         svc.register(joiner.curve_public, _register_body(cluster, ch["nonce"], joiner, secret=b"W" * 32))
     # The nonce was consumed by the failed attempt: even the right MAC cannot reuse it.
     with pytest.raises(AuthError, match="already used"):
         svc.register(joiner.curve_public, _register_body(cluster, ch["nonce"], joiner))
     # A captured, valid register message replayed later is refused.
-    ch = svc.challenge(joiner.curve_public, {"cnonce": b"c" * 32})
+    ch = svc.challenge(joiner.curve_public, _challenge())
     body = _register_body(cluster, ch["nonce"], joiner)
     svc.register(joiner.curve_public, body)
     members_before = len(view.members())
@@ -176,15 +187,15 @@ def test_wrong_secret_replay_expiry_and_key_mismatch_are_refused_without_state_c
         svc.register(joiner.curve_public, body)
     # Expired challenge.
     other = NodeKey.generate()
-    ch = svc.challenge(other.curve_public, {"cnonce": b"c" * 32})
+    ch = svc.challenge(other.curve_public, _challenge())
     clock.advance(31)
     with pytest.raises(AuthError, match="expired"):
         svc.register(other.curve_public, _register_body(cluster, ch["nonce"], other))
     # Registering a record whose key is not the link's key.
-    ch = svc.challenge(other.curve_public, {"cnonce": b"c" * 32})
+    ch = svc.challenge(other.curve_public, _challenge())
     with pytest.raises(AuthError, match="different key"):
         svc.register(NodeKey.generate().curve_public, _register_body(cluster, ch["nonce"], other))
-    ch = svc.challenge(other.curve_public, {"cnonce": b"c" * 32})
+    ch = svc.challenge(other.curve_public, _challenge())
     with pytest.raises(AuthError, match="not the key of this connection"):
         svc.register(other.curve_public, _register_body(cluster, ch["nonce"], NodeKey.generate(),
                                                         link_key=other.curve_public))

@@ -6,6 +6,7 @@ Only the member that serves a job's weights may start it, and only with our key 
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 from edgemesh.errors import ProtocolError, RpcError
@@ -16,6 +17,8 @@ from edgemesh.runtime.services import Task
 from edgemesh.runtime.services.node import Node
 from edgemesh.runtime.worker_manager import WorkerManager
 from edgemesh.wire.schema import body_map, need
+
+log = logging.getLogger(__name__)
 
 
 class JobsService:
@@ -54,6 +57,14 @@ class JobsService:
             # Only the master that started the job (or this node's own CLI) ends it.
             raise RpcError("only the member that started a job may stop it", "forbidden")
         return {"stopped": await asyncio.to_thread(self.workers.stop, job)}
+
+    async def stop_owned_by(self, key: bytes) -> list[str]:
+        """Stop the workers of every job a member started, when it is removed (or left)."""
+        jobs = self.workers.owned_by(key)
+        for job in jobs:
+            await asyncio.to_thread(self.workers.stop, job)
+            log.warning("stopped the worker of job %s: the member that started it was removed", job)
+        return jobs
 
     async def _rpc_jobs(self, call: Call) -> Any:
         return {"jobs": self.workers.jobs()}

@@ -12,12 +12,13 @@ import hashlib
 import logging
 import os
 import random
+import secrets
 import statistics
 import time
 from dataclasses import replace
 from typing import Any, Awaitable, Callable
 
-from edgemesh.errors import EdgemeshError, ProtocolError, RpcError, StateDirError
+from edgemesh.errors import AuthError, EdgemeshError, ProtocolError, RpcError, StateDirError
 from edgemesh.mesh.failure import ALIVE, FailureDetector
 from edgemesh.mesh.join import JoinService
 from edgemesh.mesh.links import LinkTable
@@ -25,6 +26,7 @@ from edgemesh.mesh.paths import PathFactory
 from edgemesh.mesh.peers import PeerSet
 from edgemesh.mesh.profile import static_profile
 from edgemesh.mesh.records import MemberRecord, admit, sign_self
+from edgemesh.mesh.revocation import Removal, SecretRotation, check_rotation, sign_removal, sign_rotation
 from edgemesh.mesh.view import MembershipView
 from edgemesh.rpc.dispatch import Call, Handler, Reply
 from edgemesh.runtime.services import Task
@@ -37,6 +39,7 @@ from edgemesh.wire.tensor import TensorSpec
 log = logging.getLogger(__name__)
 
 RECORDS_MAX = 4096
+ACK_TIMEOUT = 2.0  # s: how long `remove` / `token --rotate` wait for each member to acknowledge
 RELAYED_PREFIXES = ("vit.",)  # member services a local process may reach through `admin.relay`
 
 
@@ -51,16 +54,27 @@ class MembershipService:
         self.peers = PeerSet(node.transport, node.node_id, node.stats, self.links, new_path, node.advertise)
         self.join_service = JoinService(node.cluster, node.key, self.view, node.clock, self._on_admit)
         self.me: MemberRecord | None = None
+        # Called with each newly removed member's record (the daemon stops the jobs it started).
+        self.on_removed: list[Callable[[MemberRecord], Awaitable[Any]]] = []
+        self._removal_tasks: set[asyncio.Task[Any]] = set()
         self._leaving = False
         self._dirty = False
 
     # ---- our record ------------------------------------------------------------
     def open(self, extra_addresses: list[str], declared_profile: dict[str, Any]) -> MemberRecord:
-        """Load the saved view and publish a fresh record of ourselves in it."""
+        """Load the saved view and publish a fresh record of ourselves in it (refused by our own
+        view, and everyone's, if we were removed: then ``status`` says so)."""
+        self.view.epoch_floor = self.node.cluster.secret_epoch
         self.view.merge_wire(self.node.state.load_members())
+        self.view.merge_removals_wire(self.node.state.load_removals())
         self.me = self._fresh_self_record(self.view.get(self.node.node_id), extra_addresses, declared_profile)
         self.view.merge([self.me])
         return self.me
+
+    @property
+    def removed(self) -> Removal | None:
+        """Our own removal, once we have heard of it."""
+        return self.view.removal(self.node.node_id)
 
     def _fresh_self_record(self, previous: MemberRecord | None, extra_addresses: list[str],
                            declared_profile: dict[str, Any]) -> MemberRecord:
@@ -97,9 +111,108 @@ class MembershipService:
         self._push_to_all()
 
     def _push_to_all(self) -> None:
-        body = {"records": self.view.to_wire()}
+        body = self.gossip_body()
         for client in self.peers.clients():
             client.notify("gossip.push", body)
+
+    def gossip_body(self) -> dict[str, Any]:
+        """What members exchange: records, removals and (between members only, over encrypted
+        links) the signed rotation that set the current cluster secret."""
+        body: dict[str, Any] = {"records": self.view.to_wire(), "removals": self.view.removals_wire()}
+        c = self.node.cluster
+        if c.secret_epoch > 0 and c.rotated_by:
+            body["secret"] = SecretRotation(c.secret, c.secret_epoch, c.rotated_by, c.rotation_sig).to_wire()
+        return body
+
+    def merge_body(self, body: Any) -> None:
+        body = body_map(body)
+        self.merge(need(body, "records", list, max_len=RECORDS_MAX))
+        self.merge_removals(maybe(body, "removals", list, []))
+        if "secret" in body:
+            self.merge_rotation(body["secret"])
+
+    def merge_removals(self, items: list[Any]) -> None:
+        if len(items) > RECORDS_MAX:
+            raise ProtocolError("too many removals")
+        changed = self.view.merge_removals_wire(items)
+        if changed:
+            self._on_removals(changed)
+
+    def _on_removals(self, changed: list[Removal]) -> None:
+        self._dirty = True
+        me = self.node.node_id
+        for rm in changed:
+            target = self.view.get(rm.node_id)
+            log.warning("%s (%s) was removed from the cluster by %s (epoch %d)", rm.node_id,
+                        target.name if target else "?", rm.by, rm.epoch)
+            if target is not None and rm.node_id != me:
+                for hook in self.on_removed:
+                    self._spawn(hook(target))
+            link = self.peers.detach(rm.node_id) if rm.node_id != me else None
+            if link is not None:
+                self._spawn(self._tell_removed(link, rm))
+        if self.removed is not None:
+            log.error("this node was removed from the cluster by %s (epoch %d): it serves and admits no one",
+                      self.removed.by, self.removed.epoch)
+        self.sync_peers()
+        self._push_to_all()
+
+    def _spawn(self, work: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(work)
+        self._removal_tasks.add(task)
+        task.add_done_callback(self._removal_tasks.discard)
+
+    async def _tell_removed(self, link: Any, rm: Removal) -> None:
+        """Tell a removed node so (its status then says it), over the link we had to it, and
+        close that link. Awaited, not fire-and-forget: a notify queued on a socket that is
+        closed right away was lost."""
+        body = {"records": [], "removals": [rm.to_wire()]}
+        try:
+            try:
+                await link.call("gossip.push", body, timeout=ACK_TIMEOUT)
+            except EdgemeshError:
+                if link.direct:
+                    raise
+                # The link's fallback path may not be up (e.g. a node removed right after it
+                # joined): try its address too.
+                await link.client.call("gossip.push", body, timeout=ACK_TIMEOUT)
+        except EdgemeshError as exc:
+            log.info("could not tell %s it was removed: %s", rm.node_id, exc)
+        finally:
+            self.peers.close_link(link)
+
+    def merge_rotation(self, obj: Any) -> None:
+        """Adopt a newer cluster secret signed by a current member (old tokens stop working here)."""
+        try:
+            rot = SecretRotation.from_wire(obj)
+            c = self.node.cluster
+            if rot.order() <= (c.secret_epoch, hashlib.sha256(c.secret).digest()):
+                return
+            if rot.epoch > self.view.epoch + 1:
+                return  # issued after removals or rotations we have not heard of yet: gossip brings it again
+            signer = self.view.get(rot.by)
+            if not self.view.is_current(signer):
+                raise AuthError(f"secret rotation by {rot.by}, who is not a current member")
+            assert signer is not None
+            check_rotation(c.cluster_id, rot, signer.key)
+        except (ProtocolError, AuthError) as exc:
+            self.view.rejected += 1
+            log.warning("refused a secret rotation: %s", exc)
+            return
+        self._adopt_secret(rot)
+
+    def _adopt_secret(self, rot: SecretRotation) -> None:
+        cluster = self.node.cluster.rotated(rot.secret, rot.epoch, rot.by, rot.sig)
+        self.node.cluster = cluster
+        self.join_service.cluster = cluster
+        self.view.epoch_floor = max(self.view.epoch_floor, rot.epoch)
+        try:
+            self.node.state.save_cluster(cluster)
+        except OSError as exc:
+            log.error("could not save the rotated cluster secret: %s", exc)
+        log.warning("cluster secret rotated by %s (epoch %d): tokens made before now no longer admit anyone",
+                    rot.by, rot.epoch)
+        self._push_to_all()
 
     def merge(self, items: Any) -> None:
         if not isinstance(items, list):
@@ -108,7 +221,8 @@ class MembershipService:
         if changed:
             self._dirty = True
             mine = self.view.get(self.node.node_id)
-            if mine is not None and self.me is not None and mine.version > self.me.version and not self._leaving:
+            if (mine is not None and self.me is not None and mine.version > self.me.version and not self._leaving
+                    and self.removed is None):
                 # Someone holds a newer record of us (e.g. we restarted from an old cache):
                 # re-assert ourselves with an even newer version.
                 self.me = mine
@@ -116,27 +230,50 @@ class MembershipService:
 
     def persist(self) -> None:
         try:
-            self.node.state.save_members(self.view.to_wire())
+            self.node.state.save_members(self.view.to_wire(), self.view.removals_wire())
             self._dirty = False
         except OSError as exc:
             log.error("could not save the membership view: %s", exc)
 
     # ---- who is who ------------------------------------------------------------
+    def admits_connection(self, curve_key: bytes) -> bool:
+        """The mesh port's ZAP allow-list: current members, and this node's own CLI (also once
+        the node was removed, so its `status` can say so)."""
+        return curve_key == self.node.key.curve_public or self.view.is_member_curve_key(curve_key)
+
     def authorize(self, peer_key: bytes, method: str) -> bool:
-        record = self.view.node_for_curve_key(peer_key)
-        if record is not None:
-            self.failure.heard(record.node_id)
+        """Every call, on every open link (zmq or ICE), is checked against the view *now*: a
+        node that left or was removed is refused on links it opened while it was a member."""
+        if peer_key == self.node.key.curve_public:
+            return True  # this node's own CLI
         if method.startswith("admin."):
-            return peer_key == self.node.key.curve_public
-        return record is not None
+            return False
+        record = self.view.node_for_curve_key(peer_key)
+        if not self.view.is_current(record):
+            return False
+        assert record is not None
+        self.failure.heard(record.node_id)
+        return True
 
     def member_key(self, node_id: str) -> bytes | None:
         r = self.view.get(node_id)
-        return r.key if r is not None and r.status == "member" else None
+        return r.key if r is not None and self.view.is_current(r) else None
 
     def node_for_curve(self, curve_key: bytes) -> str | None:
         r = self.view.node_for_curve_key(curve_key)
-        return r.node_id if r is not None and r.status == "member" else None
+        return r.node_id if r is not None and self.view.is_current(r) else None
+
+    def removal_json(self) -> dict[str, Any]:
+        """The member epoch, whether this node was removed, and who else was."""
+        def one(rm: Removal) -> dict[str, Any]:
+            r, by = self.view.get(rm.node_id), self.view.get(rm.by)
+            return {"id": rm.node_id, "name": r.name if r else "", "epoch": rm.epoch, "by": rm.by,
+                    "by_name": by.name if by else "", "left": rm.by == rm.node_id}
+
+        mine = self.removed
+        return {"epoch": self.view.epoch, "secret_epoch": self.node.cluster.secret_epoch,
+                "removed": one(mine) if mine is not None else None,
+                "removed_members": [one(rm) for rm in self.view.removals.values()]}
 
     def members_json(self) -> list[dict[str, Any]]:
         members = []
@@ -171,9 +308,14 @@ class MembershipService:
         return call
 
     def sync_peers(self) -> None:
-        self.peers.sync([r for r in self.view.members() if r.node_id != self.node.node_id])
+        """Links to the current members; a link to a node that left or was removed is closed
+        (its ICE channel with it). A removed node keeps no links: nobody would serve it."""
+        if self.removed is not None:
+            self.peers.sync([])
+        else:
+            self.peers.sync([r for r in self.view.members() if r.node_id != self.node.node_id])
         for r in self.view.records.values():
-            if r.status != "member":
+            if not self.view.is_current(r):
                 self.failure.forget(r.node_id)
                 self.links.forget(r.node_id)
 
@@ -183,8 +325,8 @@ class MembershipService:
         if client is None:
             return
         try:
-            body, _ = await client.call("gossip.sync", {"records": self.view.to_wire()}, timeout=2.0)
-            self.merge(need(body_map(body), "records", list, max_len=RECORDS_MAX))
+            body, _ = await client.call("gossip.sync", self.gossip_body(), timeout=2.0)
+            self.merge_body(body)
         except EdgemeshError as exc:
             log.debug("view refresh via %s failed: %s", node_id, exc)
         self.sync_peers()
@@ -199,6 +341,8 @@ class MembershipService:
             "link.digest": self._rpc_link_digest,
             "admin.link_test": self._rpc_admin_link_test,
             "admin.leave": self._rpc_admin_leave,
+            "admin.remove": self._rpc_admin_remove,
+            "admin.rotate": self._rpc_admin_rotate,
             "admin.relay": self._rpc_admin_relay,
         }
 
@@ -219,6 +363,10 @@ class MembershipService:
         return tasks
 
     async def close(self) -> None:
+        tasks = list(self._removal_tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)  # their clean-up closes detached links
         await self.peers.close()
         self.persist()
 
@@ -228,11 +376,11 @@ class MembershipService:
         return {"v": self.me.version}
 
     async def _rpc_gossip_sync(self, call: Call) -> Any:
-        self.merge(need(body_map(call.body), "records", list, max_len=RECORDS_MAX))
-        return {"records": self.view.to_wire()}
+        self.merge_body(call.body)
+        return self.gossip_body()
 
     async def _rpc_gossip_push(self, call: Call) -> Any:
-        self.merge(need(body_map(call.body), "records", list, max_len=RECORDS_MAX))
+        self.merge_body(call.body)
 
     async def _rpc_link_probe(self, call: Call) -> Any:
         return {"bytes": sum(spec.nbytes for spec, _ in call.tensors)}
@@ -274,10 +422,52 @@ class MembershipService:
         # The last member leaving dissolves the cluster: then there is nobody to tell.
         self._leaving = True
         self.update_self(status="left")
+        # A removal signed by ourselves: no later record of this key is accepted, and what it
+        # admits from now on is void (the CLI gives the node a new key for any later join).
+        self.view.merge_removals([sign_removal(self.node.cluster.cluster_id, self.node.key, self.node.node_id,
+                                               self.view.epoch + 1)])
+        self._dirty = True
         # Make sure the others have heard before we go: one synchronous round of pushes.
-        acks = await self.peers.call_all("gossip.sync", {"records": self.view.to_wire()}, timeout=2.0)
+        acks = await self.peers.call_all("gossip.sync", self.gossip_body(), timeout=2.0)
         asyncio.get_running_loop().call_later(0.05, self.node.stop)
         return {"left": True, "told": sum(1 for ok in acks.values() if ok)}
+
+    def _find_member(self, ref: str) -> MemberRecord:
+        """A current member by node id, id prefix (4+ hex digits) or name."""
+        ref = ref.strip()
+        found = [r for r in self.view.members() if r.node_id == ref or r.name == ref
+                 or (len(ref) >= 4 and r.node_id.startswith(ref.lower()))]
+        if not found:
+            gone = [rm for rm in self.view.removals.values()
+                    if rm.node_id.startswith(ref.lower()) or getattr(self.view.get(rm.node_id), "name", None) == ref]
+            if gone:
+                raise RpcError(f"{ref} was already removed (epoch {gone[0].epoch})", "already_removed")
+            raise RpcError(f"no current member is called {ref!r} (use a name or id from `edgemesh status`)", "unknown_node")
+        if len({r.node_id for r in found}) > 1:
+            raise RpcError(f"{ref!r} names several members ({', '.join(r.node_id for r in found)}); use the id",
+                           "ambiguous")
+        return found[0]
+
+    async def _rpc_admin_remove(self, call: Call) -> Any:
+        if self.removed is not None:
+            raise RpcError("this node was itself removed from the cluster; run `remove` on a member", "forbidden")
+        target = self._find_member(need(body_map(call.body), "node", str, max_len=128))
+        if target.node_id == self.node.node_id:
+            raise RpcError("a node cannot remove itself: use `edgemesh leave`", "forbidden")
+        rm = sign_removal(self.node.cluster.cluster_id, self.node.key, target.node_id, self.view.epoch + 1)
+        self.merge_removals([rm.to_wire()])
+        acks = await self.peers.call_all("gossip.sync", self.gossip_body(), timeout=ACK_TIMEOUT)
+        return {"removed": target.node_id, "name": target.name, "epoch": rm.epoch,
+                "told": sum(1 for ok in acks.values() if ok), "members": len(acks)}
+
+    async def _rpc_admin_rotate(self, call: Call) -> Any:
+        if self.removed is not None:
+            raise RpcError("this node was removed from the cluster and cannot rotate its secret", "forbidden")
+        rot = sign_rotation(self.node.cluster.cluster_id, self.node.key, secrets.token_bytes(len(self.node.cluster.secret)),
+                            self.view.epoch + 1)
+        self._adopt_secret(rot)
+        acks = await self.peers.call_all("gossip.sync", self.gossip_body(), timeout=ACK_TIMEOUT)
+        return {"epoch": rot.epoch, "told": sum(1 for ok in acks.values() if ok), "members": len(acks)}
 
     async def _rpc_admin_relay(self, call: Call) -> Any:
         """This node's own processes (a ViT launch) call a member's service through the path the
@@ -325,6 +515,8 @@ class MembershipService:
         config = self.node.config
         while True:
             await asyncio.sleep(config.gossip_interval * (0.75 + random.random() / 2))
+            if self.removed is not None:
+                continue
             candidates = [n for n in self.peers.ids() if self.failure.state(n) == ALIVE] or self.peers.ids()
             if not candidates:
                 continue
@@ -332,8 +524,8 @@ class MembershipService:
             if client is None:
                 continue
             try:
-                body, _ = await client.call("gossip.sync", {"records": self.view.to_wire()}, timeout=config.rpc_timeout)
-                self.merge(need(body_map(body), "records", list, max_len=RECORDS_MAX))
+                body, _ = await client.call("gossip.sync", self.gossip_body(), timeout=config.rpc_timeout)
+                self.merge_body(body)
             except EdgemeshError as exc:
                 log.debug("gossip failed: %s", exc)
 
