@@ -691,9 +691,15 @@ class SecureLinks:
         """Decode what ``conn`` has without waiting: complete records go to its rank's inbox, a
         partial one stays in ``conn`` for the next call. An abort record raises at once."""
         inbox = self._inbox[conn.rank]
+        # Once a record is complete, go on only with bytes already here (buffered, or held by
+        # TLS): a further read would most often just find the socket empty, and whatever is
+        # still in the kernel wakes the next poll.
+        done = False
         while True:
             if conn.frames is None:
                 if not self._header(conn):
+                    if done and not (conn.tls and conn.sock.pending()):
+                        return
                     if not self._recv_buffered(conn):
                         return
                     continue
@@ -710,6 +716,8 @@ class SecureLinks:
                     conn.off += k
                     if conn.start == conn.end:
                         conn.start = conn.end = 0
+                elif done and not (conn.tls and conn.sock.pending()):
+                    return
                 elif want >= INBUF // 2:  # a large frame: straight from the socket, no second copy
                     got = self._recv_some(conn, f[conn.off:])
                     if got is None:
@@ -725,6 +733,7 @@ class SecureLinks:
             if conn.kind == T_ABORT:
                 raise self._abort_error(conn.rank, frames)
             inbox.append((T_DATA, frames))
+            done = True
 
     def _header(self, conn: _Conn) -> bool:
         """Parse the next record header if it is all buffered and set up its frames; False if not yet."""
