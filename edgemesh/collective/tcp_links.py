@@ -179,6 +179,7 @@ class SecureLinks:
         self._refused = 0
         self._evicted = 0
         self._closed = False
+        self._sockbuf: int | None = None
         self.buffers = BufferPool()  # received frames (and the group's accumulators) come from here
         # Application bytes (all frames of data-plane messages) this rank sent and received:
         # what `bench generate` reports as bytes on the wire per token.
@@ -190,14 +191,16 @@ class SecureLinks:
     @classmethod
     def bind(cls, endpoint: str, keys: CurveKeys | None, member_keys: Sequence[bytes] = (), *,
              plain: bool = False, max_message: int = DEFAULT_MAX_MESSAGE, job: str = "",
-             cipher: str = "auto") -> SecureLinks:
+             cipher: str = "auto", sockbuf: int | None = None) -> SecureLinks:
         """Listen on ``endpoint`` (``tcp://HOST:PORT``, port 0 or ``*`` = any free port).
 
         ``member_keys``: z85 public keys allowed to connect (all ranks'). ``job``: the job id
         every rank of the group passes; it is bound into each link's certificate, so ranks of
         different jobs cannot connect. ``cipher``: "auto" (AES-GCM if the CPU has AES
-        instructions, else ChaCha20-Poly1305), "aes" or "chacha20". ``plain=True`` turns off
-        encryption and authentication: benchmarks only.
+        instructions, else ChaCha20-Poly1305), "aes" or "chacha20". ``sockbuf``: SO_SNDBUF and
+        SO_RCVBUF of every connection, set before it connects (default: the kernel's autotuning;
+        tests use tiny buffers). ``plain=True`` turns off encryption and authentication:
+        benchmarks only.
         """
         if not plain and keys is None:
             raise ValueError("a secure group needs this rank's key pair (or plain=True for benchmarks)")
@@ -209,6 +212,7 @@ class SecureLinks:
         listener = socket.socket(family, socket.SOCK_STREAM)
         try:
             listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            _set_bufs(listener, sockbuf)  # accepted connections inherit them
             listener.bind((host, port))
             listener.listen(64)
             listener.setblocking(False)
@@ -217,7 +221,9 @@ class SecureLinks:
             listener.close()
             raise
         shown = f"[{host}]" if family == socket.AF_INET6 else host
-        return cls(listener, f"tcp://{shown}:{bound}", None if plain else keys, members, max_message, job, suite)
+        links = cls(listener, f"tcp://{shown}:{bound}", None if plain else keys, members, max_message, job, suite)
+        links._sockbuf = sockbuf
+        return links
 
     @property
     def plain(self) -> bool:
@@ -293,7 +299,7 @@ class SecureLinks:
                     f"rank {self.rank}: group did not form; no handshake with rank {peer.rank} at "
                     f"{peer.endpoint} (not started, wrong endpoint, or a firewall)", (peer.rank,))
             try:
-                sock = socket.create_connection((host, port), timeout=min(left, 2.0))
+                sock = _connect(host, port, min(left, 2.0), self._sockbuf)
             except OSError:
                 time.sleep(min(0.05, max(left, 0)))
                 continue
@@ -888,6 +894,29 @@ class SecureLinks:
             conn.sock.close()
         self._conns.clear()
         self._by_fd.clear()
+
+
+def _set_bufs(sock: socket.socket, size: int | None) -> None:
+    if size is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+
+
+def _connect(host: str, port: int, timeout: float, sockbuf: int | None) -> socket.socket:
+    """``socket.create_connection`` with the buffer sizes set before the connection (the receive
+    window is agreed on then; shrinking it later stalls TCP)."""
+    err: OSError | None = None
+    for family, kind, proto, _, addr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+        sock = socket.socket(family, kind, proto)
+        try:
+            _set_bufs(sock, sockbuf)
+            sock.settimeout(timeout)
+            sock.connect(addr)
+            return sock
+        except OSError as exc:
+            sock.close()
+            err = exc
+    raise err or OSError(f"cannot resolve {host}")
 
 
 def _skip(bufs: list[Any], n: int) -> list[memoryview]:

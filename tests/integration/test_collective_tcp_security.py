@@ -383,7 +383,10 @@ def test_tls_man_in_the_middle_fails_on_both_sides() -> None:
         assert isinstance(rank1, AuthError) and "does not hold rank 0's key" in str(rank1), rank1
         assert isinstance(hub, CollectiveTimeout), hub  # nobody it trusts ever finished a handshake
         assert links[0].refused_connections == 1
-        assert any("hub side" in e for e in mitm.errors), mitm.errors
+        # Rank 1 rejected the proxy's certificate (TLS alert to the proxy). On the hub side the
+        # proxy's client handshake "completes" (TLS 1.3 clients finish before the server checks
+        # their certificate); the hub then refused it, counted above.
+        assert any("rank 1 side" in e and "UNKNOWN_CA" in e for e in mitm.errors), mitm.errors
     finally:
         mitm.close()
 
@@ -402,7 +405,7 @@ def test_a_rank_of_another_job_is_refused() -> None:
         peers_of = [[Peer(1, other.endpoint, publics[1])], [Peer(0, hub.endpoint, publics[0])]]
         res = in_threads(2, lambda r: CollectiveGroup([hub, other][r], r, 2, peers_of[r], opts[r]), timeout=60)
         assert isinstance(res[1], AuthError), res[1]
-        assert ("refused our TLS certificate" if lie else "another job") in str(res[1]), res[1]
+        assert ("failed the TLS handshake" if lie else "another job") in str(res[1]), res[1]
         assert isinstance(res[0], CollectiveTimeout), res[0]
         assert hub.refused_connections >= 1
         for links in (hub, other):
