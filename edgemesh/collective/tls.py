@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import datetime
+import functools
 import hashlib
 import logging
 import os
@@ -153,55 +154,50 @@ def _load_chain(ctx: ssl.SSLContext, pem: bytes) -> None:
 
 # ------------------------------------------------------------------ TLS 1.3 suite order
 
-_warned = False
-
 
 def set_tls13_suites(ctx: ssl.SSLContext, suites: str) -> bool:
     """Set the TLS 1.3 cipher suites of ``ctx``; False (and OpenSSL's default order) if this
     Python offers no way to."""
-    global _warned
     setter = getattr(ctx, "set_ciphersuites", None)  # a future Python's own method
     if setter is not None:
         setter(suites)
         return True
-    ok = _ctypes_set_suites(ctx, suites)
-    if not ok and not _warned:
-        _warned = True
-        log.warning("cannot set TLS 1.3 cipher suites with this Python/OpenSSL; OpenSSL's default "
-                    "order (AES-256-GCM first) is used on the collective data plane")
-    return ok
+    if _ctypes_set_suites(ctx, suites):
+        return True
+    _warn_default_order()
+    return False
 
 
+@functools.lru_cache(maxsize=1)
+def _warn_default_order() -> None:  # once per process
+    log.warning("cannot set TLS 1.3 cipher suites with this Python/OpenSSL; OpenSSL's default "
+                "order (AES-256-GCM first) is used on the collective data plane")
+
+
+@functools.lru_cache(maxsize=1)
 def _libssl() -> ctypes.CDLL | None:
     """The libssl that Python's ``_ssl`` module is linked with (found in this process's maps)."""
     try:
         maps = Path("/proc/self/maps").read_text()
-    except OSError:
+        paths = {line.split()[-1] for line in maps.splitlines() if "/libssl.so" in line}
+        if len(paths) != 1:
+            return None  # none (static build) or several: do not guess
+        lib = ctypes.CDLL(paths.pop())
+        lib.SSL_CTX_set_ciphersuites.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+        lib.SSL_CTX_set_ciphersuites.restype = ctypes.c_int
+        lib.SSL_CTX_get_options.argtypes = [ctypes.c_void_p]
+        lib.SSL_CTX_get_options.restype = ctypes.c_uint64
+        return lib
+    except (OSError, AttributeError):
         return None
-    paths = {line.split()[-1] for line in maps.splitlines() if "/libssl.so" in line}
-    if len(paths) != 1:
-        return None  # none (static build) or several: do not guess
-    lib = ctypes.CDLL(paths.pop())
-    lib.SSL_CTX_set_ciphersuites.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
-    lib.SSL_CTX_set_ciphersuites.restype = ctypes.c_int
-    lib.SSL_CTX_get_options.argtypes = [ctypes.c_void_p]
-    lib.SSL_CTX_get_options.restype = ctypes.c_uint64
-    return lib
-
-
-_LIB: list[ctypes.CDLL | None] = []
 
 
 def _ctypes_set_suites(ctx: ssl.SSLContext, suites: str) -> bool:
-    if not _LIB:
-        try:
-            _LIB.append(_libssl())
-        except (OSError, AttributeError):
-            _LIB.append(None)
-    lib = _LIB[0]
+    lib = _libssl()
     if lib is None:
         return False
-    # CPython's context object is PyObject_HEAD followed by the SSL_CTX pointer.
+    # CPython's context object is PyObject_HEAD followed by the SSL_CTX pointer; the pointer is
+    # used only if OpenSSL reads back this context's options through it.
     ptr = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
     if not ptr or lib.SSL_CTX_get_options(ptr) != ctx.options:
         return False
