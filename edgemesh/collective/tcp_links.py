@@ -343,6 +343,9 @@ class SecureLinks:
                 raise ssl.SSLCertVerificationError("not the pair certificate")
             if _recv_small(tls, 1, deadline, p) != READY:
                 raise ProtocolError(f"{where} sent no ready byte")
+        except (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError):
+            tls.close()  # closed without an alert: evicted under load, or restarting
+            raise _Retry() from None
         except ssl.SSLCertVerificationError:
             tls.close()
             raise AuthError(f"{where} failed the TLS handshake: it does not hold rank {p}'s key for this "
