@@ -30,9 +30,13 @@ from typing import IO, Any, Callable
 from edgemesh.collective.costmodel import Algorithm, LinkCost, choose, fit_from_allreduces
 from edgemesh.collective.errors import CollectiveError
 
-# star / chunked_star / ring / star_bf16: tcp_links.SecureLinks (the default data plane);
-# *_zmq: bench.zmq_links.PeerLinks with CURVE (the previous data plane); star_plain: TCP, no crypto.
+# star / chunked_star / ring / star_bf16: tcp_links.SecureLinks (the default data plane: TLS 1.3,
+# cipher suite by CPU); *_chacha: the same forced to ChaCha20-Poly1305; *_ocb: bench.ocb_links, the
+# hand-written X25519 + AES-256-OCB3 links TLS replaced; *_zmq: bench.zmq_links.PeerLinks with CURVE
+# (the data plane before that); star_plain: TCP, no crypto.
 METHODS = ("star", "chunked_star", "ring", "star_bf16", "star_plain", "star_zmq", "chunked_star_zmq", "ring_zmq", "gloo")
+EXTRA_METHODS = ("star_chacha", "ring_chacha", "chunked_star_chacha", "star_ocb", "ring_ocb", "chunked_star_ocb")
+KINDS = ("zmq", "ocb", "chacha")  # method suffix → a link layer of its own
 SECURE = ("star", "chunked_star", "ring")  # the columns the cost model is fitted to
 DEFAULT_SIZES = (2 * 1024, 16 * 1024, 64 * 1024, 256 * 1024, 1024 * 1024)
 QUICK_SIZES = (2 * 1024, 16 * 1024, 1024 * 1024)
@@ -222,6 +226,7 @@ def _worker() -> None:
     from edgemesh.collective.members import CurveKeys, Peer
     from edgemesh.collective.tcp_links import SecureLinks
     from edgemesh.collective.group import CollectiveOptions, CollectiveGroup
+    from edgemesh.bench.ocb_links import OcbLinks
     from edgemesh.bench.zmq_links import PeerLinks
 
     torch.set_num_threads(1)  # W processes share 2 cores; intra-op threads only add contention
@@ -231,11 +236,15 @@ def _worker() -> None:
     publics = [k.encode() for k in cfg["publics"]]
     keys = CurveKeys(cfg["public"].encode(), cfg["secret"].encode())
     methods = cfg["methods"]
-    want_zmq = any(m.endswith("_zmq") for m in methods)
-    links = {"secure": SecureLinks.bind(f"tcp://{host}:0", keys, publics),
-             "plain": SecureLinks.bind(f"tcp://{host}:0", None, plain=True)}
-    if want_zmq:
+    job = "bench-allreduce"
+    links: dict[str, Any] = {"secure": SecureLinks.bind(f"tcp://{host}:0", keys, publics, job=job),
+                             "plain": SecureLinks.bind(f"tcp://{host}:0", None, plain=True)}
+    if any(m.endswith("_zmq") for m in methods):
         links["zmq"] = PeerLinks.bind(f"tcp://{host}:0", keys, publics)
+    if any(m.endswith("_ocb") for m in methods):
+        links["ocb"] = OcbLinks.bind(f"tcp://{host}:0", keys, publics)
+    if any(m.endswith("_chacha") for m in methods):
+        links["chacha"] = SecureLinks.bind(f"tcp://{host}:0", keys, publics, job=job, cipher="chacha20")
     print(json.dumps({k: v.endpoint for k, v in links.items()}), flush=True)
     eps = json.loads(sys.stdin.readline())["endpoints"]
     opts = CollectiveOptions(timeout=60, connect_timeout=60, chunks=CHUNKS)
@@ -255,8 +264,9 @@ def _worker() -> None:
         """Every rank switches at the same point, so the group stays in agreement."""
         if method == "star_plain":
             return groups["plain"]
-        g = groups["zmq" if method.endswith("_zmq") else "secure"]
-        algo = method.removesuffix("_zmq").removesuffix("_bf16")
+        kind = next((k for k in KINDS if method.endswith("_" + k)), "secure")
+        g = groups[kind]
+        algo = method.removesuffix("_" + kind).removesuffix("_bf16")
         g.options = replace(opts, algorithm=algo, compression="bfloat16" if method.endswith("_bf16") else None)
         return g
 
@@ -284,7 +294,8 @@ def _worker() -> None:
                         per[method].append((time.perf_counter() - t0) / n)
             times[str(size)] = per
             print(json.dumps({"progress": size}), flush=True)
-        print(json.dumps({"rank": rank, "times": times}), flush=True)
+        ciphers = {k: sorted(set(v.ciphers.values())) for k, v in links.items() if hasattr(v, "ciphers")}
+        print(json.dumps({"rank": rank, "times": times, "ciphers": ciphers}), flush=True)
     finally:
         dist.destroy_process_group()
         for g in groups.values():

@@ -18,7 +18,7 @@ from rich.table import Table
 
 from edgemesh.cli.bench import bench_app
 from edgemesh.cli.output import json_option, table_console, write_json
-from edgemesh.bench.allreduce import SECURE, BenchConfig, BenchRow, Placement, auto_choice, fitted_cost, run_benchmark
+from edgemesh.bench.allreduce import EXTRA_METHODS, METHODS, SECURE, BenchConfig, BenchRow, Placement, auto_choice, fitted_cost, run_benchmark
 from edgemesh.errors import ConfigError
 
 
@@ -88,6 +88,13 @@ def bench_allreduce(
     quick: bool = typer.Option(False, "--quick", help="W = 2, 4; sizes 2 KiB, 16 KiB, 1 MiB; fewer reps (~30 s)."),
     worlds: Optional[str] = typer.Option(None, "--worlds", help="Comma-separated participant counts, e.g. 2,3,4."),
     sizes_kib: Optional[str] = typer.Option(None, "--sizes-kib", help="Comma-separated message sizes in KiB."),
+    sizes_bytes: Optional[str] = typer.Option(None, "--sizes-bytes", help="Comma-separated message sizes in bytes "
+                                              "(e.g. 2304: a SmolLM2 decode step's hidden state)."),
+    methods: Optional[str] = typer.Option(None, "--methods", help="Comma-separated columns (default: all of "
+                                          "star, chunked_star, ring, star_bf16, star_plain, *_zmq, gloo); also "
+                                          "star_chacha / ring_chacha / chunked_star_chacha (TLS forced to "
+                                          "ChaCha20-Poly1305) and star_ocb / ring_ocb / chunked_star_ocb (the "
+                                          "hand-written links TLS replaced)."),
     reps: Optional[int] = typer.Option(None, "--reps", help="Timed batches per method and size (median reported)."),
     json_path: Optional[str] = json_option("the rows"),
     testbed: Optional[Path] = typer.Option(None, "--testbed", help="Run rank k in device k of this testbed scenario "
@@ -106,6 +113,18 @@ def bench_allreduce(
         if any(s < 1 for s in sz):
             raise ConfigError("--sizes-kib must be positive")
         cfg = BenchConfig(**{**cfg.__dict__, "sizes": tuple(s * 1024 for s in sz)})
+    if sizes_bytes:
+        sz = _parse_ints(sizes_bytes, "sizes-bytes")
+        if any(s < 4 or s % 4 for s in sz):
+            raise ConfigError("--sizes-bytes must be positive multiples of 4 (fp32)")
+        cfg = BenchConfig(**{**cfg.__dict__, "sizes": tuple(sz)})
+    if methods:
+        ms = tuple(m.strip() for m in methods.split(",") if m.strip())
+        unknown = sorted(set(ms) - set(METHODS) - set(EXTRA_METHODS))
+        if unknown or not ms:
+            raise ConfigError(f"--methods: unknown {', '.join(unknown) or '(none given)'}; choose from "
+                              f"{', '.join(METHODS + EXTRA_METHODS)}")
+        cfg = BenchConfig(**{**cfg.__dict__, "methods": ms})
     if reps is not None:
         if reps < 1:
             raise ConfigError("--reps must be at least 1")
@@ -155,6 +174,8 @@ def _print(console: Console, rows: list[BenchRow], where: str) -> None:
     if cost is not None:
         console.print(f"cost model t = a·hops + bytes/b fitted to the star, chunked star and ring columns: "
                       f"a = {cost.a * 1e6:.0f} µs per hop, b = {cost.b / 1e6:.0f} MB/s per link")
-    console.print("star/chunked/ring/bf16: our TCP links (X25519-authenticated, AES-256-OCB3); '… zmq': the "
-                  "same over zmq CURVE; 'star plain': TCP without crypto; gloo does not encrypt. "
+    console.print("star/chunked/ring/bf16: our TCP links (TLS 1.3, pair certificates from the node keys; AES-GCM, "
+                  "or ChaCha20-Poly1305 without AES instructions); '… chacha': TLS forced to ChaCha20; '… ocb': "
+                  "the hand-written X25519 + AES-256-OCB3 links TLS replaced; '… zmq': zmq CURVE; 'star plain': "
+                  "TCP without crypto; gloo does not encrypt. "
                   "bf16 = fp32 parts sent as bfloat16 (not exact).")

@@ -1,13 +1,13 @@
 """``CollectiveGroup``: the ``Collective`` that model code uses across processes and machines.
 
-It runs over any ``members.Links``: in production ``tcp_links.SecureLinks`` (blocking TCP with our
-own X25519 handshake and AES-256-OCB3 framing, see protocols/collective.md), the one data plane;
+It runs over any ``members.Links``: in production ``tcp_links.SecureLinks`` (TCP + TLS 1.3 with
+per-pair certificates derived from the node keys and the job id, see protocols/collective.md), the one data plane;
 the allreduce benchmark also runs it over zmq CURVE links (``edgemesh.bench.zmq_links``).
 
 Build one per rank::
 
     keys = CurveKeys.generate()                       # or the node's own key pair
-    links = SecureLinks.bind("tcp://0.0.0.0:0", keys, member_keys=[...all ranks' public keys])
+    links = SecureLinks.bind("tcp://0.0.0.0:0", keys, member_keys=[...all ranks' public keys], job=job_id)
     # ... publish links.endpoint and keys.public to the others, learn theirs ...
     group = CollectiveGroup(links, rank=k, world_size=W,
                           peers=[Peer(r, endpoint_r, public_key_r) for r in others])
@@ -81,10 +81,12 @@ class CollectiveGroup:
 
     @classmethod
     def create(cls, rank: int, world_size: int, peers: Sequence[Peer], keys: CurveKeys | None,
-               bind: str, options: CollectiveOptions | None = None, *, plain: bool = False) -> CollectiveGroup:
-        """Bind and join in one call (endpoints known in advance)."""
+               bind: str, options: CollectiveOptions | None = None, *, plain: bool = False,
+               job: str = "") -> CollectiveGroup:
+        """Bind and join in one call (endpoints known in advance). ``job``: the job id, the same
+        on every rank; it is bound into every link's TLS certificate."""
         member_keys = [p.public_key for p in peers if p.public_key is not None]
-        links = SecureLinks.bind(bind, keys, member_keys, plain=plain)
+        links = SecureLinks.bind(bind, keys, member_keys, plain=plain, job=job)
         return cls(links, rank, world_size, peers, options)
 
     @property

@@ -1,59 +1,55 @@
-"""Authenticated, encrypted point-to-point links over plain blocking TCP: the collective data plane.
+"""Authenticated, encrypted point-to-point links over TCP + TLS 1.3: the collective data plane.
 
 One TCP connection per pair of ranks: the higher rank dials the lower one. Everything runs on
 the caller's (compute) thread — no I/O thread between the tensor and the kernel, which is what
 made small allreduces over zmq cost ~4 context switches per message on a 2-core box.
 
-Security replaces zmq CURVE (see protocols/collective.md for the byte layout):
-- handshake: both sides know each other's static X25519 key from the member list; each adds a
-  fresh ephemeral; session keys = HKDF-SHA256 over DH(e,e) ‖ DH(s,s) ‖ DH(e_i,s_r) ‖ DH(s_i,e_r),
-  salted with a hash of the transcript; both sides prove the keys (AEAD tags over the
-  transcript hash) before any data. A static key outside the member list is refused and counted.
-- data: every frame is AES-256-OCB3 sealed, one key per direction, nonce = frame counter, the
-  record header as associated data. A tampered, replayed, reordered or dropped frame fails its
-  tag → ``LinkAuthError``; a length over ``max_message`` → ``LinkProtocolError`` before any
-  allocation.
+Security (protocols/collective.md has the byte layout):
+- a short clear hello (ranks, world size, the dialer's node key, a digest of the job id) lets
+  the listener refuse strangers, other jobs and misconfigured members with a clear status;
+- then TLS 1.3, mutual, with one certificate per pair of ranks derived from the two node keys
+  and the job id (``collective.tls``) and pinned exactly: only the two members of this job and
+  these ranks can make it, so a key outside the member list, a rank of another job and a man in
+  the middle all fail the handshake; the node key itself is only used in one X25519 exchange
+  whose result is domain-separated by HKDF;
+- records inside TLS carry the multipart messages; TLS authenticates every byte, so a tampered,
+  replayed, reordered or truncated stream → ``LinkAuthError``; a record header over
+  ``max_message`` → ``LinkProtocolError`` before anything is allocated for it.
 
-Bounded before authentication (a record's tag is checked only once all of it is here):
-- ``max_message`` comes from the group's plan (``max_message_for``: the largest tensor the job
-  sends), so a forged header cannot announce more than the job could legitimately send;
-- the buffer for a large sealed frame grows with the bytes that actually arrive, not with what
-  the header announced, and the output buffer is taken only when the ciphertext is complete;
-- during join, at most ``MAX_PENDING`` unauthenticated connections are kept (the oldest that has
-  not even sent a hello goes first), each for at most ``HANDSHAKE_TIMEOUT`` seconds; an
-  ``accept()`` that fails for want of descriptors or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM)
-  frees the oldest pending connection, backs off and keeps serving.
+Bounded before authentication: during join at most ``MAX_PENDING`` connections that have not
+finished their hello and TLS handshake are kept (the oldest that has not even sent a hello goes
+first), each for at most ``HANDSHAKE_TIMEOUT`` seconds; an ``accept()`` that fails for want of
+descriptors or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM) frees the oldest pending connection,
+backs off and keeps serving. ``max_message`` comes from the group's plan (``max_message_for``).
 
-Progress rule (no deadlock with blocking sockets): a send that cannot complete waits for the
-socket to drain *while reading* whatever the other ranks send (into per-rank inboxes), so two
-ranks sending large messages to each other (ring, chunked star) never wait on each other.
+Progress rule (no deadlock with blocking semantics on non-blocking sockets): records are decoded
+*incrementally* — each connection keeps its partial record (header, then frames filled in
+place) across calls, and a read takes only what the socket has now. A send that cannot complete
+waits for its socket to drain while taking whatever every connection has (into per-rank
+inboxes), never waiting for a whole record, so two ranks sending large records to each other at
+once (ring steps, chunked star) both make progress whatever their socket buffer sizes.
 """
 
 from __future__ import annotations
 
 import errno
-import hashlib
 import logging
 import math
 import select
 import selectors
 import socket
+import ssl
 import struct
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import msgpack
 import numpy as np
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.ciphers.aead import AESOCB3
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from zmq.utils import z85
 
+from edgemesh.collective import tls as tlsmod
 from edgemesh.collective.buffers import BufferPool
 from edgemesh.collective.errors import CollectiveTimeout, LinkAuthError, LinkProtocolError, PeerLost
 from edgemesh.collective.members import CurveKeys, Peer, peers_by_rank
@@ -62,17 +58,13 @@ from edgemesh.transport.endpoint import parse_endpoint
 
 log = logging.getLogger(__name__)
 
-# AES-256-OCB3 (RFC 7253) rather than AES-256-GCM: both run on AES-NI, but on our measured
-# machine GHASH is GCM's bottleneck — 1 MiB seals at 5.0 GB/s with OCB3 vs 3.3 GB/s with GCM
-# (idle host, cryptography 50 / OpenSSL 4.0), the same ~2 µs per small message.
-AEAD = AESOCB3
-MAGIC = b"EMC1"
+MAGIC = b"EMC2"
 MODE_PLAIN, MODE_SECURE = 0, 1
-HELLO = struct.Struct("<4sBBHHH32s32s")  # magic, mode, 0, world, from rank, to rank, static, ephemeral
-REPLY = struct.Struct("<B32s")  # status, responder's ephemeral
-ACCEPT, REFUSED, WRONG_MODE = 1, 2, 3
-TAG = 16  # AEAD tag; also the size of each key-confirmation message
-PREFIX = struct.Struct("<IBBH")  # body bytes, record type, frame count, 0
+HELLO = struct.Struct("<4sBBHHH32s16s")  # magic, mode, 0, world, from rank, to rank, dialer's key, job digest
+STATUS = struct.Struct("<B")
+ACCEPT, REFUSED, WRONG_MODE, WRONG_JOB, WRONG_GROUP = 1, 2, 3, 4, 5
+READY = b"\x01"  # listener → dialer, inside TLS, once the listener has checked everything
+PREFIX = struct.Struct("<IBBH")  # frame bytes, record type, frame count, 0
 T_DATA, T_ABORT = 0, 1
 MAX_FRAMES = 16
 DEFAULT_MAX_MESSAGE = 256 * 1024 * 1024  # bytes of frames in one message (prefill of a big model fits)
@@ -80,18 +72,15 @@ MESSAGE_HEADROOM = 1024 * 1024  # on top of the largest tensor: the envelope fra
 MAX_PENDING = 32  # unauthenticated connections kept at once during join
 HANDSHAKE_TIMEOUT = 5.0  # seconds an accepted connection may take to finish its handshake
 ACCEPT_BACKOFF = (0.05, 1.0)  # first and longest pause after accept() ran out of descriptors
-GROW_STEP = 1024 * 1024  # a large sealed frame's buffer starts here and doubles as bytes arrive
 _OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 INBUF = 64 * 1024  # per-connection read buffer: a decode-size message arrives in one recv
-# Messages with at most this many frame bytes are sealed as one segment (one AEAD call costs
-# ~3 µs of setup, more than copying the frames together); larger ones frame by frame, no copy.
+# Messages up to this many bytes are gathered into one write (one TLS record, one syscall);
+# larger frames are written from the caller's buffer.
 ONE_SEGMENT = 64 * 1024
 SEND_TIMEOUT = 30.0  # a send that cannot progress this long means the peer stopped reading
 LOST_GRACE = 0.05  # a *different* rank's connection closed: how long the awaited one may still answer
-PROTOCOL_LABEL = b"edgemesh collective v1"
-_NONCE = struct.Struct("<4xQ").pack
-_ZERO_TAG = bytes(TAG)
 _POLLIN = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
+_WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 
 def max_message_for(largest_tensor_bytes: int) -> int:
@@ -110,27 +99,6 @@ def _raw_key(z: bytes, what: str) -> bytes:
     return raw
 
 
-def transcript_hash(hello: bytes, responder_static: bytes, responder_ephemeral: bytes) -> bytes:
-    return hashlib.sha256(PROTOCOL_LABEL + hello + responder_static + responder_ephemeral).digest()
-
-
-def session_keys(dh: bytes, h: bytes) -> tuple[bytes, bytes]:
-    """(initiator→responder key, responder→initiator key) from the four DH results and the transcript."""
-    okm = HKDF(algorithm=hashes.SHA256(), length=64, salt=h, info=PROTOCOL_LABEL + b" keys").derive(dh)
-    return okm[:32], okm[32:]
-
-
-def _dh(secret: X25519PrivateKey, public: bytes) -> bytes:
-    try:
-        return secret.exchange(X25519PublicKey.from_public_bytes(public))
-    except ValueError:  # a low-order point gives an all-zero secret: never accept it
-        raise AuthError("peer sent an invalid X25519 public key") from None
-
-
-def _public_raw(secret: X25519PrivateKey) -> bytes:
-    return secret.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-
-
 def _tune(sock: socket.socket) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     # A peer that vanishes without closing (power loss, cable) shows up within seconds.
@@ -142,28 +110,28 @@ def _tune(sock: socket.socket) -> None:
 
 
 class _Retry(Exception):
-    """The responder closed during the handshake: it may be restarting, dial again."""
+    """The listener closed during the handshake: it may be restarting, dial again."""
 
 
 class _Conn:
-    """One established link: socket, buffered reader state and the two directions' ciphers."""
+    """One established link: its socket (TLS or plain) and the record being decoded from it."""
 
-    __slots__ = ("sock", "fd", "rank", "buf", "view", "start", "end", "big", "sbuf", "sview",
-                 "plain", "seal", "open", "send_ctr", "recv_ctr", "poll", "partial")
+    __slots__ = ("sock", "fd", "rank", "tls", "buf", "view", "start", "end", "frames", "idx", "off",
+                 "kind", "plain", "poll", "partial")
 
-    def __init__(self, sock: socket.socket, rank: int, seal: AEAD | None, open_: AEAD | None) -> None:
+    def __init__(self, sock: socket.socket, rank: int, tls: bool) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.rank = rank
+        self.tls = tls
         self.buf = bytearray(INBUF)
         self.view = memoryview(self.buf)
         self.start = self.end = 0
-        self.big = bytearray(0)  # ciphertext of frames larger than INBUF
-        self.sbuf = bytearray(0)  # sealed outgoing record
-        self.sview = memoryview(self.sbuf)
-        self.plain = bytearray(ONE_SEGMENT)  # small messages' frames, gathered to be sealed at once
-        self.seal, self.open = seal, open_
-        self.send_ctr = self.recv_ctr = 1  # counter 0 was the key confirmation
+        # The record being decoded: None = reading its header; else its frames, filled in place.
+        self.frames: list[memoryview] | None = None
+        self.idx = self.off = 0  # frame being filled, bytes of it so far
+        self.kind = T_DATA
+        self.plain = bytearray(ONE_SEGMENT + PREFIX.size + 4 * MAX_FRAMES)  # small records, gathered
         self.poll = select.poll()
         self.poll.register(self.fd, _POLLIN)
         self.partial = False  # a record to this peer was interrupted half-way: the stream is unusable
@@ -171,14 +139,14 @@ class _Conn:
 
 @dataclass
 class _Pending:
-    """A connection accepted during join, still in its handshake."""
+    """A connection accepted during join, still in its hello or TLS handshake."""
 
-    since: float = 0.0
-    need: int = HELLO.size
-    buf: bytearray = field(default_factory=bytearray)
-    hello: tuple[Any, ...] = ()
-    h: bytes = b""
-    keys: tuple[bytes, bytes] = (b"", b"")
+    sock: socket.socket
+    since: float
+    buf: bytearray
+    rank: int = -1  # the rank its hello claimed; -1 until the hello is in
+    tls: ssl.SSLSocket | None = None
+    writing: bool = False  # the TLS handshake waits for the socket to drain
 
 
 class SecureLinks:
@@ -187,27 +155,34 @@ class SecureLinks:
     retains_frames = False  # send() is done with the caller's buffers when it returns
 
     def __init__(self, listener: socket.socket, endpoint: str, keys: CurveKeys | None,
-                 members: frozenset[bytes], max_message: int) -> None:
+                 members: frozenset[bytes], max_message: int, job: str = "", cipher: str = "aes") -> None:
         self._listener: socket.socket | None = listener
         self.endpoint = endpoint
         self._keys = keys
-        self._static = X25519PrivateKey.from_private_bytes(_raw_key(keys.secret, "secret key")) if keys else None
-        self._static_pub = _public_raw(self._static) if self._static else bytes(32)
+        self._secret = _raw_key(keys.secret, "secret key") if keys else bytes(32)
+        self._public = _raw_key(keys.public, "public key") if keys else bytes(32)
         self._members = members
         self._max_message = max_message
+        self.job = job
+        self._job_digest = tlsmod.job_digest(job) if keys else bytes(16)
+        self.cipher = cipher  # "aes" or "chacha20": the suite order this rank offers and, listening, prefers
+        self._contexts: dict[int, ssl.SSLContext] = {}
+        self._certs: dict[int, bytes] = {}
+        self._peer_keys: dict[int, bytes] = {}  # raw X25519 key of each other rank
         self.rank = -1
         self.world_size = 0
         self._conns: dict[int, _Conn] = {}
         self._by_fd: dict[int, _Conn] = {}
         self._poll = select.poll()
-        self._inbox: dict[int, deque[list[memoryview]]] = {}
+        self._inbox: dict[int, deque[tuple[int, list[memoryview]]]] = {}
         self._lost: set[int] = set()
         self._refused = 0
         self._evicted = 0
         self._closed = False
+        self._sockbuf: int | None = None
         self.buffers = BufferPool()  # received frames (and the group's accumulators) come from here
-        # Application bytes (all frames of data-plane messages, before sealing) this rank sent
-        # and received: what `bench generate` reports as bytes on the wire per token.
+        # Application bytes (all frames of data-plane messages) this rank sent and received:
+        # what `bench generate` reports as bytes on the wire per token.
         self.bytes_sent = 0
         self.bytes_received = 0
 
@@ -215,14 +190,21 @@ class SecureLinks:
 
     @classmethod
     def bind(cls, endpoint: str, keys: CurveKeys | None, member_keys: Sequence[bytes] = (), *,
-             plain: bool = False, max_message: int = DEFAULT_MAX_MESSAGE) -> SecureLinks:
+             plain: bool = False, max_message: int = DEFAULT_MAX_MESSAGE, job: str = "",
+             cipher: str = "auto", sockbuf: int | None = None) -> SecureLinks:
         """Listen on ``endpoint`` (``tcp://HOST:PORT``, port 0 or ``*`` = any free port).
 
-        ``member_keys``: z85 public keys allowed to connect (all ranks'). ``plain=True`` turns
-        off encryption and authentication: benchmarks only.
+        ``member_keys``: z85 public keys allowed to connect (all ranks'). ``job``: the job id
+        every rank of the group passes; it is bound into each link's certificate, so ranks of
+        different jobs cannot connect. ``cipher``: "auto" (AES-GCM if the CPU has AES
+        instructions, else ChaCha20-Poly1305), "aes" or "chacha20". ``sockbuf``: SO_SNDBUF and
+        SO_RCVBUF of every connection, set before it connects (default: the kernel's autotuning;
+        tests use tiny buffers). ``plain=True`` turns off encryption and authentication:
+        benchmarks only.
         """
         if not plain and keys is None:
             raise ValueError("a secure group needs this rank's key pair (or plain=True for benchmarks)")
+        suite = tlsmod.resolve_cipher(cipher)
         members = frozenset() if plain else frozenset(
             _raw_key(k, "member key") for k in [keys.public, *member_keys])  # type: ignore[union-attr]
         host, port = parse_endpoint(endpoint)
@@ -230,6 +212,7 @@ class SecureLinks:
         listener = socket.socket(family, socket.SOCK_STREAM)
         try:
             listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            _set_bufs(listener, sockbuf)  # accepted connections inherit them
             listener.bind((host, port))
             listener.listen(64)
             listener.setblocking(False)
@@ -238,7 +221,9 @@ class SecureLinks:
             listener.close()
             raise
         shown = f"[{host}]" if family == socket.AF_INET6 else host
-        return cls(listener, f"tcp://{shown}:{bound}", None if plain else keys, members, max_message)
+        links = cls(listener, f"tcp://{shown}:{bound}", None if plain else keys, members, max_message, job, suite)
+        links._sockbuf = sockbuf
+        return links
 
     @property
     def plain(self) -> bool:
@@ -246,7 +231,7 @@ class SecureLinks:
 
     @property
     def refused_connections(self) -> int:
-        """Connections refused during join: unknown keys, failed key proofs, garbage."""
+        """Connections refused during join: unknown keys, other jobs, failed TLS handshakes, garbage."""
         return self._refused
 
     @property
@@ -254,12 +239,24 @@ class SecureLinks:
         """Unauthenticated connections closed during join for being too many or too slow."""
         return self._evicted
 
+    @property
+    def ciphers(self) -> dict[int, str]:
+        """The TLS 1.3 suite negotiated with each other rank (empty when plain)."""
+        out = {}
+        for p, c in self._conns.items():
+            got = c.sock.cipher() if isinstance(c.sock, ssl.SSLSocket) else None
+            if got:
+                out[p] = got[0]
+        return out
+
     def join(self, rank: int, world_size: int, peers: Sequence[Peer], timeout: float) -> None:
         """Dial lower ranks, accept higher ranks, authenticate every link; or raise."""
         by_rank = peers_by_rank(rank, world_size, peers, self.plain)
         self.rank, self.world_size = rank, world_size
         deadline = time.monotonic() + timeout
         try:
+            if not self.plain:
+                self._make_contexts(by_rank)
             for p in range(rank):
                 self._add(self._dial(by_rank[p], deadline))
             self._accept_higher(by_rank, deadline)
@@ -268,16 +265,30 @@ class SecureLinks:
             if self._listener is not None:
                 self._listener.close()
                 self._listener = None
+            self._contexts.clear()  # they hold the pair keys; the links are up (or failed)
         for q in range(world_size):
             if q != rank:
                 self._inbox[q] = deque()
+
+    def _make_contexts(self, by_rank: dict[int, Peer]) -> None:
+        for p, peer in by_rank.items():
+            assert peer.public_key is not None
+            theirs = _raw_key(peer.public_key, f"rank {p}'s public key")
+            lo, hi = (self.rank, p) if self.rank < p else (p, self.rank)
+            keys = (self._public, theirs) if self.rank < p else (theirs, self._public)
+            seed = tlsmod.pair_seed(self._secret, theirs, job=self.job, world=self.world_size, ranks=(lo, hi), keys=keys)
+            cert = tlsmod.pair_cert(seed)
+            # The higher rank dials: it is the TLS client.
+            self._contexts[p] = tlsmod.pair_context(cert, server=p > self.rank, cipher=self.cipher)
+            self._certs[p] = cert.der
+            self._peer_keys[p] = theirs
 
     def _add(self, conn: _Conn) -> None:
         self._conns[conn.rank] = conn
         self._by_fd[conn.fd] = conn
         self._poll.register(conn.fd, _POLLIN)
 
-    # -- initiator side
+    # -- dialer side
 
     def _dial(self, peer: Peer, deadline: float) -> _Conn:
         host, port = parse_endpoint(peer.endpoint)
@@ -288,7 +299,7 @@ class SecureLinks:
                     f"rank {self.rank}: group did not form; no handshake with rank {peer.rank} at "
                     f"{peer.endpoint} (not started, wrong endpoint, or a firewall)", (peer.rank,))
             try:
-                sock = socket.create_connection((host, port), timeout=min(left, 2.0))
+                sock = _connect(host, port, min(left, 2.0), self._sockbuf)
             except OSError:
                 time.sleep(min(0.05, max(left, 0)))
                 continue
@@ -304,37 +315,51 @@ class SecureLinks:
 
     def _client_handshake(self, sock: socket.socket, peer: Peer, deadline: float) -> _Conn:
         p = peer.rank
-        eph = X25519PrivateKey.generate() if not self.plain else None
         hello = HELLO.pack(MAGIC, MODE_PLAIN if self.plain else MODE_SECURE, 0, self.world_size, self.rank, p,
-                           self._static_pub, _public_raw(eph) if eph else bytes(32))
+                           self._public, self._job_digest)
         _send_small(sock, hello, deadline, p)
-        status, e_r = REPLY.unpack(_recv_small(sock, REPLY.size, deadline, p))
+        status = _recv_small(sock, STATUS.size, deadline, p)[0]
+        where = f"rank {p} at {peer.endpoint}"
         if status == REFUSED:
-            raise AuthError(f"rank {p} at {peer.endpoint} refused our key (it is not in that rank's member list)")
+            raise AuthError(f"{where} refused our key (it is not rank {self.rank}'s key in that rank's member list)")
         if status == WRONG_MODE:
-            raise ProtocolError(f"rank {p} at {peer.endpoint} runs its links {'encrypted' if self.plain else 'plain'}, "
+            raise ProtocolError(f"{where} runs its links {'encrypted' if self.plain else 'plain'}, "
                                 f"we run them {'plain' if self.plain else 'encrypted'}")
+        if status == WRONG_JOB:
+            raise AuthError(f"{where} serves another job than ours ({self.job or 'no job id'})")
+        if status == WRONG_GROUP:
+            raise ProtocolError(f"{where} does not expect rank {self.rank} of a group of {self.world_size} "
+                                f"(different world size or rank numbering)")
         if status != ACCEPT:
-            raise ProtocolError(f"rank {p} at {peer.endpoint} answered the handshake with status {status}")
+            raise ProtocolError(f"{where} answered the handshake with status {status}")
         if self.plain:
-            _send_small(sock, _ZERO_TAG, deadline, p)
-            _recv_small(sock, TAG, deadline, p)
-            return _Conn(sock, p, None, None)
-        assert eph is not None and self._static is not None and peer.public_key is not None
-        s_r = _raw_key(peer.public_key, f"rank {p}'s public key")
-        h = transcript_hash(hello, s_r, e_r)
-        dh = _dh(eph, e_r) + _dh(self._static, s_r) + _dh(eph, s_r) + _dh(self._static, e_r)
-        k_i2r, k_r2i = session_keys(dh, h)
-        seal, open_ = AEAD(k_i2r), AEAD(k_r2i)
-        _send_small(sock, seal.encrypt(_NONCE(0), b"", h), deadline, p)
-        proof = _recv_small(sock, TAG, deadline, p)
+            if _recv_small(sock, 1, deadline, p) != READY:
+                raise ProtocolError(f"{where} sent no ready byte")
+            return _Conn(sock, p, tls=False)
+        tls = self._contexts[p].wrap_socket(sock, server_side=False, do_handshake_on_connect=False)
         try:
-            open_.decrypt(_NONCE(0), proof, h)
-        except InvalidTag:
-            raise AuthError(f"rank {p} at {peer.endpoint} failed the handshake: it does not hold rank {p}'s key") from None
-        return _Conn(sock, p, seal, open_)
+            _tls_handshake(tls, deadline, p)
+            if tls.getpeercert(binary_form=True) != self._certs[p]:  # the context trusts only it; belt and braces
+                raise ssl.SSLCertVerificationError("not the pair certificate")
+            if _recv_small(tls, 1, deadline, p) != READY:
+                raise ProtocolError(f"{where} sent no ready byte")
+        except (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError):
+            tls.close()  # closed without an alert: evicted under load, or restarting
+            raise _Retry() from None
+        except ssl.SSLCertVerificationError:
+            tls.close()
+            raise AuthError(f"{where} failed the TLS handshake: it does not hold rank {p}'s key for this "
+                            f"job ({self.job or 'no job id'})") from None
+        except ssl.SSLError as exc:
+            tls.close()
+            raise AuthError(f"{where} refused our TLS certificate ({exc.reason or exc}): we are not the "
+                            f"member it expects as rank {self.rank} of job {self.job or '(none)'}") from None
+        except BaseException:
+            tls.close()
+            raise
+        return _Conn(tls, p, tls=True)
 
-    # -- responder side
+    # -- listener side
 
     def _accept_higher(self, by_rank: dict[int, Peer], deadline: float) -> None:
         want = set(range(self.rank + 1, self.world_size))
@@ -342,21 +367,22 @@ class SecureLinks:
             return
         assert self._listener is not None
         sel = selectors.DefaultSelector()
-        pending: dict[socket.socket, _Pending] = {}  # in order of acceptance
+        pending: dict[int, _Pending] = {}  # by fd, in order of acceptance
         sel.register(self._listener, selectors.EVENT_READ)
         listening = True
         backoff = 0.0
         resume_at = 0.0
 
-        def close(sock: socket.socket) -> None:
-            sel.unregister(sock)
-            del pending[sock]
-            sock.close()
+        def close(st: _Pending) -> None:
+            fd = st.sock.fileno()
+            sel.unregister(fd)
+            del pending[fd]
+            st.sock.close()
 
         def evict_one() -> bool:
             # Prefer the oldest connection that has not even sent a hello: a rank dialing us
             # sends its hello at once, so such a connection is the least likely to be one.
-            victim = next((s for s, st in pending.items() if not st.hello), None) or next(iter(pending), None)
+            victim = next((st for st in pending.values() if st.rank < 0), None) or next(iter(pending.values()), None)
             if victim is None:
                 return False
             self._evicted += 1
@@ -372,9 +398,9 @@ class SecureLinks:
                     raise CollectiveTimeout(
                         f"rank {self.rank}: group did not form in time; no handshake from ranks "
                         f"{list(waiting)} (not started, wrong endpoint, or a firewall)", waiting)
-                for sock in [s for s, st in pending.items() if now - st.since > HANDSHAKE_TIMEOUT]:
+                for st in [st for st in pending.values() if now - st.since > HANDSHAKE_TIMEOUT]:
                     self._evicted += 1
-                    close(sock)
+                    close(st)
                 if not listening and now >= resume_at:
                     sel.register(self._listener, selectors.EVENT_READ)
                     listening = True
@@ -383,8 +409,7 @@ class SecureLinks:
                 # has its hello read before new arrivals can push it out.
                 events.sort(key=lambda e: e[0].fileobj is self._listener)
                 for key, _ in events:
-                    sock = key.fileobj
-                    if sock is self._listener:
+                    if key.fileobj is self._listener:
                         for _ in range(MAX_PENDING // 2):  # leave room for the handshakes under way
                             try:
                                 new, _addr = self._listener.accept()
@@ -409,113 +434,113 @@ class SecureLinks:
                             except OSError:
                                 new.close()
                                 continue
-                            pending[new] = _Pending(since=time.monotonic())
-                            sel.register(new, selectors.EVENT_READ)
+                            pending[new.fileno()] = _Pending(new, time.monotonic(), bytearray())
+                            sel.register(new.fileno(), selectors.EVENT_READ)
                         continue
-                    assert isinstance(sock, socket.socket)
-                    st = pending.get(sock)
+                    st = pending.get(key.fd)
                     if st is None:
                         continue  # evicted earlier in this round
-                    done = self._advance(sock, st, by_rank, want)
-                    if done is not None:  # a link, or False: dropped
-                        sel.unregister(sock)
-                        del pending[sock]
-                        if isinstance(done, _Conn):
-                            self._add(done)
-                        else:
-                            sock.close()
+                    done = self._advance(st, want)
+                    if done is None:
+                        events_now = selectors.EVENT_READ | (selectors.EVENT_WRITE if st.writing else 0)
+                        if key.events != events_now:
+                            sel.modify(key.fd, events_now)
+                        continue
+                    sel.unregister(key.fd)
+                    del pending[key.fd]
+                    if isinstance(done, _Conn):
+                        self._add(done)
+                    else:
+                        st.sock.close()
         finally:
-            for sock in pending:
-                sock.close()
+            for st in pending.values():
+                st.sock.close()
             sel.close()
 
-    def _advance(self, sock: socket.socket, st: _Pending, by_rank: dict[int, Peer],
-                 want: set[int]) -> _Conn | bool | None:
+    def _advance(self, st: _Pending, want: set[int]) -> _Conn | bool | None:
         """Feed one handshake: a link when done, False to drop the connection, None to wait on."""
+        if st.tls is not None:
+            return self._tls_step(st, want)
         try:
-            chunk = sock.recv(st.need - len(st.buf))
+            chunk = st.sock.recv(HELLO.size - len(st.buf))
         except (BlockingIOError, InterruptedError):
             return None
         except OSError:
             chunk = b""
         if not chunk:
-            return self._drop(sock, count=True)
+            return self._drop(st, count=True)
         st.buf += chunk
-        if len(st.buf) < st.need:
+        if len(st.buf) < HELLO.size:
             return None
-        if not st.hello:
-            return self._on_hello(sock, st)
-        return self._on_proof(sock, st, by_rank, want)
+        return self._on_hello(st, want)
 
-    def _drop(self, sock: socket.socket, *, count: bool, status: int | None = None) -> bool:
+    def _drop(self, st: _Pending, *, count: bool, status: int | None = None) -> bool:
         if count:
             self._refused += 1
         if status is not None:
             try:
-                sock.send(REPLY.pack(status, bytes(32)))
+                st.sock.send(STATUS.pack(status))
             except OSError:
                 pass
         return False
 
-    def _on_hello(self, sock: socket.socket, st: _Pending) -> _Conn | bool | None:
-        magic, mode, zero, world, frm, to, s_i, e_i = HELLO.unpack(st.buf)
+    def _on_hello(self, st: _Pending, want: set[int]) -> _Conn | bool | None:
+        magic, mode, zero, world, frm, to, key, digest = HELLO.unpack(st.buf)
         if magic != MAGIC or zero != 0:
-            return self._drop(sock, count=True)  # not our protocol
+            return self._drop(st, count=True)  # not our protocol
         if mode != (MODE_PLAIN if self.plain else MODE_SECURE):
-            return self._drop(sock, count=True, status=WRONG_MODE)
-        e_r_pub = bytes(32)
+            return self._drop(st, count=True, status=WRONG_MODE)
         if not self.plain:
-            assert self._static is not None
-            if s_i not in self._members:
-                return self._drop(sock, count=True, status=REFUSED)
-            eph = X25519PrivateKey.generate()
-            e_r_pub = _public_raw(eph)
-            try:
-                dh = _dh(eph, e_i) + _dh(self._static, s_i) + _dh(self._static, e_i) + _dh(eph, s_i)
-            except AuthError:
-                return self._drop(sock, count=True, status=REFUSED)
-            st.h = transcript_hash(bytes(st.buf), self._static_pub, e_r_pub)
-            st.keys = session_keys(dh, st.h)
+            # Checks on claims nobody has proven yet: they only give a member a clear answer.
+            # The proof is the TLS handshake with the pair certificate of (frm, us, job).
+            if key not in self._members or key != self._expected_key(frm):
+                return self._drop(st, count=True, status=REFUSED)
+            if digest != self._job_digest:
+                return self._drop(st, count=True, status=WRONG_JOB)
+        if world != self.world_size or to != self.rank or frm not in want:
+            return self._drop(st, count=True, status=WRONG_GROUP)
         try:
-            if sock.send(REPLY.pack(ACCEPT, e_r_pub)) != REPLY.size:
-                return self._drop(sock, count=False)
+            if st.sock.send(STATUS.pack(ACCEPT)) != STATUS.size:
+                return self._drop(st, count=False)
+            if self.plain:
+                if st.sock.send(READY) != 1:
+                    return self._drop(st, count=False)
+                want.discard(frm)
+                return _Conn(st.sock, frm, tls=False)
         except OSError:
-            return self._drop(sock, count=False)
-        st.hello = (world, frm, to, s_i)
-        st.need, st.buf = TAG, bytearray()
-        return None
+            return self._drop(st, count=False)
+        st.rank = frm
+        st.tls = self._contexts[frm].wrap_socket(st.sock, server_side=True, do_handshake_on_connect=False)
+        st.sock = st.tls
+        return self._tls_step(st, want)
 
-    def _on_proof(self, sock: socket.socket, st: _Pending, by_rank: dict[int, Peer],
-                  want: set[int]) -> _Conn | bool:
-        world, frm, to, s_i = st.hello
-        seal = open_ = None
-        if not self.plain:
-            k_i2r, k_r2i = st.keys
-            open_, seal = AEAD(k_i2r), AEAD(k_r2i)
-            try:
-                open_.decrypt(_NONCE(0), bytes(st.buf), st.h)
-            except InvalidTag:
-                return self._drop(sock, count=True)  # knows a member's public key, not its secret
-            # From here on the peer has proven it holds s_i: its claims are a member's claims.
-            expected = by_rank.get(frm)
-            if expected is None or expected.public_key is None or _raw_key(expected.public_key, "key") != s_i:
-                sock.close()
-                raise AuthError(f"a member key claimed rank {frm}, but that is not rank {frm}'s key")
-        if world != self.world_size:
-            sock.close()
-            raise ProtocolError(f"rank {frm} thinks the group has {world} members, we have {self.world_size}")
-        if to != self.rank or frm not in want:
-            sock.close()
-            raise ProtocolError(f"unexpected handshake from rank {frm} for rank {to} (we are rank {self.rank}, "
-                                f"waiting for {sorted(want)})")
-        proof = seal.encrypt(_NONCE(0), b"", st.h) if seal is not None else _ZERO_TAG
+    def _expected_key(self, rank: int) -> bytes | None:
+        return self._peer_keys.get(rank)
+
+    def _tls_step(self, st: _Pending, want: set[int]) -> _Conn | bool | None:
+        assert st.tls is not None
+        st.writing = False
         try:
-            if sock.send(proof) != TAG:
-                return self._drop(sock, count=False)
-        except OSError:
-            return self._drop(sock, count=False)
-        want.discard(frm)
-        return _Conn(sock, frm, seal, open_)
+            st.tls.do_handshake()
+        except ssl.SSLWantReadError:
+            return None
+        except ssl.SSLWantWriteError:
+            st.writing = True
+            return None
+        except (ssl.SSLError, OSError) as exc:
+            # Not the pair certificate (a key outside the list, another job, a man in the
+            # middle), or the dialer gave up.
+            log.info("rank %d: TLS handshake from a claimed rank %d failed: %s", self.rank, st.rank, exc)
+            return self._drop(st, count=True)
+        if st.tls.getpeercert(binary_form=True) != self._certs[st.rank]:
+            return self._drop(st, count=True)
+        try:
+            if st.tls.send(READY) != 1:
+                return self._drop(st, count=False)
+        except (ssl.SSLError, OSError):
+            return self._drop(st, count=False)
+        want.discard(st.rank)
+        return _Conn(st.tls, st.rank, tls=True)
 
     # ----------------------------------------------------------------- data plane: sending
 
@@ -529,47 +554,52 @@ class SecureLinks:
         self._send_all(conn, bufs, time.monotonic() + SEND_TIMEOUT)
 
     def _record(self, conn: _Conn, kind: int, frames: Sequence[Any]) -> tuple[int, list[Any]]:
+        """(frame bytes, buffers to write): small records gathered into one buffer."""
         views = [memoryview(f).cast("B") for f in frames]
         n = len(views)
         if not 1 <= n <= MAX_FRAMES:
             raise ValueError(f"a message has 1..{MAX_FRAMES} frames, got {n}")
         lens = [v.nbytes for v in views]
         payload = sum(lens)
-        if conn.seal is None:
-            header = PREFIX.pack(payload, kind, n, 0) + struct.pack(f"<{n}I", *lens)
+        header = PREFIX.pack(payload, kind, n, 0) + struct.pack(f"<{n}I", *lens)
+        if not conn.tls:
+            return payload, [header, *views]  # sendmsg gathers them
+        if payload > ONE_SEGMENT:
             return payload, [header, *views]
-        one = payload <= ONE_SEGMENT
-        body = payload + (TAG if one else n * TAG)
-        header = PREFIX.pack(body, kind, n, 0) + struct.pack(f"<{n}I", *lens)
         hl = len(header)
-        total = hl + body
-        if len(conn.sbuf) < total:
-            conn.sbuf = bytearray(max(total, 2 * len(conn.sbuf)))
-            conn.sview = memoryview(conn.sbuf)
-        sv = conn.sview
-        sv[:hl] = header
-        seal, ctr = conn.seal, conn.send_ctr
-        if one:
-            if n == 1:
-                plain = views[0]
-            else:
-                off = 0
-                for v, ln in zip(views, lens):
-                    conn.plain[off:off + ln] = v
-                    off += ln
-                plain = memoryview(conn.plain)[:payload]
-            seal.encrypt_into(_NONCE(ctr), plain, header, sv[hl:total])
-            ctr += 1
-        else:
-            off = hl
-            for v, ln in zip(views, lens):
-                seal.encrypt_into(_NONCE(ctr), v, header, sv[off:off + ln + TAG])
-                ctr += 1
-                off += ln + TAG
-        conn.send_ctr = ctr
-        return payload, [sv[:total]]
+        out = memoryview(conn.plain)
+        out[:hl] = header
+        off = hl
+        for v, ln in zip(views, lens):
+            out[off:off + ln] = v
+            off += ln
+        return payload, [out[:off]]
 
     def _send_all(self, conn: _Conn, bufs: list[Any], deadline: float) -> None:
+        if not conn.tls:
+            self._send_plain(conn, bufs, deadline)
+            return
+        conn.partial = True
+        for b in bufs:
+            view = b if isinstance(b, memoryview) else memoryview(b)
+            while view.nbytes:
+                try:
+                    # A TLS write that would block keeps its place; it must be retried with
+                    # the same bytes (OpenSSL has already taken part of them).
+                    sent = conn.sock.send(view)
+                except _WOULD_BLOCK:
+                    self._wait_writable(conn, deadline)
+                    continue
+                except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                    raise self._gone(conn) from None
+                except ssl.SSLError as exc:
+                    raise self._broken(conn, exc) from None
+                except OSError:
+                    raise self._gone(conn) from None
+                view = view[sent:]
+        conn.partial = False
+
+    def _send_plain(self, conn: _Conn, bufs: list[Any], deadline: float) -> None:
         sock = conn.sock
         total = sum(memoryview(b).nbytes for b in bufs)
         try:
@@ -594,7 +624,7 @@ class SecureLinks:
         conn.partial = False
 
     def _wait_writable(self, conn: _Conn, deadline: float) -> None:
-        """Block until ``conn`` can take more bytes, reading every rank's messages meanwhile."""
+        """Block until ``conn`` can take more bytes, taking in every rank's bytes meanwhile."""
         self._poll.modify(conn.fd, _POLLIN | select.POLLOUT)
         try:
             while True:
@@ -604,9 +634,11 @@ class SecureLinks:
                                             f"(send stalled {SEND_TIMEOUT:.0f}s)", (conn.rank,))
                 writable = False
                 for fd, ev in self._poll.poll(math.ceil(left * 1000)):
-                    c = self._by_fd[fd]
+                    c = self._by_fd.get(fd)
+                    if c is None:
+                        continue
                     if ev & _POLLIN:
-                        self._pump(c, deadline, raise_lost=c is conn)
+                        self._pump(c, raise_lost=c is conn)
                     if c is conn and ev & (select.POLLOUT | select.POLLERR | select.POLLHUP):
                         writable = True
                 if writable:
@@ -627,8 +659,6 @@ class SecureLinks:
         conn = self._conns[peer]
         grace: float | None = None  # another rank dropped: give the awaited one a moment, then fail
         while True:
-            if conn.end > conn.start:  # (part of) a message is already buffered
-                return self._deliver(self._take(conn, deadline))
             now = time.monotonic()
             until = deadline if grace is None else min(grace, deadline)
             if now >= until:
@@ -637,157 +667,142 @@ class SecureLinks:
                     raise PeerLost(f"rank {self.rank}: rank {gone} is gone (its connection closed)", gone)
                 raise CollectiveTimeout(f"rank {self.rank}: no data from rank {peer} before the "
                                         f"deadline (peer hung or overloaded)", (peer,))
-            ready = self._poll.poll(math.ceil((until - now) * 1000))
-            if any(fd == conn.fd for fd, _ in ready):
-                return self._deliver(self._take(conn, deadline))
-            for fd, _ in ready:
-                if not self._pump(self._by_fd[fd], deadline, raise_lost=False) and grace is None:
+            for fd, _ in self._poll.poll(math.ceil((until - now) * 1000)):
+                c = self._by_fd.get(fd)
+                if c is None:
+                    continue
+                if not self._pump(c, raise_lost=c is conn) and grace is None:
                     grace = time.monotonic() + LOST_GRACE
+            if inbox:
+                return self._deliver(inbox.popleft())
 
-    def _deliver(self, frames: list[memoryview]) -> list[memoryview]:
+    def _deliver(self, record: tuple[int, list[memoryview]]) -> list[memoryview]:
+        kind, frames = record
+        assert kind == T_DATA
         self.bytes_received += sum(f.nbytes for f in frames)
         return frames
 
-    def _take(self, conn: _Conn, deadline: float) -> list[memoryview]:
-        """Read the next data message from ``conn``; an abort from that rank raises."""
-        kind, frames = self._read_record(conn, deadline)
-        if kind == T_ABORT:
-            raise self._abort_error(conn.rank, frames)
-        return frames
-
-    def _pump(self, conn: _Conn, deadline: float, *, raise_lost: bool) -> bool:
-        """Move one message of a rank we are not waiting for into its inbox. False: it is gone."""
+    def _pump(self, conn: _Conn, *, raise_lost: bool) -> bool:
+        """Take what ``conn`` has now into its inbox. False: that rank is gone (and not awaited)."""
         try:
-            frames = self._take(conn, deadline)
+            self._fill(conn)
         except PeerLost as exc:
-            if raise_lost or exc.aborted:
+            if exc.aborted:
+                raise
+            if self._inbox[conn.rank]:
+                return True  # what it sent before closing is delivered first; then PeerLost
+            if raise_lost:
                 raise
             return False
-        self._inbox[conn.rank].append(frames)
         return True
 
-    def _read_record(self, conn: _Conn, deadline: float) -> tuple[int, list[memoryview]]:
-        self._need(conn, PREFIX.size, deadline)
+    def _fill(self, conn: _Conn) -> None:
+        """Decode what ``conn`` has without waiting: complete records go to its rank's inbox, a
+        partial one stays in ``conn`` for the next call. An abort record raises at once."""
+        inbox = self._inbox[conn.rank]
+        # Once a record is complete, go on only with bytes already here (buffered, or held by
+        # TLS): a further read would most often just find the socket empty, and whatever is
+        # still in the kernel wakes the next poll.
+        done = False
+        while True:
+            if conn.frames is None:
+                if not self._header(conn):
+                    if done and not (conn.tls and conn.sock.pending()):
+                        return
+                    if not self._recv_buffered(conn):
+                        return
+                    continue
+            assert conn.frames is not None
+            frames = conn.frames
+            while conn.idx < len(frames):
+                f = frames[conn.idx]
+                want = f.nbytes - conn.off
+                have = conn.end - conn.start
+                if have:
+                    k = min(have, want)
+                    f[conn.off:conn.off + k] = conn.view[conn.start:conn.start + k]
+                    conn.start += k
+                    conn.off += k
+                    if conn.start == conn.end:
+                        conn.start = conn.end = 0
+                elif done and not (conn.tls and conn.sock.pending()):
+                    return
+                elif want >= INBUF // 2:  # a large frame: straight from the socket, no second copy
+                    got = self._recv_some(conn, f[conn.off:])
+                    if got is None:
+                        return
+                    conn.off += got
+                elif not self._recv_buffered(conn):
+                    return
+                if conn.off == f.nbytes:
+                    conn.idx += 1
+                    conn.off = 0
+            conn.frames = None
+            conn.idx = conn.off = 0
+            if conn.kind == T_ABORT:
+                raise self._abort_error(conn.rank, frames)
+            inbox.append((T_DATA, frames))
+            done = True
+
+    def _header(self, conn: _Conn) -> bool:
+        """Parse the next record header if it is all buffered and set up its frames; False if not yet."""
+        have = conn.end - conn.start
+        if have < PREFIX.size:
+            return False
         body, kind, n, zero = PREFIX.unpack_from(conn.buf, conn.start)
-        hl = PREFIX.size + 4 * n
         if kind not in (T_DATA, T_ABORT) or not 1 <= n <= MAX_FRAMES or zero != 0:
             raise self._bad(conn, f"a record header that is not ours (type {kind}, {n} frames)")
-        if body > self._max_message + n * TAG:
+        if body > self._max_message:
             raise self._bad(conn, f"a message of {body} bytes, over the {self._max_message}-byte limit")
-        self._need(conn, hl, deadline)
+        hl = PREFIX.size + 4 * n
+        if have < hl:
+            return False
         lens = struct.unpack_from(f"<{n}I", conn.buf, conn.start + PREFIX.size)
-        payload = sum(lens)
-        one = payload <= ONE_SEGMENT
-        tags = 0 if conn.open is None else TAG if one else n * TAG
-        if payload + tags != body:
+        if sum(lens) != body:
             raise self._bad(conn, "frame lengths that do not add up to the record length")
-        header = bytes(conn.view[conn.start:conn.start + hl])
         conn.start += hl
-        if conn.open is None:
-            frames = []
-            for ln in lens:
-                out = self.buffers.take(ln)
-                self._read_into(conn, out, deadline)
-                frames.append(out)
-            return kind, frames
-        if one:
-            # Opened into one block, shifted so that the frame after the envelope (the tensor)
-            # starts 64-byte aligned, as a separately allocated frame would.
-            block = self.buffers.take(payload + 64)
-            pad = -(np.frombuffer(block, np.uint8).ctypes.data + lens[0]) % 64
-            whole = block[pad:pad + payload]
-            self._open(conn, self._sealed(conn, payload + TAG, deadline), header, whole)
-            frames, off = [], 0
-            for ln in lens:
-                frames.append(whole[off:off + ln])
-                off += ln
-            return kind, frames
-        frames = []
-        for ln in lens:
-            sealed = self._sealed(conn, ln + TAG, deadline)
-            out = self.buffers.take(ln)  # only now: the bytes are all here, the tag is next
-            self._open(conn, sealed, header, out)
-            frames.append(out)
-        return kind, frames
-
-    def _open(self, conn: _Conn, sealed: memoryview, header: bytes, out: memoryview) -> None:
-        assert conn.open is not None
-        try:
-            conn.open.decrypt_into(_NONCE(conn.recv_ctr), sealed, header, out)
-        except InvalidTag:
-            raise self._forged(conn) from None
-        conn.recv_ctr += 1
-
-    def _need(self, conn: _Conn, k: int, deadline: float) -> None:
-        """At least ``k`` (≤ INBUF) bytes buffered from ``conn``."""
-        if conn.end - conn.start >= k:
-            return
-        if conn.start + k > INBUF:  # compact: keep the partial message at the front
-            n = conn.end - conn.start
-            conn.buf[:n] = bytes(conn.view[conn.start:conn.end])  # same length: no resize
-            conn.start, conn.end = 0, n
-        while conn.end - conn.start < k:
-            conn.end += self._recv_some(conn, conn.view[conn.end:], deadline)
-
-    def _read_into(self, conn: _Conn, out: memoryview, deadline: float) -> None:
-        """Fill ``out`` from the buffer, then straight from the socket (no second copy)."""
-        have = min(conn.end - conn.start, out.nbytes)
-        out[:have] = conn.view[conn.start:conn.start + have]
-        conn.start += have
         if conn.start == conn.end:
             conn.start = conn.end = 0
-        while have < out.nbytes:
-            have += self._recv_some(conn, out[have:], deadline)
+        if body <= ONE_SEGMENT:
+            # One block, shifted so that the frame after the envelope (the tensor) starts
+            # 64-byte aligned, as a separately allocated frame would.
+            block = self.buffers.take(body + 64)
+            pad = -(np.frombuffer(block, np.uint8).ctypes.data + lens[0]) % 64
+            frames, off = [], pad
+            for ln in lens:
+                frames.append(block[off:off + ln])
+                off += ln
+        else:
+            frames = [self.buffers.take(ln) for ln in lens]
+        conn.frames, conn.kind, conn.idx, conn.off = frames, kind, 0, 0
+        return True
 
-    def _sealed(self, conn: _Conn, k: int, deadline: float) -> memoryview:
-        """A view of the next ``k`` sealed bytes, valid until the next read from ``conn``."""
-        if k <= INBUF:
-            self._need(conn, k, deadline)
-            view = conn.view[conn.start:conn.start + k]
-            conn.start += k
-            return view
-        if len(conn.big) >= k:
-            big = memoryview(conn.big)[:k]
-            self._read_into(conn, big, deadline)
-            return big
-        # Larger than any frame so far: grow with the bytes that arrive, not with what the
-        # header announced (it is authenticated only with the tag at the end).
-        have = 0
-        while have < k:
-            if have == len(conn.big):
-                grown = bytearray(min(k, max(2 * len(conn.big), GROW_STEP)))
-                grown[:have] = conn.big[:have]
-                conn.big = grown
-            have += self._read_some(conn, memoryview(conn.big)[have:min(k, len(conn.big))], deadline)
-        return memoryview(conn.big)[:k]
+    def _recv_buffered(self, conn: _Conn) -> bool:
+        """One read into the connection's buffer; False if the socket has nothing now."""
+        if conn.start and conn.end - conn.start < PREFIX.size + 4 * MAX_FRAMES:
+            n = conn.end - conn.start  # compact: keep the partial header at the front
+            conn.buf[:n] = bytes(conn.view[conn.start:conn.end])
+            conn.start, conn.end = 0, n
+        got = self._recv_some(conn, conn.view[conn.end:])
+        if got is None:
+            return False
+        conn.end += got
+        return True
 
-    def _read_some(self, conn: _Conn, into: memoryview, deadline: float) -> int:
-        """Fill part of ``into``: what is buffered, else what one recv brings."""
-        have = min(conn.end - conn.start, into.nbytes)
-        if have:
-            into[:have] = conn.view[conn.start:conn.start + have]
-            conn.start += have
-            if conn.start == conn.end:
-                conn.start = conn.end = 0
-            return have
-        return self._recv_some(conn, into, deadline)
-
-    def _recv_some(self, conn: _Conn, into: memoryview, deadline: float) -> int:
-        while True:
-            try:
-                n = conn.sock.recv_into(into)
-            except (BlockingIOError, InterruptedError):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise CollectiveTimeout(f"rank {self.rank}: rank {conn.rank} stopped mid-message "
-                                            f"(peer hung or overloaded)", (conn.rank,)) from None
-                conn.poll.poll(math.ceil(left * 1000))
-                continue
-            except OSError:
-                raise self._gone(conn) from None
-            if n == 0:
-                raise self._gone(conn)
-            return n
+    def _recv_some(self, conn: _Conn, into: memoryview) -> int | None:
+        try:
+            n = conn.sock.recv_into(into)
+        except _WOULD_BLOCK:
+            return None
+        except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+            raise self._gone(conn) from None
+        except ssl.SSLError as exc:
+            raise self._broken(conn, exc) from None
+        except OSError:
+            raise self._gone(conn) from None
+        if n == 0:
+            raise self._gone(conn)
+        return n
 
     # ----------------------------------------------------------------- failures
 
@@ -797,7 +812,7 @@ class SecureLinks:
 
     def _forget(self, conn: _Conn, *, lost: bool = True) -> None:
         """Stop reading ``conn``. ``lost=False``: its stream is corrupt but the rank may be alive
-        (a forged frame, a tampering path): an abort can still be sent to it."""
+        (a tampering path): an abort can still be attempted to it."""
         if lost:
             self._lost.add(conn.rank)
         if conn.fd in self._by_fd:
@@ -808,10 +823,23 @@ class SecureLinks:
         self._forget(conn, lost=False)
         return LinkProtocolError(f"rank {self.rank}: rank {conn.rank}'s link sent {what}", conn.rank)
 
-    def _forged(self, conn: _Conn) -> LinkAuthError:
+    def _broken(self, conn: _Conn, exc: ssl.SSLError) -> PeerLost | LinkAuthError:
+        """A TLS error after the handshake. An alert *from* the peer means it rejected our stream
+        (a man in the middle tampered with what we sent): that rank gave up, like an abort.
+        Anything else is our side failing to authenticate what arrived."""
+        if "ALERT" in str(exc.reason or ""):
+            self._forget(conn, lost=False)
+            conn.partial = True
+            return PeerLost(f"rank {self.rank}: rank {conn.rank} rejected our stream to it "
+                            f"(TLS alert {exc.reason}: altered on the way)", conn.rank, aborted=True)
+        return self._forged(conn, exc)
+
+    def _forged(self, conn: _Conn, exc: ssl.SSLError) -> LinkAuthError:
         self._forget(conn, lost=False)
+        conn.partial = True  # the TLS stream is dead both ways: no in-band abort
         return LinkAuthError(f"rank {self.rank}: a frame on the link from rank {conn.rank} failed "
-                             f"authentication (tampered, replayed or reordered)", conn.rank)
+                             f"authentication (tampered, replayed or reordered: TLS says "
+                             f"{exc.reason or exc})", conn.rank)
 
     def _abort_error(self, peer: int, frames: list[memoryview]) -> PeerLost:
         try:
@@ -835,10 +863,15 @@ class SecureLinks:
                 if conn.partial:
                     raise OSError("stream is mid-record")
                 _, bufs = self._record(conn, T_ABORT, [body])
-                if conn.sock.sendmsg(bufs) != sum(memoryview(b).nbytes for b in bufs):
+                total = sum(memoryview(b).nbytes for b in bufs)
+                if conn.tls:
+                    if conn.sock.send(bufs[0]) != total:
+                        raise OSError("abort did not fit")
+                elif conn.sock.sendmsg(bufs) != total:
                     raise OSError("abort did not fit")
-            except OSError:
+            except (OSError, ssl.SSLError):
                 # It cannot be told in-band: end the connection so it sees us gone at once.
+                conn.partial = True
                 try:
                     conn.sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
@@ -866,6 +899,29 @@ class SecureLinks:
         self._by_fd.clear()
 
 
+def _set_bufs(sock: socket.socket, size: int | None) -> None:
+    if size is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+
+
+def _connect(host: str, port: int, timeout: float, sockbuf: int | None) -> socket.socket:
+    """``socket.create_connection`` with the buffer sizes set before the connection (the receive
+    window is agreed on then; shrinking it later stalls TCP)."""
+    err: OSError | None = None
+    for family, kind, proto, _, addr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+        sock = socket.socket(family, kind, proto)
+        try:
+            _set_bufs(sock, sockbuf)
+            sock.settimeout(timeout)
+            sock.connect(addr)
+            return sock
+        except OSError as exc:
+            sock.close()
+            err = exc
+    raise err or OSError(f"cannot resolve {host}")
+
+
 def _skip(bufs: list[Any], n: int) -> list[memoryview]:
     """The buffers left after ``n`` bytes of them were sent."""
     out = []
@@ -877,6 +933,21 @@ def _skip(bufs: list[Any], n: int) -> list[memoryview]:
         out.append(v[n:])
         n = 0
     return out
+
+
+def _tls_handshake(tls: ssl.SSLSocket, deadline: float, rank: int) -> None:
+    while True:
+        try:
+            tls.do_handshake()
+            return
+        except ssl.SSLWantReadError:
+            _wait_fd(tls, select.POLLIN, deadline, rank)
+        except ssl.SSLWantWriteError:
+            _wait_fd(tls, select.POLLOUT, deadline, rank)
+        except ssl.SSLError:
+            raise
+        except OSError:
+            raise _Retry() from None
 
 
 def _send_small(sock: socket.socket, data: bytes, deadline: float, rank: int) -> None:
@@ -895,9 +966,11 @@ def _recv_small(sock: socket.socket, n: int, deadline: float, rank: int) -> byte
     while len(buf) < n:
         try:
             chunk = sock.recv(n - len(buf))
-        except (BlockingIOError, InterruptedError):
+        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError):
             _wait_fd(sock, select.POLLIN, deadline, rank)
             continue
+        except ssl.SSLError:
+            raise
         except OSError:
             raise _Retry() from None
         if not chunk:

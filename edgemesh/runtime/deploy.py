@@ -190,7 +190,7 @@ class Deployment:
 
         links0 = SecureLinks.bind(tcp_endpoint(self.listen_host, 0), CurveKeys(self.key.curve_public, self.key.curve_secret),
                                   [curve_public_for(k) for k in keys], max_message=max_message_for(
-                                      self.entry.config.hidden_size * self.options.max_seq_len * 4))
+                                      self.entry.config.hidden_size * self.options.max_seq_len * 4), job=job)
         port0 = parse_endpoint(links0.endpoint)[1]
         jstate.endpoints[0] = links0.endpoint
         jstate.rank0_for = {r: tcp_endpoint(ours[r], port0) for r in range(1, world)}

@@ -133,7 +133,8 @@ def run_job(state: StateDir, spec: JobSpec, host: str, advertise: str | None = N
         # The largest message is the prefill's hidden state (fp32): a record header may announce no more.
         links = SecureLinks.bind(tcp_endpoint(host, 0), CurveKeys(key.curve_public, key.curve_secret),
                                  [curve_public_for(k) for k in spec.keys],
-                                 max_message=max_message_for(config.hidden_size * spec.max_seq_len * 4))
+                                 max_message=max_message_for(config.hidden_size * spec.max_seq_len * 4),
+                                 job=spec.job)
         # Bound on the daemon's listen address (0.0.0.0 by default): tell the others where to dial.
         endpoint = tcp_endpoint(advertise or host, parse_endpoint(links.endpoint)[1]) \
             if is_wildcard(host) else links.endpoint

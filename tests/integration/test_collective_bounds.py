@@ -3,8 +3,8 @@
 - 10,000 connections opened to a rank that is forming its group and left open (most silent,
   some with half a hello), while that rank has almost no file descriptors left: it evicts,
   survives EMFILE, the real rank still joins, the group works, memory stays bounded.
-- A record header that announces a huge record (whose tag would only be checked at its end)
-  costs the bytes actually sent, not the bytes announced; and the plan's limit refuses it.
+- A record header forged on the path (inside TLS) is refused by TLS at once, allocating nothing;
+  a member whose header announces more than the plan's limit is refused from the header.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from typing import Any
 import pytest
 import torch
 
-from edgemesh.collective.errors import CollectiveTimeout, LinkProtocolError, PeerLost
+from edgemesh.collective.errors import LinkAuthError, LinkProtocolError, PeerLost
 from edgemesh.collective.members import CurveKeys, Peer
-from edgemesh.collective.tcp_links import HELLO, MAGIC, MODE_SECURE, PREFIX, TAG, SecureLinks, max_message_for
+from edgemesh.collective.tcp_links import HELLO, MAGIC, MODE_SECURE, PREFIX, SecureLinks, max_message_for
 from edgemesh.collective.group import CollectiveGroup, CollectiveOptions
 from edgemesh.transport.endpoint import parse_endpoint
 
@@ -70,7 +70,7 @@ group.close()
 
 
 def _flood(addr: tuple[str, int], n: int, stop: threading.Event, socks: list[socket.socket]) -> None:
-    half_hello = HELLO.pack(MAGIC, MODE_SECURE, 0, 2, 1, 0, os.urandom(32), os.urandom(32))[:40]
+    half_hello = HELLO.pack(MAGIC, MODE_SECURE, 0, 2, 1, 0, os.urandom(32), os.urandom(16))[:40]
     for i in range(n):
         if stop.is_set():
             return
@@ -141,13 +141,12 @@ def test_ten_thousand_idle_connections_and_no_descriptors_left_do_not_stop_the_g
 
 
 def _forged_header(announced: int, sent: int):
-    """Replace rank 1's first record by a header announcing one ``announced``-byte frame,
-    followed by ``sent`` bytes of it; then forward nothing more (a stalled attacker)."""
+    """Replace rank 1's first data record (a TLS record) by our own clear record header
+    announcing one ``announced``-byte frame, then ``sent`` bytes of it (a path attacker)."""
     def mutate(i: int, record: bytes) -> list[bytes]:
         if i != 0:
             return []
-        _body, kind, _n, zero = PREFIX.unpack_from(record)
-        header = PREFIX.pack(announced + TAG, kind, 1, zero) + announced.to_bytes(4, "little")
+        header = PREFIX.pack(announced, 0, 1, 0) + announced.to_bytes(4, "little")
         return [header + os.urandom(sent)]
     return mutate
 
@@ -159,24 +158,27 @@ def _via_proxy(mutate: Any, max_message: int | None) -> tuple[list[CollectiveGro
     links = [SecureLinks.bind(LOCAL, keys[0], publics, **hub_opts), SecureLinks.bind(LOCAL, keys[1], publics)]
     proxy = Proxy(links[0].endpoint, mutate)
     peers_of = [[Peer(1, links[1].endpoint, publics[1])], [Peer(0, proxy.endpoint, publics[0])]]
-    options = CollectiveOptions(timeout=2.0, connect_timeout=5.0)
+    options = CollectiveOptions(timeout=20.0, connect_timeout=5.0)
     groups = in_threads(2, lambda r: CollectiveGroup(links[r], r, 2, peers_of[r], options))
     assert all(isinstance(g, CollectiveGroup) for g in groups), groups
     return groups, proxy
 
 
-def test_a_forged_huge_header_costs_only_the_bytes_sent():
-    announced, sent = 200 * 2**20, 2**20  # within the default 256 MiB limit, so it is read
+def test_a_forged_huge_header_costs_nothing_and_fails_at_once():
+    announced, sent = 200 * 2**20, 2**20  # within the default 256 MiB limit
     groups, proxy = _via_proxy(_forged_header(announced, sent), None)
     try:
         tracemalloc.start()
         try:
+            t0 = time.monotonic()
             res = in_threads(2, lambda r: groups[r].allreduce_sum(torch.full((1000,), 1.0)), timeout=30)
+            elapsed = time.monotonic() - t0
             _, peak = tracemalloc.get_traced_memory()
         finally:
             tracemalloc.stop()
-        assert isinstance(res[0], CollectiveTimeout), res[0]  # the rest never came
-        assert isinstance(res[1], (PeerLost, CollectiveTimeout)), res[1]
+        assert isinstance(res[0], LinkAuthError), res[0]  # not TLS: refused, not read
+        assert isinstance(res[1], PeerLost), res[1]
+        assert elapsed < 10.0, "refused when it arrived, not at the 20 s deadline"
         assert peak < 16 * 2**20, f"{peak / 2**20:.0f} MiB allocated for a header announcing 200 MiB"
     finally:
         for g in groups:
@@ -184,16 +186,31 @@ def test_a_forged_huge_header_costs_only_the_bytes_sent():
         proxy.close()
 
 
-def test_the_plan_limit_refuses_a_forged_header_at_once():
+def test_the_plan_limit_refuses_a_members_huge_header_at_once():
+    """A member (past TLS) whose record header announces more than the plan allows: refused
+    from the header, before anything is allocated or read for it."""
     limit = max_message_for(576 * 2048 * 4)  # SmolLM2's prefill hidden state at 2048 tokens
     assert 4 * 2**20 < limit < 8 * 2**20
-    groups, proxy = _via_proxy(_forged_header(64 * 2**20, 0), limit)
+    keys = [CurveKeys.generate() for _ in range(2)]
+    publics = [k.public for k in keys]
+    links = [SecureLinks.bind(LOCAL, keys[0], publics, max_message=limit), SecureLinks.bind(LOCAL, keys[1], publics)]
+    peers = [Peer(r, links[r].endpoint, publics[r]) for r in range(2)]
+    groups = in_threads(2, lambda r: CollectiveGroup(links[r], r, 2, peers, CollectiveOptions(timeout=20.0)))
+    assert all(isinstance(g, CollectiveGroup) for g in groups), groups
     try:
-        t0 = time.monotonic()
-        res = in_threads(2, lambda r: groups[r].allreduce_sum(torch.full((1000,), 1.0)), timeout=30)
+        announced = 64 * 2**20
+        # Rank 1 writes a bare header into its TLS stream, as a compromised member could.
+        links[1]._conns[0].sock.send(PREFIX.pack(announced, 0, 1, 0) + announced.to_bytes(4, "little"))
+        tracemalloc.start()
+        try:
+            t0 = time.monotonic()
+            res = in_threads(1, lambda r: groups[0].allreduce_sum(torch.full((1000,), 1.0)), timeout=30)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
         assert isinstance(res[0], LinkProtocolError) and "limit" in str(res[0]), res[0]
-        assert time.monotonic() - t0 < 1.5, "refused from the header, not at the deadline"
+        assert time.monotonic() - t0 < 10.0, "refused from the header, not at the deadline"
+        assert peak < 4 * 2**20, f"{peak / 2**20:.0f} MiB allocated"
     finally:
         for g in groups:
             g.close()
-        proxy.close()

@@ -38,7 +38,9 @@ def bed(tmp_path_factory):
         for dev in DEVICES[1:]:
             nb.wait_quiet()  # as `bench join`: one join at a time, on a settled cluster
             t0 = nb.join(dev)
-            nb.rows += pair_rows(nb.wait_connected(list(nb.started)), dev, t0)
+            # an event wait: generous, since hole punching on a host busy with other work took
+            # more than the 20 s default for one pair (CI at load 12)
+            nb.rows += pair_rows(nb.wait_connected(list(nb.started), timeout=120), dev, t0)
         yield nb
     finally:
         nb.close()
@@ -46,7 +48,7 @@ def bed(tmp_path_factory):
 
 def _paths(bed):
     """Path per pair, once every pair has one (a path being replaced, relay -> punch, is briefly absent)."""
-    st = bed.wait_connected(DEVICES, settle=0.0)
+    st = bed.wait_connected(DEVICES, timeout=120, settle=0.0)
     return {a: {b: link.get("path") for b, link in NatBed.links_by_name(s).items()} for a, s in st.items()}
 
 
