@@ -17,12 +17,12 @@ vocab_range``; the ranges tile ``0..V`` in rank order). Each rank reduces its sl
     ``r``'s pre-drawn token, which is ``j`` with probability ``exp(z_j − lse_r)``: the product
     is ``exp(z_j − lse)``. No second round trip.
   * top-k: the kept set is every token ``≥`` the k-th largest logit. The union of the ranks'
-    top ``K ≥ k`` holds the k largest; it holds every token of the kept set unless a rank that
-    sent fewer than all its rows has its smallest sent logit equal to the threshold (unsent
-    ties), which is checked.
+    top ``K ≥ k`` holds the k largest; it holds every token of the kept set unless an unsent
+    logit equals the threshold (ties): each rank also sends its largest unsent logit, and the
+    largest of those, ``m``, is checked against the threshold.
   * top-p: tokens in descending order are kept while the mass before them is below ``top_p``.
-    Every token above ``m`` (the largest "smallest sent logit" of the ranks with unsent rows)
-    is a candidate, so if the first dropped token lies above ``m`` the nucleus is known.
+    Every token above ``m`` is a candidate, so if the first dropped token lies above ``m``
+    the nucleus is known.
   * when a case is not decided by the candidates (a flat distribution with top-p near 1,
     unsent ties) ``decide`` returns ``None`` and the caller gathers the whole logits and runs
     ``Sampler`` on them (the full-logits path): exact in every case, just slower.
@@ -33,7 +33,8 @@ vocab_range``; the ranges tile ``0..V`` in rank order). Each rank reduces its sl
   puts first decides which one ``Sampler`` keeps.
 
 Summaries are 1-D float64 tensors (fp32 logits and indices below 2**53 are exact in it):
-``[start, stop, kind, …]``; the master checks that the ranges tile the vocabulary. A rank
+``[start, stop, kind, …]`` (greedy: ``max, index``; sampling: ``lse, pre-drawn index, K,
+largest unsent logit, K values, K indices``); the master checks that the ranges tile the vocabulary. A rank
 may hold no rows (a group built with the whole head on the master): it sends an empty summary.
 """
 
@@ -100,7 +101,7 @@ def summarize(logits: torch.Tensor, start: int, choice: Choice) -> torch.Tensor:
     """This rank's summary of its slice ``logits`` [n] (global rows ``start..start+n``)."""
     n = logits.shape[-1]
     if n == 0:  # a rank without head rows (the whole head on the master)
-        tail = [-math.inf, -1.0] + ([] if choice.greedy else [0.0])
+        tail = [-math.inf, -1.0] + ([] if choice.greedy else [0.0, -math.inf])
         return torch.tensor([start, start, GREEDY if choice.greedy else SAMPLE, *tail], dtype=torch.float64)
     z = logits.to(torch.float32)
     if choice.greedy:
@@ -108,14 +109,23 @@ def summarize(logits: torch.Tensor, start: int, choice: Choice) -> torch.Tensor:
         return torch.tensor([start, start + n, GREEDY, float(z[i]), start + i], dtype=torch.float64)
     z = z / choice.temperature  # the same fp32 op as Sampler.probs: the same values
     k = min(n, max(choice.top_k, CANDIDATES))
-    vals, idx = torch.topk(z, k)  # descending
-    lse = torch.logsumexp(z.to(torch.float64), 0)
-    cdf = torch.exp(z.to(torch.float64) - lse).cumsum(0)
-    pick = min(int(torch.searchsorted(cdf, choice.u * float(cdf[-1]), right=True)), n - 1)
-    while pick > 0 and z[pick] == float("-inf"):  # never a token of probability 0 (rounding at the end)
-        pick -= 1
-    head = torch.tensor([start, start + n, SAMPLE, float(lse), start + pick, k], dtype=torch.float64)
-    return torch.cat([head, vals.to(torch.float64), (idx + start).to(torch.float64)])
+    vals, idx = torch.topk(z, min(n, k + 1))  # descending; one more: the largest logit not sent
+    # The largest unsent logit (-inf if all were sent) tells the master whether an unsent token
+    # could reach a top-k threshold or a top-p boundary.
+    nxt = float(vals[k]) if k < n else -math.inf
+    top = float(vals[0])
+    if top == -math.inf:  # nothing possible in this slice (cannot happen with finite logits)
+        lse, pick = -math.inf, 0
+    else:
+        e = torch.exp(z.to(torch.float64) - top)  # one pass: the slice's mass and its inverse CDF
+        cdf = e.cumsum(0)
+        total = float(cdf[-1])
+        lse = top + math.log(total)
+        pick = min(int(torch.searchsorted(cdf, choice.u * total, right=True)), n - 1)
+        while pick > 0 and e[pick] == 0:  # never a token of probability 0 (rounding at the end)
+            pick -= 1
+    head = torch.tensor([start, start + n, SAMPLE, lse, start + pick, k, nxt], dtype=torch.float64)
+    return torch.cat([head, vals[:k].to(torch.float64), (idx[:k] + start).to(torch.float64)])
 
 
 def decide(parts: list[torch.Tensor], choice: Choice, sampler: Sampler, vocab_size: int) -> int | None:
@@ -144,16 +154,14 @@ def decide(parts: list[torch.Tensor], choice: Choice, sampler: Sampler, vocab_si
         while w[r] == 0 and r > 0:
             r -= 1
         return int(parts[r][4])
-    vals, idx, floor = [], [], -math.inf  # floor: nothing unsent lies above it
+    vals, idx, floor = [], [], -math.inf  # floor: the largest logit no rank sent
     for s, size in zip(parts, sizes):
         k = int(s[5])
-        if k < min(size, 1) or k > size or s.numel() != 6 + 2 * k:
+        if k < min(size, 1) or k > size or s.numel() != 7 + 2 * k:
             raise ChoiceError("a rank sent a malformed candidate list")
-        v = s[6:6 + k]
-        vals.append(v)
-        idx.append(s[6 + k:])
-        if k < size:
-            floor = max(floor, float(v[-1]))
+        vals.append(s[7:7 + k])
+        idx.append(s[7 + k:])
+        floor = max(floor, float(s[6]))
     v = torch.cat(vals)
     i = torch.cat(idx)
     order = torch.argsort(v, descending=True, stable=True)
@@ -162,7 +170,7 @@ def decide(parts: list[torch.Tensor], choice: Choice, sampler: Sampler, vocab_si
     if choice.top_k:
         if choice.top_k < vocab_size:
             kth = float(v[choice.top_k - 1])
-            if floor >= kth:  # a rank may hold unsent logits equal to the threshold
+            if floor >= kth:  # an unsent logit equals the threshold: it would be kept too
                 return None
             keep = int((v >= kth).sum())
         log_z = torch.logsumexp(v[:keep], 0)  # the kept set is all known
