@@ -157,7 +157,7 @@ def _member(cfg: dict[str, Any]) -> dict[str, Any]:
     sizes = [files[b].stat().st_size for b in order]
     predicted = predict_participant(config, specs, rank, dtype_bytes=int(cfg["dtype_bytes"]), window=window,
                                     context_len=int(cfg["max_seq_len"]), tokens=int(cfg["prompt_tokens"]),
-                                    baseline_bytes=baseline, block_sizes=sizes)
+                                    baseline_bytes=baseline, block_sizes=sizes, world_size=world)
     timer = _GapTimer(provider)
     model = Participant(config, specs, timer, group, max_seq_len=int(cfg["max_seq_len"]),
                         vocab=vocab_range(config, specs, rank, world))
@@ -471,10 +471,10 @@ def bench(store_root: Path, opts: BenchOptions, progress: Callable[[str], None] 
     base = max(mem.get("baseline_mb") or [300.0]) * MB
     need_all = max(predict_participant(config, rank_specs[r], r, dtype_bytes=entry.param_bytes, window=0,
                                        context_len=opts.prompt_tokens + opts.tokens + 8, tokens=opts.prompt_tokens,
-                                       baseline_bytes=int(base)).total for r in range(w))
+                                       baseline_bytes=int(base), world_size=w).total for r in range(w))
     need_w2 = max(predict_participant(config, rank_specs[r], r, dtype_bytes=entry.param_bytes, window=2,
                                       context_len=opts.prompt_tokens + opts.tokens + 8, tokens=opts.prompt_tokens,
-                                      baseline_bytes=int(base)).total for r in range(w))
+                                      baseline_bytes=int(base), world_size=w).total for r in range(w))
     budget = opts.budget_bytes or int(((need_w2 * 1.15) // (16 * MiB) + 1) * 16 * MiB)
     devices = [Device(f"m{r}", 50.0, budget * 4, 10.0, disk_probe or 0.0) for r in range(w)]
     budget_info: dict[str, Any] = {"budget_mb": round(budget / MB, 1), "budget_bytes": budget, "all_in_memory_needs_mb": round(need_all / MB, 1),

@@ -320,3 +320,42 @@ def test_thread_and_local_gather() -> None:
         t.join()
     assert out[0] is None and out[2] is None
     assert [p.tolist() for p in out[1]] == [[0.0], [1.0, 1.0], [2.0, 2.0, 2.0]]
+
+
+# ---- planning: every rank's head rows are counted --------------------------------------------
+
+@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("tied", [False, True])
+def test_planned_head_bytes_are_the_slices_bytes(tied: bool, int8: bool) -> None:
+    from edgemesh.placement.memory import participant_blocks
+
+    config = _config(tie_word_embeddings=tied)
+    blocks = _blocks(config)
+    if int8:
+        blocks = {b: quantize_block(t, "int8") for b, t in blocks.items()}
+    specs = [split_layer(config, g, f) for g, f in SPLITS["w3-uneven"]]
+    for r in range(3):
+        mine = [layer[r] for layer in specs]
+        planned = participant_blocks(config, mine, r, 1 if int8 else 4, 3)
+        real = _head_blocks(config, blocks, mine, r, 3)
+        names = [n for n, _ in planned]
+        assert "output" in names and ("input" in names) == (r == 0)
+        for name, nbytes in planned:
+            if name in ("input", "output"):
+                assert nbytes == sum(t.numel() * t.element_size() for t in real[name].values()), (r, name)
+
+
+def test_the_plan_gives_every_rank_head_rows_and_counts_them() -> None:
+    from edgemesh.placement.devices import Device
+    from edgemesh.placement.plan import Sizes, plan
+
+    config = ModelConfig(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
+                         num_hidden_layers=30, vocab_size=49152, tie_word_embeddings=True)
+    p = plan(config, [Device("a", 60, 4 << 30), Device("b", 30, 4 << 30), Device("c", 30, 4 << 30)], context_len=256)
+    sz = Sizes.of(config, 256, 4)
+    rows = [b - a for a, b in (vocab_range(config, p.specs_for(k), k, 3) for k in range(3))]
+    assert sum(rows) == config.vocab_size and rows[0] > rows[1] > 0  # the faster master holds more
+    for k, d in enumerate(p.devices):
+        decoder = (d.kv_groups * sz.group_bytes + d.mlp_rows * sz.row_bytes
+                   + config.num_hidden_layers * sz.layer_fixed_bytes)
+        assert d.weight_bytes == decoder + rows[k] * 576 * 4 + (sz.master_bytes if k == 0 else 0)
