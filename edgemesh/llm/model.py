@@ -6,11 +6,13 @@ output. ``Participant`` adds the distribution: it sums the partials with the inj
 ``Collective``, keeps the KV cache of its own heads, and applies the final norm and *its
 vocabulary rows* of the LM head (``weights.shard.vocab_range``: every rank holds a share of
 the head, sized like its MLP share). The master (rank 0) also keeps the whole embedding and
-does the token lookup for the group: on SmolLM2 the other choice, a split lookup, would cost
-one more allreduce of [B, T, H] per step (a star allreduce of 576 floats: ~0.2 ms on loopback,
-more between machines) to save the master the embedding rows it does not head (75 MB fp32 of
-113 MB at 3 ranks); we keep the lookup on the master because the step time is what the split
-is for, and a memory-short master can stream ``input`` through the window instead.
+does the token lookup for the group. The other choice, a split lookup, would cost one more
+allreduce of [B, T, H] per step to save the master the embedding rows it does not head (SmolLM2
+at 3 even ranks: 75 MB of 113 MB fp32, 19 MB int8). Measured (README, "The LM head split by
+vocabulary"): a star allreduce of 576 floats takes 0.43–0.56 ms on this busy 2-core host and
+3.4 ms on lan-4, while the head split already brought the master's compute per token down to
+the workers' (93 → 62 ms against 63–67): the lookup is ~0.1 ms of work, so splitting it would
+only add latency. A memory-short master streams ``input`` through the weight window instead.
 With a ``LocalCollective`` and full slices it is the ordinary single-device model. Weight
 matrices may be fp32 or int8 with per-row scales; ``qlinear`` picks the kernel.
 
