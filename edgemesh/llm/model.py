@@ -11,8 +11,9 @@ allreduce of [B, T, H] per step to save the master the embedding rows it does no
 at 3 even ranks: 75 MB of 113 MB fp32, 19 MB int8). Measured (README, "The LM head split by
 vocabulary"): a star allreduce of 576 floats took 0.35–0.85 ms on this busy 2-core host and
 3.4 ms on lan-4, while the head split already brought the master's compute per token down to
-the workers' (fp32: 90–93 → 62 ms against 56–67): the lookup of one token takes ~10 µs (measured), so splitting it would
-only add latency. A memory-short master streams ``input`` through the weight window instead.
+the workers' (fp32: 90–93 → 62 ms against 56–67) and the lookup of one token takes ~10 µs
+(measured): splitting it would only add latency. A memory-short master streams ``input``
+through the weight window instead.
 With a ``LocalCollective`` and full slices it is the ordinary single-device model. Weight
 matrices may be fp32 or int8 with per-row scales; ``qlinear`` picks the kernel.
 
