@@ -3,7 +3,8 @@ analytic bound, plus bytes on the wire per token against the theory — in one r
 
 Bound (issue 6): compute of the slowest slice + 2·L·(measured star allreduce latency).
 The slowest slice is measured in the live deployment: every rank runs decode steps of its own
-slices at the same time but without communication (the master's include embedding and head),
+slices at the same time but without communication (every rank's include the final norm and its
+vocabulary rows of the head, the master's also the embedding),
 so ranks that share a machine also share its cores and memory bandwidth, as when serving; on
 separate machines this is the same as each slice alone. The star latency is measured through
 the live group with hidden-size messages. For reference the master's and the largest worker
@@ -28,6 +29,8 @@ from edgemesh.placement.plan import Plan
 from edgemesh.config import LaunchOptions
 from edgemesh.runtime.deploy import Deployment, probe_allreduce
 from edgemesh.llm.measure import solo_compute_ms
+from edgemesh.llm.sampling import Sampler, SamplingParams
+from edgemesh.weights.shard import vocab_range
 from edgemesh.weights.provider import InMemoryProvider
 from edgemesh.weights.store import ModelEntry
 
@@ -46,6 +49,7 @@ class RunResult:
     compute_per_rank_ms: list[float] | None = None
     alone_ms: float | None = None  # slowest of master / largest worker slice, each alone
     master_collective_ms: float | None = None  # per token, inside collectives (incl. waiting)
+    prefill_ms: float | None = None  # TTFT of a PREFILL_TOKENS prompt
 
 
 class _TimedCollective:
@@ -59,7 +63,7 @@ class _TimedCollective:
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self._inner, name)
-        if name not in ("allreduce_sum", "broadcast", "broadcast_meta"):
+        if name not in ("allreduce_sum", "broadcast", "broadcast_meta", "gather"):
             return attr
 
         def timed(*args: Any, **kwargs: Any) -> Any:
@@ -72,25 +76,30 @@ class _TimedCollective:
         return timed
 
 
+PREFILL_TOKENS = 256
+
+
 def _decode(model: Participant, prompt: list[int], tokens: int,
             inside: list[float] | None = None) -> tuple[float, list[float], int]:
     """TTFT, each decode step's seconds and the wire bytes of the decode; ``inside`` (with the
-    model's collective a ``_TimedCollective``) gets each step's seconds inside collectives."""
+    model's collective a ``_TimedCollective``) gets each step's seconds inside collectives.
+    Greedy, through ``forward_choose``: the serving path (a distributed argmax, no logits)."""
+    greedy = Sampler(SamplingParams())
     with torch.inference_mode():
         t0 = time.perf_counter()
-        logits = model.forward(torch.tensor([prompt]), 0, last_only=True)
+        tok = model.forward_choose(torch.tensor([prompt]), 0, greedy)
         ttft = time.perf_counter() - t0
-        tok, pos = int(logits[0, -1].argmax()), len(prompt)
+        pos = len(prompt)
         wire = getattr(model.collective, "wire_bytes", (0, 0))
         steps = []
         for _ in range(tokens):
             t = time.perf_counter()
             before = model.collective.seconds if inside is not None else 0.0  # type: ignore[attr-defined]
-            logits = model.forward(torch.tensor([[tok]]), pos)
+            tok = model.forward_choose(torch.tensor([[tok]]), pos, greedy)
             steps.append(time.perf_counter() - t)
             if inside is not None:
                 inside.append(model.collective.seconds - before)  # type: ignore[attr-defined]
-            tok, pos = int(logits[0, -1].argmax()), pos + 1
+            pos += 1
         after = getattr(model.collective, "wire_bytes", (0, 0))
     return ttft, steps, sum(after) - sum(wire)
 
@@ -100,8 +109,9 @@ def _slice_ms(entry: ModelEntry, plan: Plan, rank: int, prompt: list[int], token
     if threads:
         torch.set_num_threads(threads)  # as the rank ran it (the pool thread's own setting)
     specs = plan.specs_for(rank)
-    blocks = {b: entry.load_slice(ref) for b, ref in rank_files(entry, specs, rank).items()}
-    p = Participant(entry.config, specs, InMemoryProvider(blocks), LocalCollective(), max_seq_len=max_seq_len)
+    blocks = {b: entry.load_slice(ref) for b, ref in rank_files(entry, specs, rank, plan.world_size).items()}
+    p = Participant(entry.config, specs, InMemoryProvider(blocks), LocalCollective(), max_seq_len=max_seq_len,
+                    vocab=vocab_range(entry.config, specs, rank, plan.world_size))
     h = entry.config.hidden_size
     steps = []
     with torch.inference_mode():
@@ -115,7 +125,7 @@ def _slice_ms(entry: ModelEntry, plan: Plan, rank: int, prompt: list[int], token
             p.run_layers(torch.zeros(1, len(prompt), h), 0)
             for i in range(tokens):
                 t = time.perf_counter()
-                p.run_layers(torch.zeros(1, 1, h), len(prompt) + i)
+                p.head(p.run_layers(torch.zeros(1, 1, h), len(prompt) + i))
                 steps.append(time.perf_counter() - t)
     return statistics.median(steps) * 1000
 
@@ -141,6 +151,9 @@ async def run_once(state: StateDir, entry: ModelEntry, nodes: int, prompt: list[
             med = statistics.median(steps)
             res = RunResult(nodes=dep.plan.world_size, ttft_ms=ttft * 1000, ms_per_token=med * 1000,
                             mean_ms_per_token=statistics.fmean(steps) * 1000, tokens_per_s=1 / med)
+            if PREFILL_TOKENS + 1 <= max_seq_len:  # TTFT of a long prompt: the prefill's throughput
+                long_prompt = [(prompt[i % len(prompt)] + i) % dep.entry.config.vocab_size for i in range(PREFILL_TOKENS)]
+                res.prefill_ms = min(_decode(model, long_prompt, 0)[0] for _ in range(2)) * 1000
             if dep.plan.world_size > 1:
                 res.bytes_per_token = nbytes / tokens
                 # Where the master's time goes, in a separate run (the wrapper costs a little).
@@ -187,9 +200,13 @@ async def bench(state: StateDir, entry: ModelEntry, nodes: int, prompt: list[int
     multi, plan = await run_once(state, entry, nodes, prompt, tokens, max_seq_len, progress, with_bound=True)
     c = entry.config
     w, h, layers = multi.nodes, c.hidden_size, c.num_hidden_layers
-    # Per decode token the hub sends the hidden state to W-1 workers once, and in each of the
-    # 2L star allreduces receives W-1 partial sums and sends W-1 results (fp32).
-    theory = (w - 1) * h * 4 * (1 + 4 * layers) if w > 1 else 0
+    # Per decode token the hub sends the hidden state to W-1 workers once, in each of the 2L
+    # star allreduces receives W-1 partial sums and sends W-1 results (fp32), and receives W-1
+    # greedy choice summaries (5 float64: range, max, index) in the closing gather.
+    theory = (w - 1) * (h * 4 * (1 + 4 * layers) + 5 * 8) if w > 1 else 0
+    # The head is split by vocabulary, so every rank's measured slice includes its head rows.
+    # As the hidden state's broadcast, the choice's closing gather (one hop of 40 bytes per
+    # worker) is left out: the bound counts the 2L round trips.
     bound = None
     if multi.compute_ms is not None and multi.star_us is not None:
         bound = multi.compute_ms + 2 * layers * multi.star_us / 1000
@@ -199,6 +216,10 @@ async def bench(state: StateDir, entry: ModelEntry, nodes: int, prompt: list[int
         "bound_ms_per_token": None if bound is None else round(bound, 2),
         "single_ms_per_token": round(single.ms_per_token, 2),
         "ttft_ms": round(multi.ttft_ms, 1), "single_ttft_ms": round(single.ttft_ms, 1),
+        "prefill_ms": None if multi.prefill_ms is None else round(multi.prefill_ms, 1),
+        "single_prefill_ms": None if single.prefill_ms is None else round(single.prefill_ms, 1),
+        "prefill_tokens": PREFILL_TOKENS,
+        "ms_per_token_by_rank": multi.compute_per_rank_ms,
         "tokens_per_s": round(multi.tokens_per_s, 2), "single_tokens_per_s": round(single.tokens_per_s, 2),
         "bytes_per_token": None if multi.bytes_per_token is None else round(multi.bytes_per_token),
         "bytes_per_token_theory": theory,

@@ -132,7 +132,7 @@ def _member(cfg: dict[str, Any]) -> dict[str, Any]:
     from edgemesh.placement.memory import predict_participant
     from edgemesh.weights.config import ModelConfig
     from edgemesh.weights.provider import InMemoryProvider
-    from edgemesh.weights.shard import ShardSpec
+    from edgemesh.weights.shard import ShardSpec, vocab_range
     from edgemesh.weights.window import WindowedProvider, execution_order, read_safetensors
 
     torch.set_num_threads(int(cfg["threads"]))
@@ -148,7 +148,7 @@ def _member(cfg: dict[str, Any]) -> dict[str, Any]:
         eps = json.loads(sys.stdin.readline())["endpoints"]
         group = CollectiveGroup(links, rank, world, [Peer(r, e) for r, e in enumerate(eps) if r != rank],
                               CollectiveOptions(timeout=300, connect_timeout=60))
-    order = execution_order(config, rank)
+    order = execution_order(config, rank, "output" in files)
     baseline = rss()
     if window:
         provider: Any = WindowedProvider(files, order, window, drop_cache=bool(cfg["drop_cache"]), name=str(rank))
@@ -157,9 +157,10 @@ def _member(cfg: dict[str, Any]) -> dict[str, Any]:
     sizes = [files[b].stat().st_size for b in order]
     predicted = predict_participant(config, specs, rank, dtype_bytes=int(cfg["dtype_bytes"]), window=window,
                                     context_len=int(cfg["max_seq_len"]), tokens=int(cfg["prompt_tokens"]),
-                                    baseline_bytes=baseline, block_sizes=sizes)
+                                    baseline_bytes=baseline, block_sizes=sizes, world_size=world)
     timer = _GapTimer(provider)
-    model = Participant(config, specs, timer, group, max_seq_len=int(cfg["max_seq_len"]))
+    model = Participant(config, specs, timer, group, max_seq_len=int(cfg["max_seq_len"]),
+                        vocab=vocab_range(config, specs, rank, world))
     out: dict[str, Any] = {"rank": rank}
     try:
         with torch.inference_mode():
@@ -434,7 +435,7 @@ def bench(store_root: Path, opts: BenchOptions, progress: Callable[[str], None] 
         layer_specs = [split_layer(config, [k - k // 2, k // 2], [f - f // 2, f // 2])] * config.num_hidden_layers
     rank_specs = [[layer[r] for layer in layer_specs] for r in range(w)]
     progress("slicing weights")
-    refs = [rank_files(entry, rank_specs[r], r) for r in range(w)]
+    refs = [rank_files(entry, rank_specs[r], r, w) for r in range(w)]
     paths = [{b: entry.root / ref.name for b, ref in refs[r].items()} for r in range(w)]
     disk_probe = measure_disk_read_mbps(str(entry.root))
     result: dict[str, Any] = {
@@ -470,10 +471,10 @@ def bench(store_root: Path, opts: BenchOptions, progress: Callable[[str], None] 
     base = max(mem.get("baseline_mb") or [300.0]) * MB
     need_all = max(predict_participant(config, rank_specs[r], r, dtype_bytes=entry.param_bytes, window=0,
                                        context_len=opts.prompt_tokens + opts.tokens + 8, tokens=opts.prompt_tokens,
-                                       baseline_bytes=int(base)).total for r in range(w))
+                                       baseline_bytes=int(base), world_size=w).total for r in range(w))
     need_w2 = max(predict_participant(config, rank_specs[r], r, dtype_bytes=entry.param_bytes, window=2,
                                       context_len=opts.prompt_tokens + opts.tokens + 8, tokens=opts.prompt_tokens,
-                                      baseline_bytes=int(base)).total for r in range(w))
+                                      baseline_bytes=int(base), world_size=w).total for r in range(w))
     budget = opts.budget_bytes or int(((need_w2 * 1.15) // (16 * MiB) + 1) * 16 * MiB)
     devices = [Device(f"m{r}", 50.0, budget * 4, 10.0, disk_probe or 0.0) for r in range(w)]
     budget_info: dict[str, Any] = {"budget_mb": round(budget / MB, 1), "budget_bytes": budget, "all_in_memory_needs_mb": round(need_all / MB, 1),
@@ -496,7 +497,7 @@ def bench(store_root: Path, opts: BenchOptions, progress: Callable[[str], None] 
                     budget_info["cgroup"] = f"not enforced: {exc}"
             # The planner's split (a capped master may get less of the decoder): what a launch runs.
             bspecs = [bplan.specs_for(r) for r in range(bplan.world_size)]
-            bpaths = [{b: entry.root / ref.name for b, ref in rank_files(entry, bspecs[r], r).items()}
+            bpaths = [{b: entry.root / ref.name for b, ref in rank_files(entry, bspecs[r], r, bplan.world_size).items()}
                       for r in range(bplan.world_size)]
             budget_info["planned_peak_mb"] = [round(d.mem_bytes / MB, 1) for d in bplan.devices]
             budget_info["planned_mlp_rows"] = [d.mlp_rows for d in bplan.devices]

@@ -62,6 +62,9 @@ def bench_generate(
               f"{r['star_allreduce_us']} µs; ms/token / bound = {r['ms_per_token'] / bound:.2f} (target ≤ 1.25); "
               f"bytes / theory = {r['bytes_per_token'] / max(r['bytes_per_token_theory'], 1):.3f} (target ≤ 1.05); "
               f"planner predicted {r['predicted_ms_per_token']} ms/token")
+    if r.get("prefill_ms") is not None:
+        err.print(f"prefill of a {r['prefill_tokens']}-token prompt (TTFT): {r['prefill_ms']} ms on {r['nodes']} devices, "
+                  f"{r['single_prefill_ms']} ms on 1; compute per token by rank (ms): {r['ms_per_token_by_rank']}")
     inside = r.get("master_in_collectives_ms_per_token")
     if inside is not None:
         err.print(f"the master spent {inside} ms/token inside collectives (transport + waiting for the slowest "

@@ -1,7 +1,7 @@
 """The collective interface that model code calls.
 
 Model code (edgemesh.llm and every other model package) never touches sockets: it receives a ``Collective`` and
-calls ``allreduce_sum`` / ``broadcast``. A single-device ``LocalCollective`` turns the same
+calls ``allreduce_sum`` / ``broadcast`` / ``gather``. A single-device ``LocalCollective`` turns the same
 code into a plain model; in-process and zmq implementations make it distributed.
 """
 
@@ -31,6 +31,11 @@ class Collective(Protocol):
         """Like ``broadcast`` for a small msgpack-able control dict (commands, positions)."""
         ...
 
+    def gather(self, tensor: torch.Tensor, root: int = 0) -> list[torch.Tensor] | None:
+        """Every rank passes a tensor (sizes may differ by rank); the root returns them in rank
+        order, the others None. For small per-rank results, e.g. each rank's choice of token."""
+        ...
+
     def close(self) -> None:
         ...
 
@@ -53,6 +58,9 @@ class LocalCollective:
         if meta is None:
             raise ValueError("the root of a broadcast must pass a dict")
         return meta
+
+    def gather(self, tensor: torch.Tensor, root: int = 0) -> list[torch.Tensor] | None:
+        return [tensor]
 
     def close(self) -> None:
         pass

@@ -35,7 +35,7 @@ from edgemesh.collective.costmodel import LOOPBACK_CURVE, Algorithm, Choice, Lin
 from edgemesh.collective.errors import CollectiveError, PeerLost
 from edgemesh.collective.op import Op
 from edgemesh.collective.ring import ring_allreduce
-from edgemesh.collective.star import HUB, star_allreduce, star_broadcast, star_broadcast_meta
+from edgemesh.collective.star import HUB, star_allreduce, star_broadcast, star_broadcast_meta, star_gather
 from edgemesh.collective.members import CurveKeys, Links, Peer
 from edgemesh.collective.tcp_links import SecureLinks
 
@@ -157,6 +157,17 @@ class CollectiveGroup:
             return dict(meta)
         try:
             return star_broadcast_meta(op, meta, root)
+        except BaseException as exc:
+            self._fail(exc)
+            raise
+
+    def gather(self, tensor: torch.Tensor, root: int = 0) -> list[torch.Tensor] | None:
+        self._check_root(root)
+        op = self._begin()
+        if self.world_size == 1:
+            return [tensor]
+        try:
+            return star_gather(op, tensor, root)
         except BaseException as exc:
             self._fail(exc)
             raise

@@ -57,6 +57,11 @@ class ThreadCollective:
         value = self._exchange(dict(meta) if self.rank == root and meta is not None else None)[root]
         return dict(value)
 
+    def gather(self, tensor: torch.Tensor, root: int = 0) -> list[torch.Tensor] | None:
+        parts = self._exchange(tensor)
+        # Copies: the root must not see a rank's later in-place writes.
+        return [p if r == root else p.clone() for r, p in enumerate(parts)] if self.rank == root else None
+
     def close(self) -> None:
         # Wakes any rank still waiting so it fails instead of hanging.
         self._room.barrier.abort()

@@ -23,6 +23,7 @@ REDUCE = "coll.reduce"  # a part travelling to whoever sums it
 RESULT = "coll.result"  # a summed part travelling back
 BCAST = "coll.bcast"
 META = "coll.meta"
+GATHER = "coll.gather"  # one rank's part travelling to the root of a gather
 
 
 class Op:

@@ -6,7 +6,8 @@ run and equal the plain left-to-right sum — and sends the sum back: 2(W−1) m
 ``chunks > 1`` (chunked star) the hub returns chunk i while chunk i+1 is still arriving, so
 the two directions of the hub's link work at the same time for large messages.
 
-Broadcast: the root sends its tensor (or msgpack dict) to every other rank.
+Broadcast: the root sends its tensor (or msgpack dict) to every other rank. Gather: every
+other rank sends its tensor to the root, which takes them in rank order.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 
 from edgemesh.collective.compress import add_into, decode, encode, round_trip
-from edgemesh.collective.op import BCAST, META, REDUCE, RESULT, Op, private
+from edgemesh.collective.op import BCAST, GATHER, META, REDUCE, RESULT, Op, private
 from edgemesh.errors import ProtocolError
 from edgemesh.wire.tensor import TensorSpec, array_to_frame, frame_to_array
 
@@ -120,3 +121,23 @@ def star_broadcast_meta(op: Op, meta: dict[str, Any] | None, root: int) -> dict[
     if not isinstance(env.body, dict):
         raise ProtocolError(f"broadcast_meta from rank {root} carried {type(env.body).__name__}, not a dict")
     return env.body
+
+
+def star_gather(op: Op, tensor: torch.Tensor, root: int) -> list[torch.Tensor] | None:
+    """Root: every rank's tensor in rank order (its own as given). Others: send, return None."""
+    links = op.links
+    if links.rank != root:
+        spec, buf = _tensor_frame(tensor)
+        buf = private(np.frombuffer(buf, dtype=np.uint8), links) if spec.nbytes else buf
+        op.send(root, GATHER, [(spec, buf)])
+        return None
+    parts: list[torch.Tensor] = []
+    for peer in range(links.world_size):
+        if peer == root:
+            parts.append(tensor)
+            continue
+        env, views, _ = op.recv(peer, GATHER)
+        if len(env.tensors) != 1:
+            raise ProtocolError(f"a gather part is one tensor, rank {peer} sent {len(env.tensors)}")
+        parts.append(_frame_tensor(env.tensors[0], views[0]))
+    return parts

@@ -1,7 +1,9 @@
 """A worker rank's loop: do what the master broadcasts until it says stop.
 
 The master (rank 0) drives the group through ``broadcast_meta``: ``forward`` (run my slices of
-every layer on the hidden state broadcast next), ``noop`` (keep-alive while idle), ``probe`` and
+every layer on the hidden state broadcast next, then my head rows, ending with one gather of
+either my logits or my summary for the token choice), ``logits`` (send the last step's logits
+slice: a sampled choice the summaries did not decide), ``noop`` (keep-alive while idle), ``probe`` and
 ``solo`` (measurements for `bench generate`), ``stop``. The same loop serves a worker process
 (``runtime.worker_main``) and a thread of an in-process group (``llm.threaded``).
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from edgemesh.errors import EdgemeshError
+from edgemesh.llm.choice import Choice
 from edgemesh.llm.measure import follow_solo
 from edgemesh.llm.model import Participant
 
@@ -41,6 +44,9 @@ def follow_one(model: Participant) -> bool:
         for _ in range(n):
             group.allreduce_sum(probe)
         return True
+    if op == "logits":  # the last choice was not decided by the candidates: send my slice
+        model.send_last_logits()
+        return True
     if op == "solo":  # my compute alone, all ranks at once
         follow_solo(model, meta)
         return True
@@ -49,5 +55,15 @@ def follow_one(model: Participant) -> bool:
     start_pos = meta.get("start_pos")
     if not isinstance(start_pos, int) or start_pos < 0:
         raise EdgemeshError("bad start_pos from the master")
-    model.run_layers(group.broadcast(None), start_pos)
+    h = model.run_layers(group.broadcast(None), start_pos)
+    head = meta.get("head")
+    if head == "logits":
+        last_only = meta.get("last_only")
+        if not isinstance(last_only, bool):
+            raise EdgemeshError("bad last_only from the master")
+        model.head_logits(h, last_only)
+    elif head == "choose":
+        model.choose_step(h, Choice.from_meta(meta.get("choice")))
+    else:
+        raise EdgemeshError(f"unknown head op from the master: {head!r}")
     return True

@@ -38,12 +38,20 @@ def generate(
     stops = set(stop_ids)
     if max_new_tokens == 0:
         return
-    logits = model.forward(torch.tensor([prompt_ids]), 0, last_only=True)
+    # A split model chooses over its split vocabulary (a few numbers per rank, not the logits);
+    # other models (test doubles) give logits.
+    choose = getattr(model, "forward_choose", None)
+
+    def step(tokens: list[int], pos: int) -> int:
+        if choose is not None:
+            return choose(torch.tensor([tokens]), pos, sample)
+        return sample(model.forward(torch.tensor([tokens]), pos, last_only=True)[0, -1])
+
+    tok = step(prompt_ids, 0)
     pos = len(prompt_ids)
     for i in range(max_new_tokens):
-        tok = sample(logits[0, -1])
         yield tok
         if tok in stops or i == max_new_tokens - 1:
             return
-        logits = model.forward(torch.tensor([[tok]]), pos)
+        tok = step([tok], pos)
         pos += 1

@@ -27,8 +27,8 @@ MIN_SOLO_STEPS = 3
 
 def solo_steps_ms(model: Participant, n: int, start_pos: int, budget: float = SOLO_BUDGET) -> float:
     """Median ms of one decode step of this rank's slices, without communication: ``n`` steps,
-    or fewer (at least 3) once ``budget`` seconds have passed. On the master a step includes
-    the embedding, final norm and head."""
+    or fewer (at least 3) once ``budget`` seconds have passed. Every rank's step includes
+    the final norm and its rows of the head; the master's also the embedding."""
     if not (0 < n <= MAX_SOLO_STEPS and 0 <= start_pos and start_pos + n <= model.max_seq_len):
         raise EdgemeshError(f"bad solo measurement: {n} steps from position {start_pos}")
     group = model.collective
@@ -43,8 +43,8 @@ def solo_steps_ms(model: Participant, n: int, start_pos: int, budget: float = SO
                 t = time.perf_counter()
                 if group.rank == 0:
                     model.forward(tok, start_pos + i)
-                else:
-                    model.run_layers(h, start_pos + i)
+                else:  # the layers and this rank's head rows
+                    model.head(model.run_layers(h, start_pos + i))
                 steps.append(time.perf_counter() - t)
                 if len(steps) >= MIN_SOLO_STEPS and time.perf_counter() > stop:
                     break

@@ -3,29 +3,48 @@
 The math (``rms_norm``, ``attention_block``, ``mlp_block``) knows nothing about distribution:
 it computes whatever heads / intermediate rows its weight slice holds and returns a *partial*
 output. ``Participant`` adds the distribution: it sums the partials with the injected
-``Collective``, keeps the KV cache of its own heads, and on the master (rank 0) embeds the
-tokens, broadcasts the hidden state and applies final norm + lm_head. With a
-``LocalCollective`` and full slices it is the ordinary single-device model. Weight matrices
-may be fp32 or int8 with per-row scales; ``qlinear`` picks the kernel.
+``Collective``, keeps the KV cache of its own heads, and applies the final norm and *its
+vocabulary rows* of the LM head (``weights.shard.vocab_range``: every rank holds a share of
+the head, sized like its MLP share). The master (rank 0) also keeps the whole embedding and
+does the token lookup for the group. The other choice, a split lookup, would cost one more
+allreduce of [B, T, H] per step to save the master the embedding rows it does not head (SmolLM2
+at 3 even ranks: 75 MB of 113 MB fp32, 19 MB int8). Measured (README, "The LM head split by
+vocabulary"): a star allreduce of 576 floats took 0.35–0.85 ms on this busy 2-core host and
+3.4 ms on lan-4, while the head split already brought the master's compute per token down to
+the workers' (fp32: 90–93 → 62 ms against 56–67) and the lookup of one token takes ~10 µs
+(measured): splitting it would only add latency. A memory-short master streams ``input``
+through the weight window instead.
+With a ``LocalCollective`` and full slices it is the ordinary single-device model. Weight
+matrices may be fp32 or int8 with per-row scales; ``qlinear`` picks the kernel.
 
-Per forward the master sends ``broadcast_meta({"op": "forward", "start_pos": p})`` followed by
-``broadcast(hidden)``; workers loop in ``serve()`` until ``{"op": "stop"}``.
+Per step the master sends ``broadcast_meta({"op": "forward", "start_pos": p, "head": …})``
+followed by ``broadcast(hidden)``; after the layers every rank runs its head rows and the
+step ends with one ``gather`` to the master: of the whole logits (``"head": "logits"``,
+``forward``) or of a few numbers per rank from which the master chooses the next token
+(``"head": "choose"``, ``forward_choose``, see ``llm.choice``). Workers loop in
+``llm.follow.follow_master`` until ``{"op": "stop"}``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from edgemesh.collective.base import Collective
-from edgemesh.errors import ConfigError
+from edgemesh.errors import ConfigError, EdgemeshError
 from edgemesh.llm import qlinear
+from edgemesh.llm.choice import Choice, decide, summarize
 from edgemesh.llm.rope import apply_rope, rope_table
+from edgemesh.llm.sampling import Sampler
 from edgemesh.weights.config import ModelConfig
 from edgemesh.weights.provider import WeightProvider
+from edgemesh.weights.quant import SCALE
 from edgemesh.weights.shard import ShardSpec
+
+LOGIT_ROWS = 16  # positions of whole logits per gather message (bounds the message: 16·V·4 bytes)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -100,9 +119,12 @@ def mlp_block(x: torch.Tensor, w: dict[str, torch.Tensor], config: ModelConfig) 
 class Participant:
     """One rank of a tensor-parallel group running the decoder layers of ``specs``.
 
-    ``provider`` serves this rank's slices of ``attn_i``/``mlp_i`` (and, on rank 0,
-    ``input`` and ``output``). ``specs[i]`` says which slice of layer i this rank holds; it is
-    used to size the KV cache, the tensors themselves come from the provider.
+    ``provider`` serves this rank's slices of ``attn_i``/``mlp_i``, ``output`` (the final norm
+    and rows ``vocab`` of the head) and, on rank 0, ``input``. ``specs[i]`` says which slice of
+    layer i this rank holds; it is used to size the KV cache, the tensors themselves come from
+    the provider. ``vocab`` is this rank's ``weights.shard.vocab_range`` in a planned group;
+    without it rank 0 holds the whole head and the others none (the layout before the head was
+    split, which hand-built groups in tests use).
     """
 
     def __init__(
@@ -114,6 +136,7 @@ class Participant:
         *,
         max_seq_len: int | None = None,
         dtype: torch.dtype = torch.float32,
+        vocab: tuple[int, int] | None = None,
     ) -> None:
         if len(specs) != config.num_hidden_layers:
             raise ConfigError(f"need one shard spec per layer ({config.num_hidden_layers}), got {len(specs)}")
@@ -128,6 +151,14 @@ class Participant:
         self._cos, self._sin = rope_table(config, self.max_seq_len)
         self._caches: list[KVCache] = []
         self._batch = 0
+        # This rank's rows of the head: ``vocab_range`` for a planned group (``rank_files`` cut
+        # the files so); None = the whole head on the master (a group built by hand, as tests do).
+        v = config.vocab_size
+        self.vocab = vocab if vocab is not None else ((0, v) if collective.rank == 0 else (v, v))
+        if not 0 <= self.vocab[0] <= self.vocab[1] <= v:
+            raise ConfigError(f"vocabulary range {self.vocab} outside 0:{v}")
+        self._last_logits: torch.Tensor | None = None
+        self.full_logit_choices = 0  # sampled steps the candidates did not decide (whole logits gathered)
 
     @property
     def rank(self) -> int:
@@ -174,34 +205,109 @@ class Participant:
             h = h + self.collective.allreduce_sum(part)
         return h
 
+    # ---- the head: every rank holds its vocabulary rows ------------------------------------
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm + this rank's vocabulary rows of the head: logits [B, T, stop − start]."""
+        start, stop = self.vocab
+        if start == stop:  # no head rows here
+            return h.new_zeros(*h.shape[:-1], 0)
+        w_out = self.provider.get("output")
+        h = rms_norm(h, w_out["norm"], self.config.rms_norm_eps)
+        if "lm_head" in w_out:
+            w, name = w_out, "lm_head"
+        else:  # tied, on the master: its rows are the first ones of the embedding it keeps for the lookup
+            w_in = self.provider.get("input")
+            w, name = {k: v[start:stop] for k, v in w_in.items() if k in ("embed", "embed" + SCALE)}, "embed"
+            del w_in
+            self.provider.release("input")
+        if w[name].shape[0] != stop - start:
+            raise ConfigError(f"rank {self.rank} holds {w[name].shape[0]} head rows, its vocabulary range "
+                              f"{start}:{stop} needs {stop - start}: the slice files do not fit the plan")
+        logits = qlinear.lm_head(h, w, name)
+        del w, w_out
+        self.provider.release("output")
+        return logits
+
+    def head_logits(self, h: torch.Tensor, last_only: bool) -> torch.Tensor | None:
+        """Every rank: the head on ``h``; the master gets the whole logits [B, T, V] (the slices
+        gathered, ``LOGIT_ROWS`` positions per message), the others None."""
+        if last_only:
+            h = h[:, -1:]
+        local = self.head(h)
+        if self.collective.world_size == 1:
+            return local
+        rows = []
+        for lo in range(0, local.shape[1], LOGIT_ROWS):
+            parts = self.collective.gather(local[:, lo:lo + LOGIT_ROWS].contiguous())
+            if parts is not None:
+                rows.append(torch.cat(parts, dim=-1))
+        return torch.cat(rows, dim=1) if rows else None
+
+    def choose_step(self, h: torch.Tensor, choice: Choice, sampler: Sampler | None = None) -> int | None:
+        """Every rank: the next token after the last position of ``h`` [1, T, H], chosen from
+        the ranks' summaries (``llm.choice``); the master returns it, the others None."""
+        local = self.head(h[:, -1:])[0, -1]
+        self._last_logits = local
+        parts = self.collective.gather(summarize(local, self.vocab[0], choice))
+        if parts is None:
+            return None
+        if sampler is None:
+            raise RuntimeError("the master's choose_step needs the request's sampler")
+        token = decide(parts, choice, sampler, self.config.vocab_size)
+        if token is None:  # the candidates do not decide it: sample from the whole logits
+            self.full_logit_choices += 1
+            self.collective.broadcast_meta({"op": "logits"})
+            gathered = self.collective.gather(local)
+            assert gathered is not None
+            token = sampler(torch.cat(gathered))
+        return token
+
+    def send_last_logits(self) -> None:
+        """Worker: this rank's slice of the last chosen step's logits, to the master."""
+        if self._last_logits is None:
+            raise EdgemeshError("the master asked for logits before any step chose a token")
+        self.collective.gather(self._last_logits)
+
     # ---- master (rank 0) ------------------------------------------------------------------
 
-    def forward(self, tokens: torch.Tensor, start_pos: int = 0, *, last_only: bool = False) -> torch.Tensor:
-        """Master only: logits [B, T, V] (or [B, 1, V] with ``last_only``) for ``tokens`` [B, T]
-        placed at positions ``start_pos..start_pos+T-1``. ``start_pos == 0`` starts a new sequence."""
+    def _begin_step(self, tokens: torch.Tensor, start_pos: int, head: dict[str, Any]) -> torch.Tensor:
+        """Master: embed, send the step to the workers, run the layers; the last hidden state."""
         if self.rank != 0:
             raise RuntimeError("forward() runs on the master (rank 0); workers run llm.follow.follow_master")
-        if tokens.dim() == 1:
-            tokens = tokens[None, :]
         w_in = self.provider.get("input")
         h = qlinear.embedding(tokens, w_in, "embed", self.dtype)
         del w_in
         self.provider.release("input")
-        self.collective.broadcast_meta({"op": "forward", "start_pos": int(start_pos)})
+        self.collective.broadcast_meta({"op": "forward", "start_pos": int(start_pos), **head})
         h = self.collective.broadcast(h.contiguous())
-        h = self.run_layers(h, start_pos)
-        if last_only:
-            h = h[:, -1:]
-        w_out = self.provider.get("output")
-        h = rms_norm(h, w_out["norm"], self.config.rms_norm_eps)
-        if "lm_head" in w_out:
-            logits = qlinear.lm_head(h, w_out, "lm_head")
-        else:  # tied: the head is the embedding matrix
-            logits = qlinear.lm_head(h, self.provider.get("input"), "embed")
-            self.provider.release("input")
-        del w_out
-        self.provider.release("output")
+        return self.run_layers(h, start_pos)
+
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0, *, last_only: bool = False) -> torch.Tensor:
+        """Master only: logits [B, T, V] (or [B, 1, V] with ``last_only``) for ``tokens`` [B, T]
+        placed at positions ``start_pos..start_pos+T-1``. ``start_pos == 0`` starts a new sequence.
+        The whole logits travel from every rank: for callers that need them (tests, speculative
+        verification); the decode loop uses ``forward_choose``."""
+        if tokens.dim() == 1:
+            tokens = tokens[None, :]
+        h = self._begin_step(tokens, start_pos, {"head": "logits", "last_only": bool(last_only)})
+        logits = self.head_logits(h, last_only)
+        assert logits is not None
         return logits
+
+    def forward_choose(self, tokens: torch.Tensor, start_pos: int, sampler: Sampler) -> int:
+        """Master only: like ``forward`` for one sequence, but returns the next token chosen by
+        ``sampler``'s rule over the split vocabulary (a few numbers per rank on the wire, not
+        the logits). Same distribution as ``sampler`` on the whole logits; greedy: the same token."""
+        if tokens.dim() == 1:
+            tokens = tokens[None, :]
+        if tokens.shape[0] != 1:
+            raise ConfigError("forward_choose decodes one sequence (batch 1)")
+        choice = Choice.for_step(sampler)
+        h = self._begin_step(tokens, start_pos, {"head": "choose", "choice": choice.to_meta()})
+        token = self.choose_step(h, choice, sampler)
+        assert token is not None
+        return token
 
     def stop_workers(self) -> None:
         """Master only: tell every worker's loop (``llm.follow.follow_master``) to return."""

@@ -50,9 +50,10 @@ class Sampler:
         """One token from a distribution, with this request's generator."""
         return int(torch.multinomial(probs, 1, generator=self._gen).item())
 
-    def uniform(self) -> float:
-        """One uniform number in [0, 1) from this request's generator (speculative acceptance)."""
-        return float(torch.rand((), generator=self._gen).item())
+    def uniform(self, dtype: torch.dtype = torch.float32) -> float:
+        """One uniform number in [0, 1) from this request's generator (speculative acceptance;
+        float64 for the distributed choice, whose inverse CDF must resolve tiny probabilities)."""
+        return float(torch.rand((), generator=self._gen, dtype=dtype).item())
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
         """The distribution a sampled token is drawn from: temperature, then top-k, then top-p."""

@@ -29,6 +29,7 @@ from edgemesh.placement.memory import (
     MemoryPrediction,
     block_bytes,
     kv_cache_bytes,
+    head_bytes,
     participant_blocks,
     predict_participant,
     window_bytes,
@@ -70,7 +71,8 @@ def plan_with_budget(
 
     def predict(p: Plan, window: int) -> list[MemoryPrediction]:
         return [predict_participant(config, p.specs_for(k), k, dtype_bytes=dtype_bytes, window=window,
-                                    context_len=context_len, tokens=prompt_tokens, baseline_bytes=baseline_bytes)
+                                    context_len=context_len, tokens=prompt_tokens, baseline_bytes=baseline_bytes,
+                                    world_size=p.world_size)
                 for k in range(p.world_size)]
 
     def fits(p: Plan, preds: list[MemoryPrediction]) -> bool:
@@ -115,7 +117,10 @@ def _window_devices(config: ModelConfig, devices: list[Device], w: int, context_
     decoder = c.num_hidden_layers * (c.num_key_value_heads * (sz.group_bytes + sz.group_kv_bytes)
                                      + c.intermediate_size * sz.row_bytes)
     pair = [block_bytes(c, "attn_0", full[0], dtype_bytes), block_bytes(c, "mlp_0", full[0], dtype_bytes)]
-    per_share = window_bytes(pair * c.num_hidden_layers, w) + kv_cache_bytes(c, full, context_len)
+    # Every rank's cyclic order ends with its rows of the head, a share of the whole head like its
+    # MLP rows (llm.build.rank_files): a full share's window runs over the whole head too.
+    per_share = (window_bytes(pair * c.num_hidden_layers + [head_bytes(c, c.vocab_size, dtype_bytes)], w)
+                 + kv_cache_bytes(c, full, context_len))
     head = [b for n, b in participant_blocks(c, [], 0, dtype_bytes)]  # input, output (, input)
     out = []
     for k, d in enumerate(devices):
@@ -139,7 +144,8 @@ def _refusal(config: ModelConfig, devices: list[Device], links: list[Link] | Non
     parts = []
     for k, d in enumerate(p.devices):
         pr = predict_participant(config, p.specs_for(k), k, dtype_bytes=dtype_bytes, window=2,
-                                 context_len=context_len, tokens=tokens, baseline_bytes=baseline)
+                                 context_len=context_len, tokens=tokens, baseline_bytes=baseline,
+                                 world_size=p.world_size)
         if pr.total > limits[d.id]:
             parts.append(f"{d.id} needs {_mib(pr.total)} (runtime {_mib(pr.baseline)} + 2-block window "
                          f"{_mib(pr.weights)} + KV cache {_mib(pr.kv_cache)} + activations {_mib(pr.activations)}) "
@@ -182,17 +188,13 @@ def no_stall_check(config: ModelConfig, p: Plan, rank: int, device: Device, pred
     db = p.dtype_bytes
     lat = p.latency
     t_ar = (lat.allreduce_latency_ms + lat.bandwidth_ms) / lat.allreduces_per_token if p.world_size > 1 else 0.0
-    blocks = participant_blocks(c, specs, rank, db)
+    blocks = participant_blocks(c, specs, rank, db, p.world_size)
     disk = device.disk_mbyte_s
 
-    def compute_ms(name: str, spec: ShardSpec | None) -> float:
-        if name in ("input",):
-            return 0.0
-        nbytes = block_bytes(c, name, spec, db)
-        return _slice_ms(device, nbytes // db, nbytes)
+    def compute_ms(name: str, nbytes: int) -> float:
+        return 0.0 if name == "input" else _slice_ms(device, nbytes // db, nbytes)
 
-    spec_of = {f"{k}_{i}": s for i, s in enumerate(specs) for k in ("attn", "mlp")}
-    ts = [compute_ms(n, spec_of.get(n)) for n, _ in blocks]
+    ts = [compute_ms(n, b) for n, b in blocks]
     taus = [1e3 * b / (disk * 1e6) if disk > 0 else None for _, b in blocks]
     gaps = [t_ar if (n.startswith(("attn", "mlp")) and m.startswith(("attn", "mlp"))) else t_ar / 2
             for (n, _), (m, _) in zip(blocks, blocks[1:] + blocks[:1])]  # gap after block i

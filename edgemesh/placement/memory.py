@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from edgemesh.weights.config import ModelConfig
-from edgemesh.weights.shard import ShardSpec
+from edgemesh.weights.shard import ShardSpec, vocab_range
 
 MiB = 1 << 20
 RUNTIME_BASELINE_BYTES = 280 * MiB
@@ -81,14 +81,28 @@ def block_bytes(config: ModelConfig, block: str, spec: ShardSpec | None, dtype_b
     raise ValueError(f"unknown block {block!r}")
 
 
+def head_bytes(config: ModelConfig, rows: int, dtype_bytes: int) -> int:
+    """An ``output`` slice with ``rows`` vocabulary rows of the head (``weights.shard.slice_head``)."""
+    return config.hidden_size * _float_bytes(dtype_bytes) + _matrix(rows, config.hidden_size, dtype_bytes)
+
+
 def participant_blocks(config: ModelConfig, specs: list[ShardSpec], rank: int,
-                       dtype_bytes: int) -> list[tuple[str, int]]:
-    """(block, bytes) in the participant's execution order (see ``weights.window.execution_order``)."""
+                       dtype_bytes: int, world_size: int | None = None) -> list[tuple[str, int]]:
+    """(block, bytes) in the participant's execution order (see ``weights.window.execution_order``).
+    ``world_size``: the head is split by vocabulary over that many ranks (``llm.build.rank_files``);
+    None: the whole head on rank 0 (a hand-built group)."""
     out = [("input", block_bytes(config, "input", None, dtype_bytes))] if rank == 0 else []
     for i, spec in enumerate(specs):
         out.append((f"attn_{i}", block_bytes(config, f"attn_{i}", spec, dtype_bytes)))
         out.append((f"mlp_{i}", block_bytes(config, f"mlp_{i}", spec, dtype_bytes)))
-    if rank == 0:
+    if world_size is not None and world_size > 1:
+        start, stop = vocab_range(config, specs, rank, world_size)
+        tied0 = rank == 0 and config.tie_word_embeddings  # its head rows are in the embedding
+        out.append(("output", block_bytes(config, "output", None, dtype_bytes) if tied0
+                    else head_bytes(config, stop - start, dtype_bytes)))
+        if tied0:
+            out.append(("input", out[0][1]))
+    elif rank == 0:
         out.append(("output", block_bytes(config, "output", None, dtype_bytes)))
         if config.tie_word_embeddings:
             out.append(("input", out[0][1]))
@@ -113,7 +127,7 @@ def kv_cache_bytes(config: ModelConfig, specs: list[ShardSpec], context_len: int
 
 
 def activation_bytes(config: ModelConfig, specs: list[ShardSpec], rank: int, *, tokens: int,
-                     context_len: int, dtype_bytes: int) -> int:
+                     context_len: int, dtype_bytes: int, world_size: int | None = None) -> int:
     c = config
     h, d, g, t = c.hidden_size, c.head_dim, c.group_size, max(tokens, 1)
     nkv = max((len(s.kv_groups) for s in specs), default=0)
@@ -126,30 +140,36 @@ def activation_bytes(config: ModelConfig, specs: list[ShardSpec], rank: int, *, 
     attn += nq * t * max(t, context_len if t == 1 else t) * 4  # scores
     mlp = 3 * t * f * 4
     act = hidden + max(attn, mlp)
+    split = world_size is not None and world_size > 1
+    rows = (lambda r: r[1] - r[0])(vocab_range(c, specs, rank, world_size)) if split and specs else (
+        c.vocab_size if rank == 0 else 0)
     if dtype_bytes == 1:  # a dequantizing matmul makes an fp32 copy of its weight
-        largest = max(nq * d * h, f * h, c.vocab_size * h if rank == 0 else 0)
+        largest = max(nq * d * h, f * h, rows * h)
         act += 4 * largest
-    if rank == 0:
-        act += 2 * c.vocab_size * 4  # logits of the last position (+ the sampler's copy)
+    act += 2 * rows * 4  # logits of its head rows at the last position (+ the choice's copy)
+    if rank == 0 and split:
+        act += 2 * c.vocab_size * 4  # the whole logits, where a caller gathers them
     return act
 
 
 def predict_participant(config: ModelConfig, specs: list[ShardSpec], rank: int, *, dtype_bytes: int,
                         window: int, context_len: int, tokens: int = 128,
                         baseline_bytes: int = RUNTIME_BASELINE_BYTES,
-                        block_sizes: list[int] | None = None) -> MemoryPrediction:
+                        block_sizes: list[int] | None = None, world_size: int | None = None) -> MemoryPrediction:
     """Peak memory of ``rank`` holding ``specs`` with a ``window``-block window (0 = all in
     memory), for a forward of up to ``tokens`` tokens. ``block_sizes`` (in execution order,
-    e.g. the real file sizes) replace the computed block sizes."""
-    sizes = block_sizes if block_sizes is not None else [b for _, b in participant_blocks(config, specs, rank, dtype_bytes)]
+    e.g. the real file sizes) replace the computed block sizes. ``world_size``: as in
+    ``participant_blocks``."""
+    blocks = participant_blocks(config, specs, rank, dtype_bytes, world_size)
+    sizes = block_sizes if block_sizes is not None else [b for _, b in blocks]
     if window <= 0:  # the tied head's second ``input`` is the same tensors
-        names = [n for n, _ in participant_blocks(config, specs, rank, dtype_bytes)]
+        names = [n for n, _ in blocks]
         weights = sum(dict(zip(names, sizes)).values()) if len(names) == len(sizes) else sum(sizes)
     else:
         weights = window_bytes(sizes, window)
     return MemoryPrediction(baseline_bytes, weights, kv_cache_bytes(config, specs, context_len),
                             activation_bytes(config, specs, rank, tokens=tokens, context_len=context_len,
-                                             dtype_bytes=dtype_bytes), max(window, 0))
+                                             dtype_bytes=dtype_bytes, world_size=world_size), max(window, 0))
 
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,

@@ -26,11 +26,12 @@ from typing import Any
 from edgemesh.errors import ConfigError
 from edgemesh.placement.devices import Device, Link, link_between
 from edgemesh.weights.config import ModelConfig
-from edgemesh.weights.shard import ShardSpec, split_layer
+from edgemesh.weights.shard import ShardSpec, split_layer, vocab_range
 
 # Python + torch + buffers on each participant, measured ~250-350 MB for a worker process.
 RUNTIME_OVERHEAD_BYTES = 384 << 20
 GiB = 1 << 30
+CHOICE_BYTES = 5 * 8  # a rank's summary for a greedy choice (llm.choice): range, max, index
 
 
 @dataclass(frozen=True)
@@ -41,19 +42,26 @@ class Sizes:
     group_kv_bytes: int  # its KV cache at the planned context
     row_bytes: int  # one MLP intermediate row (gate, up, down column)
     layer_fixed_bytes: int  # replicated norms (+ output biases on rank 0)
-    master_bytes: int  # embedding, final norm, lm_head
+    master_bytes: int  # embedding (the master looks tokens up for the group) and final norm
     dtype_bytes: int
+    head_row_bytes: int = 0  # one vocabulary row of the LM head, on whichever rank holds it
 
     @classmethod
     def of(cls, c: ModelConfig, context_len: int, dtype_bytes: int) -> Sizes:
         h, d, g = c.hidden_size, c.head_dim, c.group_size
         group = (2 * g * d * h + 2 * d * h + ((g + 2) * d if c.qkv_bias else 0)) * dtype_bytes
         row = (3 * h + (2 if c.mlp_bias else 0)) * dtype_bytes
-        head = c.vocab_size * h * (1 if c.tie_word_embeddings else 2) + h
-        return cls(group, 2 * context_len * d * 4, row, 2 * h * dtype_bytes, head * dtype_bytes, dtype_bytes)
+        # The head is split by vocabulary rows in proportion to the MLP rows (weights.shard.
+        # vocab_range), so it is planned like them; a tied head's rows on the master are in the
+        # embedding already (counted twice there: a small over-estimate, on the safe side).
+        master = c.vocab_size * h + h
+        return cls(group, 2 * context_len * d * 4, row, 2 * h * dtype_bytes, master * dtype_bytes, dtype_bytes,
+                   h * dtype_bytes)
 
     def model_bytes(self, c: ModelConfig) -> int:
-        return c.num_hidden_layers * (c.num_key_value_heads * self.group_bytes + c.intermediate_size * self.row_bytes)
+        """The weights shared out between the ranks: decoder slices and the head's rows."""
+        return (c.num_hidden_layers * (c.num_key_value_heads * self.group_bytes + c.intermediate_size * self.row_bytes)
+                + c.vocab_size * self.head_row_bytes)
 
 
 @dataclass(frozen=True)
@@ -189,7 +197,7 @@ def plan(
     fixed_w = overhead_bytes + L * sz.layer_fixed_bytes
     if devices[0].mem_bytes - fixed_w - sz.master_bytes < 0:
         raise ConfigError(
-            f"master {devices[0].id!r} cannot hold embedding + lm_head + runtime: needs "
+            f"master {devices[0].id!r} cannot hold embedding + runtime: needs "
             f"{_fmt(fixed_w + sz.master_bytes)}, has {_fmt(devices[0].mem_bytes)}"
         )
     # A worker that cannot hold a runtime, or computes nothing, would only add allreduce latency.
@@ -204,8 +212,9 @@ def plan(
             f"master {devices[0].id!r} cannot hold embedding + lm_head + runtime: needs {_fmt(fixed[0])}, "
             f"has {_fmt(devices[0].mem_bytes)}"
         )
-    # Everything a full decoder needs (weights + KV cache), the unit of "share".
-    decoder = L * (K * (sz.group_bytes + sz.group_kv_bytes) + F * sz.row_bytes)
+    # Everything a full decoder needs (weights + KV cache + the head's rows), the unit of "share".
+    head_all = c.vocab_size * sz.head_row_bytes
+    decoder = L * (K * (sz.group_bytes + sz.group_kv_bytes) + F * sz.row_bytes) + head_all
     # 2 % headroom: integer rounding can give a device slightly more than its share.
     caps = [max(r, 0) / decoder * 0.98 for r in room]
     if sum(caps) < 1.0:
@@ -213,7 +222,7 @@ def plan(
         raise ConfigError(
             f"model does not fit: the decoder needs {_fmt(decoder)} (weights {_fmt(sz.model_bytes(c))} + KV cache "
             f"{_fmt(L * K * sz.group_kv_bytes)} at {context_len} tokens) but the {n} device(s) have {_fmt(have)} free "
-            f"after runtime ({_fmt(overhead_bytes)} each) and the master's embedding/lm_head ({_fmt(sz.master_bytes)}); "
+            f"after runtime ({_fmt(overhead_bytes)} each) and the master's embedding ({_fmt(sz.master_bytes)}); "
             "add devices, shorten the context or use a smaller dtype"
         )
     share = _water_fill([d.gflops for d in devices], caps)
@@ -221,7 +230,7 @@ def plan(
     # Attention: each layer's K groups go one by one to the device that would finish the layer
     # earliest (KV groups are coarse: a slow device holding one would stall the whole layer),
     # (ties: the one that has used the least of its budget) within the groups its memory holds next to its MLP rows.
-    mlp_bytes = [share[k] * F * L * sz.row_bytes for k in range(n)]
+    mlp_bytes = [share[k] * (F * L * sz.row_bytes + head_all) for k in range(n)]  # MLP rows and head rows
     budget = [int(max(room[k] * 0.98 - mlp_bytes[k], 0) // (sz.group_bytes + sz.group_kv_bytes)) for k in range(n)]
     speed = [d.gflops if share[k] > 0 else 0.0 for k, d in enumerate(devices)]
     layers: list[list[ShardSpec]] = []
@@ -243,11 +252,12 @@ def plan(
     per_dev: list[DevicePlan] = []
     attn_ms = [[0.0] * n for _ in range(L)]
     mlp_ms = [[0.0] * n for _ in range(L)]
+    vocab_rows = [b - a for a, b in (vocab_range(c, [layer[k] for layer in layers], k, n) for k in range(n))]
     for k, dev in enumerate(devices):
         g_tot = sum(len(layers[i][k].kv_groups) for i in range(L))
         r_tot = sum(layers[i][k].mlp_size for i in range(L))
         weights = g_tot * sz.group_bytes + r_tot * sz.row_bytes + L * sz.layer_fixed_bytes
-        weights += sz.master_bytes if k == 0 else 0
+        weights += vocab_rows[k] * sz.head_row_bytes + (sz.master_bytes if k == 0 else 0)
         kv = g_tot * sz.group_kv_bytes
         for i in range(L):
             ng, nr = len(layers[i][k].kv_groups), layers[i][k].mlp_size
@@ -260,16 +270,17 @@ def plan(
             raise ConfigError(f"device {dev.id!r} would need {_fmt(total)} but has {_fmt(dev.mem_bytes)}")
 
     master = devices[0]
-    head_params = c.vocab_size * c.hidden_size
     compute = sum(max(attn_ms[i]) + max(mlp_ms[i]) for i in range(L))
-    compute += _slice_ms(master, head_params, head_params * dtype_bytes)
+    # Every rank runs its rows of the head at the same time: the slowest counts.
+    compute += max(_slice_ms(d, rows * c.hidden_size, rows * sz.head_row_bytes) for d, rows in zip(devices, vocab_rows))
     workers = [link_between(master, d, links) for d in devices[1:]]
     rtt = max((lk.rtt_ms for lk in workers), default=0.0)
     n_ar = 2 * L
-    latency_ms = n_ar * rtt + 0.5 * rtt
+    latency_ms = n_ar * rtt + (rtt if n > 1 else 0.0)  # + half a round trip each: the broadcast, the choice's gather
     msg = c.hidden_size * 4  # fp32 activations
     hub_bw = min((lk.bandwidth_mbit for lk in workers), default=0.0)
-    hub_bytes = (2 * n_ar + 1) * (n - 1) * msg  # in + out per allreduce, plus the broadcast
+    # in + out per allreduce, the broadcast, and each worker's greedy choice summary (5 float64)
+    hub_bytes = (2 * n_ar + 1) * (n - 1) * msg + (n - 1) * CHOICE_BYTES
     bandwidth_ms = 1e3 * hub_bytes * 8 / (hub_bw * 1e6) if hub_bw > 0 else 0.0
     lat = Latency(round(compute, 4), round(latency_ms, 4), round(bandwidth_ms, 4),
                   round(compute + latency_ms + bandwidth_ms, 4), n_ar, hub_bytes)

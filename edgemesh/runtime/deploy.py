@@ -42,6 +42,7 @@ from edgemesh.transport.addresses import address_for_peer
 from edgemesh.transport.endpoint import endpoint_host, parse_endpoint, tcp_endpoint
 from edgemesh.transport.zmq_link import ZmqTransport
 from edgemesh.weights.provider import InMemoryProvider
+from edgemesh.weights.shard import vocab_range
 from edgemesh.weights.store import ModelEntry
 
 log = logging.getLogger(__name__)
@@ -180,7 +181,7 @@ class Deployment:
         job = secrets.token_hex(8)
         self.compute.limit_here()
         self.progress("slicing weights")
-        refs = await asyncio.to_thread(lambda: [rank_files(self.entry, self.plan.specs_for(r), r) for r in range(world)])
+        refs = await asyncio.to_thread(lambda: [rank_files(self.entry, self.plan.specs_for(r), r, world) for r in range(world)])
         keys = [bytes.fromhex(m["key"]) for m in self.members]
         ours = [self.address_for(m) for m in self.members]  # rank r dials us at ours[r] (or a clear error)
         files = {ref.sha256: self.entry.root / ref.name for r in range(1, world) for ref in refs[r].values()}
@@ -302,14 +303,15 @@ class Deployment:
 
     def _master_model(self, the_plan: Plan, collective: Any, refs: dict | None = None) -> Participant:
         specs = the_plan.specs_for(0)
-        refs = refs or rank_files(self.entry, specs, 0)
+        refs = refs or rank_files(self.entry, specs, 0, the_plan.world_size)
         if the_plan.window:  # weights stream from the store through a window (--memory-budget)
             from edgemesh.weights.window import windowed_from_store
 
             provider: Any = windowed_from_store(self.entry, refs, 0, the_plan.window)
         else:
             provider = InMemoryProvider({b: self.entry.load_slice(ref) for b, ref in refs.items()})
-        return Participant(self.entry.config, specs, provider, collective, max_seq_len=self.options.max_seq_len)
+        return Participant(self.entry.config, specs, provider, collective, max_seq_len=self.options.max_seq_len,
+                           vocab=vocab_range(self.entry.config, specs, 0, the_plan.world_size))
 
     async def _wait_ready(self, jstate: Any, total: int, ours: list[str]) -> None:
         """Until every worker has its slices and reported ready. Fails, naming the member, when a

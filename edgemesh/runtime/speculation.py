@@ -41,7 +41,7 @@ def load_draft(store: ModelStore, name: str, target: ModelEntry, max_seq_len: in
         raise ConfigError(f"the draft model {draft.name!r} has {draft.config.vocab_size} tokens, "
                           f"{target.name!r} has {target.config.vocab_size}")
     specs = [ShardSpec.full(draft.config)] * draft.config.num_hidden_layers
-    blocks = {b: draft.load_slice(ref) for b, ref in rank_files(draft, specs, 0).items()}
+    blocks = {b: draft.load_slice(ref) for b, ref in rank_files(draft, specs, 0, 1).items()}
     return Participant(draft.config, specs, InMemoryProvider(blocks), LocalCollective(), max_seq_len=max_seq_len)
 
 

@@ -114,7 +114,7 @@ def run_job(state: StateDir, spec: JobSpec, host: str, advertise: str | None = N
     from edgemesh.llm.model import Participant
     from edgemesh.weights.config import ModelConfig
     from edgemesh.weights.provider import InMemoryProvider
-    from edgemesh.weights.shard import ShardSpec
+    from edgemesh.weights.shard import ShardSpec, vocab_range
 
     if spec.threads:
         torch.set_num_threads(spec.threads)
@@ -127,7 +127,7 @@ def run_job(state: StateDir, spec: JobSpec, host: str, advertise: str | None = N
         if spec.window:  # stream the slices from disk through a window (--memory-budget)
             from edgemesh.weights.window import WindowedProvider, execution_order
 
-            provider = WindowedProvider(paths, execution_order(config, spec.rank), spec.window, name=f"rank{spec.rank}")
+            provider = WindowedProvider(paths, execution_order(config, spec.rank, "output" in paths), spec.window, name=f"rank{spec.rank}")
         else:
             provider = InMemoryProvider.from_files(paths)
         # The largest message is the prefill's hidden state (fp32): a record header may announce no more.
@@ -155,7 +155,8 @@ def run_job(state: StateDir, spec: JobSpec, host: str, advertise: str | None = N
         log.error("could not join the group: %s", exc)
         asyncio.run(report_failure(key, spec, f"could not join the group: {str(exc).removeprefix(f'rank {spec.rank}: ')}"))
         return 2
-    model = Participant(config, specs, provider, group, max_seq_len=spec.max_seq_len)
+    model = Participant(config, specs, provider, group, max_seq_len=spec.max_seq_len,
+                        vocab=vocab_range(config, specs, spec.rank, spec.world))
     log.info("rank %d/%d of job %s ready (%.1f MB of weights%s)", spec.rank, spec.world, spec.job,
              provider.nbytes() / 1e6, f" resident, streamed through a {spec.window}-block window" if spec.window else "")
     try:

@@ -147,3 +147,47 @@ def split_layer(config: ModelConfig, groups: list[int], mlp: list[int]) -> list[
         specs.append(ShardSpec(tuple(range(g0, g0 + ng)), f0, f0 + nf, rank == 0))
         g0, f0 = g0 + ng, f0 + nf
     return specs
+
+
+# ---- the head (and tied embedding) split by vocabulary rows -------------------------------
+
+
+def vocab_range(config: ModelConfig, specs: list[ShardSpec], rank: int, world_size: int) -> tuple[int, int]:
+    """This rank's rows ``[start, stop)`` of the LM head (vocabulary), from its MLP share.
+
+    Every rank gets one row, and the other ``V - W`` rows are shared out by the same fraction
+    as the MLP rows of layer 0 (``start_r = r + ⌊(V − W)·mlp_start_r / F⌋``). Because the plan
+    gives MLP ranges contiguously in rank order (``split_layer``), the ranges of the ranks tile
+    ``0..V`` in rank order, and each rank can work out its own without knowing the others'
+    specs. The master checks the tiling on every distributed choice (``llm.choice``).
+    """
+    v, f = config.vocab_size, config.intermediate_size
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ConfigError(f"rank {rank} is outside a group of {world_size}")
+    if world_size == 1:
+        return 0, v
+    if v < world_size:
+        raise ConfigError(f"a vocabulary of {v} rows cannot give each of {world_size} ranks one row")
+    if not specs:
+        raise ConfigError("the vocabulary split needs the rank's shard specs")
+    s = specs[0]
+    spare = v - world_size
+    return rank + spare * s.mlp_start // f, rank + 1 + spare * s.mlp_stop // f
+
+
+def slice_head(config: ModelConfig, output: dict[str, torch.Tensor], embed: dict[str, torch.Tensor] | None,
+               start: int, stop: int) -> dict[str, torch.Tensor]:
+    """An ``output`` block with only vocabulary rows ``start:stop`` of the head, as ``lm_head``
+    (taken from the embedding when the head is tied to it), plus the final norm."""
+    if not 0 <= start < stop <= config.vocab_size:
+        raise ConfigError(f"vocabulary range {start}:{stop} outside 0:{config.vocab_size}")
+    if "lm_head" in output:
+        src, name = output, "lm_head"
+    elif embed is not None and "embed" in embed:
+        src, name = embed, "embed"
+    else:
+        raise ConfigError("the head is tied to the embedding: slicing it needs the input block")
+    out = {"norm": output["norm"].clone(), "lm_head": src[name][start:stop].contiguous()}
+    if name + ".scale" in src:
+        out["lm_head.scale"] = src[name + ".scale"][start:stop].contiguous()
+    return out

@@ -9,6 +9,7 @@ Layout under the store root::
     <name>/tokenizer.json           HF `tokenizers` file, if the source had one
     <name>/tokenizer_config.json    chat template and special tokens
     <name>/slices/<block>.<spec>.safetensors   a participant's slice (+ .ref.json with its hash)
+    <name>/slices/output.v<start>-<stop>.safetensors   a participant's vocabulary rows of the head
 
 ``dtype`` in the manifest is ``float32`` (etc.) or ``int8``: weight-only int8 with per-row
 fp32 scales (``quant.py``); a quantized model is an entry of its own (``<name>-int8``).
@@ -25,7 +26,7 @@ import json
 import os
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ from safetensors.torch import save_file
 from edgemesh.errors import ConfigError, EdgemeshError
 from edgemesh.weights.aligned import load_aligned
 from edgemesh.weights.config import ModelConfig
-from edgemesh.weights.shard import ShardSpec, slice_block
+from edgemesh.weights.shard import ShardSpec, slice_block, slice_head
 
 MANIFEST = "manifest.json"
 FORMAT = "edgemesh-model/1"
@@ -164,6 +165,17 @@ class ModelEntry:
         ``.ref.json`` (no shared index), so concurrent ranks can slice the same model.
         """
         name = f"slices/{block}.{spec.key()}.safetensors"
+        return self._cached_slice(name, lambda: slice_block(self.config, block, self.load_block(block), spec))
+
+    def head_slice(self, start: int, stop: int) -> FileRef:
+        """The ``output`` block with only vocabulary rows ``start:stop`` of the head (from the
+        embedding when tied), cached under ``slices/`` like ``slice``."""
+        def build() -> dict[str, torch.Tensor]:
+            embed = self.load_block("input") if self.config.tie_word_embeddings else None
+            return slice_head(self.config, self.load_block("output"), embed, start, stop)
+        return self._cached_slice(f"slices/output.v{start}-{stop}.safetensors", build)
+
+    def _cached_slice(self, name: str, build: Callable[[], dict[str, torch.Tensor]]) -> FileRef:
         path, meta = self.root / name, self.root / (name + ".ref.json")
         if meta.is_file() and path.is_file():
             try:
@@ -172,8 +184,7 @@ class ModelEntry:
                     return ref
             except (ValueError, KeyError):
                 pass  # a damaged cache entry: rebuild it
-        full = self.load_block(block)
-        ref = write_tensors(path, slice_block(self.config, block, full, spec), name)
+        ref = write_tensors(path, build(), name)
         _write_json(meta, ref.to_json())
         return ref
 

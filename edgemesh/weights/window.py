@@ -2,7 +2,7 @@
 
 A participant's blocks run in a fixed cyclic order (``execution_order``): on the master
 ``input, attn_0, mlp_0, …, output`` (and ``input`` once more when the head is tied to the
-embedding), on a worker only its decoder slices. A loader thread reads blocks ahead in that
+embedding), on a worker its decoder slices and ``output`` (its vocabulary rows of the head). A loader thread reads blocks ahead in that
 order, wrapping to the start for the next token, and never holds more than ``window`` blocks
 (loaded, being computed, or being read). ``get`` hands out the next block (waiting for it if
 the disk is behind: a *stall*), ``release`` drops it, which lets the loader read the block
@@ -59,14 +59,16 @@ class WeightLoadError(EdgemeshError):
     """A block file could not be read (missing, truncated, not safetensors)."""
 
 
-def execution_order(config: ModelConfig, rank: int) -> list[str]:
-    """Blocks in the order ``Participant`` asks for them during one forward."""
+def execution_order(config: ModelConfig, rank: int, head: bool | None = None) -> list[str]:
+    """Blocks in the order ``Participant`` asks for them during one forward. ``head``: whether
+    this rank holds rows of the head (``output``); a planned group gives every rank some
+    (``rank_files``), None means only rank 0 (the whole head on the master)."""
     order = ["input"] if rank == 0 else []
     for i in range(config.num_hidden_layers):
         order += [f"attn_{i}", f"mlp_{i}"]
-    if rank == 0:
+    if head or (head is None and rank == 0):
         order.append("output")
-        if config.tie_word_embeddings:  # the head is the embedding matrix, asked for after ``output``
+        if rank == 0 and config.tie_word_embeddings:  # the master's head rows are in the embedding
             order.append("input")
     return order
 
@@ -519,4 +521,4 @@ def windowed_from_store(entry: ModelEntry, refs: Mapping[str, FileRef], rank: in
         verify_file(path, ref)
         drop_file_cache(path)
         files[block] = path
-    return WindowedProvider(files, execution_order(entry.config, rank), window, name=f"rank{rank}")
+    return WindowedProvider(files, execution_order(entry.config, rank, "output" in files), window, name=f"rank{rank}")

@@ -191,6 +191,61 @@ def test_broadcast_meta(group_of: Any) -> None:
     assert all(m == meta for m in res)
 
 
+@pytest.mark.parametrize("kind", ["tcp", "zmq"])
+def test_gather_sizes_differ_by_rank_and_arrive_in_rank_order(group_of: Any, kind: str) -> None:
+    groups = group_of(3, kind)
+    mine = [torch.arange(r + 1, dtype=torch.float64) + 10 * r for r in range(3)]
+    mine[2] = torch.randn(2, 40_000)  # large: the zero-copy path
+    for root in (0, 2):
+        res = in_threads(3, lambda r: groups[r].gather(mine[r], root=root))
+        assert all(res[r] is None for r in range(3) if r != root)
+        got = res[root]
+        assert len(got) == 3 and all(g.dtype == m.dtype and torch.equal(g, m) for g, m in zip(got, mine))
+    # the group stays in step with allreduces around a gather
+    res = in_threads(3, lambda r: groups[r].allreduce_sum(torch.ones(4)))
+    assert all(torch.equal(x, torch.full((4,), 3.0)) for x in res)
+
+
+def test_a_split_head_model_over_real_links_chooses_like_one_device(group_of: Any) -> None:
+    """forward_choose over TCP links: summaries, the tiling check and the gather on the wire."""
+    from edgemesh.collective.base import LocalCollective
+    from edgemesh.llm.generate import generate
+    from edgemesh.llm.model import Participant
+    from edgemesh.llm.sampling import SamplingParams
+    from edgemesh.weights.provider import InMemoryProvider
+    from edgemesh.weights.shard import ShardSpec, split_layer, vocab_range
+    from tests.unit.test_llm_equivalence import _blocks, _config
+    from tests.unit.test_vocab_split import _head_blocks
+
+    config = _config(tie_word_embeddings=True, vocab_size=600)  # > 64 rows per rank: some unsent
+    blocks = _blocks(config, seed=3)
+    layer = split_layer(config, [2, 1, 1], [50, 30, 16])
+    prompt = [5, 9, 77, 3]
+    full = [ShardSpec.full(config)] * config.num_hidden_layers
+    one = Participant(config, full, InMemoryProvider(_head_blocks(config, blocks, full, 0, 1)), LocalCollective(),
+                      max_seq_len=64, vocab=(0, config.vocab_size))
+    want = list(generate(one, prompt, 16))
+    groups = group_of(3)
+
+    def rank(r: int) -> Any:
+        specs = [layer[r]] * config.num_hidden_layers
+        p = Participant(config, specs, InMemoryProvider(_head_blocks(config, blocks, specs, r, 3)), groups[r],
+                        max_seq_len=64, vocab=vocab_range(config, specs, r, 3))
+        if r:
+            from edgemesh.llm.follow import follow_master
+            follow_master(p)
+            return None
+        greedy = list(generate(p, prompt, 16))
+        sampled = list(generate(p, prompt, 8, SamplingParams(temperature=5.0, top_p=0.999, seed=1)))  # fallback too
+        p.stop_workers()
+        return greedy, sampled, p.full_logit_choices
+
+    res = in_threads(3, rank, timeout=60)
+    assert not any(isinstance(x, BaseException) for x in res), res
+    greedy, sampled, fallbacks = res[0]
+    assert greedy == want and len(sampled) == 8 and fallbacks > 0
+
+
 def test_a_caller_mistake_does_not_break_the_group(group_of: Any) -> None:
     groups = group_of(2)
     with pytest.raises(ValueError):

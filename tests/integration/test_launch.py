@@ -231,11 +231,14 @@ def test_bench_generate_measures_every_term_and_sends_what_the_theory_says(clust
     assert (r["nodes"], r["tokens"], r["prompt_tokens"]) == (3, 8, 16)
     # Bytes are counted on the wire by the collective: only framing may come on top of the theory
     # (tensor payloads), at most 64 bytes per message — per token the hub exchanges with each of
-    # the 2 workers a control message, the hidden state and 2 messages per allreduce (2 per layer).
-    messages = 2 * (2 + 4 * 4)
+    # the 2 workers a control message, the hidden state, 2 messages per allreduce (2 per layer)
+    # and the worker's summary for the token choice.
+    messages = 2 * (3 + 4 * 4)
     assert r["bytes_per_token_theory"] <= r["bytes_per_token"] <= r["bytes_per_token_theory"] + 64 * messages
     per_rank = r["slice_compute_per_rank_ms"]
     assert len(per_rank) == 3 and all(v > 0 for v in per_rank)
+    assert r["ms_per_token_by_rank"] == per_rank
+    assert r["prefill_tokens"] == 256 and r["prefill_ms"] is None  # a 128-token context: no 256-token prompt
     assert r["largest_slice_compute_ms"] == round(max(per_rank), 2)
     assert r["bound_ms_per_token"] == pytest.approx(
         r["largest_slice_compute_ms"] + 2 * 4 * r["star_allreduce_us"] / 1000, abs=0.02)

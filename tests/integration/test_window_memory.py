@@ -32,7 +32,7 @@ def test_peak_rss_is_predicted_and_bounded(model, world: int) -> None:  # type: 
         k, f = config.num_key_value_heads, config.intermediate_size
         layers = [split_layer(config, [k // 2, k - k // 2], [f // 2, f - f // 2])] * config.num_hidden_layers
     specs = [[layer[r] for layer in layers] for r in range(world)]
-    paths = [{b: model.root / ref.name for b, ref in rank_files(model, specs[r], r).items()} for r in range(world)]
+    paths = [{b: model.root / ref.name for b, ref in rank_files(model, specs[r], r, world).items()} for r in range(world)]
     opts = BenchOptions(tokens=3, prompt_tokens=8)
     mem = _summary(_run(opts, config, specs, paths, 0, True, 4), "memory", 0, "memory")
     win = _summary(_run(opts, config, specs, paths, 2, True, 4), "window", 2, "cold")

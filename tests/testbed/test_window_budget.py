@@ -44,7 +44,7 @@ def test_slice_four_times_the_memory_cap_streams_and_generates(caps, run_root: P
     assert plan.window >= 2 and plan.world_size == 2
     assert all(d.mem_bytes <= cap for d in plan.devices)
     specs = [plan.specs_for(r) for r in range(2)]
-    paths = [{b: entry.root / ref.name for b, ref in rank_files(entry, specs[r], r).items()} for r in range(2)]
+    paths = [{b: entry.root / ref.name for b, ref in rank_files(entry, specs[r], r, 2).items()} for r in range(2)]
     for r in range(2):
         assert sum(p.stat().st_size for p in set(paths[r].values())) >= 4 * cap
 

@@ -115,7 +115,7 @@ def test_small_budget_streams_and_fits(world: int) -> None:
     assert all(d.mem_bytes <= budget for d in p.devices)
     for k, c in enumerate(p.window_checks):
         pred = predict_participant(_big(), p.specs_for(k), k, dtype_bytes=4, window=p.window, context_len=512,
-                                   baseline_bytes=256 * MiB)
+                                   baseline_bytes=256 * MiB, world_size=world)
         assert c["peak_bytes"] == pred.total
         assert c["tau_f_ms"] > c["tau_a_ms"] > 0 and c["no_stall"] in (True, False)
     assert Plan.from_json(p.to_json()).window == p.window
