@@ -49,6 +49,7 @@ class AnchorOptions:
     reps: int = 3
     threads: int = 2  # one device: threads of the single process (distributed-llama, llama.cpp)
     models: list[str] = field(default_factory=lambda: ["smollm2-135m-instruct", "smollm2-135m-instruct-int8"])
+    wires: list[str] = field(default_factory=lambda: ["float32"])  # edgemesh --wire-dtype per run
     store: Path | None = None  # edgemesh model store holding ``models``
     dllama: Path | None = None
     dllama_model: Path | None = None
@@ -60,6 +61,9 @@ class AnchorOptions:
     def check(self) -> None:
         if self.nodes < 2 or self.tokens < 4 or self.reps < 1 or self.threads < 1:
             raise ConfigError("--nodes ≥ 2, --tokens ≥ 4, --reps ≥ 1 and --threads ≥ 1 please")
+        bad = [w for w in self.wires if w not in ("float32", "float16", "bfloat16", "q8_0")]
+        if bad or not self.wires:
+            raise ConfigError(f"--wire-dtype must be float32, float16, bfloat16 or q8_0 (got {bad or 'none'})")
         dl = [self.dllama, self.dllama_model, self.dllama_tokenizer]
         if any(dl) and not all(dl):
             raise ConfigError("distributed-llama needs --dllama, --dllama-model and --dllama-tokenizer together")
@@ -131,8 +135,10 @@ def _em(args: list[str], env: dict[str, str], timeout: float = 900) -> subproces
                           env=env, timeout=timeout)
 
 
-def run_edgemesh(opts: AnchorOptions, model: str, env: dict[str, str]) -> dict[str, Any]:
+def run_edgemesh(opts: AnchorOptions, model: str, env: dict[str, str], wire: str = "float32") -> dict[str, Any]:
     args = ["bench", "generate", model, "--nodes", str(opts.nodes), "--tokens", str(opts.tokens), "--json", "-"]
+    if wire != "float32":
+        args += ["--wire-dtype", wire]
     if opts.store:
         args += ["--store", str(opts.store)]
     r = _em(args, env)
@@ -163,8 +169,10 @@ def bench(opts: AnchorOptions, progress: Callable[[str], None] = lambda m: None)
             time.sleep(4)  # the daemons measure their device and links, which the planner uses
             for rep in range(opts.reps):
                 for model in opts.models:
-                    progress(f"round {rep + 1}/{opts.reps}: edgemesh {model} on 1 and {opts.nodes} members")
-                    rows.setdefault(f"edgemesh:{model}", []).append(run_edgemesh(opts, model, env))
+                    for wire in opts.wires:
+                        label = model if wire == "float32" else f"{model} ({wire} wire)"
+                        progress(f"round {rep + 1}/{opts.reps}: edgemesh {label} on 1 and {opts.nodes} members")
+                        rows.setdefault(f"edgemesh:{label}", []).append(run_edgemesh(opts, model, env, wire))
                 if opts.dllama:
                     progress(f"round {rep + 1}/{opts.reps}: distributed-llama on 1 and {opts.nodes} nodes")
                     rows.setdefault("dllama:1", []).append(run_dllama(opts, 1, opts.threads, home))

@@ -33,6 +33,7 @@ from edgemesh.llm.sampling import Sampler, SamplingParams
 from edgemesh.weights.shard import vocab_range
 from edgemesh.weights.provider import InMemoryProvider
 from edgemesh.weights.store import ModelEntry
+from edgemesh.wire.tensor import Q8, q8_nbytes
 
 
 @dataclass
@@ -131,8 +132,10 @@ def _slice_ms(entry: ModelEntry, plan: Plan, rank: int, prompt: list[int], token
 
 
 async def run_once(state: StateDir, entry: ModelEntry, nodes: int, prompt: list[int], tokens: int,
-                   max_seq_len: int, progress: Callable[[str], None], with_bound: bool) -> tuple[RunResult, Plan]:
-    dep = Deployment(state, entry, LaunchOptions(nodes=nodes, max_seq_len=max_seq_len), progress)
+                   max_seq_len: int, progress: Callable[[str], None], with_bound: bool,
+                   wire_dtype: str | None = None) -> tuple[RunResult, Plan]:
+    dep = Deployment(state, entry, LaunchOptions(nodes=nodes, max_seq_len=max_seq_len, compression=wire_dtype),
+                     progress)
     await dep.open()
     try:
         model = await dep.deploy()
@@ -194,16 +197,24 @@ async def run_once(state: StateDir, entry: ModelEntry, nodes: int, prompt: list[
     return result, plan
 
 
+def wire_bytes(values: int, wire_dtype: str | None) -> int:
+    """Bytes of ``values`` fp32 partial sums on the wire (``--wire-dtype``)."""
+    if wire_dtype == Q8:
+        return q8_nbytes(values)
+    return values * (2 if wire_dtype in ("float16", "bfloat16") else 4)
+
+
 async def bench(state: StateDir, entry: ModelEntry, nodes: int, prompt: list[int], tokens: int,
-                max_seq_len: int, progress: Callable[[str], None]) -> dict[str, Any]:
+                max_seq_len: int, progress: Callable[[str], None], wire_dtype: str | None = None) -> dict[str, Any]:
     single, _ = await run_once(state, entry, 1, prompt, tokens, max_seq_len, progress, with_bound=False)
-    multi, plan = await run_once(state, entry, nodes, prompt, tokens, max_seq_len, progress, with_bound=True)
+    multi, plan = await run_once(state, entry, nodes, prompt, tokens, max_seq_len, progress, with_bound=True,
+                                 wire_dtype=wire_dtype)
     c = entry.config
     w, h, layers = multi.nodes, c.hidden_size, c.num_hidden_layers
-    # Per decode token the hub sends the hidden state to W-1 workers once, in each of the 2L
-    # star allreduces receives W-1 partial sums and sends W-1 results (fp32), and receives W-1
-    # greedy choice summaries (5 float64: range, max, index) in the closing gather.
-    theory = (w - 1) * (h * 4 * (1 + 4 * layers) + 5 * 8) if w > 1 else 0
+    # Per decode token the hub sends the hidden state to W-1 workers once (fp32), in each of the
+    # 2L star allreduces receives W-1 partial sums and sends W-1 results (in the wire dtype), and
+    # receives W-1 greedy choice summaries (5 float64: range, max, index) in the closing gather.
+    theory = (w - 1) * (h * 4 + 4 * layers * wire_bytes(h, wire_dtype) + 5 * 8) if w > 1 else 0
     # The head is split by vocabulary, so every rank's measured slice includes its head rows.
     # As the hidden state's broadcast, the choice's closing gather (one hop of 40 bytes per
     # worker) is left out: the bound counts the 2L round trips.
@@ -212,6 +223,7 @@ async def bench(state: StateDir, entry: ModelEntry, nodes: int, prompt: list[int
         bound = multi.compute_ms + 2 * layers * multi.star_us / 1000
     return {
         "model": entry.name, "nodes": w, "tokens": tokens, "prompt_tokens": len(prompt),
+        "wire_dtype": wire_dtype or "float32",
         "ms_per_token": round(multi.ms_per_token, 2),
         "bound_ms_per_token": None if bound is None else round(bound, 2),
         "single_ms_per_token": round(single.ms_per_token, 2),

@@ -18,6 +18,8 @@ def bench_anchors(
     model: list[str] = typer.Option(["smollm2-135m-instruct", "smollm2-135m-instruct-int8"], "--model", "-m",
                                     help="edgemesh store model(s) to run (repeat the option)."),
     nodes: int = typer.Option(3, "--nodes", "-n", help="Processes of the split runs (all on this machine)."),
+    wire: list[str] = typer.Option(["float32"], "--wire-dtype", help="edgemesh partial sums on the wire: float32, "
+                                   "bfloat16, float16 or q8_0 (repeat for several rows)."),
     tokens: int = typer.Option(48, "--tokens", help="Decode steps per run."),
     reps: int = typer.Option(3, "--reps", help="Rounds; the systems alternate within each round; medians reported."),
     threads: int = typer.Option(2, "--threads", help="Threads of the one-device runs of the other systems."),
@@ -35,7 +37,8 @@ def bench_anchors(
     from edgemesh.bench.anchors import AnchorOptions, bench
     from edgemesh.cli.progress import PhaseProgress
 
-    opts = AnchorOptions(nodes=nodes, tokens=tokens, reps=reps, threads=threads, models=list(model), store=store,
+    opts = AnchorOptions(nodes=nodes, tokens=tokens, reps=reps, threads=threads, models=list(model), wires=list(wire),
+                         store=store,
                          dllama=dllama, dllama_model=dllama_model, dllama_tokenizer=dllama_tokenizer,
                          llama_bench=llama_bench, gguf=gguf)
     with PhaseProgress(Console(stderr=True)) as progress:

@@ -24,6 +24,9 @@ def bench_generate(
     state_dir: Optional[Path] = typer.Option(None, "--state-dir"),
     store: Optional[Path] = typer.Option(None, "--store"),
     json_path: Optional[str] = json_option("the results"),
+    wire_dtype: Optional[str] = typer.Option(
+        None, "--wire-dtype", help="Partial sums on the wire as float16, bfloat16 or q8_0 (default: exact fp32); "
+                                   "bytes/token and its theory follow it."),
     speculate: Optional[str] = typer.Option(
         None, "--speculate", help="lookup | draft:MODEL: instead, plain vs speculative decoding side by side on "
                                   "N members for three prompt kinds (rewrite, code edit, open chat); --tokens "
@@ -35,6 +38,8 @@ def bench_generate(
     from edgemesh.bench.generate import bench
     from edgemesh.weights.store import ModelStore
 
+    if wire_dtype not in (None, "float16", "bfloat16", "q8_0"):
+        raise ConfigError(f"--wire-dtype must be float16, bfloat16 or q8_0 (got {wire_dtype!r})")
     if tokens < 2 or prompt_tokens < 1 or nodes < 1 or (nodes < 2 and speculate is None):
         raise ConfigError("--tokens ≥ 2, --prompt-tokens ≥ 1 and --nodes ≥ 2 please")
     entry = ModelStore(store or default_store_dir()).get(model)
@@ -47,7 +52,8 @@ def bench_generate(
     from edgemesh.cli.progress import PhaseProgress
 
     with PhaseProgress(err) as progress:
-        r = asyncio.run(bench(resolve_state(state_dir), entry, nodes, prompt, tokens, 2048, progress=progress))
+        r = asyncio.run(bench(resolve_state(state_dir), entry, nodes, prompt, tokens, 2048, progress=progress,
+                              wire_dtype=wire_dtype))
     t = Table(title=f"{r['model']}: decode, {r['tokens']} tokens after a {r['prompt_tokens']}-token prompt")
     for col in ("", "TTFT ms", "ms/token", "tokens/s", "bytes/token"):
         t.add_column(col)
