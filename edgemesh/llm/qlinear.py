@@ -1,7 +1,16 @@
 """``y = x Wᵀ + b`` for a weight that may be fp32/bf16 or int8 with per-row scales (``quant.py``).
 
-Float weights go straight to ``F.linear``: the fp32 model is untouched. For int8 weights the
-kernel is chosen by what was fastest *and* correct on a 2-core AVX2 CPU with torch 2.13
+Float weights go straight to ``F.linear``: the fp32 model is untouched. For int8 weights:
+
+- decode (≤ ``kernels.MAX_M`` rows, fp32 activations), when the native kernel could be built
+  (``edgemesh/kernels``): ``kernels.int8_gemv``, int8 rows widened to fp32 and multiplied in
+  fp32 with an fp32 output, for every matrix (row- and column-parallel alike, and the head).
+  It reads the int8 bytes once, and its summation order depends only on the input width, so a
+  rank's rows are bitwise what one device computes for them and split decode equals one device
+  to fp32 summation order (no bf16 rounding anywhere).
+
+Without the native kernel (no C compiler, ``EDGEMESH_NATIVE=0``) the torch kernels below are
+used, chosen by what was fastest *and* correct on a 2-core AVX2 CPU with torch 2.13
 (cold-cache measurements in the README's quantization section):
 
 - decode (≤ ``PACKED_MAX_ROWS`` rows) of a row-parallel matrix (q/k/v, gate/up, lm_head):
@@ -34,6 +43,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from edgemesh import kernels
 from edgemesh.weights.aligned import aligned
 from edgemesh.weights.quant import SCALE
 
@@ -50,13 +60,20 @@ def linear(x: torch.Tensor, w: dict[str, torch.Tensor], name: str, bias: torch.T
         return F.linear(x, weight, bias)
     scale = w[name + SCALE]
     rows = x.numel() // x.shape[-1]
-    if _packed_used(x, w, name):
+    if _native_used(x, weight):
+        y = kernels.int8_gemv(x.reshape(rows, x.shape[-1]), weight, scale).reshape(*x.shape[:-1], weight.shape[0])
+    elif _packed_used(x, w, name):
         y = _packed_mm(
             aligned(x.reshape(rows, x.shape[-1]).to(torch.bfloat16)), aligned(weight), aligned(scale.to(torch.bfloat16))
         ).to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
     else:
         y = F.linear(x, weight.to(x.dtype)) * scale.to(x.dtype)
     return y + bias if bias is not None else y
+
+
+def _native_used(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (x.dtype == torch.float32 and x.numel() // x.shape[-1] <= kernels.MAX_M and weight.shape[0] > 0
+            and kernels.native() is not None)
 
 
 def _packed_used(x: torch.Tensor, w: dict[str, torch.Tensor], name: str) -> bool:
@@ -84,7 +101,7 @@ def lm_head(h: torch.Tensor, w: dict[str, torch.Tensor], name: str, refine: int 
     """
     logits = linear(h, w, name)
     weight = w[name]
-    if refine <= 0 or not _packed_used(h, w, name):
+    if refine <= 0 or _native_used(h, weight) or not _packed_used(h, w, name):
         return logits
     flat_h = h.reshape(-1, h.shape[-1])
     flat = logits.view(-1, logits.shape[-1])

@@ -1,0 +1,169 @@
+"""Small native kernels, compiled on first use for the CPU they run on.
+
+PyTorch 2.13 has no fast CPU kernel for a decode-size product with a weight-only int8 matrix
+and fp32 activations: ``_weight_int8pack_mm`` takes bf16 activations (and rounds its output to
+bf16), and dequantizing to fp32 first reads 5x the bytes. ``int8_gemv.c`` is that kernel
+(AVX2/FMA, or plain C elsewhere), about 100 lines, built with the system C compiler and
+``-march=native`` into the user's cache directory, keyed by the source, the compiler and the
+CPU's flags (a different machine gets its own build). No compiler, or a build that fails: the
+callers keep their torch paths; ``EDGEMESH_NATIVE=0`` forces that (benchmarks compare both).
+
+Only our own source is compiled, from the installed package; nothing from the network.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("int8_gemv.c")
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+MAX_M = 4
+
+
+def _cpu_key() -> str:
+    flags = model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if not flags and line.startswith("flags"):
+                flags = line.split(":", 1)[1].strip()
+            elif not model and line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return f"{platform.machine()}|{model}|{flags}"
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("EDGEMESH_KERNEL_CACHE")
+    if root:
+        return Path(root)
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("edgemesh")) / "kernels"
+
+
+def _compiler() -> str | None:
+    for cc in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if cc and shutil.which(cc):
+            return cc
+    return None
+
+
+def _build() -> ctypes.CDLL | None:
+    cc = _compiler()
+    if cc is None:
+        log.info("no C compiler found: int8 decode uses torch's kernels (slower)")
+        return None
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        version = ""
+    src = _SOURCE.read_bytes()
+    flags = ["-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC", "-std=c11", "-pthread"]
+    key = hashlib.sha256(b"\0".join([src, version.encode(), _cpu_key().encode(), " ".join(flags).encode()]))
+    out = _cache_dir() / f"int8_gemv-{key.hexdigest()[:16]}.so"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+        os.close(fd)
+        try:
+            res = subprocess.run([cc, *flags, "-o", tmp, str(_SOURCE)], capture_output=True, text=True, timeout=120)
+            if res.returncode != 0:
+                log.warning("building the int8 decode kernel failed (%s); using torch's kernels:\n%s",
+                            cc, res.stderr[-2000:])
+                return None
+            os.replace(tmp, out)  # atomic: processes building at once each install a whole file
+        except (OSError, subprocess.SubprocessError) as exc:
+            log.warning("building the int8 decode kernel failed (%s); using torch's kernels", exc)
+            return None
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    lib = ctypes.CDLL(str(out))
+    fn = lib.edgemesh_int8_gemv
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_size_t] * 5
+    mt = lib.edgemesh_int8_gemv_mt
+    mt.restype = ctypes.c_int
+    mt.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_size_t] * 3 + [ctypes.c_int]
+    if lib.edgemesh_int8_gemv_max_m() != MAX_M:
+        log.warning("int8 decode kernel: unexpected build (%s); using torch's kernels", out)
+        return None
+    return lib
+
+
+def native() -> ctypes.CDLL | None:
+    """The built kernel library, or None (disabled, no compiler, build failed)."""
+    global _lib, _tried
+    if _tried:
+        return _lib
+    with _lock:
+        if not _tried:
+            if os.environ.get("EDGEMESH_NATIVE", "1") not in ("0", "false", "no"):
+                try:
+                    _lib = _build()
+                except OSError as exc:
+                    log.warning("int8 decode kernel unavailable (%s); using torch's kernels", exc)
+                    _lib = None
+            _tried = True
+    return _lib
+
+
+def vectorized() -> bool:
+    lib = native()
+    return bool(lib is not None and lib.edgemesh_int8_gemv_vector())
+
+
+def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+    """``(x @ weight.T) * scale`` for fp32 ``x`` [m, k] (1 ≤ m ≤ MAX_M), int8 ``weight`` [n, k],
+    fp32 ``scale`` [n]; fp32 [m, n]. ``threads``: how many share the rows (default: torch's
+    intra-op setting; the values do not depend on it). The caller checks ``native()`` first."""
+    lib = _lib
+    assert lib is not None
+    m, k = x.shape
+    n = weight.shape[0]
+    if not 1 <= m <= MAX_M or weight.shape[1] != k or scale.shape != (n,):
+        raise ValueError(f"int8_gemv: shapes x {tuple(x.shape)}, weight {tuple(weight.shape)}, scale {tuple(scale.shape)}")
+    if x.dtype != torch.float32 or not x.is_contiguous():
+        x = x.to(torch.float32).contiguous()
+    if not weight.is_contiguous():
+        weight = weight.contiguous()
+    if scale.dtype != torch.float32 or not scale.is_contiguous():
+        scale = scale.to(torch.float32).contiguous()
+    y = torch.empty((m, n), dtype=torch.float32)
+    nt = torch.get_num_threads() if threads is None else threads
+    lib.edgemesh_int8_gemv_mt(x.data_ptr(), weight.data_ptr(), scale.data_ptr(), y.data_ptr(), m, n, k, nt)
+    return y
+
+
+@contextlib.contextmanager
+def torch_only() -> Iterator[None]:
+    """Within this block ``native()`` is None: the torch kernels run (benchmarks and tests
+    compare the two paths in one process)."""
+    global _lib, _tried
+    native()
+    with _lock:
+        saved = _lib, _tried
+        _lib, _tried = None, True
+    try:
+        yield
+    finally:
+        with _lock:
+            _lib, _tried = saved
