@@ -91,16 +91,16 @@ def attention_block(
     cache.v[:, :, start_pos:end] = v
     keys = cache.k[:, :, :end]
     vals = cache.v[:, :, :end]
-    if n_q != n_kv:
-        keys = keys.repeat_interleave(n_q // n_kv, dim=1)
-        vals = vals.repeat_interleave(n_q // n_kv, dim=1)
+    # Grouped-query heads read their KV head in place (no repeated copy of the cache; the same
+    # values bit for bit, measured).
+    gqa = n_q != n_kv
     if t == 1:
-        y = F.scaled_dot_product_attention(q, keys, vals)
+        y = F.scaled_dot_product_attention(q, keys, vals, enable_gqa=gqa)
     elif start_pos == 0:
-        y = F.scaled_dot_product_attention(q, keys, vals, is_causal=True)
+        y = F.scaled_dot_product_attention(q, keys, vals, is_causal=True, enable_gqa=gqa)
     else:  # chunked prefill after earlier tokens: query i sees keys 0..start_pos+i
         mask = torch.arange(end)[None, :] <= (start_pos + torch.arange(t))[:, None]
-        y = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask)
+        y = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, enable_gqa=gqa)
     y = y.transpose(1, 2).reshape(b, t, n_q * d)
     return qlinear.linear(y, w, "wo", w.get("bo"))
 
