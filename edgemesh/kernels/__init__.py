@@ -76,7 +76,7 @@ def _build() -> ctypes.CDLL | None:
     except (OSError, subprocess.SubprocessError):
         version = ""
     src = _SOURCE.read_bytes()
-    flags = ["-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC", "-std=c11", "-pthread"]
+    flags = ["-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC", "-std=c11"]
     key = hashlib.sha256(b"\0".join([src, version.encode(), _cpu_key().encode(), " ".join(flags).encode()]))
     out = _cache_dir() / f"int8_gemv-{key.hexdigest()[:16]}.so"
     if not out.exists():
@@ -100,9 +100,6 @@ def _build() -> ctypes.CDLL | None:
     fn = lib.edgemesh_int8_gemv
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_size_t] * 5
-    mt = lib.edgemesh_int8_gemv_mt
-    mt.restype = ctypes.c_int
-    mt.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_size_t] * 3 + [ctypes.c_int]
     if lib.edgemesh_int8_gemv_max_m() != MAX_M:
         log.warning("int8 decode kernel: unexpected build (%s); using torch's kernels", out)
         return None
@@ -131,10 +128,10 @@ def vectorized() -> bool:
     return bool(lib is not None and lib.edgemesh_int8_gemv_vector())
 
 
-def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``(x @ weight.T) * scale`` for fp32 ``x`` [m, k] (1 ≤ m ≤ MAX_M), int8 ``weight`` [n, k],
-    fp32 ``scale`` [n]; fp32 [m, n]. ``threads``: how many share the rows (default: torch's
-    intra-op setting; the values do not depend on it). The caller checks ``native()`` first."""
+    fp32 ``scale`` [n]; fp32 [m, n], on the calling thread (the GIL is released meanwhile).
+    The caller checks ``native()`` first."""
     lib = _lib
     assert lib is not None
     m, k = x.shape
@@ -148,8 +145,7 @@ def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, thread
     if scale.dtype != torch.float32 or not scale.is_contiguous():
         scale = scale.to(torch.float32).contiguous()
     y = torch.empty((m, n), dtype=torch.float32)
-    nt = torch.get_num_threads() if threads is None else threads
-    lib.edgemesh_int8_gemv_mt(x.data_ptr(), weight.data_ptr(), scale.data_ptr(), y.data_ptr(), m, n, k, nt)
+    lib.edgemesh_int8_gemv(x.data_ptr(), weight.data_ptr(), scale.data_ptr(), y.data_ptr(), m, n, k, 0, n)
     return y
 
 

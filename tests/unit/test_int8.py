@@ -210,30 +210,23 @@ def test_native_kernel_is_exact_and_split_invariant(k: int, rows: int) -> None:
             assert torch.equal(part, y[:, a:b]), (a, b)
 
 
-def test_native_kernel_threads_give_the_same_bits() -> None:
-    """Rows split over the pool's threads: bitwise the single-thread result, every time
-    (also from several Python threads at once, as a thread group's ranks call it)."""
+def test_native_kernel_from_several_threads_at_once() -> None:
+    """A thread group's ranks call it concurrently (the GIL is released): same bits each time."""
     _need_native()
     w = _qw(1537, 576, seed=5)
-    xs = [torch.randn(m, 576, generator=torch.Generator().manual_seed(m)) for m in (1, 2, 4)]
-    one = [kernels.int8_gemv(x, w["w"], w["w" + SCALE], threads=1) for x in xs]
-    for nt in (2, 3, 8):
-        for x, ref in zip(xs, one):
-            for _ in range(20):
-                assert torch.equal(kernels.int8_gemv(x, w["w"], w["w" + SCALE], threads=nt), ref), nt
-    res = run_threads(4, lambda i: [torch.equal(kernels.int8_gemv(xs[0], w["w"], w["w" + SCALE], threads=2), one[0])
-                                    for _ in range(50)])
-    assert all(all(r) for r in res)
+    x = torch.randn(1, 576, generator=torch.Generator().manual_seed(1))
+    one = kernels.int8_gemv(x, w["w"], w["w" + SCALE])
+    out: list = [None] * 4
 
+    def body(i: int) -> None:
+        out[i] = all(torch.equal(kernels.int8_gemv(x, w["w"], w["w" + SCALE]), one) for _ in range(50))
 
-def run_threads(n: int, fn):  # type: ignore[no-untyped-def]
-    out: list = [None] * n
-    threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, fn(i))) for i in range(n)]
+    threads = [threading.Thread(target=body, args=(i,)) for i in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(60)
-    return out
+    assert out == [True] * 4
 
 
 def test_native_kernel_refuses_bad_shapes() -> None:
