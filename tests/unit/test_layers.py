@@ -27,7 +27,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("mesh",),  # defines the PeerPath face that nat provides
     ("nat",),
     ("collective",),
-    ("weights",),
+    ("weights", "kernels"),  # kernels: native compute kernels built on first use
     ("llm", "vit", "swarm"),
     ("placement",),
     ("runtime",),
