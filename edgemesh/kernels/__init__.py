@@ -100,6 +100,11 @@ def _build() -> ctypes.CDLL | None:
     fn = lib.edgemesh_int8_gemv
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_size_t] * 5
+    vp, sz, f32 = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_float
+    lib.edgemesh_int8_attn_decode.restype = ctypes.c_int
+    lib.edgemesh_int8_attn_decode.argtypes = [vp, vp, f32, sz] + [vp] * 8 + [sz] * 3 + [vp] * 4 + [sz] * 2 + [vp] * 2
+    lib.edgemesh_int8_mlp_decode.restype = ctypes.c_int
+    lib.edgemesh_int8_mlp_decode.argtypes = [vp, vp, f32, sz] + [vp] * 6 + [sz, vp, vp]
     if lib.edgemesh_int8_gemv_max_m() != MAX_M:
         log.warning("int8 decode kernel: unexpected build (%s); using torch's kernels", out)
         return None
@@ -163,3 +168,65 @@ def torch_only() -> Iterator[None]:
     finally:
         with _lock:
             _lib, _tried = saved
+
+
+def _ptr(t: torch.Tensor) -> int:
+    return t.data_ptr()
+
+
+def _ready(*ts: torch.Tensor) -> bool:
+    return all(t.is_contiguous() for t in ts)
+
+
+def attention_decode(x: torch.Tensor, w: dict[str, torch.Tensor], k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     pos: int, cos: torch.Tensor, sin: torch.Tensor, eps: float, head_dim: int) -> torch.Tensor | None:
+    """A rank's whole attention block for one token (batch 1, int8 weights, no biases) in one
+    native call: its partial output [1, 1, H], or None where it does not apply (the caller
+    runs the torch ops instead). ``k_cache``/``v_cache``: [1, n_kv, max_seq, d] fp32."""
+    if x.dtype != torch.float32 or x.numel() != x.shape[-1]:
+        return None
+    lib = native()
+    if lib is None:
+        return None
+    names = ("wq", "wk", "wv", "wo")
+    if any(w[n].dtype != torch.int8 for n in names) or any(b in w for b in ("bq", "bk", "bv", "bo")):
+        return None
+    hdim = x.shape[-1]
+    n_q, n_kv = w["wq"].shape[0] // head_dim, w["wk"].shape[0] // head_dim
+    max_seq = k_cache.shape[2]
+    mats = [w[n] for n in names] + [w[n + ".scale"] for n in names] + [w["norm"], k_cache, v_cache]
+    if not _ready(x, cos, sin, *mats) or any(t.dtype != torch.float32 for t in mats[4:]):
+        return None
+    out = torch.empty((1, 1, hdim), dtype=torch.float32)
+    scratch = torch.empty(hdim + 2 * (n_q + n_kv) * head_dim + pos + 1, dtype=torch.float32)
+    rc = lib.edgemesh_int8_attn_decode(
+        _ptr(x), _ptr(w["norm"]), ctypes.c_float(eps), hdim,
+        _ptr(w["wq"]), _ptr(w["wq.scale"]), _ptr(w["wk"]), _ptr(w["wk.scale"]), _ptr(w["wv"]), _ptr(w["wv.scale"]),
+        _ptr(w["wo"]), _ptr(w["wo.scale"]), n_q, n_kv, head_dim, _ptr(cos), _ptr(sin),
+        _ptr(k_cache), _ptr(v_cache), max_seq, pos, _ptr(scratch), _ptr(out))
+    if rc != 0:
+        raise ValueError(f"attention_decode: bad shapes (heads {n_q}/{n_kv}, d {head_dim}, pos {pos}/{max_seq})")
+    return out
+
+
+def mlp_decode(x: torch.Tensor, w: dict[str, torch.Tensor], eps: float) -> torch.Tensor | None:
+    """A rank's whole SwiGLU block for one token (int8 weights, no biases) in one native call:
+    its partial output [1, 1, H], or None where it does not apply."""
+    if x.dtype != torch.float32 or x.numel() != x.shape[-1]:
+        return None
+    lib = native()
+    if lib is None:
+        return None
+    names = ("w_gate", "w_up", "w_down")
+    if any(w[n].dtype != torch.int8 for n in names) or any(b in w for b in ("b_gate", "b_up", "b_down")):
+        return None
+    mats = [w[n] for n in names] + [w[n + ".scale"] for n in names] + [w["norm"]]
+    if not _ready(x, *mats) or any(t.dtype != torch.float32 for t in mats[3:]):
+        return None
+    hdim, f = x.shape[-1], w["w_gate"].shape[0]
+    out = torch.empty((1, 1, hdim), dtype=torch.float32)
+    scratch = torch.empty(hdim + 2 * f, dtype=torch.float32)
+    lib.edgemesh_int8_mlp_decode(_ptr(x), _ptr(w["norm"]), ctypes.c_float(eps), hdim,
+                                 _ptr(w["w_gate"]), _ptr(w["w_gate.scale"]), _ptr(w["w_up"]), _ptr(w["w_up.scale"]),
+                                 _ptr(w["w_down"]), _ptr(w["w_down.scale"]), f, _ptr(scratch), _ptr(out))
+    return out

@@ -147,3 +147,91 @@ int edgemesh_int8_gemv(const float *x, const int8_t *w, const float *scale, floa
     return 0;
 }
 
+
+/* ---- whole decode blocks (one token, batch 1) -------------------------------------------
+ * A decode step of a small model is dominated by per-op overhead when each of ~50 small ops
+ * per layer is a separate torch call from Python. These run a rank's attention and MLP block
+ * for one token in one call each, fp32 activations, int8 weights through the kernel above. */
+
+#include <math.h>
+#include <string.h>
+
+static void rms_norm1(const float *x, const float *w, float eps, size_t n, float *out) {
+    float ss = 0.0f;
+    for (size_t i = 0; i < n; i++) ss += x[i] * x[i];
+    float r = 1.0f / sqrtf(ss / (float)n + eps);
+    for (size_t i = 0; i < n; i++) out[i] = w[i] * (x[i] * r);
+}
+
+/* rotate-half RoPE of one head in place: cos/sin hold d values */
+static void rope1(float *v, const float *cs, const float *sn, size_t d) {
+    size_t h = d / 2;
+    for (size_t i = 0; i < h; i++) {
+        float a = v[i], b = v[i + h];
+        v[i] = a * cs[i] - b * sn[i];
+        v[i + h] = b * cs[i + h] + a * sn[i + h];
+    }
+}
+
+/* out [hdim]: this rank's partial attention output (its heads through its wo columns) for the
+ * token at position pos. kcache/vcache: [n_kv, max_seq, d]; the token's k and v are written
+ * at pos. scratch: at least hdim + 2*(n_q + n_kv)*d + pos + 1 floats. */
+int edgemesh_int8_attn_decode(const float *x, const float *norm, float eps, size_t hdim,
+                              const int8_t *wq, const float *sq, const int8_t *wk, const float *sk,
+                              const int8_t *wv, const float *sv, const int8_t *wo, const float *so,
+                              size_t n_q, size_t n_kv, size_t d,
+                              const float *cs, const float *sn, float *kcache, float *vcache,
+                              size_t max_seq, size_t pos, float *scratch, float *out) {
+    if (n_kv == 0 || n_q % n_kv != 0 || pos >= max_seq || d % 2) return -1;
+    float *xn = scratch, *q = xn + hdim, *k = q + n_q * d, *v = k + n_kv * d, *a = v + n_kv * d;
+    float *p = a + n_q * d;
+    rms_norm1(x, norm, eps, hdim, xn);
+    edgemesh_int8_gemv(xn, wq, sq, q, 1, n_q * d, hdim, 0, n_q * d);
+    edgemesh_int8_gemv(xn, wk, sk, k, 1, n_kv * d, hdim, 0, n_kv * d);
+    edgemesh_int8_gemv(xn, wv, sv, v, 1, n_kv * d, hdim, 0, n_kv * d);
+    for (size_t h = 0; h < n_q; h++) rope1(q + h * d, cs, sn, d);
+    for (size_t g = 0; g < n_kv; g++) {
+        rope1(k + g * d, cs, sn, d);
+        memcpy(kcache + (g * max_seq + pos) * d, k + g * d, d * sizeof(float));
+        memcpy(vcache + (g * max_seq + pos) * d, v + g * d, d * sizeof(float));
+    }
+    float scale = 1.0f / sqrtf((float)d);
+    size_t group = n_q / n_kv, T = pos + 1;
+    for (size_t h = 0; h < n_q; h++) {
+        const float *qh = q + h * d;
+        const float *K = kcache + (h / group) * max_seq * d, *V = vcache + (h / group) * max_seq * d;
+        float mx = -INFINITY;
+        for (size_t t = 0; t < T; t++) {
+            const float *kt = K + t * d;
+            float s = 0.0f;
+            for (size_t i = 0; i < d; i++) s += qh[i] * kt[i];
+            p[t] = s * scale;
+            if (p[t] > mx) mx = p[t];
+        }
+        float sum = 0.0f;
+        for (size_t t = 0; t < T; t++) { p[t] = expf(p[t] - mx); sum += p[t]; }
+        float inv = 1.0f / sum;
+        float *o = a + h * d;
+        for (size_t i = 0; i < d; i++) o[i] = 0.0f;
+        for (size_t t = 0; t < T; t++) {
+            const float *vt = V + t * d;
+            float w = p[t] * inv;
+            for (size_t i = 0; i < d; i++) o[i] += w * vt[i];
+        }
+    }
+    edgemesh_int8_gemv(a, wo, so, out, 1, hdim, n_q * d, 0, hdim);
+    return 0;
+}
+
+/* out [hdim]: this rank's partial SwiGLU output for one token. scratch: hdim + 2*f floats. */
+int edgemesh_int8_mlp_decode(const float *x, const float *norm, float eps, size_t hdim,
+                             const int8_t *wg, const float *sg, const int8_t *wu, const float *su,
+                             const int8_t *wd, const float *sd, size_t f, float *scratch, float *out) {
+    float *xn = scratch, *g = xn + hdim, *u = g + f;
+    rms_norm1(x, norm, eps, hdim, xn);
+    edgemesh_int8_gemv(xn, wg, sg, g, 1, f, hdim, 0, f);
+    edgemesh_int8_gemv(xn, wu, su, u, 1, f, hdim, 0, f);
+    for (size_t i = 0; i < f; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+    edgemesh_int8_gemv(g, wd, sd, out, 1, hdim, f, 0, hdim);
+    return 0;
+}

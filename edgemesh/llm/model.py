@@ -33,6 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from edgemesh import kernels
 from edgemesh.collective.base import Collective
 from edgemesh.errors import ConfigError, EdgemeshError
 from edgemesh.llm import qlinear
@@ -83,6 +84,10 @@ def attention_block(
         out = torch.zeros_like(x)
         return out + w["bo"] if "bo" in w else out
     n_q = w["wq"].shape[0] // d
+    if t == 1 and b == 1:  # one decode token, int8 weights: the whole block in one native call
+        out = kernels.attention_decode(x, w, cache.k, cache.v, start_pos, cos, sin, config.rms_norm_eps, d)
+        if out is not None:
+            return out
     xn = rms_norm(x, w["norm"], config.rms_norm_eps)
     q = qlinear.linear(xn, w, "wq", w.get("bq")).view(b, t, n_q, d).transpose(1, 2)
     k = qlinear.linear(xn, w, "wk", w.get("bk")).view(b, t, n_kv, d).transpose(1, 2)
@@ -113,6 +118,10 @@ def mlp_block(x: torch.Tensor, w: dict[str, torch.Tensor], config: ModelConfig) 
     if w["w_gate"].shape[0] == 0:
         out = torch.zeros_like(x)
         return out + w["b_down"] if "b_down" in w else out
+    if x.numel() == x.shape[-1]:  # one decode token, int8 weights: one native call
+        out = kernels.mlp_decode(x, w, config.rms_norm_eps)
+        if out is not None:
+            return out
     xn = rms_norm(x, w["norm"], config.rms_norm_eps)
     gate = qlinear.linear(xn, w, "w_gate", w.get("b_gate"))
     up = qlinear.linear(xn, w, "w_up", w.get("b_up"))
