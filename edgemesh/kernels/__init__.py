@@ -194,6 +194,16 @@ def attention_decode(x: torch.Tensor, w: dict[str, torch.Tensor], k_cache: torch
     hdim = x.shape[-1]
     n_q, n_kv = w["wq"].shape[0] // head_dim, w["wk"].shape[0] // head_dim
     max_seq = k_cache.shape[2]
+    qd, kd = n_q * head_dim, n_kv * head_dim
+    want = {"wq": (qd, hdim), "wk": (kd, hdim), "wv": (kd, hdim), "wo": (hdim, qd), "wq.scale": (qd,),
+            "wk.scale": (kd,), "wv.scale": (kd,), "wo.scale": (hdim,), "norm": (hdim,)}
+    # The C code trusts these sizes: anything else (a malformed slice) takes the torch path,
+    # which raises its own shape error.
+    if (any(tuple(w[n].shape) != shape for n, shape in want.items()) or n_kv == 0 or n_q % n_kv
+            or tuple(k_cache.shape) != (1, n_kv, max_seq, head_dim) or k_cache.shape != v_cache.shape
+            or not 0 <= pos < max_seq or tuple(cos.shape) != (1, head_dim) or cos.shape != sin.shape
+            or head_dim % 2):
+        return None
     mats = [w[n] for n in names] + [w[n + ".scale"] for n in names] + [w["norm"], k_cache, v_cache]
     if not _ready(x, cos, sin, *mats) or any(t.dtype != torch.float32 for t in mats[4:]):
         return None
@@ -224,6 +234,10 @@ def mlp_decode(x: torch.Tensor, w: dict[str, torch.Tensor], eps: float) -> torch
     if not _ready(x, *mats) or any(t.dtype != torch.float32 for t in mats[3:]):
         return None
     hdim, f = x.shape[-1], w["w_gate"].shape[0]
+    want = {"w_gate": (f, hdim), "w_up": (f, hdim), "w_down": (hdim, f), "w_gate.scale": (f,), "w_up.scale": (f,),
+            "w_down.scale": (hdim,), "norm": (hdim,)}
+    if any(tuple(w[n].shape) != shape for n, shape in want.items()):
+        return None  # the C code trusts these sizes; the torch path raises its own error
     out = torch.empty((1, 1, hdim), dtype=torch.float32)
     scratch = torch.empty(hdim + 2 * f, dtype=torch.float32)
     lib.edgemesh_int8_mlp_decode(_ptr(x), _ptr(w["norm"]), ctypes.c_float(eps), hdim,

@@ -72,7 +72,7 @@ def linear(x: torch.Tensor, w: dict[str, torch.Tensor], name: str, bias: torch.T
 
 
 def _native_used(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (x.dtype == torch.float32 and x.numel() // x.shape[-1] <= kernels.MAX_M and weight.shape[0] > 0
+    return (x.dtype == torch.float32 and 1 <= x.numel() // x.shape[-1] <= kernels.MAX_M and weight.shape[0] > 0
             and kernels.native() is not None)
 
 

@@ -124,3 +124,23 @@ def test_blocks_with_biases_or_float_weights_keep_the_torch_path() -> None:
     qw["bq"] = torch.zeros(qw["wq"].shape[0])
     assert kernels.attention_decode(x, qw, cache.k, cache.v, 0, cos[:1], sin[:1], 1e-5, 64) is None
     assert kernels.mlp_decode(x, random_block(cfg, "mlp_0", seed=6), 1e-5) is None
+
+
+def test_malformed_slices_never_reach_the_c_code() -> None:
+    """Sizes that disagree (a malformed slice) fall back to the torch ops instead of letting the
+    C code read past a tensor."""
+    cfg = ModelConfig(256, 512, 4, 2, 1, 100, max_position_embeddings=16)
+    qa = quantize_block(random_block(cfg, "attn_0", seed=8), "int8")
+    qm = quantize_block(random_block(cfg, "mlp_0", seed=8), "int8")
+    x = torch.randn(1, 1, 256)
+    cache = KVCache(torch.zeros(1, 2, 16, 64), torch.zeros(1, 2, 16, 64))
+    cos, sin = rope_table(cfg, 16)
+    assert kernels.attention_decode(x, qa, cache.k, cache.v, 3, cos[3:4], sin[3:4], 1e-5, 64) is not None
+    for name, bad in (("wo", qa["wo"][:, :64].contiguous()), ("wq.scale", qa["wq.scale"][:-1].contiguous()),
+                      ("norm", qa["norm"][:128].contiguous())):
+        assert kernels.attention_decode(x, {**qa, name: bad}, cache.k, cache.v, 3, cos[3:4], sin[3:4], 1e-5, 64) is None
+    small = torch.zeros(1, 2, 4, 64)
+    assert kernels.attention_decode(x, qa, small, small.clone(), 3, cos[3:4], sin[3:4], 1e-5, 64) is not None
+    assert kernels.attention_decode(x, qa, small, small.clone(), 4, cos[4:5], sin[4:5], 1e-5, 64) is None
+    assert kernels.mlp_decode(x, qm, 1e-5) is not None
+    assert kernels.mlp_decode(x, {**qm, "w_down": qm["w_down"][:, :100].contiguous()}, 1e-5) is None
