@@ -8,12 +8,14 @@ gives. This CPU may not crash on a misaligned weight, so the tests check what re
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from edgemesh import kernels
 from edgemesh.collective.base import LocalCollective
 from edgemesh.llm import qlinear
 from edgemesh.llm.build import load_from_store
@@ -35,8 +37,10 @@ def _offsets(t: torch.Tensor) -> int:
 
 
 @pytest.fixture
-def kernel_operands(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int, int]]:
-    """Pointer offsets (x, weight, scale) of every call of the packed kernel."""
+def kernel_operands(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[int, int, int]]]:
+    """Pointer offsets (x, weight, scale) of every call of the packed kernel, with edgemesh's
+    own kernel switched off (it is the torch fallback whose alignment is under test; the native
+    kernel uses unaligned loads)."""
     seen: list[tuple[int, int, int]] = []
     real = qlinear._packed_mm
 
@@ -46,7 +50,8 @@ def kernel_operands(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int, int
         return real(x, w, s)
 
     monkeypatch.setattr(qlinear, "_packed_mm", hook)
-    return seen
+    with kernels.torch_only():
+        yield seen
 
 
 def _weights() -> tuple[torch.Tensor, torch.Tensor]:
