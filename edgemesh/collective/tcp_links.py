@@ -590,12 +590,8 @@ class SecureLinks:
                 except _WOULD_BLOCK:
                     self._wait_writable(conn, deadline)
                     continue
-                except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                    raise self._gone(conn) from None
-                except ssl.SSLError as exc:
-                    raise self._broken(conn, exc) from None
-                except OSError:
-                    raise self._gone(conn) from None
+                except OSError as exc:  # ssl.SSLError included
+                    raise self._io_failure(conn, exc) from None
                 view = view[sent:]
         conn.partial = False
 
@@ -794,12 +790,8 @@ class SecureLinks:
             n = conn.sock.recv_into(into)
         except _WOULD_BLOCK:
             return None
-        except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-            raise self._gone(conn) from None
-        except ssl.SSLError as exc:
-            raise self._broken(conn, exc) from None
-        except OSError:
-            raise self._gone(conn) from None
+        except OSError as exc:  # ssl.SSLError included
+            raise self._io_failure(conn, exc) from None
         if n == 0:
             raise self._gone(conn)
         return n
@@ -818,6 +810,13 @@ class SecureLinks:
         if conn.fd in self._by_fd:
             self._poll.unregister(conn.fd)
             del self._by_fd[conn.fd]
+
+    def _io_failure(self, conn: _Conn, exc: OSError) -> PeerLost | LinkAuthError:
+        """What a failed read or write on an established link means: the peer closed (TLS close
+        or EOF, a socket error), or a TLS error (``_broken``)."""
+        if isinstance(exc, ssl.SSLError) and not isinstance(exc, (ssl.SSLZeroReturnError, ssl.SSLEOFError)):
+            return self._broken(conn, exc)
+        return self._gone(conn)
 
     def _bad(self, conn: _Conn, what: str) -> LinkProtocolError:
         self._forget(conn, lost=False)
