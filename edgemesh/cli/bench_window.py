@@ -22,6 +22,8 @@ def bench_window(
     tokens: int = typer.Option(8, "--tokens", help="Timed decode steps (median reported)."),
     prompt_tokens: int = typer.Option(16, "--prompt-tokens", help="Prompt length."),
     threads: int = typer.Option(1, "--threads", help="Torch threads per member."),
+    reps: int = typer.Option(1, "--reps", help="Repeat the memory and window runs, alternating; medians are reported "
+                                               "(a shared or virtual host varies by 10-20 % from run to run)."),
     budget: Optional[str] = typer.Option(None, "--budget", help="Memory budget for the budget run (default: between "
                                                                "what a 2-block window and all-in-memory need)."),
     page_cache: bool = typer.Option(True, "--page-cache/--no-page-cache", help="Also run the first window with "
@@ -40,11 +42,11 @@ def bench_window(
         wins = tuple(int(x) for x in windows.split(",") if x.strip())
     except ValueError:
         raise ConfigError(f"--windows {windows!r}: comma-separated integers, e.g. 2,3") from None
-    if not wins or tokens < 2 or prompt_tokens < 1 or threads < 1:
-        raise ConfigError("--windows needs at least one size; --tokens ≥ 2, --prompt-tokens ≥ 1, --threads ≥ 1")
+    if not wins or tokens < 2 or prompt_tokens < 1 or threads < 1 or reps < 1:
+        raise ConfigError("--windows needs at least one size; --tokens ≥ 2, --prompt-tokens ≥ 1, --threads ≥ 1, --reps ≥ 1")
     opts = BenchOptions(size_bytes=parse_size(size), members=members, windows=wins, tokens=tokens,
                         prompt_tokens=prompt_tokens, threads=threads, page_cache_run=page_cache,
-                        budget_bytes=parse_size(budget) if budget else None, enforce=enforce)
+                        budget_bytes=parse_size(budget) if budget else None, enforce=enforce, reps=reps)
     err = Console(stderr=True)
     with err.status("…") as st:
         r = bench(store or default_store_dir(), opts, progress=lambda m: st.update(m))
@@ -74,7 +76,8 @@ def bench_window(
                   f"no-stall predicted: {r['no_stall_predicted']}; greedy tokens identical: {r['same_tokens']}")
         pre = r.get("prefill")
         if pre:
-            err.print(f"prefill of {pre['prompt_tokens']} tokens: window / memory {pre['window_vs_memory']:.2f}× "
+            err.print(f"prefill of {pre['prompt_tokens']} tokens (steady state, the second prompt): window / memory "
+                      f"{pre['window_vs_memory']:.2f}×; a fresh process's first prompt {pre['first_window_vs_memory']:.2f}× "
                       f"(t_a {pre['t_a_ms']:.1f}, t_f {pre['t_f_ms']:.1f}, t_ar {pre['t_ar_ms']:.1f} ms vs τ_a "
                       f"{pre['tau_a_ms']:.1f}, τ_f {pre['tau_f_ms']:.1f} ms; no-stall predicted: {pre['no_stall_predicted']})")
     b = r.get("budget", {})

@@ -8,8 +8,9 @@ window (ALGORITHMS §3) and a split whose predicted peak fits every device (pure
    with its share s as ``baseline + activations (+ the master's embedding/head window)
    + s·(window of full blocks + full KV cache)``, so its share is capped at what its budget
    holds and the ordinary planner spreads the decoder by speed within those caps. The exact
-   peak of the resulting slices is checked; w = 2 must fit, and a larger w (more slack for
-   disk jitter) is taken when it fits without changing the split.
+   peak of the resulting slices is checked (a device over its limit gets its cap shrunk by
+   10 % and the split is redone); w = 2 must fit, and a larger w (more slack for disk jitter)
+   is taken when it fits without changing the split.
 3. If w = 2 does not fit, the plan is refused with what each device would need and has.
 
 The no-stall check per device uses its slices' compute time (planner's GFLOP/s and memory
@@ -39,6 +40,7 @@ from edgemesh.weights.config import ModelConfig
 from edgemesh.weights.shard import ShardSpec
 
 MAX_WINDOW = 4
+SHRINK, SHRINK_STEPS = 0.9, 12  # a share cap that missed its exact check is retried 10 % smaller
 PROMPT_TOKENS = 128  # the forward the activation term is sized for (a prompt of this many tokens)
 _HUGE = 1 << 60
 
@@ -87,13 +89,21 @@ def plan_with_budget(
         pass
 
     def windowed(w: int) -> tuple[Plan, list[MemoryPrediction]] | None:
-        try:
-            p = plan(config, _window_devices(config, capped, w, context_len, dtype_bytes, baseline_bytes,
-                                             prompt_tokens), links, **kw)
-        except ConfigError:
-            return None
-        preds = predict(p, w)
-        return (p, preds) if fits(p, preds) else None
+        scale = {d.id: 1.0 for d in capped}
+        for _ in range(SHRINK_STEPS):
+            try:
+                p = plan(config, _window_devices(config, capped, w, context_len, dtype_bytes, baseline_bytes,
+                                                 prompt_tokens, scale), links, **kw)
+            except ConfigError:
+                return None
+            preds = predict(p, w)
+            if fits(p, preds):
+                return p, preds
+            # the share caps are estimates: shrink those of the devices over their limit and retry
+            for dp, pr in zip(p.devices, preds):
+                if pr.total > limits[dp.id]:
+                    scale[dp.id] *= SHRINK
+        return None
 
     best = windowed(2)  # 2. the smallest window, then larger ones that keep its split
     if best is None:
@@ -108,7 +118,7 @@ def plan_with_budget(
 
 
 def _window_devices(config: ModelConfig, devices: list[Device], w: int, context_len: int, dtype_bytes: int,
-                    baseline: int, tokens: int) -> list[Device]:
+                    baseline: int, tokens: int, scale: dict[str, float] | None = None) -> list[Device]:
     """Devices whose ``mem_bytes`` make the ordinary planner cap each share at what a
     ``w``-block window lets the real budget hold (its cap is (mem − fixed) / decoder · 0.98)."""
     c = config
@@ -121,15 +131,21 @@ def _window_devices(config: ModelConfig, devices: list[Device], w: int, context_
     # MLP rows (llm.build.rank_files): a full share's window runs over the whole head too.
     per_share = (window_bytes(pair * c.num_hidden_layers + [head_bytes(c, c.vocab_size, dtype_bytes)], w)
                  + kv_cache_bytes(c, full, context_len))
-    head = [b for n, b in participant_blocks(c, [], 0, dtype_bytes)]  # input, output (, input)
+    # The master's window also passes its embedding; w consecutive blocks of its order hold it at
+    # most once beside blocks of its share, so the embedding on top of a share's window bounds it.
+    embedding = block_bytes(c, "input", None, dtype_bytes)
+    hidden_act = 6 * max(tokens, 1) * c.hidden_size * 4  # the residual stream: the same for any share
     out = []
     for k, d in enumerate(devices):
         fixed = baseline + c.num_hidden_layers * sz.layer_fixed_bytes + (sz.master_bytes if k == 0 else 0)
-        extra = window_bytes(head, min(w, len(head))) if k == 0 else 0
-        # activations of a full slice: an over-estimate for a share, the exact check follows
+        extra = embedding if k == 0 else 0
+        # Activations grow with the share (heads' scores, MLP rows, head rows) on top of the
+        # residual stream; estimated from a full slice's, the exact check of the split follows.
         act = predict_participant(c, full, k, dtype_bytes=dtype_bytes, window=w, context_len=context_len,
                                   tokens=tokens, baseline_bytes=0).activations
-        cap = max(d.mem_bytes - baseline - act - extra, 0) / per_share
+        fixed_act = min(hidden_act, act)
+        cap = max(d.mem_bytes - baseline - fixed_act - extra, 0) / (per_share + act - fixed_act)
+        cap *= (scale or {}).get(d.id, 1.0)
         out.append(replace(d, mem_bytes=int(fixed + min(cap, 1e6) * decoder / 0.98)))
     return out
 

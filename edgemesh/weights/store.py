@@ -32,11 +32,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from edgemesh.errors import ConfigError, EdgemeshError
 from edgemesh.weights.aligned import load_aligned
 from edgemesh.weights.config import ModelConfig
+from edgemesh.weights.safetensors_io import write_safetensors
 from edgemesh.weights.shard import ShardSpec, slice_block, slice_head
 
 MANIFEST = "manifest.json"
@@ -86,10 +86,11 @@ def verify_file(path: Path, ref: FileRef) -> None:
 
 
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor], name: str) -> FileRef:
-    """Write a safetensors file atomically and return its hash (relative name ``name``)."""
+    """Write a safetensors file atomically and return its hash (relative name ``name``); laid
+    out for direct reads (``safetensors_io``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_name(path)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+    write_safetensors(tmp, tensors, metadata={"format": "pt"})
     ref = FileRef(name, sha256_file(tmp), tmp.stat().st_size)
     os.replace(tmp, path)
     return ref

@@ -25,6 +25,7 @@ block (``get`` → ``release``), the gap between one decoder block's release and
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import mmap
@@ -40,6 +41,7 @@ import torch
 
 from edgemesh.errors import ConfigError, EdgemeshError
 from edgemesh.weights.config import ModelConfig
+from edgemesh.weights.safetensors_io import DTYPES, PAGE
 from edgemesh.weights.store import FileRef, ModelEntry, verify_file
 
 log = logging.getLogger(__name__)
@@ -48,11 +50,6 @@ log = logging.getLogger(__name__)
 # more than one piece of a block, not the whole block.
 READ_CHUNK = 16 << 20
 
-_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
 
 
 class WeightLoadError(EdgemeshError):
@@ -118,52 +115,38 @@ def read_block(path: Path, *, drop_cache: bool = True,
     ``take(nbytes)`` supplies the mapping (a reused one, say); by default a fresh one. Not
     ``safetensors.load_file``: it maps the whole file, so every page of it enters the page
     cache (charged to our cgroup) and stays while mapped, and it leaves no say over where the
-    tensors are allocated."""
+    tensors are allocated.
+
+    With ``drop_cache`` and a file laid out for it (``safetensors_io``: every tensor 64-byte
+    aligned in the file), the data region is read with ``O_DIRECT``, straight from the disk into
+    the mapping; otherwise with buffered reads whose pages are dropped from the cache after each
+    piece."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError as exc:
         raise WeightLoadError(f"{path}: cannot open block file ({exc.strerror})") from None
     try:
+        base, layout = _layout(path, fd)
+        if drop_cache and _direct_possible(base, layout):
+            got = _read_direct(path, base, layout, take)
+            if got is not None:
+                return got
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        head = os.pread(fd, 8, 0)
-        if len(head) != 8:
-            raise WeightLoadError(f"{path}: not a safetensors file (too short)")
-        n = int.from_bytes(head, "little")
-        if not 0 < n <= 100 << 20:
-            raise WeightLoadError(f"{path}: not a safetensors file (header size {n})")
-        try:
-            header = json.loads(os.pread(fd, n, 8))
-        except ValueError:
-            raise WeightLoadError(f"{path}: unreadable safetensors header") from None
-        base = 8 + n
-        layout: list[tuple[str, torch.dtype, list[int], int, int, int]] = []  # name, dtype, shape, begin, end, at
-        total = 0
-        for name, info in sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
-                                 key=lambda kv: kv[1]["data_offsets"][0]):
-            dtype = _DTYPES.get(info.get("dtype"))
-            if dtype is None:
-                raise WeightLoadError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
-            shape = [int(s) for s in info["shape"]]
-            begin, end = (int(x) for x in info["data_offsets"])
-            numel = 1
-            for s in shape:
-                numel *= s
-            if numel * torch.empty((), dtype=dtype).element_size() != end - begin or begin < 0:
-                raise WeightLoadError(f"{path}: tensor {name!r} size does not match its shape")
-            layout.append((name, dtype, shape, begin, end, total))
-            total += _aligned_size(end - begin)
+        total = sum(_aligned_size(end - begin) for _, _, _, begin, end in layout)
         out: dict[str, torch.Tensor] = {}
         buf = None if not total else take(total) if take is not None else mmap.mmap(-1, total)
         view = memoryview(buf) if buf is not None else None
+        at = 0
         try:
-            for name, dtype, shape, begin, end, at in layout:
+            for name, dtype, shape, begin, end in layout:
                 if end == begin:
                     out[name] = torch.empty(shape, dtype=dtype)
                     continue
                 assert view is not None
                 _read_exact(fd, view[at:at + end - begin], base + begin, drop_cache)
                 out[name] = torch.frombuffer(buf, dtype=torch.uint8, count=end - begin, offset=at).view(dtype).view(shape)
+                at += _aligned_size(end - begin)
         finally:
             if view is not None:
                 view.release()
@@ -176,6 +159,119 @@ def read_block(path: Path, *, drop_cache: bool = True,
         if drop_cache:
             _drop_cache(fd)
         os.close(fd)
+
+
+_Layout = list[tuple[str, torch.dtype, list[int], int, int]]  # name, dtype, shape, begin, end (data offsets)
+
+
+def _layout(path: Path, fd: int) -> tuple[int, _Layout]:
+    """The data region's file offset and the tensors in file order, every size checked."""
+    head = os.pread(fd, 8, 0)
+    if len(head) != 8:
+        raise WeightLoadError(f"{path}: not a safetensors file (too short)")
+    n = int.from_bytes(head, "little")
+    if not 0 < n <= 100 << 20:
+        raise WeightLoadError(f"{path}: not a safetensors file (header size {n})")
+    try:
+        header = json.loads(os.pread(fd, n, 8))
+    except ValueError:
+        raise WeightLoadError(f"{path}: unreadable safetensors header") from None
+    if not isinstance(header, dict):
+        raise WeightLoadError(f"{path}: unreadable safetensors header")
+    size = os.fstat(fd).st_size
+    layout: _Layout = []
+    for name, info in sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
+                             key=lambda kv: kv[1]["data_offsets"][0]):
+        dtype = DTYPES.get(info.get("dtype"))
+        if dtype is None:
+            raise WeightLoadError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
+        shape = [int(s) for s in info["shape"]]
+        begin, end = (int(x) for x in info["data_offsets"])
+        numel = 1
+        for s in shape:
+            numel *= s
+        if numel * torch.empty((), dtype=dtype).element_size() != end - begin or begin < 0 or min(shape, default=0) < 0:
+            raise WeightLoadError(f"{path}: tensor {name!r} size does not match its shape")
+        if 8 + n + end > size:
+            raise WeightLoadError(f"{path}: file ends early (tensor {name!r})")
+        layout.append((name, dtype, shape, begin, end))
+    return 8 + n, layout
+
+
+def block_memory(path: Path) -> int:
+    """Bytes ``read_block`` maps for ``path`` (the larger of its two ways to read it); the file
+    size when the file cannot be read (the loader reports that when it gets there)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return 0
+    try:
+        base, layout = _layout(path, fd)
+    except (WeightLoadError, OSError, KeyError, TypeError, ValueError):
+        return os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+    ends = [e for _, _, _, b, e in layout if e > b]
+    direct = -(-(base + max(ends) - base // PAGE * PAGE) // PAGE) * PAGE if ends else 0
+    return max(direct, sum(_aligned_size(e - b) for _, _, _, b, e in layout))
+
+
+def _direct_possible(base: int, layout: _Layout) -> bool:
+    return _direct_ok and hasattr(os, "O_DIRECT") and all((base + b) % ALIGN == 0 for _, _, _, b, e in layout if e > b)
+
+
+_direct_ok = True  # False once the filesystem refused O_DIRECT (tmpfs, say): buffered reads from then on
+DIRECT_CHUNK = 64 << 20  # per read call; larger pieces cost less CPU per byte (measured 16-256 MiB)
+
+
+def _read_direct(path: Path, base: int, layout: _Layout,
+                 take: Callable[[int], mmap.mmap] | None) -> tuple[dict[str, torch.Tensor], mmap.mmap | None] | None:
+    """Read the data region with ``O_DIRECT`` into one page-aligned mapping; the tensors are
+    views at their offsets in it. None when the filesystem does not do direct I/O."""
+    global _direct_ok
+    ends = [e for _, _, _, b, e in layout if e > b]
+    if not ends:
+        return {name: torch.empty(shape, dtype=dtype) for name, dtype, shape, _, _ in layout}, None
+    first = base // PAGE * PAGE
+    need = base + max(ends) - first
+    nbytes = -(-need // PAGE) * PAGE
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    except OSError as exc:
+        if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+            _direct_ok = False
+            log.info("weight window: %s does not allow O_DIRECT; buffered reads", path.parent)
+            return None
+        raise
+    try:
+        buf = take(nbytes) if take is not None else mmap.mmap(-1, nbytes)
+        view = memoryview(buf)
+        try:
+            done = 0
+            while done < need:
+                try:
+                    n = os.preadv(fd, [view[done:min(nbytes, done + DIRECT_CHUNK)]], first + done)
+                except OSError as exc:
+                    if exc.errno == errno.EINVAL:
+                        _direct_ok = False
+                        log.info("weight window: O_DIRECT read refused (%s); buffered reads", exc)
+                        return None
+                    raise
+                if n <= 0:
+                    raise WeightLoadError(f"{path}: file ends early")
+                done += n
+        finally:
+            view.release()
+    finally:
+        os.close(fd)
+    out: dict[str, torch.Tensor] = {}
+    for name, dtype, shape, begin, end in layout:
+        if end == begin:
+            out[name] = torch.empty(shape, dtype=dtype)
+        else:
+            out[name] = torch.frombuffer(buf, dtype=torch.uint8, count=end - begin,
+                                         offset=base + begin - first).view(dtype).view(shape)
+    return out, buf
 
 
 def _kind(block: str) -> str:
@@ -198,6 +294,7 @@ class WindowStats:
     stall_ms_per_token: float  # time ``get`` waited for the disk, per forward
     bytes_read: int
     read_mbyte_s: float  # bytes read / seconds spent reading
+    load_cpu_ms_per_token: float  # CPU time the loader thread used, per forward (taken from compute on a busy CPU)
     max_resident_blocks: int
     max_resident_bytes: int
     no_stall: bool | None
@@ -253,11 +350,13 @@ class WindowedProvider:
         self._loading_bytes = 0
         self._buf_of: dict[int, mmap.mmap] = {}  # pos -> the mapping its tensors live in
         self._free: list[mmap.mmap] = []  # released mappings kept for reuse
+        self._reserved: mmap.mmap | None = None  # a kept mapping set aside for the read in flight
         try:
             self._sizes = {b: self.files[b].stat().st_size for b in set(order)}
         except OSError as exc:
             raise WeightLoadError(f"{exc.filename}: block file missing ({exc.strerror})") from None
-        sizes = [self._sizes[b] for b in self.order]
+        self._mem = {b: block_memory(self.files[b]) for b in set(order)}  # what a resident copy takes
+        sizes = [self._mem[b] for b in self.order]
         span = min(window, len(sizes))
         # resident blocks + kept mappings never exceed the largest w consecutive blocks
         self._keep_limit = max(sum(sizes[(i + j) % len(sizes)] for j in range(span)) for i in range(len(sizes)))
@@ -349,6 +448,7 @@ class WindowedProvider:
             self._tokens = 0
             self._bytes_read = 0
             self._read_s = 0.0
+            self._load_cpu_s = 0.0
             self._max_blocks = 0
             self._max_bytes = 0
             self._last_release: tuple[int, str, float] | None = None
@@ -364,6 +464,7 @@ class WindowedProvider:
                 round(tau_f, 4), round(a.ms("load_other"), 4),
                 round(1e3 * a.sum.get("stall", 0.0) / max(self._tokens, 1), 4), self._bytes_read,
                 round(self._bytes_read / self._read_s / 1e6, 1) if self._read_s > 0 else 0.0,
+                round(1e3 * self._load_cpu_s / max(self._tokens, 1), 4),
                 self._max_blocks, self._max_bytes,
                 (t_a + t_ar >= tau_f and t_f + t_ar >= tau_a) if seen else None)
 
@@ -436,14 +537,24 @@ class WindowedProvider:
         if self._resident_bytes() + self._free_bytes() + len(buf) <= self._keep_limit:
             self._free.append(buf)
 
+    def _reusable(self, nbytes: int) -> mmap.mmap | None:
+        """Take out of the kept mappings one of about ``nbytes`` that no tensor uses any more."""
+        for i in range(len(self._free)):
+            # references: the list and getrefcount's argument; any more is a live tensor
+            if nbytes <= len(self._free[i]) <= nbytes + nbytes // 4 and sys.getrefcount(self._free[i]) <= 2:
+                return self._free.pop(i)
+        return None
+
     def _take(self, nbytes: int) -> mmap.mmap:
-        """A kept mapping of about ``nbytes`` that no tensor uses any more, or a fresh one."""
+        """The mapping reserved for the block being read if it fits ``nbytes``, else a kept one
+        that does, else a fresh one."""
         with self._cv:
-            for i in range(len(self._free)):
-                # references: the list and getrefcount's argument; any more is a live tensor
-                if nbytes <= len(self._free[i]) <= nbytes + nbytes // 4 and sys.getrefcount(self._free[i]) <= 2:
-                    self.reused_mappings += 1
-                    return self._free.pop(i)
+            got, self._reserved = self._reserved, None
+            if got is None or not nbytes <= len(got) <= nbytes + nbytes // 4:
+                got = self._reusable(nbytes)
+            if got is not None:
+                self.reused_mappings += 1
+                return got
             self._trim()  # the block being read is counted as resident already
         return mmap.mmap(-1, nbytes)
 
@@ -469,29 +580,35 @@ class WindowedProvider:
                     block = self.order[pos % n]
                     shared = self._shared(block)
                     self._loading = pos
-                    self._loading_bytes = self._sizes[block]
+                    # Reserve a kept mapping for this read before counting it as resident: kept
+                    # mappings and the block being read must not both count against the bound
+                    # (with w = 2 that would drop every kept mapping just before its reuse).
+                    self._reserved = self._reusable(self._mem[block]) if shared is None else None
+                    self._loading_bytes = len(self._reserved) if self._reserved is not None else self._mem[block]
                     self._note_peak()
                 buf: mmap.mmap | None
                 if shared is None:
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.thread_time()
                     if self.dtype is None:
                         tensors, buf = read_block(self.files[block], drop_cache=self.drop_cache, take=self._take)
                     else:  # int8 weights stay int8: only float tensors change dtype (into fresh memory)
                         tensors, buf = read_block(self.files[block], drop_cache=self.drop_cache)
                         tensors = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in tensors.items()}
                         buf = None
-                    dt = time.perf_counter() - t0
-                    nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+                    dt, cpu = time.perf_counter() - t0, time.thread_time() - c0
+                    nbytes = len(buf) if buf is not None else sum(t.numel() * t.element_size() for t in tensors.values())
                 else:
                     tensors, nbytes, buf = shared
                 with self._cv:
                     self._loading = None
+                    self._reserved = None  # unused (a dtype conversion reads into fresh memory)
                     if self._closed:
                         return
                     if shared is None:
                         self._acc.add("load_" + _kind(block), dt)
                         self._bytes_read += self._sizes[block]
                         self._read_s += dt
+                        self._load_cpu_s += cpu
                     if pos == self._next_load:  # not skipped by a re-sync meanwhile
                         self._ready[pos] = (tensors, nbytes)
                         if buf is not None:

@@ -139,7 +139,7 @@ def test_store_slices_reach_the_kernel_aligned(tmp_path: Path, kernel_operands: 
     config = _config()
     entry = synth_model(ModelStore(tmp_path / "store"), config, seed=5, quantize="int8")
     spec = ShardSpec((1, 2), 30, 70, False)
-    raw_unaligned = 0
+    raw_offsets = []
     for block in config.block_names():
         loaded = [entry.load_block(block)]
         if block.startswith(("attn_", "mlp_")):  # the blocks a participant gets slices of
@@ -147,8 +147,10 @@ def test_store_slices_reach_the_kernel_aligned(tmp_path: Path, kernel_operands: 
         for tensors in loaded:
             assert all(_offsets(t) == 0 for t in tensors.values()), block
         raw = load_file(str(entry.path(block)))
-        raw_unaligned += sum(_offsets(t) != 0 for t in raw.values())
-    assert raw_unaligned > 0  # the store's own files do hold misaligned tensors
+        raw_offsets += [_offsets(t) for t in raw.values() if (t.numel() * t.element_size()) % 64 == 0]
+    # the store lays its files out aligned (safetensors_io), so even a plain mapping of them is;
+    # misaligned files (safetensors' own writer) are covered above
+    assert raw_offsets and set(raw_offsets) == {0}
     full = [ShardSpec.full(config)] * config.num_hidden_layers
     model = load_from_store(entry, full, LocalCollective(), max_seq_len=16)
     with torch.inference_mode():

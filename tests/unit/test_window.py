@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import gc
 import threading
 import time
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from edgemesh.collective.base import Collective, LocalCollective
 from edgemesh.errors import ConfigError, EdgemeshError
@@ -24,6 +25,7 @@ from edgemesh.weights.shard import ShardSpec, split_layer
 from edgemesh.weights.store import write_tensors
 from edgemesh.weights.synth import random_block
 from tests.unit.test_llm_equivalence import _rank_blocks
+from edgemesh.weights import window
 from edgemesh.weights.window import WeightLoadError, WindowedProvider, execution_order, read_safetensors
 
 pytestmark = pytest.mark.unit
@@ -142,6 +144,74 @@ def test_reader_matches_safetensors(tmp_path: Path) -> None:
     (tmp_path / "bad.safetensors").write_bytes(b"\x01")
     with pytest.raises(WeightLoadError):
         read_safetensors(tmp_path / "bad.safetensors")
+
+
+def _spy_direct(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Record whether each ``_read_direct`` call read the block (True) or gave up (False)."""
+    calls: list[bool] = []
+    real = window._read_direct
+
+    def spy(*a, **kw):  # type: ignore[no-untyped-def]
+        got = real(*a, **kw)
+        calls.append(got is not None)
+        return got
+
+    monkeypatch.setattr(window, "_read_direct", spy)
+    monkeypatch.setattr(window, "_direct_ok", True)
+    return calls
+
+
+def _check_same(got: dict[str, torch.Tensor], path: Path) -> None:
+    ref = load_file(str(path))
+    assert set(got) == set(ref)
+    for k in ref:
+        assert got[k].dtype == ref[k].dtype and torch.equal(got[k], ref[k]), k
+        assert got[k].numel() == 0 or got[k].data_ptr() % 64 == 0, k
+
+
+def test_store_files_are_read_with_o_direct(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _spy_direct(monkeypatch)
+    # one odd-sized tensor: the writer puts it last, so every tensor stays 64-byte aligned
+    t = {"w": torch.randint(-127, 127, (96, 64), dtype=torch.int8), "w.scale": torch.rand(96),
+         "norm": torch.randn(5), "empty": torch.zeros(0, 4), "big": torch.randn(300, 1000)}
+    path = tmp_path / "x.safetensors"
+    write_tensors(path, t, "x")
+    got, buf = window.read_block(path)
+    assert calls == [True]
+    _check_same(got, path)
+    assert buf is not None and len(buf) % 4096 == 0 and len(buf) <= path.stat().st_size
+    assert window.block_memory(path) >= len(buf)
+    # without dropping the cache (the page-cache runs) reads stay buffered
+    _check_same(window.read_block(path, drop_cache=False)[0], path)
+    assert calls == [True]
+
+
+def test_unaligned_files_and_refusing_filesystems_fall_back_to_buffered_reads(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _spy_direct(monkeypatch)
+    odd = tmp_path / "odd.safetensors"  # safetensors' own writer: tensors at arbitrary offsets
+    save_file({"a": torch.randn(3), "b": torch.randn(64, 64)}, str(odd))
+    _check_same(window.read_block(odd)[0], odd)
+    assert calls == []  # not laid out for direct reads: never tried
+    two_odd = tmp_path / "two.safetensors"  # the second odd-sized tensor cannot be aligned
+    write_tensors(two_odd, {"a": torch.randn(3), "b": torch.randn(5), "c": torch.randn(64)}, "two")
+    _check_same(window.read_block(two_odd)[0], two_odd)
+    assert calls == []
+
+    good = tmp_path / "good.safetensors"
+    write_tensors(good, {"w": torch.randn(64, 64)}, "good")
+    real_open = window.os.open
+
+    def no_direct(path, flags, *a):  # type: ignore[no-untyped-def]
+        if flags & window.os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")  # what tmpfs says
+        return real_open(path, flags, *a)
+
+    monkeypatch.setattr(window.os, "open", no_direct)
+    _check_same(window.read_block(good)[0], good)
+    assert calls == [False] and window._direct_ok is False
+    _check_same(window.read_block(good)[0], good)
+    assert calls == [False]  # not tried again
 
 
 def _toy(tmp_path: Path, n: int = 5, size: int = 1000) -> tuple[dict[str, Path], list[str]]:
