@@ -238,6 +238,10 @@ class _GapTimer:
         self._got[block] = time.perf_counter()
         return w
 
+    def rows(self, block: str, names: tuple[str, ...], ids: list[int]) -> Any:
+        rows = getattr(self.inner, "rows", None)
+        return rows(block, names, ids) if rows is not None else None
+
     def release(self, block: str) -> None:
         t = time.perf_counter()
         self.inner.release(block)

@@ -287,13 +287,25 @@ class Participant:
         """Master: embed, send the step to the workers, run the layers; the last hidden state."""
         if self.rank != 0:
             raise RuntimeError("forward() runs on the master (rank 0); workers run llm.follow.follow_master")
+        h = self._embed(tokens)
+        self.collective.broadcast_meta({"op": "forward", "start_pos": int(start_pos), **head})
+        h = self.collective.broadcast(h.contiguous())
+        return self.run_layers(h, start_pos)
+
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The embedding rows of ``tokens``: only those rows when the provider can read rows
+        (a streamed, untied embedding), else from the whole table."""
+        rows = getattr(self.provider, "rows", None)
+        if rows is not None:
+            ids, where = torch.unique(tokens, return_inverse=True)
+            picked = rows("input", ("embed", "embed" + SCALE), ids.tolist())
+            if picked is not None:
+                return qlinear.embedding(where, picked, "embed", self.dtype)
         w_in = self.provider.get("input")
         h = qlinear.embedding(tokens, w_in, "embed", self.dtype)
         del w_in
         self.provider.release("input")
-        self.collective.broadcast_meta({"op": "forward", "start_pos": int(start_pos), **head})
-        h = self.collective.broadcast(h.contiguous())
-        return self.run_layers(h, start_pos)
+        return h
 
     def forward(self, tokens: torch.Tensor, start_pos: int = 0, *, last_only: bool = False) -> torch.Tensor:
         """Master only: logits [B, T, V] (or [B, 1, V] with ``last_only``) for ``tokens`` [B, T]

@@ -33,6 +33,7 @@ from edgemesh.placement.memory import (
     head_bytes,
     participant_blocks,
     predict_participant,
+    window_blocks,
     window_bytes,
 )
 from edgemesh.placement.plan import Plan, Sizes, _slice_ms, plan
@@ -131,9 +132,10 @@ def _window_devices(config: ModelConfig, devices: list[Device], w: int, context_
     # MLP rows (llm.build.rank_files): a full share's window runs over the whole head too.
     per_share = (window_bytes(pair * c.num_hidden_layers + [head_bytes(c, c.vocab_size, dtype_bytes)], w)
                  + kv_cache_bytes(c, full, context_len))
-    # The master's window also passes its embedding; w consecutive blocks of its order hold it at
-    # most once beside blocks of its share, so the embedding on top of a share's window bounds it.
-    embedding = block_bytes(c, "input", None, dtype_bytes)
+    # A tied master's window also passes its embedding; w consecutive blocks of its order hold it
+    # at most once beside blocks of its share, so the embedding on top of a share's window bounds
+    # it. Untied, the embedding is not windowed (the lookup reads single rows).
+    embedding = block_bytes(c, "input", None, dtype_bytes) if c.tie_word_embeddings else 0
     hidden_act = 6 * max(tokens, 1) * c.hidden_size * 4  # the residual stream: the same for any share
     out = []
     for k, d in enumerate(devices):
@@ -204,7 +206,7 @@ def no_stall_check(config: ModelConfig, p: Plan, rank: int, device: Device, pred
     db = p.dtype_bytes
     lat = p.latency
     t_ar = (lat.allreduce_latency_ms + lat.bandwidth_ms) / lat.allreduces_per_token if p.world_size > 1 else 0.0
-    blocks = participant_blocks(c, specs, rank, db, p.world_size)
+    blocks = (window_blocks if p.window else participant_blocks)(c, specs, rank, db, p.world_size)
     disk = device.disk_mbyte_s
 
     def compute_ms(name: str, nbytes: int) -> float:

@@ -109,6 +109,16 @@ def participant_blocks(config: ModelConfig, specs: list[ShardSpec], rank: int,
     return out
 
 
+def window_blocks(config: ModelConfig, specs: list[ShardSpec], rank: int,
+                  dtype_bytes: int, world_size: int | None = None) -> list[tuple[str, int]]:
+    """The blocks a sliding window cycles through (``weights.window.execution_order``): the
+    participant's blocks without an untied master's embedding, whose lookup reads single rows."""
+    blocks = participant_blocks(config, specs, rank, dtype_bytes, world_size)
+    if rank == 0 and not config.tie_word_embeddings:
+        blocks = [(n, b) for n, b in blocks if n != "input"]
+    return blocks
+
+
 def window_bytes(sizes: list[int], window: int) -> int:
     """Largest sum of ``window`` cyclically consecutive sizes; all of them for window 0."""
     if window <= 0 or window >= len(sizes):
@@ -158,9 +168,9 @@ def predict_participant(config: ModelConfig, specs: list[ShardSpec], rank: int, 
                         block_sizes: list[int] | None = None, world_size: int | None = None) -> MemoryPrediction:
     """Peak memory of ``rank`` holding ``specs`` with a ``window``-block window (0 = all in
     memory), for a forward of up to ``tokens`` tokens. ``block_sizes`` (in execution order,
-    e.g. the real file sizes) replace the computed block sizes. ``world_size``: as in
+    e.g. the real file sizes; with a window, of ``window_blocks``) replace the computed sizes. ``world_size``: as in
     ``participant_blocks``."""
-    blocks = participant_blocks(config, specs, rank, dtype_bytes, world_size)
+    blocks = (window_blocks if window > 0 else participant_blocks)(config, specs, rank, dtype_bytes, world_size)
     sizes = block_sizes if block_sizes is not None else [b for _, b in blocks]
     if window <= 0:  # the tied head's second ``input`` is the same tensors
         names = [n for n, _ in blocks]

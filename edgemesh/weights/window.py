@@ -1,8 +1,10 @@
 """Sliding-window weight provider: stream a participant's blocks from disk (ALGORITHMS §3).
 
 A participant's blocks run in a fixed cyclic order (``execution_order``): on the master
-``input, attn_0, mlp_0, …, output`` (and ``input`` once more when the head is tied to the
-embedding), on a worker its decoder slices and ``output`` (its vocabulary rows of the head). A loader thread reads blocks ahead in that
+``attn_0, mlp_0, …, output`` (with ``input`` first and last when the head is tied to the
+embedding: its head rows are in it), on a worker its decoder slices and ``output`` (its
+vocabulary rows of the head). An untied master's embedding is not windowed at all: the lookup
+reads just the rows of the step's tokens from the file (``rows``). A loader thread reads blocks ahead in that
 order, wrapping to the start for the next token, and never holds more than ``window`` blocks
 (loaded, being computed, or being read). ``get`` hands out the next block (waiting for it if
 the disk is behind: a *stall*), ``release`` drops it, which lets the loader read the block
@@ -60,12 +62,15 @@ def execution_order(config: ModelConfig, rank: int, head: bool | None = None) ->
     """Blocks in the order ``Participant`` asks for them during one forward. ``head``: whether
     this rank holds rows of the head (``output``); a planned group gives every rank some
     (``rank_files``), None means only rank 0 (the whole head on the master)."""
-    order = ["input"] if rank == 0 else []
+    tied = rank == 0 and config.tie_word_embeddings and bool(head or head is None)
+    # The master's embedding enters the window only when the head is tied (its head rows are in
+    # it); otherwise the lookup reads just the rows of the step's tokens (``WindowedProvider.rows``).
+    order = ["input"] if tied else []
     for i in range(config.num_hidden_layers):
         order += [f"attn_{i}", f"mlp_{i}"]
     if head or (head is None and rank == 0):
         order.append("output")
-        if rank == 0 and config.tie_word_embeddings:  # the master's head rows are in the embedding
+        if tied:  # the master's head rows are in the embedding
             order.append("input")
     return order
 
@@ -336,6 +341,8 @@ class WindowedProvider:
             raise ConfigError("a windowed provider needs at least one block")
         self.files = {b: Path(p) for b, p in files.items()}
         self.order = list(order)
+        self._in_order = frozenset(order)
+        self._row_layouts: dict[str, tuple[int, dict[str, tuple[torch.dtype, list[int], int, int]]]] = {}
         self.window = window
         self.dtype = dtype
         self.drop_cache = drop_cache
@@ -392,6 +399,62 @@ class WindowedProvider:
                     self._acc.add("ar", t_call - t_rel)
             self._held.setdefault(block, []).append((pos, tensors, nbytes, t_got))
             return tensors
+
+    def rows(self, block: str, names: tuple[str, ...], ids: list[int]) -> dict[str, torch.Tensor] | None:
+        """Rows ``ids`` of the tensors ``names`` of a block that has a file but is not in the
+        window's order (the master's embedding, when the head is not tied to it): read from the
+        file right away, a few KiB per token instead of the whole table. None for a windowed
+        block (the caller then ``get``s it). Tensors the block lacks are left out."""
+        if block in self._in_order or block not in self.files:
+            return None
+        t0 = time.perf_counter()
+        path = self.files[block]
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            raise WeightLoadError(f"{path}: cannot open block file ({exc.strerror})") from None
+        try:
+            with self._cv:
+                layout = self._row_layouts.get(block)
+            if layout is None:
+                base, entries = _layout(path, fd)
+                layout = (base, {name: (dtype, shape, begin, end) for name, dtype, shape, begin, end in entries})
+                with self._cv:
+                    self._row_layouts[block] = layout
+            base, tensors = layout
+            out: dict[str, torch.Tensor] = {}
+            nbytes = 0
+            for name in names:
+                if name not in tensors:
+                    continue
+                dtype, shape, begin, end = tensors[name]
+                if not shape or shape[0] == 0:
+                    raise WeightLoadError(f"{path}: tensor {name!r} has no rows")
+                if any(not 0 <= i < shape[0] for i in ids):
+                    raise ConfigError(f"token id out of range for {block}.{name} ({shape[0]} rows)")
+                row = (end - begin) // shape[0]
+                buf = bytearray(row * len(ids))
+                view = memoryview(buf)
+                try:
+                    for j, i in enumerate(ids):
+                        at = base + begin + i * row
+                        if os.preadv(fd, [view[j * row:(j + 1) * row]], at) != row:
+                            raise WeightLoadError(f"{path}: file ends early")
+                        if self.drop_cache:
+                            _drop_cache(fd, at, row)
+                finally:
+                    view.release()
+                nbytes += len(buf)
+                out[name] = (torch.frombuffer(buf, dtype=torch.uint8).view(dtype).view(len(ids), *shape[1:])
+                             if buf else torch.empty((0, *shape[1:]), dtype=dtype))
+        except OSError as exc:
+            raise WeightLoadError(f"{path}: cannot read rows ({exc})") from None
+        finally:
+            os.close(fd)
+        with self._cv:
+            self._acc.add("rows", time.perf_counter() - t0)
+            self._bytes_read += nbytes
+        return out
 
     def release(self, block: str) -> None:
         t = time.perf_counter()

@@ -341,3 +341,30 @@ def test_kept_mappings_stay_within_the_window_bound(tmp_path: Path) -> None:
                 p.release(b)
                 assert p.nbytes() <= limit
         assert p.stats().max_resident_bytes <= limit
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["fp32", "int8"])
+def test_untied_embedding_is_read_by_rows_not_windowed(int8: bool, tmp_path: Path) -> None:
+    config = _config()
+    blocks = _blocks(config, 3, int8)
+    files = _write(tmp_path, {b: blocks[b] for b in ("input", "attn_0", "mlp_0", "attn_1", "mlp_1", "attn_2", "mlp_2",
+                                                     "output")})
+    order = execution_order(config, 0)
+    assert "input" not in order and order[-1] == "output"
+    table = blocks["input"]
+    with WindowedProvider(files, order, 2) as p:
+        ids = [5, 0, 127, 5]
+        got = p.rows("input", ("embed", "embed.scale"), ids)
+        assert got is not None and set(got) == ({"embed", "embed.scale"} if int8 else {"embed"})
+        for name, t in got.items():
+            assert torch.equal(t, table[name][ids])
+        assert p.stats().bytes_read == sum(t.numel() * t.element_size() for t in got.values())
+        assert p.rows("attn_0", ("wq",), [0]) is None  # a windowed block is taken whole
+        with pytest.raises(ConfigError, match="out of range"):
+            p.rows("input", ("embed",), [config.vocab_size])
+        with pytest.raises(ConfigError):
+            p.get("input")  # not in the window
+    tied = _config(tie_word_embeddings=True)
+    assert execution_order(tied, 0)[0] == execution_order(tied, 0)[-1] == "input"
+    with WindowedProvider(files, execution_order(tied, 0), 2) as p:
+        assert p.rows("input", ("embed",), [1]) is None  # windowed: its head rows are needed whole
