@@ -103,6 +103,19 @@ def _read_exact(fd: int, view: memoryview, offset: int, drop: bool) -> None:
 ALIGN = 64  # every tensor starts on this boundary in its block's mapping (int8 kernels need it)
 
 
+def fresh_mapping(nbytes: int) -> mmap.mmap:
+    """A new anonymous mapping with its pages populated in one call (``MAP_POPULATE``): about
+    half the CPU time of faulting them in page by page as a read fills them (31 vs 74 ms per
+    69 MB measured here); plain where the flag does not exist."""
+    flag = getattr(mmap, "MAP_POPULATE", 0)
+    if flag:
+        try:
+            return mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | flag)
+        except OSError:
+            pass
+    return mmap.mmap(-1, nbytes)
+
+
 def _aligned_size(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
@@ -140,7 +153,7 @@ def read_block(path: Path, *, drop_cache: bool = True,
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         total = sum(_aligned_size(end - begin) for _, _, _, begin, end in layout)
         out: dict[str, torch.Tensor] = {}
-        buf = None if not total else take(total) if take is not None else mmap.mmap(-1, total)
+        buf = None if not total else take(total) if take is not None else fresh_mapping(total)
         view = memoryview(buf) if buf is not None else None
         at = 0
         try:
@@ -249,7 +262,7 @@ def _read_direct(path: Path, base: int, layout: _Layout,
             return None
         raise
     try:
-        buf = take(nbytes) if take is not None else mmap.mmap(-1, nbytes)
+        buf = take(nbytes) if take is not None else fresh_mapping(nbytes)
         view = memoryview(buf)
         try:
             done = 0
@@ -600,13 +613,26 @@ class WindowedProvider:
         if self._resident_bytes() + self._free_bytes() + len(buf) <= self._keep_limit:
             self._free.append(buf)
 
-    def _reusable(self, nbytes: int) -> mmap.mmap | None:
-        """Take out of the kept mappings one of about ``nbytes`` that no tensor uses any more."""
+    def _reusable(self, nbytes: int, resize: bool = False) -> mmap.mmap | None:
+        """Take out of the kept mappings one of about ``nbytes`` that no tensor uses any more.
+        With ``resize``, when none has about that size, the largest unused one is resized to
+        ``nbytes`` (``mremap``: its pages move along, only a grown tail is new): blocks of
+        alternating sizes (attention, MLP) with an odd window otherwise never find their size."""
+        unused = []
         for i in range(len(self._free)):
             # references: the list and getrefcount's argument; any more is a live tensor
-            if nbytes <= len(self._free[i]) <= nbytes + nbytes // 4 and sys.getrefcount(self._free[i]) <= 2:
-                return self._free.pop(i)
-        return None
+            if sys.getrefcount(self._free[i]) <= 2:
+                if nbytes <= len(self._free[i]) <= nbytes + nbytes // 4:
+                    return self._free.pop(i)
+                unused.append(i)
+        if not resize or not unused:
+            return None
+        buf = self._free.pop(max(unused, key=lambda i: len(self._free[i])))
+        try:
+            buf.resize(nbytes)
+        except (BufferError, OSError, ValueError, SystemError):
+            return None  # dropped: a fresh mapping is made instead
+        return buf
 
     def _take(self, nbytes: int) -> mmap.mmap:
         """The mapping reserved for the block being read if it fits ``nbytes``, else a kept one
@@ -619,7 +645,7 @@ class WindowedProvider:
                 self.reused_mappings += 1
                 return got
             self._trim()  # the block being read is counted as resident already
-        return mmap.mmap(-1, nbytes)
+        return fresh_mapping(nbytes)
 
     def _trim(self) -> None:
         """Give back kept mappings (largest first) until they fit beside the resident blocks."""
@@ -646,7 +672,7 @@ class WindowedProvider:
                     # Reserve a kept mapping for this read before counting it as resident: kept
                     # mappings and the block being read must not both count against the bound
                     # (with w = 2 that would drop every kept mapping just before its reuse).
-                    self._reserved = self._reusable(self._mem[block]) if shared is None else None
+                    self._reserved = self._reusable(self._mem[block], resize=True) if shared is None else None
                     self._loading_bytes = len(self._reserved) if self._reserved is not None else self._mem[block]
                     self._note_peak()
                 buf: mmap.mmap | None

@@ -368,3 +368,25 @@ def test_untied_embedding_is_read_by_rows_not_windowed(int8: bool, tmp_path: Pat
     assert execution_order(tied, 0)[0] == execution_order(tied, 0)[-1] == "input"
     with WindowedProvider(files, execution_order(tied, 0), 2) as p:
         assert p.rows("input", ("embed",), [1]) is None  # windowed: its head rows are needed whole
+
+
+@pytest.mark.parametrize("window_size", [2, 3, 4])
+def test_alternating_block_sizes_reuse_mappings_for_any_window(tmp_path: Path, window_size: int) -> None:
+    # attention and MLP blocks alternate in size; with an odd window the block read next is never
+    # the size of the one just released: its mapping is resized instead of a fresh one faulted in
+    order = [f"{k}_{i}" for i in range(4) for k in ("attn", "mlp")]
+    files = {b: tmp_path / f"{b}.safetensors" for b in order}
+    for i, b in enumerate(order):
+        write_tensors(files[b], {"w": torch.full((3000 if b.startswith("attn") else 9000,), float(i))}, b)
+    with WindowedProvider(files, order, window_size) as p:
+        limit = p._keep_limit
+        for _ in range(3):
+            for i, b in enumerate(order):
+                w = p.get(b)
+                assert w["w"].numel() == (3000 if b.startswith("attn") else 9000) and w["w"][-1].item() == float(i)
+                del w
+                p.release(b)
+                assert p.nbytes() <= limit
+        loads = 3 * len(order)
+        assert p.reused_mappings >= loads - 2 * len(order)  # from the second pass on, every read reuses
+        assert p.stats().max_resident_bytes <= limit
