@@ -478,9 +478,9 @@ def bench(store_root: Path, opts: BenchOptions, progress: Callable[[str], None] 
         "slice_mb": [round(sum(p.stat().st_size for p in set(paths[r].values())) / MB, 1) for r in range(w)],
         "disk_probe_mbyte_s": disk_probe,
         "disk_conditions": {
-            "cold": "posix_fadvise(POSIX_FADV_DONTNEED) on each file range right after reading it, so every "
-                    "token reads every block from the (virtual) disk again; the hypervisor's own cache may "
-                    "still serve it",
+            "cold": "O_DIRECT reads (no page cache; files the store did not lay out for it: buffered reads with "
+                    "posix_fadvise(POSIX_FADV_DONTNEED) after each piece), so every token reads every block from "
+                    "the (virtual) disk again; the hypervisor's own cache may still serve it",
             "page cache": "no drop: after the first token every read is a copy from the page cache",
             "memory": "all blocks read once before the timed steps",
         },
