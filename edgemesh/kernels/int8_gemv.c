@@ -1,4 +1,5 @@
 /* y[m, n] = scale[n] * sum_k w[n, k] * x[m, k]   (int8 weights, fp32 activations and output)
+ * and its 4-bit sibling (q4: groups of 32 columns with a scale each; see "q4" below).
  *
  * Decode-size products of a weight-only int8 matrix (one scale per output row, see
  * edgemesh/weights/quant.py) for 1..MAX_M activation rows. Each weight row is read once for all
@@ -118,6 +119,137 @@ ROWS_DOT(1)
 ROWS_DOT(4)
 #endif
 
+/* ---- q4: 4-bit codes in groups of 32 columns, one fp32 scale per (row, group) ----------
+ * Layout (edgemesh/weights/quant.py): a row is k/2 bytes; group g is bytes [16g, 16g + 16),
+ * byte i holding column 32g + i in its low nibble and column 32g + 16 + i in its high one;
+ * weight = (code - 8) * scale[row, g]. That product is exact in fp32 (the scale has bf16's 8
+ * significant bits, the code 4), so every path multiplies x by the exact dequantized weight,
+ * as the int8 kernel does, and only the summation order differs from a float reference.
+ * The order depends only on k: a rank holding some rows computes bitwise what one device
+ * computes for them. Four rows share the loads of x.
+ *
+ * AVX-512: the 16 weights of a group's low nibbles come from one table lookup (vpermps with
+ * the codes as indices into the 16 values (c - 8) * scale), the high nibbles from a second
+ * after a shift; low halves accumulate in one register, high halves in another. Widening the
+ * codes with int->float conversions instead (and, shift, 2 subtractions, 2 conversions, a
+ * scale fma) was compute-bound at 9 GB/s, slower than the int8 kernel. */
+#define Q4_GROUP 32
+
+/* The plain-C arithmetic, compiled on every machine (tests compare the vector path with it). */
+static void q4_row_plain(const uint8_t *w, const float *s, size_t k, const float *x, float *out) {
+    float acc = 0.0f;
+    for (size_t g = 0; g < k / Q4_GROUP; g++) {
+        const uint8_t *b = w + g * 16;
+        const float *xg = x + g * Q4_GROUP;
+        for (int i = 0; i < 16; i++) acc += ((float)((int)(b[i] & 15) - 8) * s[g]) * xg[i];
+        for (int i = 0; i < 16; i++) acc += ((float)((int)(b[i] >> 4) - 8) * s[g]) * xg[16 + i];
+    }
+    *out = acc;
+}
+
+#if VECTOR == 2
+#define Q4_STEP(R, G)                                                                            \
+    {                                                                                            \
+        __m512 x0 = _mm512_loadu_ps(x + (G) * 32), x1 = _mm512_loadu_ps(x + (G) * 32 + 16);     \
+        _mm_prefetch((const char *)(w + PREFETCH + (G) * 16 * R), _MM_HINT_T0);                  \
+        for (int r = 0; r < R; r++) {                                                            \
+            __m512 lut = _mm512_mul_ps(base, _mm512_set1_ps(s[r * ng + (G)]));                    \
+            __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w + r * kb + (G) * 16))); \
+            a0[r] = _mm512_fmadd_ps(_mm512_permutexvar_ps(b, lut), x0, a0[r]);                   \
+            a1[r] = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), lut), x1, a1[r]); \
+        }                                                                                        \
+    }
+
+#define Q4_ROWS_DOT(R)                                                                           \
+static inline void q4_rows_dot_##R(const uint8_t *w, const float *s, size_t k, const float *x,  \
+                                   float *out) {                                                 \
+    size_t kb = k / 2, ng = k / Q4_GROUP;                                                        \
+    const __m512 base = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);  \
+    __m512 a0[R], a1[R];                                                                         \
+    for (int r = 0; r < R; r++) { a0[r] = _mm512_setzero_ps(); a1[r] = _mm512_setzero_ps(); }    \
+    for (size_t g = 0; g < ng; g++) Q4_STEP(R, g)                                                \
+    for (int r = 0; r < R; r++) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(a0[r], a1[r]));      \
+}
+Q4_ROWS_DOT(1)
+Q4_ROWS_DOT(4)
+
+#elif VECTOR == 1
+static inline __m256 q4_widen(__m128i v) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
+}
+
+/* codes - 8 widened to fp32, times the group's scale (exact), against x; two accumulators */
+#define Q4_STEP(R, G)                                                                            \
+    {                                                                                            \
+        const float *xg = x + (G) * 32;                                                          \
+        __m256 x0 = _mm256_loadu_ps(xg), x1 = _mm256_loadu_ps(xg + 8);                           \
+        __m256 x2 = _mm256_loadu_ps(xg + 16), x3 = _mm256_loadu_ps(xg + 24);                     \
+        _mm_prefetch((const char *)(w + PREFETCH + (G) * 16 * R), _MM_HINT_T0);                  \
+        for (int r = 0; r < R; r++) {                                                            \
+            __m128i b = _mm_loadu_si128((const __m128i *)(w + r * kb + (G) * 16));               \
+            __m128i m = _mm_set1_epi8(15), e = _mm_set1_epi8(8);                                 \
+            __m128i lo = _mm_sub_epi8(_mm_and_si128(b, m), e);                                   \
+            __m128i hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(b, 4), m), e);                \
+            __m256 sc = _mm256_set1_ps(s[r * ng + (G)]);                                         \
+            a0[r] = _mm256_fmadd_ps(_mm256_mul_ps(q4_widen(lo), sc), x0, a0[r]);                 \
+            a1[r] = _mm256_fmadd_ps(_mm256_mul_ps(q4_widen(_mm_srli_si128(lo, 8)), sc), x1, a1[r]); \
+            a0[r] = _mm256_fmadd_ps(_mm256_mul_ps(q4_widen(hi), sc), x2, a0[r]);                 \
+            a1[r] = _mm256_fmadd_ps(_mm256_mul_ps(q4_widen(_mm_srli_si128(hi, 8)), sc), x3, a1[r]); \
+        }                                                                                        \
+    }
+
+#define Q4_ROWS_DOT(R)                                                                           \
+static inline void q4_rows_dot_##R(const uint8_t *w, const float *s, size_t k, const float *x,  \
+                                   float *out) {                                                 \
+    size_t kb = k / 2, ng = k / Q4_GROUP;                                                        \
+    __m256 a0[R], a1[R];                                                                         \
+    for (int r = 0; r < R; r++) { a0[r] = _mm256_setzero_ps(); a1[r] = _mm256_setzero_ps(); }    \
+    for (size_t g = 0; g < ng; g++) Q4_STEP(R, g)                                                \
+    for (int r = 0; r < R; r++) out[r] = hsum8(_mm256_add_ps(a0[r], a1[r]));                     \
+}
+Q4_ROWS_DOT(1)
+Q4_ROWS_DOT(4)
+
+#else
+static inline void q4_rows_dot_1(const uint8_t *w, const float *s, size_t k, const float *x, float *out) {
+    q4_row_plain(w, s, k, x, out);
+}
+static inline void q4_rows_dot_4(const uint8_t *w, const float *s, size_t k, const float *x, float *out) {
+    for (int r = 0; r < 4; r++) q4_row_plain(w + r * (k / 2), s + r * (k / Q4_GROUP), k, x, out + r);
+}
+#endif
+
+/* x [m, k] fp32, w [n, k/2] q4 bytes, scale [n, k/32] fp32, y [m, n] fp32; rows [n0, n1).
+ * Returns 0, or -1 for m outside 1..MAX_M or k not a multiple of 32. plain != 0: the plain-C
+ * arithmetic whatever the build (tests). */
+static int q4_gemv(const float *x, const uint8_t *w, const float *scale, float *y,
+                   size_t m, size_t n, size_t k, size_t n0, size_t n1, int plain) {
+    if (m < 1 || m > MAX_M || k % Q4_GROUP) return -1;
+    if (n1 > n) n1 = n;
+    size_t kb = k / 2, ng = k / Q4_GROUP;
+    float out[4];
+    for (size_t r = 0; r < m; r++) {
+        const float *xr = x + r * k;
+        float *yr = y + r * n;
+        size_t i = n0;
+        if (plain) {
+            for (; i < n1; i++) q4_row_plain(w + i * kb, scale + i * ng, k, xr, yr + i);
+            continue;
+        }
+        for (; i + 4 <= n1; i += 4) {
+            q4_rows_dot_4(w + i * kb, scale + i * ng, k, xr, out);
+            for (int j = 0; j < 4; j++) yr[i + j] = out[j];
+        }
+        for (; i < n1; i++) q4_rows_dot_1(w + i * kb, scale + i * ng, k, xr, yr + i);
+    }
+    return 0;
+}
+
+int edgemesh_q4_gemv(const float *x, const uint8_t *w, const float *scale, float *y,
+                     size_t m, size_t n, size_t k, size_t n0, size_t n1, int plain) {
+    return q4_gemv(x, w, scale, y, m, n, k, n0, n1, plain);
+}
+
 int edgemesh_int8_gemv_max_m(void) { return MAX_M; }
 
 int edgemesh_int8_gemv_vector(void) { return VECTOR; }  /* 0 plain C, 1 AVX2, 2 AVX-512 */
@@ -151,7 +283,7 @@ int edgemesh_int8_gemv(const float *x, const int8_t *w, const float *scale, floa
 /* ---- whole decode blocks (one token, batch 1) -------------------------------------------
  * A decode step of a small model is dominated by per-op overhead when each of ~50 small ops
  * per layer is a separate torch call from Python. These run a rank's attention and MLP block
- * for one token in one call each, fp32 activations, int8 weights through the kernel above. */
+ * for one token in one call each, fp32 activations, int8 or q4 weights through the kernels above. */
 
 #include <math.h>
 #include <string.h>
@@ -173,22 +305,34 @@ static void rope1(float *v, const float *cs, const float *sn, size_t d) {
     }
 }
 
+/* One matrix product of a block in the block's weight format: FMT_INT8 (int8 [n, k], scale
+ * [n]) or FMT_Q4 (q4 bytes [n, k/2], scale [n, k/32]). */
+enum { FMT_INT8 = 0, FMT_Q4 = 1 };
+
+static void mat_gemv(int fmt, const float *x, const void *w, const float *s, float *y, size_t n, size_t k) {
+    if (fmt == FMT_Q4)
+        q4_gemv(x, (const uint8_t *)w, s, y, 1, n, k, 0, n, 0);
+    else
+        edgemesh_int8_gemv(x, (const int8_t *)w, s, y, 1, n, k, 0, n);
+}
+
 /* out [hdim]: this rank's partial attention output (its heads through its wo columns) for the
  * token at position pos. kcache/vcache: [n_kv, max_seq, d]; the token's k and v are written
  * at pos. scratch: at least hdim + 2*(n_q + n_kv)*d + pos + 1 floats. */
-int edgemesh_int8_attn_decode(const float *x, const float *norm, float eps, size_t hdim,
-                              const int8_t *wq, const float *sq, const int8_t *wk, const float *sk,
-                              const int8_t *wv, const float *sv, const int8_t *wo, const float *so,
-                              size_t n_q, size_t n_kv, size_t d,
-                              const float *cs, const float *sn, float *kcache, float *vcache,
-                              size_t max_seq, size_t pos, float *scratch, float *out) {
+static int attn_decode(int fmt, const float *x, const float *norm, float eps, size_t hdim,
+                       const void *wq, const float *sq, const void *wk, const float *sk,
+                       const void *wv, const float *sv, const void *wo, const float *so,
+                       size_t n_q, size_t n_kv, size_t d,
+                       const float *cs, const float *sn, float *kcache, float *vcache,
+                       size_t max_seq, size_t pos, float *scratch, float *out) {
     if (n_kv == 0 || n_q % n_kv != 0 || pos >= max_seq || d % 2) return -1;
+    if (fmt == FMT_Q4 && (hdim % Q4_GROUP || (n_q * d) % Q4_GROUP)) return -1;
     float *xn = scratch, *q = xn + hdim, *k = q + n_q * d, *v = k + n_kv * d, *a = v + n_kv * d;
     float *p = a + n_q * d;
     rms_norm1(x, norm, eps, hdim, xn);
-    edgemesh_int8_gemv(xn, wq, sq, q, 1, n_q * d, hdim, 0, n_q * d);
-    edgemesh_int8_gemv(xn, wk, sk, k, 1, n_kv * d, hdim, 0, n_kv * d);
-    edgemesh_int8_gemv(xn, wv, sv, v, 1, n_kv * d, hdim, 0, n_kv * d);
+    mat_gemv(fmt, xn, wq, sq, q, n_q * d, hdim);
+    mat_gemv(fmt, xn, wk, sk, k, n_kv * d, hdim);
+    mat_gemv(fmt, xn, wv, sv, v, n_kv * d, hdim);
     for (size_t h = 0; h < n_q; h++) rope1(q + h * d, cs, sn, d);
     for (size_t g = 0; g < n_kv; g++) {
         rope1(k + g * d, cs, sn, d);
@@ -219,19 +363,37 @@ int edgemesh_int8_attn_decode(const float *x, const float *norm, float eps, size
             for (size_t i = 0; i < d; i++) o[i] += w * vt[i];
         }
     }
-    edgemesh_int8_gemv(a, wo, so, out, 1, hdim, n_q * d, 0, hdim);
+    mat_gemv(fmt, a, wo, so, out, hdim, n_q * d);
     return 0;
 }
 
 /* out [hdim]: this rank's partial SwiGLU output for one token. scratch: hdim + 2*f floats. */
-int edgemesh_int8_mlp_decode(const float *x, const float *norm, float eps, size_t hdim,
-                             const int8_t *wg, const float *sg, const int8_t *wu, const float *su,
-                             const int8_t *wd, const float *sd, size_t f, float *scratch, float *out) {
+static int mlp_decode(int fmt, const float *x, const float *norm, float eps, size_t hdim,
+                      const void *wg, const float *sg, const void *wu, const float *su,
+                      const void *wd, const float *sd, size_t f, float *scratch, float *out) {
+    if (fmt == FMT_Q4 && (hdim % Q4_GROUP || f % Q4_GROUP)) return -1;
     float *xn = scratch, *g = xn + hdim, *u = g + f;
     rms_norm1(x, norm, eps, hdim, xn);
-    edgemesh_int8_gemv(xn, wg, sg, g, 1, f, hdim, 0, f);
-    edgemesh_int8_gemv(xn, wu, su, u, 1, f, hdim, 0, f);
+    mat_gemv(fmt, xn, wg, sg, g, f, hdim);
+    mat_gemv(fmt, xn, wu, su, u, f, hdim);
     for (size_t i = 0; i < f; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
-    edgemesh_int8_gemv(g, wd, sd, out, 1, hdim, f, 0, hdim);
+    mat_gemv(fmt, g, wd, sd, out, hdim, f);
     return 0;
 }
+
+#define ATTN_ARGS(T) const float *x, const float *norm, float eps, size_t hdim,                  \
+    const T *wq, const float *sq, const T *wk, const float *sk, const T *wv, const float *sv,     \
+    const T *wo, const float *so, size_t n_q, size_t n_kv, size_t d, const float *cs,            \
+    const float *sn, float *kcache, float *vcache, size_t max_seq, size_t pos, float *scratch,   \
+    float *out
+#define ATTN_CALL(FMT) attn_decode(FMT, x, norm, eps, hdim, wq, sq, wk, sk, wv, sv, wo, so, n_q, \
+    n_kv, d, cs, sn, kcache, vcache, max_seq, pos, scratch, out)
+#define MLP_ARGS(T) const float *x, const float *norm, float eps, size_t hdim, const T *wg,       \
+    const float *sg, const T *wu, const float *su, const T *wd, const float *sd, size_t f,        \
+    float *scratch, float *out
+#define MLP_CALL(FMT) mlp_decode(FMT, x, norm, eps, hdim, wg, sg, wu, su, wd, sd, f, scratch, out)
+
+int edgemesh_int8_attn_decode(ATTN_ARGS(int8_t)) { return ATTN_CALL(FMT_INT8); }
+int edgemesh_q4_attn_decode(ATTN_ARGS(uint8_t)) { return ATTN_CALL(FMT_Q4); }
+int edgemesh_int8_mlp_decode(MLP_ARGS(int8_t)) { return MLP_CALL(FMT_INT8); }
+int edgemesh_q4_mlp_decode(MLP_ARGS(uint8_t)) { return MLP_CALL(FMT_Q4); }

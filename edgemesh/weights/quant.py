@@ -13,6 +13,19 @@ the bf16 path multiply by the same number. Rounding up keeps ``|W / scale| <= 12
 
 Biases and norms stay fp32; the embedding is quantized per row (a row is a token, which is
 also an output channel of a tied lm_head).
+
+Weight-only 4-bit (``q4``): a matrix [out, in] is cut into groups of ``Q4_GROUP`` = 32
+consecutive input columns, each with its own scale; ``in`` must be a multiple of 32. Stored as
+uint8 ``name`` [out, in/2] (two 4-bit codes per byte) plus fp32 ``name.scale`` [out, in/32],
+with ``W[r, 32g + i] ≈ (code − 8) · scale[r, g]``, codes 0..15 (values −8..7). Within a group's
+16 bytes, byte i holds column i in its low nibble and column i + 16 in its high nibble (the
+order of ggml's q4_0, which a vector kernel unpacks with one mask and one shift). A group's
+scale is chosen from its largest-magnitude weight m: m/8 when m < 0 (m becomes −8 exactly),
+else m/7 (m becomes 7), rounded up to a bf16-representable value like int8's. With fp32
+scales that is 5 bits per weight (0.625 bytes, against 1.007 for int8 at K = 576).
+Quantization sees the full matrix, as int8's does: a row slice takes its rows of both tensors,
+a column slice (``wo``, ``w_down``) takes whole groups (its cut must fall on a multiple of 32),
+so every participant holds exact pieces of one q4 model.
 """
 
 from __future__ import annotations
@@ -28,10 +41,12 @@ if TYPE_CHECKING:
     from edgemesh.weights.store import ModelEntry, ModelStore
 
 SCALE = ".scale"
-SCHEMES = ("int8",)
+SCHEMES = ("int8", "q4")
 # store tensor names (see shard.py) that are weight matrices [out, in]
 QUANTIZED = frozenset({"embed", "lm_head", "wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"})
 QMAX = 127
+Q4_GROUP = 32  # input columns per q4 scale; column cuts of a q4 matrix fall on multiples of it
+Q4_DTYPE = torch.uint8  # a q4 matrix's storage dtype (int8 matrices are torch.int8)
 
 
 def check_scheme(scheme: str | None) -> str | None:
@@ -66,30 +81,91 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.contiguous(), scale.contiguous()
 
 
+def split_unit(scheme: str | None) -> int:
+    """Granularity of a column cut (MLP rows of a rank, ``w_down``'s columns) for a scheme."""
+    return Q4_GROUP if scheme == "q4" else 1
+
+
+def is_q4(t: torch.Tensor) -> bool:
+    return t.dtype == Q4_DTYPE
+
+
+def quantize_q4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(uint8 codes [out, in/2], fp32 scale [out, in/32]); the layout is in the module docstring."""
+    if w.dim() != 2:
+        raise ConfigError(f"q4 quantization needs a 2-D matrix, got shape {tuple(w.shape)}")
+    out, k = w.shape
+    if k % Q4_GROUP:
+        raise ConfigError(f"q4 quantization needs an input width that is a multiple of {Q4_GROUP}, "
+                          f"got a matrix of shape {tuple(w.shape)}; use int8 for this model")
+    wf = w.to(torch.float32).reshape(out, k // Q4_GROUP, Q4_GROUP)
+    if not torch.isfinite(wf).all():
+        raise ConfigError("cannot quantize a matrix with inf/nan weights")
+    idx = wf.abs().argmax(dim=2, keepdim=True)
+    m = wf.gather(2, idx).squeeze(2)  # the signed weight of largest magnitude per group
+    scale = torch.where(m < 0, -m / 8, m / 7)
+    scale = torch.where(scale > 0, _bf16_ceil(scale), torch.ones_like(scale))
+    q = torch.round(wf / scale[..., None]).clamp_(-8, 7).to(torch.int16) + 8  # 0..15
+    return pack_q4(q.reshape(out, k)), scale.contiguous()
+
+
+def pack_q4(codes: torch.Tensor) -> torch.Tensor:
+    """Codes 0..15 [out, in] (any integer dtype) → bytes [out, in/2] in the q4 nibble order."""
+    out, k = codes.shape
+    g = codes.to(torch.uint8).reshape(out, k // Q4_GROUP, 2, Q4_GROUP // 2)
+    return (g[:, :, 0] | (g[:, :, 1] << 4)).reshape(out, k // 2).contiguous()
+
+
+def unpack_q4(packed: torch.Tensor) -> torch.Tensor:
+    """Bytes [out, in/2] → codes 0..15 [out, in] as uint8 (the inverse of ``pack_q4``)."""
+    out, half = packed.shape
+    if half % (Q4_GROUP // 2):
+        raise ConfigError(f"a q4 matrix has a multiple of {Q4_GROUP // 2} bytes per row, got {tuple(packed.shape)}")
+    g = packed.reshape(out, half // (Q4_GROUP // 2), 1, Q4_GROUP // 2)
+    return torch.cat([g & 0x0F, g >> 4], dim=2).reshape(out, half * 2)
+
+
+def dequantize_q4(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    out, half = packed.shape
+    k = half * 2
+    if scale.shape != (out, k // Q4_GROUP):
+        raise ConfigError(f"q4 matrix {tuple(packed.shape)} needs a scale of shape {(out, k // Q4_GROUP)}, "
+                          f"got {tuple(scale.shape)}")
+    q = (unpack_q4(packed).to(torch.float32) - 8).reshape(out, k // Q4_GROUP, Q4_GROUP)
+    return (q * scale.to(torch.float32)[..., None]).reshape(out, k).to(dtype)
+
+
+def dequantize(t: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The float matrix of an int8 or q4 matrix."""
+    return dequantize_q4(t, scale, dtype) if is_q4(t) else dequantize_int8(t, scale, dtype)
+
+
 def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return (q.to(torch.float32) * scale.to(torch.float32)[:, None]).to(dtype)
 
 
 def quantize_block(tensors: dict[str, torch.Tensor], scheme: str | None) -> dict[str, torch.Tensor]:
     """A block's tensors with every weight matrix quantized (others unchanged)."""
-    if check_scheme(scheme) is None:
+    scheme = check_scheme(scheme)
+    if scheme is None:
         return tensors
+    quantize = quantize_q4 if scheme == "q4" else quantize_int8
     out: dict[str, torch.Tensor] = {}
     for name, t in tensors.items():
-        if name in QUANTIZED and t.dtype != torch.int8:
-            out[name], out[name + SCALE] = quantize_int8(t)
+        if name in QUANTIZED and t.is_floating_point():
+            out[name], out[name + SCALE] = quantize(t)
         else:
             out[name] = t
     return out
 
 
 def dequantize_block(tensors: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """The float block an int8 block stands for (references and tests)."""
+    """The float block an int8 or q4 block stands for (references and tests)."""
     out: dict[str, torch.Tensor] = {}
     for name, t in tensors.items():
         if name.endswith(SCALE):
             continue
-        out[name] = dequantize_int8(t, tensors[name + SCALE], dtype) if t.dtype == torch.int8 else t
+        out[name] = dequantize(t, tensors[name + SCALE], dtype) if name + SCALE in tensors else t
     return out
 
 
@@ -103,9 +179,12 @@ def quantize_entry(store: ModelStore, entry: ModelEntry, scheme: str, *, name: s
     """A quantized copy of a float model already in the store (block by block, hashes verified)."""
     scheme = check_scheme(scheme)  # type: ignore[assignment]
     if scheme is None:
-        raise ConfigError("name a quantization to convert a stored model to (supported: int8)")
+        raise ConfigError(f"name a quantization to convert a stored model to (supported: {', '.join(SCHEMES)})")
     if entry.dtype == scheme:
         raise ConfigError(f"model {entry.name!r} is already {scheme}")
+    if entry.dtype in SCHEMES:
+        raise ConfigError(f"model {entry.name!r} is {entry.dtype}: quantize its float original instead "
+                          "(requantizing a quantized model adds both errors)")
     writer = store.writer(name or quantized_name(entry.name, scheme), entry.config,
                           source=f"{entry.source} ({scheme} of {entry.name})", dtype=scheme)
     for key in ("tokenizer.json", "tokenizer_config.json"):
