@@ -21,6 +21,9 @@
  */
 #include <stdint.h>
 #include <stddef.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
 
 #define MAX_M 4
 
@@ -122,126 +125,159 @@ ROWS_DOT(4)
 /* ---- q4: 4-bit codes in groups of 32 columns, one fp32 scale per (row, group) ----------
  * Layout (edgemesh/weights/quant.py): a row is k/2 bytes; group g is bytes [16g, 16g + 16),
  * byte i holding column 32g + i in its low nibble and column 32g + 16 + i in its high one;
- * weight = (code - 8) * scale[row, g]. That product is exact in fp32 (the scale has bf16's 8
- * significant bits, the code 4), so every path multiplies x by the exact dequantized weight,
- * as the int8 kernel does, and only the summation order differs from a float reference.
- * The order depends only on k: a rank holding some rows computes bitwise what one device
- * computes for them. Four rows share the loads of x.
+ * weight = (code - 8) * sw[row, g].
  *
- * AVX-512: the 16 weights of a group's low nibbles come from one table lookup (vpermps with
- * the codes as indices into the 16 values (c - 8) * scale), the high nibbles from a second
- * after a shift; low halves accumulate in one register, high halves in another. Widening the
- * codes with int->float conversions instead (and, shift, 2 subtractions, 2 conversions, a
- * scale fma) was compute-bound at 9 GB/s, slower than the int8 kernel. */
+ * Activations: fp32 in and out, but each group of 32 values of x is quantized on entry to
+ * int8 with its own scale (sx = max|x| / 127, xq = round-to-even(x * (1 / sx))), the q8_0
+ * activations of llama.cpp and distributed-llama. A group's dot product is then an exact
+ * integer, sum (code - 8) * xq, and
+ *
+ *     y[row] = sum over groups of  float(intdot_g) * (sw[row, g] * sx[g])
+ *
+ * in fp32. Why not fp32 activations: widening 4-bit codes to fp32 costs more instructions per
+ * weight than int8's widening, and that kernel was compute-bound on an AVX-512 EPYC at about
+ * 15 G weights/s, no faster than the int8 kernel; integer dot products (AVX-512 VNNI, 64
+ * multiply-adds per instruction) are what make 4 bits pay. The rounding of x is at most half
+ * a step of 1/254 of its group's largest value (README: its measured effect on the logits).
+ *
+ * Exactness: x's quantization depends only on x and the group boundaries (multiples of 32),
+ * so a rank holding some rows computes bitwise what one device computes for them, and a rank
+ * holding a column slice (wo, w_down: whole groups) quantizes its part of x as one device
+ * does; the summation order of the fp32 part depends only on k.
+ *
+ * The VNNI path keeps 16 lanes; lane 4j + q of a step of four groups sums 4 low-nibble and 4
+ * high-nibble products of quarter q of group 4s + j (the offset -8 is folded into the starting
+ * value), then adds float(lane) * sw * sx. Other CPUs run the plain C below (the same integers,
+ * one accumulator, group by group): correct, not fast. */
 #define Q4_GROUP 32
 
-/* The plain-C arithmetic, compiled on every machine (tests compare the vector path with it). */
-static void q4_row_plain(const uint8_t *w, const float *s, size_t k, const float *x, float *out) {
+/* x [k] → xq [k] int8 and sx [k/32]: per group sx = amax / 127, xq = rint(x * (1 / sx)). */
+static void q4_quantize_x(const float *x, size_t k, int8_t *xq, float *sx) {
+    for (size_t g = 0; g < k / Q4_GROUP; g++) {
+        const float *xg = x + g * Q4_GROUP;
+        float amax = 0.0f;
+        for (int i = 0; i < Q4_GROUP; i++) { float v = fabsf(xg[i]); if (v > amax) amax = v; }
+        float d = amax / 127.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
+        for (int i = 0; i < Q4_GROUP; i++) xq[g * Q4_GROUP + i] = (int8_t)lrintf(xg[i] * id);
+        sx[g] = d;
+    }
+}
+
+static float q4_row_plain(const uint8_t *w, const float *s, size_t k, const int8_t *xq, const float *sx) {
     float acc = 0.0f;
     for (size_t g = 0; g < k / Q4_GROUP; g++) {
         const uint8_t *b = w + g * 16;
-        const float *xg = x + g * Q4_GROUP;
-        for (int i = 0; i < 16; i++) acc += ((float)((int)(b[i] & 15) - 8) * s[g]) * xg[i];
-        for (int i = 0; i < 16; i++) acc += ((float)((int)(b[i] >> 4) - 8) * s[g]) * xg[16 + i];
+        const int8_t *xg = xq + g * Q4_GROUP;
+        int32_t d = 0;
+        for (int i = 0; i < 16; i++) d += ((int32_t)(b[i] & 15) - 8) * xg[i] + ((int32_t)(b[i] >> 4) - 8) * xg[16 + i];
+        acc += (float)d * (s[g] * sx[g]);
     }
-    *out = acc;
+    return acc;
 }
 
-#if VECTOR == 2
-#define Q4_STEP(R, G)                                                                            \
-    {                                                                                            \
-        __m512 x0 = _mm512_loadu_ps(x + (G) * 32), x1 = _mm512_loadu_ps(x + (G) * 32 + 16);     \
-        _mm_prefetch((const char *)(w + PREFETCH + (G) * 16 * R), _MM_HINT_T0);                  \
-        for (int r = 0; r < R; r++) {                                                            \
-            __m512 lut = _mm512_mul_ps(base, _mm512_set1_ps(s[r * ng + (G)]));                    \
-            __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w + r * kb + (G) * 16))); \
-            a0[r] = _mm512_fmadd_ps(_mm512_permutexvar_ps(b, lut), x0, a0[r]);                   \
-            a1[r] = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), lut), x1, a1[r]); \
-        }                                                                                        \
+#if VECTOR == 2 && defined(__AVX512VNNI__)
+#define Q4_VNNI 1
+/* The x side of one call, laid out for the steps (each of four groups, the last padded with
+ * zeros): xlo/xhi [16 * ng4] (low/high 16 values of each group), corr [4 * ng4] (-8 times the
+ * sum of the 8 xq values a lane multiplies), sxl [4 * ng4] (each lane's group scale). */
+typedef struct { int8_t *xlo, *xhi; int32_t *corr; float *sxl; size_t ng, steps; } q4_xside;
+
+static void q4_prepare(const int8_t *xq, const float *sx, size_t k, q4_xside *p) {
+    size_t ng = k / Q4_GROUP, ng4 = (ng + 3) & ~(size_t)3;
+    p->ng = ng;
+    p->steps = ng4 / 4;
+    memset(p->xlo, 0, 16 * ng4);
+    memset(p->xhi, 0, 16 * ng4);
+    for (size_t g = 0; g < ng4; g++) {
+        for (int q = 0; q < 4; q++) {
+            int32_t c = 0;
+            for (int i = 4 * q; i < 4 * q + 4 && g < ng; i++) {
+                p->xlo[16 * g + i] = xq[32 * g + i];
+                p->xhi[16 * g + i] = xq[32 * g + 16 + i];
+                c += xq[32 * g + i] + xq[32 * g + 16 + i];
+            }
+            p->corr[4 * g + q] = -8 * c;
+            p->sxl[4 * g + q] = g < ng ? sx[g] : 0.0f;
+        }
     }
+}
 
 #define Q4_ROWS_DOT(R)                                                                           \
-static inline void q4_rows_dot_##R(const uint8_t *w, const float *s, size_t k, const float *x,  \
+static inline void q4_rows_dot_##R(const uint8_t *w, const float *s, size_t k, const q4_xside *p, \
                                    float *out) {                                                 \
-    size_t kb = k / 2, ng = k / Q4_GROUP;                                                        \
-    const __m512 base = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);  \
-    __m512 a0[R], a1[R];                                                                         \
-    for (int r = 0; r < R; r++) { a0[r] = _mm512_setzero_ps(); a1[r] = _mm512_setzero_ps(); }    \
-    for (size_t g = 0; g < ng; g++) Q4_STEP(R, g)                                                \
-    for (int r = 0; r < R; r++) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(a0[r], a1[r]));      \
+    size_t kb = k / 2, ng = p->ng;                                                               \
+    const __m512i m4 = _mm512_set1_epi8(15);                                                     \
+    const __m512i idx = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);        \
+    __m512 acc[R];                                                                               \
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();                                    \
+    for (size_t st = 0; st < p->steps; st++) {                                                   \
+        size_t g = 4 * st, rem = ng - g < 4 ? ng - g : 4;                                        \
+        __mmask64 mb = rem == 4 ? ~(__mmask64)0 : (((__mmask64)1 << (16 * rem)) - 1);            \
+        __mmask16 ms = (__mmask16)((1u << rem) - 1);                                             \
+        __m512i xl = _mm512_loadu_si512(p->xlo + 16 * g), xh = _mm512_loadu_si512(p->xhi + 16 * g); \
+        __m512i c0 = _mm512_loadu_si512(p->corr + 4 * g);                                        \
+        __m512 sxv = _mm512_loadu_ps(p->sxl + 4 * g);                                            \
+        _mm_prefetch((const char *)(w + PREFETCH + g * 16 * R), _MM_HINT_T0);                    \
+        if (R > 1) _mm_prefetch((const char *)(w + PREFETCH + g * 16 * R + 64), _MM_HINT_T0);    \
+        if (R > 2) _mm_prefetch((const char *)(w + PREFETCH + g * 16 * R + 128), _MM_HINT_T0);   \
+        if (R > 3) _mm_prefetch((const char *)(w + PREFETCH + g * 16 * R + 192), _MM_HINT_T0);   \
+        for (int r = 0; r < R; r++) {                                                            \
+            __m512i b = _mm512_maskz_loadu_epi8(mb, w + r * kb + g * 16);                        \
+            __m512i lo = _mm512_and_si512(b, m4), hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), m4); \
+            __m512i d = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(c0, lo, xl), hi, xh);            \
+            __m512 sw = _mm512_permutexvar_ps(idx, _mm512_maskz_loadu_ps(ms, s + r * ng + g));    \
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(sw, sxv), acc[r]);      \
+        }                                                                                        \
+    }                                                                                            \
+    for (int r = 0; r < R; r++) out[r] = _mm512_reduce_add_ps(acc[r]);                           \
 }
 Q4_ROWS_DOT(1)
 Q4_ROWS_DOT(4)
-
-#elif VECTOR == 1
-static inline __m256 q4_widen(__m128i v) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
-}
-
-/* codes - 8 widened to fp32, times the group's scale (exact), against x; two accumulators */
-#define Q4_STEP(R, G)                                                                            \
-    {                                                                                            \
-        const float *xg = x + (G) * 32;                                                          \
-        __m256 x0 = _mm256_loadu_ps(xg), x1 = _mm256_loadu_ps(xg + 8);                           \
-        __m256 x2 = _mm256_loadu_ps(xg + 16), x3 = _mm256_loadu_ps(xg + 24);                     \
-        _mm_prefetch((const char *)(w + PREFETCH + (G) * 16 * R), _MM_HINT_T0);                  \
-        for (int r = 0; r < R; r++) {                                                            \
-            __m128i b = _mm_loadu_si128((const __m128i *)(w + r * kb + (G) * 16));               \
-            __m128i m = _mm_set1_epi8(15), e = _mm_set1_epi8(8);                                 \
-            __m128i lo = _mm_sub_epi8(_mm_and_si128(b, m), e);                                   \
-            __m128i hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(b, 4), m), e);                \
-            __m256 sc = _mm256_set1_ps(s[r * ng + (G)]);                                         \
-            a0[r] = _mm256_fmadd_ps(_mm256_mul_ps(q4_widen(lo), sc), x0, a0[r]);                 \
-            a1[r] = _mm256_fmadd_ps(_mm256_mul_ps(q4_widen(_mm_srli_si128(lo, 8)), sc), x1, a1[r]); \
-            a0[r] = _mm256_fmadd_ps(_mm256_mul_ps(q4_widen(hi), sc), x2, a0[r]);                 \
-            a1[r] = _mm256_fmadd_ps(_mm256_mul_ps(q4_widen(_mm_srli_si128(hi, 8)), sc), x3, a1[r]); \
-        }                                                                                        \
-    }
-
-#define Q4_ROWS_DOT(R)                                                                           \
-static inline void q4_rows_dot_##R(const uint8_t *w, const float *s, size_t k, const float *x,  \
-                                   float *out) {                                                 \
-    size_t kb = k / 2, ng = k / Q4_GROUP;                                                        \
-    __m256 a0[R], a1[R];                                                                         \
-    for (int r = 0; r < R; r++) { a0[r] = _mm256_setzero_ps(); a1[r] = _mm256_setzero_ps(); }    \
-    for (size_t g = 0; g < ng; g++) Q4_STEP(R, g)                                                \
-    for (int r = 0; r < R; r++) out[r] = hsum8(_mm256_add_ps(a0[r], a1[r]));                     \
-}
-Q4_ROWS_DOT(1)
-Q4_ROWS_DOT(4)
-
 #else
-static inline void q4_rows_dot_1(const uint8_t *w, const float *s, size_t k, const float *x, float *out) {
-    q4_row_plain(w, s, k, x, out);
-}
-static inline void q4_rows_dot_4(const uint8_t *w, const float *s, size_t k, const float *x, float *out) {
-    for (int r = 0; r < 4; r++) q4_row_plain(w + r * (k / 2), s + r * (k / Q4_GROUP), k, x, out + r);
-}
+#define Q4_VNNI 0
 #endif
 
+int edgemesh_q4_gemv_vector(void) { return Q4_VNNI; }  /* 1: AVX-512 VNNI, 0: plain C */
+
 /* x [m, k] fp32, w [n, k/2] q4 bytes, scale [n, k/32] fp32, y [m, n] fp32; rows [n0, n1).
- * Returns 0, or -1 for m outside 1..MAX_M or k not a multiple of 32. plain != 0: the plain-C
- * arithmetic whatever the build (tests). */
+ * Returns 0, -1 for m outside 1..MAX_M or k not a multiple of 32, -2 out of memory.
+ * plain != 0: the plain-C arithmetic whatever the build (tests). */
 static int q4_gemv(const float *x, const uint8_t *w, const float *scale, float *y,
                    size_t m, size_t n, size_t k, size_t n0, size_t n1, int plain) {
     if (m < 1 || m > MAX_M || k % Q4_GROUP) return -1;
     if (n1 > n) n1 = n;
-    size_t kb = k / 2, ng = k / Q4_GROUP;
-    float out[4];
+    size_t kb = k / 2, ng = k / Q4_GROUP, ng4 = (ng + 3) & ~(size_t)3;
+    /* one buffer: xq [k], sx [ng], and the VNNI x side (xlo, xhi, corr, sxl) */
+    size_t bytes = k + 4 * ng + 2 * 16 * ng4 + 2 * 4 * 4 * ng4 + 64;
+    unsigned char *buf = malloc(bytes);
+    if (!buf) return -2;
+    int8_t *xq = (int8_t *)buf;
+    float *sx = (float *)(buf + ((k + 3) & ~(size_t)3));
+#if Q4_VNNI
+    q4_xside p;
+    p.corr = (int32_t *)(sx + ng);
+    p.sxl = (float *)(p.corr + 4 * ng4);
+    p.xlo = (int8_t *)(p.sxl + 4 * ng4);
+    p.xhi = p.xlo + 16 * ng4;
+#endif
     for (size_t r = 0; r < m; r++) {
-        const float *xr = x + r * k;
         float *yr = y + r * n;
+        q4_quantize_x(x + r * k, k, xq, sx);
         size_t i = n0;
-        if (plain) {
-            for (; i < n1; i++) q4_row_plain(w + i * kb, scale + i * ng, k, xr, yr + i);
-            continue;
+#if Q4_VNNI
+        if (!plain) {
+            float out[4];
+            q4_prepare(xq, sx, k, &p);
+            for (; i + 4 <= n1; i += 4) {
+                q4_rows_dot_4(w + i * kb, scale + i * ng, k, &p, out);
+                for (int j = 0; j < 4; j++) yr[i + j] = out[j];
+            }
+            for (; i < n1; i++) q4_rows_dot_1(w + i * kb, scale + i * ng, k, &p, yr + i);
         }
-        for (; i + 4 <= n1; i += 4) {
-            q4_rows_dot_4(w + i * kb, scale + i * ng, k, xr, out);
-            for (int j = 0; j < 4; j++) yr[i + j] = out[j];
-        }
-        for (; i < n1; i++) q4_rows_dot_1(w + i * kb, scale + i * ng, k, xr, yr + i);
+#endif
+        for (; i < n1; i++) yr[i] = q4_row_plain(w + i * kb, scale + i * ng, k, xq, sx);
     }
+    free(buf);
     return 0;
 }
 

@@ -37,6 +37,7 @@ import torch
 from edgemesh.errors import ConfigError
 
 if TYPE_CHECKING:
+    from edgemesh.weights.config import ModelConfig
     from edgemesh.weights.progress import Progress
     from edgemesh.weights.store import ModelEntry, ModelStore
 
@@ -79,6 +80,19 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = torch.where(amax > 0, _bf16_ceil(amax / QMAX), torch.ones_like(amax))
     q = torch.round(wf / scale[:, None]).clamp_(-QMAX, QMAX).to(torch.int8)
     return q.contiguous(), scale.contiguous()
+
+
+def check_fits(config: ModelConfig, scheme: str | None) -> None:
+    """Refuse, before anything is written, a model whose matrices a scheme cannot hold: q4 needs
+    every input width (hidden size, attention width, MLP width) to be a multiple of 32."""
+    if scheme != "q4":
+        return
+    widths = {"hidden size": config.hidden_size, "attention width (heads × head_dim)":
+              config.num_attention_heads * config.head_dim, "MLP width": config.intermediate_size}
+    bad = [f"{what} {n}" for what, n in widths.items() if n % Q4_GROUP]
+    if bad:
+        raise ConfigError(f"q4 needs input widths that are a multiple of {Q4_GROUP}: {', '.join(bad)} "
+                          "are not; use int8 for this model")
 
 
 def split_unit(scheme: str | None) -> int:
@@ -185,6 +199,7 @@ def quantize_entry(store: ModelStore, entry: ModelEntry, scheme: str, *, name: s
     if entry.dtype in SCHEMES:
         raise ConfigError(f"model {entry.name!r} is {entry.dtype}: quantize its float original instead "
                           "(requantizing a quantized model adds both errors)")
+    check_fits(entry.config, scheme)
     writer = store.writer(name or quantized_name(entry.name, scheme), entry.config,
                           source=f"{entry.source} ({scheme} of {entry.name})", dtype=scheme)
     for key in ("tokenizer.json", "tokenizer_config.json"):
