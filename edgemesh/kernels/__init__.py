@@ -172,23 +172,21 @@ def build_variant(*extra_flags: str) -> ctypes.CDLL | None:
 def q4_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, plain: bool = False,
             lib: ctypes.CDLL | None = None) -> torch.Tensor:
     """``x @ W.T`` for fp32 ``x`` [m, k] (1 ≤ m ≤ MAX_M) and a q4 matrix: uint8 ``weight``
-    [n, k/2], fp32 ``scale`` [n, k/32] (``weights/quant.py``); fp32 [m, n]. ``plain``: the
-    plain-C arithmetic whatever the build (tests); ``lib``: another build (``build_variant``).
-    The caller checks ``native()`` first; bad shapes raise ``ValueError``."""
+    [n, k/2], int16 ``scale`` [n, k/32, 2] (fp16 steps and offsets, ``weights/quant.py``);
+    fp32 [m, n], with x rounded to int8 per group of 32 inside (see ``int8_gemv.c``).
+    ``plain``: the plain-C arithmetic whatever the build (tests); ``lib``: another build
+    (``build_variant``). The caller checks ``native()`` first; bad shapes raise ``ValueError``."""
     lib = lib or _lib
     assert lib is not None
     m, k = x.shape
     n = weight.shape[0]
     if (not 1 <= m <= MAX_M or k % 32 or weight.dtype != torch.uint8 or tuple(weight.shape) != (n, k // 2)
-            or tuple(scale.shape) != (n, k // 32)):
+            or tuple(scale.shape) != (n, k // 32, 2) or scale.dtype != torch.int16):
         raise ValueError(f"q4_gemv: shapes x {tuple(x.shape)}, weight {tuple(weight.shape)} {weight.dtype}, "
                          f"scale {tuple(scale.shape)}")
     if x.dtype != torch.float32 or not x.is_contiguous():
         x = x.to(torch.float32).contiguous()
-    if not weight.is_contiguous():
-        weight = weight.contiguous()
-    if scale.dtype != torch.float32 or not scale.is_contiguous():
-        scale = scale.to(torch.float32).contiguous()
+    weight, scale = weight.contiguous(), scale.contiguous()
     y = torch.empty((m, n), dtype=torch.float32)
     if n:
         lib.edgemesh_q4_gemv(x.data_ptr(), weight.data_ptr(), scale.data_ptr(), y.data_ptr(), m, n, k, 0, n,
@@ -228,12 +226,15 @@ def _format(w: dict[str, torch.Tensor], names: tuple[str, ...]) -> str | None:
     return {torch.int8: "int8", torch.uint8: "q4"}.get(dtypes.pop())
 
 
+_SCALE_DTYPE = {"int8": torch.float32, "q4": torch.int16}  # q4: fp16 (step, offset) bit patterns
+
+
 def _want(fmt: str, shapes: dict[str, tuple[int, int]]) -> dict[str, tuple[int, ...]]:
     """Shapes of a block's matrices and scales as stored in ``fmt``, from their [out, in]."""
     out: dict[str, tuple[int, ...]] = {}
     for name, (n, k) in shapes.items():
         out[name] = (n, k // 2) if fmt == "q4" else (n, k)
-        out[name + ".scale"] = (n, k // 32) if fmt == "q4" else (n,)
+        out[name + ".scale"] = (n, k // 32, 2) if fmt == "q4" else (n,)
     return out
 
 
@@ -266,7 +267,8 @@ def attention_decode(x: torch.Tensor, w: dict[str, torch.Tensor], k_cache: torch
             or head_dim % 2):
         return None
     mats = [w[n] for n in names] + [w[n + ".scale"] for n in names] + [w["norm"], k_cache, v_cache]
-    if not _ready(x, cos, sin, *mats) or any(t.dtype != torch.float32 for t in mats[4:]):
+    if (not _ready(x, cos, sin, *mats) or any(t.dtype != _SCALE_DTYPE[fmt] for t in mats[4:8])
+            or any(t.dtype != torch.float32 for t in mats[8:])):
         return None
     out = torch.empty((1, 1, hdim), dtype=torch.float32)
     scratch = torch.empty(hdim + 2 * (n_q + n_kv) * head_dim + pos + 1, dtype=torch.float32)
@@ -294,7 +296,8 @@ def mlp_decode(x: torch.Tensor, w: dict[str, torch.Tensor], eps: float) -> torch
     if fmt is None or any(b in w for b in ("b_gate", "b_up", "b_down")):
         return None
     mats = [w[n] for n in names] + [w[n + ".scale"] for n in names] + [w["norm"]]
-    if not _ready(x, *mats) or any(t.dtype != torch.float32 for t in mats[3:]):
+    if (not _ready(x, *mats) or any(t.dtype != _SCALE_DTYPE[fmt] for t in mats[3:6])
+            or w["norm"].dtype != torch.float32):
         return None
     hdim, f = x.shape[-1], w["w_gate"].shape[0]
     if fmt == "q4" and (hdim % 32 or f % 32):

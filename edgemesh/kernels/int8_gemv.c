@@ -122,34 +122,47 @@ ROWS_DOT(1)
 ROWS_DOT(4)
 #endif
 
-/* ---- q4: 4-bit codes in groups of 32 columns, one fp32 scale per (row, group) ----------
+/* ---- q4: 4-bit codes in groups of 32 columns, a step d and an offset m per (row, group) ---
  * Layout (edgemesh/weights/quant.py): a row is k/2 bytes; group g is bytes [16g, 16g + 16),
  * byte i holding column 32g + i in its low nibble and column 32g + 16 + i in its high one;
- * weight = (code - 8) * sw[row, g].
+ * weight = d[row, g] * code + m[row, g], (d, m) stored as a pair of IEEE halves per group.
  *
  * Activations: fp32 in and out, but each group of 32 values of x is quantized on entry to
  * int8 with its own scale (sx = max|x| / 127, xq = round-to-even(x * (1 / sx))), the q8_0
- * activations of llama.cpp and distributed-llama. A group's dot product is then an exact
- * integer, sum (code - 8) * xq, and
+ * activations of llama.cpp and distributed-llama. A group's sums sum(code * xq) and sum(xq)
+ * are then exact integers, and
  *
- *     y[row] = sum over groups of  float(intdot_g) * (sw[row, g] * sx[g])
+ *     y[row] = sum over groups of  sx[g] * (d * float(sum code * xq) + m * float(sum xq))
  *
  * in fp32. Why not fp32 activations: widening 4-bit codes to fp32 costs more instructions per
- * weight than int8's widening, and that kernel was compute-bound on an AVX-512 EPYC at about
- * 15 G weights/s, no faster than the int8 kernel; integer dot products (AVX-512 VNNI, 64
- * multiply-adds per instruction) are what make 4 bits pay. The rounding of x is at most half
- * a step of 1/254 of its group's largest value (README: its measured effect on the logits).
+ * weight than int8's widening, and such a kernel (table lookup per nibble) was compute-bound
+ * on an AVX-512 EPYC at about 15-22 G weights/s, no faster than the int8 kernel; integer dot
+ * products (AVX-512 VNNI, 64 multiply-adds per instruction) are what make 4 bits pay. The
+ * rounding of x is at most half a step of 1/254 of its group's largest value (README: its
+ * measured effect on the logits).
  *
  * Exactness: x's quantization depends only on x and the group boundaries (multiples of 32),
  * so a rank holding some rows computes bitwise what one device computes for them, and a rank
  * holding a column slice (wo, w_down: whole groups) quantizes its part of x as one device
  * does; the summation order of the fp32 part depends only on k.
  *
- * The VNNI path keeps 16 lanes; lane 4j + q of a step of four groups sums 4 low-nibble and 4
- * high-nibble products of quarter q of group 4s + j (the offset -8 is folded into the starting
- * value), then adds float(lane) * sw * sx. Other CPUs run the plain C below (the same integers,
+ * The VNNI path keeps 16 lanes; lane 4j + q of a step of four groups holds the sums over 4
+ * low-nibble and 4 high-nibble columns of quarter q of group 4s + j, and adds
+ * sx * (d * lane + m * sum of its 8 xq). Other CPUs run the plain C below (the same integers,
  * one accumulator, group by group): correct, not fast. */
 #define Q4_GROUP 32
+
+static float q4_half(uint16_t h) {  /* IEEE half → float (normal, subnormal, zero, inf/nan) */
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 31, f = h & 1023, bits;
+    if (e == 0) {
+        if (f == 0) { bits = sign; }
+        else { float v = (float)f * (1.0f / 16777216.0f); return (h & 0x8000) ? -v : v; }  /* f * 2^-24 */
+    } else if (e == 31) { bits = sign | 0x7F800000u | (f << 13); }
+    else { bits = sign | ((e + 112) << 23) | (f << 13); }
+    float out;
+    memcpy(&out, &bits, sizeof out);
+    return out;
+}
 
 /* x [k] → xq [k] int8 and sx [k/32]: per group sx = amax / 127, xq = rint(x * (1 / sx)). */
 static void q4_quantize_x(const float *x, size_t k, int8_t *xq, float *sx) {
@@ -163,14 +176,18 @@ static void q4_quantize_x(const float *x, size_t k, int8_t *xq, float *sx) {
     }
 }
 
-static float q4_row_plain(const uint8_t *w, const float *s, size_t k, const int8_t *xq, const float *sx) {
+/* s: the row's (d, m) halves, 2 per group */
+static float q4_row_plain(const uint8_t *w, const uint16_t *s, size_t k, const int8_t *xq, const float *sx) {
     float acc = 0.0f;
     for (size_t g = 0; g < k / Q4_GROUP; g++) {
         const uint8_t *b = w + g * 16;
         const int8_t *xg = xq + g * Q4_GROUP;
-        int32_t d = 0;
-        for (int i = 0; i < 16; i++) d += ((int32_t)(b[i] & 15) - 8) * xg[i] + ((int32_t)(b[i] >> 4) - 8) * xg[16 + i];
-        acc += (float)d * (s[g] * sx[g]);
+        int32_t dot = 0, sum = 0;
+        for (int i = 0; i < 16; i++) {
+            dot += (int32_t)(b[i] & 15) * xg[i] + (int32_t)(b[i] >> 4) * xg[16 + i];
+            sum += xg[i] + xg[16 + i];
+        }
+        acc += sx[g] * (q4_half(s[2 * g]) * (float)dot + q4_half(s[2 * g + 1]) * (float)sum);
     }
     return acc;
 }
@@ -178,9 +195,9 @@ static float q4_row_plain(const uint8_t *w, const float *s, size_t k, const int8
 #if VECTOR == 2 && defined(__AVX512VNNI__)
 #define Q4_VNNI 1
 /* The x side of one call, laid out for the steps (each of four groups, the last padded with
- * zeros): xlo/xhi [16 * ng4] (low/high 16 values of each group), corr [4 * ng4] (-8 times the
- * sum of the 8 xq values a lane multiplies), sxl [4 * ng4] (each lane's group scale). */
-typedef struct { int8_t *xlo, *xhi; int32_t *corr; float *sxl; size_t ng, steps; } q4_xside;
+ * zeros): xlo/xhi [16 * ng4] (low/high 16 values of each group), lsum [4 * ng4] (the sum of
+ * the 8 xq values a lane multiplies, as float), sxl [4 * ng4] (each lane's group scale). */
+typedef struct { int8_t *xlo, *xhi; float *lsum, *sxl; size_t ng, steps; } q4_xside;
 
 static void q4_prepare(const int8_t *xq, const float *sx, size_t k, q4_xside *p) {
     size_t ng = k / Q4_GROUP, ng4 = (ng + 3) & ~(size_t)3;
@@ -196,27 +213,27 @@ static void q4_prepare(const int8_t *xq, const float *sx, size_t k, q4_xside *p)
                 p->xhi[16 * g + i] = xq[32 * g + 16 + i];
                 c += xq[32 * g + i] + xq[32 * g + 16 + i];
             }
-            p->corr[4 * g + q] = -8 * c;
+            p->lsum[4 * g + q] = (float)c;
             p->sxl[4 * g + q] = g < ng ? sx[g] : 0.0f;
         }
     }
 }
 
 #define Q4_ROWS_DOT(R)                                                                           \
-static inline void q4_rows_dot_##R(const uint8_t *w, const float *s, size_t k, const q4_xside *p, \
-                                   float *out) {                                                 \
+static inline void q4_rows_dot_##R(const uint8_t *w, const uint16_t *s, size_t k,               \
+                                   const q4_xside *p, float *out) {                              \
     size_t kb = k / 2, ng = p->ng;                                                               \
     const __m512i m4 = _mm512_set1_epi8(15);                                                     \
-    const __m512i idx = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);        \
+    const __m512i id = _mm512_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2, 4, 4, 4, 4, 6, 6, 6, 6);         \
+    const __m512i im = _mm512_setr_epi32(1, 1, 1, 1, 3, 3, 3, 3, 5, 5, 5, 5, 7, 7, 7, 7);         \
     __m512 acc[R];                                                                               \
     for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();                                    \
     for (size_t st = 0; st < p->steps; st++) {                                                   \
         size_t g = 4 * st, rem = ng - g < 4 ? ng - g : 4;                                        \
         __mmask64 mb = rem == 4 ? ~(__mmask64)0 : (((__mmask64)1 << (16 * rem)) - 1);            \
-        __mmask16 ms = (__mmask16)((1u << rem) - 1);                                             \
+        __mmask8 ms = (__mmask8)((1u << (2 * rem)) - 1);                                         \
         __m512i xl = _mm512_loadu_si512(p->xlo + 16 * g), xh = _mm512_loadu_si512(p->xhi + 16 * g); \
-        __m512i c0 = _mm512_loadu_si512(p->corr + 4 * g);                                        \
-        __m512 sxv = _mm512_loadu_ps(p->sxl + 4 * g);                                            \
+        __m512 ls = _mm512_loadu_ps(p->lsum + 4 * g), sxv = _mm512_loadu_ps(p->sxl + 4 * g);     \
         _mm_prefetch((const char *)(w + PREFETCH + g * 16 * R), _MM_HINT_T0);                    \
         if (R > 1) _mm_prefetch((const char *)(w + PREFETCH + g * 16 * R + 64), _MM_HINT_T0);    \
         if (R > 2) _mm_prefetch((const char *)(w + PREFETCH + g * 16 * R + 128), _MM_HINT_T0);   \
@@ -224,9 +241,12 @@ static inline void q4_rows_dot_##R(const uint8_t *w, const float *s, size_t k, c
         for (int r = 0; r < R; r++) {                                                            \
             __m512i b = _mm512_maskz_loadu_epi8(mb, w + r * kb + g * 16);                        \
             __m512i lo = _mm512_and_si512(b, m4), hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), m4); \
-            __m512i d = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(c0, lo, xl), hi, xh);            \
-            __m512 sw = _mm512_permutexvar_ps(idx, _mm512_maskz_loadu_ps(ms, s + r * ng + g));    \
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(sw, sxv), acc[r]);      \
+            __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xl), hi, xh); \
+            __m512 dm = _mm512_castps256_ps512(                                                  \
+                _mm256_cvtph_ps(_mm_maskz_loadu_epi16(ms, s + 2 * (r * ng + g))));               \
+            __m512 t = _mm512_fmadd_ps(_mm512_permutexvar_ps(id, dm), _mm512_cvtepi32_ps(dot),   \
+                                       _mm512_mul_ps(_mm512_permutexvar_ps(im, dm), ls));        \
+            acc[r] = _mm512_fmadd_ps(t, sxv, acc[r]);                                            \
         }                                                                                        \
     }                                                                                            \
     for (int r = 0; r < R; r++) out[r] = _mm512_reduce_add_ps(acc[r]);                           \
@@ -239,13 +259,14 @@ Q4_ROWS_DOT(4)
 
 int edgemesh_q4_gemv_vector(void) { return Q4_VNNI; }  /* 1: AVX-512 VNNI, 0: plain C */
 
-/* x [m, k] fp32, w [n, k/2] q4 bytes, scale [n, k/32] fp32, y [m, n] fp32; rows [n0, n1).
+/* x [m, k] fp32, w [n, k/2] q4 bytes, scale [n, k/32, 2] halves (d, m), y [m, n] fp32; rows [n0, n1).
  * Returns 0, -1 for m outside 1..MAX_M or k not a multiple of 32, -2 out of memory.
  * plain != 0: the plain-C arithmetic whatever the build (tests). */
-static int q4_gemv(const float *x, const uint8_t *w, const float *scale, float *y,
+static int q4_gemv(const float *x, const uint8_t *w, const uint16_t *scale, float *y,
                    size_t m, size_t n, size_t k, size_t n0, size_t n1, int plain) {
     if (m < 1 || m > MAX_M || k % Q4_GROUP) return -1;
     if (n1 > n) n1 = n;
+    (void)plain;  /* without VNNI every call is plain */
     size_t kb = k / 2, ng = k / Q4_GROUP, ng4 = (ng + 3) & ~(size_t)3;
     /* one buffer: xq [k], sx [ng], and the VNNI x side (xlo, xhi, corr, sxl) */
     size_t bytes = k + 4 * ng + 2 * 16 * ng4 + 2 * 4 * 4 * ng4 + 64;
@@ -255,8 +276,8 @@ static int q4_gemv(const float *x, const uint8_t *w, const float *scale, float *
     float *sx = (float *)(buf + ((k + 3) & ~(size_t)3));
 #if Q4_VNNI
     q4_xside p;
-    p.corr = (int32_t *)(sx + ng);
-    p.sxl = (float *)(p.corr + 4 * ng4);
+    p.lsum = sx + ng;
+    p.sxl = p.lsum + 4 * ng4;
     p.xlo = (int8_t *)(p.sxl + 4 * ng4);
     p.xhi = p.xlo + 16 * ng4;
 #endif
@@ -269,19 +290,19 @@ static int q4_gemv(const float *x, const uint8_t *w, const float *scale, float *
             float out[4];
             q4_prepare(xq, sx, k, &p);
             for (; i + 4 <= n1; i += 4) {
-                q4_rows_dot_4(w + i * kb, scale + i * ng, k, &p, out);
+                q4_rows_dot_4(w + i * kb, scale + 2 * i * ng, k, &p, out);
                 for (int j = 0; j < 4; j++) yr[i + j] = out[j];
             }
-            for (; i < n1; i++) q4_rows_dot_1(w + i * kb, scale + i * ng, k, &p, yr + i);
+            for (; i < n1; i++) q4_rows_dot_1(w + i * kb, scale + 2 * i * ng, k, &p, yr + i);
         }
 #endif
-        for (; i < n1; i++) yr[i] = q4_row_plain(w + i * kb, scale + i * ng, k, xq, sx);
+        for (; i < n1; i++) yr[i] = q4_row_plain(w + i * kb, scale + 2 * i * ng, k, xq, sx);
     }
     free(buf);
     return 0;
 }
 
-int edgemesh_q4_gemv(const float *x, const uint8_t *w, const float *scale, float *y,
+int edgemesh_q4_gemv(const float *x, const uint8_t *w, const uint16_t *scale, float *y,
                      size_t m, size_t n, size_t k, size_t n0, size_t n1, int plain) {
     return q4_gemv(x, w, scale, y, m, n, k, n0, n1, plain);
 }
@@ -342,22 +363,22 @@ static void rope1(float *v, const float *cs, const float *sn, size_t d) {
 }
 
 /* One matrix product of a block in the block's weight format: FMT_INT8 (int8 [n, k], scale
- * [n]) or FMT_Q4 (q4 bytes [n, k/2], scale [n, k/32]). */
+ * [n] fp32) or FMT_Q4 (q4 bytes [n, k/2], scale [n, k/32, 2] halves). */
 enum { FMT_INT8 = 0, FMT_Q4 = 1 };
 
-static void mat_gemv(int fmt, const float *x, const void *w, const float *s, float *y, size_t n, size_t k) {
+static void mat_gemv(int fmt, const float *x, const void *w, const void *s, float *y, size_t n, size_t k) {
     if (fmt == FMT_Q4)
-        q4_gemv(x, (const uint8_t *)w, s, y, 1, n, k, 0, n, 0);
+        q4_gemv(x, (const uint8_t *)w, (const uint16_t *)s, y, 1, n, k, 0, n, 0);
     else
-        edgemesh_int8_gemv(x, (const int8_t *)w, s, y, 1, n, k, 0, n);
+        edgemesh_int8_gemv(x, (const int8_t *)w, (const float *)s, y, 1, n, k, 0, n);
 }
 
 /* out [hdim]: this rank's partial attention output (its heads through its wo columns) for the
  * token at position pos. kcache/vcache: [n_kv, max_seq, d]; the token's k and v are written
  * at pos. scratch: at least hdim + 2*(n_q + n_kv)*d + pos + 1 floats. */
 static int attn_decode(int fmt, const float *x, const float *norm, float eps, size_t hdim,
-                       const void *wq, const float *sq, const void *wk, const float *sk,
-                       const void *wv, const float *sv, const void *wo, const float *so,
+                       const void *wq, const void *sq, const void *wk, const void *sk,
+                       const void *wv, const void *sv, const void *wo, const void *so,
                        size_t n_q, size_t n_kv, size_t d,
                        const float *cs, const float *sn, float *kcache, float *vcache,
                        size_t max_seq, size_t pos, float *scratch, float *out) {
@@ -405,8 +426,8 @@ static int attn_decode(int fmt, const float *x, const float *norm, float eps, si
 
 /* out [hdim]: this rank's partial SwiGLU output for one token. scratch: hdim + 2*f floats. */
 static int mlp_decode(int fmt, const float *x, const float *norm, float eps, size_t hdim,
-                      const void *wg, const float *sg, const void *wu, const float *su,
-                      const void *wd, const float *sd, size_t f, float *scratch, float *out) {
+                      const void *wg, const void *sg, const void *wu, const void *su,
+                      const void *wd, const void *sd, size_t f, float *scratch, float *out) {
     if (fmt == FMT_Q4 && (hdim % Q4_GROUP || f % Q4_GROUP)) return -1;
     float *xn = scratch, *g = xn + hdim, *u = g + f;
     rms_norm1(x, norm, eps, hdim, xn);
@@ -417,19 +438,19 @@ static int mlp_decode(int fmt, const float *x, const float *norm, float eps, siz
     return 0;
 }
 
-#define ATTN_ARGS(T) const float *x, const float *norm, float eps, size_t hdim,                  \
-    const T *wq, const float *sq, const T *wk, const float *sk, const T *wv, const float *sv,     \
-    const T *wo, const float *so, size_t n_q, size_t n_kv, size_t d, const float *cs,            \
+#define ATTN_ARGS(T, S) const float *x, const float *norm, float eps, size_t hdim,               \
+    const T *wq, const S *sq, const T *wk, const S *sk, const T *wv, const S *sv,                 \
+    const T *wo, const S *so, size_t n_q, size_t n_kv, size_t d, const float *cs,            \
     const float *sn, float *kcache, float *vcache, size_t max_seq, size_t pos, float *scratch,   \
     float *out
 #define ATTN_CALL(FMT) attn_decode(FMT, x, norm, eps, hdim, wq, sq, wk, sk, wv, sv, wo, so, n_q, \
     n_kv, d, cs, sn, kcache, vcache, max_seq, pos, scratch, out)
-#define MLP_ARGS(T) const float *x, const float *norm, float eps, size_t hdim, const T *wg,       \
-    const float *sg, const T *wu, const float *su, const T *wd, const float *sd, size_t f,        \
+#define MLP_ARGS(T, S) const float *x, const float *norm, float eps, size_t hdim, const T *wg,    \
+    const S *sg, const T *wu, const S *su, const T *wd, const S *sd, size_t f,                    \
     float *scratch, float *out
 #define MLP_CALL(FMT) mlp_decode(FMT, x, norm, eps, hdim, wg, sg, wu, su, wd, sd, f, scratch, out)
 
-int edgemesh_int8_attn_decode(ATTN_ARGS(int8_t)) { return ATTN_CALL(FMT_INT8); }
-int edgemesh_q4_attn_decode(ATTN_ARGS(uint8_t)) { return ATTN_CALL(FMT_Q4); }
-int edgemesh_int8_mlp_decode(MLP_ARGS(int8_t)) { return MLP_CALL(FMT_INT8); }
-int edgemesh_q4_mlp_decode(MLP_ARGS(uint8_t)) { return MLP_CALL(FMT_Q4); }
+int edgemesh_int8_attn_decode(ATTN_ARGS(int8_t, float)) { return ATTN_CALL(FMT_INT8); }
+int edgemesh_q4_attn_decode(ATTN_ARGS(uint8_t, uint16_t)) { return ATTN_CALL(FMT_Q4); }
+int edgemesh_int8_mlp_decode(MLP_ARGS(int8_t, float)) { return MLP_CALL(FMT_INT8); }
+int edgemesh_q4_mlp_decode(MLP_ARGS(uint8_t, uint16_t)) { return MLP_CALL(FMT_Q4); }

@@ -2,9 +2,10 @@
 codes, a scale per 32 input columns; ``quant.py``).
 
 q4 weights (uint8 storage): decode (≤ ``kernels.MAX_M`` rows, fp32 activations) with the
-native kernel goes through ``kernels.q4_gemv`` (codes widened to fp32, fp32 products and
-output, a summation order fixed by K: a rank's rows are bitwise one device's); everything else
-(prefill, no native kernel) dequantizes the matrix to fp32 on the fly and calls ``F.linear``.
+native kernel goes through ``kernels.q4_gemv`` (fp32 in and out; inside, x is rounded to int8
+per group of 32 and the group sums are exact integers; the order of the fp32 part is fixed by
+K, so a rank's rows are bitwise one device's); everything else (prefill, no native kernel)
+dequantizes the matrix to fp32 on the fly and calls ``F.linear`` with unrounded activations.
 
 Float weights go straight to ``F.linear``: the fp32 model is untouched. For int8 weights:
 
@@ -52,7 +53,7 @@ import torch.nn.functional as F
 from edgemesh import kernels
 from edgemesh.errors import ConfigError
 from edgemesh.weights.aligned import aligned
-from edgemesh.weights.quant import SCALE, dequantize_q4, is_q4, unpack_q4
+from edgemesh.weights.quant import SCALE, dequantize_q4, is_q4
 
 PACKED_MAX_ROWS = 4
 PACKED_K_MULTIPLE = 32  # checked for K = 32..2048, 1..4 rows, 1..576 output rows (tests/unit/test_int8.py)
@@ -106,11 +107,10 @@ def embedding(tokens: torch.Tensor, w: dict[str, torch.Tensor], name: str, dtype
     """Rows of an embedding matrix (int8 rows are scaled back to ``dtype``)."""
     table = w[name]
     rows = F.embedding(tokens, table)
-    if is_q4(table):  # [.., K/2] bytes → codes − 8, times the row's group scales
-        codes = unpack_q4(rows.reshape(-1, rows.shape[-1])).to(dtype) - 8
-        scale = w[name + SCALE][tokens].to(dtype).reshape(codes.shape[0], -1)
-        out = (codes.reshape(codes.shape[0], scale.shape[1], -1) * scale[..., None]).reshape(codes.shape)
-        return out.reshape(*tokens.shape, -1)
+    if is_q4(table):  # only the looked-up rows are dequantized
+        flat = rows.reshape(-1, rows.shape[-1])
+        scale = w[name + SCALE][tokens.reshape(-1)]
+        return dequantize_q4(flat, scale, dtype).reshape(*tokens.shape, -1)
     if table.dtype != torch.int8:
         return rows.to(dtype)
     return rows.to(dtype) * w[name + SCALE][tokens].to(dtype)[..., None]

@@ -15,17 +15,23 @@ Biases and norms stay fp32; the embedding is quantized per row (a row is a token
 also an output channel of a tied lm_head).
 
 Weight-only 4-bit (``q4``): a matrix [out, in] is cut into groups of ``Q4_GROUP`` = 32
-consecutive input columns, each with its own scale; ``in`` must be a multiple of 32. Stored as
-uint8 ``name`` [out, in/2] (two 4-bit codes per byte) plus fp32 ``name.scale`` [out, in/32],
-with ``W[r, 32g + i] ≈ (code − 8) · scale[r, g]``, codes 0..15 (values −8..7). Within a group's
-16 bytes, byte i holds column i in its low nibble and column i + 16 in its high nibble (the
-order of ggml's q4_0, which a vector kernel unpacks with one mask and one shift). A group's
-scale is chosen from its largest-magnitude weight m: m/8 when m < 0 (m becomes −8 exactly),
-else m/7 (m becomes 7), rounded up to a bf16-representable value like int8's. With fp32
-scales that is 5 bits per weight (0.625 bytes, against 1.007 for int8 at K = 576).
-Quantization sees the full matrix, as int8's does: a row slice takes its rows of both tensors,
-a column slice (``wo``, ``w_down``) takes whole groups (its cut must fall on a multiple of 32),
-so every participant holds exact pieces of one q4 model.
+consecutive input columns, each with its own step d and offset m; ``in`` must be a multiple of
+32. ``W[r, 32g + i] ≈ d[r, g] · code + m[r, g]`` with codes 0..15: the group's minimum is m and
+its maximum m + 15·d (an asymmetric grid, the arithmetic of ggml's Q4_1). Stored as uint8
+``name`` [out, in/2] (two codes per byte: within a group's 16 bytes, byte i holds column i in
+its low nibble and column i + 16 in its high nibble, which a vector kernel unpacks with one mask
+and one shift) and ``name.scale`` [out, in/32, 2]: (d, m) as IEEE half floats, kept as their
+int16 bit patterns so that no load-time dtype conversion (which touches floating tensors only)
+rounds them. 20 bytes per 32 weights: 5 bits per weight (0.625 bytes, against int8's 1.007 at
+K = 576). A model imported from a Q4_1 GGUF comes back with its own codes, steps and offsets
+(the group's extremes are codes 0 and 15 there too). Quantization sees the full matrix, as
+int8's does: a row slice takes its rows of both tensors, a column slice (``wo``, ``w_down``)
+takes whole groups (its cut must fall on a multiple of 32), so every participant holds exact
+pieces of one q4 model.
+
+Why not symmetric (code − 8)·d: on SmolLM2-135M (whose store copy comes from a Q4_1 GGUF) it
+agreed with the fp32 model's greedy token on 121 of 192 teacher-forced decode steps; the
+asymmetric grid reproduces those weights (README, quantization section).
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ QUANTIZED = frozenset({"embed", "lm_head", "wq", "wk", "wv", "wo", "w_gate", "w_
 QMAX = 127
 Q4_GROUP = 32  # input columns per q4 scale; column cuts of a q4 matrix fall on multiples of it
 Q4_DTYPE = torch.uint8  # a q4 matrix's storage dtype (int8 matrices are torch.int8)
+F16_MAX = 65504.0
 
 
 def check_scheme(scheme: str | None) -> str | None:
@@ -105,7 +112,7 @@ def is_q4(t: torch.Tensor) -> bool:
 
 
 def quantize_q4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(uint8 codes [out, in/2], fp32 scale [out, in/32]); the layout is in the module docstring."""
+    """(uint8 codes [out, in/2], int16 fp16 pairs (d, m) [out, in/32, 2]); see the module docstring."""
     if w.dim() != 2:
         raise ConfigError(f"q4 quantization needs a 2-D matrix, got shape {tuple(w.shape)}")
     out, k = w.shape
@@ -115,12 +122,20 @@ def quantize_q4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     wf = w.to(torch.float32).reshape(out, k // Q4_GROUP, Q4_GROUP)
     if not torch.isfinite(wf).all():
         raise ConfigError("cannot quantize a matrix with inf/nan weights")
-    idx = wf.abs().argmax(dim=2, keepdim=True)
-    m = wf.gather(2, idx).squeeze(2)  # the signed weight of largest magnitude per group
-    scale = torch.where(m < 0, -m / 8, m / 7)
-    scale = torch.where(scale > 0, _bf16_ceil(scale), torch.ones_like(scale))
-    q = torch.round(wf / scale[..., None]).clamp_(-8, 7).to(torch.int16) + 8  # 0..15
-    return pack_q4(q.reshape(out, k)), scale.contiguous()
+    lo, hi = wf.amin(dim=2), wf.amax(dim=2)
+    if lo.numel() and max(-float(lo.min()), float(hi.max())) > F16_MAX:
+        raise ConfigError(f"q4 keeps its steps and offsets in float16: weights beyond ±{F16_MAX:g} do not fit")
+    m = lo.to(torch.float16)
+    d = ((hi - m.float()) / 15).to(torch.float16)
+    df, mf = d.float()[..., None], m.float()[..., None]
+    q = torch.where(df > 0, torch.round((wf - mf) / torch.where(df > 0, df, 1.0)), 0.0).clamp_(0, 15)
+    return pack_q4(q.reshape(out, k)), torch.stack([d, m], dim=-1).view(torch.int16).contiguous()
+
+
+def q4_steps(scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d, m) of a q4 ``.scale`` tensor as fp32, each [out, in/32]."""
+    f = scale.view(torch.float16).to(torch.float32)
+    return f[..., 0], f[..., 1]
 
 
 def pack_q4(codes: torch.Tensor) -> torch.Tensor:
@@ -142,11 +157,12 @@ def unpack_q4(packed: torch.Tensor) -> torch.Tensor:
 def dequantize_q4(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     out, half = packed.shape
     k = half * 2
-    if scale.shape != (out, k // Q4_GROUP):
-        raise ConfigError(f"q4 matrix {tuple(packed.shape)} needs a scale of shape {(out, k // Q4_GROUP)}, "
-                          f"got {tuple(scale.shape)}")
-    q = (unpack_q4(packed).to(torch.float32) - 8).reshape(out, k // Q4_GROUP, Q4_GROUP)
-    return (q * scale.to(torch.float32)[..., None]).reshape(out, k).to(dtype)
+    if scale.dtype != torch.int16 or scale.shape != (out, k // Q4_GROUP, 2):
+        raise ConfigError(f"q4 matrix {tuple(packed.shape)} needs a scale of int16 pairs, shape "
+                          f"{(out, k // Q4_GROUP, 2)}; got {scale.dtype} {tuple(scale.shape)}")
+    d, m = q4_steps(scale)
+    q = unpack_q4(packed).to(torch.float32).reshape(out, k // Q4_GROUP, Q4_GROUP)
+    return (q * d[..., None] + m[..., None]).reshape(out, k).to(dtype)
 
 
 def dequantize(t: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

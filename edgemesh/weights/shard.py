@@ -11,7 +11,7 @@ Tensor names inside blocks (the store format; HF names are mapped at import time
 
 An int8 model (``quant.py``) stores each weight matrix as int8 plus ``<name>.scale`` [out]:
 a row slice takes its rows' scales, a column slice (``wo``, ``w_down``) keeps all of them.
-A q4 model stores uint8 ``<name>`` [out, in/2] and ``<name>.scale`` [out, in/32]: a row slice
+A q4 model stores uint8 ``<name>`` [out, in/2] and ``<name>.scale`` [out, in/32, 2]: a row slice
 takes its rows of both, a column slice takes whole 32-column groups of both (and refuses a cut
 that is not on a group boundary).
 
@@ -110,7 +110,7 @@ def _q4_columns(tensors: dict[str, torch.Tensor], name: str, cols: torch.Tensor)
     groups = cols[::Q4_GROUP] // Q4_GROUP if n else cols
     want = (groups[:, None] * Q4_GROUP + torch.arange(Q4_GROUP)[None, :]).reshape(-1) if n else cols
     if n % Q4_GROUP or not torch.equal(want, cols) or (n and int(cols.max()) >= k) or scale.shape != (
-            w.shape[0], k // Q4_GROUP):
+            w.shape[0], k // Q4_GROUP, 2):
         raise ConfigError(f"a q4 matrix {name!r} can only be cut into whole groups of {Q4_GROUP} columns: "
                           f"columns {cols[:1].tolist()}..{cols[-1:].tolist()} ({n}) of {k} do not fall on "
                           "group boundaries (the plan's MLP split must be a multiple of 32 for q4 models)")

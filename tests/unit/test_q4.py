@@ -24,11 +24,11 @@ from edgemesh.llm.build import load_from_store
 from edgemesh.placement.devices import uniform_devices
 from edgemesh.placement.plan import plan
 from edgemesh.weights.quant import (Q4_GROUP, SCALE, dequantize_block, dequantize_q4, pack_q4, quantize_block,
-                                    quantize_entry, quantize_q4, split_unit, unpack_q4)
+                                    q4_steps, quantize_entry, quantize_q4, split_unit, unpack_q4)
 from edgemesh.weights.shard import ShardSpec, slice_block, slice_head, split_layer
 from edgemesh.weights.store import ModelStore
 from edgemesh.weights.synth import random_block, synth_model
-from tests.unit.test_int8 import N_TOKENS, TOL, _assert_same, _single, _split
+from tests.unit.test_int8 import DECODE_TOL, TOL, _assert_same, _single, _split
 from tests.unit.test_llm_equivalence import _blocks, _config
 
 pytestmark = pytest.mark.unit
@@ -51,14 +51,15 @@ def _need_native() -> None:
 
 def _ref(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """What the kernel computes: x rounded to int8 per group of 32 (scale max|x|/127, round half
-    to even), integer dot products with the codes − 8, scaled, summed in float64."""
+    to even), then the dequantized weights (d·code + m) against it, summed in float64."""
     m, k = x.shape
     xg = x.reshape(m, k // 32, 32)
-    d = xg.abs().amax(-1) / 127
-    xq = torch.round(xg * torch.where(d > 0, 1 / d, torch.zeros_like(d))[..., None])
-    codes = unpack_q4(q).double().reshape(q.shape[0], k // 32, 32) - 8
-    dots = torch.einsum("mgi,ngi->mng", xq.double(), codes)
-    return (dots * (s.double()[None] * d.double()[:, None, :])).sum(-1)
+    sx = xg.abs().amax(-1) / 127
+    xq = torch.round(xg * torch.where(sx > 0, 1 / sx, torch.zeros_like(sx))[..., None])
+    d, off = q4_steps(s)
+    codes = unpack_q4(q).double().reshape(q.shape[0], k // 32, 32)
+    w = codes * d.double()[..., None] + off.double()[..., None]
+    return torch.einsum("mgi,ngi,mg->mn", xq.double(), w, sx.double())
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -79,20 +80,36 @@ def test_pack_unpack_round_trip_and_nibble_order() -> None:
 
 def test_quantize_round_trip() -> None:
     g = torch.Generator().manual_seed(1)
-    w = torch.randn(40, 160, generator=g) * torch.logspace(-3, 2, 40)[:, None]
-    w[3, 32:64] = 0.0  # an all-zero group
+    w = torch.randn(40, 160, generator=g) * torch.logspace(-3, 2, 40)[:, None] + 0.3
+    w[3, 32:64] = 0.25  # a constant group: step 0, every weight is the offset
     q, s = quantize_q4(w)
-    assert q.shape == (40, 80) and s.shape == (40, 5) and s.dtype == torch.float32
-    assert torch.equal(s, s.to(torch.bfloat16).float())  # bf16-exact: (code − 8)·scale is exact in fp32
-    assert s[3, 1] == 1.0 and (unpack_q4(q)[3, 32:64] == 8).all()
+    assert q.shape == (40, 80) and s.shape == (40, 5, 2) and s.dtype == torch.int16
+    d, m = q4_steps(s)
+    assert d[3, 1] == 0 and m[3, 1] == 0.25 and (unpack_q4(q)[3, 32:64] == 0).all()
     err = (dequantize_q4(q, s) - w).abs().reshape(40, 5, 32)
-    assert (err <= s[..., None] * (1 + 1e-6)).all()  # within one step (half a step but for a clipped +max)
-    # the largest weight of a group lands on a code end: −8 when it is negative, 7 when positive
     wg = w.reshape(40, 5, 32)
-    ext = wg.gather(2, wg.abs().argmax(2, keepdim=True)).squeeze(2)
-    code = unpack_q4(q).reshape(40, 5, 32).gather(2, wg.abs().argmax(2, keepdim=True)).squeeze(2).int() - 8
-    nz = ext != 0
-    assert (code[nz & (ext < 0)] == -8).all() and (code[nz & (ext > 0)] == 7).all()
+    # half a step, plus what rounding the step and offset to fp16 moves the grid (≤ 2^-11 of them each)
+    bound = d[..., None] / 2 + (15 * d[..., None] + m.abs()[..., None]) * 2**-11 + 1e-7
+    assert (err <= bound).all()
+    assert (err <= (wg.amax(2) - wg.amin(2))[..., None] / 30 * 1.01 + 1e-6).all()
+    # the extremes of a group are codes 0 and 15
+    codes = unpack_q4(q).reshape(40, 5, 32)
+    assert (codes.amin(2) == 0).all() and (codes.amax(2)[d > 0] == 15).all()
+
+
+def test_q4_1_weights_come_back_exactly() -> None:
+    """Weights on a Q4_1 grid (fp16 step and offset, codes 0..15, groups of 32 along the input)
+    — what an import of a Q4_1 GGUF holds — are reproduced: same codes, steps and offsets."""
+    g = torch.Generator().manual_seed(2)
+    d = (torch.rand(8, 3, generator=g) * 0.01 + 1e-3).half()
+    m = (-torch.rand(8, 3, generator=g) * 0.1).half()
+    codes = torch.randint(0, 16, (8, 3, 32), generator=g)
+    codes[..., 0], codes[..., 1] = 0, 15  # Q4_1 maps each group's min and max to 0 and 15
+    w = (codes.float() * d.float()[..., None] + m.float()[..., None]).reshape(8, 96)
+    q, s = quantize_q4(w)
+    assert torch.equal(unpack_q4(q), codes.reshape(8, 96).to(torch.uint8))
+    assert torch.equal(s.view(torch.float16), torch.stack([d, m], -1))
+    assert torch.equal(dequantize_q4(q, s), w)
 
 
 def test_quantize_rejects_bad_input() -> None:
@@ -105,8 +122,10 @@ def test_quantize_rejects_bad_input() -> None:
     with pytest.raises(ConfigError, match="multiple of 32"):  # a model whose hidden size is not
         quantize_block(random_block(_config(hidden_size=48, num_attention_heads=4, num_key_value_heads=2),
                                     "mlp_0", 0), "q4")
-    with pytest.raises(ConfigError, match="scale of shape"):
-        dequantize_q4(torch.zeros(2, 16, dtype=torch.uint8), torch.ones(2, 2))
+    with pytest.raises(ConfigError, match="int16 pairs"):
+        dequantize_q4(torch.zeros(2, 16, dtype=torch.uint8), torch.ones(2, 1, 2))
+    with pytest.raises(ConfigError, match="float16"):
+        quantize_q4(torch.full((1, 32), 1e5))
 
 
 # ---- kernel -----------------------------------------------------------------------------------
@@ -146,7 +165,7 @@ def test_kernel_refuses_bad_shapes() -> None:
     _need_native()
     q, s = quantize_q4(torch.randn(4, 64))
     for x, w, sc in ((torch.randn(5, 64), q, s), (torch.randn(1, 48), q[:, :24], s), (torch.randn(1, 64), q, s[:, :1]),
-                     (torch.randn(1, 64), q.view(torch.int8), s)):
+                     (torch.randn(1, 64), q.view(torch.int8), s), (torch.randn(1, 64), q, s.float())):
         with pytest.raises(ValueError):
             kernels.q4_gemv(x, w, sc)
     with pytest.raises(ConfigError, match="input of width"):
@@ -188,7 +207,7 @@ def test_slice_of_q4_is_q4_of_slice(block: str, spec: ShardSpec) -> None:
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     for name in ("wo", "w_down"):
         if name in sl:
-            assert sl[name].dtype == torch.uint8 and sl[name + SCALE].shape == (sl[name].shape[0], sl[name].shape[1] // 16)
+            assert sl[name].dtype == torch.uint8 and sl[name + SCALE].shape == (sl[name].shape[0], sl[name].shape[1] // 16, 2)
 
 
 def test_malformed_q4_slices_are_refused() -> None:
@@ -225,11 +244,20 @@ Q4_SPLITS = {
 
 @pytest.fixture(scope="module")
 def q4_model():  # type: ignore[no-untyped-def]
+    """One-device references, computed with one torch thread like the tests (conftest): with two,
+    the prefill's fp32 sums come out in another order, and the kernel's int8 rounding of the
+    activations turns such 1e-7 differences into ~1e-2 ones wherever a value crosses a rounding
+    boundary (the same happens to a split wherever the allreduce's order moves one)."""
     config = _q4_config()
     blocks = {b: quantize_block(t, "q4") for b, t in _blocks(config, seed=1).items()}
-    refs = {"native": _single(config, blocks)}
-    with kernels.torch_only():
-        refs["torch"] = _single(config, blocks)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        refs = {"native": _single(config, blocks)}
+        with kernels.torch_only():
+            refs["torch"] = _single(config, blocks)
+    finally:
+        torch.set_num_threads(before)
     return config, blocks, refs
 
 
@@ -242,6 +270,9 @@ def test_q4_split_matches_single_device(split: str, kernel: str, q4_model, monke
         with kernels.torch_only():
             _assert_same(refs["torch"], _split(config, blocks, specs), TOL)
         return
+    # The native kernel rounds activations to int8 per group: where the allreduce's fp32 order
+    # moves a value across a rounding boundary, the step differs by about that rounding (bars as
+    # for int8's bf16 torch path), and greedy decoding may then part at a near-tie.
     _need_native()
     calls: list[str] = []
     real_attn, real_mlp, real_gemv = kernels.attention_decode, kernels.mlp_decode, kernels.q4_gemv
@@ -249,8 +280,28 @@ def test_q4_split_matches_single_device(split: str, kernel: str, q4_model, monke
     monkeypatch.setattr(kernels, "mlp_decode", lambda *a: calls.append("mlp") or real_mlp(*a))
     monkeypatch.setattr(kernels, "q4_gemv", lambda *a, **kw: calls.append("head") or real_gemv(*a, **kw))
     got = _split(config, blocks, specs)
-    _assert_same(refs["native"], got, TOL)
+    ref = refs["native"]
+    _assert_same(ref[:2] + (got[2],), got, DECODE_TOL)
+    _same_tokens_or_near_tie(config, blocks, ref[2], got[2])
     assert {"attn", "mlp", "head"} <= set(calls)
+
+
+def _same_tokens_or_near_tie(config, blocks, want: list[int], got: list[int]) -> None:  # type: ignore[no-untyped-def]
+    """Greedy tokens equal, or parting where one device's top two logits were within 1 % of
+    the largest logit (a tie that activation rounding may break either way)."""
+    if got == want:
+        return
+    i = next(j for j, (a, b) in enumerate(zip(want, got)) if a != b)
+    full = [ShardSpec.full(config)] * config.num_hidden_layers
+    from tests.unit.test_llm_equivalence import _prompt, _rank_provider
+    from edgemesh.llm.model import Participant
+
+    p = Participant(config, full, _rank_provider(config, blocks, full, 0), LocalCollective(), max_seq_len=64)
+    with torch.inference_mode():
+        logits = p.forward(torch.cat([_prompt(config), torch.tensor([want[:i]])], dim=1), 0)[0, -1]
+    top = logits.topk(2).values
+    assert {want[i], got[i]} <= set(logits.topk(2).indices.tolist()), f"tokens part at step {i} off the top two"
+    assert (top[0] - top[1]) <= 1e-2 * logits.abs().max(), f"tokens part at step {i}, margin {top[0] - top[1]:.3g}"
 
 
 def test_q4_native_blocks_match_the_torch_path() -> None:
@@ -278,7 +329,7 @@ def test_q4_head_split_by_vocabulary(tied: bool) -> None:
     config = _q4_config(tie_word_embeddings=tied)
     blocks = {b: quantize_block(t, "q4") for b, t in _blocks(config, seed=7).items()}
     out = slice_head(config, blocks["output"], blocks["input"], 40, 101)
-    assert out["lm_head"].dtype == torch.uint8 and out["lm_head" + SCALE].shape == (61, 4)
+    assert out["lm_head"].dtype == torch.uint8 and out["lm_head" + SCALE].shape == (61, 4, 2)
     ref = _single(config, blocks)
     specs = [split_layer(config, [1, 1], [64, 128])] * config.num_hidden_layers
     _assert_same(ref, _split(config, blocks, specs), TOL)
@@ -300,7 +351,7 @@ def test_store_q4_entry(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="float original"):
         quantize_entry(store, synth_model(store, config, seed=2, quantize="int8"), "q4")
     tensors = q4.load_slice(q4.slice("mlp_0", ShardSpec((1,), 64, 160, False)))
-    assert tensors["w_down"].shape == (128, 48) and tensors["w_down" + SCALE].shape == (128, 3)
+    assert tensors["w_down"].shape == (128, 48) and tensors["w_down" + SCALE].shape == (128, 3, 2)
     full = [ShardSpec.full(config)] * config.num_hidden_layers
     m = load_from_store(q4, full, LocalCollective(), max_seq_len=32)
     assert m.provider.get("attn_0")["wq"].dtype == torch.uint8
