@@ -278,12 +278,12 @@ def test_q4_split_matches_single_device(split: str, kernel: str, q4_model, monke
     real_attn, real_mlp, real_gemv = kernels.attention_decode, kernels.mlp_decode, kernels.q4_gemv
     monkeypatch.setattr(kernels, "attention_decode", lambda *a: calls.append("attn") or real_attn(*a))
     monkeypatch.setattr(kernels, "mlp_decode", lambda *a: calls.append("mlp") or real_mlp(*a))
-    monkeypatch.setattr(kernels, "q4_gemv", lambda *a, **kw: calls.append("head") or real_gemv(*a, **kw))
+    monkeypatch.setattr(kernels, "q4_gemv", lambda *a, **kw: calls.append("q4") or real_gemv(*a, **kw))
     got = _split(config, blocks, specs)
     ref = refs["native"]
     _assert_same(ref[:2] + (got[2],), got, DECODE_TOL)
     _same_tokens_or_near_tie(config, blocks, ref[2], got[2])
-    assert {"attn", "mlp", "head"} <= set(calls)
+    assert {"attn", "mlp"} <= set(calls)
 
 
 def _same_tokens_or_near_tie(config, blocks, want: list[int], got: list[int]) -> None:  # type: ignore[no-untyped-def]
@@ -328,8 +328,10 @@ def test_q4_native_blocks_match_the_torch_path() -> None:
 def test_q4_head_split_by_vocabulary(tied: bool) -> None:
     config = _q4_config(tie_word_embeddings=tied)
     blocks = {b: quantize_block(t, "q4") for b, t in _blocks(config, seed=7).items()}
+    assert blocks["input"]["embed"].dtype == torch.int8  # the head and embedding stay int8 in a q4 model
     out = slice_head(config, blocks["output"], blocks["input"], 40, 101)
-    assert out["lm_head"].dtype == torch.uint8 and out["lm_head" + SCALE].shape == (61, 4, 2)
+    assert out["lm_head"].dtype == torch.int8 and out["lm_head" + SCALE].shape == (61,)
+    assert blocks["attn_0"]["wq"].dtype == torch.uint8
     ref = _single(config, blocks)
     specs = [split_layer(config, [1, 1], [64, 128])] * config.num_hidden_layers
     _assert_same(ref, _split(config, blocks, specs), TOL)
