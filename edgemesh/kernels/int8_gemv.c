@@ -259,6 +259,84 @@ Q4_ROWS_DOT(4)
 
 int edgemesh_q4_gemv_vector(void) { return Q4_VNNI; }  /* 1: AVX-512 VNNI, 0: plain C */
 
+/* One activation row made ready for q4 products: its int8 rounding and (VNNI) the step layout.
+ * Made once per row of x and shared by every matrix that multiplies it (q, k, v; gate, up).
+ * Small rows live in the struct itself: no allocation per call. */
+#define Q4_LOCAL_BYTES 16384
+typedef struct {
+    size_t k;
+    int8_t *xq;
+    float *sx;
+#if Q4_VNNI
+    q4_xside p;
+#endif
+    unsigned char *heap;
+    _Alignas(64) unsigned char local[Q4_LOCAL_BYTES];
+} q4_x;
+
+static void q4_quantize_x_fast(const float *x, size_t k, int8_t *xq, float *sx) {
+#if Q4_VNNI
+    for (size_t g = 0; g < k / Q4_GROUP; g++) {  /* the same numbers as q4_quantize_x */
+        __m512 a = _mm512_loadu_ps(x + g * Q4_GROUP), b = _mm512_loadu_ps(x + g * Q4_GROUP + 16);
+        float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+        float d = amax / 127.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
+        __m512 v = _mm512_set1_ps(id);
+        _mm_storeu_si128((__m128i *)(xq + g * Q4_GROUP), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(a, v))));
+        _mm_storeu_si128((__m128i *)(xq + g * Q4_GROUP + 16), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(b, v))));
+        sx[g] = d;
+    }
+#else
+    q4_quantize_x(x, k, xq, sx);
+#endif
+}
+
+/* Returns 0, or -2 out of memory. */
+static int q4_x_init(q4_x *X, const float *x, size_t k, int plain) {
+    size_t ng = k / Q4_GROUP, ng4 = (ng + 3) & ~(size_t)3;
+    size_t bytes = ((k + 63) & ~(size_t)63) + 4 * ng + 64 * ng4 + 64;
+    unsigned char *buf = X->local;
+    X->heap = NULL;
+    X->k = k;
+    if (bytes > Q4_LOCAL_BYTES) {
+        buf = X->heap = malloc(bytes);
+        if (!buf) return -2;
+    }
+    X->xq = (int8_t *)buf;
+    X->sx = (float *)(buf + ((k + 63) & ~(size_t)63));
+    if (plain) {
+        q4_quantize_x(x, k, X->xq, X->sx);
+        return 0;
+    }
+    q4_quantize_x_fast(x, k, X->xq, X->sx);
+#if Q4_VNNI
+    X->p.lsum = X->sx + ng;
+    X->p.sxl = X->p.lsum + 4 * ng4;
+    X->p.xlo = (int8_t *)(X->p.sxl + 4 * ng4);
+    X->p.xhi = X->p.xlo + 16 * ng4;
+    q4_prepare(X->xq, X->sx, k, &X->p);
+#endif
+    return 0;
+}
+
+static void q4_x_free(q4_x *X) { free(X->heap); }
+
+/* y[i] for rows [n0, n1) of w [n, k/2] (scale [n, k/32, 2]) against a prepared row. */
+static void q4_rows(const q4_x *X, const uint8_t *w, const uint16_t *scale, float *y, size_t n0, size_t n1, int plain) {
+    size_t k = X->k, kb = k / 2, ng = k / Q4_GROUP, i = n0;
+    (void)plain;  /* without VNNI every call is plain */
+#if Q4_VNNI
+    if (!plain) {
+        float out[4];
+        for (; i + 4 <= n1; i += 4) {
+            q4_rows_dot_4(w + i * kb, scale + 2 * i * ng, k, &X->p, out);
+            for (int j = 0; j < 4; j++) y[i + j] = out[j];
+        }
+        for (; i < n1; i++) q4_rows_dot_1(w + i * kb, scale + 2 * i * ng, k, &X->p, y + i);
+    }
+#endif
+    for (; i < n1; i++) y[i] = q4_row_plain(w + i * kb, scale + 2 * i * ng, k, X->xq, X->sx);
+}
+
 /* x [m, k] fp32, w [n, k/2] q4 bytes, scale [n, k/32, 2] halves (d, m), y [m, n] fp32; rows [n0, n1).
  * Returns 0, -1 for m outside 1..MAX_M or k not a multiple of 32, -2 out of memory.
  * plain != 0: the plain-C arithmetic whatever the build (tests). */
@@ -266,39 +344,12 @@ static int q4_gemv(const float *x, const uint8_t *w, const uint16_t *scale, floa
                    size_t m, size_t n, size_t k, size_t n0, size_t n1, int plain) {
     if (m < 1 || m > MAX_M || k % Q4_GROUP) return -1;
     if (n1 > n) n1 = n;
-    (void)plain;  /* without VNNI every call is plain */
-    size_t kb = k / 2, ng = k / Q4_GROUP, ng4 = (ng + 3) & ~(size_t)3;
-    /* one buffer: xq [k], sx [ng], and the VNNI x side (xlo, xhi, corr, sxl) */
-    size_t bytes = k + 4 * ng + 2 * 16 * ng4 + 2 * 4 * 4 * ng4 + 64;
-    unsigned char *buf = malloc(bytes);
-    if (!buf) return -2;
-    int8_t *xq = (int8_t *)buf;
-    float *sx = (float *)(buf + ((k + 3) & ~(size_t)3));
-#if Q4_VNNI
-    q4_xside p;
-    p.lsum = sx + ng;
-    p.sxl = p.lsum + 4 * ng4;
-    p.xlo = (int8_t *)(p.sxl + 4 * ng4);
-    p.xhi = p.xlo + 16 * ng4;
-#endif
+    q4_x X;
     for (size_t r = 0; r < m; r++) {
-        float *yr = y + r * n;
-        q4_quantize_x(x + r * k, k, xq, sx);
-        size_t i = n0;
-#if Q4_VNNI
-        if (!plain) {
-            float out[4];
-            q4_prepare(xq, sx, k, &p);
-            for (; i + 4 <= n1; i += 4) {
-                q4_rows_dot_4(w + i * kb, scale + 2 * i * ng, k, &p, out);
-                for (int j = 0; j < 4; j++) yr[i + j] = out[j];
-            }
-            for (; i < n1; i++) q4_rows_dot_1(w + i * kb, scale + 2 * i * ng, k, &p, yr + i);
-        }
-#endif
-        for (; i < n1; i++) yr[i] = q4_row_plain(w + i * kb, scale + 2 * i * ng, k, xq, sx);
+        if (q4_x_init(&X, x + r * k, k, plain)) return -2;
+        q4_rows(&X, w, scale, y + r * n, n0, n1, plain);
+        q4_x_free(&X);
     }
-    free(buf);
     return 0;
 }
 
@@ -366,11 +417,25 @@ static void rope1(float *v, const float *cs, const float *sn, size_t d) {
  * [n] fp32) or FMT_Q4 (q4 bytes [n, k/2], scale [n, k/32, 2] halves). */
 enum { FMT_INT8 = 0, FMT_Q4 = 1 };
 
-static void mat_gemv(int fmt, const float *x, const void *w, const void *s, float *y, size_t n, size_t k) {
-    if (fmt == FMT_Q4)
-        q4_gemv(x, (const uint8_t *)w, (const uint16_t *)s, y, 1, n, k, 0, n, 0);
+/* The input x of a block's products, made ready once for every matrix that multiplies it. */
+typedef struct { int fmt; const float *x; size_t k; q4_x q; } block_in;
+
+static int block_in_init(block_in *in, int fmt, const float *x, size_t k) {
+    in->fmt = fmt;
+    in->x = x;
+    in->k = k;
+    return fmt == FMT_Q4 ? q4_x_init(&in->q, x, k, 0) : 0;
+}
+
+static void block_in_free(block_in *in) {
+    if (in->fmt == FMT_Q4) q4_x_free(&in->q);
+}
+
+static void mat_gemv(const block_in *in, const void *w, const void *s, float *y, size_t n) {
+    if (in->fmt == FMT_Q4)
+        q4_rows(&in->q, (const uint8_t *)w, (const uint16_t *)s, y, 0, n, 0);
     else
-        edgemesh_int8_gemv(x, (const int8_t *)w, (const float *)s, y, 1, n, k, 0, n);
+        edgemesh_int8_gemv(in->x, (const int8_t *)w, (const float *)s, y, 1, n, in->k, 0, n);
 }
 
 /* out [hdim]: this rank's partial attention output (its heads through its wo columns) for the
@@ -387,9 +452,12 @@ static int attn_decode(int fmt, const float *x, const float *norm, float eps, si
     float *xn = scratch, *q = xn + hdim, *k = q + n_q * d, *v = k + n_kv * d, *a = v + n_kv * d;
     float *p = a + n_q * d;
     rms_norm1(x, norm, eps, hdim, xn);
-    mat_gemv(fmt, xn, wq, sq, q, n_q * d, hdim);
-    mat_gemv(fmt, xn, wk, sk, k, n_kv * d, hdim);
-    mat_gemv(fmt, xn, wv, sv, v, n_kv * d, hdim);
+    block_in in;  /* large: one per block call, on the stack */
+    if (block_in_init(&in, fmt, xn, hdim)) return -2;
+    mat_gemv(&in, wq, sq, q, n_q * d);
+    mat_gemv(&in, wk, sk, k, n_kv * d);
+    mat_gemv(&in, wv, sv, v, n_kv * d);
+    block_in_free(&in);
     for (size_t h = 0; h < n_q; h++) rope1(q + h * d, cs, sn, d);
     for (size_t g = 0; g < n_kv; g++) {
         rope1(k + g * d, cs, sn, d);
@@ -420,7 +488,9 @@ static int attn_decode(int fmt, const float *x, const float *norm, float eps, si
             for (size_t i = 0; i < d; i++) o[i] += w * vt[i];
         }
     }
-    mat_gemv(fmt, a, wo, so, out, hdim, n_q * d);
+    if (block_in_init(&in, fmt, a, n_q * d)) return -2;
+    mat_gemv(&in, wo, so, out, hdim);
+    block_in_free(&in);
     return 0;
 }
 
@@ -431,10 +501,15 @@ static int mlp_decode(int fmt, const float *x, const float *norm, float eps, siz
     if (fmt == FMT_Q4 && (hdim % Q4_GROUP || f % Q4_GROUP)) return -1;
     float *xn = scratch, *g = xn + hdim, *u = g + f;
     rms_norm1(x, norm, eps, hdim, xn);
-    mat_gemv(fmt, xn, wg, sg, g, f, hdim);
-    mat_gemv(fmt, xn, wu, su, u, f, hdim);
+    block_in in;
+    if (block_in_init(&in, fmt, xn, hdim)) return -2;
+    mat_gemv(&in, wg, sg, g, f);
+    mat_gemv(&in, wu, su, u, f);
+    block_in_free(&in);
     for (size_t i = 0; i < f; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
-    mat_gemv(fmt, g, wd, sd, out, hdim, f);
+    if (block_in_init(&in, fmt, g, f)) return -2;
+    mat_gemv(&in, wd, sd, out, hdim);
+    block_in_free(&in);
     return 0;
 }
 
