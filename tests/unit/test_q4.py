@@ -395,3 +395,30 @@ def test_q4_model_is_close_to_fp32() -> None:
     ref, got = _single(config, fp), _single(config, q)
     for a, b in ((ref[0], got[0]), (ref[1], got[1])):
         assert _rel(b, a) <= 0.4  # a broken kernel or scale is O(1) off
+
+
+def test_block_weight_checks_follow_the_dict() -> None:
+    """The block calls cache their weight checks per dict, but only while it holds the very
+    tensors checked: a tensor swapped for a malformed one is checked again (and refused), and
+    the cache keeps no block alive."""
+    import gc
+    import weakref
+
+    _need_native()
+    config = _q4_config()
+    w = quantize_block(random_block(config, "mlp_0", 0), "q4")
+    x = torch.randn(1, 1, config.hidden_size)
+    first = kernels.mlp_decode(x, w, 1e-5)
+    assert first is not None and torch.equal(kernels.mlp_decode(x, w, 1e-5), first)
+    good = w["w_down"]
+    w["w_down"] = good[:, :-16].contiguous()  # a malformed slice: half a group short
+    assert kernels.mlp_decode(x, w, 1e-5) is None
+    w["w_down"] = good
+    assert torch.equal(kernels.mlp_decode(x, w, 1e-5), first)
+    w["b_down"] = torch.zeros(config.hidden_size)  # a bias: the torch path adds it
+    assert kernels.mlp_decode(x, w, 1e-5) is None
+    del w["b_down"]
+    probe = weakref.ref(w["w_gate"])
+    del w, good
+    gc.collect()
+    assert probe() is None
