@@ -422,3 +422,11 @@ def test_block_weight_checks_follow_the_dict() -> None:
     del w, good
     gc.collect()
     assert probe() is None
+
+
+def test_speculation_checks_q4_within_the_kernel_rows(tmp_path: Path) -> None:
+    from edgemesh.runtime.speculation import k_max_for
+
+    store = ModelStore(tmp_path / "store")
+    q4 = synth_model(store, _q4_config(), seed=2, quantize="q4")
+    assert k_max_for(q4) + 1 <= kernels.MAX_M
