@@ -281,8 +281,10 @@ static void q4_quantize_x_fast(const float *x, size_t k, int8_t *xq, float *sx) 
         float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
         float d = amax / 127.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
         __m512 v = _mm512_set1_ps(id);
-        _mm_storeu_si128((__m128i *)(xq + g * Q4_GROUP), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(a, v))));
-        _mm_storeu_si128((__m128i *)(xq + g * Q4_GROUP + 16), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(b, v))));
+        __m128i qa = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(a, v)));
+        __m128i qb = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(b, v)));
+        _mm_storeu_si128((__m128i *)(xq + g * Q4_GROUP), qa);
+        _mm_storeu_si128((__m128i *)(xq + g * Q4_GROUP + 16), qb);
         sx[g] = d;
     }
 #else

@@ -84,7 +84,8 @@ def linear(x: torch.Tensor, w: dict[str, torch.Tensor], name: str, bias: torch.T
 def _q4_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     rows = x.numel() // x.shape[-1]
     if x.shape[-1] != 2 * weight.shape[1]:
-        raise ConfigError(f"q4 matrix of {2 * weight.shape[1]} input columns applied to an input of width {x.shape[-1]}")
+        raise ConfigError(f"q4 matrix of {2 * weight.shape[1]} input columns applied to an input of "
+                          f"width {x.shape[-1]}")
     if _native_used(x, weight) and x.shape[-1] % 32 == 0:
         y = kernels.q4_gemv(x.reshape(rows, x.shape[-1]), weight, scale).reshape(*x.shape[:-1], weight.shape[0])
     else:

@@ -115,7 +115,8 @@ def _q4_columns(tensors: dict[str, torch.Tensor], name: str, cols: torch.Tensor)
                           f"columns {cols[:1].tolist()}..{cols[-1:].tolist()} ({n}) of {k} do not fall on "
                           "group boundaries (the plan's MLP split must be a multiple of 32 for q4 models)")
     byte_cols = (groups[:, None] * (Q4_GROUP // 2) + torch.arange(Q4_GROUP // 2)[None, :]).reshape(-1)
-    return {name: w.index_select(1, byte_cols).contiguous(), name + ".scale": scale.index_select(1, groups).contiguous()}
+    return {name: w.index_select(1, byte_cols).contiguous(),
+            name + ".scale": scale.index_select(1, groups).contiguous()}
 
 
 def _columns(tensors: dict[str, torch.Tensor], name: str, cols: torch.Tensor) -> dict[str, torch.Tensor]:

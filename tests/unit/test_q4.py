@@ -263,7 +263,8 @@ def q4_model():  # type: ignore[no-untyped-def]
 
 @pytest.mark.parametrize("split", list(Q4_SPLITS))
 @pytest.mark.parametrize("kernel", ["native", "torch"])
-def test_q4_split_matches_single_device(split: str, kernel: str, q4_model, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+def test_q4_split_matches_single_device(split: str, kernel: str, q4_model,  # type: ignore[no-untyped-def]
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
     config, blocks, refs = q4_model
     specs = [split_layer(config, g, f) for g, f in Q4_SPLITS[split]]
     if kernel == "torch":
