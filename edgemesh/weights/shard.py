@@ -142,23 +142,29 @@ def slice_block(config: ModelConfig, block: str, tensors: dict[str, torch.Tensor
         out["wq"] = tensors["wq"].index_select(0, q_rows).contiguous()
         out["wk"] = tensors["wk"].index_select(0, kv_rows).contiguous()
         out["wv"] = tensors["wv"].index_select(0, kv_rows).contiguous()
-        out.update(_columns(tensors, "wo", q_rows))
+        wo = _columns(tensors, "wo", q_rows)
+        out["wo"] = wo["wo"]
         for name, rows in (("bq", q_rows), ("bk", kv_rows), ("bv", kv_rows),
                            ("wq.scale", q_rows), ("wk.scale", kv_rows), ("wv.scale", kv_rows)):
             if name in tensors:
                 out[name] = tensors[name].index_select(0, rows).contiguous()
         if "bo" in tensors and spec.adds_bias:
             out["bo"] = tensors["bo"].clone()
+        if "wo.scale" in wo:  # last, as before q4 (the order slice files were written in)
+            out["wo.scale"] = wo["wo.scale"]
     elif block.startswith("mlp_"):
         a, b = spec.mlp_start, spec.mlp_stop
         out["w_gate"] = tensors["w_gate"][a:b].contiguous()
         out["w_up"] = tensors["w_up"][a:b].contiguous()
-        out.update(_columns(tensors, "w_down", torch.arange(a, b)))
+        down = _columns(tensors, "w_down", torch.arange(a, b))
+        out["w_down"] = down["w_down"]
         for name in ("b_gate", "b_up", "w_gate.scale", "w_up.scale"):
             if name in tensors:
                 out[name] = tensors[name][a:b].contiguous()
         if "b_down" in tensors and spec.adds_bias:
             out["b_down"] = tensors["b_down"].clone()
+        if "w_down.scale" in down:
+            out["w_down.scale"] = down["w_down.scale"]
     else:
         raise ConfigError(f"only decoder blocks (attn_i, mlp_i) are sliced, not {block!r}")
     return out
