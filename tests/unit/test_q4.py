@@ -431,3 +431,19 @@ def test_speculation_checks_q4_within_the_kernel_rows(tmp_path: Path) -> None:
     store = ModelStore(tmp_path / "store")
     q4 = synth_model(store, _q4_config(), seed=2, quantize="q4")
     assert k_max_for(q4) + 1 <= kernels.MAX_M
+
+
+def test_q4_through_the_weight_window(tmp_path: Path) -> None:
+    """A q4 model read block by block from its files (``WindowedProvider``) computes what the
+    same blocks held in memory compute (uint8 codes and int16 steps come through the reader)."""
+    from tests.unit.test_window import _run, _same
+
+    config = _q4_config(num_hidden_layers=3)
+    blocks = {b: quantize_block(t, "q4") for b, t in _blocks(config, seed=4).items()}
+    specs = [[ShardSpec.full(config)]] * config.num_hidden_layers
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _same(_run(config, blocks, specs, None, 0), _run(config, blocks, specs, tmp_path, 2))
+    finally:
+        torch.set_num_threads(before)
