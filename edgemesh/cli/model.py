@@ -56,7 +56,8 @@ def _size(n: float) -> str:
 
 
 StoreOpt = typer.Option(None, "--store", help="store directory (default $EDGEMESH_HOME/models)")
-QuantOpt = typer.Option("", "--quantize", help="store weight-only int8 (per-row scales) as NAME-int8: 'int8'")
+QuantOpt = typer.Option("", "--quantize", help="store weight-only int8 (per-row scales) as NAME-int8: 'int8', "
+                        "or 4-bit (a scale per 32 input columns) as NAME-q4: 'q4'")
 
 
 @model_app.command("synth")
@@ -252,9 +253,11 @@ def plan_cmd(
         n = nodes or 1
         devs = [replace(d, disk_mbyte_s=disk) for d in
                 uniform_devices(n, gflops=gflops, mem_bytes=psutil.virtual_memory().total // n, mem_bw_gbps=10.0)]
+    from edgemesh.weights.quant import split_unit
+
     budget = parse_size(memory_budget) if memory_budget else None
     p = plan_with_budget(entry.config, devs, links, model=entry.name, context_len=context,
-                         dtype_bytes=entry.param_bytes, budget_bytes=budget)
+                         dtype_bytes=entry.param_bytes, budget_bytes=budget, mlp_unit=split_unit(entry.dtype))
     p.notes = left_out + p.notes  # members that cannot share a group with this node, then the planner's
     write_json(json_path, p.to_json(), note=Console(stderr=True).print)
     if to_stdout(json_path):

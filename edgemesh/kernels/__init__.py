@@ -8,6 +8,9 @@ bf16), and dequantizing to fp32 first reads 5x the bytes. ``int8_gemv.c`` is tha
 CPU's flags (a different machine gets its own build). No compiler, or a build that fails: the
 callers keep their torch paths; ``EDGEMESH_NATIVE=0`` forces that (benchmarks compare both).
 
+The same library holds the q4 kernel (4-bit codes in groups of 32 input columns with an fp32
+scale each, ``weights/quant.py``) and the fused decode blocks for both formats.
+
 Only our own source is compiled, from the installed package; nothing from the network.
 """
 
@@ -23,8 +26,10 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -66,7 +71,7 @@ def _compiler() -> str | None:
     return None
 
 
-def _build() -> ctypes.CDLL | None:
+def _build(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
     cc = _compiler()
     if cc is None:
         log.info("no C compiler found: int8 decode uses torch's kernels (slower)")
@@ -76,7 +81,7 @@ def _build() -> ctypes.CDLL | None:
     except (OSError, subprocess.SubprocessError):
         version = ""
     src = _SOURCE.read_bytes()
-    flags = ["-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC", "-std=c11"]
+    flags = ["-O3", "-march=native", *extra_flags, "-ffp-contract=off", "-shared", "-fPIC", "-std=c11"]
     key = hashlib.sha256(b"\0".join([src, version.encode(), _cpu_key().encode(), " ".join(flags).encode()]))
     out = _cache_dir() / f"int8_gemv-{key.hexdigest()[:16]}.so"
     if not out.exists():
@@ -105,6 +110,12 @@ def _build() -> ctypes.CDLL | None:
     lib.edgemesh_int8_attn_decode.argtypes = [vp, vp, f32, sz] + [vp] * 8 + [sz] * 3 + [vp] * 4 + [sz] * 2 + [vp] * 2
     lib.edgemesh_int8_mlp_decode.restype = ctypes.c_int
     lib.edgemesh_int8_mlp_decode.argtypes = [vp, vp, f32, sz] + [vp] * 6 + [sz, vp, vp]
+    lib.edgemesh_q4_gemv.restype = ctypes.c_int
+    lib.edgemesh_q4_gemv.argtypes = [vp] * 4 + [sz] * 5 + [ctypes.c_int]
+    lib.edgemesh_q4_attn_decode.restype = ctypes.c_int
+    lib.edgemesh_q4_attn_decode.argtypes = lib.edgemesh_int8_attn_decode.argtypes
+    lib.edgemesh_q4_mlp_decode.restype = ctypes.c_int
+    lib.edgemesh_q4_mlp_decode.argtypes = lib.edgemesh_int8_mlp_decode.argtypes
     if lib.edgemesh_int8_gemv_max_m() != MAX_M:
         log.warning("int8 decode kernel: unexpected build (%s); using torch's kernels", out)
         return None
@@ -154,6 +165,37 @@ def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> tor
     return y
 
 
+def build_variant(*extra_flags: str) -> ctypes.CDLL | None:
+    """A separate build with extra compiler flags (e.g. ``-mno-avx512f`` for the AVX2 path), for
+    tests and benchmarks that compare code paths on one machine; None without a compiler."""
+    return _build(tuple(extra_flags))
+
+
+def q4_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, plain: bool = False,
+            lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """``x @ W.T`` for fp32 ``x`` [m, k] (1 ≤ m ≤ MAX_M) and a q4 matrix: uint8 ``weight``
+    [n, k/2], int16 ``scale`` [n, k/32, 2] (fp16 steps and offsets, ``weights/quant.py``);
+    fp32 [m, n], with x rounded to int8 per group of 32 inside (see ``int8_gemv.c``).
+    ``plain``: the plain-C arithmetic whatever the build (tests); ``lib``: another build
+    (``build_variant``). The caller checks ``native()`` first; bad shapes raise ``ValueError``."""
+    lib = lib or _lib
+    assert lib is not None
+    m, k = x.shape
+    n = weight.shape[0]
+    if (not 1 <= m <= MAX_M or k % 32 or weight.dtype != torch.uint8 or tuple(weight.shape) != (n, k // 2)
+            or tuple(scale.shape) != (n, k // 32, 2) or scale.dtype != torch.int16):
+        raise ValueError(f"q4_gemv: shapes x {tuple(x.shape)}, weight {tuple(weight.shape)} {weight.dtype}, "
+                         f"scale {tuple(scale.shape)}")
+    if x.dtype != torch.float32 or not x.is_contiguous():
+        x = x.to(torch.float32).contiguous()
+    weight, scale = weight.contiguous(), scale.contiguous()
+    y = torch.empty((m, n), dtype=torch.float32)
+    if n:
+        lib.edgemesh_q4_gemv(x.data_ptr(), weight.data_ptr(), scale.data_ptr(), y.data_ptr(), m, n, k, 0, n,
+                             int(plain))
+    return y
+
+
 @contextlib.contextmanager
 def torch_only() -> Iterator[None]:
     """Within this block ``native()`` is None: the torch kernels run (benchmarks and tests
@@ -178,69 +220,137 @@ def _ready(*ts: torch.Tensor) -> bool:
     return all(t.is_contiguous() for t in ts)
 
 
-def attention_decode(x: torch.Tensor, w: dict[str, torch.Tensor], k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     pos: int, cos: torch.Tensor, sin: torch.Tensor, eps: float, head_dim: int) -> torch.Tensor | None:
-    """A rank's whole attention block for one token (batch 1, int8 weights, no biases) in one
-    native call: its partial output [1, 1, H], or None where it does not apply (the caller
-    runs the torch ops instead). ``k_cache``/``v_cache``: [1, n_kv, max_seq, d] fp32."""
-    if x.dtype != torch.float32 or x.numel() != x.shape[-1]:
+def _format(w: dict[str, torch.Tensor], names: tuple[str, ...]) -> str | None:
+    """"int8" or "q4" when every matrix of a block is in that format (with its scale), else None."""
+    dtypes = {w[n].dtype for n in names}
+    if len(dtypes) != 1 or any(n + ".scale" not in w for n in names):
         return None
-    lib = native()
-    if lib is None:
-        return None
+    return {torch.int8: "int8", torch.uint8: "q4"}.get(dtypes.pop())
+
+
+_SCALE_DTYPE = {"int8": torch.float32, "q4": torch.int16}  # q4: fp16 (step, offset) bit patterns
+
+
+def _want(fmt: str, shapes: dict[str, tuple[int, int]]) -> dict[str, tuple[int, ...]]:
+    """Shapes of a block's matrices and scales as stored in ``fmt``, from their [out, in]."""
+    out: dict[str, tuple[int, ...]] = {}
+    for name, (n, k) in shapes.items():
+        out[name] = (n, k // 2) if fmt == "q4" else (n, k)
+        out[name + ".scale"] = (n, k // 32, 2) if fmt == "q4" else (n,)
+    return out
+
+
+# Weight checks of the block calls, per weight dict: a decode step calls each block once per
+# layer with the same dict, and checking ~20 tensors from Python took ~20 us a call (1.2 ms a
+# token on SmolLM2). An entry is used only while the dict still holds the very tensors it was
+# checked with (weak references: a released block is not kept alive); None results are kept too.
+_checked: dict[int, tuple[Any, ...]] = {}
+_CHECKED_MAX = 4096
+
+
+def _checked_weights(w: dict[str, torch.Tensor], key: tuple[Any, ...], check: Callable[[], Any]) -> Any:
+    hit = _checked.get(id(w))
+    if hit is not None and hit[0] == key and hit[1] == len(w) and all(w.get(n) is r() for n, r in hit[2]):
+        return hit[3]
+    info = check()
+    if len(_checked) >= _CHECKED_MAX:
+        _checked.clear()
+    _checked[id(w)] = (key, len(w), tuple((n, weakref.ref(t)) for n, t in w.items()), info)
+    return info
+
+
+def _attention_weights(w: dict[str, torch.Tensor], hdim: int, head_dim: int) -> tuple[Any, ...] | None:
+    """(C function, n_q, n_kv, weight pointers) when the block's weights suit the C code."""
+    lib = _lib
     names = ("wq", "wk", "wv", "wo")
-    if any(w[n].dtype != torch.int8 for n in names) or any(b in w for b in ("bq", "bk", "bv", "bo")):
+    if lib is None or any(n not in w for n in (*names, "norm")):
         return None
-    hdim = x.shape[-1]
+    fmt = _format(w, names)
+    if fmt is None or any(b in w for b in ("bq", "bk", "bv", "bo")) or head_dim <= 0 or head_dim % 2:
+        return None
     n_q, n_kv = w["wq"].shape[0] // head_dim, w["wk"].shape[0] // head_dim
-    max_seq = k_cache.shape[2]
     qd, kd = n_q * head_dim, n_kv * head_dim
-    want = {"wq": (qd, hdim), "wk": (kd, hdim), "wv": (kd, hdim), "wo": (hdim, qd), "wq.scale": (qd,),
-            "wk.scale": (kd,), "wv.scale": (kd,), "wo.scale": (hdim,), "norm": (hdim,)}
+    if n_kv == 0 or n_q % n_kv or (fmt == "q4" and (hdim % 32 or qd % 32)):
+        return None
+    want = {"norm": (hdim,), **_want(fmt, {"wq": (qd, hdim), "wk": (kd, hdim), "wv": (kd, hdim), "wo": (hdim, qd)})}
     # The C code trusts these sizes: anything else (a malformed slice) takes the torch path,
     # which raises its own shape error.
-    if (any(tuple(w[n].shape) != shape for n, shape in want.items()) or n_kv == 0 or n_q % n_kv
-            or tuple(k_cache.shape) != (1, n_kv, max_seq, head_dim) or k_cache.shape != v_cache.shape
-            or not 0 <= pos < max_seq or tuple(cos.shape) != (1, head_dim) or cos.shape != sin.shape
-            or head_dim % 2):
+    if any(tuple(w[n].shape) != shape for n, shape in want.items()):
         return None
-    mats = [w[n] for n in names] + [w[n + ".scale"] for n in names] + [w["norm"], k_cache, v_cache]
-    if not _ready(x, cos, sin, *mats) or any(t.dtype != torch.float32 for t in mats[4:]):
+    mats = [w[n] for n in names] + [w[n + ".scale"] for n in names]
+    if (not _ready(*mats, w["norm"]) or any(t.dtype != _SCALE_DTYPE[fmt] for t in mats[4:])
+            or w["norm"].dtype != torch.float32):
+        return None
+    call = lib.edgemesh_q4_attn_decode if fmt == "q4" else lib.edgemesh_int8_attn_decode
+    ptrs = (_ptr(w["wq"]), _ptr(w["wq.scale"]), _ptr(w["wk"]), _ptr(w["wk.scale"]), _ptr(w["wv"]),
+            _ptr(w["wv.scale"]), _ptr(w["wo"]), _ptr(w["wo.scale"]))
+    return call, n_q, n_kv, _ptr(w["norm"]), ptrs
+
+
+def attention_decode(x: torch.Tensor, w: dict[str, torch.Tensor], k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     pos: int, cos: torch.Tensor, sin: torch.Tensor, eps: float, head_dim: int) -> torch.Tensor | None:
+    """A rank's whole attention block for one token (batch 1, int8 or q4 weights, no biases) in
+    one native call: its partial output [1, 1, H], or None where it does not apply (the caller
+    runs the torch ops instead). ``k_cache``/``v_cache``: [1, n_kv, max_seq, d] fp32."""
+    if x.dtype != torch.float32 or x.numel() != x.shape[-1] or native() is None:
+        return None
+    hdim = x.shape[-1]
+    info = _checked_weights(w, (_lib, hdim, head_dim), lambda: _attention_weights(w, hdim, head_dim))
+    if info is None:
+        return None
+    call, n_q, n_kv, norm, ptrs = info
+    max_seq = k_cache.shape[2]
+    if (tuple(k_cache.shape) != (1, n_kv, max_seq, head_dim) or k_cache.shape != v_cache.shape
+            or not 0 <= pos < max_seq or tuple(cos.shape) != (1, head_dim) or cos.shape != sin.shape
+            or not _ready(x, cos, sin, k_cache, v_cache)
+            or any(t.dtype != torch.float32 for t in (cos, sin, k_cache, v_cache))):
         return None
     out = torch.empty((1, 1, hdim), dtype=torch.float32)
     scratch = torch.empty(hdim + 2 * (n_q + n_kv) * head_dim + pos + 1, dtype=torch.float32)
-    rc = lib.edgemesh_int8_attn_decode(
-        _ptr(x), _ptr(w["norm"]), ctypes.c_float(eps), hdim,
-        _ptr(w["wq"]), _ptr(w["wq.scale"]), _ptr(w["wk"]), _ptr(w["wk.scale"]), _ptr(w["wv"]), _ptr(w["wv.scale"]),
-        _ptr(w["wo"]), _ptr(w["wo.scale"]), n_q, n_kv, head_dim, _ptr(cos), _ptr(sin),
-        _ptr(k_cache), _ptr(v_cache), max_seq, pos, _ptr(scratch), _ptr(out))
+    rc = call(_ptr(x), norm, ctypes.c_float(eps), hdim, *ptrs, n_q, n_kv, head_dim, _ptr(cos), _ptr(sin),
+              _ptr(k_cache), _ptr(v_cache), max_seq, pos, _ptr(scratch), _ptr(out))
     if rc != 0:
         raise ValueError(f"attention_decode: bad shapes (heads {n_q}/{n_kv}, d {head_dim}, pos {pos}/{max_seq})")
     return out
 
 
-def mlp_decode(x: torch.Tensor, w: dict[str, torch.Tensor], eps: float) -> torch.Tensor | None:
-    """A rank's whole SwiGLU block for one token (int8 weights, no biases) in one native call:
-    its partial output [1, 1, H], or None where it does not apply."""
-    if x.dtype != torch.float32 or x.numel() != x.shape[-1]:
-        return None
-    lib = native()
-    if lib is None:
-        return None
+def _mlp_weights(w: dict[str, torch.Tensor], hdim: int) -> tuple[Any, ...] | None:
+    lib = _lib
     names = ("w_gate", "w_up", "w_down")
-    if any(w[n].dtype != torch.int8 for n in names) or any(b in w for b in ("b_gate", "b_up", "b_down")):
+    if lib is None or any(n not in w for n in (*names, "norm")):
         return None
-    mats = [w[n] for n in names] + [w[n + ".scale"] for n in names] + [w["norm"]]
-    if not _ready(x, *mats) or any(t.dtype != torch.float32 for t in mats[3:]):
+    fmt = _format(w, names)
+    if fmt is None or any(b in w for b in ("b_gate", "b_up", "b_down")):
         return None
-    hdim, f = x.shape[-1], w["w_gate"].shape[0]
-    want = {"w_gate": (f, hdim), "w_up": (f, hdim), "w_down": (hdim, f), "w_gate.scale": (f,), "w_up.scale": (f,),
-            "w_down.scale": (hdim,), "norm": (hdim,)}
+    mats = [w[n] for n in names] + [w[n + ".scale"] for n in names]
+    if (not _ready(*mats, w["norm"]) or any(t.dtype != _SCALE_DTYPE[fmt] for t in mats[3:])
+            or w["norm"].dtype != torch.float32):
+        return None
+    f = w["w_gate"].shape[0]
+    if fmt == "q4" and (hdim % 32 or f % 32):
+        return None
+    want = {"norm": (hdim,), **_want(fmt, {"w_gate": (f, hdim), "w_up": (f, hdim), "w_down": (hdim, f)})}
     if any(tuple(w[n].shape) != shape for n, shape in want.items()):
         return None  # the C code trusts these sizes; the torch path raises its own error
+    call = lib.edgemesh_q4_mlp_decode if fmt == "q4" else lib.edgemesh_int8_mlp_decode
+    ptrs = (_ptr(w["w_gate"]), _ptr(w["w_gate.scale"]), _ptr(w["w_up"]), _ptr(w["w_up.scale"]),
+            _ptr(w["w_down"]), _ptr(w["w_down.scale"]))
+    return call, f, _ptr(w["norm"]), ptrs
+
+
+def mlp_decode(x: torch.Tensor, w: dict[str, torch.Tensor], eps: float) -> torch.Tensor | None:
+    """A rank's whole SwiGLU block for one token (int8 or q4 weights, no biases) in one native
+    call: its partial output [1, 1, H], or None where it does not apply."""
+    if x.dtype != torch.float32 or x.numel() != x.shape[-1] or native() is None or not x.is_contiguous():
+        return None
+    hdim = x.shape[-1]
+    info = _checked_weights(w, (_lib, hdim), lambda: _mlp_weights(w, hdim))
+    if info is None:
+        return None
+    call, f, norm, ptrs = info
     out = torch.empty((1, 1, hdim), dtype=torch.float32)
     scratch = torch.empty(hdim + 2 * f, dtype=torch.float32)
-    lib.edgemesh_int8_mlp_decode(_ptr(x), _ptr(w["norm"]), ctypes.c_float(eps), hdim,
-                                 _ptr(w["w_gate"]), _ptr(w["w_gate.scale"]), _ptr(w["w_up"]), _ptr(w["w_up.scale"]),
-                                 _ptr(w["w_down"]), _ptr(w["w_down.scale"]), f, _ptr(scratch), _ptr(out))
+    rc = call(_ptr(x), norm, ctypes.c_float(eps), hdim, *ptrs, f, _ptr(scratch), _ptr(out))
+    if rc != 0:
+        raise ValueError(f"mlp_decode: bad shapes (hidden {hdim}, rows {f})")
     return out

@@ -1,4 +1,5 @@
 /* y[m, n] = scale[n] * sum_k w[n, k] * x[m, k]   (int8 weights, fp32 activations and output)
+ * and its 4-bit sibling (q4: groups of 32 columns with a scale each; see "q4" below).
  *
  * Decode-size products of a weight-only int8 matrix (one scale per output row, see
  * edgemesh/weights/quant.py) for 1..MAX_M activation rows. Each weight row is read once for all
@@ -20,6 +21,9 @@
  */
 #include <stdint.h>
 #include <stddef.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
 
 #define MAX_M 4
 
@@ -118,6 +122,244 @@ ROWS_DOT(1)
 ROWS_DOT(4)
 #endif
 
+/* ---- q4: 4-bit codes in groups of 32 columns, a step d and an offset m per (row, group) ---
+ * Layout (edgemesh/weights/quant.py): a row is k/2 bytes; group g is bytes [16g, 16g + 16),
+ * byte i holding column 32g + i in its low nibble and column 32g + 16 + i in its high one;
+ * weight = d[row, g] * code + m[row, g], (d, m) stored as a pair of IEEE halves per group.
+ *
+ * Activations: fp32 in and out, but each group of 32 values of x is quantized on entry to
+ * int8 with its own scale (sx = max|x| / 127, xq = round-to-even(x * (1 / sx))), the q8_0
+ * activations of llama.cpp and distributed-llama. A group's sums sum(code * xq) and sum(xq)
+ * are then exact integers, and
+ *
+ *     y[row] = sum over groups of  sx[g] * (d * float(sum code * xq) + m * float(sum xq))
+ *
+ * in fp32. Why not fp32 activations: widening 4-bit codes to fp32 costs more instructions per
+ * weight than int8's widening, and such a kernel (table lookup per nibble) was compute-bound
+ * on an AVX-512 EPYC at about 15-22 G weights/s, no faster than the int8 kernel; integer dot
+ * products (AVX-512 VNNI, 64 multiply-adds per instruction) are what make 4 bits pay. The
+ * rounding of x is at most half a step of 1/254 of its group's largest value (README: its
+ * measured effect on the logits).
+ *
+ * Exactness: x's quantization depends only on x and the group boundaries (multiples of 32),
+ * so a rank holding some rows computes bitwise what one device computes for them, and a rank
+ * holding a column slice (wo, w_down: whole groups) quantizes its part of x as one device
+ * does; the summation order of the fp32 part depends only on k.
+ *
+ * The VNNI path keeps 16 lanes; lane 4j + q of a step of four groups holds the sums over 4
+ * low-nibble and 4 high-nibble columns of quarter q of group 4s + j, and adds
+ * sx * (d * lane + m * sum of its 8 xq). Other CPUs run the plain C below (the same integers,
+ * one accumulator, group by group): correct, not fast. */
+#define Q4_GROUP 32
+
+static float q4_half(uint16_t h) {  /* IEEE half → float (normal, subnormal, zero, inf/nan) */
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 31, f = h & 1023, bits;
+    if (e == 0) {
+        if (f == 0) { bits = sign; }
+        else { float v = (float)f * (1.0f / 16777216.0f); return (h & 0x8000) ? -v : v; }  /* f * 2^-24 */
+    } else if (e == 31) { bits = sign | 0x7F800000u | (f << 13); }
+    else { bits = sign | ((e + 112) << 23) | (f << 13); }
+    float out;
+    memcpy(&out, &bits, sizeof out);
+    return out;
+}
+
+/* x [k] → xq [k] int8 and sx [k/32]: per group sx = amax / 127, xq = rint(x * (1 / sx)). */
+static void q4_quantize_x(const float *x, size_t k, int8_t *xq, float *sx) {
+    for (size_t g = 0; g < k / Q4_GROUP; g++) {
+        const float *xg = x + g * Q4_GROUP;
+        float amax = 0.0f;
+        for (int i = 0; i < Q4_GROUP; i++) { float v = fabsf(xg[i]); if (v > amax) amax = v; }
+        float d = amax / 127.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
+        for (int i = 0; i < Q4_GROUP; i++) xq[g * Q4_GROUP + i] = (int8_t)lrintf(xg[i] * id);
+        sx[g] = d;
+    }
+}
+
+/* s: the row's (d, m) halves, 2 per group */
+static float q4_row_plain(const uint8_t *w, const uint16_t *s, size_t k, const int8_t *xq, const float *sx) {
+    float acc = 0.0f;
+    for (size_t g = 0; g < k / Q4_GROUP; g++) {
+        const uint8_t *b = w + g * 16;
+        const int8_t *xg = xq + g * Q4_GROUP;
+        int32_t dot = 0, sum = 0;
+        for (int i = 0; i < 16; i++) {
+            dot += (int32_t)(b[i] & 15) * xg[i] + (int32_t)(b[i] >> 4) * xg[16 + i];
+            sum += xg[i] + xg[16 + i];
+        }
+        acc += sx[g] * (q4_half(s[2 * g]) * (float)dot + q4_half(s[2 * g + 1]) * (float)sum);
+    }
+    return acc;
+}
+
+#if VECTOR == 2 && defined(__AVX512VNNI__)
+#define Q4_VNNI 1
+/* The x side of one call, laid out for the steps (each of four groups, the last padded with
+ * zeros): xlo/xhi [16 * ng4] (low/high 16 values of each group), lsum [4 * ng4] (the sum of
+ * the 8 xq values a lane multiplies, as float), sxl [4 * ng4] (each lane's group scale). */
+typedef struct { int8_t *xlo, *xhi; float *lsum, *sxl; size_t ng, steps; } q4_xside;
+
+static void q4_prepare(const int8_t *xq, const float *sx, size_t k, q4_xside *p) {
+    size_t ng = k / Q4_GROUP, ng4 = (ng + 3) & ~(size_t)3;
+    p->ng = ng;
+    p->steps = ng4 / 4;
+    memset(p->xlo, 0, 16 * ng4);
+    memset(p->xhi, 0, 16 * ng4);
+    for (size_t g = 0; g < ng4; g++) {
+        for (int q = 0; q < 4; q++) {
+            int32_t c = 0;
+            for (int i = 4 * q; i < 4 * q + 4 && g < ng; i++) {
+                p->xlo[16 * g + i] = xq[32 * g + i];
+                p->xhi[16 * g + i] = xq[32 * g + 16 + i];
+                c += xq[32 * g + i] + xq[32 * g + 16 + i];
+            }
+            p->lsum[4 * g + q] = (float)c;
+            p->sxl[4 * g + q] = g < ng ? sx[g] : 0.0f;
+        }
+    }
+}
+
+#define Q4_ROWS_DOT(R)                                                                           \
+static inline void q4_rows_dot_##R(const uint8_t *w, const uint16_t *s, size_t k,               \
+                                   const q4_xside *p, float *out) {                              \
+    size_t kb = k / 2, ng = p->ng;                                                               \
+    const __m512i m4 = _mm512_set1_epi8(15);                                                     \
+    const __m512i id = _mm512_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2, 4, 4, 4, 4, 6, 6, 6, 6);         \
+    const __m512i im = _mm512_setr_epi32(1, 1, 1, 1, 3, 3, 3, 3, 5, 5, 5, 5, 7, 7, 7, 7);         \
+    __m512 acc[R];                                                                               \
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();                                    \
+    for (size_t st = 0; st < p->steps; st++) {                                                   \
+        size_t g = 4 * st, rem = ng - g < 4 ? ng - g : 4;                                        \
+        __mmask64 mb = rem == 4 ? ~(__mmask64)0 : (((__mmask64)1 << (16 * rem)) - 1);            \
+        __mmask8 ms = (__mmask8)((1u << (2 * rem)) - 1);                                         \
+        __m512i xl = _mm512_loadu_si512(p->xlo + 16 * g), xh = _mm512_loadu_si512(p->xhi + 16 * g); \
+        __m512 ls = _mm512_loadu_ps(p->lsum + 4 * g), sxv = _mm512_loadu_ps(p->sxl + 4 * g);     \
+        _mm_prefetch((const char *)(w + PREFETCH + g * 16 * R), _MM_HINT_T0);                    \
+        if (R > 1) _mm_prefetch((const char *)(w + PREFETCH + g * 16 * R + 64), _MM_HINT_T0);    \
+        if (R > 2) _mm_prefetch((const char *)(w + PREFETCH + g * 16 * R + 128), _MM_HINT_T0);   \
+        if (R > 3) _mm_prefetch((const char *)(w + PREFETCH + g * 16 * R + 192), _MM_HINT_T0);   \
+        for (int r = 0; r < R; r++) {                                                            \
+            __m512i b = _mm512_maskz_loadu_epi8(mb, w + r * kb + g * 16);                        \
+            __m512i lo = _mm512_and_si512(b, m4), hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), m4); \
+            __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xl), hi, xh); \
+            __m512 dm = _mm512_castps256_ps512(                                                  \
+                _mm256_cvtph_ps(_mm_maskz_loadu_epi16(ms, s + 2 * (r * ng + g))));               \
+            __m512 t = _mm512_fmadd_ps(_mm512_permutexvar_ps(id, dm), _mm512_cvtepi32_ps(dot),   \
+                                       _mm512_mul_ps(_mm512_permutexvar_ps(im, dm), ls));        \
+            acc[r] = _mm512_fmadd_ps(t, sxv, acc[r]);                                            \
+        }                                                                                        \
+    }                                                                                            \
+    for (int r = 0; r < R; r++) out[r] = _mm512_reduce_add_ps(acc[r]);                           \
+}
+Q4_ROWS_DOT(1)
+Q4_ROWS_DOT(4)
+#else
+#define Q4_VNNI 0
+#endif
+
+int edgemesh_q4_gemv_vector(void) { return Q4_VNNI; }  /* 1: AVX-512 VNNI, 0: plain C */
+
+/* One activation row made ready for q4 products: its int8 rounding and (VNNI) the step layout.
+ * Made once per row of x and shared by every matrix that multiplies it (q, k, v; gate, up).
+ * Small rows live in the struct itself: no allocation per call. */
+#define Q4_LOCAL_BYTES 16384
+typedef struct {
+    size_t k;
+    int8_t *xq;
+    float *sx;
+#if Q4_VNNI
+    q4_xside p;
+#endif
+    unsigned char *heap;
+    _Alignas(64) unsigned char local[Q4_LOCAL_BYTES];
+} q4_x;
+
+static void q4_quantize_x_fast(const float *x, size_t k, int8_t *xq, float *sx) {
+#if Q4_VNNI
+    for (size_t g = 0; g < k / Q4_GROUP; g++) {  /* the same numbers as q4_quantize_x */
+        __m512 a = _mm512_loadu_ps(x + g * Q4_GROUP), b = _mm512_loadu_ps(x + g * Q4_GROUP + 16);
+        float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+        float d = amax / 127.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
+        __m512 v = _mm512_set1_ps(id);
+        __m128i qa = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(a, v)));
+        __m128i qb = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(b, v)));
+        _mm_storeu_si128((__m128i *)(xq + g * Q4_GROUP), qa);
+        _mm_storeu_si128((__m128i *)(xq + g * Q4_GROUP + 16), qb);
+        sx[g] = d;
+    }
+#else
+    q4_quantize_x(x, k, xq, sx);
+#endif
+}
+
+/* Returns 0, or -2 out of memory. */
+static int q4_x_init(q4_x *X, const float *x, size_t k, int plain) {
+    size_t ng = k / Q4_GROUP, ng4 = (ng + 3) & ~(size_t)3;
+    size_t bytes = ((k + 63) & ~(size_t)63) + 4 * ng + 64 * ng4 + 64;
+    unsigned char *buf = X->local;
+    X->heap = NULL;
+    X->k = k;
+    if (bytes > Q4_LOCAL_BYTES) {
+        buf = X->heap = malloc(bytes);
+        if (!buf) return -2;
+    }
+    X->xq = (int8_t *)buf;
+    X->sx = (float *)(buf + ((k + 63) & ~(size_t)63));
+    if (plain) {
+        q4_quantize_x(x, k, X->xq, X->sx);
+        return 0;
+    }
+    q4_quantize_x_fast(x, k, X->xq, X->sx);
+#if Q4_VNNI
+    X->p.lsum = X->sx + ng;
+    X->p.sxl = X->p.lsum + 4 * ng4;
+    X->p.xlo = (int8_t *)(X->p.sxl + 4 * ng4);
+    X->p.xhi = X->p.xlo + 16 * ng4;
+    q4_prepare(X->xq, X->sx, k, &X->p);
+#endif
+    return 0;
+}
+
+static void q4_x_free(q4_x *X) { free(X->heap); }
+
+/* y[i] for rows [n0, n1) of w [n, k/2] (scale [n, k/32, 2]) against a prepared row. */
+static void q4_rows(const q4_x *X, const uint8_t *w, const uint16_t *scale, float *y, size_t n0, size_t n1, int plain) {
+    size_t k = X->k, kb = k / 2, ng = k / Q4_GROUP, i = n0;
+    (void)plain;  /* without VNNI every call is plain */
+#if Q4_VNNI
+    if (!plain) {
+        float out[4];
+        for (; i + 4 <= n1; i += 4) {
+            q4_rows_dot_4(w + i * kb, scale + 2 * i * ng, k, &X->p, out);
+            for (int j = 0; j < 4; j++) y[i + j] = out[j];
+        }
+        for (; i < n1; i++) q4_rows_dot_1(w + i * kb, scale + 2 * i * ng, k, &X->p, y + i);
+    }
+#endif
+    for (; i < n1; i++) y[i] = q4_row_plain(w + i * kb, scale + 2 * i * ng, k, X->xq, X->sx);
+}
+
+/* x [m, k] fp32, w [n, k/2] q4 bytes, scale [n, k/32, 2] halves (d, m), y [m, n] fp32; rows [n0, n1).
+ * Returns 0, -1 for m outside 1..MAX_M or k not a multiple of 32, -2 out of memory.
+ * plain != 0: the plain-C arithmetic whatever the build (tests). */
+static int q4_gemv(const float *x, const uint8_t *w, const uint16_t *scale, float *y,
+                   size_t m, size_t n, size_t k, size_t n0, size_t n1, int plain) {
+    if (m < 1 || m > MAX_M || k % Q4_GROUP) return -1;
+    if (n1 > n) n1 = n;
+    q4_x X;
+    for (size_t r = 0; r < m; r++) {
+        if (q4_x_init(&X, x + r * k, k, plain)) return -2;
+        q4_rows(&X, w, scale, y + r * n, n0, n1, plain);
+        q4_x_free(&X);
+    }
+    return 0;
+}
+
+int edgemesh_q4_gemv(const float *x, const uint8_t *w, const uint16_t *scale, float *y,
+                     size_t m, size_t n, size_t k, size_t n0, size_t n1, int plain) {
+    return q4_gemv(x, w, scale, y, m, n, k, n0, n1, plain);
+}
+
 int edgemesh_int8_gemv_max_m(void) { return MAX_M; }
 
 int edgemesh_int8_gemv_vector(void) { return VECTOR; }  /* 0 plain C, 1 AVX2, 2 AVX-512 */
@@ -151,7 +393,7 @@ int edgemesh_int8_gemv(const float *x, const int8_t *w, const float *scale, floa
 /* ---- whole decode blocks (one token, batch 1) -------------------------------------------
  * A decode step of a small model is dominated by per-op overhead when each of ~50 small ops
  * per layer is a separate torch call from Python. These run a rank's attention and MLP block
- * for one token in one call each, fp32 activations, int8 weights through the kernel above. */
+ * for one token in one call each, fp32 activations, int8 or q4 weights through the kernels above. */
 
 #include <math.h>
 #include <string.h>
@@ -173,22 +415,51 @@ static void rope1(float *v, const float *cs, const float *sn, size_t d) {
     }
 }
 
+/* One matrix product of a block in the block's weight format: FMT_INT8 (int8 [n, k], scale
+ * [n] fp32) or FMT_Q4 (q4 bytes [n, k/2], scale [n, k/32, 2] halves). */
+enum { FMT_INT8 = 0, FMT_Q4 = 1 };
+
+/* The input x of a block's products, made ready once for every matrix that multiplies it. */
+typedef struct { int fmt; const float *x; size_t k; q4_x q; } block_in;
+
+static int block_in_init(block_in *in, int fmt, const float *x, size_t k) {
+    in->fmt = fmt;
+    in->x = x;
+    in->k = k;
+    return fmt == FMT_Q4 ? q4_x_init(&in->q, x, k, 0) : 0;
+}
+
+static void block_in_free(block_in *in) {
+    if (in->fmt == FMT_Q4) q4_x_free(&in->q);
+}
+
+static void mat_gemv(const block_in *in, const void *w, const void *s, float *y, size_t n) {
+    if (in->fmt == FMT_Q4)
+        q4_rows(&in->q, (const uint8_t *)w, (const uint16_t *)s, y, 0, n, 0);
+    else
+        edgemesh_int8_gemv(in->x, (const int8_t *)w, (const float *)s, y, 1, n, in->k, 0, n);
+}
+
 /* out [hdim]: this rank's partial attention output (its heads through its wo columns) for the
  * token at position pos. kcache/vcache: [n_kv, max_seq, d]; the token's k and v are written
  * at pos. scratch: at least hdim + 2*(n_q + n_kv)*d + pos + 1 floats. */
-int edgemesh_int8_attn_decode(const float *x, const float *norm, float eps, size_t hdim,
-                              const int8_t *wq, const float *sq, const int8_t *wk, const float *sk,
-                              const int8_t *wv, const float *sv, const int8_t *wo, const float *so,
-                              size_t n_q, size_t n_kv, size_t d,
-                              const float *cs, const float *sn, float *kcache, float *vcache,
-                              size_t max_seq, size_t pos, float *scratch, float *out) {
+static int attn_decode(int fmt, const float *x, const float *norm, float eps, size_t hdim,
+                       const void *wq, const void *sq, const void *wk, const void *sk,
+                       const void *wv, const void *sv, const void *wo, const void *so,
+                       size_t n_q, size_t n_kv, size_t d,
+                       const float *cs, const float *sn, float *kcache, float *vcache,
+                       size_t max_seq, size_t pos, float *scratch, float *out) {
     if (n_kv == 0 || n_q % n_kv != 0 || pos >= max_seq || d % 2) return -1;
+    if (fmt == FMT_Q4 && (hdim % Q4_GROUP || (n_q * d) % Q4_GROUP)) return -1;
     float *xn = scratch, *q = xn + hdim, *k = q + n_q * d, *v = k + n_kv * d, *a = v + n_kv * d;
     float *p = a + n_q * d;
     rms_norm1(x, norm, eps, hdim, xn);
-    edgemesh_int8_gemv(xn, wq, sq, q, 1, n_q * d, hdim, 0, n_q * d);
-    edgemesh_int8_gemv(xn, wk, sk, k, 1, n_kv * d, hdim, 0, n_kv * d);
-    edgemesh_int8_gemv(xn, wv, sv, v, 1, n_kv * d, hdim, 0, n_kv * d);
+    block_in in;  /* large: one per block call, on the stack */
+    if (block_in_init(&in, fmt, xn, hdim)) return -2;
+    mat_gemv(&in, wq, sq, q, n_q * d);
+    mat_gemv(&in, wk, sk, k, n_kv * d);
+    mat_gemv(&in, wv, sv, v, n_kv * d);
+    block_in_free(&in);
     for (size_t h = 0; h < n_q; h++) rope1(q + h * d, cs, sn, d);
     for (size_t g = 0; g < n_kv; g++) {
         rope1(k + g * d, cs, sn, d);
@@ -219,19 +490,44 @@ int edgemesh_int8_attn_decode(const float *x, const float *norm, float eps, size
             for (size_t i = 0; i < d; i++) o[i] += w * vt[i];
         }
     }
-    edgemesh_int8_gemv(a, wo, so, out, 1, hdim, n_q * d, 0, hdim);
+    if (block_in_init(&in, fmt, a, n_q * d)) return -2;
+    mat_gemv(&in, wo, so, out, hdim);
+    block_in_free(&in);
     return 0;
 }
 
 /* out [hdim]: this rank's partial SwiGLU output for one token. scratch: hdim + 2*f floats. */
-int edgemesh_int8_mlp_decode(const float *x, const float *norm, float eps, size_t hdim,
-                             const int8_t *wg, const float *sg, const int8_t *wu, const float *su,
-                             const int8_t *wd, const float *sd, size_t f, float *scratch, float *out) {
+static int mlp_decode(int fmt, const float *x, const float *norm, float eps, size_t hdim,
+                      const void *wg, const void *sg, const void *wu, const void *su,
+                      const void *wd, const void *sd, size_t f, float *scratch, float *out) {
+    if (fmt == FMT_Q4 && (hdim % Q4_GROUP || f % Q4_GROUP)) return -1;
     float *xn = scratch, *g = xn + hdim, *u = g + f;
     rms_norm1(x, norm, eps, hdim, xn);
-    edgemesh_int8_gemv(xn, wg, sg, g, 1, f, hdim, 0, f);
-    edgemesh_int8_gemv(xn, wu, su, u, 1, f, hdim, 0, f);
+    block_in in;
+    if (block_in_init(&in, fmt, xn, hdim)) return -2;
+    mat_gemv(&in, wg, sg, g, f);
+    mat_gemv(&in, wu, su, u, f);
+    block_in_free(&in);
     for (size_t i = 0; i < f; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
-    edgemesh_int8_gemv(g, wd, sd, out, 1, hdim, f, 0, hdim);
+    if (block_in_init(&in, fmt, g, f)) return -2;
+    mat_gemv(&in, wd, sd, out, hdim);
+    block_in_free(&in);
     return 0;
 }
+
+#define ATTN_ARGS(T, S) const float *x, const float *norm, float eps, size_t hdim,               \
+    const T *wq, const S *sq, const T *wk, const S *sk, const T *wv, const S *sv,                 \
+    const T *wo, const S *so, size_t n_q, size_t n_kv, size_t d, const float *cs,            \
+    const float *sn, float *kcache, float *vcache, size_t max_seq, size_t pos, float *scratch,   \
+    float *out
+#define ATTN_CALL(FMT) attn_decode(FMT, x, norm, eps, hdim, wq, sq, wk, sk, wv, sv, wo, so, n_q, \
+    n_kv, d, cs, sn, kcache, vcache, max_seq, pos, scratch, out)
+#define MLP_ARGS(T, S) const float *x, const float *norm, float eps, size_t hdim, const T *wg,    \
+    const S *sg, const T *wu, const S *su, const T *wd, const S *sd, size_t f,                    \
+    float *scratch, float *out
+#define MLP_CALL(FMT) mlp_decode(FMT, x, norm, eps, hdim, wg, sg, wu, su, wd, sd, f, scratch, out)
+
+int edgemesh_int8_attn_decode(ATTN_ARGS(int8_t, float)) { return ATTN_CALL(FMT_INT8); }
+int edgemesh_q4_attn_decode(ATTN_ARGS(uint8_t, uint16_t)) { return ATTN_CALL(FMT_Q4); }
+int edgemesh_int8_mlp_decode(MLP_ARGS(int8_t, float)) { return MLP_CALL(FMT_INT8); }
+int edgemesh_q4_mlp_decode(MLP_ARGS(uint8_t, uint16_t)) { return MLP_CALL(FMT_Q4); }

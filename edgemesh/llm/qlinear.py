@@ -1,4 +1,11 @@
-"""``y = x Wᵀ + b`` for a weight that may be fp32/bf16 or int8 with per-row scales (``quant.py``).
+"""``y = x Wᵀ + b`` for a weight that may be fp32/bf16, int8 with per-row scales or q4 (4-bit
+codes, a scale per 32 input columns; ``quant.py``).
+
+q4 weights (uint8 storage): decode (≤ ``kernels.MAX_M`` rows, fp32 activations) with the
+native kernel goes through ``kernels.q4_gemv`` (fp32 in and out; inside, x is rounded to int8
+per group of 32 and the group sums are exact integers; the order of the fp32 part is fixed by
+K, so a rank's rows are bitwise one device's); everything else (prefill, no native kernel)
+dequantizes the matrix to fp32 on the fly and calls ``F.linear`` with unrounded activations.
 
 Float weights go straight to ``F.linear``: the fp32 model is untouched. For int8 weights:
 
@@ -44,8 +51,9 @@ import torch
 import torch.nn.functional as F
 
 from edgemesh import kernels
+from edgemesh.errors import ConfigError
 from edgemesh.weights.aligned import aligned
-from edgemesh.weights.quant import SCALE
+from edgemesh.weights.quant import SCALE, dequantize_q4, is_q4
 
 PACKED_MAX_ROWS = 4
 PACKED_K_MULTIPLE = 32  # checked for K = 32..2048, 1..4 rows, 1..576 output rows (tests/unit/test_int8.py)
@@ -56,6 +64,8 @@ REFINE_TOP = 16  # lm_head leaders recomputed in fp32 after the packed kernel
 
 def linear(x: torch.Tensor, w: dict[str, torch.Tensor], name: str, bias: torch.Tensor | None = None) -> torch.Tensor:
     weight = w[name]
+    if is_q4(weight):
+        return _q4_linear(x, weight, w[name + SCALE], bias)
     if weight.dtype != torch.int8:
         return F.linear(x, weight, bias)
     scale = w[name + SCALE]
@@ -68,6 +78,18 @@ def linear(x: torch.Tensor, w: dict[str, torch.Tensor], name: str, bias: torch.T
         ).to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
     else:
         y = F.linear(x, weight.to(x.dtype)) * scale.to(x.dtype)
+    return y + bias if bias is not None else y
+
+
+def _q4_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    rows = x.numel() // x.shape[-1]
+    if x.shape[-1] != 2 * weight.shape[1]:
+        raise ConfigError(f"q4 matrix of {2 * weight.shape[1]} input columns applied to an input of "
+                          f"width {x.shape[-1]}")
+    if _native_used(x, weight) and x.shape[-1] % 32 == 0:
+        y = kernels.q4_gemv(x.reshape(rows, x.shape[-1]), weight, scale).reshape(*x.shape[:-1], weight.shape[0])
+    else:
+        y = F.linear(x, dequantize_q4(weight, scale, x.dtype))
     return y + bias if bias is not None else y
 
 
@@ -86,6 +108,10 @@ def embedding(tokens: torch.Tensor, w: dict[str, torch.Tensor], name: str, dtype
     """Rows of an embedding matrix (int8 rows are scaled back to ``dtype``)."""
     table = w[name]
     rows = F.embedding(tokens, table)
+    if is_q4(table):  # only the looked-up rows are dequantized
+        flat = rows.reshape(-1, rows.shape[-1])
+        scale = w[name + SCALE][tokens.reshape(-1)]
+        return dequantize_q4(flat, scale, dtype).reshape(*tokens.shape, -1)
     if table.dtype != torch.int8:
         return rows.to(dtype)
     return rows.to(dtype) * w[name + SCALE][tokens].to(dtype)[..., None]

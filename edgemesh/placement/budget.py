@@ -62,15 +62,17 @@ def plan_with_budget(
     baseline_bytes: int = RUNTIME_BASELINE_BYTES,
     prompt_tokens: int = PROMPT_TOKENS,
     max_window: int = MAX_WINDOW,
+    mlp_unit: int = 1,
 ) -> Plan:
     """``plan`` when ``budget_bytes`` is None; else a plan whose predicted peak per device is
     within min(budget, device memory), with ``Plan.window`` set, or ``ConfigError`` with the numbers."""
     if not budget_bytes:
-        return plan(config, devices, links, model=model, context_len=context_len, dtype_bytes=dtype_bytes)
+        return plan(config, devices, links, model=model, context_len=context_len, dtype_bytes=dtype_bytes,
+                    mlp_unit=mlp_unit)
     limits = {d.id: min(d.mem_bytes, budget_bytes) for d in devices}
     capped = [replace(d, mem_bytes=limits[d.id]) for d in devices]
     kw: dict[str, Any] = dict(model=model, context_len=context_len, dtype_bytes=dtype_bytes,
-                              overhead_bytes=baseline_bytes)
+                              overhead_bytes=baseline_bytes, mlp_unit=mlp_unit)
 
     def predict(p: Plan, window: int) -> list[MemoryPrediction]:
         return [predict_participant(config, p.specs_for(k), k, dtype_bytes=dtype_bytes, window=window,

@@ -183,8 +183,12 @@ def plan(
     context_len: int = 2048,
     dtype_bytes: int = 4,
     overhead_bytes: int = RUNTIME_OVERHEAD_BYTES,
+    mlp_unit: int = 1,
 ) -> Plan:
-    """Split ``config`` over ``devices`` (first = master) or raise ``ConfigError`` with the numbers."""
+    """Split ``config`` over ``devices`` (first = master) or raise ``ConfigError`` with the numbers.
+
+    ``mlp_unit``: every rank's MLP rows are a multiple of it (a q4 model's ``w_down`` is cut
+    into whole groups of 32 columns: ``weights.quant.split_unit``)."""
     if not devices:
         raise ConfigError("no devices to plan for")
     if len({d.id for d in devices}) != len(devices):
@@ -193,6 +197,9 @@ def plan(
     c = config
     sz = Sizes.of(c, context_len, dtype_bytes)
     L, K, F = c.num_hidden_layers, c.num_key_value_heads, c.intermediate_size
+    if mlp_unit < 1 or F % mlp_unit:
+        raise ConfigError(f"the MLP width {F} of this model is not a multiple of {mlp_unit}, the unit its "
+                          "weight format can be split by (q4 needs multiples of 32; use int8 or fp32)")
     # Per device: memory left for decoder slices after runtime, replicated norms and (master) head.
     fixed_w = overhead_bytes + L * sz.layer_fixed_bytes
     if devices[0].mem_bytes - fixed_w - sz.master_bytes < 0:
@@ -245,7 +252,7 @@ def plan(
                                        given[k] / max(budget[k], 1), k))
             groups[k] += 1
             given[k] += 1
-        rows = _apportion([share[k] * F for k in range(n)], F)
+        rows = [mlp_unit * r for r in _apportion([share[k] * F / mlp_unit for k in range(n)], F // mlp_unit)]
         layers.append(split_layer(c, groups, rows))
 
     overhead = overhead_bytes

@@ -42,6 +42,7 @@ from edgemesh.transport.addresses import address_for_peer
 from edgemesh.transport.endpoint import endpoint_host, parse_endpoint, tcp_endpoint
 from edgemesh.transport.zmq_link import ZmqTransport
 from edgemesh.weights.provider import InMemoryProvider
+from edgemesh.weights.quant import split_unit
 from edgemesh.weights.shard import vocab_range
 from edgemesh.weights.store import ModelEntry
 
@@ -169,7 +170,7 @@ class Deployment:
         devices, links = devices_and_links(self.members)
         self.plan = plan_with_budget(self.entry.config, devices, links, model=self.entry.name,
                                      context_len=self.options.max_seq_len, dtype_bytes=self.entry.param_bytes,
-                                     budget_bytes=self.options.memory_budget)
+                                     budget_bytes=self.options.memory_budget, mlp_unit=split_unit(self.entry.dtype))
         world = self.plan.world_size
         self.progress(f"plan: {world} device(s), predicted {self.plan.latency.total_ms:.1f} ms/token")
         threads = threads_per_rank(self.members)

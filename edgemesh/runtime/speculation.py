@@ -48,9 +48,14 @@ def load_draft(store: ModelStore, name: str, target: ModelEntry, max_seq_len: in
 def k_max_for(entry: ModelEntry) -> int:
     """Most tokens proposed per step. int8 weights go through the packed bf16 kernel for up to
     ``PACKED_MAX_ROWS`` rows and are dequantized beyond; keeping the check within that many
-    positions keeps its rounding that of plain decode steps, so greedy output stays identical."""
+    positions keeps its rounding that of plain decode steps, so greedy output stays identical.
+    q4 likewise: up to ``kernels.MAX_M`` rows its kernel rounds each row's activations to int8
+    as a decode step does; beyond, the dequantized path uses them unrounded."""
+    from edgemesh.kernels import MAX_M
     from edgemesh.llm.qlinear import PACKED_MAX_ROWS
 
+    if entry.dtype == "q4":
+        return MAX_M - 1
     return PACKED_MAX_ROWS - 1 if entry.dtype == "int8" else 8
 
 

@@ -20,7 +20,7 @@ import torch
 from edgemesh.errors import ConfigError
 from edgemesh.weights.config import ModelConfig, RopeScaling
 from edgemesh.weights.progress import Progress
-from edgemesh.weights.quant import check_scheme, quantize_block, quantized_name
+from edgemesh.weights.quant import check_fits, check_scheme, quantize_block, quantized_name
 from edgemesh.weights.store import ModelEntry, ModelStore
 
 _ATTN = {"norm": "attn_norm", "wq": "attn_q", "wk": "attn_k", "wv": "attn_v", "wo": "attn_output"}
@@ -179,6 +179,7 @@ def import_gguf(
             raise ConfigError(f"{path}: tensor {gname!r} missing")
         return _dequantize(tensors[gname]).to(dtype)
 
+    check_fits(config, quantize)
     writer = store.writer(name or quantized_name(path.stem, quantize), config, source=f"gguf:{path.name}",
                           dtype=quantize or str(dtype).removeprefix("torch."))
     blocks = config.block_names()

@@ -15,7 +15,7 @@ from safetensors import safe_open
 from edgemesh.errors import ConfigError
 from edgemesh.weights.config import ModelConfig
 from edgemesh.weights.progress import Progress
-from edgemesh.weights.quant import check_scheme, quantize_block, quantized_name
+from edgemesh.weights.quant import check_fits, check_scheme, quantize_block, quantized_name
 from edgemesh.weights.store import ModelEntry, ModelStore
 
 # store name -> HF name (relative to "model.layers.{i}." for decoder blocks)
@@ -71,6 +71,7 @@ def import_hf(
         with safe_open(str(f), framework="pt") as sf:
             for key in sf.keys():
                 where[key] = f
+    check_fits(config, quantize)
     writer = store.writer(name or quantized_name(src.name, quantize), config, source=f"hf:{src}",
                           dtype=quantize or str(dtype).removeprefix("torch."))
     blocks = config.block_names()

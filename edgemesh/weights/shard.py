@@ -11,6 +11,9 @@ Tensor names inside blocks (the store format; HF names are mapped at import time
 
 An int8 model (``quant.py``) stores each weight matrix as int8 plus ``<name>.scale`` [out]:
 a row slice takes its rows' scales, a column slice (``wo``, ``w_down``) keeps all of them.
+A q4 model stores uint8 ``<name>`` [out, in/2] and ``<name>.scale`` [out, in/32, 2]: a row slice
+takes its rows of both, a column slice takes whole 32-column groups of both (and refuses a cut
+that is not on a group boundary).
 
 The attention unit is a KV-head group (1 KV head + its g query heads); the MLP unit is a
 contiguous range of the intermediate dimension. Output biases (``bo``, ``b_down``) are kept
@@ -97,6 +100,36 @@ def _head_rows(groups: tuple[int, ...], heads_per_group: int, head_dim: int) -> 
     return torch.tensor(idx, dtype=torch.long)
 
 
+def _q4_columns(tensors: dict[str, torch.Tensor], name: str, cols: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Columns ``cols`` (whole groups of 32, in order) of the q4 matrix ``name`` and its scale."""
+    from edgemesh.weights.quant import Q4_GROUP
+
+    w, scale = tensors[name], tensors[name + ".scale"]
+    k = 2 * w.shape[1]
+    n = cols.numel()
+    groups = cols[::Q4_GROUP] // Q4_GROUP if n else cols
+    want = (groups[:, None] * Q4_GROUP + torch.arange(Q4_GROUP)[None, :]).reshape(-1) if n else cols
+    if n % Q4_GROUP or not torch.equal(want, cols) or (n and int(cols.max()) >= k) or scale.shape != (
+            w.shape[0], k // Q4_GROUP, 2):
+        raise ConfigError(f"a q4 matrix {name!r} can only be cut into whole groups of {Q4_GROUP} columns: "
+                          f"columns {cols[:1].tolist()}..{cols[-1:].tolist()} ({n}) of {k} do not fall on "
+                          "group boundaries (the plan's MLP split must be a multiple of 32 for q4 models)")
+    byte_cols = (groups[:, None] * (Q4_GROUP // 2) + torch.arange(Q4_GROUP // 2)[None, :]).reshape(-1)
+    return {name: w.index_select(1, byte_cols).contiguous(),
+            name + ".scale": scale.index_select(1, groups).contiguous()}
+
+
+def _columns(tensors: dict[str, torch.Tensor], name: str, cols: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Columns ``cols`` of matrix ``name`` (a partial sum of tensor parallelism) with its scale:
+    all of an int8 matrix's per-row scales, a q4 matrix's scales of the groups taken."""
+    if tensors[name].dtype == torch.uint8:
+        return _q4_columns(tensors, name, cols)
+    out = {name: tensors[name].index_select(1, cols).contiguous()}
+    if name + ".scale" in tensors:
+        out[name + ".scale"] = tensors[name + ".scale"].clone()
+    return out
+
+
 def slice_block(config: ModelConfig, block: str, tensors: dict[str, torch.Tensor],
                 spec: ShardSpec) -> dict[str, torch.Tensor]:
     """Cut one participant's slice out of a full ``attn_i``/``mlp_i`` block (contiguous copies)."""
@@ -109,27 +142,29 @@ def slice_block(config: ModelConfig, block: str, tensors: dict[str, torch.Tensor
         out["wq"] = tensors["wq"].index_select(0, q_rows).contiguous()
         out["wk"] = tensors["wk"].index_select(0, kv_rows).contiguous()
         out["wv"] = tensors["wv"].index_select(0, kv_rows).contiguous()
-        out["wo"] = tensors["wo"].index_select(1, q_rows).contiguous()
+        wo = _columns(tensors, "wo", q_rows)
+        out["wo"] = wo["wo"]
         for name, rows in (("bq", q_rows), ("bk", kv_rows), ("bv", kv_rows),
                            ("wq.scale", q_rows), ("wk.scale", kv_rows), ("wv.scale", kv_rows)):
             if name in tensors:
                 out[name] = tensors[name].index_select(0, rows).contiguous()
         if "bo" in tensors and spec.adds_bias:
             out["bo"] = tensors["bo"].clone()
-        if "wo.scale" in tensors:
-            out["wo.scale"] = tensors["wo.scale"].clone()
+        if "wo.scale" in wo:  # last, as before q4 (the order slice files were written in)
+            out["wo.scale"] = wo["wo.scale"]
     elif block.startswith("mlp_"):
         a, b = spec.mlp_start, spec.mlp_stop
         out["w_gate"] = tensors["w_gate"][a:b].contiguous()
         out["w_up"] = tensors["w_up"][a:b].contiguous()
-        out["w_down"] = tensors["w_down"][:, a:b].contiguous()
+        down = _columns(tensors, "w_down", torch.arange(a, b))
+        out["w_down"] = down["w_down"]
         for name in ("b_gate", "b_up", "w_gate.scale", "w_up.scale"):
             if name in tensors:
                 out[name] = tensors[name][a:b].contiguous()
         if "b_down" in tensors and spec.adds_bias:
             out["b_down"] = tensors["b_down"].clone()
-        if "w_down.scale" in tensors:
-            out["w_down.scale"] = tensors["w_down.scale"].clone()
+        if "w_down.scale" in down:
+            out["w_down.scale"] = down["w_down.scale"]
     else:
         raise ConfigError(f"only decoder blocks (attn_i, mlp_i) are sliced, not {block!r}")
     return out

@@ -135,8 +135,9 @@ class ModelEntry:
 
     @property
     def param_bytes(self) -> int:
-        """Bytes per weight parameter as stored (1 for int8; its per-row scales are noise)."""
-        return {"int8": 1, "float16": 2, "bfloat16": 2, "float64": 8}.get(self.dtype, 4)
+        """Bytes per weight parameter as stored (1 for int8; its per-row scales are noise). q4
+        (0.625 with its scales) counts as 1: an upper bound, the planner works in whole bytes."""
+        return {"int8": 1, "q4": 1, "float16": 2, "bfloat16": 2, "float64": 8}.get(self.dtype, 4)
 
     def path(self, key: str) -> Path:
         return self.root / self.files[key].name

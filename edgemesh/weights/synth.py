@@ -9,7 +9,7 @@ import torch
 
 from edgemesh.weights.config import ModelConfig
 from edgemesh.weights.progress import Progress
-from edgemesh.weights.quant import check_scheme, quantize_block, quantized_name
+from edgemesh.weights.quant import check_fits, check_scheme, quantize_block, quantized_name
 from edgemesh.weights.store import ModelEntry, ModelStore
 
 
@@ -76,6 +76,7 @@ def synth_model(
     """
     quantize = check_scheme(quantize)
     name = name or quantized_name(default_synth_name(config, seed), quantize)
+    check_fits(config, quantize)
     writer = store.writer(name, config, source=f"synth:seed={seed}",
                           dtype=quantize or str(dtype).removeprefix("torch."))
     for key, data in (aux_files or {}).items():
