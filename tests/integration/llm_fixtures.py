@@ -20,7 +20,7 @@ from edgemesh.runtime.api import ApiLimits, ApiServer, serve
 from edgemesh.runtime.engine import Engine
 from edgemesh.weights.config import ModelConfig
 from edgemesh.weights.shard import ShardSpec
-from edgemesh.weights.store import ModelStore
+from edgemesh.weights.store import ModelEntry, ModelStore
 from edgemesh.weights.synth import synth_model
 
 CHAT_TEMPLATE = (
@@ -125,3 +125,24 @@ def local_server(root: Path, limits: ApiLimits | None = None,
     model = load_from_store(entry, specs, LocalCollective(), max_seq_len=128)
     engine = Engine("tiny", model, tokenizer)
     return ServerThread(wrap(engine) if wrap else engine, "tiny", limits), tokenizer
+
+
+def single_device(entry: ModelEntry, max_seq_len: int = 256) -> Participant:
+    """A store model loaded whole on one device (the reference a split is compared with)."""
+    full = [ShardSpec.full(entry.config)] * entry.config.num_hidden_layers
+    return load_from_store(entry, full, LocalCollective(), max_seq_len=max_seq_len)
+
+
+def chat_prompts(entry: ModelEntry, prompts: list[str]) -> list[list[int]]:
+    """Token ids of each prompt as a one-message chat, with the model's own tokenizer."""
+    tok = ChatTokenizer.from_entry(entry)
+    return [tok.encode_chat([{"role": "user", "content": p}]) for p in prompts]
+
+
+def teacher_forced(m: Participant, ids: list[int], tokens: list[int]) -> torch.Tensor:
+    """Decode-step logits [len(tokens), V] when ``tokens`` are fed one by one after ``ids``."""
+    with torch.inference_mode():
+        out = [m.forward(torch.tensor([ids]), 0, last_only=True)[0, -1]]
+        for i, t in enumerate(tokens[:-1]):
+            out.append(m.forward(torch.tensor([[t]]), len(ids) + i)[0, -1])
+    return torch.stack(out)

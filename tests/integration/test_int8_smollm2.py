@@ -14,21 +14,19 @@ import pytest
 import torch
 
 from edgemesh import kernels
-from edgemesh.collective.base import Collective, LocalCollective
+from edgemesh.collective.base import Collective
 from edgemesh.errors import ConfigError
 from edgemesh.llm import qlinear
 from edgemesh.llm.build import load_from_store
 from edgemesh.llm.generate import generate
 from edgemesh.llm.model import Participant
 from edgemesh.llm.threaded import run_thread_group
-from edgemesh.llm.tokenizer import ChatTokenizer
 from edgemesh.placement import plan, uniform_devices
 from edgemesh.weights.bundled import bundled_path
 from edgemesh.weights.gguf_import import import_gguf
-from edgemesh.weights.shard import ShardSpec
 from edgemesh.weights.store import ModelEntry, ModelStore
 
-from .llm_fixtures import prefill_and_generate
+from .llm_fixtures import chat_prompts, prefill_and_generate, single_device, teacher_forced
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -48,22 +46,14 @@ def entries(tmp_path_factory: pytest.TempPathFactory) -> tuple[ModelEntry, Model
 
 
 def _single(entry: ModelEntry) -> Participant:
-    return load_from_store(entry, [ShardSpec.full(entry.config)] * entry.config.num_hidden_layers,
-                           LocalCollective(), max_seq_len=256)
+    return single_device(entry)
 
 
 def _prompts(entry: ModelEntry) -> list[list[int]]:
-    tok = ChatTokenizer.from_entry(entry)
-    return [tok.encode_chat([{"role": "user", "content": p}]) for p in PROMPTS]
+    return chat_prompts(entry, PROMPTS)
 
 
-def _teacher_forced(m: Participant, ids: list[int], tokens: list[int]) -> torch.Tensor:
-    """Decode-step logits [len(tokens), V] when ``tokens`` are fed one by one after ``ids``."""
-    with torch.inference_mode():
-        out = [m.forward(torch.tensor([ids]), 0, last_only=True)[0, -1]]
-        for i, t in enumerate(tokens[:-1]):
-            out.append(m.forward(torch.tensor([[t]]), len(ids) + i)[0, -1])
-    return torch.stack(out)
+_teacher_forced = teacher_forced
 
 
 def test_int8_quality_vs_fp32(entries: tuple[ModelEntry, ModelEntry]) -> None:
