@@ -81,7 +81,7 @@ def _build(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
     except (OSError, subprocess.SubprocessError):
         version = ""
     src = _SOURCE.read_bytes()
-    flags = ["-O3", "-march=native", *extra_flags, "-ffp-contract=off", "-shared", "-fPIC", "-std=c11"]
+    flags = ["-O3", "-march=native", *extra_flags, "-ffp-contract=off", "-shared", "-fPIC", "-std=c11", "-pthread"]
     key = hashlib.sha256(b"\0".join([src, version.encode(), _cpu_key().encode(), " ".join(flags).encode()]))
     out = _cache_dir() / f"int8_gemv-{key.hexdigest()[:16]}.so"
     if not out.exists():
@@ -116,6 +116,8 @@ def _build(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
     lib.edgemesh_q4_attn_decode.argtypes = lib.edgemesh_int8_attn_decode.argtypes
     lib.edgemesh_q4_mlp_decode.restype = ctypes.c_int
     lib.edgemesh_q4_mlp_decode.argtypes = lib.edgemesh_int8_mlp_decode.argtypes
+    lib.edgemesh_pool_threads.restype = ctypes.c_int
+    lib.edgemesh_pool_threads.argtypes = [ctypes.c_int]
     if lib.edgemesh_int8_gemv_max_m() != MAX_M:
         log.warning("int8 decode kernel: unexpected build (%s); using torch's kernels", out)
         return None
@@ -137,6 +139,37 @@ def native() -> ctypes.CDLL | None:
                     _lib = None
             _tried = True
     return _lib
+
+
+_pool_size: dict[int, int] = {}  # id(lib) → threads its pool has
+
+
+def _threads(lib: ctypes.CDLL) -> None:
+    """Size ``lib``'s pool to the calling thread's torch thread budget (the rank's threads, see
+    ``runtime.cpu``; ``EDGEMESH_KERNEL_THREADS`` overrides). A ctypes call only when it changes."""
+    want = _env_threads or torch.get_num_threads()
+    if _pool_size.get(id(lib)) != want:
+        _pool_size[id(lib)] = lib.edgemesh_pool_threads(want)
+
+
+def _read_env_threads() -> int:
+    raw = os.environ.get("EDGEMESH_KERNEL_THREADS", "").strip()
+    try:
+        return max(0, int(raw)) if raw else 0
+    except ValueError:
+        log.warning("EDGEMESH_KERNEL_THREADS=%r is not a number; using the torch thread count", raw)
+        return 0
+
+
+_env_threads = _read_env_threads()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_pool_size.clear)  # a forked child's pool has 1 thread
+
+
+def pool_threads() -> int:
+    """Threads the native kernels use now (1 without the native library)."""
+    lib = native()
+    return int(lib.edgemesh_pool_size()) if lib is not None else 1
 
 
 def vectorized() -> bool:
@@ -161,6 +194,7 @@ def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> tor
     if scale.dtype != torch.float32 or not scale.is_contiguous():
         scale = scale.to(torch.float32).contiguous()
     y = torch.empty((m, n), dtype=torch.float32)
+    _threads(lib)
     lib.edgemesh_int8_gemv(x.data_ptr(), weight.data_ptr(), scale.data_ptr(), y.data_ptr(), m, n, k, 0, n)
     return y
 
@@ -191,6 +225,7 @@ def q4_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, plain
     weight, scale = weight.contiguous(), scale.contiguous()
     y = torch.empty((m, n), dtype=torch.float32)
     if n:
+        _threads(lib)
         lib.edgemesh_q4_gemv(x.data_ptr(), weight.data_ptr(), scale.data_ptr(), y.data_ptr(), m, n, k, 0, n,
                              int(plain))
     return y
@@ -307,6 +342,7 @@ def attention_decode(x: torch.Tensor, w: dict[str, torch.Tensor], k_cache: torch
         return None
     out = torch.empty((1, 1, hdim), dtype=torch.float32)
     scratch = torch.empty(hdim + 2 * (n_q + n_kv) * head_dim + pos + 1, dtype=torch.float32)
+    _threads(_lib)
     rc = call(_ptr(x), norm, ctypes.c_float(eps), hdim, *ptrs, n_q, n_kv, head_dim, _ptr(cos), _ptr(sin),
               _ptr(k_cache), _ptr(v_cache), max_seq, pos, _ptr(scratch), _ptr(out))
     if rc != 0:
@@ -350,6 +386,7 @@ def mlp_decode(x: torch.Tensor, w: dict[str, torch.Tensor], eps: float) -> torch
     call, f, norm, ptrs = info
     out = torch.empty((1, 1, hdim), dtype=torch.float32)
     scratch = torch.empty(hdim + 2 * f, dtype=torch.float32)
+    _threads(_lib)
     rc = call(_ptr(x), norm, ctypes.c_float(eps), hdim, *ptrs, f, _ptr(scratch), _ptr(out))
     if rc != 0:
         raise ValueError(f"mlp_decode: bad shapes (hidden {hdim}, rows {f})")

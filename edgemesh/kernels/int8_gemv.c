@@ -13,12 +13,14 @@
  * Built at first use with the machine's own instruction set (-march=native) by
  * edgemesh/kernels/__init__.py; the vector path is chosen at compile time.
  *
- * One thread. A pool of threads splitting the rows was tried: 16.6 against 15.0 GB/s on a
- * 2-core EPYC for the kernel alone (memory-bound), and 3x slower decode end to end, its
- * spinning threads fighting torch's own intra-op threads for the two cores. Weight rows are
- * prefetched PREFETCH bytes ahead: without it the kernel streamed 6.5 GB/s from DRAM, with it
- * 15 GB/s (the machine's plain read is 24 GB/s).
+ * Threads: the products split their output rows over a small pool (see "pool" below) sized
+ * by the caller to the rank's thread budget; a row's arithmetic does not depend on which
+ * thread computes it, so results are bitwise the same for any thread count. A rank that
+ * shares its cores with other ranks gets a budget of 1 and runs on the calling thread alone.
+ * Weight rows are prefetched PREFETCH bytes ahead: without it the kernel streamed 6.5 GB/s
+ * from DRAM, with it 15 GB/s (the machine's plain read is 24 GB/s).
  */
+#define _GNU_SOURCE
 #include <stdint.h>
 #include <stddef.h>
 #include <stdlib.h>
@@ -26,6 +28,166 @@
 #include <math.h>
 
 #define MAX_M 4
+
+/* ---- pool ---------------------------------------------------------------------------------
+ * nthreads - 1 helper threads; the calling thread takes share 0 of every job. A job is "rows
+ * [0, n) of fn": share i is a contiguous range, multiples of 16 rows. Helpers wait for the next
+ * job by spinning on the job counter for up to POOL_SPIN_NS (the gaps between the products of
+ * a decode step are a few microseconds of Python; waking a sleeping thread costs tens of
+ * microseconds on a VM), then sleep on a futex. The pool is process-wide and serves one job at
+ * a time: a second thread that calls while a job runs computes alone (same results). A forked
+ * child has no helpers: it starts with a pool of 1. */
+#include <pthread.h>
+#include <stdatomic.h>
+#include <time.h>
+#include <unistd.h>
+#include <sys/syscall.h>
+#include <linux/futex.h>
+
+#define POOL_MAX 16
+#ifndef POOL_SPIN_NS
+#define POOL_SPIN_NS 1000000ull
+#endif
+#define POOL_MIN_WORK 32768u  /* weights per job below which splitting costs more than it saves */
+
+typedef void (*rows_fn)(const void *ctx, size_t n0, size_t n1);
+
+static struct {
+    int nthreads;                /* including the caller; changed only by edgemesh_pool_threads */
+    pthread_t tid[POOL_MAX];
+    _Atomic uint32_t gen;        /* job counter, also the futex word helpers sleep on */
+    _Atomic int done;            /* helpers finished with the current job */
+    _Atomic int sleepers;
+    _Atomic int stop;
+    atomic_flag busy;            /* a job is running */
+    uint32_t start_gen;          /* the job counter when the helpers were started */
+    rows_fn fn;
+    const void *ctx;
+    size_t n;
+} P = {.nthreads = 1, .busy = ATOMIC_FLAG_INIT};
+static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static uint64_t now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (uint64_t)t.tv_sec * 1000000000ull + (uint64_t)t.tv_nsec;
+}
+
+static void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+static void share_of(size_t n, int parts, int i, size_t *a, size_t *b) {
+    size_t step = ((n + (size_t)parts - 1) / (size_t)parts + 15) & ~(size_t)15;
+    *a = step * (size_t)i < n ? step * (size_t)i : n;
+    *b = step * (size_t)(i + 1) < n ? step * (size_t)(i + 1) : n;
+}
+
+static void run_share(int i) {
+    size_t a, b;
+    share_of(P.n, P.nthreads, i, &a, &b);
+    if (a < b) P.fn(P.ctx, a, b);
+}
+
+static void *pool_helper(void *arg) {
+    int me = (int)(intptr_t)arg;
+    uint32_t seen = P.start_gen;  /* not the counter now: a job may already have been posted */
+    for (;;) {
+        uint64_t t0 = now_ns();
+        unsigned spins = 0;
+        uint32_t g;
+        while ((g = atomic_load(&P.gen)) == seen) {
+            cpu_relax();
+            if ((++spins & 255u) == 0 && now_ns() - t0 > POOL_SPIN_NS) {
+                atomic_fetch_add(&P.sleepers, 1);
+                if (atomic_load(&P.gen) == seen)  /* the poster checks sleepers after its bump */
+                    syscall(SYS_futex, &P.gen, FUTEX_WAIT_PRIVATE, seen, NULL, NULL, 0);
+                atomic_fetch_sub(&P.sleepers, 1);
+                t0 = now_ns();
+            }
+        }
+        seen = g;
+        if (atomic_load(&P.stop)) return NULL;
+        run_share(me);
+        atomic_fetch_add(&P.done, 1);
+    }
+}
+
+static void pool_post(void) {
+    atomic_fetch_add(&P.gen, 1);
+    if (atomic_load(&P.sleepers) > 0)
+        syscall(SYS_futex, &P.gen, FUTEX_WAKE_PRIVATE, POOL_MAX, NULL, NULL, 0);
+}
+
+/* rows [0, n) of fn, over the pool when the job is worth it (work: weights it reads). */
+static void par_rows(rows_fn fn, const void *ctx, size_t n, size_t work) {
+    int T = P.nthreads;
+    if (T <= 1 || work < POOL_MIN_WORK || n < 32 || atomic_flag_test_and_set(&P.busy)) {
+        fn(ctx, 0, n);
+        return;
+    }
+    T = P.nthreads;  /* read again under the busy flag */
+    P.fn = fn;
+    P.ctx = ctx;
+    P.n = n;
+    atomic_store(&P.done, 0);
+    pool_post();
+    run_share(0);
+    while (atomic_load(&P.done) != T - 1) cpu_relax();
+    atomic_flag_clear(&P.busy);
+}
+
+static void pool_stop(void) {
+    int helpers = P.nthreads - 1;
+    if (helpers <= 0) return;
+    while (atomic_flag_test_and_set(&P.busy)) cpu_relax();  /* let a running job finish */
+    atomic_store(&P.stop, 1);
+    pool_post();
+    for (int i = 1; i <= helpers; i++) pthread_join(P.tid[i], NULL);
+    atomic_store(&P.stop, 0);
+    P.nthreads = 1;
+    atomic_flag_clear(&P.busy);
+}
+
+static void pool_after_fork(void) {  /* the child's helpers did not come along */
+    P.nthreads = 1;
+    atomic_store(&P.stop, 0);
+    atomic_store(&P.sleepers, 0);
+    atomic_flag_clear(&P.busy);
+    pthread_mutex_t fresh = PTHREAD_MUTEX_INITIALIZER;
+    pool_lock = fresh;
+}
+
+/* Sets the pool to n threads (the caller included, 1..POOL_MAX); returns the count it has. */
+int edgemesh_pool_threads(int n) {
+    static int fork_hook = 0;
+    if (n < 1) n = 1;
+    if (n > POOL_MAX) n = POOL_MAX;
+    pthread_mutex_lock(&pool_lock);
+    if (!fork_hook) {
+        pthread_atfork(NULL, NULL, pool_after_fork);
+        fork_hook = 1;
+    }
+    if (n != P.nthreads) {
+        pool_stop();
+        int started = 1;
+        while (atomic_flag_test_and_set(&P.busy)) cpu_relax();
+        P.start_gen = atomic_load(&P.gen);
+        for (int i = 1; i < n; i++) {
+            if (pthread_create(&P.tid[i], NULL, pool_helper, (void *)(intptr_t)i) != 0) break;
+            started++;
+        }
+        P.nthreads = started;
+        atomic_flag_clear(&P.busy);
+    }
+    int out = P.nthreads;
+    pthread_mutex_unlock(&pool_lock);
+    return out;
+}
+
+int edgemesh_pool_size(void) { return P.nthreads; }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
@@ -339,6 +501,20 @@ static void q4_rows(const q4_x *X, const uint8_t *w, const uint16_t *scale, floa
     for (; i < n1; i++) y[i] = q4_row_plain(w + i * kb, scale + 2 * i * ng, k, X->xq, X->sx);
 }
 
+typedef struct { const q4_x *X; const uint8_t *w; const uint16_t *scale; float *y; size_t n0; int plain; } q4_job;
+
+static void q4_job_rows(const void *ctx, size_t a, size_t b) {
+    const q4_job *J = ctx;
+    q4_rows(J->X, J->w, J->scale, J->y, J->n0 + a, J->n0 + b, J->plain);
+}
+
+/* rows [n0, n1) of one prepared row, over the pool */
+static void q4_rows_par(const q4_x *X, const uint8_t *w, const uint16_t *scale, float *y, size_t n0, size_t n1, int plain) {
+    if (n1 <= n0) return;
+    q4_job J = {X, w, scale, y, n0, plain};
+    par_rows(q4_job_rows, &J, n1 - n0, (n1 - n0) * X->k);
+}
+
 /* x [m, k] fp32, w [n, k/2] q4 bytes, scale [n, k/32, 2] halves (d, m), y [m, n] fp32; rows [n0, n1).
  * Returns 0, -1 for m outside 1..MAX_M or k not a multiple of 32, -2 out of memory.
  * plain != 0: the plain-C arithmetic whatever the build (tests). */
@@ -349,7 +525,7 @@ static int q4_gemv(const float *x, const uint8_t *w, const uint16_t *scale, floa
     q4_x X;
     for (size_t r = 0; r < m; r++) {
         if (q4_x_init(&X, x + r * k, k, plain)) return -2;
-        q4_rows(&X, w, scale, y + r * n, n0, n1, plain);
+        q4_rows_par(&X, w, scale, y + r * n, n0, n1, plain);
         q4_x_free(&X);
     }
     return 0;
@@ -364,14 +540,10 @@ int edgemesh_int8_gemv_max_m(void) { return MAX_M; }
 
 int edgemesh_int8_gemv_vector(void) { return VECTOR; }  /* 0 plain C, 1 AVX2, 2 AVX-512 */
 
-/* x [m, k] fp32 contiguous, w [n, k] int8 contiguous, scale [n] fp32, y [m, n] fp32.
- * Rows [n0, n1) of the output only (a caller may split n across threads). Returns 0, or -1
- * for an m outside 1..MAX_M. Four weight rows at a time share the loads of x; the rest one by
- * one, with the same arithmetic per row. */
-int edgemesh_int8_gemv(const float *x, const int8_t *w, const float *scale, float *y,
-                       size_t m, size_t n, size_t k, size_t n0, size_t n1) {
-    if (m < 1 || m > MAX_M) return -1;
-    if (n1 > n) n1 = n;
+/* Rows [n0, n1) of y [m, n] = (x [m, k] . w [n, k]^T) * scale [n] on the calling thread. Four
+ * weight rows at a time share the loads of x; the rest one by one, with the same arithmetic. */
+static void int8_rows(const float *x, const int8_t *w, const float *scale, float *y,
+                      size_t m, size_t n, size_t k, size_t n0, size_t n1) {
     float out[4];
     for (size_t r = 0; r < m; r++) {
         const float *xr = x + r * k;
@@ -386,6 +558,25 @@ int edgemesh_int8_gemv(const float *x, const int8_t *w, const float *scale, floa
             yr[i] = out[0] * scale[i];
         }
     }
+}
+
+typedef struct { const float *x; const int8_t *w; const float *scale; float *y; size_t m, n, k, n0; } int8_job;
+
+static void int8_job_rows(const void *ctx, size_t a, size_t b) {
+    const int8_job *J = ctx;
+    int8_rows(J->x, J->w, J->scale, J->y, J->m, J->n, J->k, J->n0 + a, J->n0 + b);
+}
+
+/* x [m, k] fp32 contiguous, w [n, k] int8 contiguous, scale [n] fp32, y [m, n] fp32.
+ * Rows [n0, n1) of the output only, split over the pool. Returns 0, or -1 for an m outside
+ * 1..MAX_M. */
+int edgemesh_int8_gemv(const float *x, const int8_t *w, const float *scale, float *y,
+                       size_t m, size_t n, size_t k, size_t n0, size_t n1) {
+    if (m < 1 || m > MAX_M) return -1;
+    if (n1 > n) n1 = n;
+    if (n1 <= n0) return 0;
+    int8_job J = {x, w, scale, y, m, n, k, n0};
+    par_rows(int8_job_rows, &J, n1 - n0, (n1 - n0) * k * m);
     return 0;
 }
 
@@ -435,7 +626,7 @@ static void block_in_free(block_in *in) {
 
 static void mat_gemv(const block_in *in, const void *w, const void *s, float *y, size_t n) {
     if (in->fmt == FMT_Q4)
-        q4_rows(&in->q, (const uint8_t *)w, (const uint16_t *)s, y, 0, n, 0);
+        q4_rows_par(&in->q, (const uint8_t *)w, (const uint16_t *)s, y, 0, n, 0);
     else
         edgemesh_int8_gemv(in->x, (const int8_t *)w, (const float *)s, y, 1, n, in->k, 0, n);
 }
