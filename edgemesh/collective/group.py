@@ -70,6 +70,7 @@ class CollectiveGroup:
         self.options = options or CollectiveOptions()
         self._links = links
         self._seq = 0
+        self._choices: dict[int, Choice] = {}  # by message bytes: the options are fixed
         self._broken: str | None = None
         self._closed = False
         try:
@@ -106,6 +107,15 @@ class CollectiveGroup:
 
     def choice(self, nbytes: int) -> Choice:
         """The algorithm this group runs for a part of ``nbytes`` (same answer on every rank)."""
+        hit = self._choices.get(nbytes)
+        if hit is not None:
+            return hit
+        if len(self._choices) > 4096:
+            self._choices.clear()
+        self._choices[nbytes] = pick = self._choose(nbytes)
+        return pick
+
+    def _choose(self, nbytes: int) -> Choice:
         opt = self.options
         if opt.algorithm == "auto":
             return choose(nbytes, self.world_size, opt.cost)

@@ -31,12 +31,37 @@ class Op:
         self.links = links
         self.seq = seq
         self.deadline = time.monotonic() + timeout
-        self._sender = str(links.rank).encode()
+        self._sender = _SENDERS[links.rank] if links.rank < len(_SENDERS) else str(links.rank).encode()
 
     def send(self, peer: int, method: str, tensors: Sequence[tuple[TensorSpec, Any]] = (),
              body: Any = None) -> None:
         self.links.send(peer, [data_header(method, self.seq, self._sender, body, [s for s, _ in tensors]),
                                *(b for _, b in tensors)])
+
+    def send_part(self, peer: int, method: str, spec: TensorSpec, buf: Any) -> None:
+        """``send`` of one tensor frame and no body, with the envelope from a template."""
+        self.links.send(peer, [part_header(method, self.seq, self._sender, spec), buf])
+
+    def recv_part(self, peer: int, method: str, spec: TensorSpec) -> memoryview:
+        """The one tensor frame of ``peer``'s next message, which must be ``method`` of this op
+        carrying exactly ``spec`` and no body. The common case costs one byte comparison: the
+        envelope must equal the one this rank would send in the peer's place (every field is
+        known here). Anything else is decoded in full, so a valid message packed differently is
+        still taken and a wrong one raises the same ``ProtocolError`` as ``recv``."""
+        frames = self.links.recv(peer, self.deadline)
+        if (len(frames) == 2 and isinstance(frames[1], memoryview) and frames[1].nbytes == spec.nbytes
+                and frames[0] == part_header(method, self.seq, _sender_of(peer), spec)):
+            return frames[1]
+        env, views = decode_message(frames)
+        if env.method != method or env.rid != self.seq or env.body is not None:
+            raise ProtocolError(
+                f"rank {self.links.rank}: expected {method} #{self.seq} from rank {peer}, got "
+                f"{env.method} #{env.rid} {env.body!r}: the ranks are out of step")
+        if len(views) != 1 or env.tensors[0] != spec:
+            got = [(t.dtype, list(t.shape)) for t in env.tensors]
+            raise ProtocolError(f"rank {peer} sent tensor frames {got}, expected one {spec.dtype} "
+                                f"{list(spec.shape)}: the ranks called allreduce with different tensor sizes")
+        return views[0]
 
     def send_frames(self, peer: int, frames: Sequence[Any]) -> None:
         """Forward a received message unchanged (ring allgather): no decode, no copy."""
@@ -62,6 +87,30 @@ def data_header(method: str, seq: int, sender: bytes, body: Any, specs: Sequence
     """
     return msgpack.packb([VERSION, int(Kind.REQUEST), method, seq, sender, body,
                           [spec_to_wire(s) for s in specs]], use_bin_type=True)
+
+
+_SENDERS = [str(r).encode() for r in range(256)]
+
+
+def _sender_of(rank: int) -> bytes:
+    return _SENDERS[rank] if 0 <= rank < len(_SENDERS) else str(rank).encode()
+
+
+_TEMPLATES: dict[tuple[str, bytes, TensorSpec], tuple[bytes, bytes]] = {}
+
+
+def part_header(method: str, seq: int, sender: bytes, spec: TensorSpec) -> bytes:
+    """``data_header(method, seq, sender, None, [spec])``, from a cached template: a msgpack array
+    is the concatenation of its items, so only the sequence number is packed per message."""
+    key = (method, sender, spec)
+    parts = _TEMPLATES.get(key)
+    if parts is None:
+        if len(_TEMPLATES) > 1024:
+            _TEMPLATES.clear()
+        head = msgpack.packb([VERSION, int(Kind.REQUEST), method], use_bin_type=True)
+        tail = msgpack.packb([sender, None, [spec_to_wire(spec)]], use_bin_type=True)
+        parts = _TEMPLATES[key] = (b"\x97" + head[1:], tail[1:])  # fixarray headers: 1 byte each
+    return parts[0] + msgpack.packb(seq) + parts[1]
 
 
 def private(buf: Any, links: Links) -> Any:
