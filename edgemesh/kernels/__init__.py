@@ -278,19 +278,30 @@ def _want(fmt: str, shapes: dict[str, tuple[int, int]]) -> dict[str, tuple[int, 
 # Weight checks of the block calls, per weight dict: a decode step calls each block once per
 # layer with the same dict, and checking ~20 tensors from Python took ~20 us a call (1.2 ms a
 # token on SmolLM2). An entry is used only while the dict still holds the very tensors it was
-# checked with (weak references: a released block is not kept alive); None results are kept too.
+# checked with: the ids of its values must be the same, and an entry is dropped as soon as one
+# of its tensors is freed (a weak reference's callback), so an id cannot have been reused by
+# another tensor meanwhile. A released block is not kept alive. None results are kept too.
 _checked: dict[int, tuple[Any, ...]] = {}
 _CHECKED_MAX = 4096
 
 
 def _checked_weights(w: dict[str, torch.Tensor], key: tuple[Any, ...], check: Callable[[], Any]) -> Any:
     hit = _checked.get(id(w))
-    if hit is not None and hit[0] == key and hit[1] == len(w) and all(w.get(n) is r() for n, r in hit[2]):
+    if hit is not None and hit[0] == key and hit[1] == tuple(map(id, w.values())):
         return hit[3]
     info = check()
     if len(_checked) >= _CHECKED_MAX:
         _checked.clear()
-    _checked[id(w)] = (key, len(w), tuple((n, weakref.ref(t)) for n, t in w.items()), info)
+    token = object()
+    slot = id(w)
+
+    def forget(_: object) -> None:
+        entry = _checked.get(slot)
+        if entry is not None and entry[4] is token:
+            del _checked[slot]
+
+    refs = tuple(weakref.ref(t, forget) for t in w.values())
+    _checked[slot] = (key, tuple(map(id, w.values())), refs, info, token)
     return info
 
 
@@ -341,7 +352,7 @@ def attention_decode(x: torch.Tensor, w: dict[str, torch.Tensor], k_cache: torch
             or any(t.dtype != torch.float32 for t in (cos, sin, k_cache, v_cache))):
         return None
     out = torch.empty((1, 1, hdim), dtype=torch.float32)
-    scratch = torch.empty(hdim + 2 * (n_q + n_kv) * head_dim + pos + 1, dtype=torch.float32)
+    scratch = torch.empty(hdim + 2 * (n_q + n_kv) * head_dim + n_q * (pos + 1), dtype=torch.float32)
     _threads(_lib)
     rc = call(_ptr(x), norm, ctypes.c_float(eps), hdim, *ptrs, n_q, n_kv, head_dim, _ptr(cos), _ptr(sin),
               _ptr(k_cache), _ptr(v_cache), max_seq, pos, _ptr(scratch), _ptr(out))

@@ -51,6 +51,7 @@
 #define POOL_MIN_WORK 32768u  /* weights per job below which splitting costs more than it saves */
 
 typedef void (*rows_fn)(const void *ctx, size_t n0, size_t n1);
+#define ROW_UNIT 16  /* rows per share of a product: whole blocks of the 4-row kernels */
 
 static struct {
     int nthreads;                /* including the caller; changed only by edgemesh_pool_threads */
@@ -63,7 +64,7 @@ static struct {
     uint32_t start_gen;          /* the job counter when the helpers were started */
     rows_fn fn;
     const void *ctx;
-    size_t n;
+    size_t n, unit;
 } P = {.nthreads = 1, .busy = ATOMIC_FLAG_INIT};
 static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
 
@@ -79,15 +80,16 @@ static void cpu_relax(void) {
 #endif
 }
 
-static void share_of(size_t n, int parts, int i, size_t *a, size_t *b) {
-    size_t step = ((n + (size_t)parts - 1) / (size_t)parts + 15) & ~(size_t)15;
+static void share_of(size_t n, size_t unit, int parts, int i, size_t *a, size_t *b) {
+    size_t step = (n + (size_t)parts - 1) / (size_t)parts;
+    step = (step + unit - 1) / unit * unit;
     *a = step * (size_t)i < n ? step * (size_t)i : n;
     *b = step * (size_t)(i + 1) < n ? step * (size_t)(i + 1) : n;
 }
 
 static void run_share(int i) {
     size_t a, b;
-    share_of(P.n, P.nthreads, i, &a, &b);
+    share_of(P.n, P.unit, P.nthreads, i, &a, &b);
     if (a < b) P.fn(P.ctx, a, b);
 }
 
@@ -121,10 +123,11 @@ static void pool_post(void) {
         syscall(SYS_futex, &P.gen, FUTEX_WAKE_PRIVATE, POOL_MAX, NULL, NULL, 0);
 }
 
-/* rows [0, n) of fn, over the pool when the job is worth it (work: weights it reads). */
-static void par_rows(rows_fn fn, const void *ctx, size_t n, size_t work) {
+/* rows [0, n) of fn in shares of whole units, over the pool when the job is worth it (work:
+ * multiply-adds it does). */
+static void par_units(rows_fn fn, const void *ctx, size_t n, size_t unit, size_t work) {
     int T = P.nthreads;
-    if (T <= 1 || work < POOL_MIN_WORK || n < 32 || atomic_flag_test_and_set(&P.busy)) {
+    if (T <= 1 || work < POOL_MIN_WORK || n < 2 * unit || atomic_flag_test_and_set(&P.busy)) {
         fn(ctx, 0, n);
         return;
     }
@@ -132,11 +135,16 @@ static void par_rows(rows_fn fn, const void *ctx, size_t n, size_t work) {
     P.fn = fn;
     P.ctx = ctx;
     P.n = n;
+    P.unit = unit;
     atomic_store(&P.done, 0);
     pool_post();
     run_share(0);
     while (atomic_load(&P.done) != T - 1) cpu_relax();
     atomic_flag_clear(&P.busy);
+}
+
+static void par_rows(rows_fn fn, const void *ctx, size_t n, size_t work) {
+    par_units(fn, ctx, n, ROW_UNIT, work);
 }
 
 static void pool_stop(void) {
@@ -631,9 +639,55 @@ static void mat_gemv(const block_in *in, const void *w, const void *s, float *y,
         edgemesh_int8_gemv(in->x, (const int8_t *)w, (const float *)s, y, 1, n, in->k, 0, n);
 }
 
+/* q . k over d values: 16 partial sums (lane j takes i = j mod 16), then added in lane order;
+ * the order depends only on d. */
+static float dot_d(const float *q, const float *k, size_t d) {
+    float acc[16] = {0};
+    size_t i = 0;
+    for (; i + 16 <= d; i += 16)
+        for (int j = 0; j < 16; j++) acc[j] += q[i + j] * k[i + j];
+    for (int j = 0; i + (size_t)j < d; j++) acc[j] += q[i + j] * k[i + j];
+    float s = 0.0f;
+    for (int j = 0; j < 16; j++) s += acc[j];
+    return s;
+}
+
+/* Softmax attention of heads [h0, h1) for the token at position T - 1: a head reads its KV
+ * group's cache, its scores go to p + h * T. */
+typedef struct {
+    const float *q, *kcache, *vcache;
+    float *a, *p;
+    size_t max_seq, d, group, T;
+    float scale;
+} att_job;
+
+static void att_heads(const void *ctx, size_t h0, size_t h1) {
+    const att_job *J = ctx;
+    size_t d = J->d, T = J->T;
+    for (size_t h = h0; h < h1; h++) {
+        const float *qh = J->q + h * d;
+        const float *K = J->kcache + (h / J->group) * J->max_seq * d, *V = J->vcache + (h / J->group) * J->max_seq * d;
+        float *p = J->p + h * T, mx = -INFINITY;
+        for (size_t t = 0; t < T; t++) {
+            p[t] = dot_d(qh, K + t * d, d) * J->scale;
+            if (p[t] > mx) mx = p[t];
+        }
+        float sum = 0.0f;
+        for (size_t t = 0; t < T; t++) { p[t] = expf(p[t] - mx); sum += p[t]; }
+        float inv = 1.0f / sum;
+        float *o = J->a + h * d;
+        for (size_t i = 0; i < d; i++) o[i] = 0.0f;
+        for (size_t t = 0; t < T; t++) {
+            const float *vt = V + t * d;
+            float w = p[t] * inv;
+            for (size_t i = 0; i < d; i++) o[i] += w * vt[i];
+        }
+    }
+}
+
 /* out [hdim]: this rank's partial attention output (its heads through its wo columns) for the
  * token at position pos. kcache/vcache: [n_kv, max_seq, d]; the token's k and v are written
- * at pos. scratch: at least hdim + 2*(n_q + n_kv)*d + pos + 1 floats. */
+ * at pos. scratch: at least hdim + 2*(n_q + n_kv)*d + n_q*(pos + 1) floats. */
 static int attn_decode(int fmt, const float *x, const float *norm, float eps, size_t hdim,
                        const void *wq, const void *sq, const void *wk, const void *sk,
                        const void *wv, const void *sv, const void *wo, const void *so,
@@ -657,30 +711,8 @@ static int attn_decode(int fmt, const float *x, const float *norm, float eps, si
         memcpy(kcache + (g * max_seq + pos) * d, k + g * d, d * sizeof(float));
         memcpy(vcache + (g * max_seq + pos) * d, v + g * d, d * sizeof(float));
     }
-    float scale = 1.0f / sqrtf((float)d);
-    size_t group = n_q / n_kv, T = pos + 1;
-    for (size_t h = 0; h < n_q; h++) {
-        const float *qh = q + h * d;
-        const float *K = kcache + (h / group) * max_seq * d, *V = vcache + (h / group) * max_seq * d;
-        float mx = -INFINITY;
-        for (size_t t = 0; t < T; t++) {
-            const float *kt = K + t * d;
-            float s = 0.0f;
-            for (size_t i = 0; i < d; i++) s += qh[i] * kt[i];
-            p[t] = s * scale;
-            if (p[t] > mx) mx = p[t];
-        }
-        float sum = 0.0f;
-        for (size_t t = 0; t < T; t++) { p[t] = expf(p[t] - mx); sum += p[t]; }
-        float inv = 1.0f / sum;
-        float *o = a + h * d;
-        for (size_t i = 0; i < d; i++) o[i] = 0.0f;
-        for (size_t t = 0; t < T; t++) {
-            const float *vt = V + t * d;
-            float w = p[t] * inv;
-            for (size_t i = 0; i < d; i++) o[i] += w * vt[i];
-        }
-    }
+    att_job J = {q, kcache, vcache, a, p, max_seq, d, n_q / n_kv, pos + 1, 1.0f / sqrtf((float)d)};
+    par_units(att_heads, &J, n_q, 1, n_q * (pos + 1) * d * 2);
     if (block_in_init(&in, fmt, a, n_q * d)) return -2;
     mat_gemv(&in, wo, so, out, hdim);
     block_in_free(&in);

@@ -143,3 +143,22 @@ def test_a_forked_child_computes_without_the_parents_helpers() -> None:
             os.kill(pid, signal.SIGKILL)  # hung: our own child, by pid
         os.waitpid(pid, 0)
     assert got == b"1"
+
+
+def test_block_weight_checks_are_redone_when_the_dict_changes() -> None:
+    """The block calls cache their weight checks per dict; a dict that holds another tensor, or
+    whose tensor was freed, is checked again (a malformed one then takes the torch path)."""
+    cfg = ModelConfig(64, 128, 2, 1, 1, 100, max_position_embeddings=8)
+    w = quantize_block(random_block(cfg, "mlp_0", seed=4), "int8")
+    x = torch.randn(1, 1, 64, generator=torch.Generator().manual_seed(5))
+    first = kernels.mlp_decode(x, w, 1e-5)
+    assert first is not None and id(w) in kernels._checked
+    assert torch.equal(kernels.mlp_decode(x, w, 1e-5), first)  # cached: same result
+    good = w["w_gate"]
+    w["w_gate"] = good[:-1].clone()  # a malformed slice in place of the checked tensor
+    assert kernels.mlp_decode(x, w, 1e-5) is None
+    w["w_gate"] = good
+    assert torch.equal(kernels.mlp_decode(x, w, 1e-5), first)
+    del good
+    w.pop("w_up")  # the checked tensor is freed: the entry goes with it
+    assert id(w) not in kernels._checked
