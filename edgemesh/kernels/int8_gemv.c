@@ -632,11 +632,46 @@ static void block_in_free(block_in *in) {
     if (in->fmt == FMT_Q4) q4_x_free(&in->q);
 }
 
+/* Up to three products of one block input, their rows taken as one list [w0 rows, w1 rows, …]
+ * and split over the pool in one job (q, k, v; gate, up): one wait per block step, not three. */
+typedef struct {
+    const block_in *in;
+    int nm;
+    const void *w[3], *s[3];
+    float *y[3];
+    size_t n[3];
+} mats_job;
+
+static void mats_rows(const void *ctx, size_t a, size_t b) {
+    const mats_job *J = ctx;
+    const block_in *in = J->in;
+    size_t off = 0;
+    for (int m = 0; m < J->nm; off += J->n[m], m++) {
+        if (b <= off || a >= off + J->n[m]) continue;
+        size_t lo = a > off ? a - off : 0, hi = b - off < J->n[m] ? b - off : J->n[m];
+        if (in->fmt == FMT_Q4)
+            q4_rows(&in->q, (const uint8_t *)J->w[m], (const uint16_t *)J->s[m], J->y[m], lo, hi, 0);
+        else
+            int8_rows(in->x, (const int8_t *)J->w[m], (const float *)J->s[m], J->y[m], 1, J->n[m], in->k, lo, hi);
+    }
+}
+
+static void mats_gemv(const block_in *in, int nm, const void *const *w, const void *const *s, float *const *y,
+                      const size_t *n) {
+    mats_job J = {.in = in, .nm = nm};
+    size_t rows = 0;
+    for (int m = 0; m < nm; m++) {
+        J.w[m] = w[m];
+        J.s[m] = s[m];
+        J.y[m] = y[m];
+        J.n[m] = n[m];
+        rows += n[m];
+    }
+    par_rows(mats_rows, &J, rows, rows * in->k);
+}
+
 static void mat_gemv(const block_in *in, const void *w, const void *s, float *y, size_t n) {
-    if (in->fmt == FMT_Q4)
-        q4_rows_par(&in->q, (const uint8_t *)w, (const uint16_t *)s, y, 0, n, 0);
-    else
-        edgemesh_int8_gemv(in->x, (const int8_t *)w, (const float *)s, y, 1, n, in->k, 0, n);
+    mats_gemv(in, 1, &w, &s, &y, &n);
 }
 
 /* q . k over d values: 16 partial sums (lane j takes i = j mod 16), then added in lane order;
@@ -701,9 +736,12 @@ static int attn_decode(int fmt, const float *x, const float *norm, float eps, si
     rms_norm1(x, norm, eps, hdim, xn);
     block_in in;  /* large: one per block call, on the stack */
     if (block_in_init(&in, fmt, xn, hdim)) return -2;
-    mat_gemv(&in, wq, sq, q, n_q * d);
-    mat_gemv(&in, wk, sk, k, n_kv * d);
-    mat_gemv(&in, wv, sv, v, n_kv * d);
+    {
+        const void *w3[3] = {wq, wk, wv}, *s3[3] = {sq, sk, sv};
+        float *y3[3] = {q, k, v};
+        size_t n3[3] = {n_q * d, n_kv * d, n_kv * d};
+        mats_gemv(&in, 3, w3, s3, y3, n3);
+    }
     block_in_free(&in);
     for (size_t h = 0; h < n_q; h++) rope1(q + h * d, cs, sn, d);
     for (size_t g = 0; g < n_kv; g++) {
@@ -728,8 +766,12 @@ static int mlp_decode(int fmt, const float *x, const float *norm, float eps, siz
     rms_norm1(x, norm, eps, hdim, xn);
     block_in in;
     if (block_in_init(&in, fmt, xn, hdim)) return -2;
-    mat_gemv(&in, wg, sg, g, f);
-    mat_gemv(&in, wu, su, u, f);
+    {
+        const void *w2[2] = {wg, wu}, *s2[2] = {sg, su};
+        float *y2[2] = {g, u};
+        size_t n2[2] = {f, f};
+        mats_gemv(&in, 2, w2, s2, y2, n2);
+    }
     block_in_free(&in);
     for (size_t i = 0; i < f; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
     if (block_in_init(&in, fmt, g, f)) return -2;
