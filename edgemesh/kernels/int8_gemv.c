@@ -185,6 +185,7 @@ int edgemesh_pool_threads(int n) {
         P.start_gen = atomic_load(&P.gen);
         for (int i = 1; i < n; i++) {
             if (pthread_create(&P.tid[i], NULL, pool_helper, (void *)(intptr_t)i) != 0) break;
+            pthread_setname_np(P.tid[i], "edgemesh-kernel");  /* as top and ps show it */
             started++;
         }
         P.nthreads = started;
