@@ -21,3 +21,16 @@ def _one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def native_kernels() -> None:
+    """Skip without a C compiler; fail if there is one and the native kernels did not build."""
+    import shutil
+
+    from edgemesh import kernels
+
+    if kernels.native() is None:
+        if shutil.which("cc") or shutil.which("gcc"):
+            pytest.fail("a C compiler is here but the native kernels did not build")
+        pytest.skip("no C compiler")

@@ -691,14 +691,9 @@ class SecureLinks:
             self._pump(conn, raise_lost=True)
             inbox = self._inbox[conn.rank]
             return self._deliver(inbox.popleft()) if inbox else None
-        try:
-            n = conn.sock.recv_into(conn.view)
-        except _WOULD_BLOCK:
+        n = self._recv_some(conn, conn.view)
+        if n is None:
             return None
-        except OSError as exc:  # ssl.SSLError included
-            raise self._io_failure(conn, exc) from None
-        if n == 0:
-            raise self._gone(conn)
         if n > _QUICK.size:
             body, kind, count, zero, l0, l1 = _QUICK.unpack_from(conn.buf)
             if (kind == T_DATA and count == 2 and zero == 0 and l0 + l1 == body and n == _QUICK.size + body

@@ -18,7 +18,6 @@ bitwise the same value for any row subset, and the partial sums (o, down) stay f
 from __future__ import annotations
 
 import contextlib
-import threading
 from pathlib import Path
 
 import pytest
@@ -40,6 +39,7 @@ from edgemesh.weights.quant import SCALE, dequantize_block, dequantize_int8, qua
 from edgemesh.weights.shard import ShardSpec, check_layer_cover, slice_block, split_layer
 from edgemesh.weights.store import ModelStore
 from edgemesh.weights.synth import random_block, synth_model
+from tests.unit.concurrent import in_threads
 from tests.unit.test_llm_equivalence import SPLITS, _blocks, _config, _prompt, _rank_provider
 
 pytestmark = pytest.mark.unit
@@ -216,16 +216,7 @@ def test_native_kernel_from_several_threads_at_once() -> None:
     w = _qw(1537, 576, seed=5)
     x = torch.randn(1, 576, generator=torch.Generator().manual_seed(1))
     one = kernels.int8_gemv(x, w["w"], w["w" + SCALE])
-    out: list = [None] * 4
-
-    def body(i: int) -> None:
-        out[i] = all(torch.equal(kernels.int8_gemv(x, w["w"], w["w" + SCALE]), one) for _ in range(50))
-
-    threads = [threading.Thread(target=body, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    out = in_threads(4, lambda i: all(torch.equal(kernels.int8_gemv(x, w["w"], w["w" + SCALE]), one) for _ in range(50)))
     assert out == [True] * 4
 
 

@@ -11,9 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import select
-import shutil
 import signal
-import threading
 from collections.abc import Iterator
 
 import pytest
@@ -25,18 +23,11 @@ from edgemesh.llm.rope import rope_table
 from edgemesh.weights.config import ModelConfig
 from edgemesh.weights.quant import SCALE, quantize_block, quantize_int8, quantize_q4
 from edgemesh.weights.synth import random_block
+from tests.unit.concurrent import in_threads
 
-pytestmark = pytest.mark.unit
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("native_kernels")]
 
 THREADS = (1, 2, 3, 4)
-
-
-@pytest.fixture(autouse=True)
-def _native() -> None:
-    if kernels.native() is None:
-        if shutil.which("cc") or shutil.which("gcc"):
-            pytest.fail("a C compiler is here but the native kernels did not build")
-        pytest.skip("no C compiler")
 
 
 @contextlib.contextmanager
@@ -102,18 +93,12 @@ def test_several_callers_at_once_with_a_pool() -> None:
     x = torch.randn(1, 576, generator=torch.Generator().manual_seed(1))
     with _threads(1):
         one = _gemv("q4", x, w)
-    out: list[bool | None] = [None] * 4
 
-    def body(i: int) -> None:
-        torch.set_num_threads(2)
-        out[i] = all(torch.equal(_gemv("q4", x, w), one) for _ in range(100))
+    def body(i: int) -> bool:
+        torch.set_num_threads(2)  # this thread's budget (each thread has its own)
+        return all(torch.equal(_gemv("q4", x, w), one) for _ in range(100))
 
-    threads = [threading.Thread(target=body, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert out == [True] * 4
+    assert in_threads(4, body) == [True] * 4
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")

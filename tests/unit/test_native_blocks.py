@@ -9,8 +9,6 @@ positions across the whole cache.
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 
@@ -23,18 +21,10 @@ from edgemesh.llm.model import KVCache, attention_block, mlp_block
 from edgemesh.llm.rope import rope_table
 from edgemesh.weights.config import ModelConfig
 from edgemesh.weights.quant import quantize_block
-from edgemesh.weights.shard import ShardSpec, slice_block, split_layer
+from edgemesh.weights.shard import slice_block, split_layer
 from edgemesh.weights.synth import random_block
 
-pytestmark = pytest.mark.unit
-
-
-@pytest.fixture(autouse=True)
-def _native() -> None:
-    if kernels.native() is None:
-        if shutil.which("cc") or shutil.which("gcc"):
-            pytest.fail("a C compiler is here but the native kernels did not build")
-        pytest.skip("no C compiler")
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("native_kernels")]
 
 
 @contextlib.contextmanager
