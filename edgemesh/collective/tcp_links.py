@@ -705,7 +705,7 @@ class SecureLinks:
                 whole[pad:pad + body] = conn.view[_QUICK.size:n]
                 self.bytes_received += body
                 return [whole[pad:pad + l0], whole[pad + l0:pad + body]]
-        conn.end = n  # the general decoder takes it from here
+        conn.start, conn.end = 0, n  # the general decoder takes it from here
         self._pump(conn, raise_lost=True)
         inbox = self._inbox[conn.rank]
         return self._deliver(inbox.popleft()) if inbox else None

@@ -278,7 +278,7 @@ def _want(fmt: str, shapes: dict[str, tuple[int, int]]) -> dict[str, tuple[int, 
 # Weight checks of the block calls, per weight dict: a decode step calls each block once per
 # layer with the same dict, and checking ~20 tensors from Python took ~20 us a call (1.2 ms a
 # token on SmolLM2). An entry is used only while the dict still holds the very tensors it was
-# checked with: the ids of its values must be the same, and an entry is dropped as soon as one
+# checked with: its names and the ids of its values must be the same, and an entry is dropped as soon as one
 # of its tensors is freed (a weak reference's callback), so an id cannot have been reused by
 # another tensor meanwhile. A released block is not kept alive. None results are kept too.
 _checked: dict[int, tuple[Any, ...]] = {}
@@ -287,7 +287,7 @@ _CHECKED_MAX = 4096
 
 def _checked_weights(w: dict[str, torch.Tensor], key: tuple[Any, ...], check: Callable[[], Any]) -> Any:
     hit = _checked.get(id(w))
-    if hit is not None and hit[0] == key and hit[1] == tuple(map(id, w.values())):
+    if hit is not None and hit[0] == key and hit[1] == tuple(map(id, w.values())) and hit[5] == tuple(w):
         return hit[3]
     info = check()
     if len(_checked) >= _CHECKED_MAX:
@@ -301,7 +301,7 @@ def _checked_weights(w: dict[str, torch.Tensor], key: tuple[Any, ...], check: Ca
             del _checked[slot]
 
     refs = tuple(weakref.ref(t, forget) for t in w.values())
-    _checked[slot] = (key, tuple(map(id, w.values())), refs, info, token)
+    _checked[slot] = (key, tuple(map(id, w.values())), refs, info, token, tuple(w))
     return info
 
 
