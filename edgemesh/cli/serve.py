@@ -29,7 +29,7 @@ StateOpt = typer.Option(None, "--state-dir", help="The launching node's state di
 StoreOpt = typer.Option(None, "--store", help="Model store (default $EDGEMESH_HOME/models).")
 CtxOpt = typer.Option(2048, "--max-seq-len", help="Context length to plan and allocate for.")
 TimeoutOpt = typer.Option(5.0, "--collective-timeout", help="Seconds a device may stall before it counts as failed.")
-AlgoOpt = typer.Option("auto", "--allreduce", help="auto (cost model) | star | chunked_star | ring.")
+AlgoOpt = typer.Option("auto", "--allreduce", help="auto (cost model) | star | chunked_star | ring | direct.")
 CompressOpt = typer.Option(None, "--wire-dtype", help="Send partial sums as float16, bfloat16 or q8_0 (blocks of 32 int8 + one fp16 scale: 0.27 of the fp32 bytes, the precision of distributed-llama's q80; default: exact fp32).")
 SpecOpt = typer.Option("lookup", "--speculate",
                        help="Propose tokens and check several per step through the group: lookup (n-grams of the "
@@ -45,10 +45,12 @@ def _options(nodes: Optional[int], on: Optional[str], max_seq_len: int, timeout:
     from edgemesh.config import LaunchOptions
     from edgemesh.placement.memory import parse_size
 
-    if algo not in ("auto", "star", "chunked_star", "ring"):
-        raise ConfigError(f"--allreduce must be auto, star, chunked_star or ring (got {algo!r})")
+    if algo not in ("auto", "star", "chunked_star", "ring", "direct"):
+        raise ConfigError(f"--allreduce must be auto, star, chunked_star, ring or direct (got {algo!r})")
     if compression not in (None, "float16", "bfloat16", "q8_0"):
         raise ConfigError(f"--wire-dtype must be float16, bfloat16 or q8_0 (got {compression!r})")
+    if algo == "direct" and compression is not None:
+        raise ConfigError("--allreduce direct sends exact parts; use auto or star with --wire-dtype")
     names = tuple(n.strip() for n in on.split(",") if n.strip()) if on else ()
     return LaunchOptions(nodes=nodes, names=names, max_seq_len=max_seq_len, timeout=timeout,
                          algorithm=algo, compression=compression,

@@ -13,8 +13,13 @@ Per message of M bytes over W ranks:
 - chunked star with K chunks: the out-going chunk i overlaps the incoming chunk i+1, so the
   hub link's two directions work in parallel → ``(K+1)a + (W−1)M(1 + 1/K)/b``.
 - ring: 2(W−1) steps of M/W bytes each → ``2(W−1)a + 2(W−1)M/(W·b)``.
-Latency-bound decode messages pick star (2 hops beats 2(W−1)); bandwidth-bound prefill
-messages pick ring or chunked star.
+- direct (``direct.py``): every rank sends its part to every other, 1 hop; each rank's link
+  carries (W−1)·M each way at once → ``a + (W−1)M/b``. It puts W(W−1)·M on the network
+  instead of 2(W−1)·M, which a shared medium (one Wi-Fi channel) pays for although this
+  model does not see it, so it is offered for latency-bound messages only (≤ DIRECT_MAX_BYTES)
+  and for exact wires (a compressed one keeps the star, whose hub rounds the sum once).
+Latency-bound decode messages pick direct (1 hop), or star (2 hops beats 2(W−1)) where direct
+is not offered; bandwidth-bound prefill messages pick ring or chunked star.
 """
 
 from __future__ import annotations
@@ -27,10 +32,12 @@ class Algorithm(str, Enum):
     STAR = "star"
     CHUNKED_STAR = "chunked_star"
     RING = "ring"
+    DIRECT = "direct"
 
 
 CHUNK_CHOICES = (2, 4, 8)
 MIN_CHUNK_BYTES = 16 * 1024  # below this, per-chunk overhead dominates any overlap
+DIRECT_MAX_BYTES = 64 * 1024  # direct allreduce: decode-size messages only
 
 
 @dataclass(frozen=True)
@@ -71,23 +78,28 @@ def predict(algorithm: Algorithm, nbytes: int, world_size: int, cost: LinkCost, 
         return (k + 1) * a + (w - 1) * m * (1 + 1 / k) / b
     if algorithm is Algorithm.RING:
         return 2 * (w - 1) * a + 2 * (w - 1) * m / (w * b)
+    if algorithm is Algorithm.DIRECT:
+        return a + (w - 1) * m / b
     raise ValueError(f"unknown algorithm {algorithm!r}")
 
 
-def candidates(nbytes: int, world_size: int, cost: LinkCost) -> list[Choice]:
-    """Every option with its prediction (what `choose` picks from; shown by the benchmark)."""
+def candidates(nbytes: int, world_size: int, cost: LinkCost, *, exact: bool = True) -> list[Choice]:
+    """Every option with its prediction (what `choose` picks from; shown by the benchmark).
+    ``exact``: the parts travel uncompressed (direct is offered only then)."""
     out = [Choice(Algorithm.STAR, 1, predict(Algorithm.STAR, nbytes, world_size, cost))]
     for k in CHUNK_CHOICES:
         if nbytes // k >= MIN_CHUNK_BYTES:
             out.append(Choice(Algorithm.CHUNKED_STAR, k, predict(Algorithm.CHUNKED_STAR, nbytes, world_size, cost, k)))
     if world_size > 2:  # at W = 2 a ring is a star with more messages
         out.append(Choice(Algorithm.RING, 1, predict(Algorithm.RING, nbytes, world_size, cost)))
+    if exact and world_size > 1 and nbytes <= DIRECT_MAX_BYTES:
+        out.append(Choice(Algorithm.DIRECT, 1, predict(Algorithm.DIRECT, nbytes, world_size, cost)))
     return out
 
 
-def choose(nbytes: int, world_size: int, cost: LinkCost) -> Choice:
+def choose(nbytes: int, world_size: int, cost: LinkCost, *, exact: bool = True) -> Choice:
     """The fastest predicted option; ties go to the simpler algorithm (listed first)."""
-    return min(candidates(nbytes, world_size, cost), key=lambda c: c.predicted_s)
+    return min(candidates(nbytes, world_size, cost, exact=exact), key=lambda c: c.predicted_s)
 
 
 def cost_terms(algorithm: Algorithm, nbytes: int, world_size: int, chunks: int = 1) -> tuple[float, float]:
@@ -98,6 +110,8 @@ def cost_terms(algorithm: Algorithm, nbytes: int, world_size: int, chunks: int =
     if algorithm is Algorithm.CHUNKED_STAR:
         k = max(1, chunks)
         return float(k + 1), (w - 1) * m * (1 + 1 / k)
+    if algorithm is Algorithm.DIRECT:
+        return 1.0, (w - 1) * m
     return 2.0 * (w - 1), 2 * (w - 1) * m / w
 
 

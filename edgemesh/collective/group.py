@@ -31,13 +31,20 @@ from typing import Any, Sequence
 import torch
 
 from edgemesh.collective.compress import check_wire_dtype, from_accumulator, to_accumulator, wire_dtype_for
+from edgemesh.collective.direct import direct_allreduce
 from edgemesh.collective.costmodel import LOOPBACK_CURVE, Algorithm, Choice, LinkCost, choose, predict
 from edgemesh.collective.errors import CollectiveError, PeerLost
 from edgemesh.collective.op import Op
 from edgemesh.collective.ring import ring_allreduce
+from edgemesh.wire.tensor import TensorSpec
 from edgemesh.collective.star import HUB, star_allreduce, star_broadcast, star_broadcast_meta, star_gather
 from edgemesh.collective.members import CurveKeys, Links, Peer
 from edgemesh.collective.tcp_links import SecureLinks
+
+
+# Wires equal to the accumulator's dtype (no compression, not a 16-bit float summed in fp32):
+# the direct allreduce runs only on these; other messages picked for it take the star.
+_EXACT_WIRES = frozenset({"float32", "float64", "int32", "int64"})
 
 
 @dataclass(frozen=True)
@@ -47,7 +54,7 @@ class CollectiveOptions:
 
     timeout: float = 30.0  # seconds one collective may take before CollectiveTimeout
     connect_timeout: float = 30.0  # seconds for the group to form
-    algorithm: str = "auto"  # "auto" (cost model) | "star" | "chunked_star" | "ring"
+    algorithm: str = "auto"  # "auto" (cost model) | "star" | "chunked_star" | "ring" | "direct"
     chunks: int = 4  # for a forced "chunked_star"
     compression: str | None = None  # None | "float16" | "bfloat16": fp32 parts travel narrowed
     cost: LinkCost = field(default_factory=lambda: LOOPBACK_CURVE)
@@ -56,6 +63,8 @@ class CollectiveOptions:
         if self.algorithm != "auto":
             Algorithm(self.algorithm)  # raises ValueError on an unknown name
         check_wire_dtype(self.compression)
+        if self.algorithm == Algorithm.DIRECT.value and self.compression is not None:
+            raise ValueError("the direct allreduce sends exact parts: use star (or auto) with compression")
         if self.timeout <= 0 or self.connect_timeout <= 0 or self.chunks < 1:
             raise ValueError("timeouts must be positive and chunks at least 1")
 
@@ -118,7 +127,7 @@ class CollectiveGroup:
     def _choose(self, nbytes: int) -> Choice:
         opt = self.options
         if opt.algorithm == "auto":
-            return choose(nbytes, self.world_size, opt.cost)
+            return choose(nbytes, self.world_size, opt.cost, exact=opt.compression is None)
         algo = Algorithm(opt.algorithm)
         k = opt.chunks if algo is Algorithm.CHUNKED_STAR else 1
         return Choice(algo, k, predict(algo, nbytes, self.world_size, opt.cost, k))
@@ -134,6 +143,9 @@ class CollectiveGroup:
             pool = self._links.buffers
             if pick.algorithm is Algorithm.RING:
                 acc = ring_allreduce(op, to_accumulator(tensor, copy=True, pool=pool), wire)
+            elif pick.algorithm is Algorithm.DIRECT and wire in _EXACT_WIRES:
+                mine = to_accumulator(tensor, copy=False, pool=pool)  # read only
+                acc = direct_allreduce(op, mine, TensorSpec(wire, (mine.size,)))
             else:
                 mine = to_accumulator(tensor, copy=self.rank == HUB, pool=pool)  # only the hub writes into it
                 acc = star_allreduce(op, mine, wire, pick.chunks)

@@ -63,6 +63,10 @@ class Op:
                                 f"{list(spec.shape)}: the ranks called allreduce with different tensor sizes")
         return views[0]
 
+    def part_header(self, method: str, sender: int, spec: TensorSpec) -> bytes:
+        """The envelope of ``sender``'s ``method`` message of this op carrying ``spec``."""
+        return part_header(method, self.seq, _sender_of(sender), spec)
+
     def send_frames(self, peer: int, frames: Sequence[Any]) -> None:
         """Forward a received message unchanged (ring allgather): no decode, no copy."""
         self.links.send(peer, frames)

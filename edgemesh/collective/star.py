@@ -77,16 +77,29 @@ def star_allreduce(op: Op, acc: np.ndarray, wire: str, chunks: int = 1) -> np.nd
 def _star_exact(op: Op, acc: np.ndarray, spec: TensorSpec) -> np.ndarray:
     """The star in one piece, uncompressed (every decode step): the same messages and sums as
     the general path, with envelopes from templates checked by one comparison (``Op.recv_part``)
-    instead of a full decode per message."""
+    instead of a full decode per message. A link layer with a native path (``SecureLinks``)
+    does a rank's whole part in one call when every message is the expected one."""
     links = op.links
+    native = getattr(links, "star_hub", None) is not None and acc.dtype == np.float32
     if links.rank == HUB:
-        for peer in range(1, links.world_size):  # fixed rank order: deterministic sums
+        peers = range(1, links.world_size)
+        if native and links.star_hub(peers, [op.part_header(REDUCE, p, spec) for p in peers], acc,  # type: ignore[attr-defined]
+                                     op.part_header(RESULT, HUB, spec), op.deadline):
+            return acc
+        for peer in peers:  # fixed rank order: deterministic sums
             np.add(acc, np.frombuffer(op.recv_part(peer, REDUCE, spec), acc.dtype), out=acc)
         buf = private(acc, links)  # the caller gets `acc` back and may write into it
-        for peer in range(1, links.world_size):
+        for peer in peers:
             op.send_part(peer, RESULT, spec, buf)
         return acc
-    op.send_part(HUB, REDUCE, spec, acc)  # zero-copy: we return only after the hub answered
+    sent = False
+    if native:
+        sent, out = links.star_worker(HUB, op.part_header(REDUCE, links.rank, spec), acc,  # type: ignore[attr-defined]
+                                      op.part_header(RESULT, HUB, spec), op.deadline)
+        if out is not None:
+            return out
+    if not sent:
+        op.send_part(HUB, REDUCE, spec, acc)  # zero-copy: we return only after the hub answered
     return np.frombuffer(op.recv_part(HUB, RESULT, spec), acc.dtype)
 
 

@@ -36,6 +36,7 @@ import errno
 import logging
 import ctypes
 import math
+import os
 import select
 import selectors
 import socket
@@ -50,6 +51,7 @@ import msgpack
 import numpy as np
 from zmq.utils import z85
 
+from edgemesh.collective import native as nativemod
 from edgemesh.collective import tls as tlsmod
 from edgemesh.collective.buffers import BufferPool
 from edgemesh.collective.errors import CollectiveTimeout, LinkAuthError, LinkProtocolError, PeerLost
@@ -80,6 +82,7 @@ INBUF = 64 * 1024  # per-connection read buffer: a decode-size message arrives i
 # larger frames are written from the caller's buffer.
 ONE_SEGMENT = 64 * 1024
 SEND_TIMEOUT = 30.0  # a send that cannot progress this long means the peer stopped reading
+SPIN_US = int(os.environ.get("EDGEMESH_LINK_SPIN_US", "50") or 0)
 LOST_GRACE = 0.05  # a *different* rank's connection closed: how long the awaited one may still answer
 _POLLIN = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
 _WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
@@ -187,6 +190,14 @@ class SecureLinks:
         # what `bench generate` reports as bytes on the wire per token.
         self.bytes_sent = 0
         self.bytes_received = 0
+        # The native side of the decode-size messages (native.py); None: Python only.
+        self._native: nativemod._Native | None = None
+        self._nlinks: Any = None  # ctypes array of native.Link, the other ranks in rank order
+        self._naddr: dict[int, int] = {}  # rank → address of its Link in _nlinks
+        self._npos: dict[int, int] = {}  # rank → index in _nlinks
+        self._nkeep: list[Any] = []  # buffer exports the Link structs point into
+        self._which = ctypes.c_int(0)
+        self.native_ops = 0  # collective ops whose messages the C side moved all by itself
 
     # ----------------------------------------------------------------- construction
 
@@ -271,6 +282,36 @@ class SecureLinks:
         for q in range(world_size):
             if q != rank:
                 self._inbox[q] = deque()
+        self._setup_native()
+
+    def _setup_native(self) -> None:
+        """Describe every link to the C side, or leave ``_native`` None (Python path only) if
+        it is unavailable or any TLS session cannot be reached safely."""
+        nat = nativemod.native()
+        if nat is None or not self._conns:
+            return
+        ranks = sorted(self._conns)
+        arr = (nativemod.Link * len(ranks))()
+        keep: list[Any] = []
+        for i, r in enumerate(ranks):
+            conn = self._conns[r]
+            link = arr[i]
+            if conn.tls:
+                ptr = nativemod.session_of(conn.sock, nat)  # type: ignore[arg-type]
+                if ptr is None:
+                    log.debug("rank %d: TLS session to rank %d not reachable natively; Python path", self.rank, r)
+                    return
+                link.ssl = ptr
+            rbuf = (ctypes.c_char * len(conn.buf)).from_buffer(conn.buf)
+            keep += [rbuf, (ctypes.c_char * len(conn.plain)).from_buffer(conn.plain)]
+            link.fd = conn.fd
+            link.rbuf = ctypes.addressof(rbuf)
+            link.wbuf = ctypes.addressof(keep[-1])
+        base, size = ctypes.addressof(arr), ctypes.sizeof(nativemod.Link)
+        self._nlinks, self._nkeep = arr, keep
+        self._npos = {r: i for i, r in enumerate(ranks)}
+        self._naddr = {r: base + i * size for i, r in enumerate(ranks)}
+        self._native = nat
 
     def _make_contexts(self, by_rank: dict[int, Peer]) -> None:
         for p, peer in by_rank.items():
@@ -545,6 +586,165 @@ class SecureLinks:
         return _Conn(st.tls, st.rank, tls=True)
 
     # ----------------------------------------------------------------- data plane: sending
+
+    def star_hub(self, peers: Sequence[int], envelopes: Sequence[bytes], acc: np.ndarray,
+                 envelope: bytes, deadline: float) -> bool:
+        """The hub's part of a one-piece star allreduce of float32 ``acc``, in one native call:
+        the next message of each of ``peers`` (increasing ranks), which must be exactly
+        ``[envelopes[i], acc.nbytes bytes]``, added into ``acc`` in that order, then ``[envelope,
+        acc]`` sent to each. False: nothing was done that the caller cannot redo with ``recv``
+        and ``send`` (the C side is not usable here, or a message is not the expected one, or
+        the deadline passed: every byte read is where ``recv`` decodes it)."""
+        conns = self._native_idle(peers, envelopes, acc)
+        if conns is None:
+            return False
+        n = acc.nbytes
+        elen = _QUICK.size + len(envelopes[0])
+        expect = b"".join([_QUICK.pack(len(e) + n, T_DATA, 2, 0, len(e), n) + e for e in envelopes])
+        head = _QUICK.pack(len(envelope) + n, T_DATA, 2, 0, len(envelope), n) + envelope
+        phase = ctypes.c_int(0)
+        nat = self._native
+        assert nat is not None
+        first = self._npos[peers[0]]
+        st = nat.lib.edgemesh_star_hub(self._naddr[peers[0]], len(conns), expect, elen, elen + n, acc.ctypes.data,
+                                       acc.size, head, len(head), self._timeout_ms(deadline), SPIN_US,
+                                       ctypes.byref(self._which), ctypes.byref(phase))
+        if phase.value == 0:  # failed while receiving: nothing summed
+            self._native_received(conns, first, st)  # raises a link failure
+            return False
+        for conn in conns:
+            conn.start = conn.end = 0
+        self.bytes_received += sum(len(e) + n for e in envelopes)
+        if st == nativemod.OK:
+            self.bytes_sent += len(conns) * (len(envelope) + n)
+            self.native_ops += 1
+            return True
+        # Sending, stopped at link `which`: the ones before it have the result.
+        k = self._which.value
+        self.bytes_sent += k * (len(envelope) + n)
+        self._native_finish_send(conns[k], self._nlinks[first + k], st, len(head) + n, len(envelope) + n)
+        for p in list(peers)[k + 1:]:
+            self.send(p, [envelope, acc])
+        return True
+
+    def star_worker(self, hub: int, envelope: bytes, mine: np.ndarray, expect: bytes,
+                    deadline: float) -> tuple[bool, np.ndarray | None]:
+        """A worker's part of the same allreduce, in one native call: ``[envelope, mine]`` sent to
+        ``hub``, then its answer, which must be exactly ``[expect, mine.nbytes bytes]``, returned
+        as a new array. (sent, result): (False, None) = nothing done; (True, None) = sent, and
+        the answer is for ``recv`` to take (it is not the expected one, or not there yet)."""
+        conns = self._native_idle((hub,), (expect,), mine)
+        if conns is None:
+            return False, None
+        n = mine.nbytes
+        head = _QUICK.pack(len(envelope) + n, T_DATA, 2, 0, len(envelope), n) + envelope
+        want = _QUICK.pack(len(expect) + n, T_DATA, 2, 0, len(expect), n) + expect
+        out = np.empty_like(mine)
+        phase = ctypes.c_int(0)
+        nat = self._native
+        assert nat is not None
+        st = nat.lib.edgemesh_star_worker(self._naddr[hub], head, len(head), mine.ctypes.data, mine.size, want,
+                                          len(want), out.ctypes.data, self._timeout_ms(deadline), SPIN_US,
+                                          ctypes.byref(phase))
+        if phase.value == 1:  # the send stopped
+            self._native_finish_send(conns[0], self._nlinks[self._npos[hub]], st, len(head) + n, len(envelope) + n)
+            return True, None
+        self.bytes_sent += len(envelope) + n
+        if not self._native_received(conns, self._npos[hub], st):
+            return True, None
+        conns[0].start = conns[0].end = 0
+        self.bytes_received += len(expect) + n
+        self.native_ops += 1
+        return True, out
+
+    def direct_exchange(self, envelope: bytes, mine: np.ndarray, envelopes: Sequence[bytes],
+                        deadline: float) -> tuple[int, np.ndarray | None]:
+        """One rank's part of a direct allreduce of float32 ``mine``, in one native call:
+        ``[envelope, mine]`` sent to every other rank, then each one's next message, which must
+        be exactly ``[envelopes[i], mine.nbytes bytes]`` (other ranks in increasing order), and
+        all parts added in rank order into a new array. (sent, result): ``sent`` other ranks
+        (in order) have this rank's part; result None = the messages are for ``recv`` to take
+        (not usable here, not the expected ones, or not there yet)."""
+        peers = sorted(self._conns)
+        conns = self._native_idle(peers, envelopes, mine) if len(envelopes) == len(peers) else None
+        if conns is None:
+            return 0, None
+        n = mine.nbytes
+        elen = _QUICK.size + len(envelopes[0])
+        head = _QUICK.pack(len(envelope) + n, T_DATA, 2, 0, len(envelope), n) + envelope
+        expect = b"".join([_QUICK.pack(len(e) + n, T_DATA, 2, 0, len(e), n) + e for e in envelopes])
+        out = np.empty_like(mine)
+        phase = ctypes.c_int(0)
+        nat = self._native
+        assert nat is not None
+        st = nat.lib.edgemesh_direct(self._naddr[peers[0]], len(peers), self.rank, head, len(head), mine.ctypes.data,
+                                     mine.size, expect, elen, out.ctypes.data, self._timeout_ms(deadline), SPIN_US,
+                                     ctypes.byref(self._which), ctypes.byref(phase))
+        if phase.value == 1:  # a send stopped at link `which`: the ones before it are out
+            k = self._which.value
+            self.bytes_sent += k * (len(envelope) + n)
+            self._native_finish_send(conns[k], self._nlinks[k], st, len(head) + n, len(envelope) + n)
+            return k + 1, None
+        self.bytes_sent += len(peers) * (len(envelope) + n)
+        if not self._native_received(conns, 0, st):
+            return len(peers), None
+        for conn in conns:
+            conn.start = conn.end = 0
+        self.bytes_received += sum(len(e) + n for e in envelopes)
+        self.native_ops += 1
+        return len(peers), out
+
+    def _native_idle(self, peers: Sequence[int], envelopes: Sequence[bytes], data: np.ndarray) -> list[_Conn] | None:
+        """The connections to ``peers`` if the C side may take them now: float32 data, records
+        that fit the read buffer, consecutive ranks, nothing buffered or pending in Python."""
+        if self._native is None or data.dtype != np.float32 or not data.flags.c_contiguous:
+            return None
+        elen = len(envelopes[0])
+        if (_QUICK.size + elen + data.nbytes > min(INBUF, ONE_SEGMENT) or elen + data.nbytes > self._max_message
+                or len(peers) > nativemod.MAX_LINKS):
+            return None
+        first = self._npos.get(peers[0], -1)
+        conns = []
+        for i, p in enumerate(peers):
+            conn = self._conns.get(p)
+            if (conn is None or self._npos.get(p) != first + i or len(envelopes[i]) != elen or self._inbox[p]
+                    or conn.frames is not None or conn.start != conn.end or conn.partial or p in self._lost):
+                return None
+            conns.append(conn)
+        return conns
+
+    @staticmethod
+    def _timeout_ms(deadline: float) -> int:
+        return max(0, math.ceil((deadline - time.monotonic()) * 1000))
+
+    def _native_received(self, conns: list[_Conn], first: int, status: int) -> bool:
+        """After a native receive: True if every record came whole. Otherwise the bytes read go
+        to the Python decoder (False), or the link failure is raised as Python would."""
+        if status == nativemod.OK:
+            return True
+        links = self._nlinks
+        for i, conn in enumerate(conns):
+            conn.start, conn.end = 0, links[first + i].got
+        if status in (nativemod.IO, nativemod.EOF):
+            k = self._which.value
+            raise self._native_failure(conns[k], status, links[first + k])
+        return False
+
+    def _native_finish_send(self, conn: _Conn, link: nativemod.Link, status: int, total: int, payload: int) -> None:
+        """A native send that stopped: the rest from where OpenSSL (or the kernel) stopped
+        taking it (it needs the same bytes again), or the failure raised as Python would."""
+        if status != nativemod.BLOCKED:
+            conn.partial = link.sent > 0
+            raise self._native_failure(conn, status, link)
+        self.bytes_sent += payload
+        self._send_all(conn, [memoryview(conn.plain)[link.sent:total]], time.monotonic() + SEND_TIMEOUT)
+
+    def _native_failure(self, conn: _Conn, status: int, link: nativemod.Link) -> PeerLost | LinkAuthError:
+        """What Python's own read or write would have raised for the C side's failure."""
+        nat = self._native
+        if status == nativemod.EOF or nat is None or nativemod.is_eof(link.err, link.detail):
+            return self._gone(conn)
+        return self._broken(conn, nativemod.ssl_error(nat, link.detail))
 
     def send(self, peer: int, frames: Sequence[Any]) -> None:
         """Send one multipart message to ``peer``; returns when the kernel has all of it."""

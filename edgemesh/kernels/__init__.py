@@ -71,37 +71,49 @@ def _compiler() -> str | None:
     return None
 
 
-def _build(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
+def compile_library(source: Path, stem: str, flags: list[str]) -> ctypes.CDLL | None:
+    """``source`` built with the system C compiler into the cache (keyed by the source, the
+    compiler, the CPU and the flags) and loaded; None when there is no compiler or the build
+    fails (logged: the callers keep their Python or torch paths)."""
     cc = _compiler()
     if cc is None:
-        log.info("no C compiler found: int8 decode uses torch's kernels (slower)")
+        log.info("no C compiler found: %s runs without native code (slower)", stem)
         return None
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         version = ""
-    src = _SOURCE.read_bytes()
-    flags = ["-O3", "-march=native", *extra_flags, "-ffp-contract=off", "-shared", "-fPIC", "-std=c11", "-pthread"]
+    src = source.read_bytes()
+    flags = [*flags, "-shared", "-fPIC", "-std=c11"]
     key = hashlib.sha256(b"\0".join([src, version.encode(), _cpu_key().encode(), " ".join(flags).encode()]))
-    out = _cache_dir() / f"int8_gemv-{key.hexdigest()[:16]}.so"
+    out = _cache_dir() / f"{stem}-{key.hexdigest()[:16]}.so"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
         os.close(fd)
         try:
-            res = subprocess.run([cc, *flags, "-o", tmp, str(_SOURCE)], capture_output=True, text=True, timeout=120)
+            res = subprocess.run([cc, *flags, "-o", tmp, str(source)], capture_output=True, text=True, timeout=120)
             if res.returncode != 0:
-                log.warning("building the int8 decode kernel failed (%s); using torch's kernels:\n%s",
-                            cc, res.stderr[-2000:])
+                log.warning("building %s failed (%s); running without it:\n%s", source.name, cc, res.stderr[-2000:])
                 return None
             os.replace(tmp, out)  # atomic: processes building at once each install a whole file
         except (OSError, subprocess.SubprocessError) as exc:
-            log.warning("building the int8 decode kernel failed (%s); using torch's kernels", exc)
+            log.warning("building %s failed (%s); running without it", source.name, exc)
             return None
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-    lib = ctypes.CDLL(str(out))
+    try:
+        return ctypes.CDLL(str(out))
+    except OSError as exc:
+        log.warning("loading %s failed (%s); running without it", out, exc)
+        return None
+
+
+def _build(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
+    lib = compile_library(_SOURCE, "int8_gemv", ["-O3", "-march=native", *extra_flags, "-ffp-contract=off", "-pthread"])
+    if lib is None:
+        return None
     fn = lib.edgemesh_int8_gemv
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_size_t] * 5
@@ -119,7 +131,7 @@ def _build(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
     lib.edgemesh_pool_threads.restype = ctypes.c_int
     lib.edgemesh_pool_threads.argtypes = [ctypes.c_int]
     if lib.edgemesh_int8_gemv_max_m() != MAX_M:
-        log.warning("int8 decode kernel: unexpected build (%s); using torch's kernels", out)
+        log.warning("int8 decode kernel: unexpected build (%s); using torch's kernels", lib._name)
         return None
     return lib
 

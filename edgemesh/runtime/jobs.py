@@ -16,7 +16,7 @@ from edgemesh.wire.schema import body_map, maybe, need
 _JOB_RE = re.compile(r"^[a-f0-9]{8,32}$")
 _SHA_RE = re.compile(r"^[a-f0-9]{64}$")
 MAX_FILES = 4096
-ALGORITHMS = ("auto", "star", "chunked_star", "ring")
+ALGORITHMS = ("auto", "star", "chunked_star", "ring", "direct")
 COMPRESSIONS = (None, "float16", "bfloat16", "q8_0")
 
 

@@ -1,4 +1,4 @@
-"""The cost model that picks star / chunked star / ring: pure functions."""
+"""The cost model that picks star / chunked star / ring / direct: pure functions."""
 
 from __future__ import annotations
 
@@ -11,10 +11,23 @@ pytestmark = pytest.mark.unit
 LAN_1MS = LinkCost(a=1e-3, b=300e6 / 8)  # 1 ms, 300 Mbit/s: the TPI-LLM paper's links
 
 
-def test_decode_step_messages_take_the_star() -> None:
-    # hidden 4096 × fp32 = 16 KiB: latency-bound, 2 hops beat 2(W−1).
+def test_decode_step_messages_take_one_hop() -> None:
+    # hidden 4096 × fp32 = 16 KiB: latency-bound; direct's 1 hop beats the star's 2, and the
+    # star's 2 beat the ring's 2(W−1) where direct is not offered (a compressed wire).
     for w in (2, 3, 4, 8):
-        assert choose(16 * 1024, w, LAN_1MS).algorithm is Algorithm.STAR
+        assert choose(16 * 1024, w, LAN_1MS).algorithm is Algorithm.DIRECT
+        assert choose(16 * 1024, w, LAN_1MS, exact=False).algorithm is Algorithm.STAR
+
+
+def test_direct_is_offered_for_small_exact_messages_only() -> None:
+    from edgemesh.collective.costmodel import DIRECT_MAX_BYTES
+
+    def offered(n: int, exact: bool = True) -> bool:
+        return any(c.algorithm is Algorithm.DIRECT for c in candidates(n, 4, LAN_1MS, exact=exact))
+
+    assert offered(DIRECT_MAX_BYTES) and not offered(DIRECT_MAX_BYTES + 1)
+    assert not offered(2048, exact=False)
+    assert choose(1 << 26, 4, LAN_1MS).algorithm in (Algorithm.RING, Algorithm.CHUNKED_STAR)
 
 
 def test_star_beats_ring_by_hops_on_1ms_links() -> None:
@@ -32,7 +45,7 @@ def test_large_prefill_messages_leave_the_star() -> None:
 
 def test_two_ranks_never_ring_and_small_parts_never_chunk() -> None:
     assert all(c.algorithm is not Algorithm.RING for c in candidates(1 << 26, 2, LAN_1MS))
-    assert all(c.algorithm is Algorithm.STAR or c.algorithm is Algorithm.RING for c in candidates(8 * 1024, 4, LAN_1MS))
+    assert all(c.algorithm is not Algorithm.CHUNKED_STAR for c in candidates(8 * 1024, 4, LAN_1MS))
 
 
 def test_predictions_follow_the_formulas() -> None:
@@ -41,6 +54,7 @@ def test_predictions_follow_the_formulas() -> None:
     assert predict(Algorithm.STAR, m, 4, c) == pytest.approx(2e-3 + 6.0)
     assert predict(Algorithm.RING, m, 4, c) == pytest.approx(6e-3 + 1.5)
     assert predict(Algorithm.CHUNKED_STAR, m, 4, c, chunks=4) == pytest.approx(5e-3 + 3.75)
+    assert predict(Algorithm.DIRECT, m, 4, c) == pytest.approx(1e-3 + 3.0)
     assert predict(Algorithm.STAR, m, 1, c) == 0.0
 
 
@@ -61,7 +75,7 @@ def test_fit_from_allreduces_recovers_a_and_b() -> None:
 
     truth = LinkCost(a=300e-6, b=200e6)
     samples = [(alg, n, w, 4, predict(alg, n, w, truth, 4))
-               for alg in (Algorithm.STAR, Algorithm.CHUNKED_STAR, Algorithm.RING)
+               for alg in (Algorithm.STAR, Algorithm.CHUNKED_STAR, Algorithm.RING, Algorithm.DIRECT)
                for n in (2048, 1 << 20) for w in (2, 4)]
     fit = fit_from_allreduces(samples)
     assert fit.a == pytest.approx(truth.a, rel=1e-6)

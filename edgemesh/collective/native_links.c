@@ -1,0 +1,296 @@
+/* The decode-size data plane of tcp_links.SecureLinks in C: one small record out, the expected
+ * small records in, over the same connections and the same TLS sessions as the Python path.
+ *
+ * Python keeps every decision. It hands in the connection's socket, its OpenSSL session (or
+ * none for a plain link) and its read buffer, and the exact bytes it expects (record prefix and
+ * envelope, known in full on both sides). These functions only move bytes:
+ *   - a send gathers prefix, envelope and tensor into one buffer and writes it;
+ *   - a receive reads each awaited record into that connection's read buffer, never past the
+ *     record's end, and compares its head with the expected bytes as they arrive.
+ * Whatever is not the plain case stops the call at once with the bytes read so far left in the
+ * read buffer (`got`): the Python decoder takes them from there, so a different record, an abort,
+ * a closed or tampered link end exactly as they do without this file. Nothing is consumed that
+ * Python cannot see.
+ *
+ * OpenSSL is not linked: Python passes the addresses of the functions of the libssl its own ssl
+ * module runs on, so one session is driven by one library. */
+
+#define _GNU_SOURCE /* clock_gettime, MSG_NOSIGNAL under -std=c11 */
+#include <errno.h>
+#include <poll.h>
+#include <sched.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+
+enum { EM_OK = 0, EM_OTHER = 1, EM_TIMEOUT = 2, EM_IO = 3, EM_BLOCKED = 4, EM_EOF = 5 };
+enum { SSL_ERROR_WANT_READ = 2, SSL_ERROR_WANT_WRITE = 3 };
+#define EM_MAX_LINKS 64
+
+typedef struct {
+    void *ssl;            /* SSL*, NULL for a plain socket */
+    int fd;
+    int got;              /* bytes of the awaited record now in rbuf */
+    uint8_t *rbuf;        /* the connection's read buffer (at least the record's size) */
+    int err;              /* on EM_IO: SSL_get_error's code, or 0 for a socket error */
+    int sent;             /* on a send that stopped: bytes of the record already taken */
+    uint8_t *wbuf;        /* the connection's send scratch (at least the record's size) */
+    unsigned long detail; /* on EM_IO: ERR_peek_last_error() or errno */
+} em_link;
+
+typedef int (*ssl_io_fn)(void *, void *, int);
+typedef int (*ssl_err_fn)(const void *, int);
+typedef void (*err_clear_fn)(void);
+typedef unsigned long (*err_peek_fn)(void);
+
+static ssl_io_fn ssl_read, ssl_write;
+static ssl_err_fn ssl_get_error;
+static err_clear_fn err_clear;
+static err_peek_fn err_peek;
+
+int edgemesh_links_tls(void *read, void *write, void *get_error, void *clear, void *peek) {
+    ssl_read = (ssl_io_fn)read;
+    ssl_write = (ssl_io_fn)write;
+    ssl_get_error = (ssl_err_fn)get_error;
+    err_clear = (err_clear_fn)clear;
+    err_peek = (err_peek_fn)peek;
+    return 0;
+}
+
+static int64_t now_us(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000 + t.tv_nsec / 1000;
+}
+
+static int64_t now_ms(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000 + t.tv_nsec / 1000000;
+}
+
+/* One read: > 0 bytes, 0 nothing now, -EM_EOF or -EM_IO (details in l). */
+static int read_some(em_link *l, uint8_t *p, int n) {
+    if (!l->ssl) {
+        for (;;) {
+            ssize_t k = recv(l->fd, p, (size_t)n, 0);
+            if (k > 0) return (int)k;
+            if (k == 0) return -EM_EOF;
+            if (errno == EINTR) continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK) return 0;
+            l->err = 0;
+            l->detail = (unsigned long)errno;
+            return -EM_IO;
+        }
+    }
+    err_clear();
+    int k = ssl_read(l->ssl, p, n);
+    if (k > 0) return k;
+    int e = ssl_get_error(l->ssl, k);
+    if (e == SSL_ERROR_WANT_READ) return 0;
+    l->err = e;
+    l->detail = err_peek();
+    if (e == 0) l->detail = (unsigned long)errno;
+    return -EM_IO;
+}
+
+/* Read l's record up to `total` bytes, checking its first `elen` bytes against `expect`.
+ * 1: complete; 0: waiting for bytes; < 0: -status. */
+static int pull(em_link *l, const uint8_t *expect, int elen, int total) {
+    while (l->got < total) {
+        int k = read_some(l, l->rbuf + l->got, total - l->got);
+        if (k <= 0) return k;
+        int lo = l->got, hi = l->got + k < elen ? l->got + k : elen;
+        l->got += k;
+        if (lo < hi && memcmp(l->rbuf + lo, expect + lo, (size_t)(hi - lo)) != 0) return -EM_OTHER;
+    }
+    return 1;
+}
+
+/* The next record of each of the k links: link i's must start with expect[i*elen .. +elen) and
+ * be `total` bytes long. Waits up to timeout_ms for all of them, reading whichever is ready.
+ * EM_OK: every record is whole in its rbuf. Otherwise the status of link *which, and each link's
+ * `got` says how much of its record its rbuf holds. */
+int edgemesh_links_recv(em_link *links, int k, const uint8_t *expect, int elen, int total,
+                        int timeout_ms, int spin_us, int *which) {
+    if (k < 1 || k > EM_MAX_LINKS || elen > total) return EM_OTHER;
+    struct pollfd pf[EM_MAX_LINKS];
+    int idx[EM_MAX_LINKS];
+    uint8_t done[EM_MAX_LINKS] = {0};
+    int left = k;
+    int64_t deadline = now_ms() + timeout_ms;
+    int64_t spin_until = now_us() + spin_us;
+    for (int i = 0; i < k; i++) links[i].got = 0;
+    for (int i = 0; i < k; i++) idx[i] = i; /* first pass: whatever is already there */
+    int ready = k;
+    for (;;) {
+        for (int j = 0; j < ready; j++) {
+            int i = idx[j];
+            int r = pull(&links[i], expect + (size_t)i * elen, elen, total);
+            if (r < 0) {
+                *which = i;
+                return -r;
+            }
+            if (r == 1) {
+                done[i] = 1;
+                left--;
+            }
+        }
+        if (left == 0) return EM_OK;
+        if (spin_us > 0 && now_us() < spin_until) {
+            /* Waiting briefly without sleeping: the sender then need not wake us (in a VM that
+             * wake-up is an interrupt to another CPU, tens of microseconds). Yielding lets a
+             * rank that shares this core run meanwhile. */
+            sched_yield();
+            for (int i = 0; i < k; i++) idx[i] = i;
+            ready = 0;
+            for (int i = 0; i < k; i++)
+                if (!done[i]) idx[ready++] = i;
+            continue;
+        }
+        int n = 0;
+        for (int i = 0; i < k; i++) {
+            if (!done[i]) {
+                pf[n].fd = links[i].fd;
+                pf[n].events = POLLIN | POLLPRI;
+                pf[n].revents = 0;
+                idx[n++] = i;
+            }
+        }
+        int64_t wait = deadline - now_ms();
+        if (wait <= 0) {
+            *which = idx[0];
+            return EM_TIMEOUT;
+        }
+        int r = poll(pf, (nfds_t)n, (int)wait);
+        if (r < 0) {
+            *which = idx[0];
+            if (errno == EINTR) return EM_OTHER; /* a signal: Python handles it, then goes on */
+            links[idx[0]].err = 0;
+            links[idx[0]].detail = (unsigned long)errno;
+            return EM_IO;
+        }
+        ready = 0;
+        for (int j = 0; j < n && r > 0; j++)
+            if (pf[j].revents) idx[ready++] = idx[j];
+    }
+}
+
+/* One record (head = prefix and envelope, then n bytes of data), gathered into l->wbuf and
+ * written. EM_BLOCKED: the socket is full after l->sent bytes; the caller writes the rest of
+ * wbuf[0 .. hl+n) from there (TLS needs the same bytes again). */
+int edgemesh_links_send(em_link *l, const uint8_t *head, int hl, const void *data, int n) {
+    uint8_t *out = l->wbuf;
+    memcpy(out, head, (size_t)hl);
+    memcpy(out + hl, data, (size_t)n);
+    int total = hl + n, off = 0;
+    l->sent = 0;
+    while (off < total) {
+        int k;
+        if (l->ssl) {
+            err_clear();
+            k = ssl_write(l->ssl, out + off, total - off);
+            if (k <= 0) {
+                int e = ssl_get_error(l->ssl, k);
+                l->sent = off;
+                if (e == SSL_ERROR_WANT_WRITE || e == SSL_ERROR_WANT_READ) return EM_BLOCKED;
+                l->err = e;
+                l->detail = e == 0 ? (unsigned long)errno : err_peek();
+                return EM_IO;
+            }
+        } else {
+            ssize_t s = send(l->fd, out + off, (size_t)(total - off), MSG_NOSIGNAL);
+            if (s < 0) {
+                if (errno == EINTR) continue;
+                l->sent = off;
+                if (errno == EAGAIN || errno == EWOULDBLOCK) return EM_BLOCKED;
+                l->err = 0;
+                l->detail = (unsigned long)errno;
+                return EM_IO;
+            }
+            k = (int)s;
+        }
+        off += k;
+    }
+    l->sent = total;
+    return EM_OK;
+}
+
+/* The hub's side of a one-piece float32 star allreduce: the k workers' records (expected bytes
+ * as in edgemesh_links_recv), their tensors added into acc[0..n) in link order, then acc sent to
+ * each with record head `head` (hl bytes). *phase: 0 = failed while receiving (nothing summed,
+ * every byte read is in the rbufs), 1 = failed sending to link *which (those before it have
+ * the result). */
+int edgemesh_star_hub(em_link *links, int k, const uint8_t *expect, int elen, int total, float *acc,
+                      int n, const uint8_t *head, int hl, int timeout_ms, int spin_us, int *which, int *phase) {
+    *phase = 0;
+    int st = edgemesh_links_recv(links, k, expect, elen, total, timeout_ms, spin_us, which);
+    if (st != EM_OK) return st;
+    for (int i = 0; i < k; i++) {
+        const uint8_t *src = links[i].rbuf + elen;
+        for (int j = 0; j < n; j++) {
+            float v;
+            memcpy(&v, src + (size_t)j * 4, 4);
+            acc[j] += v;
+        }
+    }
+    *phase = 1;
+    for (int i = 0; i < k; i++) {
+        st = edgemesh_links_send(&links[i], head, hl, acc, n * 4);
+        if (st != EM_OK) {
+            *which = i;
+            return st;
+        }
+    }
+    return EM_OK;
+}
+
+/* A worker's side: `mine` sent to the hub with record head `head`, then the hub's record (the
+ * expected `elen` bytes, then n floats) read, and its tensor copied to out. *phase as above:
+ * 1 = the send failed, 0 = the receive failed (the send is done). */
+int edgemesh_star_worker(em_link *hub, const uint8_t *head, int hl, const float *mine, int n,
+                         const uint8_t *expect, int elen, float *out, int timeout_ms, int spin_us, int *phase) {
+    *phase = 1;
+    int st = edgemesh_links_send(hub, head, hl, mine, n * 4);
+    if (st != EM_OK) return st;
+    *phase = 0;
+    int which = 0;
+    st = edgemesh_links_recv(hub, 1, expect, elen, elen + n * 4, timeout_ms, spin_us, &which);
+    if (st == EM_OK) memcpy(out, hub->rbuf + elen, (size_t)n * 4);
+    return st;
+}
+
+/* One rank's side of a direct (all-to-all) float32 allreduce over k+1 ranks: `mine` sent to each
+ * of the k others (links in rank order, this rank's place is `me`), then their k records read
+ * (expected bytes as in edgemesh_links_recv), and out = the k+1 parts added in rank order from
+ * rank 0's — the order, and so the bits, of the star's hub. *phase: 1 = a send stopped at link
+ * *which (those before it are sent), 0 = the receive failed (every send is done). */
+int edgemesh_direct(em_link *links, int k, int me, const uint8_t *head, int hl, const float *mine, int n,
+                    const uint8_t *expect, int elen, float *out, int timeout_ms, int spin_us, int *which,
+                    int *phase) {
+    *phase = 1;
+    for (int i = 0; i < k; i++) {
+        int st = edgemesh_links_send(&links[i], head, hl, mine, n * 4);
+        if (st != EM_OK) {
+            *which = i;
+            return st;
+        }
+    }
+    *phase = 0;
+    int st = edgemesh_links_recv(links, k, expect, elen, elen + n * 4, timeout_ms, spin_us, which);
+    if (st != EM_OK) return st;
+    for (int r = 0; r <= k; r++) {
+        const uint8_t *src = r == me ? (const uint8_t *)mine : links[r < me ? r : r - 1].rbuf + elen;
+        if (r == 0) {
+            memcpy(out, src, (size_t)n * 4);
+            continue;
+        }
+        for (int j = 0; j < n; j++) {
+            float v;
+            memcpy(&v, src + (size_t)j * 4, 4);
+            out[j] += v;
+        }
+    }
+    return EM_OK;
+}
