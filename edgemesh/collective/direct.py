@@ -29,6 +29,15 @@ def direct_allreduce(op: Op, mine: np.ndarray, spec: TensorSpec) -> np.ndarray:
                              [op.part_header(REDUCE, p, spec) for p in peers], op.deadline)
         if out is not None:
             return out
+    return finish_direct(op, mine, spec, sent)
+
+
+def finish_direct(op: Op, mine: np.ndarray, spec: TensorSpec, sent: int) -> np.ndarray:
+    """The rest of a direct allreduce in Python, after ``sent`` other ranks (in rank order)
+    already got this rank's part."""
+    links = op.links
+    me, world = links.rank, links.world_size
+    peers = [p for p in range(world) if p != me]
     buf = private(mine, links)  # links that keep frames after send() get their own copy
     for p in peers[sent:]:
         op.send_part(p, REDUCE, spec, buf)

@@ -25,16 +25,17 @@ either the group is broken and only ``close()`` is useful.
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
 
 from edgemesh.collective.compress import check_wire_dtype, from_accumulator, to_accumulator, wire_dtype_for
-from edgemesh.collective.direct import direct_allreduce
+from edgemesh.collective.direct import direct_allreduce, finish_direct
 from edgemesh.collective.costmodel import LOOPBACK_CURVE, Algorithm, Choice, LinkCost, choose, predict
 from edgemesh.collective.errors import CollectiveError, PeerLost
-from edgemesh.collective.op import Op
+from edgemesh.collective.op import REDUCE, Op, part_template
 from edgemesh.collective.ring import ring_allreduce
 from edgemesh.wire.tensor import TensorSpec
 from edgemesh.collective.star import HUB, star_allreduce, star_broadcast, star_broadcast_meta, star_gather
@@ -80,6 +81,7 @@ class CollectiveGroup:
         self._links = links
         self._seq = 0
         self._choices: dict[int, Choice] = {}  # by message bytes: the options are fixed
+        self._native: dict[int, NativeAllreduce | None] = {}  # by values per op
         self._broken: str | None = None
         self._closed = False
         try:
@@ -153,6 +155,23 @@ class CollectiveGroup:
             self._fail(exc)
             raise
         return from_accumulator(acc, tensor.dtype, tensor.shape)
+
+    def native_allreduce(self, numel: int) -> NativeAllreduce | None:
+        """This group's allreduce of ``numel`` float32 values as a C callback, for a native loop
+        of ops (the decode step's layers, ``kernels.decode_layers``); None where it does not
+        apply: the cost model does not pick the direct allreduce for that size, the link layer
+        has no native side, or the group is closed or broken."""
+        if self._closed or self._broken is not None or self.world_size == 1:
+            return None
+        if numel not in self._native:
+            make = getattr(self._links, "direct_loop", None)
+            ctx = None
+            if make is not None and self.choice(4 * numel).algorithm is Algorithm.DIRECT and self.options.compression is None:
+                spec = TensorSpec("float32", (numel,))
+                templates = [part_template(REDUCE, str(r).encode(), spec) for r in range(self.world_size)]
+                ctx = make(templates, numel, self.options.timeout)
+            self._native[numel] = None if ctx is None else NativeAllreduce(self, ctx, numel)
+        return self._native[numel]
 
     def broadcast(self, tensor: torch.Tensor | None, root: int = 0) -> torch.Tensor:
         # Check the caller's mistakes before the op is numbered, so the group stays in step.
@@ -228,3 +247,50 @@ class CollectiveGroup:
         self._broken = f"{type(exc).__name__}: {exc}"
         if not (isinstance(exc, PeerLost) and exc.aborted):
             self._links.abort(f"rank {self.rank}: {self._broken}")
+
+
+class NativeAllreduce:
+    """A group's direct allreduce of one vector size as a C callback: ``fn(ctx, part, sum, n)``
+    (``native_links.c``). A C loop runs ops through it between ``begin`` and ``end``; each is
+    numbered like an ``allreduce_sum`` of the group and gives the same bits. An op the callback
+    cannot finish stops the loop; ``finish`` completes it in Python (or raises, breaking the
+    group, as ``allreduce_sum`` would)."""
+
+    def __init__(self, group: CollectiveGroup, ctx: Any, numel: int) -> None:
+        from edgemesh.collective import native
+
+        state = native.native()
+        assert state is not None
+        self._group, self._ctx, self.numel = group, ctx, numel
+        self.fn: int = state.lib.edgemesh_direct_step_fn()
+        self.ctx: int = ctypes.addressof(ctx)
+
+    def begin(self) -> bool:
+        """Ready the callback for ops numbered after the group's last one; False: not now (data
+        of another op is waiting in Python, or the group is broken): run the ops in Python."""
+        g = self._group
+        if g._closed or g._broken is not None or not g._links.direct_loop_ready():  # type: ignore[attr-defined]
+            return False
+        self._ctx.seq = g._seq + 1
+        return True
+
+    def end(self) -> None:
+        """After the C loop: the group's numbering and byte counts include its ops."""
+        self._group._seq = self._ctx.seq - 1
+        self._group._links.direct_loop_settle(self._ctx)  # type: ignore[attr-defined]
+
+    def finish(self, part: torch.Tensor) -> torch.Tensor:
+        """The op the C loop stopped in, done in Python: the sum of every rank's ``part``."""
+        g = self._group
+        g._seq = self._ctx.seq - 1
+        op = g._begin()  # this op's number, the one the C side used
+        try:
+            sent = g._links.direct_loop_stopped(self._ctx)  # type: ignore[attr-defined]
+            mine = part.detach().reshape(-1).numpy()
+            out = finish_direct(op, mine, TensorSpec("float32", (self.numel,)), sent)
+        except BaseException as exc:
+            g._fail(exc)
+            raise
+        finally:
+            self._ctx.seq = g._seq + 1  # the next op's number, for the loop and for `end`
+        return torch.from_numpy(out)

@@ -42,6 +42,22 @@ class Link(ctypes.Structure):
                 ("wbuf", ctypes.c_void_p), ("detail", ctypes.c_ulong)]
 
 
+PRE_MAX, TAIL_MAX = 32, 64  # EM_PRE_MAX, EM_TAIL_MAX
+
+
+class DirectCtx(ctypes.Structure):
+    """``em_direct_ctx``: the direct allreduce as a callback of the native decode loop."""
+
+    _fields_ = [("links", ctypes.c_void_p), ("k", ctypes.c_int), ("me", ctypes.c_int), ("n", ctypes.c_int),
+                ("timeout_ms", ctypes.c_int), ("spin_us", ctypes.c_int), ("seq", ctypes.c_uint64),
+                ("ops", ctypes.c_uint64), ("bytes", ctypes.c_uint64), ("status", ctypes.c_int),
+                ("phase", ctypes.c_int), ("which", ctypes.c_int), ("pre_len", ctypes.c_int),
+                ("tail_len", ctypes.c_int), ("pre", ctypes.c_uint8 * PRE_MAX),
+                ("tails", ctypes.c_uint8 * ((MAX_LINKS + 1) * TAIL_MAX)),
+                ("head", ctypes.c_uint8 * (16 + PRE_MAX + 9 + TAIL_MAX)),
+                ("expect", ctypes.c_uint8 * (MAX_LINKS * (16 + PRE_MAX + 9 + TAIL_MAX)))]
+
+
 class _Native:
     def __init__(self, lib: ctypes.CDLL, libssl: ctypes.CDLL | None, libcrypto: ctypes.CDLL | None) -> None:
         self.lib = lib
@@ -119,6 +135,11 @@ def _load() -> _Native | None:
     lib.edgemesh_star_worker.restype = ci
     lib.edgemesh_direct.argtypes = [vp, ci, ci, cp, ci, vp, ci, cp, ci, vp, ci, ci, pi, pi]
     lib.edgemesh_direct.restype = ci
+    lib.edgemesh_direct_step_fn.restype = vp
+    lib.edgemesh_direct_step_fn.argtypes = []
+    if lib.edgemesh_direct_ctx_size() != ctypes.sizeof(DirectCtx):
+        log.warning("native links: unexpected build (%s); using the Python path", lib._name)
+        return None
     try:
         tls = _open_tls()
     except OSError as exc:

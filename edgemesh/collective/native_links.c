@@ -294,3 +294,77 @@ int edgemesh_direct(em_link *links, int k, int me, const uint8_t *head, int hl, 
     }
     return EM_OK;
 }
+
+/* ---- the direct allreduce as a callback, for the native decode loop (kernels/int8_gemv.c) ----
+ * One context per group and vector size. Every op builds its envelopes from templates: each is
+ * the same msgpack array as Python's ``op.part_header`` (pre + the op's sequence number + the
+ * sender's tail), with the record prefix in front. An op that does not finish natively stops
+ * the loop with status, phase and link in the context; Python finishes that op (sequence
+ * number `seq`) and takes the loop's later ops from there. */
+
+#define EM_TAIL_MAX 64
+#define EM_PRE_MAX 32
+
+typedef struct {
+    em_link *links;       /* the other ranks, in rank order */
+    int k, me;            /* k others; this rank's place in rank order */
+    int n;                /* floats per op */
+    int timeout_ms, spin_us;
+    uint64_t seq;         /* the sequence number of the next op */
+    uint64_t ops, bytes;  /* ops done here; payload bytes sent (= received) by them */
+    int status, phase, which;
+    int pre_len, tail_len;
+    uint8_t pre[EM_PRE_MAX];
+    uint8_t tails[(EM_MAX_LINKS + 1) * EM_TAIL_MAX]; /* rank r's at r * EM_TAIL_MAX */
+    uint8_t head[16 + EM_PRE_MAX + 9 + EM_TAIL_MAX];
+    uint8_t expect[EM_MAX_LINKS * (16 + EM_PRE_MAX + 9 + EM_TAIL_MAX)];
+} em_direct_ctx;
+
+int edgemesh_direct_ctx_size(void) { return (int)sizeof(em_direct_ctx); }
+
+static int pack_uint(uint8_t *p, uint64_t v) { /* msgpack's shortest form, as msgpack.packb */
+    if (v < 128) { p[0] = (uint8_t)v; return 1; }
+    int nb = v <= 0xff ? 1 : v <= 0xffff ? 2 : v <= 0xffffffffu ? 4 : 8;
+    p[0] = nb == 1 ? 0xcc : nb == 2 ? 0xcd : nb == 4 ? 0xce : 0xcf;
+    for (int i = 0; i < nb; i++) p[1 + i] = (uint8_t)(v >> (8 * (nb - 1 - i)));
+    return 1 + nb;
+}
+
+static int put_record_head(uint8_t *p, const em_direct_ctx *c, const uint8_t *seq, int sl, int rank) {
+    uint32_t elen = (uint32_t)(c->pre_len + sl + c->tail_len), data = (uint32_t)c->n * 4, body = elen + data;
+    uint8_t *q = p;
+    memcpy(q, &body, 4); q[4] = 0; q[5] = 2; q[6] = q[7] = 0; memcpy(q + 8, &elen, 4); memcpy(q + 12, &data, 4);
+    q += 16;
+    memcpy(q, c->pre, (size_t)c->pre_len); q += c->pre_len;
+    memcpy(q, seq, (size_t)sl); q += sl;
+    memcpy(q, c->tails + (size_t)rank * EM_TAIL_MAX, (size_t)c->tail_len); q += c->tail_len;
+    return (int)(q - p);
+}
+
+/* em_allreduce_fn: sum = the rank-order sum of every rank's `part`. 0: done; 1: stopped (see above). */
+int edgemesh_direct_step(void *vctx, const float *part, float *sum, int n) {
+    em_direct_ctx *c = vctx;
+    if (n != c->n) {
+        c->status = EM_OTHER; c->phase = 2; c->which = 0;
+        return 1;
+    }
+    uint8_t seq[9];
+    int sl = pack_uint(seq, c->seq);
+    int hl = put_record_head(c->head, c, seq, sl, c->me), el = 0;
+    for (int i = 0; i < c->k; i++)
+        el = put_record_head(c->expect + (size_t)i * hl, c, seq, sl, i < c->me ? i : i + 1);
+    (void)el;
+    int which = 0, phase = 0;
+    int st = edgemesh_direct(c->links, c->k, c->me, c->head, hl, part, n, c->expect, hl, sum, c->timeout_ms,
+                             c->spin_us, &which, &phase);
+    if (st == EM_OK) {
+        c->seq++;
+        c->ops++;
+        c->bytes += (uint64_t)c->k * (uint64_t)(hl - 16 + n * 4);
+        return 0;
+    }
+    c->status = st; c->phase = phase; c->which = which;
+    return 1;
+}
+
+void *edgemesh_direct_step_fn(void) { return (void *)edgemesh_direct_step; }

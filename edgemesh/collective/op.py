@@ -103,9 +103,9 @@ def _sender_of(rank: int) -> bytes:
 _TEMPLATES: dict[tuple[str, bytes, TensorSpec], tuple[bytes, bytes]] = {}
 
 
-def part_header(method: str, seq: int, sender: bytes, spec: TensorSpec) -> bytes:
-    """``data_header(method, seq, sender, None, [spec])``, from a cached template: a msgpack array
-    is the concatenation of its items, so only the sequence number is packed per message."""
+def part_template(method: str, sender: bytes, spec: TensorSpec) -> tuple[bytes, bytes]:
+    """(before, after): ``data_header(method, seq, sender, None, [spec])`` is ``before``, then
+    ``msgpack.packb(seq)``, then ``after`` — a msgpack array is the concatenation of its items."""
     key = (method, sender, spec)
     parts = _TEMPLATES.get(key)
     if parts is None:
@@ -114,6 +114,13 @@ def part_header(method: str, seq: int, sender: bytes, spec: TensorSpec) -> bytes
         head = msgpack.packb([VERSION, int(Kind.REQUEST), method], use_bin_type=True)
         tail = msgpack.packb([sender, None, [spec_to_wire(spec)]], use_bin_type=True)
         parts = _TEMPLATES[key] = (b"\x97" + head[1:], tail[1:])  # fixarray headers: 1 byte each
+    return parts
+
+
+def part_header(method: str, seq: int, sender: bytes, spec: TensorSpec) -> bytes:
+    """``data_header(method, seq, sender, None, [spec])``, from a cached template: only the
+    sequence number is packed per message."""
+    parts = _TEMPLATES.get((method, sender, spec)) or part_template(method, sender, spec)
     return parts[0] + msgpack.packb(seq) + parts[1]
 
 

@@ -610,7 +610,7 @@ class SecureLinks:
                                        acc.size, head, len(head), self._timeout_ms(deadline), SPIN_US,
                                        ctypes.byref(self._which), ctypes.byref(phase))
         if phase.value == 0:  # failed while receiving: nothing summed
-            self._native_received(conns, first, st)  # raises a link failure
+            self._native_received(conns, first, st, self._which.value)  # raises a link failure
             return False
         for conn in conns:
             conn.start = conn.end = 0
@@ -650,7 +650,7 @@ class SecureLinks:
             self._native_finish_send(conns[0], self._nlinks[self._npos[hub]], st, len(head) + n, len(envelope) + n)
             return True, None
         self.bytes_sent += len(envelope) + n
-        if not self._native_received(conns, self._npos[hub], st):
+        if not self._native_received(conns, self._npos[hub], st, 0):
             return True, None
         conns[0].start = conns[0].end = 0
         self.bytes_received += len(expect) + n
@@ -680,19 +680,82 @@ class SecureLinks:
         st = nat.lib.edgemesh_direct(self._naddr[peers[0]], len(peers), self.rank, head, len(head), mine.ctypes.data,
                                      mine.size, expect, elen, out.ctypes.data, self._timeout_ms(deadline), SPIN_US,
                                      ctypes.byref(self._which), ctypes.byref(phase))
-        if phase.value == 1:  # a send stopped at link `which`: the ones before it are out
-            k = self._which.value
-            self.bytes_sent += k * (len(envelope) + n)
-            self._native_finish_send(conns[k], self._nlinks[k], st, len(head) + n, len(envelope) + n)
-            return k + 1, None
-        self.bytes_sent += len(peers) * (len(envelope) + n)
-        if not self._native_received(conns, 0, st):
-            return len(peers), None
+        sent, received = self._direct_after(conns, st, phase.value, self._which.value, len(head) + n, len(envelope) + n,
+                                            len(envelopes[0]) + n)
+        if not received:
+            return sent, None
+        self.native_ops += 1
+        return sent, out
+
+    def _direct_after(self, conns: list[_Conn], status: int, phase: int, which: int, total: int,
+                      payload: int, payload_in: int) -> tuple[int, bool]:
+        """After a native direct op: (ranks that have this rank's part, all parts received).
+        A stopped send is finished in Python; a failed receive leaves its bytes to ``recv``;
+        a link failure raises as Python's own read or write would."""
+        if phase == 1:  # the send to link `which` stopped: the ones before it are out
+            self.bytes_sent += which * payload
+            self._native_finish_send(conns[which], self._nlinks[which], status, total, payload)
+            return which + 1, False
+        self.bytes_sent += len(conns) * payload
+        if not self._native_received(conns, 0, status, which):
+            return len(conns), False
         for conn in conns:
             conn.start = conn.end = 0
-        self.bytes_received += sum(len(e) + n for e in envelopes)
-        self.native_ops += 1
-        return len(peers), out
+        self.bytes_received += len(conns) * payload_in
+        return len(conns), True
+
+    def direct_loop(self, templates: Sequence[tuple[bytes, bytes]], n: int, timeout: float) -> Any:
+        """A ``native.DirectCtx`` for direct allreduces of ``n`` float32 values run from C (the
+        native decode loop), or None where the C side cannot run them. ``templates[r]``: rank
+        r's envelope around the sequence number (``op.part_template``)."""
+        nat = self._native
+        peers = sorted(self._conns)
+        if nat is None or len(templates) != self.world_size or len(peers) != self.world_size - 1:
+            return None
+        pre, tails = templates[0][0], [t for _, t in templates]
+        longest = _QUICK.size + len(pre) + 9 + len(tails[0]) + 4 * n  # the largest sequence number
+        if (any(p != pre for p, _ in templates) or len({len(t) for t in tails}) != 1 or len(pre) > nativemod.PRE_MAX
+                or len(tails[0]) > nativemod.TAIL_MAX or longest > min(INBUF, ONE_SEGMENT)
+                or longest - _QUICK.size > self._max_message or len(peers) > nativemod.MAX_LINKS):
+            return None
+        ctx = nativemod.DirectCtx()
+        ctx.links, ctx.k, ctx.me, ctx.n = self._naddr[peers[0]], len(peers), self.rank, n
+        ctx.timeout_ms, ctx.spin_us = max(1, math.ceil(timeout * 1000)), SPIN_US
+        ctx.pre_len, ctx.tail_len = len(pre), len(tails[0])
+        ctypes.memmove(ctx.pre, pre, len(pre))
+        for r, t in enumerate(tails):
+            ctypes.memmove(ctypes.addressof(ctx.tails) + r * nativemod.TAIL_MAX, t, len(t))
+        return ctx
+
+    def direct_loop_ready(self) -> bool:
+        """Nothing of any link is buffered or pending in Python: the C side may read them."""
+        return self._native is not None and not self._lost and all(
+            not self._inbox[p] and c.frames is None and c.start == c.end and not c.partial
+            for p, c in self._conns.items())
+
+    def direct_loop_settle(self, ctx: Any) -> None:
+        """Account the ops the C side finished since the last call (bytes, counters)."""
+        if ctx.ops:
+            self.bytes_sent += ctx.bytes
+            self.bytes_received += ctx.bytes
+            self.native_ops += ctx.ops
+            ctx.ops = ctx.bytes = 0
+            for conn in self._conns.values():
+                conn.start = conn.end = 0
+
+    def direct_loop_stopped(self, ctx: Any) -> int:
+        """The op the C loop stopped in (sequence number ``ctx.seq``): handled as after
+        ``direct_exchange``; returns how many other ranks already have this rank's part (the
+        caller sends to the rest and receives everything with ``recv``)."""
+        self.direct_loop_settle(ctx)
+        if ctx.phase == 2:
+            return 0
+        conns = [self._conns[p] for p in sorted(self._conns)]
+        payload = ctx.pre_len + len(msgpack.packb(ctx.seq)) + ctx.tail_len + 4 * ctx.n
+        sent, received = self._direct_after(conns, ctx.status, ctx.phase, ctx.which, _QUICK.size + payload, payload,
+                                            payload)
+        assert not received
+        return sent
 
     def _native_idle(self, peers: Sequence[int], envelopes: Sequence[bytes], data: np.ndarray) -> list[_Conn] | None:
         """The connections to ``peers`` if the C side may take them now: float32 data, records
@@ -717,7 +780,7 @@ class SecureLinks:
     def _timeout_ms(deadline: float) -> int:
         return max(0, math.ceil((deadline - time.monotonic()) * 1000))
 
-    def _native_received(self, conns: list[_Conn], first: int, status: int) -> bool:
+    def _native_received(self, conns: list[_Conn], first: int, status: int, which: int) -> bool:
         """After a native receive: True if every record came whole. Otherwise the bytes read go
         to the Python decoder (False), or the link failure is raised as Python would."""
         if status == nativemod.OK:
@@ -726,8 +789,7 @@ class SecureLinks:
         for i, conn in enumerate(conns):
             conn.start, conn.end = 0, links[first + i].got
         if status in (nativemod.IO, nativemod.EOF):
-            k = self._which.value
-            raise self._native_failure(conns[k], status, links[first + k])
+            raise self._native_failure(conns[which], status, links[first + which])
         return False
 
     def _native_finish_send(self, conn: _Conn, link: nativemod.Link, status: int, total: int, payload: int) -> None:

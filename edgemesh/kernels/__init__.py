@@ -130,6 +130,10 @@ def _build(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
     lib.edgemesh_q4_mlp_decode.argtypes = lib.edgemesh_int8_mlp_decode.argtypes
     lib.edgemesh_pool_threads.restype = ctypes.c_int
     lib.edgemesh_pool_threads.argtypes = [ctypes.c_int]
+    i64, ci = ctypes.c_int64, ctypes.c_int
+    lib.edgemesh_decode_layers.restype = ci
+    lib.edgemesh_decode_layers.argtypes = [vp, ci, ci, vp, i64, f32, i64, vp, vp, i64, i64, vp, vp, vp, vp, vp,
+                                           ctypes.POINTER(ci)]
     if lib.edgemesh_int8_gemv_max_m() != MAX_M:
         log.warning("int8 decode kernel: unexpected build (%s); using torch's kernels", lib._name)
         return None
@@ -414,3 +418,84 @@ def mlp_decode(x: torch.Tensor, w: dict[str, torch.Tensor], eps: float) -> torch
     if rc != 0:
         raise ValueError(f"mlp_decode: bad shapes (hidden {hdim}, rows {f})")
     return out
+
+
+class Layer(ctypes.Structure):
+    """``em_layer``: one decoder layer's two blocks as the native decode loop takes them."""
+
+    _fields_ = [("att_fmt", ctypes.c_int), ("mlp_fmt", ctypes.c_int), ("att_norm", ctypes.c_void_p),
+                *[(n, ctypes.c_void_p) for n in ("wq", "sq", "wk", "sk", "wv", "sv", "wo", "so")],
+                ("n_q", ctypes.c_int64), ("n_kv", ctypes.c_int64), ("kcache", ctypes.c_void_p),
+                ("vcache", ctypes.c_void_p), ("mlp_norm", ctypes.c_void_p),
+                *[(n, ctypes.c_void_p) for n in ("wg", "sg", "wu", "su", "wd", "sd")], ("f", ctypes.c_int64)]
+
+
+class LayerTable:
+    """Every decoder layer of a rank for the native decode loop: the C descriptions and what
+    they point into (kept alive here), plus the scratch the largest block needs."""
+
+    def __init__(self, layers: Any, keep: list[Any], hdim: int, head_dim: int, max_seq: int, scratch: int) -> None:
+        self.layers, self.keep = layers, keep
+        self.hdim, self.head_dim, self.max_seq = hdim, head_dim, max_seq
+        self.scratch = torch.empty(scratch, dtype=torch.float32)
+        self.part = torch.empty(hdim, dtype=torch.float32)
+        self.sum = torch.empty(hdim, dtype=torch.float32)
+        self.blocks = 2 * len(layers)
+
+
+def layer_table(blocks: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor, torch.Tensor]],
+                hdim: int, head_dim: int) -> LayerTable | None:
+    """The native decode loop's table for layers given as (attention weights, MLP weights, K
+    cache, V cache); None unless every block suits the C code (the same checks as
+    ``attention_decode`` and ``mlp_decode``, whose paths the Python loop keeps)."""
+    lib = native()
+    if lib is None or not blocks:
+        return None
+    arr = (Layer * len(blocks))()
+    keep: list[Any] = []
+    max_seq = blocks[0][2].shape[2]
+    need = 0
+    for i, (wa, wm, kc, vc) in enumerate(blocks):
+        att = _checked_weights(wa, (lib, hdim, head_dim), lambda: _attention_weights(wa, hdim, head_dim))
+        mlp = _checked_weights(wm, (lib, hdim), lambda: _mlp_weights(wm, hdim))
+        if att is None or mlp is None:
+            return None
+        call, n_q, n_kv, norm, ptrs = att
+        if (tuple(kc.shape) != (1, n_kv, max_seq, head_dim) or kc.shape != vc.shape or not _ready(kc, vc)
+                or kc.dtype != torch.float32 or vc.dtype != torch.float32):
+            return None
+        L = arr[i]
+        L.att_fmt = 1 if call is lib.edgemesh_q4_attn_decode else 0
+        L.att_norm = norm
+        L.wq, L.sq, L.wk, L.sk, L.wv, L.sv, L.wo, L.so = ptrs
+        L.n_q, L.n_kv, L.kcache, L.vcache = n_q, n_kv, _ptr(kc), _ptr(vc)
+        call, f, norm, ptrs = mlp
+        L.mlp_fmt = 1 if call is lib.edgemesh_q4_mlp_decode else 0
+        L.mlp_norm = norm
+        L.wg, L.sg, L.wu, L.su, L.wd, L.sd = ptrs
+        L.f = f
+        keep += [wa, wm, (kc, vc)]
+        need = max(need, hdim + 2 * (n_q + n_kv) * head_dim + n_q * max_seq, hdim + 2 * f)
+    return LayerTable(arr, keep, hdim, head_dim, max_seq, need)
+
+
+def decode_layers(table: LayerTable, h: torch.Tensor, start: int, eps: float, cos: torch.Tensor, sin: torch.Tensor,
+                  pos: int, allreduce_fn: int, allreduce_ctx: int) -> int:
+    """Run blocks ``start``… of ``table`` on ``h`` ([hdim] fp32, updated in place) for the token
+    at ``pos``, each block's partial output summed by ``allreduce_fn(allreduce_ctx, …)``. Returns
+    the number of blocks when all ran; else the block whose allreduce stopped, with its partial
+    output in ``table.part`` and ``h`` not yet updated by it (the caller finishes that op)."""
+    lib = _lib
+    assert lib is not None
+    if (h.dtype != torch.float32 or h.numel() != table.hdim or not _ready(h, cos, sin) or not 0 <= pos < table.max_seq
+            or tuple(cos.shape) != (1, table.head_dim) or cos.shape != sin.shape):
+        raise ValueError("decode_layers: the hidden state, position or rope rows do not fit the table")
+    stopped = ctypes.c_int(0)
+    _threads(lib)
+    rc = lib.edgemesh_decode_layers(ctypes.addressof(table.layers), table.blocks, start, _ptr(h), table.hdim,
+                                    ctypes.c_float(eps), table.head_dim, _ptr(cos), _ptr(sin), table.max_seq, pos,
+                                    _ptr(table.scratch), _ptr(table.part), _ptr(table.sum), allreduce_fn,
+                                    allreduce_ctx, ctypes.byref(stopped))
+    if rc < 0:
+        raise ValueError(f"decode_layers: block {stopped.value} refused its shapes")
+    return stopped.value

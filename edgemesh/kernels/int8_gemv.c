@@ -797,3 +797,52 @@ int edgemesh_int8_attn_decode(ATTN_ARGS(int8_t, float)) { return ATTN_CALL(FMT_I
 int edgemesh_q4_attn_decode(ATTN_ARGS(uint8_t, uint16_t)) { return ATTN_CALL(FMT_Q4); }
 int edgemesh_int8_mlp_decode(MLP_ARGS(int8_t, float)) { return MLP_CALL(FMT_INT8); }
 int edgemesh_q4_mlp_decode(MLP_ARGS(uint8_t, uint16_t)) { return MLP_CALL(FMT_Q4); }
+
+/* ---- a rank's decoder layers for one token, allreduces included ------------------------------
+ * The same two blocks per layer as the Python loop (llm/model.py run_layers): partial attention,
+ * allreduce, residual; partial SwiGLU, allreduce, residual. The allreduce is a callback from the
+ * collective's own library (collective/native_links.c): this file knows nothing of links. A
+ * callback that cannot finish an op returns nonzero; the loop stops there with that block's
+ * partial output in `part` and tells which block (*stopped), so Python finishes the op and goes
+ * on from the next block. */
+
+typedef int (*em_allreduce_fn)(void *ctx, const float *part, float *sum, int n);
+
+typedef struct {
+    int att_fmt, mlp_fmt;
+    const float *att_norm;
+    const void *wq, *sq, *wk, *sk, *wv, *sv, *wo, *so;
+    int64_t n_q, n_kv;
+    float *kcache, *vcache;
+    const float *mlp_norm;
+    const void *wg, *sg, *wu, *su, *wd, *sd;
+    int64_t f;
+} em_layer;
+
+int edgemesh_decode_layers(const em_layer *layers, int n_blocks, int from, float *h, int64_t hdim, float eps,
+                           int64_t d, const float *cs, const float *sn, int64_t max_seq, int64_t pos,
+                           float *scratch, float *part, float *sum, void *fn, void *ctx, int *stopped) {
+    em_allreduce_fn allreduce = (em_allreduce_fn)fn;
+    for (int b = from; b < n_blocks; b++) {
+        const em_layer *L = &layers[b / 2];
+        int rc;
+        if (b % 2 == 0)
+            rc = attn_decode(L->att_fmt, h, L->att_norm, eps, (size_t)hdim, L->wq, L->sq, L->wk, L->sk, L->wv,
+                             L->sv, L->wo, L->so, (size_t)L->n_q, (size_t)L->n_kv, (size_t)d, cs, sn, L->kcache,
+                             L->vcache, (size_t)max_seq, (size_t)pos, scratch, part);
+        else
+            rc = mlp_decode(L->mlp_fmt, h, L->mlp_norm, eps, (size_t)hdim, L->wg, L->sg, L->wu, L->su, L->wd,
+                            L->sd, (size_t)L->f, scratch, part);
+        if (rc != 0) {
+            *stopped = b;
+            return -1; /* shapes the Python checks should have refused */
+        }
+        if (allreduce(ctx, part, sum, (int)hdim) != 0) {
+            *stopped = b;
+            return 1;
+        }
+        for (int64_t j = 0; j < hdim; j++) h[j] = h[j] + sum[j];
+    }
+    *stopped = n_blocks;
+    return 0;
+}

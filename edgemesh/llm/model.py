@@ -41,7 +41,7 @@ from edgemesh.llm.choice import Choice, decide, summarize
 from edgemesh.llm.rope import apply_rope, rope_table
 from edgemesh.llm.sampling import Sampler
 from edgemesh.weights.config import ModelConfig
-from edgemesh.weights.provider import WeightProvider
+from edgemesh.weights.provider import InMemoryProvider, WeightProvider
 from edgemesh.weights.quant import SCALE
 from edgemesh.weights.shard import ShardSpec
 
@@ -170,6 +170,8 @@ class Participant:
         if not 0 <= self.vocab[0] <= self.vocab[1] <= v:
             raise ConfigError(f"vocabulary range {self.vocab} outside 0:{v}")
         self._last_logits: torch.Tensor | None = None
+        self._table: kernels.LayerTable | None = None  # the native decode loop's, for _table_key
+        self._table_key: tuple[Any, ...] | None = None
         self.full_logit_choices = 0  # sampled steps the candidates did not decide (whole logits gathered)
 
     @property
@@ -202,6 +204,10 @@ class Participant:
             raise ConfigError("a decode step must use the batch size of its prefill")
         cos = self._cos[start_pos:start_pos + t]
         sin = self._sin[start_pos:start_pos + t]
+        if t == 1 and h.shape[0] == 1:
+            out = self._native_layers(h, start_pos, cos, sin)
+            if out is not None:
+                return out
         for i in range(self.config.num_hidden_layers):
             name = f"attn_{i}"
             w = self.provider.get(name)
@@ -216,6 +222,41 @@ class Participant:
             self.provider.release(name)
             h = h + self.collective.allreduce_sum(part)
         return h
+
+    def _native_layers(self, h: torch.Tensor, pos: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
+        """The decode step's layers in one native loop, allreduces included (``kernels.
+        decode_layers``): the same blocks, sums and residuals as the loop above, without
+        Python between them. None where it does not apply (weights outside memory, formats or
+        shapes the C code does not take, a collective without a native allreduce)."""
+        native_allreduce = getattr(self.collective, "native_allreduce", None)
+        if native_allreduce is None or h.dtype != torch.float32 or not isinstance(self.provider, InMemoryProvider):
+            return None
+        hdim = h.shape[-1]
+        allreduce = native_allreduce(hdim)
+        if allreduce is None:
+            return None
+        key = (self.provider, id(self._caches), hdim)
+        if self._table_key != key:
+            blocks = [(self.provider.get(f"attn_{i}"), self.provider.get(f"mlp_{i}"), c.k, c.v)
+                      for i, c in enumerate(self._caches)]
+            self._table = kernels.layer_table(blocks, hdim, self.config.head_dim)
+            self._table_key = key
+        table = self._table
+        if table is None or not allreduce.begin():
+            return None
+        x = h.reshape(-1).clone()  # the residual stream, updated in place
+        block = 0
+        try:
+            while True:
+                block = kernels.decode_layers(table, x, block, self.config.rms_norm_eps, cos, sin, pos,
+                                              allreduce.fn, allreduce.ctx)
+                if block >= table.blocks:
+                    break
+                x += allreduce.finish(table.part)  # the op the C loop could not finish, then on
+                block += 1
+        finally:
+            allreduce.end()
+        return x.view(h.shape)
 
     # ---- the head: every rank holds its vocabulary rows ------------------------------------
 
