@@ -264,6 +264,27 @@ class NativeAllreduce:
         self._group, self._ctx, self.numel = group, ctx, numel
         self.fn: int = state.lib.edgemesh_direct_step_fn()
         self.ctx: int = ctypes.addressof(ctx)
+        self._call = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                      ctypes.c_int)(self.fn)
+
+    @property
+    def seconds(self) -> float:
+        """Time spent in the ops the C side ran (sending, waiting for the others, receiving)."""
+        return self._ctx.ns / 1e9
+
+    def allreduce_sum(self, part: torch.Tensor) -> torch.Tensor:
+        """One op through the callback, as the C loop runs it (``bench``'s in-band probe):
+        ``part`` float32 of ``numel`` values; the sum as a new tensor of its shape."""
+        x = part.detach().reshape(-1).contiguous()
+        if x.dtype != torch.float32 or x.numel() != self.numel or not self.begin():
+            return self._group.allreduce_sum(part)
+        out = torch.empty_like(x)
+        try:
+            if self._call(self.ctx, x.data_ptr(), out.data_ptr(), self.numel) != 0:
+                out = self.finish(x)
+        finally:
+            self.end()
+        return out.view(part.shape)
 
     def begin(self) -> bool:
         """Ready the callback for ops numbered after the group's last one; False: not now (data

@@ -50,7 +50,7 @@ class DirectCtx(ctypes.Structure):
 
     _fields_ = [("links", ctypes.c_void_p), ("k", ctypes.c_int), ("me", ctypes.c_int), ("n", ctypes.c_int),
                 ("timeout_ms", ctypes.c_int), ("spin_us", ctypes.c_int), ("seq", ctypes.c_uint64),
-                ("ops", ctypes.c_uint64), ("bytes", ctypes.c_uint64), ("status", ctypes.c_int),
+                ("ops", ctypes.c_uint64), ("bytes", ctypes.c_uint64), ("ns", ctypes.c_uint64), ("status", ctypes.c_int),
                 ("phase", ctypes.c_int), ("which", ctypes.c_int), ("pre_len", ctypes.c_int),
                 ("tail_len", ctypes.c_int), ("pre", ctypes.c_uint8 * PRE_MAX),
                 ("tails", ctypes.c_uint8 * ((MAX_LINKS + 1) * TAIL_MAX)),

@@ -312,6 +312,7 @@ typedef struct {
     int timeout_ms, spin_us;
     uint64_t seq;         /* the sequence number of the next op */
     uint64_t ops, bytes;  /* ops done here; payload bytes sent (= received) by them */
+    uint64_t ns;          /* time spent in the ops (sending, waiting, receiving, adding) */
     int status, phase, which;
     int pre_len, tail_len;
     uint8_t pre[EM_PRE_MAX];
@@ -342,8 +343,19 @@ static int put_record_head(uint8_t *p, const em_direct_ctx *c, const uint8_t *se
 }
 
 /* em_allreduce_fn: sum = the rank-order sum of every rank's `part`. 0: done; 1: stopped (see above). */
+static int direct_step(em_direct_ctx *c, const float *part, float *sum, int n);
+
 int edgemesh_direct_step(void *vctx, const float *part, float *sum, int n) {
     em_direct_ctx *c = vctx;
+    struct timespec a, b;
+    clock_gettime(CLOCK_MONOTONIC, &a);
+    int rc = direct_step(c, part, sum, n);
+    clock_gettime(CLOCK_MONOTONIC, &b);
+    c->ns += (uint64_t)((int64_t)(b.tv_sec - a.tv_sec) * 1000000000 + (b.tv_nsec - a.tv_nsec));
+    return rc;
+}
+
+static int direct_step(em_direct_ctx *c, const float *part, float *sum, int n) {
     if (n != c->n) {
         c->status = EM_OTHER; c->phase = 2; c->which = 0;
         return 1;

@@ -15,7 +15,7 @@ import torch
 from edgemesh.errors import EdgemeshError
 from edgemesh.llm.choice import Choice
 from edgemesh.llm.measure import follow_solo
-from edgemesh.llm.model import Participant
+from edgemesh.llm.model import Participant, decode_allreduce
 
 MAX_PROBES = 10_000
 MAX_PROBE_NUMEL = 1 << 24
@@ -41,8 +41,9 @@ def follow_one(model: Participant) -> bool:
         if not isinstance(n, int) or not isinstance(numel, int) or not (0 < n <= MAX_PROBES and 0 < numel <= MAX_PROBE_NUMEL):
             raise EdgemeshError("bad probe from the master")
         probe = torch.zeros(1, 1, numel)
+        allreduce = decode_allreduce(group, numel)
         for _ in range(n):
-            group.allreduce_sum(probe)
+            allreduce(probe)
         return True
     if op == "logits":  # the last choice was not decided by the candidates: send my slice
         model.send_last_logits()

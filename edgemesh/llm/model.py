@@ -28,7 +28,7 @@ step ends with one ``gather`` to the master: of the whole logits (``"head": "log
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +57,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     xf = x.to(torch.float32)
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(dtype)
+
+
+def decode_allreduce(collective: Collective, numel: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The allreduce a decode step runs for ``numel`` values: the group's native one when the
+    native decode loop would use it (``Participant._native_layers``), else ``allreduce_sum``.
+    For measurements of that op (``bench generate``'s in-band probe)."""
+    get = getattr(collective, "native_allreduce", None)
+    native = get(numel) if get is not None else None
+    return native.allreduce_sum if native is not None else collective.allreduce_sum
 
 
 @dataclass

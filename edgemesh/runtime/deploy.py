@@ -26,7 +26,7 @@ from edgemesh.errors import EdgemeshError
 from edgemesh.identity.keys import curve_public_for
 from edgemesh.identity.statedir import StateDir
 from edgemesh.llm.build import rank_files
-from edgemesh.llm.model import Participant
+from edgemesh.llm.model import Participant, decode_allreduce
 from edgemesh.mesh.rpc import rpc_session
 from edgemesh.placement.devices import Device, Link
 from edgemesh.placement.budget import plan_with_budget
@@ -422,10 +422,11 @@ def probe_allreduce(model: Participant, n: int) -> list[float]:
 def probe_group(collective: Any, hidden: int, n: int) -> list[float]:
     collective.broadcast_meta({"op": "probe", "n": n, "numel": hidden})
     x = torch.zeros(1, 1, hidden)
+    allreduce = decode_allreduce(collective, hidden)
     out = []
     for _ in range(n):
         t = time.perf_counter()
-        collective.allreduce_sum(x)
+        allreduce(x)
         out.append(time.perf_counter() - t)
     return out
 
