@@ -61,6 +61,20 @@ from edgemesh.transport.endpoint import parse_endpoint
 
 log = logging.getLogger(__name__)
 
+
+def _spin_us() -> int:
+    """µs a native receive polls (yielding the core) before it sleeps: a sender then need not
+    wake it, which costs tens of µs in a VM. ``EDGEMESH_LINK_SPIN_US`` (0 = sleep at once)."""
+    raw = os.environ.get("EDGEMESH_LINK_SPIN_US", "").strip()
+    try:
+        return max(0, min(int(raw), 10_000)) if raw else 50
+    except ValueError:
+        log.warning("EDGEMESH_LINK_SPIN_US=%r is not a number; using 50", raw)
+        return 50
+
+
+SPIN_US = _spin_us()
+
 MAGIC = b"EMC2"
 MODE_PLAIN, MODE_SECURE = 0, 1
 HELLO = struct.Struct("<4sBBHHH32s16s")  # magic, mode, 0, world, from rank, to rank, dialer's key, job digest
@@ -82,7 +96,6 @@ INBUF = 64 * 1024  # per-connection read buffer: a decode-size message arrives i
 # larger frames are written from the caller's buffer.
 ONE_SEGMENT = 64 * 1024
 SEND_TIMEOUT = 30.0  # a send that cannot progress this long means the peer stopped reading
-SPIN_US = int(os.environ.get("EDGEMESH_LINK_SPIN_US", "50") or 0)
 LOST_GRACE = 0.05  # a *different* rank's connection closed: how long the awaited one may still answer
 _POLLIN = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
 _WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)

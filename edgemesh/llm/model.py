@@ -244,12 +244,12 @@ class Participant:
         allreduce = native_allreduce(hdim)
         if allreduce is None:
             return None
-        key = (self.provider, id(self._caches), hdim)
-        if self._table_key != key:
+        key = self._table_key  # provider and cache list by identity: a new cache, a new table
+        if key is None or key[0] is not self.provider or key[1] is not self._caches or key[2] != hdim:
             blocks = [(self.provider.get(f"attn_{i}"), self.provider.get(f"mlp_{i}"), c.k, c.v)
                       for i, c in enumerate(self._caches)]
             self._table = kernels.layer_table(blocks, hdim, self.config.head_dim)
-            self._table_key = key
+            self._table_key = (self.provider, self._caches, hdim)
         table = self._table
         if table is None or not allreduce.begin():
             return None

@@ -47,7 +47,14 @@ def _run(groups: list[Any], config: Any, blocks: Any, specs: list[Any], *, stop_
                     allreduce = groups[r].native_allreduce(config.hidden_size)
                     if allreduce is not None:
                         allreduce._ctx.n = config.hidden_size
-        return outs, groups[r]._links.native_ops, groups[r]._seq, groups[r].wire_bytes, p._table is not None
+            looped = p._table is not None
+            # A new KV cache (another batch size came and went) means a new table: the old one
+            # points into the old cache.
+            old, p._batch = p._table, 0
+            p.run_layers(h, 0)
+            p.run_layers(torch.randn(1, 1, config.hidden_size, generator=g), 5)
+            assert not looped or (p._table is not old and p._table.keep[2][0] is p._caches[0].k)
+        return outs, groups[r]._links.native_ops, groups[r]._seq, groups[r].wire_bytes, looped
 
     res = in_threads(len(groups), rank, timeout=60)
     for x in res:
@@ -86,7 +93,7 @@ def test_the_native_loop_gives_the_python_loops_bits(model: Any) -> None:
         ref_outs, ref_ops, ref_seq, ref_wire, _ = want[r]
         assert all(torch.equal(a, b) for a, b in zip(outs, ref_outs)), f"rank {r}"
         assert looped == bool(specs[r].kv_groups)
-        assert ref_ops == 0 and ops == 2 * layers * (STEPS + 1)  # every op in C (the prefill's too)
+        assert ref_ops == 0 and ops == 2 * layers * (STEPS + 3)  # every op in C (the prefills' too)
         assert seq == ref_seq and wire == ref_wire  # numbered and counted as the Python path
 
 
@@ -105,5 +112,5 @@ def test_ops_the_loop_cannot_finish_go_to_python_mid_loop(model: Any) -> None:
         assert all(torch.equal(a, b) for a, b in zip(got[r][0], want[r][0])), f"rank {r}"
         # Step 2's ops went through Python on the ranks in the loop (the rank without a head
         # runs the Python loop, whose allreduces the C side moves one by one).
-        assert got[r][1] == 2 * config.num_hidden_layers * (STEPS + (not specs[r].kv_groups))
+        assert got[r][1] == 2 * config.num_hidden_layers * (STEPS + 2 + (not specs[r].kv_groups))
         assert got[r][2:4] == want[r][2:4]
