@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from edgemesh import kernels
-from edgemesh.collective.base import Collective
+from edgemesh.collective.base import Collective, LocalCollective
 from edgemesh.errors import ConfigError, EdgemeshError
 from edgemesh.llm import qlinear
 from edgemesh.llm.choice import Choice, decide, summarize
@@ -57,6 +57,24 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     xf = x.to(torch.float32)
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(dtype)
+
+
+class _NoAllreduce:
+    """The native decode loop's allreduce for a world of one: none (a null callback)."""
+
+    fn = ctx = 0
+
+    def begin(self) -> bool:
+        return True
+
+    def end(self) -> None:
+        pass
+
+    def finish(self, part: torch.Tensor) -> torch.Tensor:  # never called: nothing can stop
+        return part
+
+
+_NO_ALLREDUCE = _NoAllreduce()
 
 
 def decode_allreduce(collective: Collective, numel: int) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -237,13 +255,16 @@ class Participant:
         decode_layers``): the same blocks, sums and residuals as the loop above, without
         Python between them. None where it does not apply (weights outside memory, formats or
         shapes the C code does not take, a collective without a native allreduce)."""
-        native_allreduce = getattr(self.collective, "native_allreduce", None)
-        if native_allreduce is None or h.dtype != torch.float32 or not isinstance(self.provider, InMemoryProvider):
+        if h.dtype != torch.float32 or not isinstance(self.provider, InMemoryProvider):
             return None
         hdim = h.shape[-1]
-        allreduce = native_allreduce(hdim)
-        if allreduce is None:
-            return None
+        if isinstance(self.collective, LocalCollective):  # one device: no allreduce at all
+            allreduce: Any = _NO_ALLREDUCE
+        else:
+            native_allreduce = getattr(self.collective, "native_allreduce", None)
+            allreduce = native_allreduce(hdim) if native_allreduce is not None else None
+            if allreduce is None:
+                return None
         key = self._table_key  # provider and cache list by identity: a new cache, a new table
         if key is None or key[0] is not self.provider or key[1] is not self._caches or key[2] != hdim:
             blocks = [(self.provider.get(f"attn_{i}"), self.provider.get(f"mlp_{i}"), c.k, c.v)
