@@ -26,11 +26,13 @@ either the group is broken and only ``close()`` is useful.
 from __future__ import annotations
 
 import ctypes
+import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
 
+from edgemesh.collective import native
 from edgemesh.collective.compress import check_wire_dtype, from_accumulator, to_accumulator, wire_dtype_for
 from edgemesh.collective.direct import direct_allreduce, finish_direct
 from edgemesh.collective.costmodel import LOOPBACK_CURVE, Algorithm, Choice, LinkCost, choose, predict
@@ -257,8 +259,6 @@ class NativeAllreduce:
     group, as ``allreduce_sum`` would)."""
 
     def __init__(self, group: CollectiveGroup, ctx: Any, numel: int) -> None:
-        from edgemesh.collective import native
-
         state = native.native()
         assert state is not None
         self._group, self._ctx, self.numel = group, ctx, numel
@@ -293,6 +293,7 @@ class NativeAllreduce:
         if g._closed or g._broken is not None or not g._links.direct_loop_ready():  # type: ignore[attr-defined]
             return False
         self._ctx.seq = g._seq + 1
+        self._ctx.n = self.numel  # (un)held: see finish
         return True
 
     def end(self) -> None:
@@ -305,8 +306,11 @@ class NativeAllreduce:
         g = self._group
         g._seq = self._ctx.seq - 1
         op = g._begin()  # this op's number, the one the C side used
+        links = g._links
         try:
-            sent = g._links.direct_loop_stopped(self._ctx)  # type: ignore[attr-defined]
+            if self._ctx.status == native.TIMEOUT:
+                op.deadline = time.monotonic()  # its deadline passed in C: take what is here, or fail
+            sent = links.direct_loop_stopped(self._ctx)  # type: ignore[attr-defined]
             mine = part.detach().reshape(-1).numpy()
             out = finish_direct(op, mine, TensorSpec("float32", (self.numel,)), sent)
         except BaseException as exc:
@@ -314,4 +318,9 @@ class NativeAllreduce:
             raise
         finally:
             self._ctx.seq = g._seq + 1  # the next op's number, for the loop and for `end`
+        if not links.direct_loop_ready():  # type: ignore[attr-defined]
+            # Python read ahead (a faster rank's next record is in its buffers): the C side
+            # must not read those sockets now. Hold it: every later op of this loop stops at
+            # once, without I/O, and is done here.
+            self._ctx.n = -1
         return torch.from_numpy(out)

@@ -89,6 +89,7 @@ static int read_some(em_link *l, uint8_t *p, int n) {
     if (k > 0) return k;
     int e = ssl_get_error(l->ssl, k);
     if (e == SSL_ERROR_WANT_READ) return 0;
+    if (e == SSL_ERROR_WANT_WRITE) return -EM_OTHER; /* TLS needs to write first: Python's read waits */
     l->err = e;
     l->detail = err_peek();
     if (e == 0) l->detail = (unsigned long)errno;
@@ -114,14 +115,15 @@ static int pull(em_link *l, const uint8_t *expect, int elen, int total) {
  * `got` says how much of its record its rbuf holds. */
 int edgemesh_links_recv(em_link *links, int k, const uint8_t *expect, int elen, int total,
                         int timeout_ms, int spin_us, int *which) {
-    if (k < 1 || k > EM_MAX_LINKS || elen > total) return EM_OTHER;
+    if (k < 1 || k > EM_MAX_LINKS) return EM_OTHER;
+    for (int i = 0; i < k; i++) links[i].got = 0;
+    if (elen > total) return EM_OTHER;
     struct pollfd pf[EM_MAX_LINKS];
     int idx[EM_MAX_LINKS];
     uint8_t done[EM_MAX_LINKS] = {0};
     int left = k;
     int64_t deadline = now_ms() + timeout_ms;
     int64_t spin_until = now_us() + spin_us;
-    for (int i = 0; i < k; i++) links[i].got = 0;
     for (int i = 0; i < k; i++) idx[i] = i; /* first pass: whatever is already there */
     int ready = k;
     for (;;) {

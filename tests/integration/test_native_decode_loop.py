@@ -38,15 +38,21 @@ def _run(groups: list[Any], config: Any, blocks: Any, specs: list[Any], *, stop_
             p.run_layers(h, 0)
             for i in range(STEPS):
                 x = torch.randn(1, 1, config.hidden_size, generator=g)
-                if stop_at is not None and i == stop_at:  # data of another op waits in Python
-                    allreduce = groups[r].native_allreduce(config.hidden_size)
-                    if allreduce is not None:
-                        allreduce._ctx.n = 0  # every op of this step: "not mine", Python finishes it
+                allreduce = groups[r].native_allreduce(config.hidden_size)
+                if stop_at is not None and i == stop_at and allreduce is not None:
+                    # Held from the start of this step, as after Python read ahead: every op
+                    # stops in C without I/O and is done by finish().
+                    begin = allreduce.begin
+
+                    def held(begin: Any = begin, allreduce: Any = allreduce) -> bool:
+                        ok = begin()
+                        allreduce._ctx.n = -1
+                        return ok
+
+                    allreduce.begin = held  # type: ignore[method-assign]
                 outs.append(p.run_layers(x, 5 + i).clone())
-                if stop_at is not None and i == stop_at:
-                    allreduce = groups[r].native_allreduce(config.hidden_size)
-                    if allreduce is not None:
-                        allreduce._ctx.n = config.hidden_size
+                if stop_at is not None and i == stop_at and allreduce is not None:
+                    del allreduce.begin  # the class's again: unheld at the next step
             looped = p._table is not None
             # A new KV cache (another batch size came and went) means a new table: the old one
             # points into the old cache.
