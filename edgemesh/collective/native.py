@@ -25,6 +25,8 @@ import sys
 import threading
 from pathlib import Path
 
+from edgemesh.cbuild import compile_library
+
 log = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("native_links.c")
@@ -122,8 +124,6 @@ def native() -> _Native | None:
 
 
 def _load() -> _Native | None:
-    from edgemesh.kernels import compile_library
-
     lib = compile_library(_SOURCE, "native_links", ["-O2"])
     if lib is None:
         return None

@@ -255,8 +255,8 @@ class Participant:
         decode_layers``): the same blocks, sums and residuals as the loop above, without
         Python between them. None where it does not apply (weights outside memory, formats or
         shapes the C code does not take, a collective without a native allreduce)."""
-        if h.dtype != torch.float32 or not isinstance(self.provider, InMemoryProvider):
-            return None
+        if h.dtype != torch.float32 or not isinstance(self.provider, InMemoryProvider) or kernels.native() is None:
+            return None  # (native() also covers kernels.torch_only(): a table built before it stays unused)
         hdim = h.shape[-1]
         if isinstance(self.collective, LocalCollective):  # one device: no allreduce at all
             allreduce: Any = _NO_ALLREDUCE

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2] / "edgemesh"
 
 # Lowest first. Packages on one line share a layer (they may import each other).
 LAYERS: list[tuple[str, ...]] = [
-    ("edgemesh", "errors", "types", "clock"),
+    ("edgemesh", "errors", "types", "clock", "cbuild"),  # cbuild: our C sources built on first use
     ("config",),
     ("wire",),
     ("identity",),
