@@ -168,7 +168,7 @@ class CollectiveGroup:
         if numel not in self._native:
             make = getattr(self._links, "direct_loop", None)
             ctx = None
-            if make is not None and self.choice(4 * numel).algorithm is Algorithm.DIRECT and self.options.compression is None:
+            if make is not None and self.choice(4 * numel).algorithm is Algorithm.DIRECT:  # exact wires only
                 spec = TensorSpec("float32", (numel,))
                 templates = [part_template(REDUCE, str(r).encode(), spec) for r in range(self.world_size)]
                 ctx = make(templates, numel, self.options.timeout)

@@ -206,7 +206,6 @@ class SecureLinks:
         # The native side of the decode-size messages (native.py); None: Python only.
         self._native: nativemod._Native | None = None
         self._nlinks: Any = None  # ctypes array of native.Link, the other ranks in rank order
-        self._naddr: dict[int, int] = {}  # rank → address of its Link in _nlinks
         self._npos: dict[int, int] = {}  # rank → index in _nlinks
         self._nkeep: list[Any] = []  # buffer exports the Link structs point into
         self._which = ctypes.c_int(0)
@@ -320,10 +319,8 @@ class SecureLinks:
             link.fd = conn.fd
             link.rbuf = ctypes.addressof(rbuf)
             link.wbuf = ctypes.addressof(keep[-1])
-        base, size = ctypes.addressof(arr), ctypes.sizeof(nativemod.Link)
         self._nlinks, self._nkeep = arr, keep
         self._npos = {r: i for i, r in enumerate(ranks)}
-        self._naddr = {r: base + i * size for i, r in enumerate(ranks)}
         self._native = nat
 
     def _make_contexts(self, by_rank: dict[int, Peer]) -> None:
@@ -613,13 +610,13 @@ class SecureLinks:
             return False
         n = acc.nbytes
         elen = _QUICK.size + len(envelopes[0])
-        expect = b"".join([_QUICK.pack(len(e) + n, T_DATA, 2, 0, len(e), n) + e for e in envelopes])
-        head = _QUICK.pack(len(envelope) + n, T_DATA, 2, 0, len(envelope), n) + envelope
+        expect = b"".join([_pair_head(e, n) for e in envelopes])
+        head = _pair_head(envelope, n)
         phase = ctypes.c_int(0)
         nat = self._native
         assert nat is not None
         first = self._npos[peers[0]]
-        st = nat.lib.edgemesh_star_hub(self._naddr[peers[0]], len(conns), expect, elen, elen + n, acc.ctypes.data,
+        st = nat.lib.edgemesh_star_hub(self._link_addr(peers[0]), len(conns), expect, elen, elen + n, acc.ctypes.data,
                                        acc.size, head, len(head), self._timeout_ms(deadline), SPIN_US,
                                        ctypes.byref(self._which), ctypes.byref(phase))
         if phase.value == 0:  # failed while receiving: nothing summed
@@ -650,13 +647,12 @@ class SecureLinks:
         if conns is None:
             return False, None
         n = mine.nbytes
-        head = _QUICK.pack(len(envelope) + n, T_DATA, 2, 0, len(envelope), n) + envelope
-        want = _QUICK.pack(len(expect) + n, T_DATA, 2, 0, len(expect), n) + expect
+        head, want = _pair_head(envelope, n), _pair_head(expect, n)
         out = np.empty_like(mine)
         phase = ctypes.c_int(0)
         nat = self._native
         assert nat is not None
-        st = nat.lib.edgemesh_star_worker(self._naddr[hub], head, len(head), mine.ctypes.data, mine.size, want,
+        st = nat.lib.edgemesh_star_worker(self._link_addr(hub), head, len(head), mine.ctypes.data, mine.size, want,
                                           len(want), out.ctypes.data, self._timeout_ms(deadline), SPIN_US,
                                           ctypes.byref(phase))
         if phase.value == 1:  # the send stopped
@@ -684,13 +680,13 @@ class SecureLinks:
             return 0, None
         n = mine.nbytes
         elen = _QUICK.size + len(envelopes[0])
-        head = _QUICK.pack(len(envelope) + n, T_DATA, 2, 0, len(envelope), n) + envelope
-        expect = b"".join([_QUICK.pack(len(e) + n, T_DATA, 2, 0, len(e), n) + e for e in envelopes])
+        head = _pair_head(envelope, n)
+        expect = b"".join([_pair_head(e, n) for e in envelopes])
         out = np.empty_like(mine)
         phase = ctypes.c_int(0)
         nat = self._native
         assert nat is not None
-        st = nat.lib.edgemesh_direct(self._naddr[peers[0]], len(peers), self.rank, head, len(head), mine.ctypes.data,
+        st = nat.lib.edgemesh_direct(self._link_addr(peers[0]), len(peers), self.rank, head, len(head), mine.ctypes.data,
                                      mine.size, expect, elen, out.ctypes.data, self._timeout_ms(deadline), SPIN_US,
                                      ctypes.byref(self._which), ctypes.byref(phase))
         sent, received = self._direct_after(conns, st, phase.value, self._which.value, len(head) + n, len(envelope) + n,
@@ -732,7 +728,7 @@ class SecureLinks:
                 or longest - _QUICK.size > self._max_message or len(peers) > nativemod.MAX_LINKS):
             return None
         ctx = nativemod.DirectCtx()
-        ctx.links, ctx.k, ctx.me, ctx.n = self._naddr[peers[0]], len(peers), self.rank, n
+        ctx.links, ctx.k, ctx.me, ctx.n = self._link_addr(peers[0]), len(peers), self.rank, n
         ctx.timeout_ms, ctx.spin_us = max(1, math.ceil(timeout * 1000)), SPIN_US
         ctx.pre_len, ctx.tail_len = len(pre), len(tails[0])
         ctypes.memmove(ctx.pre, pre, len(pre))
@@ -788,6 +784,10 @@ class SecureLinks:
                 return None
             conns.append(conn)
         return conns
+
+    def _link_addr(self, rank: int) -> int:
+        """Address of ``rank``'s ``native.Link`` (links of consecutive ranks follow it)."""
+        return ctypes.addressof(self._nlinks) + self._npos[rank] * ctypes.sizeof(nativemod.Link)
 
     @staticmethod
     def _timeout_ms(deadline: float) -> int:
@@ -1232,6 +1232,12 @@ def _connect(host: str, port: int, timeout: float, sockbuf: int | None) -> socke
             sock.close()
             err = exc
     raise err or OSError(f"cannot resolve {host}")
+
+
+def _pair_head(envelope: bytes, nbytes: int) -> bytes:
+    """The start of the record of message [envelope, nbytes of tensor], as ``_record`` makes it:
+    prefix, both frame lengths, the envelope (the C side adds the tensor)."""
+    return _QUICK.pack(len(envelope) + nbytes, T_DATA, 2, 0, len(envelope), nbytes) + envelope
 
 
 def _skip(bufs: list[Any], n: int) -> list[memoryview]:
