@@ -27,6 +27,8 @@ step ends with one ``gather`` to the master: of the whole logits (``"head": "log
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -45,6 +47,9 @@ from edgemesh.weights.provider import InMemoryProvider, WeightProvider
 from edgemesh.weights.quant import SCALE
 from edgemesh.weights.shard import ShardSpec
 
+# Prefills of at least this many positions overlap their allreduces with compute
+# (``Participant._overlapped_layers``): two chunks of 16+ rows, well above the decode kernels' 4.
+OVERLAP_MIN_TOKENS = 32
 LOGIT_ROWS = 16  # positions of whole logits per gather message (bounds the message: 16·V·4 bytes)
 
 
@@ -75,6 +80,10 @@ class _NoAllreduce:
 
 
 _NO_ALLREDUCE = _NoAllreduce()
+
+
+def _overlap_enabled() -> bool:
+    return os.environ.get("EDGEMESH_PREFILL_OVERLAP", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def decode_allreduce(collective: Collective, numel: int) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -235,6 +244,8 @@ class Participant:
             out = self._native_layers(h, start_pos, cos, sin)
             if out is not None:
                 return out
+        if self._overlap_applies(h):
+            return self._overlapped_layers(h, start_pos, cos, sin)
         for i in range(self.config.num_hidden_layers):
             name = f"attn_{i}"
             w = self.provider.get(name)
@@ -249,6 +260,57 @@ class Participant:
             self.provider.release(name)
             h = h + self.collective.allreduce_sum(part)
         return h
+
+    def _overlap_applies(self, h: torch.Tensor) -> bool:
+        """Prefill in a group, weights in memory (a weight window keeps its one-block-at-a-time
+        memory bound), chunks large enough for the prefill kernels (``qlinear``: more than
+        ``kernels.MAX_M`` rows), unless ``EDGEMESH_PREFILL_OVERLAP=0``."""
+        return (self.collective.world_size > 1 and h.shape[1] >= OVERLAP_MIN_TOKENS
+                and isinstance(self.provider, InMemoryProvider) and _overlap_enabled())
+
+    def _overlapped_layers(self, h: torch.Tensor, start_pos: int, cos: torch.Tensor,
+                           sin: torch.Tensor) -> torch.Tensor:
+        """The prefill's layers as two chunks of positions, each block's allreduce of one chunk
+        running on a second thread while this one computes the block of the other: the wire
+        time (and the other ranks' lag) hides behind compute instead of adding to it.
+
+        The same ops in the same order on every rank (chunk 0, then 1, for every block), so
+        the group stays in step; every op is waited for before this returns, also on an
+        error. Chunk 1's attention sees chunk 0's keys of the same layer (already cached),
+        as a chunked prefill does. Each quantized block is converted once for both chunks
+        (``qlinear.widened``), so each product is the one the unchunked loop computes."""
+        t = h.shape[1]
+        cut = t // 2
+        spans = [(0, cut), (cut, t)]
+        hs = [h[:, a:b] for a, b in spans]
+        pending: list[Future[torch.Tensor] | None] = [None, None]
+        allreduce = self.collective.allreduce_sum
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgemesh-prefill-allreduce") as pool:
+            try:
+                for i in range(self.config.num_hidden_layers):
+                    for kind in ("attn", "mlp"):
+                        name = f"{kind}_{i}"
+                        w = qlinear.widened(self.provider.get(name), h.dtype)
+                        for c, (a, b) in enumerate(spans):
+                            job = pending[c]
+                            if job is not None:
+                                hs[c] = hs[c] + job.result()
+                            if kind == "attn":
+                                part = attention_block(hs[c], w, self._caches[i], start_pos + a, cos[a:b], sin[a:b],
+                                                       self.config)
+                            else:
+                                part = mlp_block(hs[c], w, self.config)
+                            pending[c] = pool.submit(allreduce, part)
+                        del w
+                        self.provider.release(name)
+                for c, job in enumerate(pending):
+                    assert job is not None
+                    hs[c] = hs[c] + job.result()
+            finally:
+                for job in pending:  # an op still queued has no one to run it for: drop it
+                    if job is not None:
+                        job.cancel()
+        return torch.cat(hs, dim=1)
 
     def _native_layers(self, h: torch.Tensor, pos: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
         """The decode step's layers in one native loop, allreduces included (``kernels.

@@ -66,9 +66,13 @@ def linear(x: torch.Tensor, w: dict[str, torch.Tensor], name: str, bias: torch.T
     weight = w[name]
     if is_q4(weight):
         return _q4_linear(x, weight, w[name + SCALE], bias)
+    scale = w.get(name + SCALE)
     if weight.dtype != torch.int8:
-        return F.linear(x, weight, bias)
-    scale = w[name + SCALE]
+        if scale is None:
+            return F.linear(x, weight, bias)
+        y = F.linear(x, weight) * scale.to(x.dtype)  # int8 values widened once (``widened``)
+        return y + bias if bias is not None else y
+    assert scale is not None
     rows = x.numel() // x.shape[-1]
     if _native_used(x, weight):
         y = kernels.int8_gemv(x.reshape(rows, x.shape[-1]), weight, scale).reshape(*x.shape[:-1], weight.shape[0])
@@ -135,3 +139,20 @@ def lm_head(h: torch.Tensor, w: dict[str, torch.Tensor], name: str, refine: int 
     rows = weight[top].to(h.dtype) * w[name + SCALE][top].to(h.dtype)[..., None]  # [rows, refine, K]
     flat.scatter_(-1, top, (rows @ flat_h[:, :, None]).squeeze(-1))
     return logits
+
+
+def widened(w: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """A block's weights for several prefill-size products in a row (the overlapped prefill's
+    chunks, ``Participant._overlapped_layers``): each quantized matrix converted once instead
+    of once per product, with the same values the per-product path uses, so every output is
+    bitwise what ``linear`` gives on the quantized dict: a q4 matrix dequantized (its scale
+    dropped), an int8 matrix widened to ``dtype`` with its row scales kept for after the
+    product, as that path applies them. Float matrices are shared, not copied."""
+    out = dict(w)
+    for name, t in w.items():
+        if is_q4(t):
+            out[name] = dequantize_q4(t, w[name + SCALE], dtype)
+            del out[name + SCALE]
+        elif t.dtype == torch.int8 and name + SCALE in w:
+            out[name] = t.to(dtype)
+    return out

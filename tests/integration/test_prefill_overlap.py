@@ -1,0 +1,116 @@
+"""The overlapped prefill (``Participant._overlapped_layers``) over real TLS links: the same
+result as the one-piece loop and as one device, every rank in step, allreduces on the second
+thread, for fp32, int8 and q4 weights at W = 2 and an uneven W = 3 (one rank without a head)."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+import torch
+
+from edgemesh.collective.base import LocalCollective
+from edgemesh.llm import model as llm_model
+from edgemesh.llm.model import Participant
+from edgemesh.weights.quant import quantize_block
+from edgemesh.weights.shard import ShardSpec, split_layer
+from tests.integration.test_collective_zmq import close_all, in_threads, make_group
+from tests.unit.test_llm_equivalence import _blocks, _rank_provider
+from tests.unit.test_q4 import _q4_config
+
+pytestmark = pytest.mark.integration
+
+TOKENS = 40  # ≥ OVERLAP_MIN_TOKENS: chunks of 20 positions
+SPLITS = {2: ([1, 1], [96, 96]), 3: ([1, 0, 1], [96, 64, 32])}
+
+
+def _prefill(config: Any, blocks: Any, specs: list[ShardSpec], overlap: bool) -> list[Any]:
+    """Every rank's prefill output, its group's op number after it, and the names of the
+    threads its allreduces ran on."""
+    groups = make_group(len(specs))
+    threads: list[set[str]] = [set() for _ in specs]
+
+    def rank(r: int) -> Any:
+        mine = [specs[r]] * config.num_hidden_layers
+        p = Participant(config, mine, _rank_provider(config, blocks, mine, r), groups[r], max_seq_len=64)
+        inner = groups[r].allreduce_sum
+
+        def recorded(t: torch.Tensor) -> torch.Tensor:
+            threads[r].add(threading.current_thread().name)
+            return inner(t)
+
+        groups[r].allreduce_sum = recorded  # type: ignore[method-assign]
+        h = torch.randn(1, TOKENS, config.hidden_size, generator=torch.Generator().manual_seed(11))
+        with torch.inference_mode():
+            out = p.run_layers(h, 0)
+            # A decode step after it: the cache the chunks wrote is the cache a step reads.
+            step = p.run_layers(torch.randn(1, 1, config.hidden_size, generator=torch.Generator().manual_seed(12)),
+                                TOKENS)
+        return out, step, groups[r]._seq
+
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("EDGEMESH_PREFILL_OVERLAP", "1" if overlap else "0")
+            res = in_threads(len(specs), rank, timeout=60)
+    finally:
+        close_all(groups)
+    for x in res:
+        assert not isinstance(x, BaseException), x
+    return [(*x, threads[r]) for r, x in enumerate(res)]
+
+
+def _one_device(config: Any, blocks: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    full = [ShardSpec.full(config)] * config.num_hidden_layers
+    p = Participant(config, full, _rank_provider(config, blocks, full, 0), LocalCollective(), max_seq_len=64)
+    with torch.inference_mode():
+        out = p.run_layers(torch.randn(1, TOKENS, config.hidden_size, generator=torch.Generator().manual_seed(11)), 0)
+        step = p.run_layers(torch.randn(1, 1, config.hidden_size, generator=torch.Generator().manual_seed(12)), TOKENS)
+    return out, step
+
+
+@pytest.mark.parametrize("world", sorted(SPLITS))
+@pytest.mark.parametrize("fmt", ["fp32", "int8", "q4"])
+def test_overlapped_prefill_equals_the_one_piece_loop_and_one_device(world: int, fmt: str) -> None:
+    config = _q4_config()
+    blocks = _blocks(config, seed=3)
+    if fmt != "fp32":
+        blocks = {b: quantize_block(t, fmt) for b, t in blocks.items()}
+    specs = split_layer(config, *SPLITS[world])
+    got = _prefill(config, blocks, specs, overlap=True)
+    want = _prefill(config, blocks, specs, overlap=False)
+    ref, ref_step = _one_device(config, blocks)
+    layers = config.num_hidden_layers
+    for r in range(world):
+        out, step, seq, threads = got[r]
+        plain_out, plain_step, plain_seq, plain_threads = want[r]
+        assert out.shape == ref.shape
+        # Chunks change only how the products are blocked: fp32 rounding, not the math.
+        torch.testing.assert_close(out, plain_out, rtol=0, atol=1e-5)
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+        torch.testing.assert_close(step, ref_step, rtol=0, atol=1e-5)
+        torch.testing.assert_close(step, plain_step, rtol=0, atol=1e-5)
+        # Two ops per block and chunk instead of one per block; the step's two per layer after.
+        assert plain_seq == 2 * layers + 2 * layers
+        assert seq == 4 * layers + 2 * layers
+        assert any(n.startswith("edgemesh-prefill-allreduce") for n in threads)
+        assert not any(n.startswith("edgemesh-prefill-allreduce") for n in plain_threads)
+    assert len({torch.equal(got[0][0], got[r][0]) for r in range(world)}) == 1  # every rank the same sum
+
+
+def test_short_prompts_and_one_device_keep_the_one_piece_loop() -> None:
+    config = _q4_config()
+    blocks = _blocks(config, seed=3)
+    full = [ShardSpec.full(config)] * config.num_hidden_layers
+    p = Participant(config, full, _rank_provider(config, blocks, full, 0), LocalCollective(), max_seq_len=64)
+    assert not p._overlap_applies(torch.zeros(1, TOKENS, config.hidden_size))  # one device: nothing to hide
+    groups = make_group(2)
+    try:
+        specs = split_layer(config, *SPLITS[2])
+        q = Participant(config, [specs[0]] * config.num_hidden_layers,
+                        _rank_provider(config, blocks, [specs[0]] * config.num_hidden_layers, 0), groups[0],
+                        max_seq_len=64)
+        assert not q._overlap_applies(torch.zeros(1, llm_model.OVERLAP_MIN_TOKENS - 1, config.hidden_size))
+        assert q._overlap_applies(torch.zeros(1, llm_model.OVERLAP_MIN_TOKENS, config.hidden_size))
+    finally:
+        close_all(groups)
