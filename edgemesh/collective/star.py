@@ -112,7 +112,7 @@ def _tensor_frame(t: torch.Tensor) -> tuple[TensorSpec, Any]:
     t = t.detach().contiguous()
     if t.dtype == torch.bfloat16:  # numpy has no bf16: ship the raw 16-bit words
         words = t.view(torch.int16).numpy()
-        return TensorSpec("bfloat16", tuple(t.shape)), memoryview(words).cast("B")
+        return TensorSpec("bfloat16", tuple(t.shape)), memoryview(words).cast("B") if words.size else memoryview(b"")
     return array_to_frame(t.numpy())
 
 

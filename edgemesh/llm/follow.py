@@ -1,7 +1,7 @@
 """A worker rank's loop: do what the master broadcasts until it says stop.
 
 The master (rank 0) drives the group through ``broadcast_meta``: ``forward`` (run my slices of
-every layer on the hidden state broadcast next, then my head rows, ending with one gather of
+every layer on the hidden state broadcast next, overlapped in two chunks if it says so, then my head rows, ending with one gather of
 either my logits or my summary for the token choice), ``logits`` (send the last step's logits
 slice: a sampled choice the summaries did not decide), ``noop`` (keep-alive while idle), ``probe`` and
 ``solo`` (measurements for `bench generate`), ``stop``. The same loop serves a worker process
@@ -56,7 +56,10 @@ def follow_one(model: Participant) -> bool:
     start_pos = meta.get("start_pos")
     if not isinstance(start_pos, int) or start_pos < 0:
         raise EdgemeshError("bad start_pos from the master")
-    h = model.run_layers(group.broadcast(None), start_pos)
+    overlap = meta.get("overlap", False)
+    if not isinstance(overlap, bool):
+        raise EdgemeshError("bad overlap flag from the master")
+    h = model.run_layers(group.broadcast(None), start_pos, overlap=overlap)
     head = meta.get("head")
     if head == "logits":
         last_only = meta.get("last_only")

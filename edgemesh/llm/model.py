@@ -228,7 +228,12 @@ class Participant:
 
     # ---- decoder layers (every rank) ------------------------------------------------------
 
-    def run_layers(self, h: torch.Tensor, start_pos: int) -> torch.Tensor:
+    def run_layers(self, h: torch.Tensor, start_pos: int, *, overlap: bool | None = None) -> torch.Tensor:
+        """This rank's part of every layer for hidden states ``h`` at ``start_pos``. ``overlap``:
+        run a prefill as two chunks with the allreduces on a second thread
+        (``_overlapped_layers``); every rank of the group must pass the same value (the master
+        sends its ``overlap_applies`` with the step); None = decide here, for callers that
+        run every rank themselves."""
         t = h.shape[1]
         if start_pos + t > self.max_seq_len:
             raise ConfigError(
@@ -244,7 +249,7 @@ class Participant:
             out = self._native_layers(h, start_pos, cos, sin)
             if out is not None:
                 return out
-        if self._overlap_applies(h):
+        if self.overlap_applies(t) if overlap is None else overlap:
             return self._overlapped_layers(h, start_pos, cos, sin)
         for i in range(self.config.num_hidden_layers):
             name = f"attn_{i}"
@@ -261,12 +266,12 @@ class Participant:
             h = h + self.collective.allreduce_sum(part)
         return h
 
-    def _overlap_applies(self, h: torch.Tensor) -> bool:
-        """Prefill in a group, weights in memory (a weight window keeps its one-block-at-a-time
-        memory bound), chunks large enough for the prefill kernels (``qlinear``: more than
-        ``kernels.MAX_M`` rows), unless ``EDGEMESH_PREFILL_OVERLAP=0``."""
-        return (self.collective.world_size > 1 and h.shape[1] >= OVERLAP_MIN_TOKENS
-                and isinstance(self.provider, InMemoryProvider) and _overlap_enabled())
+    def overlap_applies(self, positions: int) -> bool:
+        """Whether a step of ``positions`` positions runs overlapped: a prefill in a group, in
+        chunks large enough for the prefill kernels (``qlinear``: more than ``kernels.MAX_M``
+        rows), unless ``EDGEMESH_PREFILL_OVERLAP=0`` (read where the decision is made: on the
+        master, for the whole group)."""
+        return self.collective.world_size > 1 and positions >= OVERLAP_MIN_TOKENS and _overlap_enabled()
 
     def _overlapped_layers(self, h: torch.Tensor, start_pos: int, cos: torch.Tensor,
                            sin: torch.Tensor) -> torch.Tensor:
@@ -277,8 +282,10 @@ class Participant:
         The same ops in the same order on every rank (chunk 0, then 1, for every block), so
         the group stays in step; every op is waited for before this returns, also on an
         error. Chunk 1's attention sees chunk 0's keys of the same layer (already cached),
-        as a chunked prefill does. Each quantized block is converted once for both chunks
-        (``qlinear.widened``), so each product is the one the unchunked loop computes."""
+        as a chunked prefill does. With weights in memory each quantized block is converted
+        once for both chunks (``qlinear.widened``: each product is the one the unchunked loop
+        computes); a weight window keeps its per-product conversion and so its memory bound."""
+        widen = isinstance(self.provider, InMemoryProvider)
         t = h.shape[1]
         cut = t // 2
         spans = [(0, cut), (cut, t)]
@@ -290,7 +297,9 @@ class Participant:
                 for i in range(self.config.num_hidden_layers):
                     for kind in ("attn", "mlp"):
                         name = f"{kind}_{i}"
-                        w = qlinear.widened(self.provider.get(name), h.dtype)
+                        w = self.provider.get(name)
+                        if widen:
+                            w = qlinear.widened(w, h.dtype)
                         for c, (a, b) in enumerate(spans):
                             job = pending[c]
                             if job is not None:
@@ -421,9 +430,10 @@ class Participant:
         if self.rank != 0:
             raise RuntimeError("forward() runs on the master (rank 0); workers run llm.follow.follow_master")
         h = self._embed(tokens)
-        self.collective.broadcast_meta({"op": "forward", "start_pos": int(start_pos), **head})
+        overlap = self.overlap_applies(tokens.shape[1])  # the master decides for the group
+        self.collective.broadcast_meta({"op": "forward", "start_pos": int(start_pos), "overlap": overlap, **head})
         h = self.collective.broadcast(h.contiguous())
-        return self.run_layers(h, start_pos)
+        return self.run_layers(h, start_pos, overlap=overlap)
 
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """The embedding rows of ``tokens``: only those rows when the provider can read rows

@@ -12,6 +12,7 @@ import torch
 
 from edgemesh.collective.base import LocalCollective
 from edgemesh.llm import model as llm_model
+from edgemesh.llm.follow import follow_master
 from edgemesh.llm.model import Participant
 from edgemesh.weights.quant import quantize_block
 from edgemesh.weights.shard import ShardSpec, split_layer
@@ -103,14 +104,63 @@ def test_short_prompts_and_one_device_keep_the_one_piece_loop() -> None:
     blocks = _blocks(config, seed=3)
     full = [ShardSpec.full(config)] * config.num_hidden_layers
     p = Participant(config, full, _rank_provider(config, blocks, full, 0), LocalCollective(), max_seq_len=64)
-    assert not p._overlap_applies(torch.zeros(1, TOKENS, config.hidden_size))  # one device: nothing to hide
+    assert not p.overlap_applies(TOKENS)  # one device: nothing to hide
     groups = make_group(2)
     try:
         specs = split_layer(config, *SPLITS[2])
         q = Participant(config, [specs[0]] * config.num_hidden_layers,
                         _rank_provider(config, blocks, [specs[0]] * config.num_hidden_layers, 0), groups[0],
                         max_seq_len=64)
-        assert not q._overlap_applies(torch.zeros(1, llm_model.OVERLAP_MIN_TOKENS - 1, config.hidden_size))
-        assert q._overlap_applies(torch.zeros(1, llm_model.OVERLAP_MIN_TOKENS, config.hidden_size))
+        assert not q.overlap_applies(llm_model.OVERLAP_MIN_TOKENS - 1)
+        assert q.overlap_applies(llm_model.OVERLAP_MIN_TOKENS)
     finally:
         close_all(groups)
+
+
+def test_the_masters_choice_rules_the_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Workers chunk because the master's step says so, not by their own setting: a worker
+    process started with EDGEMESH_PREFILL_OVERLAP=0 under a master without it stays in step.
+    Served through the real master/follow loop over TLS; logits equal one device's."""
+    config = _q4_config()
+    blocks = {b: quantize_block(t, "int8") for b, t in _blocks(config, seed=6).items()}
+    specs = split_layer(config, *SPLITS[3])
+    prompt = torch.randint(0, config.vocab_size, (1, TOKENS), generator=torch.Generator().manual_seed(2))
+    full = [ShardSpec.full(config)] * config.num_hidden_layers
+    one = Participant(config, full, _rank_provider(config, blocks, full, 0), LocalCollective(), max_seq_len=64)
+    with torch.inference_mode():
+        ref = one.forward(prompt, 0)
+    groups = make_group(len(specs))
+    seen: list[bool] = []
+
+    role = threading.local()
+
+    def rank(r: int) -> Any:
+        role.master = r == 0
+        mine = [specs[r]] * config.num_hidden_layers
+        p = Participant(config, mine, _rank_provider(config, blocks, mine, r), groups[r], max_seq_len=64)
+        with torch.inference_mode():
+            if r == 0:
+                logits = p.forward(prompt, 0)
+                p.stop_workers()
+                return logits, groups[r]._seq
+            run = p.run_layers
+
+            def spy(h: torch.Tensor, start_pos: int, *, overlap: bool | None = None) -> torch.Tensor:
+                seen.append(bool(overlap))
+                return run(h, start_pos, overlap=overlap)
+
+            p.run_layers = spy  # type: ignore[method-assign]
+            follow_master(p)
+            return None, groups[r]._seq
+
+    # Only the master's thread reads the setting as on: the workers' own reading says off.
+    monkeypatch.setattr(llm_model, "_overlap_enabled", lambda: getattr(role, "master", False))
+    try:
+        res = in_threads(len(specs), rank, timeout=60)
+    finally:
+        close_all(groups)
+    for x in res:
+        assert not isinstance(x, BaseException), x
+    torch.testing.assert_close(res[0][0], ref, rtol=0, atol=1e-5)
+    assert seen == [True, True]
+    assert len({seq for _, seq in res}) == 1  # every rank ran the same ops

@@ -98,3 +98,14 @@ def test_deeply_nested_body_is_refused_not_crashing():
     head = msgpack.packb([1, 0, "x", 1, b""], use_bin_type=True)[1:]  # drop the 5-item header
     with pytest.raises(ProtocolError):
         decode_envelope(b"\x97" + head + nested + b"\x90")
+
+
+@pytest.mark.parametrize("shape", [(0,), (1, 1, 0), (3, 0, 2)])
+def test_an_empty_array_is_an_empty_frame(shape: tuple[int, ...]) -> None:
+    """A rank holding no rows of something (e.g. no vocabulary rows of the head) sends an
+    empty tensor: an empty frame with its shape, not a memoryview error."""
+    import numpy as np
+
+    spec, buf = array_to_frame(np.zeros(shape, np.float32))
+    assert spec.shape == shape and buf.nbytes == 0
+    assert frame_to_array(spec, bytes(buf)).shape == shape
