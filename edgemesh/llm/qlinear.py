@@ -27,7 +27,9 @@ used, chosen by what was fastest *and* correct on a 2-core AVX2 CPU with torch 2
 - the column-parallel matrices ``wo``/``w_down`` produce *partial sums* that the allreduce adds;
   a bf16-rounded partial would make a split differ from one device by bf16 noise, so they keep
   an fp32 output: dequantize on the fly, ``F.linear(x, q.float()) * scale``.
-- prefill (more rows): dequantize on the fly; the packed kernel loses beyond a few rows.
+- prefill (more rows): dequantize on the fly; the packed kernel loses beyond a few rows. An
+  overlapped prefill (two chunks) converts each block once instead (``widened``): the same
+  float matrix, so the same products.
 - the packed kernel is used only when the input width is a multiple of ``PACKED_K_MULTIPLE``:
   with other widths (e.g. K = 36) torch 2.13 returned wrong values and crashed for 2-4 rows.
   Row-parallel matrices always see the full hidden size, so this is a property of the model
