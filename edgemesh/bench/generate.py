@@ -167,8 +167,9 @@ async def run_once(state: StateDir, entry: ModelEntry, nodes: int, prompt: list[
             # The decode steps and the bound's two parts (the in-band op, each rank's compute
             # alone) are measured in interleaved rounds: a host whose speed drifts between
             # minutes (a VM's neighbours) then moves all three alike, and their ratio keeps
-            # its meaning. One device has no bound: one round.
-            rounds = MEASURE_ROUNDS if group and tokens >= MEASURE_ROUNDS else 1
+            # its meaning. One device runs the same rounds (the same contexts, a TTFT from
+            # as many prefills), without the bound's parts.
+            rounds = MEASURE_ROUNDS if tokens >= MEASURE_ROUNDS else 1
             steps: list[float] = []
             ttfts: list[float] = []
             probes: list[float] = []

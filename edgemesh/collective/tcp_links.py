@@ -1026,6 +1026,10 @@ class SecureLinks:
             while conn.idx < len(frames):
                 f = frames[conn.idx]
                 want = f.nbytes - conn.off
+                if not want:  # an empty frame (a rank with no rows of something) needs no bytes
+                    conn.idx += 1
+                    conn.off = 0
+                    continue
                 have = conn.end - conn.start
                 if have:
                     k = min(have, want)

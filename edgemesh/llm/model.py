@@ -50,6 +50,9 @@ from edgemesh.weights.shard import ShardSpec
 # Prefills of at least this many positions overlap their allreduces with compute
 # (``Participant._overlapped_layers``): two chunks of 16+ rows, well above the decode kernels' 4.
 OVERLAP_MIN_TOKENS = 32
+# A quantized block converted once for both chunks may take this much memory; a larger one
+# is converted product by product (one matrix at a time, as without chunks).
+WIDEN_MAX_BYTES = 64 << 20
 LOGIT_ROWS = 16  # positions of whole logits per gather message (bounds the message: 16·V·4 bytes)
 
 
@@ -249,7 +252,7 @@ class Participant:
             out = self._native_layers(h, start_pos, cos, sin)
             if out is not None:
                 return out
-        if self.overlap_applies(t) if overlap is None else overlap:
+        if (self.overlap_applies(t) if overlap is None else overlap and t >= OVERLAP_MIN_TOKENS):
             return self._overlapped_layers(h, start_pos, cos, sin)
         for i in range(self.config.num_hidden_layers):
             name = f"attn_{i}"
@@ -283,8 +286,9 @@ class Participant:
         the group stays in step; every op is waited for before this returns, also on an
         error. Chunk 1's attention sees chunk 0's keys of the same layer (already cached),
         as a chunked prefill does. With weights in memory each quantized block is converted
-        once for both chunks (``qlinear.widened``: each product is the one the unchunked loop
-        computes); a weight window keeps its per-product conversion and so its memory bound."""
+        once for both chunks (``qlinear.widened``: each chunk's product is the one the per-call
+        conversion gives for its rows), up to ``WIDEN_MAX_BYTES`` a block; a weight window, or
+        a larger block, keeps the per-product conversion and so its memory bound."""
         widen = isinstance(self.provider, InMemoryProvider)
         t = h.shape[1]
         cut = t // 2
@@ -299,7 +303,7 @@ class Participant:
                         name = f"{kind}_{i}"
                         w = self.provider.get(name)
                         if widen:
-                            w = qlinear.widened(w, h.dtype)
+                            w = qlinear.widened(w, h.dtype, WIDEN_MAX_BYTES)
                         for c, (a, b) in enumerate(spans):
                             job = pending[c]
                             if job is not None:

@@ -29,7 +29,7 @@ used, chosen by what was fastest *and* correct on a 2-core AVX2 CPU with torch 2
   an fp32 output: dequantize on the fly, ``F.linear(x, q.float()) * scale``.
 - prefill (more rows): dequantize on the fly; the packed kernel loses beyond a few rows. An
   overlapped prefill (two chunks) converts each block once instead (``widened``): the same
-  float matrix, so the same products.
+  float matrix and the same order of operations, so the same product for the same rows.
 - the packed kernel is used only when the input width is a multiple of ``PACKED_K_MULTIPLE``:
   with other widths (e.g. K = 36) torch 2.13 returned wrong values and crashed for 2-4 rows.
   Row-parallel matrices always see the full hidden size, so this is a property of the model
@@ -143,18 +143,28 @@ def lm_head(h: torch.Tensor, w: dict[str, torch.Tensor], name: str, refine: int 
     return logits
 
 
-def widened(w: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+def widened(w: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
+            max_bytes: int | None = None) -> dict[str, torch.Tensor]:
     """A block's weights for several prefill-size products in a row (the overlapped prefill's
     chunks, ``Participant._overlapped_layers``): each quantized matrix converted once instead
-    of once per product, with the same values the per-product path uses, so every output is
-    bitwise what ``linear`` gives on the quantized dict: a q4 matrix dequantized (its scale
-    dropped), an int8 matrix widened to ``dtype`` with its row scales kept for after the
-    product, as that path applies them. Float matrices are shared, not copied."""
+    of once per product, with the values and the order of operations of the per-product path,
+    so every output is bitwise what ``linear`` gives on the quantized dict for the same input:
+    a q4 matrix dequantized, with a scale of ones (``F.linear`` then ``* 1`` and ``+ bias``,
+    as the q4 path adds its bias after the product: a fused bias rounds differently); an int8
+    matrix widened to ``dtype`` with its row scales kept for after the product, as that path
+    applies them. Float matrices are shared, not copied. ``max_bytes``: if the converted
+    matrices would take more, ``w`` itself (each product converts its own matrix then: one
+    at a time in memory, as without chunks)."""
+    wide = [name for name, t in w.items() if is_q4(t) or (t.dtype == torch.int8 and name + SCALE in w)]
+    size = sum(w[name].shape[0] * (2 * w[name].shape[1] if is_q4(w[name]) else w[name].shape[1]) for name in wide)
+    if max_bytes is not None and size * torch.tensor([], dtype=dtype).element_size() > max_bytes:
+        return w
     out = dict(w)
-    for name, t in w.items():
+    for name in wide:
+        t = w[name]
         if is_q4(t):
             out[name] = dequantize_q4(t, w[name + SCALE], dtype)
-            del out[name + SCALE]
-        elif t.dtype == torch.int8 and name + SCALE in w:
+            out[name + SCALE] = torch.ones(t.shape[0], dtype=dtype)
+        else:
             out[name] = t.to(dtype)
     return out

@@ -99,7 +99,8 @@ def test_overlapped_prefill_equals_the_one_piece_loop_and_one_device(world: int,
     assert len({torch.equal(got[0][0], got[r][0]) for r in range(world)}) == 1  # every rank the same sum
 
 
-def test_short_prompts_and_one_device_keep_the_one_piece_loop() -> None:
+def test_short_prompts_and_one_device_keep_the_one_piece_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EDGEMESH_PREFILL_OVERLAP", "1")
     config = _q4_config()
     blocks = _blocks(config, seed=3)
     full = [ShardSpec.full(config)] * config.num_hidden_layers
@@ -115,12 +116,32 @@ def test_short_prompts_and_one_device_keep_the_one_piece_loop() -> None:
         assert q.overlap_applies(llm_model.OVERLAP_MIN_TOKENS)
     finally:
         close_all(groups)
+    # Run as the group runs it: 31 positions go in one piece (2 ops a layer), even when a
+    # master's flag says overlap; 32 in two chunks (4 a layer).
+    layers = config.num_hidden_layers
+    specs = split_layer(config, *SPLITS[2])
+    for positions, flag, ops in ((llm_model.OVERLAP_MIN_TOKENS - 1, None, 2), (llm_model.OVERLAP_MIN_TOKENS - 1, True, 2),
+                                 (llm_model.OVERLAP_MIN_TOKENS, None, 4)):
+        groups = make_group(2)
+        try:
+            def rank(r: int, positions: int = positions, flag: Any = flag) -> int:
+                mine = [specs[r]] * layers
+                p = Participant(config, mine, _rank_provider(config, blocks, mine, r), groups[r], max_seq_len=64)
+                with torch.inference_mode():
+                    p.run_layers(torch.randn(1, positions, config.hidden_size), 0, overlap=flag)
+                return groups[r]._seq
+
+            res = in_threads(2, rank, timeout=60)
+        finally:
+            close_all(groups)
+        assert res == [ops * layers] * 2, (positions, flag, res)
 
 
 def test_the_masters_choice_rules_the_group(monkeypatch: pytest.MonkeyPatch) -> None:
     """Workers chunk because the master's step says so, not by their own setting: a worker
     process started with EDGEMESH_PREFILL_OVERLAP=0 under a master without it stays in step.
-    Served through the real master/follow loop over TLS; logits equal one device's."""
+    Served through the real master/follow loop over TLS, with a rank that holds no head rows
+    (its logits slice is an empty tensor); logits equal one device's."""
     config = _q4_config()
     blocks = {b: quantize_block(t, "int8") for b, t in _blocks(config, seed=6).items()}
     specs = split_layer(config, *SPLITS[3])

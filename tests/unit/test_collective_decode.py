@@ -54,6 +54,20 @@ def test_a_record_cut_at_every_byte_is_decoded_once_complete(wired) -> None:
     assert _received(links) == [frames]
 
 
+@pytest.mark.parametrize("frames", [[b"envelope", b""], [b"envelope", b"", b"x"], [b"", b"tail"]])
+def test_a_record_with_an_empty_frame_is_delivered_without_more_bytes(wired, frames) -> None:
+    """An empty frame (a rank holding no rows of something sends an empty tensor) needs no
+    bytes: its record is complete when its last byte is in, cut anywhere. (An empty last frame
+    used to wait for a byte that never came, and the receiver timed out.)"""
+    links, conn, peer = wired
+    wire = _record(frames)
+    for i in range(len(wire)):
+        peer.sendall(wire[i:i + 1])
+        links._fill(conn)
+        assert len(links._inbox[1]) == (1 if i == len(wire) - 1 else 0), i
+    assert _received(links) == [frames]
+
+
 def test_many_records_in_random_pieces_including_frames_larger_than_the_buffer(wired) -> None:
     links, conn, peer = wired
     rng = random.Random(7)
