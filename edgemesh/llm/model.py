@@ -435,7 +435,8 @@ class Participant:
             raise RuntimeError("forward() runs on the master (rank 0); workers run llm.follow.follow_master")
         h = self._embed(tokens)
         overlap = self.overlap_applies(tokens.shape[1])  # the master decides for the group
-        self.collective.broadcast_meta({"op": "forward", "start_pos": int(start_pos), "overlap": overlap, **head})
+        flag = {"overlap": True} if overlap else {}  # (absent = false: no bytes on a decode step)
+        self.collective.broadcast_meta({"op": "forward", "start_pos": int(start_pos), **flag, **head})
         h = self.collective.broadcast(h.contiguous())
         return self.run_layers(h, start_pos, overlap=overlap)
 
