@@ -87,7 +87,7 @@ class _TimedCollective:
 
 
 PREFILL_TOKENS = 256
-MEASURE_ROUNDS = 4  # interleaved rounds of decode steps, in-band ops and solo compute (a group)
+MEASURE_ROUNDS = 4  # interleaved rounds of decode steps (and, in a group, in-band ops and solo compute)
 PROBES_PER_ROUND = 50
 
 

@@ -20,7 +20,7 @@ import torch
 from edgemesh.collective.compress import add_into, decode, encode, round_trip
 from edgemesh.collective.op import BCAST, GATHER, META, REDUCE, RESULT, Op, private
 from edgemesh.errors import ProtocolError
-from edgemesh.wire.tensor import TensorSpec, array_to_frame, frame_to_array
+from edgemesh.wire.tensor import TensorSpec, array_to_frame, byte_view, frame_to_array
 
 HUB = 0
 _EXACT = {np.dtype(t): t for t in ("float32", "float64", "float16", "int32", "int64")}  # wire = dtype
@@ -112,7 +112,7 @@ def _tensor_frame(t: torch.Tensor) -> tuple[TensorSpec, Any]:
     t = t.detach().contiguous()
     if t.dtype == torch.bfloat16:  # numpy has no bf16: ship the raw 16-bit words
         words = t.view(torch.int16).numpy()
-        return TensorSpec("bfloat16", tuple(t.shape)), memoryview(words).cast("B") if words.size else memoryview(b"")
+        return TensorSpec("bfloat16", tuple(t.shape)), byte_view(words)
     return array_to_frame(t.numpy())
 
 

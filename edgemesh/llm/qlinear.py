@@ -157,7 +157,7 @@ def widened(w: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
     at a time in memory, as without chunks)."""
     wide = [name for name, t in w.items() if is_q4(t) or (t.dtype == torch.int8 and name + SCALE in w)]
     size = sum(w[name].shape[0] * (2 * w[name].shape[1] if is_q4(w[name]) else w[name].shape[1]) for name in wide)
-    if max_bytes is not None and size * torch.tensor([], dtype=dtype).element_size() > max_bytes:
+    if max_bytes is not None and size * dtype.itemsize > max_bytes:
         return w
     out = dict(w)
     for name in wide:

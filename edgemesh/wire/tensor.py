@@ -92,10 +92,13 @@ def array_to_frame(arr: np.ndarray) -> tuple[TensorSpec, memoryview]:
     if name not in DTYPE_SIZES or name in ("bfloat16", Q8):
         raise ProtocolError(f"cannot send numpy dtype {name}")
     arr = np.ascontiguousarray(arr)
-    # An empty array (a rank holding no rows of something) is an empty frame: memoryview
-    # refuses to cast a view with a zero in its shape.
-    buf = memoryview(arr).cast("B") if arr.size else memoryview(b"")
-    return TensorSpec(name, tuple(int(d) for d in arr.shape)), buf
+    return TensorSpec(name, tuple(int(d) for d in arr.shape)), byte_view(arr)
+
+
+def byte_view(arr: np.ndarray) -> memoryview:
+    """The bytes of a C-contiguous array, zero-copy. An empty array (a rank holding no rows of
+    something) is an empty frame: memoryview refuses to cast a view with a zero in its shape."""
+    return memoryview(arr).cast("B") if arr.size else memoryview(b"")
 
 
 def frame_to_array(spec: TensorSpec, buf: Any) -> np.ndarray:
