@@ -74,7 +74,12 @@ def test_a_stranger_flooding_the_join_port_from_one_address_does_not_keep_a_join
         share = MAX_PEERS_PER_SOURCE["join"]
         assert wait_for(lambda: stat("closed_connections") - closed_before >= MAX_PEERS["join"] + 36 - share, 30, 0.5), \
             "the daemon did not close the strangers' connections over their address's share"
-        assert _fds(pid) - base_fds <= share + 4, f"{_fds(pid) - base_fds} connections held"
+        # The strangers come back every second, so at any moment a few fresh connections are open
+        # for the instant before the daemon closes them: wait for the count to fall to the share
+        # (a daemon that kept them would hold all ~100 and never get there).
+        held = []
+        assert wait_for(lambda: held.append(_fds(pid) - base_fds) or held[-1] <= share + 4, 10, 0.1), \
+            f"connections held: {held[-5:]} (the last samples), want <= {share + 4}"
         joiner = NodeKey.generate()
         token = JoinToken.issue(cluster.cluster_id, cluster.secret, (JoinPoint(endpoint, key.sign_public),))
         start = time.monotonic()
