@@ -353,12 +353,21 @@ def test_untied_embedding_is_read_by_rows_not_windowed(int8: bool, tmp_path: Pat
     assert "input" not in order and order[-1] == "output"
     table = blocks["input"]
     with WindowedProvider(files, order, 2) as p:
+        # The loader fills the window (the first two blocks) on its own thread as soon as the
+        # provider exists; wait for that, after which it reads nothing until a block is released,
+        # so the count below moves by the rows' bytes alone.
+        filled = sum(files[b].stat().st_size for b in order[:2])
+        deadline = time.monotonic() + 30
+        while p.stats().bytes_read < filled and time.monotonic() < deadline:
+            time.sleep(0.01)
+        before = p.stats().bytes_read
+        assert before == filled
         ids = [5, 0, 127, 5]
         got = p.rows("input", ("embed", "embed.scale"), ids)
         assert got is not None and set(got) == ({"embed", "embed.scale"} if int8 else {"embed"})
         for name, t in got.items():
             assert torch.equal(t, table[name][ids])
-        assert p.stats().bytes_read == sum(t.numel() * t.element_size() for t in got.values())
+        assert p.stats().bytes_read - before == sum(t.numel() * t.element_size() for t in got.values())
         assert p.rows("attn_0", ("wq",), [0]) is None  # a windowed block is taken whole
         with pytest.raises(ConfigError, match="out of range"):
             p.rows("input", ("embed",), [config.vocab_size])
