@@ -53,6 +53,8 @@ class RunResult:
     alone_ms: float | None = None  # slowest of master / largest worker slice, each alone
     master_collective_ms: float | None = None  # per token, inside collectives (incl. waiting)
     prefill_ms: float | None = None  # TTFT of a PREFILL_TOKENS prompt
+    link_cost: tuple[float, float] | None = None  # the group's cost model (a s/hop, b B/s)
+    algorithms: dict[str, str] | None = None  # what the group runs for a decode / a prefill message
 
 
 class _TimedCollective:
@@ -191,6 +193,11 @@ async def run_once(state: StateDir, entry: ModelEntry, nodes: int, prompt: list[
                 long_prompt = [(prompt[i % len(prompt)] + i) % dep.entry.config.vocab_size for i in range(PREFILL_TOKENS)]
                 res.prefill_ms = min(_decode(model, long_prompt, 0)[0] for _ in range(2)) * 1000
             if group:
+                h = dep.entry.config.hidden_size
+                chunk = PREFILL_TOKENS // 2 if model.overlap_applies(PREFILL_TOKENS) else PREFILL_TOKENS
+                res.link_cost = (dep.link_cost.a, dep.link_cost.b)
+                res.algorithms = {what: _named(model.collective.choice(n * h * 4)) for what, n in
+                                  (("decode", 1), ("prefill", chunk))}
                 res.bytes_per_token = nbytes / tokens
                 # Where the master's time goes, in a separate run (the wrapper costs a little).
                 # Per step, median, as ms_per_token: one stalled step (a busy host) would
@@ -227,6 +234,11 @@ async def run_once(state: StateDir, entry: ModelEntry, nodes: int, prompt: list[
                  for r in (0, worker)}
         result.alone_ms = max(times.values())
     return result, plan
+
+
+def _named(choice: Any) -> str:
+    k = f" x{choice.chunks}" if choice.chunks > 1 else ""
+    return f"{choice.algorithm.value}{k}"
 
 
 def wire_bytes(values: int, wire_dtype: str | None) -> int:
@@ -274,6 +286,9 @@ async def bench(state: StateDir, entry: ModelEntry, nodes: int, prompt: list[int
         "largest_slice_alone_ms": None if multi.alone_ms is None else round(multi.alone_ms, 2),
         "master_in_collectives_ms_per_token": None if multi.master_collective_ms is None else round(multi.master_collective_ms, 2),
         "predicted_ms_per_token": round(plan.latency.total_ms, 2),
+        "link_cost": None if multi.link_cost is None else {"hop_us": round(multi.link_cost[0] * 1e6, 1),
+                                                            "mbyte_s": round(multi.link_cost[1] / 1e6, 2)},
+        "algorithms": multi.algorithms,
         "runs": {"single": asdict(single), "multi": asdict(multi)},
         "targets": {"ms_per_token_over_bound_max": 1.25, "bytes_over_theory_max": 1.05},
     }

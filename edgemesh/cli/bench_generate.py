@@ -71,6 +71,10 @@ def bench_generate(
     if r.get("prefill_ms") is not None:
         err.print(f"prefill of a {r['prefill_tokens']}-token prompt (TTFT): {r['prefill_ms']} ms on {r['nodes']} devices, "
                   f"{r['single_prefill_ms']} ms on 1; compute per token by rank (ms): {r['ms_per_token_by_rank']}")
+    if r.get("link_cost") and r.get("algorithms"):
+        c, a = r["link_cost"], r["algorithms"]
+        err.print(f"links as the cost model sees them: {c['hop_us']:g} µs per hop, {c['mbyte_s']:g} MB/s; "
+                  f"allreduce: {a['decode']} per decode step, {a['prefill']} per prefill message")
     inside = r.get("master_in_collectives_ms_per_token")
     if inside is not None:
         err.print(f"the master spent {inside} ms/token inside collectives (transport + waiting for the slowest "

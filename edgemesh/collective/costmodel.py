@@ -59,6 +59,22 @@ class LinkCost:
 LOOPBACK_CURVE = LinkCost(a=510e-6, b=977e6)
 
 
+# What a job's links may claim (``for_links``, and a worker checking the master's figures):
+# a hop of at most 10 s, a link of 1 kB/s to 1 TB/s.
+MAX_HOP_S = 10.0
+MIN_LINK_BPS, MAX_LINK_BPS = 1e3, 1e12
+
+
+def for_links(rtts_ms: list[float], mbits: list[float]) -> LinkCost:
+    """The group's constants over links between machines: the slowest link's half round trip
+    per hop (never under loopback's software cost per hop, which every link pays too) and its
+    bandwidth (never over what the software moves on loopback). Members' links are measured
+    from the master only, so every link is assumed as slow as the slowest of those."""
+    a = max([LOOPBACK_CURVE.a, *(r / 2e3 for r in rtts_ms)])
+    b = min([LOOPBACK_CURVE.b, *(m * 1e6 / 8 for m in mbits)])
+    return LinkCost(a=min(a, MAX_HOP_S), b=min(max(b, MIN_LINK_BPS), MAX_LINK_BPS))
+
+
 @dataclass(frozen=True)
 class Choice:
     algorithm: Algorithm

@@ -11,10 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
+from edgemesh.collective.costmodel import LOOPBACK_CURVE, LinkCost, for_links
 from edgemesh.config import LaunchOptions
 from edgemesh.errors import ConfigError
 from edgemesh.mesh.links import PATHS
-from edgemesh.placement.devices import Device, Link
+from edgemesh.placement.devices import Device, Link, link_between
 from edgemesh.transport.endpoint import endpoint_host
 
 
@@ -123,6 +124,18 @@ def devices_and_links(members: list[dict[str, Any]]) -> tuple[list[Device], list
         if rtt is not None and link.get("mbps"):
             links.append(Link(me, m["id"], float(rtt), float(link["mbps"])))
     return devices, links
+
+
+def group_cost(members: list[dict[str, Any]], devices: list[Device], links: list[Link]) -> LinkCost:
+    """The collective cost model's link constants for a group of ``members`` (the master first;
+    ``devices`` and ``links`` as ``devices_and_links`` gave them): loopback's when they all share
+    the master's machine, else the slowest measured link from the master (a link not measured
+    yet: what the two devices' profiles say). The master sends it to every worker: each rank
+    picks the algorithm per message from it, and they must agree."""
+    if len({host_of(m) for m in members}) == 1:
+        return LOOPBACK_CURVE
+    over = [link_between(devices[0], d, links) for d in devices[1:]]
+    return for_links([lk.rtt_ms for lk in over], [lk.bandwidth_mbit for lk in over])
 
 
 def paths_of(view: Any, me: str) -> dict[str, str | None]:

@@ -21,6 +21,7 @@ from typing import Any, Callable
 import torch
 
 from edgemesh.collective.base import LocalCollective
+from edgemesh.collective.costmodel import LOOPBACK_CURVE, LinkCost
 from edgemesh.config import ConfigError, LaunchOptions
 from edgemesh.errors import EdgemeshError
 from edgemesh.identity.keys import curve_public_for
@@ -30,8 +31,8 @@ from edgemesh.llm.model import Participant, decode_allreduce
 from edgemesh.mesh.rpc import rpc_session
 from edgemesh.placement.devices import Device, Link
 from edgemesh.placement.budget import plan_with_budget
-from edgemesh.placement.members import (DIRECT_PATHS, PathMap, devices_and_links, host_of, paths_of, paths_pending,
-                                        select_members)
+from edgemesh.placement.members import (DIRECT_PATHS, PathMap, devices_and_links, group_cost, host_of, paths_of,
+                                        paths_pending, select_members)
 from edgemesh.placement.plan import Plan
 from edgemesh.runtime.control import control_call
 from edgemesh.runtime.cpu import ComputeThread, cpu_slots, threads_per_rank
@@ -119,6 +120,7 @@ class Deployment:
         self.key, self.name = state.load_identity()
         self.transport = ZmqTransport(self.key)
         self.plan: Plan | None = None
+        self.link_cost: LinkCost = LOOPBACK_CURVE  # the group's cost model constants (group_cost)
         self.members: list[dict[str, Any]] = []
         self.job: str | None = None
         self.model: Participant | None = None
@@ -173,6 +175,9 @@ class Deployment:
                                      budget_bytes=self.options.memory_budget, mlp_unit=split_unit(self.entry.dtype))
         world = self.plan.world_size
         self.progress(f"plan: {world} device(s), predicted {self.plan.latency.total_ms:.1f} ms/token")
+        # The members in the plan (all of them today; kept in step if the planner ever drops one).
+        planned = [i for i, d in enumerate(devices) if d.id in {p.id for p in self.plan.devices}]
+        self.link_cost = group_cost([self.members[i] for i in planned], [devices[i] for i in planned], links)
         threads = threads_per_rank(self.members)
         slots = cpu_slots(self.members)
         self.compute.assign(threads[0], slots[0])
@@ -207,7 +212,7 @@ class Deployment:
                     server=self._server.endpoint_for(ours[r]), server_key=self.key.sign_public, keys=tuple(keys),
                     max_seq_len=self.options.max_seq_len, timeout=self.options.timeout,
                     algorithm=self.options.algorithm, compression=self.options.compression, threads=threads[r],
-                    cpu_slot=slots[r], window=self.plan.window)
+                    cpu_slot=slots[r], window=self.plan.window, link_cost=(self.link_cost.a, self.link_cost.b))
                 self.progress(f"starting a worker on {self.members[r]['name']} ({self.members[r]['addresses'][0]})")
                 try:
                     await self._call_member(self.members[r], "llm.start", spec.to_wire(), timeout=self.options.start_timeout)
@@ -222,7 +227,7 @@ class Deployment:
 
             peers = [Peer(r, e, curve_public_for(keys[r])) for r, e in sorted(jstate.endpoints.items()) if r != 0]
             options = CollectiveOptions(timeout=self.options.timeout, algorithm=self.options.algorithm,
-                                        compression=self.options.compression)
+                                        compression=self.options.compression, cost=self.link_cost)
             self.progress(f"forming the group: {world - 1} worker(s) connect to this node and each other, "
                           "then one allreduce")
             try:

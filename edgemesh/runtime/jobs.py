@@ -6,10 +6,12 @@ is checked here before the daemon acts on it.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
 
+from edgemesh.collective.costmodel import MAX_HOP_S, MAX_LINK_BPS, MIN_LINK_BPS
 from edgemesh.errors import ProtocolError
 from edgemesh.wire.schema import body_map, maybe, need
 
@@ -46,6 +48,7 @@ class JobSpec:
     threads: int = 0  # torch threads for this rank; 0 = torch's default (all cores)
     cpu_slot: tuple[int, int] | None = None  # (i, n): pin to the i-th of n equal parts of the cores
     window: int = 0  # weight blocks resident at once, streamed from disk (weights/window.py); 0 = all in memory
+    link_cost: tuple[float, float] | None = None  # the group's (a, b) for the cost model; None = loopback's
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -57,6 +60,7 @@ class JobSpec:
             "algorithm": self.algorithm, "compression": self.compression, "threads": self.threads,
             "cpu_slot": None if self.cpu_slot is None else list(self.cpu_slot),
             "window": self.window,
+            "link_cost": None if self.link_cost is None else list(self.link_cost),
         }
 
     @classmethod
@@ -106,6 +110,12 @@ class JobSpec:
         window = maybe(b, "window", int, 0)
         if window != 0 and not 2 <= window <= 64:
             raise ProtocolError("window must be 0 (all in memory) or 2..64 blocks")
+        cost = b.get("link_cost")
+        if cost is not None and not (isinstance(cost, list) and len(cost) == 2
+                                     and all(type(x) is float and math.isfinite(x) for x in cost)
+                                     and 0.0 <= cost[0] <= MAX_HOP_S and MIN_LINK_BPS <= cost[1] <= MAX_LINK_BPS):
+            raise ProtocolError("link_cost must be [seconds per hop, bytes per second] within range")
         return cls(job, rank, world, need(b, "model", str, max_len=128), need(b, "config", dict), specs,
                    tuple(files), server, server_key, tuple(keys), max_seq_len, timeout, algorithm, compression,
-                   threads, None if slot is None else (slot[0], slot[1]), window)
+                   threads, None if slot is None else (slot[0], slot[1]), window,
+                   None if cost is None else (cost[0], cost[1]))

@@ -108,6 +108,7 @@ def run_job(state: StateDir, spec: JobSpec, host: str, advertise: str | None = N
     import torch
 
     from edgemesh.collective.members import CurveKeys, Peer
+    from edgemesh.collective.costmodel import LinkCost
     from edgemesh.collective.group import CollectiveGroup, CollectiveOptions
     from edgemesh.collective.tcp_links import SecureLinks, max_message_for
     from edgemesh.llm.follow import follow_master
@@ -148,7 +149,8 @@ def run_job(state: StateDir, spec: JobSpec, host: str, advertise: str | None = N
         group = CollectiveGroup(
             links, spec.rank, spec.world,
             [Peer(r, e, curve_public_for(spec.keys[r])) for r, e in peers if r != spec.rank],
-            CollectiveOptions(timeout=spec.timeout, algorithm=spec.algorithm, compression=spec.compression))
+            CollectiveOptions(timeout=spec.timeout, algorithm=spec.algorithm, compression=spec.compression,
+                              **({} if spec.link_cost is None else {"cost": LinkCost(*spec.link_cost)})))
     except EdgemeshError as exc:
         links.close(abandon=True)
         _close(provider)

@@ -250,6 +250,11 @@ def test_bench_generate_measures_every_term_and_sends_what_the_theory_says(clust
     assert r["master_in_collectives_ms_per_token"] == round(statistics.median(inside) * 1000, 2)
     assert 0 < r["master_in_collectives_ms_per_token"] <= round(statistics.median(steps) * 1000, 2)
     assert r["single_ms_per_token"] > 0 and r["largest_slice_alone_ms"] > 0
+    # Three members on this machine: the cost model keeps loopback's constants, and says what it picked.
+    from edgemesh.collective.costmodel import LOOPBACK_CURVE
+
+    assert r["link_cost"] == {"hop_us": round(LOOPBACK_CURVE.a * 1e6, 1), "mbyte_s": round(LOOPBACK_CURVE.b / 1e6, 2)}
+    assert set(r["algorithms"]) == {"decode", "prefill"} and r["algorithms"]["decode"] == "direct"
 
 
 def test_plan_uses_the_running_clusters_members_and_links(cluster3, store):

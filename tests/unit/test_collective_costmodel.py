@@ -80,3 +80,28 @@ def test_fit_from_allreduces_recovers_a_and_b() -> None:
     fit = fit_from_allreduces(samples)
     assert fit.a == pytest.approx(truth.a, rel=1e-6)
     assert fit.b == pytest.approx(truth.b, rel=1e-6)
+
+
+def test_for_links_takes_the_slowest_link_and_never_beats_loopback() -> None:
+    from edgemesh.collective.costmodel import LOOPBACK_CURVE, for_links
+
+    lan = for_links([2.0, 2.4], [300.0, 280.0])  # lan-4 from dev1: 2 ms round trips, ~300 Mbit/s
+    assert lan.a == pytest.approx(1.2e-3) and lan.b == pytest.approx(280e6 / 8)
+    # Faster than the software on loopback is not believed: loopback's costs are the floor.
+    fast = for_links([0.01], [100_000.0])
+    assert fast.a == LOOPBACK_CURVE.a and fast.b == LOOPBACK_CURVE.b
+    # No link measured (a group of one machine never asks): loopback's.
+    assert for_links([], []) == LOOPBACK_CURVE
+
+
+def test_a_prefill_message_over_a_lan_takes_the_ring_where_loopback_would_take_the_star() -> None:
+    """Measured on lan-4 (three 0.5-core devices, 300 Mbit/s, 2 ms round trips): with loopback's
+    constants a prefill chunk of 128 positions (295 KB) went by star, ~33 ms an op on those
+    links; the ring sends 2(W-1)/W of it instead of 2(W-1) at the hub."""
+    from edgemesh.collective.costmodel import LOOPBACK_CURVE, for_links
+
+    chunk = 128 * 576 * 4
+    assert choose(chunk, 3, LOOPBACK_CURVE).algorithm is Algorithm.STAR
+    lan = for_links([2.0], [300.0])
+    assert choose(chunk, 3, lan).algorithm is Algorithm.RING
+    assert choose(576 * 4, 3, lan).algorithm is Algorithm.DIRECT  # a decode step's message: one hop

@@ -211,3 +211,25 @@ def test_members_named_with_on_are_tried_first_and_a_silent_member_is_named_as_s
     # A member we reach directly but that never answered our status request is out, and says why.
     del paths["c3"]
     assert direct_island(MEMBERS, "a1", paths)[1] == {"c3": "node2 did not answer a status request"}
+
+
+def test_the_groups_link_cost_is_loopbacks_on_one_machine_else_the_slowest_measured_link():
+    from edgemesh.collective.costmodel import LOOPBACK_CURVE
+    from edgemesh.placement.members import group_cost
+
+    def member(i: str, host: str, rtt: float | None = None, mbps: float | None = None) -> dict:
+        m = _member(i, i, host=host)
+        m["profile"].update(gflops=24.0, mem_bw_gbps=12.0, mem_total=8 << 30)
+        if rtt is not None:
+            m["links"] = {"path": "lan", "rtt_min_ms": rtt, "mbps": mbps}
+        return m
+
+    local = [member("a", "127.0.0.1"), member("b", "127.0.0.1", 0.3, 900.0), member("c", "127.0.0.1", 0.4, 700.0)]
+    assert group_cost(local, *devices_and_links(local)) == LOOPBACK_CURVE
+    lan = [member("a", "10.0.0.1"), member("b", "10.0.0.2", 2.0, 300.0), member("c", "10.0.0.3", 3.0, 250.0)]
+    cost = group_cost(lan, *devices_and_links(lan))
+    assert cost.a == pytest.approx(1.5e-3) and cost.b == pytest.approx(250e6 / 8)
+    # A link not measured yet counts as the two devices' profiles say (1 Gbit/s by default).
+    fresh = [member("a", "10.0.0.1"), member("b", "10.0.0.2", 2.0, 300.0), member("c", "10.0.0.3")]
+    cost = group_cost(fresh, *devices_and_links(fresh))
+    assert cost.a == pytest.approx(1e-3) and cost.b == pytest.approx(300e6 / 8)

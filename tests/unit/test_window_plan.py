@@ -172,3 +172,20 @@ def test_job_spec_carries_the_window() -> None:
     for bad in (1, -1, 65):
         with pytest.raises(ProtocolError):
             JobSpec.from_wire({**spec.to_wire(), "window": bad})
+
+
+def test_job_spec_carries_the_groups_link_cost() -> None:
+    from edgemesh.errors import ProtocolError
+    from edgemesh.runtime.jobs import JobSpec
+
+    spec = JobSpec(job="ab" * 8, rank=1, world=2, model="m", config={}, specs=[], files=(), server="tcp://127.0.0.1:1",
+                   server_key=b"k" * 32, keys=(b"a" * 32, b"b" * 32), max_seq_len=64, timeout=5.0,
+                   link_cost=(1.2e-3, 37.5e6))
+    assert JobSpec.from_wire(spec.to_wire()).link_cost == (1.2e-3, 37.5e6)
+    old = spec.to_wire()
+    del old["link_cost"]  # a launcher from before: the workers keep loopback's constants
+    assert JobSpec.from_wire(old).link_cost is None
+    for bad in ([1e-3], [1e-3, 1], ["1", 2.0], [float("nan"), 1e6], [1e-3, float("inf")], [-1.0, 1e6],
+                [11.0, 1e6], [1e-3, 10.0], [1e-3, 1e13], {"a": 1.0}):
+        with pytest.raises(ProtocolError):
+            JobSpec.from_wire({**spec.to_wire(), "link_cost": bad})
