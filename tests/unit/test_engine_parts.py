@@ -233,3 +233,18 @@ def test_the_groups_link_cost_is_loopbacks_on_one_machine_else_the_slowest_measu
     fresh = [member("a", "10.0.0.1"), member("b", "10.0.0.2", 2.0, 300.0), member("c", "10.0.0.3")]
     cost = group_cost(fresh, *devices_and_links(fresh))
     assert cost.a == pytest.approx(1e-3) and cost.b == pytest.approx(300e6 / 8)
+
+
+def test_link_table_reports_the_best_recent_bandwidth_probe():
+    from edgemesh.mesh.links import BANDWIDTH_WINDOW, LinkTable
+
+    t = LinkTable()
+    t.set_path("p", "lan")
+    t.bandwidth("p", 1 << 20, 0.030, 0.002)  # ~300 Mbit/s
+    t.bandwidth("p", 1 << 20, 1.000, 0.002)  # under-read: the link was busy
+    assert t.to_json("p")["mbps"] == pytest.approx(299.6, abs=0.1)
+    for _ in range(BANDWIDTH_WINDOW):  # the good probe ages out of the window
+        t.bandwidth("p", 1 << 20, 0.100, 0.002)
+    assert t.to_json("p")["mbps"] == pytest.approx(85.6, abs=0.1)
+    t.set_path("p", "relayed")  # another path: its own probes only
+    assert t.to_json("p")["mbps"] is None
