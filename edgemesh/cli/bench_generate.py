@@ -31,6 +31,10 @@ def bench_generate(
         None, "--speculate", help="lookup | draft:MODEL: instead, plain vs speculative decoding side by side on "
                                   "N members for three prompt kinds (rewrite, code edit, open chat); --tokens "
                                   "is then the most tokens per answer."),
+    testbed: Optional[Path] = typer.Option(
+        None, "--testbed", help="Run on this testbed scenario's devices instead (root): brings it up under a fresh "
+                                "prefix, starts a daemon per device, copies MODEL into the first device's store, "
+                                "runs there (1 device = that device alone, at its caps) and tears it all down."),
 ) -> None:
     """TTFT, ms/token, tokens/s and bytes/token on N members, against one device and the analytic bound."""
     from edgemesh.cli.model import default_store_dir
@@ -43,6 +47,13 @@ def bench_generate(
     if tokens < 2 or prompt_tokens < 1 or nodes < 1 or (nodes < 2 and speculate is None):
         raise ConfigError("--tokens ≥ 2, --prompt-tokens ≥ 1 and --nodes ≥ 2 please")
     entry = ModelStore(store or default_store_dir()).get(model)
+    if testbed is not None:
+        if speculate is not None or state_dir is not None:
+            raise ConfigError("--testbed runs its own cluster: it takes neither --speculate nor --state-dir")
+        args = [model, "--nodes", str(nodes), "--tokens", str(tokens), "--prompt-tokens", str(prompt_tokens)]
+        _print(_on_testbed(testbed, entry.root, nodes, args + (["--wire-dtype", wire_dtype] if wire_dtype else [])),
+               json_path)
+        return
     if speculate is not None:
         _bench_speculate(resolve_state(state_dir), entry, store or default_store_dir(), nodes, speculate, tokens,
                          json_path)
@@ -54,7 +65,37 @@ def bench_generate(
     with PhaseProgress(err) as progress:
         r = asyncio.run(bench(resolve_state(state_dir), entry, nodes, prompt, tokens, 2048, progress=progress,
                               wire_dtype=wire_dtype))
-    t = Table(title=f"{r['model']}: decode, {r['tokens']} tokens after a {r['prompt_tokens']}-token prompt")
+    _print(r, json_path)
+
+
+def _on_testbed(scenario: Path, entry_root: Path, nodes: int, args: list[str]) -> dict:
+    import signal
+
+    from edgemesh.bench.on_testbed import GenerateBed
+    from edgemesh.cli.bench_allreduce import _sigterm_as_exit
+    from edgemesh.cli.progress import PhaseProgress
+
+    previous = signal.signal(signal.SIGTERM, _sigterm_as_exit)  # unwinds through close()
+    try:
+        with PhaseProgress(Console(stderr=True)) as progress:
+            bed = GenerateBed(scenario, progress)
+            try:
+                bed.open(nodes)
+                bed.install(entry_root)
+                bed.wait_members(nodes)
+                r = bed.run_bench(args)
+            finally:
+                bed.close()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    r["testbed"] = {"scenario": bed.scenario.name, "devices": [d.name for d in bed.scenario.devices[:nodes]]}
+    return r
+
+
+def _print(r: dict, json_path: Optional[str]) -> None:
+    err = Console(stderr=True)
+    where = f" on testbed {r['testbed']['scenario']}" if r.get("testbed") else ""
+    t = Table(title=f"{r['model']}{where}: decode, {r['tokens']} tokens after a {r['prompt_tokens']}-token prompt")
     for col in ("", "TTFT ms", "ms/token", "tokens/s", "bytes/token"):
         t.add_column(col)
     t.add_row("1 device", f"{r['single_ttft_ms']:.0f}", f"{r['single_ms_per_token']:.1f}", f"{r['single_tokens_per_s']:.1f}", "-")
