@@ -24,6 +24,7 @@ is not offered; bandwidth-bound prefill messages pick ring or chunked star.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from enum import Enum
 
@@ -70,8 +71,8 @@ def for_links(rtts_ms: list[float], mbits: list[float]) -> LinkCost:
     per hop (never under loopback's software cost per hop, which every link pays too) and its
     bandwidth (never over what the software moves on loopback). Members' links are measured
     from the master only, so every link is assumed as slow as the slowest of those."""
-    a = max([LOOPBACK_CURVE.a, *(r / 2e3 for r in rtts_ms)])
-    b = min([LOOPBACK_CURVE.b, *(m * 1e6 / 8 for m in mbits)])
+    a = max([LOOPBACK_CURVE.a, *(r / 2e3 for r in rtts_ms if math.isfinite(r))])
+    b = min([LOOPBACK_CURVE.b, *(m * 1e6 / 8 for m in mbits if math.isfinite(m))])
     return LinkCost(a=min(a, MAX_HOP_S), b=min(max(b, MIN_LINK_BPS), MAX_LINK_BPS))
 
 

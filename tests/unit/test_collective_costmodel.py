@@ -92,6 +92,9 @@ def test_for_links_takes_the_slowest_link_and_never_beats_loopback() -> None:
     assert fast.a == LOOPBACK_CURVE.a and fast.b == LOOPBACK_CURVE.b
     # No link measured (a group of one machine never asks): loopback's.
     assert for_links([], []) == LOOPBACK_CURVE
+    # Figures that are no measurement at all are left out; a zero bandwidth is floored.
+    odd = for_links([float("nan"), 2.0], [float("inf"), float("nan"), 0.0])
+    assert odd.a == pytest.approx(1e-3) and odd.b == 1e3
 
 
 def test_a_prefill_message_over_a_lan_takes_the_ring_where_loopback_would_take_the_star() -> None:
