@@ -47,7 +47,7 @@ class LinkCost:
     b: float  # bytes per second per link direction
 
     def __post_init__(self) -> None:
-        if self.a < 0 or self.b <= 0:
+        if not (math.isfinite(self.a) and math.isfinite(self.b)) or self.a < 0 or self.b <= 0:
             raise ValueError(f"link cost needs a >= 0 and b > 0, got a={self.a}, b={self.b}")
 
 

@@ -68,6 +68,9 @@ def test_fit_recovers_a_and_b() -> None:
         fit_link_cost([(100, 1.0), (100, 2.0)])
     with pytest.raises(ValueError):
         LinkCost(a=-1, b=1)
+    for a, b in ((float("nan"), 1.0), (1e-3, float("nan")), (float("inf"), 1.0), (1e-3, float("inf"))):
+        with pytest.raises(ValueError):
+            LinkCost(a=a, b=b)
 
 
 def test_fit_from_allreduces_recovers_a_and_b() -> None:
