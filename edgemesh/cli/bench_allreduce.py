@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from edgemesh.cli.bench import bench_app
+from edgemesh.cli.bench import bench_app, sigterm_as_exit
 from edgemesh.cli.output import json_option, table_console, write_json
 from edgemesh.bench.allreduce import EXTRA_METHODS, METHODS, SECURE, BenchConfig, BenchRow, Placement, auto_choice, fitted_cost, run_benchmark
 from edgemesh.errors import ConfigError
@@ -79,10 +79,6 @@ class TestbedPlacement(Placement):
             self.up = False
 
 
-def _sigterm_as_exit(signum: int, frame: Any) -> None:
-    raise SystemExit(128 + signum)  # unwinds through the finally blocks that end workers and testbeds
-
-
 @bench_app.command("allreduce")
 def bench_allreduce(
     quick: bool = typer.Option(False, "--quick", help="W = 2, 4; sizes 2 KiB, 16 KiB, 1 MiB; fewer reps (~30 s)."),
@@ -135,7 +131,7 @@ def bench_allreduce(
         console = Console(width=160, stderr=console.stderr)  # piped to a file: do not squeeze the table to 80 columns
     placement: TestbedPlacement | None = None
     where = "127.0.0.1"
-    previous = signal.signal(signal.SIGTERM, _sigterm_as_exit)
+    previous = signal.signal(signal.SIGTERM, sigterm_as_exit)
     try:
         with console.status("starting participants…") as status:
             if testbed is not None:

@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from edgemesh.cli.bench import bench_app
+from edgemesh.cli.bench import bench_app, sigterm_as_exit
 from edgemesh.cli.output import json_option, table_console, write_json
 from edgemesh.errors import ConfigError
 
@@ -72,10 +72,9 @@ def _on_testbed(scenario: Path, entry_root: Path, nodes: int, args: list[str]) -
     import signal
 
     from edgemesh.bench.on_testbed import GenerateBed
-    from edgemesh.cli.bench_allreduce import _sigterm_as_exit
     from edgemesh.cli.progress import PhaseProgress
 
-    previous = signal.signal(signal.SIGTERM, _sigterm_as_exit)  # unwinds through close()
+    previous = signal.signal(signal.SIGTERM, sigterm_as_exit)  # unwinds through close()
     try:
         with PhaseProgress(Console(stderr=True)) as progress:
             bed = GenerateBed(scenario, progress)

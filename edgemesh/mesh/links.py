@@ -32,13 +32,17 @@ class Link:
     path: str | None = None
     rtt_ms: float | None = None
     recent_rtt: deque[float] = field(default_factory=lambda: deque(maxlen=RTT_WINDOW))
-    mbps: float | None = None  # the best of ``recent_mbps``
     recent_mbps: deque[float] = field(default_factory=lambda: deque(maxlen=BANDWIDTH_WINDOW))
     since: float = 0.0
     connected_at: float | None = None
     probed_at: float = 0.0
     changes: int = 0
     history: deque[tuple[float, str | None]] = field(default_factory=lambda: deque(maxlen=HISTORY))
+
+    @property
+    def mbps(self) -> float | None:
+        """The best of the recent bandwidth probes (None before the first)."""
+        return max(self.recent_mbps) if self.recent_mbps else None
 
 
 class LinkTable:
@@ -61,7 +65,7 @@ class LinkTable:
             return
         link.path, link.since, link.changes = path, time.time(), link.changes + 1
         link.history.append((link.since, path))
-        link.rtt_ms = link.mbps = None
+        link.rtt_ms = None
         link.recent_rtt.clear()
         link.recent_mbps.clear()
         link.probed_at = 0.0
@@ -84,7 +88,6 @@ class LinkTable:
         link = self._get(node_id)
         transfer = max(seconds - empty_seconds, seconds / 2, 1e-6)
         link.recent_mbps.append(round(nbytes * 8 / transfer / 1e6, 1))
-        link.mbps = max(link.recent_mbps)
         link.probed_at = time.monotonic()
 
     def needs_probe(self, node_id: str, interval: float) -> bool:

@@ -175,9 +175,7 @@ class Deployment:
                                      budget_bytes=self.options.memory_budget, mlp_unit=split_unit(self.entry.dtype))
         world = self.plan.world_size
         self.progress(f"plan: {world} device(s), predicted {self.plan.latency.total_ms:.1f} ms/token")
-        # The members in the plan (all of them today; kept in step if the planner ever drops one).
-        planned = [i for i, d in enumerate(devices) if d.id in {p.id for p in self.plan.devices}]
-        self.link_cost = group_cost([self.members[i] for i in planned], [devices[i] for i in planned], links)
+        self.link_cost = group_cost(self.members, devices, links)  # rank r is members[r], as below
         threads = threads_per_rank(self.members)
         slots = cpu_slots(self.members)
         self.compute.assign(threads[0], slots[0])
