@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from edgemesh.mesh.profile import torch_threads
 from edgemesh.placement.members import host_of, sharing
 
 
@@ -17,15 +18,12 @@ def threads_per_rank(members: list[dict[str, Any]]) -> list[int]:
     """Torch threads per rank (0 = torch's default, every logical core). Ranks that share a
     machine (same address) split its cores instead of each taking all: oversubscribed torch
     threads made a 3-process local cluster 2.3× slower in our runs. A CPU quota (cgroup) counts
-    too: torch sizes its pool by logical cores, and 2 threads spinning under a 0.5-core quota
-    made a lan-4 testbed device ~4× slower than 1 thread."""
+    too (``torch_threads``): the device profile measures its GFLOP/s with the same count."""
     out = []
     for m, shared in zip(members, sharing(members)):
         profile = m.get("profile") or {}
         logical = int(profile.get("cpu_logical") or 1)
-        quota = (profile.get("limits") or {}).get("cpu_cores")
-        usable = min(float(quota), logical) if quota else logical
-        n = max(1, int(usable // shared))
+        n = torch_threads((profile.get("limits") or {}).get("cpu_cores"), logical, shared)
         out.append(0 if n >= logical else n)
     return out
 
