@@ -142,13 +142,15 @@ def measure_disk_read_mbps(directory: str | None = None, size: int = 32 << 20) -
         return None
 
 
-def measure_profile(directory: str | None = None) -> dict[str, Any]:
+def measure_profile(directory: str | None = None, *, disk: bool = True) -> dict[str, Any]:
     profile = static_profile()
     profile["gflops"] = measure_gflops()
-    profile["disk_read_mbps"] = measure_disk_read_mbps(directory)
+    if disk:
+        profile["disk_read_mbps"] = measure_disk_read_mbps(directory)
     profile["measured_at"] = time.time()
     return profile
 
 
 if __name__ == "__main__":
-    json.dump(measure_profile(sys.argv[1] if len(sys.argv) > 1 else None), sys.stdout)
+    args = [a for a in sys.argv[1:] if a != "--no-disk"]
+    json.dump(measure_profile(args[0] if args else None, disk="--no-disk" not in sys.argv[1:]), sys.stdout)
