@@ -97,7 +97,7 @@ def torch_threads(cpu_cores: float | None, logical: int, shared: int = 1) -> int
     return max(1, int(usable // max(1, shared)))
 
 
-def measure_gflops(seconds: float = 1.0, n: int = 512, windows: int = 5) -> float:
+def measure_gflops(seconds: float = 0.5, n: int = 512, windows: int = 5) -> float:
     """Sustained fp32 matmul GFLOP/s with the torch threads a rank here would run (``torch_threads``
     of this process's quota): the best of ``windows`` equal windows, since whatever else runs on
     the machine only ever slows a window down. Measured with torch's default pool (every logical
@@ -151,6 +151,23 @@ def measure_profile(directory: str | None = None, *, disk: bool = True) -> dict[
     return profile
 
 
+def main(argv: list[str]) -> None:
+    """``python -m edgemesh.mesh.profile [DIR] [--no-disk] [--repeat N] [--pause S]``: N profiles,
+    S seconds apart, one JSON object per line as each is made (the disk read speed, in DIR,
+    only in the first, and not with --no-disk)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="edgemesh.mesh.profile")
+    parser.add_argument("directory", nargs="?")
+    parser.add_argument("--no-disk", action="store_true")
+    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--pause", type=float, default=0.0)
+    args = parser.parse_args(argv)
+    for i in range(max(1, args.repeat)):
+        if i:
+            time.sleep(max(0.0, args.pause))
+        print(json.dumps(measure_profile(args.directory, disk=i == 0 and not args.no_disk)), flush=True)
+
+
 if __name__ == "__main__":
-    args = [a for a in sys.argv[1:] if a != "--no-disk"]
-    json.dump(measure_profile(args[0] if args else None, disk="--no-disk" not in sys.argv[1:]), sys.stdout)
+    main(sys.argv[1:])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -50,13 +52,14 @@ def test_profile_service_publishes_the_best_of_its_recent_measurements(monkeypat
 
     from edgemesh.runtime.services import profile as service
 
-    measured = iter([10.0, 40.0, 20.0, 30.0, 25.0, 5.0])
+    series = iter([[10.0, 40.0, 20.0], [30.0], [25.0], [5.0]])  # the start-up series, then one each time
     published: list[dict] = []
-    calls: list[bool] = []
+    firsts: list[bool] = []
 
-    async def fake_once(self, *, disk: bool):
-        calls.append(disk)
-        return {"gflops": next(measured), "mem_available": len(calls)}
+    async def fake_measurements(self, first: bool):
+        firsts.append(first)
+        for g in next(series):
+            yield {"gflops": g, "mem_available": len(published) + 1}
 
     class Membership:
         me = SimpleNamespace(profile={"cpu_logical": 2, "disk_read_mbps": 99.0})
@@ -65,19 +68,30 @@ def test_profile_service_publishes_the_best_of_its_recent_measurements(monkeypat
             published.append(profile)
             self.me = SimpleNamespace(profile=profile)
 
-    monkeypatch.setattr(service.ProfileService, "_measure_once", fake_once)
-    monkeypatch.setattr(service, "REMEASURE_S", (0.001,))
+    monkeypatch.setattr(service.ProfileService, "_measurements", fake_measurements)
+    monkeypatch.setattr(service, "REMEASURE_S", 0.001)
     svc = service.ProfileService(SimpleNamespace(config=SimpleNamespace(profile_delay=0.0)), Membership())
 
     async def run() -> None:
         task = asyncio.create_task(svc._measure())
-        while len(published) < 6:
+        while len(published) < 6 and not task.done():
             await asyncio.sleep(0.001)
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
 
     asyncio.run(run())
-    assert [p["gflops"] for p in published] == [10.0, 40.0, 40.0, 40.0, 30.0, 30.0]  # best of the last 3
-    assert [p["mem_available"] for p in published] == [1, 2, 3, 4, 5, 6]  # the rest is the newest
+    assert [p["gflops"] for p in published[:6]] == [10.0, 40.0, 40.0, 40.0, 30.0, 30.0]  # best of the last 3
+    assert [p["mem_available"] for p in published[:6]] == [1, 2, 3, 4, 5, 6]  # the rest is the newest
     assert all(p["cpu_logical"] == 2 and p["disk_read_mbps"] == 99.0 for p in published)
-    assert calls[0] is True and not any(calls[1:])  # the disk only the first time
+    assert firsts[:4] == [True, False, False, False]  # the start-up series (and the disk) only once
+
+
+def test_measuring_child_prints_one_profile_per_line_and_the_disk_only_in_the_first(tmp_path, monkeypatch, capsys,
+                                                                                     keep_torch_threads):
+    monkeypatch.setattr(profile, "measure_gflops", lambda: 1.0)
+    monkeypatch.setattr(profile, "measure_disk_read_mbps", lambda d: 7.0)
+    profile.main([str(tmp_path), "--repeat", "2", "--pause", "0"])
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [("disk_read_mbps" in x, x["gflops"]) for x in lines] == [(True, 1.0), (False, 1.0)]
+    profile.main([str(tmp_path), "--no-disk"])
+    assert "disk_read_mbps" not in json.loads(capsys.readouterr().out)

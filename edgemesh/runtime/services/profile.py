@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, AsyncIterator
 
 from edgemesh.config import load_toml
 from edgemesh.rpc.dispatch import Handler
@@ -23,9 +23,11 @@ from edgemesh.runtime.services.node import Node
 log = logging.getLogger(__name__)
 
 MEASURE_TIMEOUT = 120.0  # s
-# Pauses between measurements, the last one repeating: three close together while the node
-# starts (done before a user typically launches anything), then one every 10 minutes.
-REMEASURE_S = (5.0, 5.0, 600.0)
+# Three measurements close together while the node starts (done before a user typically
+# launches anything; one torch import for all three), then one every 10 minutes.
+STARTUP_MEASUREMENTS = 3
+PAUSE_S = 5.0
+REMEASURE_S = 600.0
 KEEP = 3  # published GFLOP/s: the best of this many recent measurements
 
 
@@ -53,19 +55,16 @@ class ProfileService:
         pass
 
     async def _measure(self) -> None:
-        """Measure once the mesh has settled, then again after each pause of ``REMEASURE_S`` (the
-        last one repeating).
-        The published GFLOP/s is the best of the last ``KEEP`` measurements: on a small device
-        the first one competes with the daemon's own start (and, on a testbed, with every other
-        device's), and whatever else runs only ever slows a measurement down."""
+        """Measure once the mesh has settled (``STARTUP_MEASUREMENTS`` times, ``PAUSE_S`` apart,
+        in one child), then once every ``REMEASURE_S``. Each measurement is published as it
+        arrives, with the best GFLOP/s of the last ``KEEP``: on a small device the first one
+        competes with the daemon's own start (and, on a testbed, with every other device's),
+        and whatever else runs only ever slows a measurement down."""
         await asyncio.sleep(self.node.config.profile_delay)
         recent: collections.deque[float] = collections.deque(maxlen=KEEP)
-        waits = iter(REMEASURE_S)
         first = True
         while True:
-            profile = await self._measure_once(disk=first)
-            if profile is not None:
-                first = False
+            async for profile in self._measurements(first):
                 g = profile.get("gflops")
                 if isinstance(g, (int, float)) and not isinstance(g, bool) and g > 0:
                     recent.append(float(g))
@@ -73,28 +72,44 @@ class ProfileService:
                     profile["gflops"] = max(recent)
                 me = self.membership.me
                 self.membership.update_self(profile={**(me.profile if me else {}), **profile})
-            await asyncio.sleep(next(waits, REMEASURE_S[-1]))
+            first = False
+            await asyncio.sleep(REMEASURE_S)
 
-    async def _measure_once(self, *, disk: bool) -> dict[str, Any] | None:
-        """One run of the measuring child (``disk``: also the disk read speed, only the first
-        time: it writes a 32 MB file); None if it failed or timed out."""
-        argv = [sys.executable, "-m", "edgemesh.mesh.profile", str(self.node.state.path)]
-        if not disk:
+    async def _measurements(self, first: bool) -> AsyncIterator[dict[str, Any]]:
+        """The measuring child's profiles, one per line as it makes them. ``first``: the start-up
+        series, with the disk read speed in the first (it writes a 32 MB file: only then).
+        Stops early, with a warning, if the child fails or a measurement takes too long; the
+        child never outlives this (also when the daemon stops meanwhile)."""
+        argv = [sys.executable, "-m", "edgemesh.mesh.profile", str(self.node.state.path),
+                "--repeat", str(STARTUP_MEASUREMENTS if first else 1), "--pause", str(PAUSE_S)]
+        if not first:
             argv.append("--no-disk")
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
                 preexec_fn=lambda: os.nice(5),
             )
-            try:
-                out, _ = await asyncio.wait_for(proc.communicate(), MEASURE_TIMEOUT)
-            except asyncio.TimeoutError:
-                proc.kill()
-                await proc.wait()
-                log.warning("device profile timed out")
-                return None
-            profile = json.loads(out)
-        except (OSError, ValueError) as exc:
+        except OSError as exc:
             log.warning("could not measure the device profile: %s", exc)
-            return None
-        return profile if isinstance(profile, dict) else None
+            return
+        try:
+            assert proc.stdout is not None
+            while True:
+                try:
+                    line = await asyncio.wait_for(proc.stdout.readline(), MEASURE_TIMEOUT)
+                except asyncio.TimeoutError:
+                    log.warning("device profile timed out")
+                    return
+                if not line:
+                    return
+                try:
+                    profile = json.loads(line)
+                except ValueError as exc:
+                    log.warning("could not read the device profile: %s", exc)
+                    return
+                if isinstance(profile, dict):
+                    yield profile
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+            await proc.wait()
