@@ -111,5 +111,8 @@ class ProfileService:
                     yield profile
         finally:
             if proc.returncode is None:
-                proc.kill()
+                try:
+                    proc.kill()
+                except ProcessLookupError:
+                    pass  # it exited on its own meanwhile: wait() reaps it
             await proc.wait()
