@@ -103,6 +103,28 @@ def test_link_table_keeps_the_minimum_of_recent_rtts_for_the_planner():
     assert t.to_json("p")["rtt_min_ms"] == 2.0
 
 
+def test_link_table_probes_a_new_link_often_then_at_the_interval(monkeypatch):
+    from edgemesh.mesh import links
+    from edgemesh.mesh.links import EARLY_INTERVAL_S, EARLY_PROBES, LinkTable
+
+    now = [1000.0]
+    monkeypatch.setattr(links.time, "monotonic", lambda: now[0])
+    t = LinkTable()
+    assert t.needs_probe("p", 60.0)  # never seen
+    t.set_path("p", "direct")
+    assert t.needs_probe("p", 60.0)  # no figure yet
+    for i in range(EARLY_PROBES):
+        t.bandwidth("p", 1 << 20, 0.1, 0.01)
+        now[0] += EARLY_INTERVAL_S / 2
+        assert not t.needs_probe("p", 60.0)
+        now[0] += EARLY_INTERVAL_S
+        assert t.needs_probe("p", 60.0) == (i < EARLY_PROBES - 1)  # soon again, until there are enough
+    now[0] += 60.0
+    assert t.needs_probe("p", 60.0)
+    t.set_path("p", None)
+    assert not t.needs_probe("p", 60.0)  # no path: nothing to probe
+
+
 def test_link_table_keeps_recent_path_changes_with_their_times():
     from edgemesh.mesh.links import HISTORY, LinkTable
 
