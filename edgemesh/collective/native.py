@@ -30,7 +30,7 @@ from edgemesh.cbuild import compile_library
 log = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("native_links.c")
-OK, OTHER, TIMEOUT, IO, BLOCKED, EOF = range(6)
+OK, OTHER, TIMEOUT, IO, BLOCKED, EOF, ELSEWHERE = range(7)
 SSL_ERROR_SSL, SSL_ERROR_SYSCALL, SSL_ERROR_ZERO_RETURN = 1, 5, 6
 SSL_R_UNEXPECTED_EOF_WHILE_READING = 294
 MAX_LINKS = 64  # EM_MAX_LINKS in the C source
@@ -58,6 +58,20 @@ class DirectCtx(ctypes.Structure):
                 ("tails", ctypes.c_uint8 * ((MAX_LINKS + 1) * TAIL_MAX)),
                 ("head", ctypes.c_uint8 * (16 + PRE_MAX + 9 + TAIL_MAX)),
                 ("expect", ctypes.c_uint8 * (MAX_LINKS * (16 + PRE_MAX + 9 + TAIL_MAX)))]
+
+
+class RingStep(ctypes.Structure):
+    """``em_ring_step``: one step of a native ring allreduce (offsets and counts in floats,
+    record heads as offsets into one bytes blob)."""
+
+    _fields_ = [(name, ctypes.c_int) for name in ("send_off", "send_cnt", "send_hoff", "send_hlen", "recv_off",
+                                                  "recv_cnt", "recv_hoff", "recv_hlen", "add")]
+
+
+class RingState(ctypes.Structure):
+    """``em_ring_state``: where a native ring op stands between calls."""
+
+    _fields_ = [(name, ctypes.c_int) for name in ("step", "started", "part", "off", "sdone", "rdone", "dgot")]
 
 
 class _Native:
@@ -137,7 +151,11 @@ def _load() -> _Native | None:
     lib.edgemesh_direct.restype = ci
     lib.edgemesh_direct_step_fn.restype = vp
     lib.edgemesh_direct_step_fn.argtypes = []
-    if lib.edgemesh_direct_ctx_size() != ctypes.sizeof(DirectCtx):
+    lib.edgemesh_ring.argtypes = [vp, vp, vp, vp, vp, ci, cp, vp, ci, ci, vp, pi]
+    lib.edgemesh_ring.restype = ci
+    if (lib.edgemesh_direct_ctx_size() != ctypes.sizeof(DirectCtx)
+            or lib.edgemesh_ring_step_size() != ctypes.sizeof(RingStep)
+            or lib.edgemesh_ring_state_size() != ctypes.sizeof(RingState)):
         log.warning("native links: unexpected build (%s); using the Python path", lib._name)
         return None
     try:

@@ -24,7 +24,7 @@
 #include <sys/socket.h>
 #include <time.h>
 
-enum { EM_OK = 0, EM_OTHER = 1, EM_TIMEOUT = 2, EM_IO = 3, EM_BLOCKED = 4, EM_EOF = 5 };
+enum { EM_OK = 0, EM_OTHER = 1, EM_TIMEOUT = 2, EM_IO = 3, EM_BLOCKED = 4, EM_EOF = 5, EM_ELSEWHERE = 6 };
 enum { SSL_ERROR_WANT_READ = 2, SSL_ERROR_WANT_WRITE = 3 };
 #define EM_MAX_LINKS 64
 
@@ -382,3 +382,181 @@ static int direct_step(em_direct_ctx *c, const float *part, float *sum, int n) {
 }
 
 void *edgemesh_direct_step_fn(void) { return (void *)edgemesh_direct_step; }
+
+/* ---- the ring allreduce of large float32 messages (a prefill's partial sums) ----
+ * One C call runs a whole op: its 2(W-1) steps, each sending one record to the next rank while
+ * receiving one from the previous, so neither direction waits for the other and the GIL is free
+ * for the compute thread the whole time. Python (ring.py, tcp_links.ring_native) plans every
+ * step: which part of `acc` goes out with which record head, and which record head must come in
+ * before its data is added into (reduce-scatter) or copied over (allgather) a part of `acc`. The
+ * records are byte for byte those of the Python ring, so a rank running it talks to one that
+ * does not. A record head that is not the expected one stops the op with its bytes left in the
+ * previous rank's read buffer (`got`) for the Python decoder (an abort, or ranks out of step);
+ * the data is read straight into `acc` or `scratch`, never past the record's end. */
+
+typedef struct {
+    int send_off, send_cnt;  /* floats of acc sent */
+    int send_hoff, send_hlen; /* its record head in `heads` */
+    int recv_off, recv_cnt;  /* floats of acc received into */
+    int recv_hoff, recv_hlen; /* the expected record head in `heads` */
+    int add;                 /* 1: acc part += received (via scratch); 0: acc part = received */
+} em_ring_step;
+
+int edgemesh_ring_step_size(void) { return (int)sizeof(em_ring_step); }
+
+/* Write what the socket takes of part p (0 = head, 1 = data) from *off. 1: the record is all
+ * out; 0: blocked (*want_read: TLS must read first); < 0: -status. l->sent counts bytes out. */
+static int push(em_link *l, const uint8_t *const p[2], const int len[2], int *part, int *off, int *want_read) {
+    *want_read = 0;
+    while (*part < 2) {
+        if (*off >= len[*part]) {
+            (*part)++;
+            *off = 0;
+            continue;
+        }
+        int k;
+        if (l->ssl) {
+            err_clear();
+            /* Without partial writes OpenSSL takes all of it or asks to be called again with
+             * the same bytes: `off` only moves on a positive return. */
+            k = ssl_write(l->ssl, (void *)(p[*part] + *off), len[*part] - *off);
+            if (k <= 0) {
+                int e = ssl_get_error(l->ssl, k);
+                if (e == SSL_ERROR_WANT_WRITE) return 0;
+                if (e == SSL_ERROR_WANT_READ) {
+                    *want_read = 1;
+                    return 0;
+                }
+                l->err = e;
+                l->detail = e == 0 ? (unsigned long)errno : err_peek();
+                return -EM_IO;
+            }
+        } else {
+            ssize_t s = send(l->fd, p[*part] + *off, (size_t)(len[*part] - *off), MSG_NOSIGNAL);
+            if (s < 0) {
+                if (errno == EINTR) continue;
+                if (errno == EAGAIN || errno == EWOULDBLOCK) return 0;
+                l->err = 0;
+                l->detail = (unsigned long)errno;
+                return -EM_IO;
+            }
+            k = (int)s;
+        }
+        *off += k;
+        l->sent += k;
+    }
+    return 1;
+}
+
+/* Read the awaited record: its head into l->rbuf (checked against `expect`), then `n` data bytes
+ * to dst (*dgot so far). 1: whole; 0: waiting; < 0: -status. */
+static int pull_into(em_link *l, const uint8_t *expect, int hlen, uint8_t *dst, int n, int *dgot) {
+    if (l->got < hlen) {
+        int r = pull(l, expect, hlen, hlen);
+        if (r <= 0) return r;
+    }
+    while (*dgot < n) {
+        int k = read_some(l, dst + *dgot, n - *dgot);
+        if (k <= 0) return k;
+        *dgot += k;
+    }
+    return 1;
+}
+
+static void add_floats(float *restrict acc, const float *restrict src, int n) {
+    for (int j = 0; j < n; j++) acc[j] += src[j];
+}
+
+/* Where a ring op stands between calls: a call that returns EM_ELSEWHERE (bytes arrived on
+ * another link, for Python to take) is continued by calling again with the same state. */
+typedef struct {
+    int step;      /* the step under way */
+    int started;   /* 0: step `step` has not begun (its counters are reset when it does) */
+    int part, off; /* the send: part 0 = head, 1 = data; bytes of it out */
+    int sdone, rdone, dgot;
+} em_ring_state;
+
+int edgemesh_ring_state_size(void) { return (int)sizeof(em_ring_state); }
+
+/* One rank's ring allreduce: steps[0 .. nsteps) in order over links nx (to the next rank) and
+ * pv (from the previous one), from where *rs stands. EM_OK: acc holds the sum. EM_ELSEWHERE:
+ * one of the `others` descriptors (this rank's other links, and nx's for reading) became
+ * readable: Python takes its bytes (an abort, a faster rank's next message), then calls again
+ * with the same state.
+ * Otherwise rs->step is where it stopped and *phase says which side: 1 = the send to nx
+ * (nx->sent bytes of that record are out), 0 = the receive from pv (pv->got bytes of its head
+ * are in its rbuf; only EM_OTHER leaves the head incomplete or wrong, and then no data byte of
+ * it was read). */
+int edgemesh_ring(em_link *nx, em_link *pv, float *acc, float *scratch, const em_ring_step *steps, int nsteps,
+                  const uint8_t *heads, const int *others, int nothers, int timeout_ms, em_ring_state *rs,
+                  int *phase) {
+    if (nothers < 0 || nothers > EM_MAX_LINKS) return EM_OTHER;
+    int64_t deadline = now_ms() + timeout_ms;
+    for (; rs->step < nsteps; rs->step++, rs->started = 0) {
+        const em_ring_step *st = &steps[rs->step];
+        const uint8_t *out[2] = {heads + st->send_hoff, (const uint8_t *)(acc + st->send_off)};
+        int olen[2] = {st->send_hlen, st->send_cnt * 4};
+        uint8_t *dst = (uint8_t *)(st->add ? scratch : acc + st->recv_off);
+        int want_read = 0;
+        if (!rs->started) {
+            rs->started = 1;
+            rs->part = rs->off = rs->sdone = rs->rdone = rs->dgot = 0;
+            nx->sent = 0;
+            pv->got = 0;
+        }
+        for (;;) {
+            if (!rs->sdone) {
+                int r = push(nx, out, olen, &rs->part, &rs->off, &want_read);
+                if (r < 0) {
+                    *phase = 1;
+                    return -r;
+                }
+                rs->sdone = r;
+            }
+            if (!rs->rdone) {
+                int r = pull_into(pv, heads + st->recv_hoff, st->recv_hlen, dst, st->recv_cnt * 4, &rs->dgot);
+                if (r < 0) {
+                    *phase = 0;
+                    return -r;
+                }
+                rs->rdone = r;
+            }
+            if (rs->sdone && rs->rdone) break;
+            struct pollfd pf[2 + EM_MAX_LINKS];
+            int n = 0;
+            if (!rs->sdone) {
+                pf[n].fd = nx->fd;
+                pf[n].events = (short)(POLLOUT | (want_read ? POLLIN : 0));
+                pf[n++].revents = 0;
+            }
+            if (!rs->rdone) {
+                pf[n].fd = pv->fd;
+                pf[n].events = POLLIN | POLLPRI;
+                pf[n++].revents = 0;
+            }
+            int mine = n;
+            for (int i = 0; i < nothers; i++) {
+                pf[n].fd = others[i];
+                pf[n].events = POLLIN | POLLPRI;
+                pf[n++].revents = 0;
+            }
+            int64_t wait = deadline - now_ms();
+            if (wait <= 0) {
+                *phase = rs->sdone ? 0 : 1;
+                return EM_TIMEOUT;
+            }
+            int r = poll(pf, (nfds_t)n, (int)wait);
+            if (r < 0 && errno != EINTR) {
+                em_link *l = rs->sdone ? pv : nx;
+                *phase = rs->sdone ? 0 : 1;
+                l->err = 0;
+                l->detail = (unsigned long)errno;
+                return EM_IO;
+            }
+            for (int i = mine; i < n && r > 0; i++)
+                if (pf[i].revents) return EM_ELSEWHERE;
+        }
+        if (st->add) add_floats(acc + st->recv_off, scratch, st->recv_cnt);
+    }
+    return EM_OK;
+}

@@ -50,7 +50,7 @@ class Op:
         still taken and a wrong one raises the same ``ProtocolError`` as ``recv``."""
         frames = self.links.recv(peer, self.deadline)
         if (len(frames) == 2 and isinstance(frames[1], memoryview) and frames[1].nbytes == spec.nbytes
-                and frames[0] == part_header(method, self.seq, _sender_of(peer), spec)):
+                and frames[0] == part_header(method, self.seq, sender_of(peer), spec)):
             return frames[1]
         env, views = decode_message(frames)
         if env.method != method or env.rid != self.seq or env.body is not None:
@@ -65,7 +65,7 @@ class Op:
 
     def part_header(self, method: str, sender: int, spec: TensorSpec) -> bytes:
         """The envelope of ``sender``'s ``method`` message of this op carrying ``spec``."""
-        return part_header(method, self.seq, _sender_of(sender), spec)
+        return part_header(method, self.seq, sender_of(sender), spec)
 
     def send_frames(self, peer: int, frames: Sequence[Any]) -> None:
         """Forward a received message unchanged (ring allgather): no decode, no copy."""
@@ -96,7 +96,7 @@ def data_header(method: str, seq: int, sender: bytes, body: Any, specs: Sequence
 _SENDERS = [str(r).encode() for r in range(256)]
 
 
-def _sender_of(rank: int) -> bytes:
+def sender_of(rank: int) -> bytes:
     return _SENDERS[rank] if 0 <= rank < len(_SENDERS) else str(rank).encode()
 
 

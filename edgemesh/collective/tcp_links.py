@@ -766,6 +766,99 @@ class SecureLinks:
         assert not received
         return sent
 
+    def ring_native(self, nxt: int, prv: int, acc: np.ndarray, scratch: np.ndarray,
+                    steps: Sequence[tuple[int, int, bytes, int, int, bytes, bool]], deadline: float) -> bool:
+        """A whole ring allreduce of float32 ``acc`` in one native call (the GIL is free meanwhile).
+        ``steps``: per step, the part ``acc[lo:hi]`` sent to ``nxt`` as ``[envelope, part]``, and
+        the part received from ``prv``, whose message must be exactly ``[envelope, part bytes]``,
+        added into (``add``, through ``scratch``) or copied over ``acc[lo:hi]``. False: not usable
+        here, nothing was done (the caller runs the ring in Python). A failure raises as Python's
+        own path would: a link failure, a deadline, or what the unexpected message means (an
+        abort of the group, or ranks out of step). Afterwards the group is broken anyway."""
+        nat = self._native
+        if nat is None or nxt == prv or acc.dtype != np.float32 or not acc.flags.c_contiguous or not steps:
+            return False
+        for p in (nxt, prv):
+            conn = self._conns.get(p)
+            if (conn is None or p in self._lost or self._inbox[p] or conn.frames is not None or conn.start != conn.end
+                    or conn.partial or p not in self._npos):
+                return False
+        heads: list[bytes] = []
+        arr = (nativemod.RingStep * len(steps))()
+        pos = 0
+        most = 0
+        for st, (slo, shi, senv, rlo, rhi, renv, add) in zip(arr, steps):
+            if not (0 <= slo <= shi <= acc.size and 0 <= rlo <= rhi <= acc.size):
+                raise ValueError("a ring step's part lies outside the tensor")
+            sh, rh = _pair_head(senv, 4 * (shi - slo)), _pair_head(renv, 4 * (rhi - rlo))
+            if len(rh) > INBUF or max(len(senv), len(renv)) + 4 * max(shi - slo, rhi - rlo) > self._max_message:
+                return False  # Python's path refuses it with the precise error
+            st.send_off, st.send_cnt, st.send_hoff, st.send_hlen = slo, shi - slo, pos, len(sh)
+            st.recv_off, st.recv_cnt, st.recv_hoff, st.recv_hlen = rlo, rhi - rlo, pos + len(sh), len(rh)
+            st.add = 1 if add else 0
+            heads += [sh, rh]
+            pos += len(sh) + len(rh)
+            if add:
+                most = max(most, rhi - rlo)
+        if scratch.dtype != np.float32 or scratch.size < most or not scratch.flags.c_contiguous:
+            raise ValueError("the ring's scratch buffer is too small")
+        state, phase = nativemod.RingState(), ctypes.c_int(0)
+        to, frm = self._conns[nxt], self._conns[prv]
+        out_link, in_link = self._nlinks[self._npos[nxt]], self._nlinks[self._npos[prv]]
+        blob = b"".join(heads)
+        grace: float | None = None  # another rank's link closed: how long this op may still finish
+        try:
+            while True:
+                # Every link but the one the ring reads: `nxt`'s too, which the ring only writes to
+                # (at W = 3 that is where the third rank's abort arrives).
+                others = [c for p, c in self._conns.items()
+                          if p != prv and p not in self._lost and c.fd in self._by_fd]
+                fds = (ctypes.c_int * max(1, len(others)))(*[c.fd for c in others])
+                until = deadline if grace is None else min(deadline, grace)
+                st_code = nat.lib.edgemesh_ring(self._link_addr(nxt), self._link_addr(prv), acc.ctypes.data,
+                                                scratch.ctypes.data, ctypes.addressof(arr), len(steps), blob, fds,
+                                                len(others), self._timeout_ms(until), ctypes.byref(state),
+                                                ctypes.byref(phase))
+                if st_code != nativemod.ELSEWHERE:
+                    break
+                # Bytes on another link: an abort raises here, a faster rank's next message waits
+                # in its inbox, a closed link gives this op a moment (as ``recv`` does).
+                for c in others:
+                    if not self._pump(c, raise_lost=False) and grace is None:
+                        grace = time.monotonic() + LOST_GRACE
+        except BaseException:
+            if 0 < out_link.sent < arr[state.step].send_hlen + 4 * arr[state.step].send_cnt:
+                to.partial = True
+            raise
+        k = state.step
+        done = k if st_code != nativemod.OK else len(steps)  # steps whose send and receive both finished
+        self.bytes_sent += sum(len(s[2]) + 4 * (s[1] - s[0]) for s in steps[:done])
+        self.bytes_received += sum(len(s[5]) + 4 * (s[4] - s[3]) for s in steps[:done])
+        if st_code == nativemod.OK:
+            self.native_ops += 1
+            return True
+        total = arr[k].send_hlen + 4 * arr[k].send_cnt
+        if 0 < out_link.sent < total:
+            to.partial = True  # a record to `nxt` stopped half-way: nothing more may go on that stream
+        if st_code == nativemod.TIMEOUT and grace is not None and time.monotonic() < deadline:
+            gone = min(self._lost)
+            raise PeerLost(f"rank {self.rank}: rank {gone} is gone (its connection closed)", gone)
+        if phase.value == 1:
+            if st_code == nativemod.TIMEOUT:
+                raise CollectiveTimeout(f"rank {self.rank}: rank {nxt} stopped reading (ring allreduce)", (nxt,))
+            raise self._native_failure(to, st_code, out_link)
+        if st_code == nativemod.TIMEOUT:
+            raise CollectiveTimeout(f"rank {self.rank}: no data from rank {prv} before the deadline "
+                                    f"(peer hung or overloaded)", (prv,))
+        if st_code in (nativemod.IO, nativemod.EOF):
+            raise self._native_failure(frm, st_code, in_link)
+        # Not the expected record: the bytes read are the Python decoder's (an abort raises here).
+        frm.start, frm.end = 0, in_link.got
+        frames = self.recv(prv, deadline)
+        raise ProtocolError(f"rank {self.rank}: rank {prv} sent a message of {len(frames)} frames "
+                            f"({sum(f.nbytes for f in frames)} bytes) that is not step {k + 1} of this ring "
+                            f"allreduce: the ranks are out of step")
+
     def _native_idle(self, peers: Sequence[int], envelopes: Sequence[bytes], data: np.ndarray) -> list[_Conn] | None:
         """The connections to ``peers`` if the C side may take them now: float32 data, records
         that fit the read buffer, consecutive ranks, nothing buffered or pending in Python."""

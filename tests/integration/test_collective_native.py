@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from edgemesh.collective import native
-from edgemesh.collective.errors import PeerLost
+from edgemesh.collective.errors import CollectiveTimeout, PeerLost
 from edgemesh.collective.group import CollectiveGroup, CollectiveOptions
 from edgemesh.collective.members import Peer
 from edgemesh.collective.tcp_links import SecureLinks
@@ -131,3 +131,71 @@ def test_python_rank_order_sum_matches_numpy() -> None:
     for x in xs[1:]:
         np.add(acc, x, out=acc)
     assert np.array_equal(acc, rank_order_sum([torch.from_numpy(x) for x in xs]).numpy())
+
+
+# ---- the native ring (native_links.c: edgemesh_ring): a prefill's large messages -----------------
+# The ranks here are threads of one process, so each test also shows that the C call leaves the
+# GIL free: a rank still in Python (or not started yet) could not run otherwise.
+
+
+@pytest.mark.parametrize("plain", [False, True], ids=["tls", "plain"])
+@pytest.mark.parametrize("w", [3, 4])
+def test_native_ring_gives_the_python_rings_bits(natives: Any, w: int, plain: bool) -> None:
+    fast = natives(w, plain, algorithm="ring")
+    slow = natives(w, plain, algorithm="ring")
+    mixed = natives(w, plain, algorithm="ring")
+    _python_only(slow)
+    mixed[1]._links._native = None  # one rank runs the Python ring between native neighbours
+    sizes = (100_003, 576 * 64 + 1, 7, 2)  # uneven chunks; 2 < W leaves a rank an empty chunk
+    for step, n in enumerate(sizes):
+        xs = parts(w, n, seed=step)
+        got = in_threads(w, lambda r: fast[r].allreduce_sum(xs[r]))
+        want = in_threads(w, lambda r: slow[r].allreduce_sum(xs[r]))
+        mix = in_threads(w, lambda r: mixed[r].allreduce_sum(xs[r]))
+        for r in range(w):
+            assert isinstance(got[r], torch.Tensor) and isinstance(mix[r], torch.Tensor), (r, got[r], mix[r])
+            assert torch.equal(got[r], want[r]), f"rank {r}, n {n}"
+            assert torch.equal(mix[r], want[r]), f"rank {r}, n {n}"
+            assert torch.equal(got[r], got[0])  # every rank holds the same bits
+        assert torch.allclose(got[0], rank_order_sum(xs), rtol=1e-5, atol=1e-2)
+    assert [g.wire_bytes for g in fast] == [g.wire_bytes for g in slow]
+    assert [g._links.native_ops for g in fast] == [len(sizes)] * w
+    assert [g._links.native_ops for g in slow] == [0] * w
+    assert [g._links.native_ops for g in mixed] == [len(sizes) if r != 1 else 0 for r in range(w)]
+
+
+def test_native_ring_takes_an_abort_from_the_previous_rank(natives: Any) -> None:
+    groups = natives(3, algorithm="ring")
+    assert all(isinstance(x, torch.Tensor) for x in in_threads(3, lambda r: groups[r].allreduce_sum(torch.ones(50_000))))
+    groups[2]._links.abort("rank 2 gives up (test)")
+    res = in_threads(2, lambda r: groups[r].allreduce_sum(torch.ones(50_000)))
+    # Rank 0 reads from rank 2 and meets its abort record where a ring step was due; rank 1
+    # then gets rank 0's abort.
+    assert isinstance(res[0], PeerLost) and res[0].aborted and "gives up" in str(res[0]), res[0]
+    assert isinstance(res[1], PeerLost) and res[1].aborted, res[1]
+    assert [g._links.native_ops for g in groups[:2]] == [1, 1]
+
+
+def test_native_ring_ranks_out_of_step_fail(natives: Any) -> None:
+    """A step's record of another size is not the expected head: its bytes go to the Python
+    decoder and the op fails with ProtocolError (the others then see the group aborted)."""
+    groups = natives(3, algorithm="ring")
+    res = in_threads(3, lambda r: groups[r].allreduce_sum(torch.ones(30_000 if r < 2 else 30_003)))
+    assert any(isinstance(x, ProtocolError) for x in res), res
+    assert not any(isinstance(x, torch.Tensor) for x in res), res
+
+
+def test_native_ring_a_peer_that_dies_is_peer_lost(natives: Any) -> None:
+    groups = natives(3, algorithm="ring")
+    in_threads(3, lambda r: groups[r].allreduce_sum(torch.ones(50_000)))
+    groups[2]._links.close(abandon=True)
+    res = in_threads(2, lambda r: groups[r].allreduce_sum(torch.ones(50_000)))
+    assert all(isinstance(x, PeerLost) for x in res), res
+
+
+def test_native_ring_a_silent_peer_times_out(natives: Any) -> None:
+    groups = natives(3, algorithm="ring", timeout=1.0)
+    in_threads(3, lambda r: groups[r].allreduce_sum(torch.ones(50_000)))
+    res = in_threads(2, lambda r: groups[r].allreduce_sum(torch.ones(50_000)))
+    assert isinstance(res[0], CollectiveTimeout), res[0]  # it waits for rank 2, which never sends
+    assert isinstance(res[1], (PeerLost, CollectiveTimeout)), res[1]
