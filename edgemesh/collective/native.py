@@ -61,17 +61,24 @@ class DirectCtx(ctypes.Structure):
 
 
 class RingStep(ctypes.Structure):
-    """``em_ring_step``: one step of a native ring allreduce (offsets and counts in floats,
-    record heads as offsets into one bytes blob)."""
+    """``em_ring_step``: one step of a native ring allreduce (offsets and counts in floats;
+    record heads as offsets into one bytes blob, [0] for an fp32 part, [1] for a q8_0 one)."""
 
-    _fields_ = [(name, ctypes.c_int) for name in ("send_off", "send_cnt", "send_hoff", "send_hlen", "recv_off",
-                                                  "recv_cnt", "recv_hoff", "recv_hlen", "add")]
+    _fields_ = [("send_off", ctypes.c_int), ("send_cnt", ctypes.c_int), ("send_mode", ctypes.c_int),
+                ("send_hoff", ctypes.c_int * 2), ("send_hlen", ctypes.c_int * 2),
+                ("recv_off", ctypes.c_int), ("recv_cnt", ctypes.c_int),
+                ("recv_hoff", ctypes.c_int * 2), ("recv_hlen", ctypes.c_int * 2), ("add", ctypes.c_int)]
+
+
+RING_ENCODE, RING_OWN_RESULT, RING_FORWARD = 0, 1, 2  # em_ring_step.send_mode
 
 
 class RingState(ctypes.Structure):
     """``em_ring_state``: where a native ring op stands between calls."""
 
-    _fields_ = [(name, ctypes.c_int) for name in ("step", "started", "part", "off", "sdone", "rdone", "dgot")]
+    _fields_ = [(name, ctypes.c_int) for name in ("step", "started", "part", "off", "sdone", "rdone", "dgot", "svar",
+                                                  "rvar", "slen", "prev_rvar", "prev_rlen")] + [
+        ("sent_payload", ctypes.c_longlong), ("recv_payload", ctypes.c_longlong)]
 
 
 class _Native:
@@ -151,7 +158,11 @@ def _load() -> _Native | None:
     lib.edgemesh_direct.restype = ci
     lib.edgemesh_direct_step_fn.restype = vp
     lib.edgemesh_direct_step_fn.argtypes = []
-    lib.edgemesh_ring.argtypes = [vp, vp, vp, vp, vp, ci, cp, vp, ci, ci, vp, pi]
+    lib.edgemesh_ring.argtypes = [vp, vp, vp, vp, vp, vp, vp, ci, cp, vp, ci, ci, vp, pi]
+    lib.edgemesh_q8_encode.argtypes = [vp, ci, vp]
+    lib.edgemesh_q8_encode.restype = ci
+    lib.edgemesh_q8_decode.argtypes = [vp, ci, vp, ci]
+    lib.edgemesh_q8_decode.restype = None
     lib.edgemesh_ring.restype = ci
     if (lib.edgemesh_direct_ctx_size() != ctypes.sizeof(DirectCtx)
             or lib.edgemesh_ring_step_size() != ctypes.sizeof(RingStep)

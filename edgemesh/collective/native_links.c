@@ -17,6 +17,7 @@
 
 #define _GNU_SOURCE /* clock_gettime, MSG_NOSIGNAL under -std=c11 */
 #include <errno.h>
+#include <math.h>
 #include <poll.h>
 #include <sched.h>
 #include <stdint.h>
@@ -383,26 +384,123 @@ static int direct_step(em_direct_ctx *c, const float *part, float *sum, int n) {
 
 void *edgemesh_direct_step_fn(void) { return (void *)edgemesh_direct_step; }
 
-/* ---- the ring allreduce of large float32 messages (a prefill's partial sums) ----
+/* ---- the ring allreduce of a prefill's partial sums (fp32, or the q8_0 wire) ----
  * One C call runs a whole op: its 2(W-1) steps, each sending one record to the next rank while
  * receiving one from the previous, so neither direction waits for the other and the GIL is free
  * for the compute thread the whole time. Python (ring.py, tcp_links.ring_native) plans every
- * step: which part of `acc` goes out with which record head, and which record head must come in
- * before its data is added into (reduce-scatter) or copied over (allgather) a part of `acc`. The
+ * step: which part of `acc` goes out with which record head, and which record heads may come in
+ * before the data is added into (reduce-scatter) or copied over (allgather) a part of `acc`. The
  * records are byte for byte those of the Python ring, so a rank running it talks to one that
- * does not. A record head that is not the expected one stops the op with its bytes left in the
- * previous rank's read buffer (`got`) for the Python decoder (an abort, or ranks out of step);
- * the data is read straight into `acc` or `scratch`, never past the record's end. */
+ * does not. On the q8_0 wire a part that q8_0 cannot carry (a value not finite, or a block
+ * scale over fp16's range) goes as fp32, as compress.encode does, so each step has two heads:
+ * [0] fp32's and [1] q8_0's (length 0 on the fp32 wire). A record head that is neither stops the
+ * op with its bytes left in the previous rank's read buffer (`got`) for the Python decoder (an
+ * abort, or ranks out of step); the data is read into `rx`, never past the record's end. */
 
 typedef struct {
-    int send_off, send_cnt;  /* floats of acc sent */
-    int send_hoff, send_hlen; /* its record head in `heads` */
-    int recv_off, recv_cnt;  /* floats of acc received into */
-    int recv_hoff, recv_hlen; /* the expected record head in `heads` */
-    int add;                 /* 1: acc part += received (via scratch); 0: acc part = received */
+    int send_off, send_cnt;   /* floats of acc sent */
+    int send_mode;            /* 0: encode the part; 1: the same, then the part becomes what the
+                                 receivers decode (the owner's result); 2: forward the record
+                                 received in the previous step, unchanged */
+    int send_hoff[2], send_hlen[2]; /* record heads in `heads`: [0] fp32, [1] q8_0 (0: none) */
+    int recv_off, recv_cnt;   /* floats of acc received into */
+    int recv_hoff[2], recv_hlen[2];
+    int add;                  /* 1: acc part += received; 0: acc part = received */
 } em_ring_step;
 
 int edgemesh_ring_step_size(void) { return (int)sizeof(em_ring_step); }
+
+/* Where a ring op stands between calls: a call that returns EM_ELSEWHERE (bytes arrived on
+ * another link, for Python to take) is continued by calling again with the same state. */
+typedef struct {
+    int step;      /* the step under way */
+    int started;   /* 0: step `step` has not begun (its counters are reset when it does) */
+    int part, off; /* the send: part 0 = head, 1 = data; bytes of it out */
+    int sdone, rdone, dgot;
+    int svar, rvar;   /* variants of this step's send and receive (0 fp32, 1 q8_0; -1 not known) */
+    int slen;         /* data bytes of this step's send */
+    int prev_rvar, prev_rlen; /* the previous step's receive: what a forward sends */
+    long long sent_payload, recv_payload; /* envelope and data bytes of the records done */
+} em_ring_state;
+
+int edgemesh_ring_state_size(void) { return (int)sizeof(em_ring_state); }
+
+/* ---- q8_0, bit for bit as compress.q8_encode / q8_decode compute it with numpy ----
+ * fp16 conversions by hand (round to nearest even), so no compiler flag or CPU feature enters. */
+
+static uint16_t f32_to_f16(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    uint32_t sign = (x >> 16) & 0x8000u, ax = x & 0x7fffffffu;
+    if (ax >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u); /* >= 65520 rounds to inf (not reached) */
+    if (ax < 0x38800000u) {                                    /* below 2^-14: a subnormal half */
+        float v;
+        memcpy(&v, &ax, 4);
+        return (uint16_t)(sign | (uint32_t)rintf(v * 16777216.0f)); /* exact scaling, then RNE */
+    }
+    uint32_t r = ax - 0x38000000u; /* rebias the exponent */
+    r += 0xfffu + ((r >> 13) & 1u); /* round the 13 dropped mantissa bits to nearest even */
+    return (uint16_t)(sign | (r >> 13));
+}
+
+static float f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
+    float v;
+    if (e == 0) {
+        v = (float)m * 5.9604644775390625e-08f; /* m * 2^-24, exact */
+        return sign ? -v : v;
+    }
+    uint32_t x = sign | (e == 31 ? 0x7f800000u | (m << 13) : ((e + 112u) << 23) | (m << 13));
+    memcpy(&v, &x, 4);
+    return v;
+}
+
+enum { Q8_BLOCK = 32 };
+
+static int q8_bytes(int n) { return (n + Q8_BLOCK - 1) / Q8_BLOCK * (2 + Q8_BLOCK); }
+
+/* n floats → the q8_0 frame (all fp16 scales, then all int8 codes, the last block zero padded).
+ * 0: done; -1: not representable (the caller sends fp32). */
+int edgemesh_q8_encode(const float *x, int n, uint8_t *out) {
+    int blocks = (n + Q8_BLOCK - 1) / Q8_BLOCK;
+    for (int b = 0; b < blocks; b++) {
+        float amax = 0.0f;
+        int hi = (b + 1) * Q8_BLOCK < n ? (b + 1) * Q8_BLOCK : n;
+        for (int j = b * Q8_BLOCK; j < hi; j++) {
+            float a = fabsf(x[j]);
+            if (!isfinite(a)) return -1;
+            if (a > amax) amax = a;
+        }
+        if ((double)amax / 127 > 65504.0) return -1;
+        uint16_t s16 = f32_to_f16(amax / 127.0f);
+        float scale = f16_to_f32(s16);
+        float inv = scale > 0.0f ? 1.0f / scale : 0.0f;
+        memcpy(out + 2 * b, &s16, 2);
+        int8_t *codes = (int8_t *)(out + 2 * blocks + b * Q8_BLOCK);
+        for (int j = 0; j < Q8_BLOCK; j++) {
+            int k = b * Q8_BLOCK + j;
+            float v = k < n ? rintf(x[k] * inv) : 0.0f;
+            codes[j] = (int8_t)(v > 127.0f ? 127.0f : v < -127.0f ? -127.0f : v);
+        }
+    }
+    return 0;
+}
+
+/* The frame's n values into acc: added (add = 1) or copied. */
+void edgemesh_q8_decode(const uint8_t *frame, int n, float *acc, int add) {
+    int blocks = (n + Q8_BLOCK - 1) / Q8_BLOCK;
+    const int8_t *codes = (const int8_t *)(frame + 2 * blocks);
+    for (int b = 0; b < blocks; b++) {
+        uint16_t s16;
+        memcpy(&s16, frame + 2 * b, 2);
+        float scale = f16_to_f32(s16);
+        int hi = (b + 1) * Q8_BLOCK < n ? (b + 1) * Q8_BLOCK : n;
+        for (int k = b * Q8_BLOCK; k < hi; k++) {
+            float v = (float)codes[k] * scale;
+            acc[k] = add ? acc[k] + v : v;
+        }
+    }
+}
 
 /* Write what the socket takes of part p (0 = head, 1 = data) from *off. 1: the record is all
  * out; 0: blocked (*want_read: TLS must read first); < 0: -status. l->sent counts bytes out. */
@@ -448,73 +546,106 @@ static int push(em_link *l, const uint8_t *const p[2], const int len[2], int *pa
     return 1;
 }
 
-/* Read the awaited record: its head into l->rbuf (checked against `expect`), then `n` data bytes
- * to dst (*dgot so far). 1: whole; 0: waiting; < 0: -status. */
-static int pull_into(em_link *l, const uint8_t *expect, int hlen, uint8_t *dst, int n, int *dgot) {
-    if (l->got < hlen) {
-        int r = pull(l, expect, hlen, hlen);
-        if (r <= 0) return r;
-    }
-    while (*dgot < n) {
-        int k = read_some(l, dst + *dgot, n - *dgot);
-        if (k <= 0) return k;
-        *dgot += k;
-    }
-    return 1;
-}
-
 static void add_floats(float *restrict acc, const float *restrict src, int n) {
     for (int j = 0; j < n; j++) acc[j] += src[j];
 }
 
-/* Where a ring op stands between calls: a call that returns EM_ELSEWHERE (bytes arrived on
- * another link, for Python to take) is continued by calling again with the same state. */
-typedef struct {
-    int step;      /* the step under way */
-    int started;   /* 0: step `step` has not begun (its counters are reset when it does) */
-    int part, off; /* the send: part 0 = head, 1 = data; bytes of it out */
-    int sdone, rdone, dgot;
-} em_ring_state;
+enum { EM_PREFIX = 16 }; /* record prefix and both frame lengths: they tell the variants apart */
 
-int edgemesh_ring_state_size(void) { return (int)sizeof(em_ring_state); }
+/* Read the awaited record of step st into l->rbuf (head, checked against the variant its prefix
+ * names) and rx (data). 1: whole; 0: waiting; < 0: -status. */
+static int pull_step(em_link *l, const em_ring_step *st, const uint8_t *heads, em_ring_state *rs, uint8_t *rx) {
+    if (rs->rvar < 0) {
+        int r = pull(l, heads, 0, EM_PREFIX);
+        if (r <= 0) return r;
+        for (int v = 1; v >= 0 && rs->rvar < 0; v--)
+            if (st->recv_hlen[v] >= EM_PREFIX && memcmp(l->rbuf, heads + st->recv_hoff[v], EM_PREFIX) == 0)
+                rs->rvar = v;
+        if (rs->rvar < 0) return -EM_OTHER;
+    }
+    int v = rs->rvar, hlen = st->recv_hlen[v];
+    if (l->got < hlen) {
+        int r = pull(l, heads + st->recv_hoff[v], hlen, hlen);
+        if (r <= 0) return r;
+    }
+    int n = v ? q8_bytes(st->recv_cnt) : st->recv_cnt * 4;
+    while (rs->dgot < n) {
+        int k = read_some(l, rx + rs->dgot, n - rs->dgot);
+        if (k <= 0) return k;
+        rs->dgot += k;
+    }
+    return 1;
+}
+
+/* The step's send: its variant, data and length (encoding the part if the wire is q8_0). */
+static const uint8_t *send_data(const em_ring_step *st, em_ring_state *rs, float *acc, uint8_t *tx,
+                                const uint8_t *prev_rx) {
+    if (rs->svar >= 0) /* chosen earlier in this step */
+        return st->send_mode == 2 ? prev_rx : rs->svar ? tx : (const uint8_t *)(acc + st->send_off);
+    if (st->send_mode == 2) {
+        rs->svar = rs->prev_rvar;
+        rs->slen = rs->prev_rlen;
+        return prev_rx;
+    }
+    float *part = acc + st->send_off;
+    if (st->send_hlen[1] > 0 && edgemesh_q8_encode(part, st->send_cnt, tx) == 0) {
+        rs->svar = 1;
+        rs->slen = q8_bytes(st->send_cnt);
+        if (st->send_mode == 1) edgemesh_q8_decode(tx, st->send_cnt, part, 0); /* keep what they get */
+        return tx;
+    }
+    rs->svar = 0;
+    rs->slen = st->send_cnt * 4;
+    return (const uint8_t *)part;
+}
 
 /* One rank's ring allreduce: steps[0 .. nsteps) in order over links nx (to the next rank) and
- * pv (from the previous one), from where *rs stands. EM_OK: acc holds the sum. EM_ELSEWHERE:
- * one of the `others` descriptors (this rank's other links, and nx's for reading) became
- * readable: Python takes its bytes (an abort, a faster rank's next message), then calls again
- * with the same state.
- * Otherwise rs->step is where it stopped and *phase says which side: 1 = the send to nx
- * (nx->sent bytes of that record are out), 0 = the receive from pv (pv->got bytes of its head
- * are in its rbuf; only EM_OTHER leaves the head incomplete or wrong, and then no data byte of
- * it was read). */
-int edgemesh_ring(em_link *nx, em_link *pv, float *acc, float *scratch, const em_ring_step *steps, int nsteps,
-                  const uint8_t *heads, const int *others, int nothers, int timeout_ms, em_ring_state *rs,
-                  int *phase) {
+ * pv (from the previous one), from where *rs stands; tx (an encoded part) and rx[0], rx[1] (the
+ * records of alternate steps) are scratch space of the largest part's size. EM_OK: acc holds
+ * the sum. EM_ELSEWHERE: one of the `others` descriptors (this rank's other links, and nx's for
+ * reading) became readable: Python takes its bytes (an abort, a faster rank's next message),
+ * then calls again with the same state. Otherwise rs->step is where it stopped and *phase says
+ * which side: 1 = the send to nx (nx->sent bytes of that record are out), 0 = the receive from
+ * pv (pv->got bytes of its head are in its rbuf; only EM_OTHER leaves the head incomplete or
+ * wrong, and then no data byte of it was read). */
+int edgemesh_ring(em_link *nx, em_link *pv, float *acc, uint8_t *tx, uint8_t *rx0, uint8_t *rx1,
+                  const em_ring_step *steps, int nsteps, const uint8_t *heads, const int *others, int nothers,
+                  int timeout_ms, em_ring_state *rs, int *phase) {
     if (nothers < 0 || nothers > EM_MAX_LINKS) return EM_OTHER;
     int64_t deadline = now_ms() + timeout_ms;
+    uint8_t *rx[2] = {rx0, rx1};
     for (; rs->step < nsteps; rs->step++, rs->started = 0) {
         const em_ring_step *st = &steps[rs->step];
-        const uint8_t *out[2] = {heads + st->send_hoff, (const uint8_t *)(acc + st->send_off)};
-        int olen[2] = {st->send_hlen, st->send_cnt * 4};
-        uint8_t *dst = (uint8_t *)(st->add ? scratch : acc + st->recv_off);
-        int want_read = 0;
+        uint8_t *in = rx[rs->step & 1];
         if (!rs->started) {
             rs->started = 1;
             rs->part = rs->off = rs->sdone = rs->rdone = rs->dgot = 0;
+            rs->rvar = rs->svar = -1;
             nx->sent = 0;
             pv->got = 0;
         }
+        int want_read = 0;
         for (;;) {
             if (!rs->sdone) {
+                /* Encoded once per step (svar < 0 until then); a call continuing the step finds
+                 * the same bytes in tx, rx or acc. */
+                const uint8_t *cur = send_data(st, rs, acc, tx, rx[(rs->step + 1) & 1]);
+                const uint8_t *out[2];
+                int olen[2];
+                out[0] = heads + st->send_hoff[rs->svar];
+                olen[0] = st->send_hlen[rs->svar];
+                out[1] = cur;
+                olen[1] = rs->slen;
                 int r = push(nx, out, olen, &rs->part, &rs->off, &want_read);
                 if (r < 0) {
                     *phase = 1;
                     return -r;
                 }
+                if (r == 1) rs->sent_payload += olen[0] - EM_PREFIX + rs->slen;
                 rs->sdone = r;
             }
             if (!rs->rdone) {
-                int r = pull_into(pv, heads + st->recv_hoff, st->recv_hlen, dst, st->recv_cnt * 4, &rs->dgot);
+                int r = pull_step(pv, st, heads, rs, in);
                 if (r < 0) {
                     *phase = 0;
                     return -r;
@@ -556,7 +687,18 @@ int edgemesh_ring(em_link *nx, em_link *pv, float *acc, float *scratch, const em
             for (int i = mine; i < n && r > 0; i++)
                 if (pf[i].revents) return EM_ELSEWHERE;
         }
-        if (st->add) add_floats(acc + st->recv_off, scratch, st->recv_cnt);
+        int v = rs->rvar, cnt = st->recv_cnt;
+        float *part = acc + st->recv_off;
+        if (v == 1) {
+            edgemesh_q8_decode(in, cnt, part, st->add);
+        } else if (st->add) {
+            add_floats(part, (const float *)in, cnt);
+        } else {
+            memcpy(part, in, (size_t)cnt * 4);
+        }
+        rs->recv_payload += st->recv_hlen[v] - EM_PREFIX + (v ? q8_bytes(cnt) : cnt * 4);
+        rs->prev_rvar = v;
+        rs->prev_rlen = v ? q8_bytes(cnt) : cnt * 4;
     }
     return EM_OK;
 }

@@ -13,12 +13,15 @@ run, and equal the star's result up to fp32 rounding (a different summation orde
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from edgemesh.collective.compress import add_into, decode, encode, round_trip
 from edgemesh.collective.op import REDUCE, RESULT, Op, data_header, private, sender_of
 from edgemesh.collective.star import _one_frame, chunk_bounds
-from edgemesh.wire.tensor import TensorSpec
+from edgemesh.collective.native import RING_ENCODE, RING_FORWARD, RING_OWN_RESULT
+from edgemesh.wire.tensor import Q8, TensorSpec
 
 
 def ring_allreduce(op: Op, acc: np.ndarray, wire: str) -> np.ndarray:
@@ -27,9 +30,8 @@ def ring_allreduce(op: Op, acc: np.ndarray, wire: str) -> np.ndarray:
     nxt, prv = (rank + 1) % world, (rank - 1) % world
     bounds = chunk_bounds(acc.size, world)
     native = getattr(op.links, "ring_native", None)
-    if native is not None and wire == "float32" and acc.dtype == np.float32 and world > 2:
-        scratch = np.frombuffer(op.links.buffers.take(4 * max(hi - lo for lo, hi in bounds)), np.float32)
-        if native(nxt, prv, acc, scratch, native_steps(op, bounds), op.deadline):
+    if native is not None and wire in ("float32", Q8) and acc.dtype == np.float32 and world > 2:
+        if native(nxt, prv, acc, native_steps(op, bounds, wire), op.deadline):
             return acc
     chunk = [acc[lo:hi] for lo, hi in bounds]
 
@@ -58,30 +60,44 @@ def ring_allreduce(op: Op, acc: np.ndarray, wire: str) -> np.ndarray:
     return acc
 
 
-def native_steps(op: Op, bounds: list[tuple[int, int]]) -> list[tuple[int, int, bytes, int, int, bytes, bool]]:
-    """The ring above as the native links run it (``SecureLinks.ring_native``), exact fp32 wire:
-    per step the part sent and its envelope, the part received, the envelope it must come
-    with, and whether it is added (reduce-scatter) or copied (allgather). The envelopes are the
-    ones ``op.send`` makes and ``op.recv`` takes, so either side may run either path."""
+@dataclass(frozen=True)
+class NativeStep:
+    """One step of the ring as ``SecureLinks.ring_native`` runs it: the part sent (and how), the
+    envelopes it may go with, the part received, the envelopes it may come with, and whether it
+    is added (reduce-scatter) or copied (allgather). Envelopes: (fp32's, q8_0's or None)."""
+
+    send: tuple[int, int]
+    mode: int  # native.RING_ENCODE / RING_OWN_RESULT / RING_FORWARD
+    send_envs: tuple[bytes, bytes | None]
+    recv: tuple[int, int]
+    recv_envs: tuple[bytes, bytes | None]
+    add: bool
+
+
+def native_steps(op: Op, bounds: list[tuple[int, int]], wire: str) -> list[NativeStep]:
+    """The ring above, step by step, for the native links (fp32 or q8_0 wire). The envelopes
+    are the ones ``op.send`` makes and ``op.recv`` takes, so either side may run either path; on
+    the q8_0 wire a part may travel as fp32 (``compress.encode``), so each has both."""
     world, rank = op.links.world_size, op.links.rank
     prv = (rank - 1) % world
-    me, seq = sender_of(rank), op.seq
+    seq = op.seq
 
-    def env(method: str, sender: int | bytes, c: int) -> bytes:
-        lo, hi = bounds[c]
-        who = sender if isinstance(sender, bytes) else sender_of(sender)
-        return data_header(method, seq, who, c, [TensorSpec("float32", (hi - lo,))])
+    def envs(method: str, sender: int, c: int) -> tuple[bytes, bytes | None]:
+        n = bounds[c][1] - bounds[c][0]
+        who = sender_of(sender)
+        return (data_header(method, seq, who, c, [TensorSpec("float32", (n,))]),
+                data_header(method, seq, who, c, [TensorSpec(Q8, (n,))]) if wire == Q8 else None)
 
     steps = []
     for s in range(world - 1):
         c_out, c_in = (rank - s) % world, (rank - s - 1) % world
-        steps.append((*bounds[c_out], env(REDUCE, me, c_out), *bounds[c_in], env(REDUCE, prv, c_in), True))
+        steps.append(NativeStep(bounds[c_out], RING_ENCODE, envs(REDUCE, rank, c_out), bounds[c_in],
+                                envs(REDUCE, prv, c_in), True))
     own = (rank + 1) % world
-    out_env = env(RESULT, me, own)
-    out = own
+    out, out_envs, mode = own, envs(RESULT, rank, own), RING_OWN_RESULT
     for s in range(world - 1):
         c_in = (rank - s) % world
-        in_env = env(RESULT, (rank - s - 1) % world, c_in)  # the chunk's owner made it; it is forwarded as is
-        steps.append((*bounds[out], out_env, *bounds[c_in], in_env, False))
-        out, out_env = c_in, in_env
+        in_envs = envs(RESULT, (rank - s - 1) % world, c_in)  # the chunk's owner made it; it is forwarded as is
+        steps.append(NativeStep(bounds[out], mode, out_envs, bounds[c_in], in_envs, False))
+        out, out_envs, mode = c_in, in_envs, RING_FORWARD
     return steps

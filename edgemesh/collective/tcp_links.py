@@ -58,6 +58,7 @@ from edgemesh.collective.errors import CollectiveTimeout, LinkAuthError, LinkPro
 from edgemesh.collective.members import CurveKeys, Peer, peers_by_rank
 from edgemesh.errors import AuthError, ProtocolError
 from edgemesh.transport.endpoint import parse_endpoint
+from edgemesh.wire.tensor import q8_nbytes
 
 log = logging.getLogger(__name__)
 
@@ -766,15 +767,14 @@ class SecureLinks:
         assert not received
         return sent
 
-    def ring_native(self, nxt: int, prv: int, acc: np.ndarray, scratch: np.ndarray,
-                    steps: Sequence[tuple[int, int, bytes, int, int, bytes, bool]], deadline: float) -> bool:
+    def ring_native(self, nxt: int, prv: int, acc: np.ndarray, steps: Sequence[Any], deadline: float) -> bool:
         """A whole ring allreduce of float32 ``acc`` in one native call (the GIL is free meanwhile).
-        ``steps``: per step, the part ``acc[lo:hi]`` sent to ``nxt`` as ``[envelope, part]``, and
-        the part received from ``prv``, whose message must be exactly ``[envelope, part bytes]``,
-        added into (``add``, through ``scratch``) or copied over ``acc[lo:hi]``. False: not usable
-        here, nothing was done (the caller runs the ring in Python). A failure raises as Python's
-        own path would: a link failure, a deadline, or what the unexpected message means (an
-        abort of the group, or ranks out of step). Afterwards the group is broken anyway."""
+        ``steps``: ``ring.NativeStep`` per step — the part of ``acc`` sent to ``nxt`` (encoded, or
+        the previous step's record forwarded), the part received from ``prv``, whose message must
+        be one of the step's envelopes with its data, added into or copied over that part.
+        False: not usable here, nothing was done (the caller runs the ring in Python). A failure
+        raises as Python's own path would: a link failure, a deadline, or what the unexpected
+        message means (an abort of the group, or ranks out of step). The group is then broken."""
         nat = self._native
         if nat is None or nxt == prv or acc.dtype != np.float32 or not acc.flags.c_contiguous or not steps:
             return False
@@ -785,23 +785,26 @@ class SecureLinks:
                 return False
         heads: list[bytes] = []
         arr = (nativemod.RingStep * len(steps))()
-        pos = 0
-        most = 0
-        for st, (slo, shi, senv, rlo, rhi, renv, add) in zip(arr, steps):
+        pos = most = 0
+        for st, step in zip(arr, steps):
+            (slo, shi), (rlo, rhi) = step.send, step.recv
             if not (0 <= slo <= shi <= acc.size and 0 <= rlo <= rhi <= acc.size):
                 raise ValueError("a ring step's part lies outside the tensor")
-            sh, rh = _pair_head(senv, 4 * (shi - slo)), _pair_head(renv, 4 * (rhi - rlo))
-            if len(rh) > INBUF or max(len(senv), len(renv)) + 4 * max(shi - slo, rhi - rlo) > self._max_message:
-                return False  # Python's path refuses it with the precise error
-            st.send_off, st.send_cnt, st.send_hoff, st.send_hlen = slo, shi - slo, pos, len(sh)
-            st.recv_off, st.recv_cnt, st.recv_hoff, st.recv_hlen = rlo, rhi - rlo, pos + len(sh), len(rh)
-            st.add = 1 if add else 0
-            heads += [sh, rh]
-            pos += len(sh) + len(rh)
-            if add:
-                most = max(most, rhi - rlo)
-        if scratch.dtype != np.float32 or scratch.size < most or not scratch.flags.c_contiguous:
-            raise ValueError("the ring's scratch buffer is too small")
+            st.send_off, st.send_cnt, st.send_mode = slo, shi - slo, step.mode
+            st.recv_off, st.recv_cnt, st.add = rlo, rhi - rlo, 1 if step.add else 0
+            most = max(most, shi - slo, rhi - rlo)
+            for v, (senv, renv) in enumerate(zip(step.send_envs, step.recv_envs)):
+                if senv is None or renv is None:
+                    continue
+                nbytes = [4 * (shi - slo), 4 * (rhi - rlo)] if v == 0 else [q8_nbytes(shi - slo), q8_nbytes(rhi - rlo)]
+                sh, rh = _pair_head(senv, nbytes[0]), _pair_head(renv, nbytes[1])
+                if len(rh) > INBUF or max(len(senv) + nbytes[0], len(renv) + nbytes[1]) > self._max_message:
+                    return False  # Python's path refuses it with the precise error
+                st.send_hoff[v], st.send_hlen[v], st.recv_hoff[v], st.recv_hlen[v] = pos, len(sh), pos + len(sh), len(rh)
+                heads += [sh, rh]
+                pos += len(sh) + len(rh)
+        room = max(4 * most, q8_nbytes(most))
+        tx, rx0, rx1 = (np.frombuffer(self.buffers.take(room), np.uint8) for _ in range(3))
         state, phase = nativemod.RingState(), ctypes.c_int(0)
         to, frm = self._conns[nxt], self._conns[prv]
         out_link, in_link = self._nlinks[self._npos[nxt]], self._nlinks[self._npos[prv]]
@@ -816,9 +819,9 @@ class SecureLinks:
                 fds = (ctypes.c_int * max(1, len(others)))(*[c.fd for c in others])
                 until = deadline if grace is None else min(deadline, grace)
                 st_code = nat.lib.edgemesh_ring(self._link_addr(nxt), self._link_addr(prv), acc.ctypes.data,
-                                                scratch.ctypes.data, ctypes.addressof(arr), len(steps), blob, fds,
-                                                len(others), self._timeout_ms(until), ctypes.byref(state),
-                                                ctypes.byref(phase))
+                                                tx.ctypes.data, rx0.ctypes.data, rx1.ctypes.data,
+                                                ctypes.addressof(arr), len(steps), blob, fds, len(others),
+                                                self._timeout_ms(until), ctypes.byref(state), ctypes.byref(phase))
                 if st_code != nativemod.ELSEWHERE:
                     break
                 # Bytes on another link: an abort raises here, a faster rank's next message waits
@@ -826,20 +829,17 @@ class SecureLinks:
                 for c in others:
                     if not self._pump(c, raise_lost=False) and grace is None:
                         grace = time.monotonic() + LOST_GRACE
-        except BaseException:
-            if 0 < out_link.sent < arr[state.step].send_hlen + 4 * arr[state.step].send_cnt:
+        finally:
+            # Bytes of whole records, as Python counts them (envelope and data); a record to
+            # `nxt` that stopped half-way leaves that stream unusable.
+            self.bytes_sent += state.sent_payload
+            self.bytes_received += state.recv_payload
+            if state.step < len(steps) and not state.sdone and out_link.sent > 0:
                 to.partial = True
-            raise
-        k = state.step
-        done = k if st_code != nativemod.OK else len(steps)  # steps whose send and receive both finished
-        self.bytes_sent += sum(len(s[2]) + 4 * (s[1] - s[0]) for s in steps[:done])
-        self.bytes_received += sum(len(s[5]) + 4 * (s[4] - s[3]) for s in steps[:done])
         if st_code == nativemod.OK:
             self.native_ops += 1
             return True
-        total = arr[k].send_hlen + 4 * arr[k].send_cnt
-        if 0 < out_link.sent < total:
-            to.partial = True  # a record to `nxt` stopped half-way: nothing more may go on that stream
+        k = state.step
         if st_code == nativemod.TIMEOUT and grace is not None and time.monotonic() < deadline:
             gone = min(self._lost)
             raise PeerLost(f"rank {self.rank}: rank {gone} is gone (its connection closed)", gone)
