@@ -55,6 +55,7 @@ class RunResult:
     prefill_ms: float | None = None  # TTFT of a PREFILL_TOKENS prompt
     link_cost: tuple[float, float] | None = None  # the group's cost model (a s/hop, b B/s)
     algorithms: dict[str, str] | None = None  # what the group runs for a decode / a prefill message
+    prefill_overlap: bool | None = None  # the prefill's allreduces overlapped with compute (two chunks)
 
 
 class _TimedCollective:
@@ -194,7 +195,8 @@ async def run_once(state: StateDir, entry: ModelEntry, nodes: int, prompt: list[
                 res.prefill_ms = min(_decode(model, long_prompt, 0)[0] for _ in range(2)) * 1000
             if group:
                 h = dep.entry.config.hidden_size
-                chunk = PREFILL_TOKENS // 2 if model.overlap_applies(PREFILL_TOKENS) else PREFILL_TOKENS
+                res.prefill_overlap = model.overlap_applies(PREFILL_TOKENS)
+                chunk = PREFILL_TOKENS // 2 if res.prefill_overlap else PREFILL_TOKENS
                 res.link_cost = (dep.link_cost.a, dep.link_cost.b)
                 res.algorithms = {what: _named(model.collective.choice(n * h * 4)) for what, n in
                                   (("decode", 1), ("prefill", chunk))}
@@ -289,6 +291,7 @@ async def bench(state: StateDir, entry: ModelEntry, nodes: int, prompt: list[int
         "link_cost": None if multi.link_cost is None else {"hop_us": round(multi.link_cost[0] * 1e6, 1),
                                                             "mbyte_s": round(multi.link_cost[1] / 1e6, 2)},
         "algorithms": multi.algorithms,
+        "prefill_overlap": multi.prefill_overlap,
         "runs": {"single": asdict(single), "multi": asdict(multi)},
         "targets": {"ms_per_token_over_bound_max": 1.25, "bytes_over_theory_max": 1.05},
     }

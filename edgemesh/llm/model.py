@@ -197,6 +197,10 @@ class Participant:
         self.specs = specs
         self.provider = provider
         self.collective = collective
+        # The master's choice for its group's prefills (``overlap_applies``); a deployment sets
+        # it from where its ranks run: the overlap paid where they share one machine, and cost
+        # time between devices on emulated 300 Mbit/s links (README, Benchmarks).
+        self.overlap_prefill = True
         self.dtype = dtype
         self.max_seq_len = min(max_seq_len or 2048, config.max_position_embeddings)
         self._cos, self._sin = rope_table(config, self.max_seq_len)
@@ -272,9 +276,10 @@ class Participant:
     def overlap_applies(self, positions: int) -> bool:
         """Whether a step of ``positions`` positions runs overlapped: a prefill in a group, in
         chunks large enough for the prefill kernels (``qlinear``: more than ``kernels.MAX_M``
-        rows), unless ``EDGEMESH_PREFILL_OVERLAP=0`` (read where the decision is made: on the
-        master, for the whole group)."""
-        return self.collective.world_size > 1 and positions >= OVERLAP_MIN_TOKENS and _overlap_enabled()
+        rows), if ``overlap_prefill`` is set and not ``EDGEMESH_PREFILL_OVERLAP=0`` (read where
+        the decision is made: on the master, for the whole group)."""
+        return (self.overlap_prefill and self.collective.world_size > 1 and positions >= OVERLAP_MIN_TOKENS
+                and _overlap_enabled())
 
     def _overlapped_layers(self, h: torch.Tensor, start_pos: int, cos: torch.Tensor,
                            sin: torch.Tensor) -> torch.Tensor:

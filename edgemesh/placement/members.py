@@ -126,13 +126,18 @@ def devices_and_links(members: list[dict[str, Any]]) -> tuple[list[Device], list
     return devices, links
 
 
+def one_machine(members: list[dict[str, Any]]) -> bool:
+    """All ``members`` on one machine (the same address): their links are loopback."""
+    return len({host_of(m) for m in members}) == 1
+
+
 def group_cost(members: list[dict[str, Any]], devices: list[Device], links: list[Link]) -> LinkCost:
     """The collective cost model's link constants for a group of ``members`` (the master first;
     ``devices`` and ``links`` as ``devices_and_links`` gave them): loopback's when they all share
     the master's machine, else the slowest measured link from the master (a link not measured
     yet: what the two devices' profiles say). The master sends it to every worker: each rank
     picks the algorithm per message from it, and they must agree."""
-    if len({host_of(m) for m in members}) == 1:
+    if one_machine(members):
         return LOOPBACK_CURVE
     over = [link_between(devices[0], d, links) for d in devices[1:]]
     return for_links([lk.rtt_ms for lk in over], [lk.bandwidth_mbit for lk in over])

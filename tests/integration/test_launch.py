@@ -255,6 +255,7 @@ def test_bench_generate_measures_every_term_and_sends_what_the_theory_says(clust
 
     assert r["link_cost"] == {"hop_us": round(LOOPBACK_CURVE.a * 1e6, 1), "mbyte_s": round(LOOPBACK_CURVE.b / 1e6, 2)}
     assert set(r["algorithms"]) == {"decode", "prefill"} and r["algorithms"]["decode"] == "direct"
+    assert r["prefill_overlap"] is True  # the ranks share this machine
 
 
 def test_plan_uses_the_running_clusters_members_and_links(cluster3, store):

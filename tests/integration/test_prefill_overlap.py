@@ -114,6 +114,8 @@ def test_short_prompts_and_one_device_keep_the_one_piece_loop(monkeypatch: pytes
                         max_seq_len=64)
         assert not q.overlap_applies(llm_model.OVERLAP_MIN_TOKENS - 1)
         assert q.overlap_applies(llm_model.OVERLAP_MIN_TOKENS)
+        q.overlap_prefill = False  # a deployment across devices turns it off for its group
+        assert not q.overlap_applies(llm_model.OVERLAP_MIN_TOKENS)
     finally:
         close_all(groups)
     # Run as the group runs it: 31 positions go in one piece (2 ops a layer), even when a

@@ -237,7 +237,7 @@ def test_members_named_with_on_are_tried_first_and_a_silent_member_is_named_as_s
 
 def test_the_groups_link_cost_is_loopbacks_on_one_machine_else_the_slowest_measured_link():
     from edgemesh.collective.costmodel import LOOPBACK_CURVE
-    from edgemesh.placement.members import group_cost
+    from edgemesh.placement.members import group_cost, one_machine
 
     def member(i: str, host: str, rtt: float | None = None, mbps: float | None = None) -> dict:
         m = _member(i, i, host=host)
@@ -249,6 +249,7 @@ def test_the_groups_link_cost_is_loopbacks_on_one_machine_else_the_slowest_measu
     local = [member("a", "127.0.0.1"), member("b", "127.0.0.1", 0.3, 900.0), member("c", "127.0.0.1", 0.4, 700.0)]
     assert group_cost(local, *devices_and_links(local)) == LOOPBACK_CURVE
     lan = [member("a", "10.0.0.1"), member("b", "10.0.0.2", 2.0, 300.0), member("c", "10.0.0.3", 3.0, 250.0)]
+    assert one_machine(local) and not one_machine(lan) and not one_machine(local[:2] + lan[2:])
     cost = group_cost(lan, *devices_and_links(lan))
     assert cost.a == pytest.approx(1.5e-3) and cost.b == pytest.approx(250e6 / 8)
     # A link not measured yet counts as the two devices' profiles say (1 Gbit/s by default).
