@@ -9,6 +9,9 @@ rank and adds chunk r−s−1 from the previous one; after W−1 steps it holds 
 chunk r+1. In allgather the summed chunks travel once around the ring, forwarded unchanged.
 Each chunk is summed in a fixed order (starting at its rank), so results are the same on every
 run, and equal the star's result up to fp32 rounding (a different summation order).
+
+Over links with a native side (``SecureLinks.ring_native``) an fp32 or q8_0 op runs all its
+steps in one C call, planned here by ``native_steps``: the same records, the same bits.
 """
 
 from __future__ import annotations
