@@ -77,7 +77,7 @@ class RingState(ctypes.Structure):
     """``em_ring_state``: where a native ring op stands between calls."""
 
     _fields_ = [(name, ctypes.c_int) for name in ("step", "started", "part", "off", "sdone", "rdone", "dgot", "svar",
-                                                  "rvar", "slen", "prev_rvar", "prev_rlen")] + [
+                                                  "rvar", "slen", "prev_rvar", "prev_rlen", "rwant")] + [
         ("sent_payload", ctypes.c_longlong), ("recv_payload", ctypes.c_longlong)]
 
 
@@ -145,7 +145,8 @@ def native() -> _Native | None:
 
 
 def _load() -> _Native | None:
-    lib = compile_library(_SOURCE, "native_links", ["-O2"])
+    # No fused multiply-add: the q8_0 codec must give numpy's bits (no libm import either: nm).
+    lib = compile_library(_SOURCE, "native_links", ["-O2", "-ffp-contract=off"])
     if lib is None:
         return None
     vp, ci = ctypes.c_void_p, ctypes.c_int

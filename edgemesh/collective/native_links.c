@@ -1,5 +1,6 @@
-/* The decode-size data plane of tcp_links.SecureLinks in C: one small record out, the expected
- * small records in, over the same connections and the same TLS sessions as the Python path.
+/* The data plane of tcp_links.SecureLinks in C, over the same connections and the same TLS
+ * sessions as the Python path: a decode step's small records (one out, the expected ones in),
+ * and a prefill's ring allreduce (below: large records, fp32 or q8_0).
  *
  * Python keeps every decision. It hands in the connection's socket, its OpenSSL session (or
  * none for a plain link) and its read buffer, and the exact bytes it expects (record prefix and
@@ -90,7 +91,7 @@ static int read_some(em_link *l, uint8_t *p, int n) {
     if (k > 0) return k;
     int e = ssl_get_error(l->ssl, k);
     if (e == SSL_ERROR_WANT_READ) return 0;
-    if (e == SSL_ERROR_WANT_WRITE) return -EM_OTHER; /* TLS needs to write first: Python's read waits */
+    if (e == SSL_ERROR_WANT_WRITE) return -EM_BLOCKED; /* TLS must write first: Python's read waits; the ring polls */
     l->err = e;
     l->detail = err_peek();
     if (e == 0) l->detail = (unsigned long)errno;
@@ -420,6 +421,7 @@ typedef struct {
     int svar, rvar;   /* variants of this step's send and receive (0 fp32, 1 q8_0; -1 not known) */
     int slen;         /* data bytes of this step's send */
     int prev_rvar, prev_rlen; /* the previous step's receive: what a forward sends */
+    int rwant;        /* the receive's TLS session must write before it reads on (poll POLLOUT) */
     long long sent_payload, recv_payload; /* envelope and data bytes of the records done */
 } em_ring_state;
 
@@ -552,9 +554,17 @@ static void add_floats(float *restrict acc, const float *restrict src, int n) {
 
 enum { EM_PREFIX = 16 }; /* record prefix and both frame lengths: they tell the variants apart */
 
+static int pull_step_io(em_link *l, const em_ring_step *st, const uint8_t *heads, em_ring_state *rs, uint8_t *rx);
+
 /* Read the awaited record of step st into l->rbuf (head, checked against the variant its prefix
  * names) and rx (data). 1: whole; 0: waiting; < 0: -status. */
 static int pull_step(em_link *l, const em_ring_step *st, const uint8_t *heads, em_ring_state *rs, uint8_t *rx) {
+    int r = pull_step_io(l, st, heads, rs, rx);
+    rs->rwant = r == -EM_BLOCKED;
+    return rs->rwant ? 0 : r;
+}
+
+static int pull_step_io(em_link *l, const em_ring_step *st, const uint8_t *heads, em_ring_state *rs, uint8_t *rx) {
     if (rs->rvar < 0) {
         int r = pull(l, heads, 0, EM_PREFIX);
         if (r <= 0) return r;
@@ -603,8 +613,8 @@ static const uint8_t *send_data(const em_ring_step *st, em_ring_state *rs, float
  * pv (from the previous one), from where *rs stands; tx (an encoded part) and rx[0], rx[1] (the
  * records of alternate steps) are scratch space of the largest part's size. EM_OK: acc holds
  * the sum. EM_ELSEWHERE: one of the `others` descriptors (this rank's other links, and nx's for
- * reading) became readable: Python takes its bytes (an abort, a faster rank's next message),
- * then calls again with the same state. Otherwise rs->step is where it stopped and *phase says
+ * reading) became readable, or a signal came: Python takes those bytes (an abort, a faster
+ * rank's next message) or handles the signal, then calls again with the same state. Otherwise rs->step is where it stopped and *phase says
  * which side: 1 = the send to nx (nx->sent bytes of that record are out), 0 = the receive from
  * pv (pv->got bytes of its head are in its rbuf; only EM_OTHER leaves the head incomplete or
  * wrong, and then no data byte of it was read). */
@@ -657,12 +667,12 @@ int edgemesh_ring(em_link *nx, em_link *pv, float *acc, uint8_t *tx, uint8_t *rx
             int n = 0;
             if (!rs->sdone) {
                 pf[n].fd = nx->fd;
-                pf[n].events = (short)(POLLOUT | (want_read ? POLLIN : 0));
+                pf[n].events = (short)(want_read ? POLLIN : POLLOUT);
                 pf[n++].revents = 0;
             }
             if (!rs->rdone) {
                 pf[n].fd = pv->fd;
-                pf[n].events = POLLIN | POLLPRI;
+                pf[n].events = (short)(rs->rwant ? POLLOUT : POLLIN | POLLPRI);
                 pf[n++].revents = 0;
             }
             int mine = n;
@@ -677,7 +687,8 @@ int edgemesh_ring(em_link *nx, em_link *pv, float *acc, uint8_t *tx, uint8_t *rx
                 return EM_TIMEOUT;
             }
             int r = poll(pf, (nfds_t)n, (int)wait);
-            if (r < 0 && errno != EINTR) {
+            if (r < 0 && errno == EINTR) return EM_ELSEWHERE; /* a signal: Python handles it, then goes on */
+            if (r < 0) {
                 em_link *l = rs->sdone ? pv : nx;
                 *phase = rs->sdone ? 0 : 1;
                 l->err = 0;

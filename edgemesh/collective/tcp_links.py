@@ -776,7 +776,8 @@ class SecureLinks:
         raises as Python's own path would: a link failure, a deadline, or what the unexpected
         message means (an abort of the group, or ranks out of step). The group is then broken."""
         nat = self._native
-        if nat is None or nxt == prv or acc.dtype != np.float32 or not acc.flags.c_contiguous or not steps:
+        if (nat is None or nxt == prv or acc.dtype != np.float32 or not acc.flags.c_contiguous or not steps
+                or len(self._conns) > nativemod.MAX_LINKS):
             return False
         for p in (nxt, prv):
             conn = self._conns.get(p)
@@ -834,7 +835,9 @@ class SecureLinks:
             # `nxt` that stopped half-way leaves that stream unusable.
             self.bytes_sent += state.sent_payload
             self.bytes_received += state.recv_payload
-            if state.step < len(steps) and not state.sdone and out_link.sent > 0:
+            # (TLS: OpenSSL may hold a record it took but could not write yet, with nothing
+            # counted as sent: a step's send that began and did not end counts as half-way.)
+            if state.step < len(steps) and state.started and not state.sdone and (to.tls or out_link.sent > 0):
                 to.partial = True
         if st_code == nativemod.OK:
             self.native_ops += 1

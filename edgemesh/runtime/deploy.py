@@ -31,8 +31,8 @@ from edgemesh.llm.model import Participant, decode_allreduce
 from edgemesh.mesh.rpc import rpc_session
 from edgemesh.placement.devices import Device, Link
 from edgemesh.placement.budget import plan_with_budget
-from edgemesh.placement.members import (DIRECT_PATHS, PathMap, devices_and_links, group_cost, host_of, one_machine, paths_of,
-                                        paths_pending, select_members)
+from edgemesh.placement.members import (DIRECT_PATHS, PathMap, devices_and_links, group_cost, host_of, one_machine,
+                                        paths_of, paths_pending, select_members)
 from edgemesh.placement.plan import Plan
 from edgemesh.runtime.control import control_call
 from edgemesh.runtime.cpu import ComputeThread, cpu_slots, threads_per_rank

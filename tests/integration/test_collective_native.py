@@ -266,3 +266,28 @@ def test_native_q8_ring_gives_the_python_rings_bits(natives: Any, w: int) -> Non
     # q8_0 carries ~0.27 of fp32's bytes
     sent = fast[0].wire_bytes[0]
     assert sent < 0.35 * 4 * sum(x[0].numel() for x in inputs) * 2 * (w - 1) / w, sent
+
+
+def test_native_ring_send_stopped_half_way_leaves_the_stream_unused() -> None:
+    """A rank whose ring record to the next rank could not all go out (the next rank never
+    reads, its socket buffers are small) must not write anything else on that stream: the
+    abort after the failure shuts the connection down instead of writing into the record."""
+    if native.native() is None:
+        pytest.skip("no C compiler: the native links are off")
+    from edgemesh.collective.members import CurveKeys
+
+    w = 3
+    keys = [CurveKeys.generate() for _ in range(w)]
+    publics = [k.public for k in keys]
+    links = [SecureLinks.bind(LOCAL, keys[r], publics, job="half", sockbuf=64 * 1024) for r in range(w)]
+    peers = [Peer(r, links[r].endpoint, publics[r]) for r in range(w)]
+    options = CollectiveOptions(timeout=1.0, connect_timeout=10.0, algorithm="ring")
+    groups = in_threads(w, lambda r: CollectiveGroup(links[r], r, w, peers, options))
+    try:
+        assert all(isinstance(g, CollectiveGroup) for g in groups), groups
+        big = 3 * 2**20  # 4 MiB a chunk to rank 2, far over its buffers
+        res = in_threads(2, lambda r: groups[r].allreduce_sum(torch.ones(big)))
+        assert not any(isinstance(x, torch.Tensor) for x in res), res
+        assert groups[1]._links._conns[2].partial  # rank 1's record to rank 2 stopped half-way
+    finally:
+        close_all(groups)
