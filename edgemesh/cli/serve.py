@@ -49,8 +49,6 @@ def _options(nodes: Optional[int], on: Optional[str], max_seq_len: int, timeout:
         raise ConfigError(f"--allreduce must be auto, star, chunked_star, ring or direct (got {algo!r})")
     if compression not in (None, "float16", "bfloat16", "q8_0"):
         raise ConfigError(f"--wire-dtype must be float16, bfloat16 or q8_0 (got {compression!r})")
-    if algo == "direct" and compression is not None:
-        raise ConfigError("--allreduce direct sends exact parts; use auto or star with --wire-dtype")
     names = tuple(n.strip() for n in on.split(",") if n.strip()) if on else ()
     return LaunchOptions(nodes=nodes, names=names, max_seq_len=max_seq_len, timeout=timeout,
                          algorithm=algo, compression=compression,

@@ -180,10 +180,12 @@ def error_bound(parts: list[torch.Tensor], wire: str, algorithm: str) -> torch.T
     """Elementwise bound on |result − exact sum| for fp32 ``parts`` sent compressed as ``wire``.
 
     Star: every worker's part is rounded once, the fp32 sum adds (W−1) fp32 roundings, the
-    result is rounded once more. Ring: each of the W−1 partial sums of a chunk is rounded before
+    result is rounded once more. Direct: every part is rounded once, the sum is not rounded
+    again. Ring: each of the W−1 partial sums of a chunk is rounded before
     it travels, then the reduced chunk once more. With u the unit roundoff of the wire dtype,
     A = Σ|x_i| and S the exact sum:
         star: u·(A + |S|)·(1+2u) + W·2⁻²³·A + (W+1)·floor
+        direct: u·A·(1+2u) + W·2⁻²³·A + W·floor
         ring: u·(W·A + |S|)·(1+2u) + W²·2⁻²³·A + (2W)·floor
     """
     w = len(parts)
@@ -192,7 +194,7 @@ def error_bound(parts: list[torch.Tensor], wire: str, algorithm: str) -> torch.T
     s = stack.sum(0).abs()
     if wire == Q8:  # errors scale with each block's largest magnitude, not with each value
         u32 = _UNIT["float32"]
-        k = {"star": 1, "chunked_star": 1, "ring": w}.get(algorithm)
+        k = {"direct": 0, "star": 1, "chunked_star": 1, "ring": w}.get(algorithm)
         if k is None:
             raise ValueError(f"unknown algorithm {algorithm!r}")
         floor = 2.0**-24 * Q8_BLOCK  # fp16 scales below its subnormal range
@@ -201,6 +203,8 @@ def error_bound(parts: list[torch.Tensor], wire: str, algorithm: str) -> torch.T
     u, floor, u32 = _UNIT[wire], _FLOOR[wire], _UNIT["float32"]
     if algorithm == "star":
         return u * (a + s) * (1 + 2 * u) + w * 2 * u32 * a + (w + 1) * floor
+    if algorithm == "direct":
+        return u * a * (1 + 2 * u) + w * 2 * u32 * a + w * floor
     if algorithm in ("ring", "chunked_star"):
         k = w if algorithm == "ring" else 1
         return u * (k * a + s) * (1 + 2 * u) + w * w * 2 * u32 * a + 2 * w * floor

@@ -16,10 +16,11 @@ Per message of M bytes over W ranks:
 - direct (``direct.py``): every rank sends its part to every other, 1 hop; each rank's link
   carries (W−1)·M each way at once → ``a + (W−1)M/b``. It puts W(W−1)·M on the network
   instead of 2(W−1)·M, which a shared medium (one Wi-Fi channel) pays for although this
-  model does not see it, so it is offered for latency-bound messages only (≤ DIRECT_MAX_BYTES)
-  and for exact wires (a compressed one keeps the star, whose hub rounds the sum once).
-Latency-bound decode messages pick direct (1 hop), or star (2 hops beats 2(W−1)) where direct
-is not offered; bandwidth-bound prefill messages pick ring or chunked star.
+  model does not see it, so it is offered for latency-bound messages only (≤ DIRECT_MAX_BYTES).
+  On a compressed wire each rank rounds its own part once and every rank adds the same rounded
+  parts (no second rounding of the sum, as the star's hub makes).
+Latency-bound decode messages pick direct (1 hop); bandwidth-bound prefill messages pick ring
+or chunked star.
 """
 
 from __future__ import annotations
@@ -100,23 +101,22 @@ def predict(algorithm: Algorithm, nbytes: int, world_size: int, cost: LinkCost, 
     raise ValueError(f"unknown algorithm {algorithm!r}")
 
 
-def candidates(nbytes: int, world_size: int, cost: LinkCost, *, exact: bool = True) -> list[Choice]:
-    """Every option with its prediction (what `choose` picks from; shown by the benchmark).
-    ``exact``: the parts travel uncompressed (direct is offered only then)."""
+def candidates(nbytes: int, world_size: int, cost: LinkCost) -> list[Choice]:
+    """Every option with its prediction (what `choose` picks from; shown by the benchmark)."""
     out = [Choice(Algorithm.STAR, 1, predict(Algorithm.STAR, nbytes, world_size, cost))]
     for k in CHUNK_CHOICES:
         if nbytes // k >= MIN_CHUNK_BYTES:
             out.append(Choice(Algorithm.CHUNKED_STAR, k, predict(Algorithm.CHUNKED_STAR, nbytes, world_size, cost, k)))
     if world_size > 2:  # at W = 2 a ring is a star with more messages
         out.append(Choice(Algorithm.RING, 1, predict(Algorithm.RING, nbytes, world_size, cost)))
-    if exact and world_size > 1 and nbytes <= DIRECT_MAX_BYTES:
+    if world_size > 1 and nbytes <= DIRECT_MAX_BYTES:
         out.append(Choice(Algorithm.DIRECT, 1, predict(Algorithm.DIRECT, nbytes, world_size, cost)))
     return out
 
 
-def choose(nbytes: int, world_size: int, cost: LinkCost, *, exact: bool = True) -> Choice:
+def choose(nbytes: int, world_size: int, cost: LinkCost) -> Choice:
     """The fastest predicted option; ties go to the simpler algorithm (listed first)."""
-    return min(candidates(nbytes, world_size, cost, exact=exact), key=lambda c: c.predicted_s)
+    return min(candidates(nbytes, world_size, cost), key=lambda c: c.predicted_s)
 
 
 def cost_terms(algorithm: Algorithm, nbytes: int, world_size: int, chunks: int = 1) -> tuple[float, float]:

@@ -34,7 +34,7 @@ import torch
 
 from edgemesh.collective import native
 from edgemesh.collective.compress import check_wire_dtype, from_accumulator, to_accumulator, wire_dtype_for
-from edgemesh.collective.direct import direct_allreduce, finish_direct
+from edgemesh.collective.direct import direct_allreduce, direct_allreduce_rounded, finish_direct
 from edgemesh.collective.costmodel import LOOPBACK_CURVE, Algorithm, Choice, LinkCost, choose, predict
 from edgemesh.collective.errors import CollectiveError, PeerLost
 from edgemesh.collective.op import REDUCE, Op, part_template
@@ -66,8 +66,6 @@ class CollectiveOptions:
         if self.algorithm != "auto":
             Algorithm(self.algorithm)  # raises ValueError on an unknown name
         check_wire_dtype(self.compression)
-        if self.algorithm == Algorithm.DIRECT.value and self.compression is not None:
-            raise ValueError("the direct allreduce sends exact parts: use star (or auto) with compression")
         if self.timeout <= 0 or self.connect_timeout <= 0 or self.chunks < 1:
             raise ValueError("timeouts must be positive and chunks at least 1")
 
@@ -131,7 +129,7 @@ class CollectiveGroup:
     def _choose(self, nbytes: int) -> Choice:
         opt = self.options
         if opt.algorithm == "auto":
-            return choose(nbytes, self.world_size, opt.cost, exact=opt.compression is None)
+            return choose(nbytes, self.world_size, opt.cost)
         algo = Algorithm(opt.algorithm)
         k = opt.chunks if algo is Algorithm.CHUNKED_STAR else 1
         return Choice(algo, k, predict(algo, nbytes, self.world_size, opt.cost, k))
@@ -150,6 +148,8 @@ class CollectiveGroup:
             elif pick.algorithm is Algorithm.DIRECT and wire in _EXACT_WIRES:
                 mine = to_accumulator(tensor, copy=False, pool=pool)  # read only
                 acc = direct_allreduce(op, mine, TensorSpec(wire, (mine.size,)))
+            elif pick.algorithm is Algorithm.DIRECT:
+                acc = direct_allreduce_rounded(op, to_accumulator(tensor, copy=False, pool=pool), wire)
             else:
                 mine = to_accumulator(tensor, copy=self.rank == HUB, pool=pool)  # only the hub writes into it
                 acc = star_allreduce(op, mine, wire, pick.chunks)
@@ -168,7 +168,8 @@ class CollectiveGroup:
         if numel not in self._native:
             make = getattr(self._links, "direct_loop", None)
             ctx = None
-            if make is not None and self.choice(4 * numel).algorithm is Algorithm.DIRECT:  # exact wires only
+            if (make is not None and self.options.compression is None  # the C op sends exact fp32
+                    and self.choice(4 * numel).algorithm is Algorithm.DIRECT):
                 spec = TensorSpec("float32", (numel,))
                 templates = [part_template(REDUCE, str(r).encode(), spec) for r in range(self.world_size)]
                 ctx = make(templates, numel, self.options.timeout)

@@ -259,7 +259,7 @@ def test_a_caller_mistake_does_not_break_the_group(group_of: Any) -> None:
 
 
 @pytest.mark.parametrize("wire", ["float16", "bfloat16", "q8_0"])
-@pytest.mark.parametrize("algorithm", ["star", "ring"])
+@pytest.mark.parametrize("algorithm", ["star", "ring", "direct"])
 def test_compressed_wire_error_is_bounded(group_of: Any, wire: str, algorithm: str) -> None:
     w = 4
     groups = group_of(w, algorithm=algorithm, compression=wire)
@@ -278,8 +278,9 @@ def test_compressed_wire_error_is_bounded(group_of: Any, wire: str, algorithm: s
     assert not torch.equal(res[0], rank_order_sum(xs))  # it really was compressed
 
 
-def test_fp16_wire_falls_back_to_exact_on_overflow(group_of: Any) -> None:
-    groups = group_of(2, algorithm="star", compression="float16")
+@pytest.mark.parametrize("algorithm", ["star", "direct"])
+def test_fp16_wire_falls_back_to_exact_on_overflow(group_of: Any, algorithm: str) -> None:
+    groups = group_of(2, algorithm=algorithm, compression="float16")
     xs = [torch.tensor([1e5, 1.0, -7e4]), torch.tensor([3.0, 2.0, 1.0])]
     res = in_threads(2, lambda r: groups[r].allreduce_sum(xs[r]))
     assert all(torch.isfinite(x).all() and torch.equal(x, xs[0] + xs[1]) for x in res)
