@@ -184,36 +184,47 @@ int edgemesh_links_recv(em_link *links, int k, const uint8_t *expect, int elen, 
 /* One record (head = prefix and envelope, then n bytes of data), gathered into l->wbuf and
  * written. EM_BLOCKED: the socket is full after l->sent bytes; the caller writes the rest of
  * wbuf[0 .. hl+n) from there (TLS needs the same bytes again). */
+/* One write: > 0 bytes taken, 0 the socket is full (*want_read: TLS must read first), or
+ * -EM_IO (details in l). TLS without partial writes takes all of it or must be called again
+ * with the same bytes. */
+static int write_some(em_link *l, const uint8_t *p, int n, int *want_read) {
+    *want_read = 0;
+    if (l->ssl) {
+        err_clear();
+        int k = ssl_write(l->ssl, (void *)p, n);
+        if (k > 0) return k;
+        int e = ssl_get_error(l->ssl, k);
+        if (e == SSL_ERROR_WANT_WRITE) return 0;
+        if (e == SSL_ERROR_WANT_READ) {
+            *want_read = 1;
+            return 0;
+        }
+        l->err = e;
+        l->detail = e == 0 ? (unsigned long)errno : err_peek();
+        return -EM_IO;
+    }
+    for (;;) {
+        ssize_t s = send(l->fd, p, (size_t)n, MSG_NOSIGNAL);
+        if (s >= 0) return (int)s;
+        if (errno == EINTR) continue;
+        if (errno == EAGAIN || errno == EWOULDBLOCK) return 0;
+        l->err = 0;
+        l->detail = (unsigned long)errno;
+        return -EM_IO;
+    }
+}
+
 int edgemesh_links_send(em_link *l, const uint8_t *head, int hl, const void *data, int n) {
     uint8_t *out = l->wbuf;
     memcpy(out, head, (size_t)hl);
     memcpy(out + hl, data, (size_t)n);
-    int total = hl + n, off = 0;
+    int total = hl + n, off = 0, want_read = 0;
     l->sent = 0;
     while (off < total) {
-        int k;
-        if (l->ssl) {
-            err_clear();
-            k = ssl_write(l->ssl, out + off, total - off);
-            if (k <= 0) {
-                int e = ssl_get_error(l->ssl, k);
-                l->sent = off;
-                if (e == SSL_ERROR_WANT_WRITE || e == SSL_ERROR_WANT_READ) return EM_BLOCKED;
-                l->err = e;
-                l->detail = e == 0 ? (unsigned long)errno : err_peek();
-                return EM_IO;
-            }
-        } else {
-            ssize_t s = send(l->fd, out + off, (size_t)(total - off), MSG_NOSIGNAL);
-            if (s < 0) {
-                if (errno == EINTR) continue;
-                l->sent = off;
-                if (errno == EAGAIN || errno == EWOULDBLOCK) return EM_BLOCKED;
-                l->err = 0;
-                l->detail = (unsigned long)errno;
-                return EM_IO;
-            }
-            k = (int)s;
+        int k = write_some(l, out + off, total - off, &want_read);
+        if (k <= 0) {
+            l->sent = off;
+            return k == 0 ? EM_BLOCKED : -k;
         }
         off += k;
     }
@@ -507,44 +518,18 @@ void edgemesh_q8_decode(const uint8_t *frame, int n, float *acc, int add) {
 /* Write what the socket takes of part p (0 = head, 1 = data) from *off. 1: the record is all
  * out; 0: blocked (*want_read: TLS must read first); < 0: -status. l->sent counts bytes out. */
 static int push(em_link *l, const uint8_t *const p[2], const int len[2], int *part, int *off, int *want_read) {
-    *want_read = 0;
     while (*part < 2) {
         if (*off >= len[*part]) {
             (*part)++;
             *off = 0;
             continue;
         }
-        int k;
-        if (l->ssl) {
-            err_clear();
-            /* Without partial writes OpenSSL takes all of it or asks to be called again with
-             * the same bytes: `off` only moves on a positive return. */
-            k = ssl_write(l->ssl, (void *)(p[*part] + *off), len[*part] - *off);
-            if (k <= 0) {
-                int e = ssl_get_error(l->ssl, k);
-                if (e == SSL_ERROR_WANT_WRITE) return 0;
-                if (e == SSL_ERROR_WANT_READ) {
-                    *want_read = 1;
-                    return 0;
-                }
-                l->err = e;
-                l->detail = e == 0 ? (unsigned long)errno : err_peek();
-                return -EM_IO;
-            }
-        } else {
-            ssize_t s = send(l->fd, p[*part] + *off, (size_t)(len[*part] - *off), MSG_NOSIGNAL);
-            if (s < 0) {
-                if (errno == EINTR) continue;
-                if (errno == EAGAIN || errno == EWOULDBLOCK) return 0;
-                l->err = 0;
-                l->detail = (unsigned long)errno;
-                return -EM_IO;
-            }
-            k = (int)s;
-        }
+        int k = write_some(l, p[*part] + *off, len[*part] - *off, want_read);
+        if (k <= 0) return k; /* `off` only moves on a positive return: TLS retries the same bytes */
         *off += k;
         l->sent += k;
     }
+    *want_read = 0;
     return 1;
 }
 
@@ -554,16 +539,8 @@ static void add_floats(float *restrict acc, const float *restrict src, int n) {
 
 enum { EM_PREFIX = 16 }; /* record prefix and both frame lengths: they tell the variants apart */
 
-static int pull_step_io(em_link *l, const em_ring_step *st, const uint8_t *heads, em_ring_state *rs, uint8_t *rx);
-
 /* Read the awaited record of step st into l->rbuf (head, checked against the variant its prefix
  * names) and rx (data). 1: whole; 0: waiting; < 0: -status. */
-static int pull_step(em_link *l, const em_ring_step *st, const uint8_t *heads, em_ring_state *rs, uint8_t *rx) {
-    int r = pull_step_io(l, st, heads, rs, rx);
-    rs->rwant = r == -EM_BLOCKED;
-    return rs->rwant ? 0 : r;
-}
-
 static int pull_step_io(em_link *l, const em_ring_step *st, const uint8_t *heads, em_ring_state *rs, uint8_t *rx) {
     if (rs->rvar < 0) {
         int r = pull(l, heads, 0, EM_PREFIX);
@@ -585,6 +562,13 @@ static int pull_step_io(em_link *l, const em_ring_step *st, const uint8_t *heads
         rs->dgot += k;
     }
     return 1;
+}
+
+/* The same, a TLS read that must write first turned into waiting (rs->rwant: poll for POLLOUT). */
+static int pull_step(em_link *l, const em_ring_step *st, const uint8_t *heads, em_ring_state *rs, uint8_t *rx) {
+    int r = pull_step_io(l, st, heads, rs, rx);
+    rs->rwant = r == -EM_BLOCKED;
+    return rs->rwant ? 0 : r;
 }
 
 /* The step's send: its variant, data and length (encoding the part if the wire is q8_0). */

@@ -739,9 +739,14 @@ class SecureLinks:
 
     def direct_loop_ready(self) -> bool:
         """Nothing of any link is buffered or pending in Python: the C side may read them."""
-        return self._native is not None and not self._lost and all(
-            not self._inbox[p] and c.frames is None and c.start == c.end and not c.partial
-            for p, c in self._conns.items())
+        return self._native is not None and not self._lost and all(self._idle(p) for p in self._conns)
+
+    def _idle(self, p: int) -> bool:
+        """Nothing of rank ``p``'s link is buffered or pending in Python, and it is usable: the C
+        side may take it."""
+        conn = self._conns.get(p)
+        return (conn is not None and p not in self._lost and not self._inbox[p] and conn.frames is None
+                and conn.start == conn.end and not conn.partial)
 
     def direct_loop_settle(self, ctx: Any) -> None:
         """Account the ops the C side finished since the last call (bytes, counters)."""
@@ -779,11 +784,8 @@ class SecureLinks:
         if (nat is None or nxt == prv or acc.dtype != np.float32 or not acc.flags.c_contiguous or not steps
                 or len(self._conns) > nativemod.MAX_LINKS):
             return False
-        for p in (nxt, prv):
-            conn = self._conns.get(p)
-            if (conn is None or p in self._lost or self._inbox[p] or conn.frames is not None or conn.start != conn.end
-                    or conn.partial or p not in self._npos):
-                return False
+        if not all(self._idle(p) and p in self._npos for p in (nxt, prv)):
+            return False
         heads: list[bytes] = []
         arr = (nativemod.RingStep * len(steps))()
         pos = most = 0
@@ -874,11 +876,9 @@ class SecureLinks:
         first = self._npos.get(peers[0], -1)
         conns = []
         for i, p in enumerate(peers):
-            conn = self._conns.get(p)
-            if (conn is None or self._npos.get(p) != first + i or len(envelopes[i]) != elen or self._inbox[p]
-                    or conn.frames is not None or conn.start != conn.end or conn.partial or p in self._lost):
+            if self._npos.get(p) != first + i or len(envelopes[i]) != elen or not self._idle(p):
                 return None
-            conns.append(conn)
+            conns.append(self._conns[p])
         return conns
 
     def _link_addr(self, rank: int) -> int:
