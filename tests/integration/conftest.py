@@ -40,11 +40,18 @@ def states(state: StateDir) -> dict[str, str]:
     return {m["name"]: m["state"] for m in control(state, "status")["members"]}
 
 
+def cluster_base_port() -> int:
+    """A random first port for a test's local cluster, below Linux's ephemeral range (32768+):
+    `free_port_pair` checks a port is free, but an outgoing connection elsewhere can take an
+    ephemeral port before the daemon binds it (a CI setup failed on 39756 so)."""
+    return random.randrange(20000, 32000, 2)
+
+
 @pytest.fixture
 def cluster3(tmp_path):
     """A fresh 3-node local cluster; torn down (and checked for leftovers) afterwards."""
     d = tmp_path / "lc"
-    nodes = local_cluster.up(d, 3, base_port=random.randrange(20000, 40000, 2))
+    nodes = local_cluster.up(d, 3, base_port=cluster_base_port())
     yield d, [StateDir(Path(n.state_dir)) for n in nodes], nodes
     local_cluster.down(d)
     for n in local_cluster.load(d) or nodes:

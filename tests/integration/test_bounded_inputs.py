@@ -7,7 +7,6 @@ Memory is read as the daemon's peak RSS (VmHWM), reset just before the attack th
 from __future__ import annotations
 
 import asyncio
-import random
 import socket
 import struct
 import time
@@ -25,6 +24,7 @@ from edgemesh.runtime.processes import running_daemon
 from edgemesh.transport.zmq_link import MAX_FRAME, ZmqTransport
 
 from .conftest import wait_for
+from tests.integration.conftest import cluster_base_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.security]
 
@@ -35,7 +35,7 @@ RSS_BOUND = 16 * 2**20  # the daemon's peak RSS may grow by at most this much (i
 @pytest.fixture
 def node(tmp_path):
     d = tmp_path / "lc"
-    nodes = local_cluster.up(d, 1, base_port=random.randrange(20000, 40000, 2))
+    nodes = local_cluster.up(d, 1, base_port=cluster_base_port())
     state = StateDir(Path(nodes[0].state_dir))
     yield state, nodes[0].port
     local_cluster.down(d)

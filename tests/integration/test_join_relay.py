@@ -9,7 +9,6 @@ its own link and would answer register with a view of its own making."""
 from __future__ import annotations
 
 import asyncio
-import random
 import socket
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from edgemesh.rpc.dispatch import Call, RpcStats
 from edgemesh.runtime import local_cluster
 from edgemesh.runtime.control import control
 from edgemesh.transport.zmq_link import ZmqTransport
+from tests.integration.conftest import cluster_base_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.security]
 
@@ -34,7 +34,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.security]
 @pytest.fixture
 def cluster2(tmp_path):
     d = tmp_path / "lc"
-    nodes = local_cluster.up(d, 2, base_port=random.randrange(20000, 40000, 2))
+    nodes = local_cluster.up(d, 2, base_port=cluster_base_port())
     yield [StateDir(Path(n.state_dir)) for n in nodes], nodes
     local_cluster.down(d)
 

@@ -6,7 +6,6 @@ SLOT_SECONDS although the stranger never lets go."""
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from edgemesh.runtime.processes import running_daemon
 from edgemesh.transport.zmq_link import MAX_PEERS, MAX_PEERS_PER_SOURCE, SLOT_SECONDS
 
 from .conftest import wait_for
+from tests.integration.conftest import cluster_base_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.security]
 
@@ -30,7 +30,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.security]
 @pytest.fixture
 def node(tmp_path):
     d = tmp_path / "lc"
-    nodes = local_cluster.up(d, 1, base_port=random.randrange(20000, 40000, 2))
+    nodes = local_cluster.up(d, 1, base_port=cluster_base_port())
     yield StateDir(Path(nodes[0].state_dir)), nodes[0].port
     local_cluster.down(d)
 
