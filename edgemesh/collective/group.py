@@ -42,6 +42,7 @@ from edgemesh.collective.ring import ring_allreduce
 from edgemesh.wire.tensor import TensorSpec
 from edgemesh.collective.star import HUB, star_allreduce, star_broadcast, star_broadcast_meta, star_gather
 from edgemesh.collective.members import CurveKeys, Links, Peer
+from edgemesh.collective.shm import SharedPlane, unlink
 from edgemesh.collective.tcp_links import SecureLinks
 
 
@@ -61,6 +62,10 @@ class CollectiveOptions:
     chunks: int = 4  # for a forced "chunked_star"
     compression: str | None = None  # None | "float16" | "bfloat16": fp32 parts travel narrowed
     cost: LinkCost = field(default_factory=lambda: LOOPBACK_CURVE)
+    # Try the shared-memory plane (``collective.shm``) for float32 allreduces: for groups whose
+    # ranks all run on one machine. The ranks check it (a token in the mapped segment); if any
+    # cannot map it, the group keeps its sockets. Its sums are exact fp32 (no wire compression).
+    shared_memory: bool = False
 
     def __post_init__(self) -> None:
         if self.algorithm != "auto":
@@ -81,11 +86,14 @@ class CollectiveGroup:
         self._links = links
         self._seq = 0
         self._choices: dict[int, Choice] = {}  # by message bytes: the options are fixed
-        self._native: dict[int, NativeAllreduce | None] = {}  # by values per op
+        self._native: dict[int, NativeAllreduce | SharedAllreduce | None] = {}  # by values per op
         self._broken: str | None = None
         self._closed = False
+        self._shm: SharedPlane | None = None
         try:
             links.join(rank, world_size, peers, self.options.connect_timeout)
+            if self.options.shared_memory and world_size > 1:
+                self._shm = self._shared_plane()
         except BaseException:
             links.close(abandon=True)
             self._closed = True
@@ -108,6 +116,11 @@ class CollectiveGroup:
     @property
     def refused_connections(self) -> int:
         return self._links.refused_connections
+
+    @property
+    def shared_memory(self) -> bool:
+        """True: this group's float32 allreduces go through shared memory, not its sockets."""
+        return self._shm is not None
 
     @property
     def wire_bytes(self) -> tuple[int, int]:
@@ -136,6 +149,8 @@ class CollectiveGroup:
 
     def allreduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         wire = wire_dtype_for(tensor.dtype, self.options.compression)  # TypeError before numbering
+        if self._shm is not None and tensor.dtype == torch.float32:
+            return self._shared_allreduce(tensor)
         op = self._begin()
         if self.world_size == 1:
             return tensor
@@ -165,6 +180,10 @@ class CollectiveGroup:
         has no native side, or the group is closed or broken."""
         if self._closed or self._broken is not None or self.world_size == 1:
             return None
+        if self._shm is not None:
+            if self._native.get(numel) is None:
+                self._native[numel] = SharedAllreduce(self, self._shm, numel)
+            return self._native[numel]
         if numel not in self._native:
             make = getattr(self._links, "direct_loop", None)
             ctx = None
@@ -223,6 +242,8 @@ class CollectiveGroup:
             return
         self._closed = True
         self._links.close(abandon=self._broken is not None)
+        if self._shm is not None:
+            self._shm.close()
 
     def __enter__(self) -> CollectiveGroup:
         return self
@@ -233,12 +254,63 @@ class CollectiveGroup:
     # ----------------------------------------------------------------- internals
 
     def _begin(self) -> Op:
+        self._usable()
+        self._seq += 1
+        return Op(self._links, self._seq, self.options.timeout)
+
+    def _usable(self) -> None:
         if self._closed:
             raise CollectiveError("the collective group is closed")
         if self._broken is not None:
             raise CollectiveError(f"the collective group is broken ({self._broken}); close it and re-plan")
-        self._seq += 1
-        return Op(self._links, self._seq, self.options.timeout)
+
+    def _shared_allreduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        # Not numbered: no socket carries it, and a rank running the decode step's ops in C
+        # (``SharedAllreduce``) must keep the same numbering as one running them here.
+        self._usable()
+        assert self._shm is not None
+        x = tensor.detach().reshape(-1).contiguous().numpy()
+        try:
+            out = self._shm.allreduce(self._links, x)
+        except BaseException as exc:
+            self._fail(exc)
+            raise
+        return torch.from_numpy(out).view(tensor.shape)
+
+    def _shared_plane(self) -> SharedPlane | None:
+        """The shared-memory set-up (``collective.shm``), three ops on every rank: the hub's
+        segment name and token, each rank's yes or no, and the verdict."""
+        can = hasattr(self._links, "watched_fds")
+        made = SharedPlane.create(self.world_size, self.options.timeout) if can and self.rank == HUB else None
+        plane = made[0] if made is not None else None
+        try:
+            if self.rank == HUB:
+                offer = {"name": made[1], "token": made[2].hex()} if made is not None else {"name": None}
+                self.broadcast_meta({"op": "shm", **offer})
+            else:
+                offer = self.broadcast_meta(None)
+                token = offer.get("token")
+                try:
+                    raw = bytes.fromhex(token) if isinstance(token, str) else None
+                except ValueError:
+                    raw = None
+                if can and offer.get("name") is not None:
+                    plane = SharedPlane.attach(offer.get("name"), raw, self.world_size, self.rank, self.options.timeout)
+            answers = self.gather(torch.tensor([1.0 if plane is not None else 0.0]))
+            verdict = self.broadcast_meta(
+                {"shm": answers is not None and all(float(a[0]) == 1.0 for a in answers)} if self.rank == HUB else None)
+        except BaseException:
+            if plane is not None:
+                plane.close()
+            raise
+        finally:
+            if made is not None:
+                unlink(made[1])  # every rank has mapped it or given up: no name left behind
+        if verdict.get("shm") is not True:
+            if plane is not None:
+                plane.close()
+            return None
+        return plane
 
     def _check_root(self, root: int) -> None:
         if not 0 <= root < self.world_size:
@@ -325,3 +397,44 @@ class NativeAllreduce:
             # once, without I/O, and is done here.
             self._ctx.n = -1
         return torch.from_numpy(out)
+
+
+class SharedAllreduce:
+    """The shared-memory allreduce of one vector size with ``NativeAllreduce``'s interface, for
+    the native decode loop: the callback is ``shm.c``'s op. An op it stops in (bytes on a
+    socket: an abort, a lost peer; or its deadline) is finished by ``finish``, which resumes it
+    (this rank's part is published once) or raises, breaking the group."""
+
+    def __init__(self, group: CollectiveGroup, plane: SharedPlane, numel: int) -> None:
+        self._group, self._plane, self.numel = group, plane, numel
+        self.fn: int = plane.fn
+        self.ctx: int = plane.ctx_addr
+
+    @property
+    def seconds(self) -> float:
+        """Time spent in the ops a native loop ran through the plane (every size: one counter)."""
+        return self._plane.loop_seconds
+
+    def allreduce_sum(self, part: torch.Tensor) -> torch.Tensor:
+        return self._group.allreduce_sum(part)
+
+    def begin(self) -> bool:
+        g = self._group
+        if g._closed or g._broken is not None:
+            return False
+        self._plane.prepare(g._links)
+        return True
+
+    def end(self) -> None:
+        pass
+
+    def finish(self, part: torch.Tensor) -> torch.Tensor:
+        g = self._group
+        x = part.detach().reshape(-1).contiguous()
+        out = torch.empty_like(x)
+        try:
+            self._plane.run(g._links, x.data_ptr(), out.data_ptr(), self.numel)
+        except BaseException as exc:
+            g._fail(exc)
+            raise
+        return out

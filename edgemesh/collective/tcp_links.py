@@ -864,6 +864,19 @@ class SecureLinks:
                             f"({sum(f.nbytes for f in frames)} bytes) that is not step {k + 1} of this ring "
                             f"allreduce: the ranks are out of step")
 
+    def watched_fds(self) -> list[int]:
+        """The sockets of the ranks still connected. Bytes or a close on one while another data
+        plane waits (``collective.shm``) are for Python: ``take_waiting``."""
+        return [c.fd for p, c in self._conns.items() if p not in self._lost and c.fd in self._by_fd]
+
+    def take_waiting(self) -> list[int]:
+        """Read what every connected rank has sent into its inbox (an abort raises ``PeerLost``
+        at once, a faster rank's next message waits there); the ranks gone, sorted."""
+        for p, c in list(self._conns.items()):
+            if p not in self._lost and c.fd in self._by_fd:
+                self._pump(c, raise_lost=False)
+        return sorted(self._lost)
+
     def _native_idle(self, peers: Sequence[int], envelopes: Sequence[bytes], data: np.ndarray) -> list[_Conn] | None:
         """The connections to ``peers`` if the C side may take them now: float32 data, records
         that fit the read buffer, consecutive ranks, nothing buffered or pending in Python."""

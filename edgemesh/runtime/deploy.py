@@ -200,6 +200,9 @@ class Deployment:
         jstate.endpoints[0] = links0.endpoint
         jstate.rank0_for = {r: tcp_endpoint(ours[r], port0) for r in range(1, world)}
         self.job = job
+        # Every rank on this machine: allreduces through shared memory (collective/shm.py) and
+        # prefills that overlap them with compute.
+        local = one_machine(self.members)
         group = None
         try:
             for r in range(1, world):
@@ -210,7 +213,8 @@ class Deployment:
                     server=self._server.endpoint_for(ours[r]), server_key=self.key.sign_public, keys=tuple(keys),
                     max_seq_len=self.options.max_seq_len, timeout=self.options.timeout,
                     algorithm=self.options.algorithm, compression=self.options.compression, threads=threads[r],
-                    cpu_slot=slots[r], window=self.plan.window, link_cost=(self.link_cost.a, self.link_cost.b))
+                    cpu_slot=slots[r], window=self.plan.window, link_cost=(self.link_cost.a, self.link_cost.b),
+                    shared_memory=local)
                 self.progress(f"starting a worker on {self.members[r]['name']} ({self.members[r]['addresses'][0]})")
                 try:
                     await self._call_member(self.members[r], "llm.start", spec.to_wire(), timeout=self.options.start_timeout)
@@ -225,7 +229,8 @@ class Deployment:
 
             peers = [Peer(r, e, curve_public_for(keys[r])) for r, e in sorted(jstate.endpoints.items()) if r != 0]
             options = CollectiveOptions(timeout=self.options.timeout, algorithm=self.options.algorithm,
-                                        compression=self.options.compression, cost=self.link_cost)
+                                        compression=self.options.compression, cost=self.link_cost,
+                                        shared_memory=local)
             self.progress(f"forming the group: {world - 1} worker(s) connect to this node and each other, "
                           "then one allreduce")
             try:
@@ -241,9 +246,9 @@ class Deployment:
                 raise JobFailed(f"the group did not form: {self._worker_failure(jstate) or self._name_ranks(exc, jstate)}") from None
             self.model = await asyncio.to_thread(self._master_model, self.plan, group, refs[0])
             # Prefills overlap their allreduces with compute where the ranks share this machine
-            # only: across devices (lan-4: 0.5-core devices, 300 Mbit/s) the halved messages cost
+            # only (`local`): across devices (lan-4: 0.5-core devices, 300 Mbit/s) the halved messages cost
             # more CPU per prefill than the overlap hid (q8_0 wire: 1.67 s against 1.32-1.35 s).
-            self.model.overlap_prefill = one_machine(self.members)
+            self.model.overlap_prefill = local
         except BaseException:
             if group is None:
                 links0.close(abandon=True)

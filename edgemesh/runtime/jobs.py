@@ -49,6 +49,7 @@ class JobSpec:
     cpu_slot: tuple[int, int] | None = None  # (i, n): pin to the i-th of n equal parts of the cores
     window: int = 0  # weight blocks resident at once, streamed from disk (weights/window.py); 0 = all in memory
     link_cost: tuple[float, float] | None = None  # the group's (a, b) for the cost model; None = loopback's
+    shared_memory: bool = False  # every rank on one machine: try the shared-memory plane (collective/shm.py)
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -61,6 +62,7 @@ class JobSpec:
             "cpu_slot": None if self.cpu_slot is None else list(self.cpu_slot),
             "window": self.window,
             "link_cost": None if self.link_cost is None else list(self.link_cost),
+            "shared_memory": self.shared_memory,
         }
 
     @classmethod
@@ -115,7 +117,8 @@ class JobSpec:
                                      and all(type(x) is float and math.isfinite(x) for x in cost)
                                      and 0.0 <= cost[0] <= MAX_HOP_S and MIN_LINK_BPS <= cost[1] <= MAX_LINK_BPS):
             raise ProtocolError("link_cost must be [seconds per hop, bytes per second] within range")
+        shared_memory = maybe(b, "shared_memory", bool, False)
         return cls(job, rank, world, need(b, "model", str, max_len=128), need(b, "config", dict), specs,
                    tuple(files), server, server_key, tuple(keys), max_seq_len, timeout, algorithm, compression,
                    threads, None if slot is None else (slot[0], slot[1]), window,
-                   None if cost is None else (cost[0], cost[1]))
+                   None if cost is None else (cost[0], cost[1]), shared_memory)

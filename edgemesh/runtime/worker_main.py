@@ -150,6 +150,7 @@ def run_job(state: StateDir, spec: JobSpec, host: str, advertise: str | None = N
             links, spec.rank, spec.world,
             [Peer(r, e, curve_public_for(spec.keys[r])) for r, e in peers if r != spec.rank],
             CollectiveOptions(timeout=spec.timeout, algorithm=spec.algorithm, compression=spec.compression,
+                              shared_memory=spec.shared_memory,
                               **({} if spec.link_cost is None else {"cost": LinkCost(*spec.link_cost)})))
     except EdgemeshError as exc:
         links.close(abandon=True)
