@@ -56,6 +56,7 @@ class RunResult:
     link_cost: tuple[float, float] | None = None  # the group's cost model (a s/hop, b B/s)
     algorithms: dict[str, str] | None = None  # what the group runs for a decode / a prefill message
     prefill_overlap: bool | None = None  # the prefill's allreduces overlapped with compute (two chunks)
+    shared_memory: bool | None = None  # the group's float32 allreduces went through shared memory (collective/shm.py)
 
 
 class _TimedCollective:
@@ -199,8 +200,9 @@ async def run_once(state: StateDir, entry: ModelEntry, nodes: int, prompt: list[
                 res.prefill_overlap = model.overlap_applies(PREFILL_TOKENS)
                 chunk = PREFILL_TOKENS // 2 if res.prefill_overlap else PREFILL_TOKENS
                 res.link_cost = (dep.link_cost.a, dep.link_cost.b)
-                res.algorithms = {what: _named(model.collective.choice(n * h * 4)) for what, n in
-                                  (("decode", 1), ("prefill", chunk))}
+                res.shared_memory = bool(getattr(model.collective, "shared_memory", False))
+                res.algorithms = {what: "shared memory" if res.shared_memory else _named(model.collective.choice(n * h * 4))
+                                  for what, n in (("decode", 1), ("prefill", chunk))}
                 res.bytes_per_token = nbytes / tokens
                 # Where the master's time goes, in a separate run (the wrapper costs a little).
                 # Per step, median, as ms_per_token: one stalled step (a busy host) would
@@ -261,7 +263,9 @@ async def bench(state: StateDir, entry: ModelEntry, nodes: int, prompt: list[int
     # Per decode token the hub sends the hidden state to W-1 workers once (fp32), in each of the
     # 2L star allreduces receives W-1 partial sums and sends W-1 results (in the wire dtype), and
     # receives W-1 greedy choice summaries (5 float64: range, max, index) in the closing gather.
-    theory = (w - 1) * (h * 4 + 4 * layers * wire_bytes(h, wire_dtype) + 5 * 8) if w > 1 else 0
+    # Through shared memory the allreduces put nothing on the wire.
+    per_layer = 0 if multi.shared_memory else 4 * layers * wire_bytes(h, wire_dtype)
+    theory = (w - 1) * (h * 4 + per_layer + 5 * 8) if w > 1 else 0
     # The head is split by vocabulary, so every rank's measured slice includes its head rows.
     # As the hidden state's broadcast, the choice's closing gather (one hop of 40 bytes per
     # worker) is left out: the bound counts the 2L round trips.
@@ -293,6 +297,7 @@ async def bench(state: StateDir, entry: ModelEntry, nodes: int, prompt: list[int
                                                             "mbyte_s": round(multi.link_cost[1] / 1e6, 2)},
         "algorithms": multi.algorithms,
         "prefill_overlap": multi.prefill_overlap,
+        "shared_memory": multi.shared_memory,
         "runs": {"single": asdict(single), "multi": asdict(multi)},
         "targets": {"ms_per_token_over_bound_max": 1.25, "bytes_over_theory_max": 1.05},
     }

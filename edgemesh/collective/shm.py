@@ -135,7 +135,7 @@ class SharedPlane:
     def create(cls, world: int, timeout: float) -> tuple[SharedPlane, str, bytes] | None:
         """The hub's segment, named and filled with a fresh token; None if it cannot be made."""
         lib = library()
-        if lib is None or not 2 <= world <= MAX_WORLD:
+        if lib is None or disabled() or not 2 <= world <= MAX_WORLD:
             return None
         name, token = f"edgemesh-{secrets.token_hex(16)}", secrets.token_bytes(_TOKEN)
         size = segment_bytes(world)

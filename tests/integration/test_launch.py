@@ -209,8 +209,12 @@ def test_smollm2_on_three_nodes_matches_one_node(cluster3, tmp_path):
     assert three == one
 
 
-def test_bench_generate_measures_every_term_and_sends_what_the_theory_says(cluster3, store, monkeypatch):
+@pytest.mark.parametrize("shared_memory", [True, False])
+def test_bench_generate_measures_every_term_and_sends_what_the_theory_says(cluster3, store, monkeypatch,
+                                                                         shared_memory):
     import statistics
+
+    monkeypatch.setenv("EDGEMESH_SHM", "1" if shared_memory else "0")  # read by the master (this process)
 
     from edgemesh.bench import generate as bench_generate
 
@@ -231,9 +235,12 @@ def test_bench_generate_measures_every_term_and_sends_what_the_theory_says(clust
     assert (r["nodes"], r["tokens"], r["prompt_tokens"]) == (3, 8, 16)
     # Bytes are counted on the wire by the collective: only framing may come on top of the theory
     # (tensor payloads), at most 64 bytes per message — per token the hub exchanges with each of
-    # the 2 workers a control message, the hidden state, 2 messages per allreduce (2 per layer)
-    # and the worker's summary for the token choice.
-    messages = 2 * (3 + 4 * 4)
+    # the 2 workers a control message, the hidden state, 2 messages per allreduce (2 per layer;
+    # none through shared memory) and the worker's summary for the token choice.
+    assert r["shared_memory"] is shared_memory
+    messages = 2 * (3 + (0 if shared_memory else 4 * 4))
+    h = entry.config.hidden_size
+    assert r["bytes_per_token_theory"] == 2 * (h * 4 + (0 if shared_memory else 4 * 4 * h * 4) + 40)
     assert r["bytes_per_token_theory"] <= r["bytes_per_token"] <= r["bytes_per_token_theory"] + 64 * messages
     per_rank = r["slice_compute_per_rank_ms"]
     assert len(per_rank) == 3 and all(v > 0 for v in per_rank)
@@ -254,8 +261,13 @@ def test_bench_generate_measures_every_term_and_sends_what_the_theory_says(clust
     from edgemesh.collective.costmodel import LOOPBACK_CURVE
 
     assert r["link_cost"] == {"hop_us": round(LOOPBACK_CURVE.a * 1e6, 1), "mbyte_s": round(LOOPBACK_CURVE.b / 1e6, 2)}
-    assert set(r["algorithms"]) == {"decode", "prefill"} and r["algorithms"]["decode"] == "direct"
-    assert r["prefill_overlap"] is True  # the ranks share this machine
+    assert set(r["algorithms"]) == {"decode", "prefill"}
+    if shared_memory:  # the ranks share this machine: memory, and no overlap (it would only cost)
+        assert r["algorithms"] == {"decode": "shared memory", "prefill": "shared memory"}
+        assert r["prefill_overlap"] is False
+    else:  # the sockets: the prefill's allreduces overlap compute
+        assert r["algorithms"]["decode"] == "direct"
+        assert r["prefill_overlap"] is True
 
 
 def test_plan_uses_the_running_clusters_members_and_links(cluster3, store):

@@ -48,6 +48,7 @@ def test_bench_generate_on_lan4_measures_across_devices_and_cleans_up(tmp_path: 
     assert r["link_cost"]["hop_us"] >= 1000 > LOOPBACK_CURVE.a * 1e6
     assert r["algorithms"]["decode"] == "direct"
     assert r["prefill_overlap"] is False  # separate devices: the prefill's allreduces are not overlapped
+    assert r["shared_memory"] is False  # nor do they share memory: the emulated links carry everything
     assert _ours() == before, "the benchmark's testbed was not torn down"
 
 
