@@ -1,5 +1,5 @@
-"""CPU use of the ranks of a launch: torch threads per rank and disjoint cores for ranks that
-share a machine (pure, from the members' profiles), and the state of the thread that runs the
+"""CPU use of the ranks of a launch: torch threads per rank and the cores of ranks that share a
+machine (``placement.members.machine_slots``) (pure, from the members' profiles), and the state of the thread that runs the
 master's model (its torch thread count and its cores), which must be set on that very thread.
 """
 
@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from edgemesh.mesh.profile import torch_threads
-from edgemesh.placement.members import host_of, sharing
+from edgemesh.placement.members import machine_slots, sharing
 
 
 def threads_per_rank(members: list[dict[str, Any]]) -> list[int]:
@@ -29,18 +29,9 @@ def threads_per_rank(members: list[dict[str, Any]]) -> list[int]:
 
 
 def cpu_slots(members: list[dict[str, Any]]) -> list[tuple[int, int] | None]:
-    """Ranks that share a machine with at least one core each get disjoint cores (slot i of n,
-    resolved against the cores each process may use). With more ranks than cores, none is
-    pinned: the scheduler balances better than a fixed split would."""
-    seen: dict[str, int] = {}
-    out: list[tuple[int, int] | None] = []
-    for m, shared in zip(members, sharing(members)):
-        profile = m.get("profile") or {}
-        cores = int((profile.get("limits") or {}).get("cpu_cores") or profile.get("cpu_logical") or 1)
-        i = seen.get(host_of(m), 0)
-        seen[host_of(m)] = i + 1
-        out.append((i, shared) if 1 < shared <= cores else None)
-    return out
+    """The cores of each rank (``placement.members.machine_slots``): disjoint parts for ranks
+    that share a machine, the master alone on one core where there are more ranks than cores."""
+    return [slot for slot, _ in machine_slots(members)]
 
 
 def pin_to_slot(slot: tuple[int, int] | None) -> tuple[int, ...]:

@@ -87,6 +87,10 @@ def test_ranks_on_one_machine_each_get_their_share_of_its_speed_in_the_plan():
     slow["profile"]["gflops"] = 16.0  # measured while the other was busy: same machine, same speed
     devs, _ = devices_and_links([member("a", "10.0.0.1"), slow, member("c", "10.0.0.2")])
     assert [(d.gflops, d.mem_bw_gbps) for d in devs] == [(12.0, 6.0), (12.0, 6.0), (24.0, 12.0)]
+    # Three on a 2-core machine: the master has a core to itself, the other two share one, and
+    # each gets the share of the machine its core gives it.
+    devs, _ = devices_and_links([member("a", "10.0.0.1"), slow, member("c", "10.0.0.1")])
+    assert [(d.gflops, d.mem_bw_gbps) for d in devs] == [(12.0, 6.0), (6.0, 3.0), (6.0, 3.0)]
 
 
 def test_link_table_keeps_the_minimum_of_recent_rtts_for_the_planner():
@@ -146,8 +150,12 @@ def test_ranks_sharing_a_machine_get_disjoint_cores_only_when_there_are_enough()
 
     two = [_member("a", "a"), _member("b", "b")]  # 2 cores, 2 ranks
     assert cpu_slots(two) == [(0, 2), (1, 2)]
-    three = [_member(i, i) for i in "abc"]  # 2 cores, 3 ranks: leave it to the scheduler
-    assert cpu_slots(three) == [None, None, None]
+    three = [_member(i, i) for i in "abc"]  # 2 cores, 3 ranks: the master alone on one, the others share the other
+    assert cpu_slots(three) == [(0, 2), (1, 2), (1, 2)]
+    five = [_member(i, i, cores=4) for i in "abcde"]  # 4 cores: parts 1.. taken in turn
+    assert cpu_slots(five) == [(0, 4), (1, 4), (2, 4), (3, 4), (1, 4)]
+    crowded = [_member(i, i, cores=1) for i in "abc"]  # one core for all: nothing to split
+    assert cpu_slots(crowded) == [None, None, None]
     spread = [_member("a", "a", host="10.0.0.1"), _member("b", "b", host="10.0.0.2")]
     assert cpu_slots(spread) == [None, None]
 
