@@ -1,6 +1,7 @@
 """CPU use of the ranks of a launch: torch threads per rank and the cores of ranks that share a
-machine (``placement.members.machine_slots``) (pure, from the members' profiles), and the state of the thread that runs the
-master's model (its torch thread count and its cores), which must be set on that very thread.
+machine (pure, from the members' profiles; ``placement.members.machine_slots``), and the state
+of the thread that runs the master's model (its torch thread count and its cores), which must
+be set on that very thread.
 """
 
 from __future__ import annotations
