@@ -361,6 +361,12 @@ class Layer(ctypes.Structure):
                 *[(n, ctypes.c_void_p) for n in ("wg", "sg", "wu", "su", "wd", "sd")], ("f", ctypes.c_int64)]
 
 
+def _empty(w: dict[str, torch.Tensor], rows: str, bias: str) -> bool:
+    """A block of no rows here and no bias to add: its partial output is zeros."""
+    t = w.get(rows)
+    return t is not None and t.shape[0] == 0 and bias not in w
+
+
 class LayerTable:
     """Every decoder layer of a rank for the native decode loop: the C descriptions and what
     they point into (kept alive here), plus the scratch the largest block needs."""
@@ -387,24 +393,32 @@ def layer_table(blocks: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tens
     max_seq = blocks[0][2].shape[2]
     need = 0
     for i, (wa, wm, kc, vc) in enumerate(blocks):
-        att = _checked_weights(wa, (lib, hdim, head_dim), lambda: _attention_weights(wa, hdim, head_dim))
-        mlp = _checked_weights(wm, (lib, hdim), lambda: _mlp_weights(wm, hdim))
-        if att is None or mlp is None:
-            return None
-        call, n_q, n_kv, norm, ptrs = att
-        if (tuple(kc.shape) != (1, n_kv, max_seq, head_dim) or kc.shape != vc.shape or not _ready(kc, vc)
-                or kc.dtype != torch.float32 or vc.dtype != torch.float32):
-            return None
         L = arr[i]
-        L.att_fmt = 1 if call is lib.edgemesh_q4_attn_decode else 0
-        L.att_norm = norm
-        L.wq, L.sq, L.wk, L.sk, L.wv, L.sv, L.wo, L.so = ptrs
-        L.n_q, L.n_kv, L.kcache, L.vcache = n_q, n_kv, _ptr(kc), _ptr(vc)
-        call, f, norm, ptrs = mlp
-        L.mlp_fmt = 1 if call is lib.edgemesh_q4_mlp_decode else 0
-        L.mlp_norm = norm
-        L.wg, L.sg, L.wu, L.su, L.wd, L.sd = ptrs
-        L.f = f
+        # A block with no heads (no rows) of this layer here adds zeros, as ``attention_block``
+        # (``mlp_block``) does: n_q (f) 0 tells the C loop (a plan can leave a rank out of a
+        # layer's attention: its KV groups are coarse).
+        n_q = n_kv = f = 0
+        if not _empty(wa, "wk", "bo"):
+            att = _checked_weights(wa, (lib, hdim, head_dim), lambda: _attention_weights(wa, hdim, head_dim))
+            if att is None:
+                return None
+            call, n_q, n_kv, norm, ptrs = att
+            if (tuple(kc.shape) != (1, n_kv, max_seq, head_dim) or kc.shape != vc.shape or not _ready(kc, vc)
+                    or kc.dtype != torch.float32 or vc.dtype != torch.float32):
+                return None
+            L.att_fmt = 1 if call is lib.edgemesh_q4_attn_decode else 0
+            L.att_norm = norm
+            L.wq, L.sq, L.wk, L.sk, L.wv, L.sv, L.wo, L.so = ptrs
+            L.n_q, L.n_kv, L.kcache, L.vcache = n_q, n_kv, _ptr(kc), _ptr(vc)
+        if not _empty(wm, "w_gate", "b_down"):
+            mlp = _checked_weights(wm, (lib, hdim), lambda: _mlp_weights(wm, hdim))
+            if mlp is None:
+                return None
+            call, f, norm, ptrs = mlp
+            L.mlp_fmt = 1 if call is lib.edgemesh_q4_mlp_decode else 0
+            L.mlp_norm = norm
+            L.wg, L.sg, L.wu, L.su, L.wd, L.sd = ptrs
+            L.f = f
         keep += [wa, wm, (kc, vc)]
         need = max(need, hdim + 2 * (n_q + n_kv) * head_dim + n_q * max_seq, hdim + 2 * f)
     return LayerTable(arr, keep, hdim, head_dim, max_seq, need)

@@ -825,8 +825,10 @@ int edgemesh_decode_layers(const em_layer *layers, int n_blocks, int from, float
     em_allreduce_fn allreduce = (em_allreduce_fn)fn;
     for (int b = from; b < n_blocks; b++) {
         const em_layer *L = &layers[b / 2];
-        int rc;
-        if (b % 2 == 0)
+        int rc = 0;
+        if ((b % 2 == 0 && L->n_q == 0) || (b % 2 == 1 && L->f == 0))
+            memset(part, 0, (size_t)hdim * sizeof(float)); /* no heads (rows) of this block here */
+        else if (b % 2 == 0)
             rc = attn_decode(L->att_fmt, h, L->att_norm, eps, (size_t)hdim, L->wq, L->sq, L->wk, L->sk, L->wv,
                              L->sv, L->wo, L->so, (size_t)L->n_q, (size_t)L->n_kv, (size_t)d, cs, sn, L->kcache,
                              L->vcache, (size_t)max_seq, (size_t)pos, scratch, part);

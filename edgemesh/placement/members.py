@@ -101,6 +101,14 @@ def sharing(members: list[dict[str, Any]]) -> list[int]:
     return [count[host_of(m)] for m in members]
 
 
+# Work per second of a rank that time-shares its core with others, against its slice of that core:
+# a switch at every allreduce, caches shared. SmolLM2 int8 / q4, 3 ranks on 2 cores, the master
+# alone on one: the two others spent 0.70 / 0.80 CPU-seconds per unit of the split where the
+# master spent 0.59 / 0.69 (its driving work included); of the splits tried (master 50, 58, 62 %)
+# 58 % was fastest, which this factor gives (57 %).
+TIME_SHARED = 0.75
+
+
 def cores_of(m: dict[str, Any]) -> int:
     """Whole cores a member's machine gives it: its quota (cgroup) if any, else its logical cores."""
     profile = m.get("profile") or {}
@@ -115,10 +123,10 @@ def machine_slots(members: list[dict[str, Any]]) -> list[tuple[tuple[int, int] |
     - Sharing a machine of at least as many cores: disjoint equal parts, an equal share.
     - More members than cores (2 cores or more): one core each part; the machine's first
       member (the master, where it runs) has part 0 to itself, the others take parts 1.. in
-      turn, and a member's share is its part's divided by how many share that part. Each core
-      then carries an equal load and no rank waits for two others that time-share one core,
-      which the scheduler's balancing does not prevent: SmolLM2 q4, 3 ranks on 2 cores, a
-      256-token prefill 449-531 ms against 502-585 ms unpinned with equal shares.
+      turn, and a member's share is its part's divided by how many share that part, times
+      ``TIME_SHARED`` where that is more than one. Each core then carries about the same load
+      and no rank waits for two others that time-share one core, which the scheduler's
+      balancing does not prevent (SmolLM2, 3 ranks on 2 cores: see the README).
     - One core for several: not pinned, equal shares."""
     seen: dict[str, int] = {}
     out: list[tuple[tuple[int, int] | None, float]] = []
@@ -133,7 +141,7 @@ def machine_slots(members: list[dict[str, Any]]) -> list[tuple[tuple[int, int] |
         elif cores >= 2:
             part = 0 if j == 0 else 1 + (j - 1) % (cores - 1)
             on_part = 1 if part == 0 else len(range(part - 1, shared - 1, cores - 1))
-            out.append(((part, cores), 1.0 / cores / on_part))
+            out.append(((part, cores), 1.0 / cores / on_part * (TIME_SHARED if on_part > 1 else 1.0)))
         else:
             out.append((None, 1.0 / shared))
     return out

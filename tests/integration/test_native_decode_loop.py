@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from edgemesh import kernels
-from edgemesh.collective import native
+from edgemesh.collective import native, shm
 from edgemesh.llm.model import Participant
 from edgemesh.weights.quant import quantize_block
 from edgemesh.weights.shard import split_layer
@@ -68,8 +68,7 @@ def _run(groups: list[Any], config: Any, blocks: Any, specs: list[Any], *, stop_
     return res
 
 
-# Two KV heads: over 2 ranks each runs the native loop; over 3 the one without a head runs the
-# Python loop (its attention block is zeros), beside two native ones, on the same wire.
+# Two KV heads: over 3 ranks one has no head of any layer.
 SPLITS = {2: ([1, 1], [96, 96]), 3: ([1, 0, 1], [96, 64, 32])}
 
 
@@ -82,9 +81,15 @@ def model(request: Any) -> Any:
     return config, blocks, split_layer(config, *SPLITS[request.param])
 
 
-def test_the_native_loop_gives_the_python_loops_bits(model: Any) -> None:
+# Two KV heads: over 2 ranks each runs the native loop; over 3 the one without a head too (its
+# attention blocks add zeros), on the same wire; or through shared memory.
+@pytest.mark.parametrize("plane", ["sockets", "shared memory"])
+def test_the_native_loop_gives_the_python_loops_bits(model: Any, plane: str) -> None:
     config, blocks, specs = model
-    fast, slow = make_group(len(specs)), make_group(len(specs))
+    shared = plane == "shared memory"
+    if shared and shm.library() is None:
+        pytest.skip("no shared-memory plane here")
+    fast, slow = make_group(len(specs), shared_memory=shared), make_group(len(specs))
     try:
         for g in slow:
             g._links._native = None  # the Python loop and Python allreduces
@@ -98,7 +103,11 @@ def test_the_native_loop_gives_the_python_loops_bits(model: Any) -> None:
         outs, ops, seq, wire, looped = got[r]
         ref_outs, ref_ops, ref_seq, ref_wire, _ = want[r]
         assert all(torch.equal(a, b) for a, b in zip(outs, ref_outs)), f"rank {r}"
-        assert looped == bool(specs[r].kv_groups)
+        assert looped
+        if shared:  # every float32 allreduce through memory: none numbered, nothing on the wire
+            assert fast[r].shared_memory and ops == 0 and wire < ref_wire
+            assert fast[r]._shm.ctx.seq - 1 == 2 * layers * (STEPS + 3)
+            continue
         assert ref_ops == 0 and ops == 2 * layers * (STEPS + 3)  # every op in C (the prefills' too)
         assert seq == ref_seq and wire == ref_wire  # numbered and counted as the Python path
 
@@ -119,8 +128,7 @@ def test_ops_the_loop_cannot_finish_go_to_python_mid_loop(model: Any) -> None:
         # Step 2's ops went through Python on the ranks in the loop; the others ran in C (an
         # op may also fall back when a peer's record is not whole yet as Python reads it).
         every = 2 * config.num_hidden_layers * (STEPS + 3)
-        if specs[r].kv_groups:
-            assert every - 2 * config.num_hidden_layers * 2 <= got[r][1] <= every - 2 * config.num_hidden_layers
+        assert every - 2 * config.num_hidden_layers * 2 <= got[r][1] <= every - 2 * config.num_hidden_layers
         assert got[r][2:4] == want[r][2:4]
 
 
