@@ -166,7 +166,10 @@ def bench(opts: AnchorOptions, progress: Callable[[str], None] = lambda m: None)
         if up.returncode != 0:
             raise AnchorError(f"could not start the local cluster: {up.stderr.strip()[-300:]}")
         try:
-            time.sleep(4)  # the daemons measure their device and links, which the planner uses
+            # The daemons measure their device (the start-up series loads the CPU) and links,
+            # which the planner uses: the first round starts once that is done.
+            progress("waiting for the daemons' start-up measurements")
+            _wait_profiled(env, opts.nodes)
             for rep in range(opts.reps):
                 for model in opts.models:
                     for wire in opts.wires:
@@ -183,6 +186,25 @@ def bench(opts: AnchorOptions, progress: Callable[[str], None] = lambda m: None)
         finally:
             _em(["cluster", "down"], env, timeout=60)
     return summarize(rows, opts)
+
+
+def _wait_profiled(env: dict[str, str], nodes: int, timeout: float = 180.0) -> None:
+    """Until every member has published ``STARTUP_MEASUREMENTS`` profiles (at most ``timeout``
+    seconds; then the rounds start anyway), and a moment for the links' probes."""
+    from edgemesh.runtime.services.profile import STARTUP_MEASUREMENTS
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        res = _em(["status", "--json", "-"], env, timeout=60)
+        try:
+            members = json.loads(res.stdout)["members"]
+            done = [int((m.get("profile") or {}).get("measurements") or 0) for m in members]
+        except (ValueError, KeyError, TypeError):
+            done = []
+        if len(done) >= nodes and min(done) >= STARTUP_MEASUREMENTS:
+            break
+        time.sleep(2)
+    time.sleep(2)
 
 
 def summarize(rows: dict[str, list[dict[str, Any]]], opts: AnchorOptions) -> dict[str, Any]:

@@ -146,7 +146,9 @@ class SharedPlane:
             log.info("shared-memory plane: cannot create %s (%s); the group keeps its sockets", path, exc)
             return None
         try:
-            os.ftruncate(fd, size)
+            # Pages reserved now: a /dev/shm too small to hold them (a container's 64 MiB) fails
+            # here, not with SIGBUS at the first write.
+            os.posix_fallocate(fd, 0, size)
             addr = lib.edgemesh_shm_map(fd, size)
         except OSError as exc:
             log.info("shared-memory plane: cannot size %s (%s)", path, exc)

@@ -63,6 +63,7 @@ class ProfileService:
         await asyncio.sleep(self.node.config.profile_delay)
         recent: collections.deque[float] = collections.deque(maxlen=KEEP)
         first = True
+        count = 0
         while True:
             async for profile in self._measurements(first):
                 g = profile.get("gflops")
@@ -70,6 +71,9 @@ class ProfileService:
                     recent.append(float(g))
                 if recent:
                     profile["gflops"] = max(recent)
+                count += 1
+                # How many so far: a benchmark waits for the start-up series (it loads the CPU).
+                profile["measurements"] = count
                 me = self.membership.me
                 self.membership.update_self(profile={**(me.profile if me else {}), **profile})
             first = False
