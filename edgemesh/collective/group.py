@@ -42,7 +42,7 @@ from edgemesh.collective.ring import ring_allreduce
 from edgemesh.wire.tensor import TensorSpec
 from edgemesh.collective.star import HUB, star_allreduce, star_broadcast, star_broadcast_meta, star_gather
 from edgemesh.collective.members import CurveKeys, Links, Peer
-from edgemesh.collective.shm import SharedPlane, unlink
+from edgemesh.collective.shm import SLOT_FLOATS, SharedPlane, unlink
 from edgemesh.collective.tcp_links import SecureLinks
 
 
@@ -181,6 +181,8 @@ class CollectiveGroup:
         if self._closed or self._broken is not None or self.world_size == 1:
             return None
         if self._shm is not None:
+            if numel > SLOT_FLOATS:  # one op per slot: the Python loop's allreduce takes pieces
+                return None
             if self._native.get(numel) is None:
                 self._native[numel] = SharedAllreduce(self, self._shm, numel)
             return self._native[numel]
@@ -298,7 +300,8 @@ class CollectiveGroup:
                     plane = SharedPlane.attach(offer.get("name"), raw, self.world_size, self.rank, self.options.timeout)
             answers = self.gather(torch.tensor([1.0 if plane is not None else 0.0]))
             verdict = self.broadcast_meta(
-                {"shm": answers is not None and all(float(a[0]) == 1.0 for a in answers)} if self.rank == HUB else None)
+                {"shm": answers is not None and all(a.numel() == 1 and float(a.reshape(-1)[0]) == 1.0 for a in answers)}
+                if self.rank == HUB else None)
         except BaseException:
             if plane is not None:
                 plane.close()
@@ -419,14 +422,19 @@ class SharedAllreduce:
         return self._group.allreduce_sum(part)
 
     def begin(self) -> bool:
+        """Ready the callback; False: run the ops in Python (the group is closed or broken, or
+        a rank's link is gone: Python's ops give it the grace and then fail)."""
         g = self._group
         if g._closed or g._broken is not None:
             return False
-        self._plane.prepare(g._links)
+        links = g._links
+        if len(links.watched_fds()) < g.world_size - 1 or not self._plane.enter():
+            return False
+        self._plane.prepare(links)
         return True
 
     def end(self) -> None:
-        pass
+        self._plane.leave()  # (a close meanwhile unmaps now)
 
     def finish(self, part: torch.Tensor) -> torch.Tensor:
         g = self._group

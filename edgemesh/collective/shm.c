@@ -50,7 +50,7 @@ typedef struct {
     int phase;           /* 0: this rank's part not published yet; 1: published */
     int which;           /* on EM_TIMEOUT: the rank waited for */
     int64_t deadline_us; /* of the op in progress */
-    int64_t stop_us;     /* if not 0: an earlier limit Python set (a peer's link closed) */
+    int64_t stop_us;     /* if not 0: an earlier limit Python set (a peer's link closed, a close) */
     uint64_t ops, ns;    /* ops done and the time spent in them */
 } em_shm_ctx;
 
@@ -102,7 +102,9 @@ static int wait_for(em_shm_ctx *c, int r, uint32_t s) {
     }
     _Atomic uint32_t *sleepers = sleepers_of(c, r);
     for (;;) {
-        int64_t limit = c->stop_us && c->stop_us < c->deadline_us ? c->stop_us : c->deadline_us;
+        /* stop_us may be set by another thread meanwhile (a close): read it as it is now */
+        int64_t stop = __atomic_load_n(&c->stop_us, __ATOMIC_RELAXED);
+        int64_t limit = stop && stop < c->deadline_us ? stop : c->deadline_us;
         int64_t left = limit - now_us();
         if (left <= 0) { c->which = r; return EM_TIMEOUT; }
         if (sockets_busy(c)) return EM_ELSEWHERE;

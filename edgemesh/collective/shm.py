@@ -17,9 +17,12 @@ Set-up (``handshake``, three ops of the group over its authenticated links, ever
 A rank that cannot take part (another machine after all, another user, no /dev/shm, no C
 compiler) makes the whole group keep its sockets: the choice is the same on every rank.
 
-The token proves the mapping is the hub's own memory: the name only travels over the group's
-TLS links, and a file that another process put there under that name fails the check. What the
-segment carries are float32 parts of a fixed size; nothing in it is parsed.
+The token proves the mapping is the segment the hub made, not a file another process put there
+under that name: the name and token only travel over the group's TLS links. Every rank can
+write the whole segment (each writes only its own slots and flag): the ranks trust each other
+with their sums already. What it carries are float32 parts of a fixed size; nothing in it is
+parsed. A hub killed during the set-up leaves its name behind: names older than an hour are
+removed when a hub creates one (``_sweep``).
 ``EDGEMESH_SHM=0`` (or ``EDGEMESH_NATIVE=0``) keeps the sockets.
 """
 
@@ -128,6 +131,11 @@ class SharedPlane:
         self.fn: int = lib.edgemesh_shm_allreduce_fn()
         self.ctx_addr = ctypes.addressof(self.ctx)
         self._py_ns = 0  # of ctx.ns: the ops run through ``allreduce``
+        # The mapping outlives every op in flight: a group closed from another thread (a stop
+        # while the compute thread is in the decode loop) unmaps when the last op leaves.
+        self._guard = threading.Lock()
+        self._busy = 0
+        self._closing = False
 
     # ------------------------------------------------------------------ set-up
 
@@ -137,6 +145,7 @@ class SharedPlane:
         lib = library()
         if lib is None or disabled() or not 2 <= world <= MAX_WORLD:
             return None
+        _sweep()
         name, token = f"edgemesh-{secrets.token_hex(16)}", secrets.token_bytes(_TOKEN)
         size = segment_bytes(world)
         path = SHM_DIR / name
@@ -181,6 +190,9 @@ class SharedPlane:
                 log.warning("shared-memory plane: %s is not the hub's segment (owner, kind or size)", name)
                 return None
             addr = lib.edgemesh_shm_map(fd, size)
+        except OSError as exc:
+            log.info("shared-memory plane: cannot map %s (%s); the group keeps its sockets", name, exc)
+            return None
         finally:
             os.close(fd)
         if not addr:
@@ -192,7 +204,28 @@ class SharedPlane:
         return cls(lib, addr, size, world, me, timeout)
 
     def close(self) -> None:
-        """Unmap (idempotent). No op may run after this."""
+        """No op starts after this; the mapping goes when the last op in flight leaves (idempotent)."""
+        with self._guard:
+            self._closing = True
+            self.ctx.stop_us = 1  # long past: a wait in C returns within one sleep slice
+            if self._busy == 0:
+                self._unmap()
+
+    def enter(self) -> bool:
+        """An op (or a native loop of them) begins; False: the plane is closed."""
+        with self._guard:
+            if self._closing or not self._addr:
+                return False
+            self._busy += 1
+            return True
+
+    def leave(self) -> None:
+        with self._guard:
+            self._busy -= 1
+            if self._closing and self._busy == 0:
+                self._unmap()
+
+    def _unmap(self) -> None:
         if self._addr:
             self._lib.edgemesh_shm_unmap(self._addr, self._size)
             self._addr = 0
@@ -231,8 +264,8 @@ class SharedPlane:
         their sum over ranks at ``out``. Raises ``PeerLost`` (an abort read from the sockets, or
         a rank whose link closed and that did not publish within ``LOST_GRACE``),
         ``CollectiveTimeout``, or ``CollectiveError``."""
-        if not self._addr:
-            raise CollectiveError("the shared-memory plane is closed")
+        if not self.enter():
+            raise CollectiveError("the collective group is closed")
         ctx, lib = self.ctx, self._lib
         lost: list[int] = []
         if len(links.watched_fds()) < ctx.world - 1:  # a link closed before this op
@@ -244,6 +277,8 @@ class SharedPlane:
                 status = lib.edgemesh_shm_allreduce(self.ctx_addr, part, out, n)
                 if status == OK:
                     return
+                if self._closing:
+                    raise CollectiveError("the collective group was closed during an allreduce")
                 if status == ELSEWHERE:
                     gone = links.take_waiting()  # an abort raises PeerLost here
                     if gone and not lost:
@@ -251,14 +286,38 @@ class SharedPlane:
                     lost = gone
                     continue
                 if status == TIMEOUT and lost:
-                    gone_rank = min(lost)
+                    gone_rank = ctx.which if ctx.which in lost else min(lost)
                     raise PeerLost(f"rank {ctx.me}: rank {gone_rank} is gone (its connection closed)", gone_rank)
                 if status == TIMEOUT:
                     raise CollectiveTimeout(f"rank {ctx.me}: rank {ctx.which} did not deliver its part before the "
                                             "deadline (shared memory; peer hung or overloaded)", (ctx.which,))
                 raise CollectiveError(f"rank {ctx.me}: a shared-memory op of {n} values was refused")
         finally:
-            ctx.stop_us = 0
+            # Once a rank is gone the early limit stays: an op of a native loop that must wait
+            # for anyone times out at once and comes back here, where the grace starts anew.
+            if not lost and not self._closing:
+                ctx.stop_us = 0
+            self.leave()
+
+
+STALE_S = 3600.0  # a set-up lasts at most the group's timeout (600 s at most)
+
+
+def _sweep() -> None:
+    """Remove segment names of this user older than ``STALE_S``: left by a hub killed during
+    its set-up (a live set-up's name is younger, and mapped segments have no name)."""
+    try:
+        names = [n for n in os.listdir(SHM_DIR) if _NAME.match(n)]
+    except OSError:
+        return
+    now = time.time()
+    for n in names:
+        try:
+            st = os.stat(SHM_DIR / n, follow_symlinks=False)
+            if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and now - st.st_mtime > STALE_S:
+                unlink(n)
+        except OSError:
+            pass
 
 
 def unlink(name: str) -> None:

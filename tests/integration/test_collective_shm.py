@@ -191,3 +191,36 @@ def test_a_silent_rank_times_out_naming_it(groups: Any) -> None:
     # The first to time out names rank 2 (the other may see that rank's abort first).
     named = [out[r] for r in (0, 1) if isinstance(out[r], CollectiveTimeout)]
     assert named and all(e.waiting_for == (2,) for e in named)
+
+
+def test_closing_the_group_mid_op_fails_the_op_and_never_unmaps_under_it(groups: Any) -> None:
+    """A stop closes the group from another thread while the compute thread waits in an op:
+    that op fails with a collective error, and the mapping goes only once it has left."""
+    g = groups(3, shared_memory=True, timeout=30.0)
+    out = _waiting(g, {2})
+    time.sleep(0.2)
+    plane = g[0]._shm
+    g[0].close()  # ranks 0 and 1 are in the op, waiting for rank 2
+    _join(out, 10.0)
+    assert isinstance(out[0], CollectiveError), out[0]
+    assert isinstance(out[1], CollectiveError), out[1]
+    assert plane is not None and not plane.enter()  # closed, and unmapped after the op left
+    assert plane._addr == 0
+
+
+def test_a_name_left_by_a_killed_hub_is_swept_later(groups: Any) -> None:
+    stale, fresh = f"edgemesh-{'a' * 32}", f"edgemesh-{'b' * 32}"
+    for n in (stale, fresh):
+        (shm.SHM_DIR / n).write_bytes(b"x")
+    old = time.time() - shm.STALE_S - 60
+    os.utime(shm.SHM_DIR / stale, (old, old))
+    try:
+        made = SharedPlane.create(2, 5.0)
+        assert made is not None
+        made[0].close()
+        shm.unlink(made[1])
+        assert not (shm.SHM_DIR / stale).exists()
+        assert (shm.SHM_DIR / fresh).exists()  # a set-up in progress elsewhere keeps its name
+    finally:
+        shm.unlink(stale)
+        shm.unlink(fresh)
