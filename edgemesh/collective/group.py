@@ -42,7 +42,7 @@ from edgemesh.collective.ring import ring_allreduce
 from edgemesh.wire.tensor import TensorSpec
 from edgemesh.collective.star import HUB, star_allreduce, star_broadcast, star_broadcast_meta, star_gather
 from edgemesh.collective.members import CurveKeys, Links, Peer
-from edgemesh.collective.shm import SLOT_FLOATS, SharedPlane, unlink
+from edgemesh.collective.shm import SLOT_FLOATS, SharedPlane, token_from_hex, unlink
 from edgemesh.collective.tcp_links import SecureLinks
 
 
@@ -291,13 +291,9 @@ class CollectiveGroup:
                 self.broadcast_meta({"op": "shm", **offer})
             else:
                 offer = self.broadcast_meta(None)
-                token = offer.get("token")
-                try:
-                    raw = bytes.fromhex(token) if isinstance(token, str) else None
-                except ValueError:
-                    raw = None
                 if can and offer.get("name") is not None:
-                    plane = SharedPlane.attach(offer.get("name"), raw, self.world_size, self.rank, self.options.timeout)
+                    plane = SharedPlane.attach(offer.get("name"), token_from_hex(offer.get("token")), self.world_size,
+                                               self.rank, self.options.timeout)
             answers = self.gather(torch.tensor([1.0 if plane is not None else 0.0]))
             verdict = self.broadcast_meta(
                 {"shm": answers is not None and all(a.numel() == 1 and float(a.reshape(-1)[0]) == 1.0 for a in answers)}
@@ -428,7 +424,7 @@ class SharedAllreduce:
         if g._closed or g._broken is not None:
             return False
         links = g._links
-        if len(links.watched_fds()) < g.world_size - 1 or not self._plane.enter():
+        if self._plane.peer_gone(links) or not self._plane.enter():
             return False
         self._plane.prepare(links)
         return True

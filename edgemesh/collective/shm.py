@@ -239,6 +239,10 @@ class SharedPlane:
         ops through ``allreduce`` are left out (their callers time them)."""
         return (self.ctx.ns - self._py_ns) / 1e9
 
+    def peer_gone(self, links: Any) -> bool:
+        """A rank's link is known closed (it is no longer watched)."""
+        return len(links.watched_fds()) < self.ctx.world - 1
+
     def prepare(self, links: Any) -> None:
         """Before ops run in C: the sockets to watch while waiting (see ``run``)."""
         fds = links.watched_fds()[:MAX_WORLD]
@@ -268,7 +272,7 @@ class SharedPlane:
             raise CollectiveError("the collective group is closed")
         ctx, lib = self.ctx, self._lib
         lost: list[int] = []
-        if len(links.watched_fds()) < ctx.world - 1:  # a link closed before this op
+        if self.peer_gone(links):  # a link closed before this op
             lost = links.take_waiting()
             ctx.stop_us = int((time.monotonic() + LOST_GRACE) * 1e6)
         try:
@@ -318,6 +322,14 @@ def _sweep() -> None:
                 unlink(n)
         except OSError:
             pass
+
+
+def token_from_hex(text: Any) -> bytes | None:
+    """The token of a hub's offer (hex, untrusted), or None; ``attach`` checks its length."""
+    try:
+        return bytes.fromhex(text) if isinstance(text, str) else None
+    except ValueError:
+        return None
 
 
 def unlink(name: str) -> None:
