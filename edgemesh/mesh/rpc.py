@@ -146,17 +146,26 @@ class RpcClient:
             # (IMMEDIATE): wait for the link up to the deadline.
             sent = _try_send(self.sock, frames)
             return await answer(method, fut, timeout, None if sent else self.sock.send_multipart(frames, copy=False))
+        except zmq.ZMQError as exc:
+            # The link was closed under a caller that still held it (a member removed or left
+            # while a probe or a gossip round was on its way to it): a typed error, as for a
+            # reply that never comes, not a zmq error that ends the caller's loop.
+            raise RpcError(f"{method}: link closed ({exc.strerror})", "closed") from None
         finally:
             self._pending.pop(rid, None)
 
     def notify(self, method: str, body: Any = None) -> bool:
-        """Fire and forget; False when the peer is not connected."""
+        """Fire and forget; False when the peer is not connected or the link is closed."""
         frames = encode_message(Envelope(Kind.NOTIFY, method, 0, self.sender, body))
-        return _try_send(self.sock, frames)
+        try:
+            return _try_send(self.sock, frames)
+        except zmq.ZMQError:
+            return False
 
 
 def _try_send(sock: zmq.asyncio.Socket, frames: list[Any]) -> bool:
-    """Send without blocking; False if the socket would block (peer not connected or full)."""
+    """Send without blocking; False if the socket would block (peer not connected or full).
+    A closed socket raises ``zmq.ZMQError`` (ENOTSOCK)."""
     try:
         result = sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
     except zmq.Again:

@@ -16,7 +16,7 @@ import asyncio
 import logging
 import signal
 import time
-from typing import Any
+from typing import Any, Callable
 
 import psutil
 
@@ -26,7 +26,7 @@ from edgemesh.identity.statedir import StateDir
 from edgemesh.mesh.rpc import RpcServer
 from edgemesh.nat.channel_rpc import ChannelRpc
 from edgemesh.rpc.dispatch import Call, Handler
-from edgemesh.runtime.services import Service
+from edgemesh.runtime.services import Service, Task
 from edgemesh.runtime.services.jobs import JobsService
 from edgemesh.runtime.services.membership import MembershipService
 from edgemesh.runtime.services.nat import NatService
@@ -44,6 +44,30 @@ log = logging.getLogger(__name__)
 
 class _Shutdown(Exception):
     """Raised inside the task group to stop every task."""
+
+
+RESTART_FIRST_S = 1.0  # a crashed service task starts again after this, doubling while it keeps crashing
+RESTART_MAX_S = 30.0
+
+
+async def supervise(name: str, task: Task, on_crash: Callable[[], None] = lambda: None,
+                    first: float = RESTART_FIRST_S, most: float = RESTART_MAX_S) -> None:
+    """Run one service task for the daemon's lifetime. A crash is logged with its traceback,
+    reported to ``on_crash`` and the task started again after ``first`` seconds, the pause
+    doubling up to ``most`` while it crashes within ``most`` of each start: a bug in one
+    background loop (a probe, a gossip round) must not take the node off the mesh. A task that
+    returns has done its work; cancellation (the daemon stopping) passes through."""
+    pause = first
+    while True:
+        started = time.monotonic()
+        try:
+            await task()
+            return
+        except Exception:  # noqa: BLE001 - any bug in a loop: log it, keep the daemon up
+            on_crash()
+            log.exception("the %s task crashed; starting it again in %g s", name, pause)
+        await asyncio.sleep(pause)
+        pause = first if time.monotonic() - started > most else min(pause * 2, most)
 
 
 class NodeDaemon:
@@ -112,7 +136,8 @@ class NodeDaemon:
                     tg.create_task(join_server.run())
                     for service in self.services:
                         for task in service.tasks():
-                            tg.create_task(task())
+                            tg.create_task(supervise(f"{service.name} {getattr(task, '__name__', 'task')}", task,
+                                                     self._count_crash))
                     tg.create_task(self._wait_stop())
             except* _Shutdown:
                 pass
@@ -128,6 +153,9 @@ class NodeDaemon:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def _count_crash(self) -> None:
+        self.node.stats.internal_errors += 1
 
     async def _wait_stop(self) -> None:
         await self._stop.wait()

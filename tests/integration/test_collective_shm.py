@@ -178,8 +178,11 @@ def test_a_rank_whose_connections_close_is_lost_not_waited_for(groups: Any) -> N
     time.sleep(0.2)
     g[1]._links.close(abandon=True)  # the process died: its sockets close, its flag stays
     _join(out, 10.0)
+    # Each survivor either sees rank 1's sockets close itself or gets the abort of the other
+    # survivor that saw it first; both name rank 1 as the one gone (a re-planner drops it).
     for r in (0, 2):
-        assert isinstance(out[r], PeerLost) and out[r].rank == 1 and not out[r].aborted, out[r]
+        assert isinstance(out[r], PeerLost) and out[r].lost == (1,), out[r]
+    assert any(out[r].rank == 1 and not out[r].aborted for r in (0, 2))
 
 
 def test_a_silent_rank_times_out_naming_it(groups: Any) -> None:

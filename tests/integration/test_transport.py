@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from edgemesh.errors import RpcTimeout
+from edgemesh.errors import RpcError, RpcTimeout
 from edgemesh.identity.keys import NodeKey
 from edgemesh.mesh.rpc import RpcClient, RpcServer
 from edgemesh.rpc.dispatch import RpcStats
@@ -54,3 +54,24 @@ def test_a_refused_key_gets_no_answer():
     a, b = NodeKey.generate(), NodeKey.generate()
     with pytest.raises(RpcTimeout):
         asyncio.run(_one_round(a, b, False))
+
+
+def test_a_call_on_a_link_closed_under_its_caller_raises_a_typed_error():
+    """Regression: a member's link closed (it left, or was removed) while the link-probe loop
+    still held it; the next call raised zmq's ENOTSOCK, which ended the loop and, with it,
+    the daemon of a member that stayed."""
+    a, b = NodeKey.generate(), NodeKey.generate()
+
+    async def main() -> None:
+        client = ZmqTransport(b)
+        rpc = RpcClient(client.client("tcp://127.0.0.1:9", a.curve_public), b"c")
+        rpc.sock.close(linger=0)
+        try:
+            with pytest.raises(RpcError) as err:
+                await rpc.call("link.probe", {}, timeout=5.0)
+            assert err.value.code == "closed" and "link.probe" in str(err.value)
+            assert rpc.notify("gossip.push", {}) is False
+        finally:
+            await client.aclose()
+
+    asyncio.run(main())

@@ -50,3 +50,35 @@ def test_coturn_beside_the_node_adds_a_task_and_publishes_its_urls(tmp_path: Pat
         assert me.addresses == ("tcp://127.0.0.1:7700", "stun:127.0.0.1:3478", "turn:127.0.0.1:3478")
     finally:
         d.node.transport.close()
+
+
+def test_a_crashing_service_task_is_started_again_and_counted_not_fatal() -> None:
+    """A bug in one background loop must not take the node off the mesh: the supervisor logs
+    it, counts it and runs the task again; a task that returns is done; a cancel passes."""
+    import asyncio
+
+    from edgemesh.runtime.daemon import supervise
+
+    runs: list[int] = []
+    crashes: list[int] = []
+
+    async def flaky() -> None:
+        runs.append(1)
+        if len(runs) < 3:
+            raise RuntimeError("a bug")
+
+    asyncio.run(supervise("test flaky", flaky, lambda: crashes.append(1), first=0.01, most=0.05))
+    assert len(runs) == 3 and len(crashes) == 2
+
+    async def forever() -> None:
+        await asyncio.sleep(3600)
+
+    async def cancelled() -> None:
+        task = asyncio.ensure_future(supervise("test forever", forever, lambda: crashes.append(1)))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(cancelled())
+    assert len(crashes) == 2  # a cancel is not a crash

@@ -24,7 +24,9 @@ class Service(Protocol):
         ...
 
     def tasks(self) -> list[Task]:
-        """What runs for the daemon's lifetime; an exception in one stops the daemon."""
+        """What runs for the daemon's lifetime. An exception in one is logged and counted, and
+        the daemon starts that task again after a pause (``runtime.daemon.supervise``): loops
+        must not rely on a crash to stop anything."""
         ...
 
     async def close(self) -> None:
