@@ -53,6 +53,9 @@ class RunResult:
     alone_ms: float | None = None  # slowest of master / largest worker slice, each alone
     master_collective_ms: float | None = None  # per token, inside collectives (incl. waiting)
     prefill_ms: float | None = None  # TTFT of a PREFILL_TOKENS prompt
+    # Each rank's compute of that prefill with no communication, all ranks at once (ranks that
+    # share cores share them here too): where a split prefill waits for its slowest rank.
+    prefill_per_rank_ms: list[float] | None = None
     link_cost: tuple[float, float] | None = None  # the group's cost model (a s/hop, b B/s)
     algorithms: dict[str, str] | None = None  # what the group runs for a decode / a prefill message
     prefill_overlap: bool | None = None  # the prefill's allreduces overlapped with compute (two chunks)
@@ -195,6 +198,8 @@ async def run_once(state: StateDir, entry: ModelEntry, nodes: int, prompt: list[
             if PREFILL_TOKENS + 1 <= max_seq_len:  # TTFT of a long prompt: the prefill's throughput
                 long_prompt = [(prompt[i % len(prompt)] + i) % dep.entry.config.vocab_size for i in range(PREFILL_TOKENS)]
                 res.prefill_ms = min(_decode(model, long_prompt, 0)[0] for _ in range(2)) * 1000
+                if group:
+                    res.prefill_per_rank_ms = [round(v, 1) for v in solo_compute_ms(model, 3, 0, PREFILL_TOKENS)]
             if group:
                 h = dep.entry.config.hidden_size
                 res.prefill_overlap = model.overlap_applies(PREFILL_TOKENS)
@@ -283,6 +288,7 @@ async def bench(state: StateDir, entry: ModelEntry, nodes: int, prompt: list[int
         "single_prefill_ms": None if single.prefill_ms is None else round(single.prefill_ms, 1),
         "prefill_tokens": PREFILL_TOKENS,
         "ms_per_token_by_rank": multi.compute_per_rank_ms,
+        "prefill_ms_by_rank": multi.prefill_per_rank_ms,
         "tokens_per_s": round(multi.tokens_per_s, 2), "single_tokens_per_s": round(single.tokens_per_s, 2),
         "bytes_per_token": None if multi.bytes_per_token is None else round(multi.bytes_per_token),
         "bytes_per_token_theory": theory,

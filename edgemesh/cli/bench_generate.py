@@ -113,7 +113,8 @@ def _print(r: dict, json_path: Optional[str]) -> None:
               f"planner predicted {r['predicted_ms_per_token']} ms/token")
     if r.get("prefill_ms") is not None:
         err.print(f"prefill of a {r['prefill_tokens']}-token prompt (TTFT): {r['prefill_ms']} ms on {r['nodes']} devices, "
-                  f"{r['single_prefill_ms']} ms on 1; compute per token by rank (ms): {r['ms_per_token_by_rank']}")
+                  f"{r['single_prefill_ms']} ms on 1; compute per token by rank (ms): {r['ms_per_token_by_rank']}; "
+                  f"compute of that prefill by rank, all at once (ms): {r.get('prefill_ms_by_rank')}")
     if r.get("link_cost") and r.get("algorithms"):
         c, a = r["link_cost"], r["algorithms"]
         err.print(f"links as the cost model sees them: {c['hop_us']:g} µs per hop, {c['mbyte_s']:g} MB/s; "

@@ -246,6 +246,7 @@ def test_bench_generate_measures_every_term_and_sends_what_the_theory_says(clust
     assert len(per_rank) == 3 and all(v > 0 for v in per_rank)
     assert r["ms_per_token_by_rank"] == per_rank
     assert r["prefill_tokens"] == 256 and r["prefill_ms"] is None  # a 128-token context: no 256-token prompt
+    assert r["prefill_ms_by_rank"] is None
     assert r["largest_slice_compute_ms"] == round(max(per_rank), 2)
     assert r["bound_ms_per_token"] == pytest.approx(
         r["largest_slice_compute_ms"] + 2 * 4 * r["star_allreduce_us"] / 1000, abs=0.02)

@@ -43,6 +43,7 @@ def test_bench_generate_on_lan4_measures_across_devices_and_cleans_up(tmp_path: 
     assert r["testbed"] == {"scenario": "lan-4", "devices": ["dev1", "dev2"]}
     assert r["nodes"] == 2 and r["ms_per_token"] > 0 and r["single_ms_per_token"] > 0
     assert r["prefill_ms"] > 0 and r["single_prefill_ms"] > 0
+    assert len(r["prefill_ms_by_rank"]) == 2 and all(v > 0 for v in r["prefill_ms_by_rank"])
     # lan-4's devices are 2 ms apart (round trip): a hop costs at least 1 ms, and a decode
     # step's message takes the one-hop direct allreduce.
     assert r["link_cost"]["hop_us"] >= 1000 > LOOPBACK_CURVE.a * 1e6
