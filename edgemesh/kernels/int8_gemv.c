@@ -545,6 +545,54 @@ int edgemesh_q4_gemv(const float *x, const uint8_t *w, const uint16_t *scale, fl
     return q4_gemv(x, w, scale, y, m, n, k, n0, n1, plain);
 }
 
+/* ---- q4 → fp32 rows, for prefill-size products ---------------------------------------------
+ * out[(i - n0) * k + c] = (float)code * d + m for rows [n0, n1) of a q4 matrix: bitwise what
+ * weights/quant.py's dequantize_q4 gives (the half → float conversion is exact, and the product
+ * and the sum are rounded separately: -ffp-contract=off). The caller (kernels.q4_linear) turns a
+ * block of rows at a time into a buffer that stays in cache and multiplies it there, instead of
+ * dequantizing a whole matrix with a handful of torch ops, each a pass over memory. */
+typedef struct { const uint8_t *w; const uint16_t *s; float *out; size_t n0, k; } q4_deq_job;
+
+static void q4_dequant_rows(const void *ctx, size_t a, size_t b) {
+    const q4_deq_job *J = ctx;
+    size_t k = J->k, kb = k / 2, ng = k / Q4_GROUP;
+    for (size_t i = J->n0 + a; i < J->n0 + b; i++) {
+        const uint8_t *w = J->w + i * kb;
+        const uint16_t *s = J->s + 2 * i * ng;
+        float *o = J->out + (i - J->n0) * k;
+        for (size_t g = 0; g < ng; g++) {
+            const float d = q4_half(s[2 * g]), m = q4_half(s[2 * g + 1]);
+            const uint8_t *wg = w + g * (Q4_GROUP / 2);
+            float *og = o + g * Q4_GROUP;
+#if VECTOR == 2
+            const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)wg));
+            const __m512 vd = _mm512_set1_ps(d), vm = _mm512_set1_ps(m);
+            const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15)));
+            const __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
+            _mm512_storeu_ps(og, _mm512_add_ps(_mm512_mul_ps(lo, vd), vm));
+            _mm512_storeu_ps(og + Q4_GROUP / 2, _mm512_add_ps(_mm512_mul_ps(hi, vd), vm));
+            continue;
+#endif
+            for (int c = 0; c < Q4_GROUP / 2; c++) {
+                og[c] = (float)(wg[c] & 15) * d + m;
+                og[c + Q4_GROUP / 2] = (float)(wg[c] >> 4) * d + m;
+            }
+        }
+    }
+}
+
+/* Rows [n0, n1) of w [n, k/2] with scale [n, k/32, 2] into out [n1 - n0, k]; -1 if k is not a
+ * multiple of 32 or the rows are out of range. On the calling thread only: the product that
+ * follows runs on torch's threads, and the pool's helpers, spinning after a job, took cores
+ * from them (a 2-thread prefill ran 5x slower); a block takes ~0.2 ns per weight here. */
+int edgemesh_q4_dequant(const uint8_t *w, const uint16_t *scale, float *out, size_t n, size_t k,
+                        size_t n0, size_t n1) {
+    if (k % Q4_GROUP || n0 > n1 || n1 > n) return -1;
+    q4_deq_job J = {w, scale, out, n0, k};
+    q4_dequant_rows(&J, 0, n1 - n0);
+    return 0;
+}
+
 int edgemesh_int8_gemv_max_m(void) { return MAX_M; }
 
 int edgemesh_int8_gemv_vector(void) { return VECTOR; }  /* 0 plain C, 1 AVX2, 2 AVX-512 */

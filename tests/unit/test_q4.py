@@ -172,8 +172,42 @@ def test_kernel_refuses_bad_shapes() -> None:
         qlinear.linear(torch.randn(1, 1, 96), {"w": q, "w" + SCALE: s}, "w")
 
 
+@pytest.mark.parametrize("k", [32, 576, 1536])
+@pytest.mark.parametrize("n", [1, 37, 300])
+def test_prefill_blocks_dequantize_bitwise_and_multiply_to_fp32_rounding(k: int, n: int,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """``kernels.q4_linear``: its blocks of rows are ``dequantize_q4``'s values bit for bit (with
+    and without AVX-512), and the product is the dense one to fp32 rounding, across several
+    blocks (a small block size forces them) and a partial last one."""
+    _need_native()
+    g = torch.Generator().manual_seed(k + n)
+    q, s = quantize_q4(torch.randn(n, k, generator=g))
+    dense = dequantize_q4(q, s)
+    for lib in (kernels.native(), kernels.build_variant("-mno-avx512f")):
+        assert lib is not None
+        a, b = n // 3, n
+        out = torch.full((b - a, k), float("nan"))
+        assert lib.edgemesh_q4_dequant(q.data_ptr(), s.data_ptr(), out.data_ptr(), n, k, a, b) == 0
+        assert torch.equal(out, dense[a:b])
+        assert lib.edgemesh_q4_dequant(q.data_ptr(), s.data_ptr(), out.data_ptr(), n, k, 0, n + 1) == -1
+    monkeypatch.setattr(kernels, "Q4_BLOCK_BYTES", 64 * k * 4)  # 64 rows a block
+    x = torch.randn(70, k, generator=g)
+    got = kernels.q4_linear(x, q, s)
+    assert got.shape == (70, n) and _rel(got, x.double() @ dense.double().t()) <= 1e-6
+
+
+def test_prefill_blocks_refuse_bad_shapes() -> None:
+    _need_native()
+    q, s = quantize_q4(torch.randn(4, 64))
+    for x, w, sc in ((torch.randn(5, 48), q, s), (torch.randn(5, 64), q.view(torch.int8), s),
+                     (torch.randn(5, 64), q, s[:, :1]), (torch.randn(5, 64), q, s.float())):
+        with pytest.raises(ValueError):
+            kernels.q4_linear(x, w, sc)
+
+
 def test_linear_paths() -> None:
-    """Decode (≤ 4 rows) goes through the kernel; prefill and the torch-only mode dequantize."""
+    """Decode (≤ 4 rows) goes through the kernel, prefill through the native blocks; the
+    torch-only mode dequantizes."""
     _need_native()
     g = torch.Generator().manual_seed(4)
     q, s = quantize_q4(torch.randn(50, 96, generator=g))
@@ -182,6 +216,14 @@ def test_linear_paths() -> None:
     x1, x9 = torch.randn(1, 2, 96, generator=g), torch.randn(1, 9, 96, generator=g)
     assert _rel(qlinear.linear(x1, w, "w", b) - b, _ref(x1[0], q, s)[None]) <= 1e-5
     assert _rel(qlinear.linear(x9, w, "w", b), x9 @ dense.t() + b) <= 1e-6
+    calls = []
+    real = kernels.q4_linear
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kernels, "q4_linear", lambda *a: calls.append(a[0].shape) or real(*a))
+        qlinear.linear(x9, w, "w", b)
+        with kernels.torch_only():
+            qlinear.linear(x9, w, "w", b)
+    assert calls == [(9, 96)]
     with kernels.torch_only():
         assert _rel(qlinear.linear(x1, w, "w"), x1 @ dense.t()) <= 1e-6
 
