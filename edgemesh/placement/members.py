@@ -104,9 +104,13 @@ def sharing(members: list[dict[str, Any]]) -> list[int]:
 # Work per second of a rank that time-shares its core with others, against its slice of that core:
 # a switch at every allreduce, caches shared. SmolLM2 int8 / q4, 3 ranks on 2 cores, the master
 # alone on one: the two others spent 0.70 / 0.80 CPU-seconds per unit of the split where the
-# master spent 0.59 / 0.69 (its driving work included); of the splits tried (master 50, 58, 62 %)
-# 58 % was fastest, which this factor gives (57 %).
-TIME_SHARED = 0.75
+# master spent 0.59 / 0.69 (its driving work included), and 0.75 (master 57 %) was fastest then.
+# Since q4 prefills dequantize blocks into cache (``kernels.q4_linear``) the master's slice bounds
+# its core for longer: of 0.75, 0.85, 0.9 and 0.95 (master 57, 54, 53, 51 %), 0.85 gave the
+# fastest q4 prefills (0.90-1.01x one device over 8 runs, 0.90-1.06x at 0.75 over 11), with
+# decode and int8 unchanged within the runs' spread (README, tenth session). At 50 % the master
+# holds one KV group of three instead of two and the shared core's attention sets the wall.
+TIME_SHARED = 0.85
 
 
 def cores_of(m: dict[str, Any]) -> int:
