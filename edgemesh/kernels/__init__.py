@@ -199,6 +199,8 @@ def q4_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> tor
             or tuple(scale.shape) != (n, k // 32, 2) or scale.dtype != torch.int16):
         raise ValueError(f"q4_linear: shapes x {tuple(x.shape)}, weight {tuple(weight.shape)} {weight.dtype}, "
                          f"scale {tuple(scale.shape)}")
+    if n == 0:
+        return x.new_empty((m, 0))
     weight, scale = weight.contiguous(), scale.contiguous()
     rows = max(64, Q4_BLOCK_BYTES // (4 * k) // 64 * 64)
     buf = getattr(_buffers, "q4", None)

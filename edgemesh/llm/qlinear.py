@@ -167,9 +167,9 @@ def widened(w: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
     matrix widened to ``dtype`` with its row scales kept for after the product, as that path
     applies them. Float matrices are shared, not copied, and so are q4 matrices where
     ``kernels.q4_linear`` takes them (fp32, native library): it dequantizes a block of rows at a
-    time into cache, which costs less than reading a converted matrix from memory. ``max_bytes``: if the converted
-    matrices would take more, ``w`` itself (each product converts its own matrix then: one
-    at a time in memory, as without chunks)."""
+    time into cache, which costs less than reading a converted matrix from memory.
+    ``max_bytes``: if the converted matrices would take more, ``w`` itself (each product
+    converts its own matrix then: one at a time in memory, as without chunks)."""
     blocks = dtype == torch.float32 and kernels.native() is not None  # q4 goes by kernels.q4_linear
     wide = [name for name, t in w.items()
             if (is_q4(t) and not blocks) or (t.dtype == torch.int8 and name + SCALE in w)]

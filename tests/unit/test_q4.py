@@ -203,6 +203,7 @@ def test_prefill_blocks_refuse_bad_shapes() -> None:
                      (torch.randn(5, 64), q, s[:, :1]), (torch.randn(5, 64), q, s.float())):
         with pytest.raises(ValueError):
             kernels.q4_linear(x, w, sc)
+    assert kernels.q4_linear(torch.randn(5, 64), q[:0], s[:0]).shape == (5, 0)  # a rank with no rows
 
 
 def test_linear_paths() -> None:
