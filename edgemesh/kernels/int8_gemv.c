@@ -550,16 +550,19 @@ int edgemesh_q4_gemv(const float *x, const uint8_t *w, const uint16_t *scale, fl
  * weights/quant.py's dequantize_q4 gives (the half → float conversion is exact, and the product
  * and the sum are rounded separately: -ffp-contract=off). The caller (kernels.q4_linear) turns a
  * block of rows at a time into a buffer that stays in cache and multiplies it there, instead of
- * dequantizing a whole matrix with a handful of torch ops, each a pass over memory. */
-typedef struct { const uint8_t *w; const uint16_t *s; float *out; size_t n0, k; } q4_deq_job;
-
-static void q4_dequant_rows(const void *ctx, size_t a, size_t b) {
-    const q4_deq_job *J = ctx;
-    size_t k = J->k, kb = k / 2, ng = k / Q4_GROUP;
-    for (size_t i = J->n0 + a; i < J->n0 + b; i++) {
-        const uint8_t *w = J->w + i * kb;
-        const uint16_t *s = J->s + 2 * i * ng;
-        float *o = J->out + (i - J->n0) * k;
+ * dequantizing a whole matrix with a handful of torch ops, each a pass over memory.
+ * w [n, k/2], scale [n, k/32, 2], out [n1 - n0, k]; -1 if k is not a multiple of 32 or the rows
+ * are out of range. On the calling thread only: the product that
+ * follows runs on torch's threads, and the pool's helpers, spinning after a job, took cores
+ * from them (a 2-thread prefill ran 5x slower); a block takes ~0.2 ns per weight here. */
+int edgemesh_q4_dequant(const uint8_t *wq, const uint16_t *scale, float *out, size_t n, size_t k,
+                        size_t n0, size_t n1) {
+    if (k % Q4_GROUP || n0 > n1 || n1 > n) return -1;
+    size_t kb = k / 2, ng = k / Q4_GROUP;
+    for (size_t i = n0; i < n1; i++) {
+        const uint8_t *w = wq + i * kb;
+        const uint16_t *s = scale + 2 * i * ng;
+        float *o = out + (i - n0) * k;
         for (size_t g = 0; g < ng; g++) {
             const float d = q4_half(s[2 * g]), m = q4_half(s[2 * g + 1]);
             const uint8_t *wg = w + g * (Q4_GROUP / 2);
@@ -579,17 +582,6 @@ static void q4_dequant_rows(const void *ctx, size_t a, size_t b) {
             }
         }
     }
-}
-
-/* Rows [n0, n1) of w [n, k/2] with scale [n, k/32, 2] into out [n1 - n0, k]; -1 if k is not a
- * multiple of 32 or the rows are out of range. On the calling thread only: the product that
- * follows runs on torch's threads, and the pool's helpers, spinning after a job, took cores
- * from them (a 2-thread prefill ran 5x slower); a block takes ~0.2 ns per weight here. */
-int edgemesh_q4_dequant(const uint8_t *w, const uint16_t *scale, float *out, size_t n, size_t k,
-                        size_t n0, size_t n1) {
-    if (k % Q4_GROUP || n0 > n1 || n1 > n) return -1;
-    q4_deq_job J = {w, scale, out, n0, k};
-    q4_dequant_rows(&J, 0, n1 - n0);
     return 0;
 }
 

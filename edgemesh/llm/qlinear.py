@@ -97,10 +97,9 @@ def _q4_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias:
     if x.shape[-1] != 2 * weight.shape[1]:
         raise ConfigError(f"q4 matrix of {2 * weight.shape[1]} input columns applied to an input of "
                           f"width {x.shape[-1]}")
-    if _native_used(x, weight) and x.shape[-1] % 32 == 0:
-        y = kernels.q4_gemv(x.reshape(rows, x.shape[-1]), weight, scale).reshape(*x.shape[:-1], weight.shape[0])
-    elif _native_blocks(x, weight):
-        y = kernels.q4_linear(x.reshape(rows, x.shape[-1]), weight, scale).reshape(*x.shape[:-1], weight.shape[0])
+    if _q4_native(x, weight):  # decode-size: int8-rounded activations; prefill: blocks, unrounded
+        product = kernels.q4_gemv if rows <= kernels.MAX_M else kernels.q4_linear
+        y = product(x.reshape(rows, x.shape[-1]), weight, scale).reshape(*x.shape[:-1], weight.shape[0])
     else:
         y = F.linear(x, dequantize_q4(weight, scale, x.dtype))
     return y + bias if bias is not None else y
@@ -111,9 +110,9 @@ def _native_used(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and kernels.native() is not None)
 
 
-def _native_blocks(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """A prefill-size product of a q4 matrix through ``kernels.q4_linear`` (fp32 activations)."""
-    return (x.dtype == torch.float32 and weight.shape[0] > 0 and x.shape[-1] % 32 == 0
+def _q4_native(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """A q4 product through the native library (``q4_gemv`` or ``q4_linear``): fp32 activations."""
+    return (x.dtype == torch.float32 and x.numel() > 0 and weight.shape[0] > 0 and x.shape[-1] % 32 == 0
             and kernels.native() is not None)
 
 
